@@ -1,0 +1,83 @@
+"""A small Llama-style model on the embedded Python-docs corpus: the main job, a few minutes on 2 CPU cores.
+
+    jaxllm train --config=configs/tiny.py --workdir=runs/tiny
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # parameter init and dropout
+
+    c.model = dict(
+        vocab_size=2048,  # must hold the tokenizer's vocab
+        num_layers=4,
+        embed_dim=256,
+        num_heads=8,
+        num_kv_heads=4,  # grouped-query attention
+        head_dim=0,  # 0 = embed_dim // num_heads
+        mlp_dim=704,
+        max_seq_len=256,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+        embed_dropout=0.0,
+        attn_dropout=0.0,
+        resid_dropout=0.0,
+        scan_layers=True,  # nn.scan over layers: one layer compiled, L times faster compiles
+        remat="none",  # none | full | save_dots | save_dots_no_batch
+        param_dtype="float32",
+        dtype="float32",  # bfloat16 on TPU/GPU; float32 is faster on CPU
+        attention="dot_product",  # dot_product | cudnn | reference
+        init_std=0.02,
+    )
+    c.data = dict(
+        source="embedded",  # the Python reference manual + stdlib docstrings (ships with Python)
+        paths=(),  # file globs for text / jsonl / array_record sources
+        text_field="text",
+        text_split="file",
+        tfds_name="",
+        tfds_split="train",
+        tfds_data_dir="",
+        tokenizer="",  # "" trains a SentencePiece model on the corpus once and caches it
+        vocab_size=2048,
+        block_size=128,
+        batch_size=16,  # global batch in sequences
+        val_fraction=0.05,
+        seed=0,
+        shuffle=True,
+        add_bos=True,
+        add_eos=True,
+        num_workers=0,  # Grain multiprocess prefetch workers
+    )
+    c.optim = dict(
+        learning_rate=2e-3,
+        schedule="cosine",  # cosine | linear | constant | rsqrt
+        warmup_steps=30,
+        decay_steps=0,  # 0 = train.steps
+        end_lr_ratio=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        grad_accum_steps=1,
+    )
+    c.train = dict(
+        steps=400,
+        log_every=20,
+        eval_every=100,
+        eval_batches=8,
+        early_stop_patience=0,
+        early_stop_min_delta=0.0,
+        z_loss=0.0,
+        progress=True,
+    )
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1 takes the remaining devices
+    c.checkpoint = dict(every=100, keep=2, keep_best=1, async_save=True, resume=True)
+    c.generate = dict(prompt="The for statement", max_new_tokens=60, temperature=0.8, top_k=40, top_p=0.95,
+                      seed=0)
+    c.distributed = dict(mode="auto", coordinator_address="", num_processes=0, process_id=-1,
+                         local_device_ids=(), cpu_collectives="gloo", initialization_timeout=300)
+    return c

@@ -1,0 +1,203 @@
+"""Grain pipelines: documents -> split -> per-process shard -> shuffle -> tokenize -> pack -> shift -> batch.
+
+Order matters. Each process slices its documents *before* tokenizing, so no host reads another's
+data. Worker processes (`mp_prefetch`) only tokenize; packing and batching run after them in the main
+process, so the batches do not depend on `num_workers` and a checkpoint restores them exactly.
+
+Packing is `ConcatThenSplitIterDataset`: documents are concatenated and cut into `block_size + 1`
+token blocks, so no token is padding in training and no document is truncated (the embedded corpus
+has 100 KB documents that first-fit packing would cut off at `block_size`). A document cut across
+blocks starts a new segment (positions restart at 0) in the next block; attention never crosses
+segments, so nothing can see the cut-off context anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterable, Sequence
+
+import grain
+import numpy as np
+
+from jaxllm import JaxllmError
+from jaxllm.data.sources import SOURCE_NAMES, make_source
+from jaxllm.data.tokenizer import Tokenizer
+
+Batch = dict[str, np.ndarray]
+
+_SPLIT_SALT = 0x6A61786C6C6D  # fixes the train/val split: independent of cfg.seed, so runs compare
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The `data` sub-dict of an experiment config."""
+
+    source: str = "embedded"  # embedded | text | jsonl | array_record | tfds
+    paths: tuple[str, ...] = ()  # file globs for text / jsonl / array_record
+    text_field: str = "text"  # JSON / TFDS / ArrayRecord field holding the document
+    text_split: str = "file"  # text source: "file" (one doc per file) or "paragraph" (blank-line blocks)
+    tfds_name: str = ""
+    tfds_split: str = "train"
+    tfds_data_dir: str = ""
+    tokenizer: str = ""  # SentencePiece .model path; "" trains one on the corpus and caches it
+    vocab_size: int = 2048  # vocab of a tokenizer trained on the corpus
+    block_size: int = 128  # tokens per packed training sequence
+    batch_size: int = 8  # global batch (all processes together)
+    val_fraction: float = 0.05  # documents held out for validation (deterministic split)
+    seed: int = 0
+    shuffle: bool = True
+    add_bos: bool = True
+    add_eos: bool = True
+    num_workers: int = 0  # Grain multiprocess prefetch workers; 0 = in the main process
+
+    def __post_init__(self):
+        paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
+        object.__setattr__(self, "paths", paths)
+        if self.source not in SOURCE_NAMES:
+            raise JaxllmError(f"data.source={self.source!r} is not known; use one of {', '.join(SOURCE_NAMES)}")
+        if self.text_split not in ("file", "paragraph"):
+            raise JaxllmError(f"data.text_split={self.text_split!r} is not known; use 'file' or 'paragraph'")
+        for name in ("block_size", "batch_size", "vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise JaxllmError(f"data.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise JaxllmError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.num_workers < 0:
+            raise JaxllmError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+def make_train_iterator(
+    cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
+    """Infinite, checkpointable iterator over this process's training batches."""
+    local_batch = _local_batch_size(cfg, process_index, process_count)
+    train_docs, _ = split_documents(cfg)
+    docs = train_docs[process_index::process_count]
+    if len(docs) == 0:
+        raise JaxllmError(
+            f"{len(train_docs)} training documents cannot feed {process_count} processes; add data "
+            "or lower data.val_fraction"
+        )
+    if cfg.shuffle:
+        docs = docs.shuffle(seed=_shuffle_seed(cfg.seed))
+    docs = docs.repeat()  # reshuffles every epoch (upstream shuffle is reseeded per epoch)
+    tokens = docs.map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)).to_iter_dataset(_READ_OPTIONS)
+    if cfg.num_workers > 0:
+        tokens = tokens.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return iter(_pack_and_batch(tokens, cfg.block_size, local_batch))
+
+
+def make_eval_iterator(
+    cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1
+) -> Iterable[Batch]:
+    """One deterministic pass over this process's validation batches (a fresh iterator per call).
+
+    Runs in the main process (no workers): evaluation takes a few batches, worker start-up would cost more.
+    """
+    local_batch = _local_batch_size(cfg, process_index, process_count)
+    _, val_docs = split_documents(cfg)
+    docs = val_docs[process_index::process_count]
+    tokens = docs.map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)).to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    )
+    batches = _pack_and_batch(tokens, cfg.block_size, local_batch)
+    if len(docs) == 0 or next(iter(batches), None) is None:
+        raise JaxllmError(
+            f"{len(val_docs)} validation documents are too few for one batch of {local_batch}x{cfg.block_size} "
+            f"tokens per process; raise data.val_fraction (now {cfg.val_fraction}) or lower data.batch_size"
+        )
+    return iter(batches)
+
+
+def split_documents(cfg: DataConfig) -> tuple[grain.MapDataset, grain.MapDataset]:
+    """(train, validation) documents of `cfg`'s source; the split is fixed for a given corpus size."""
+    source = make_source(cfg)
+    train_idx, val_idx = split_indices(len(source), cfg.val_fraction)
+    if len(train_idx) == 0:
+        raise JaxllmError(f"the source has {len(source)} documents and none are left for training; add data")
+    return grain.MapDataset.source(_Take(source, train_idx)), grain.MapDataset.source(_Take(source, val_idx))
+
+
+def split_indices(num_docs: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, val) document indices; val = the `round(n * fraction)` lowest index hashes.
+
+    Ranking by a hash of the index (not a seeded permutation) keeps a document's side of the split
+    stable across seeds, and mostly stable when the corpus grows.
+    """
+    num_val = int(round(num_docs * val_fraction))
+    if val_fraction > 0 and num_docs >= 2:
+        num_val = max(num_val, 1)
+    num_val = min(num_val, num_docs - 1) if num_docs else 0
+    order = np.argsort(_mix64(np.arange(num_docs, dtype=np.uint64) ^ np.uint64(_SPLIT_SALT)), kind="stable")
+    return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+def _local_batch_size(cfg: DataConfig, process_index: int, process_count: int) -> int:
+    if not 0 <= process_index < process_count:
+        raise JaxllmError(f"process_index={process_index} is outside [0, process_count={process_count})")
+    if cfg.batch_size % process_count:
+        raise JaxllmError(
+            f"data.batch_size={cfg.batch_size} is not divisible by the {process_count} processes; "
+            f"use a multiple of {process_count}"
+        )
+    return cfg.batch_size // process_count
+
+
+def _shuffle_seed(seed: int) -> int:
+    """A 32-bit shuffle seed from any int; hashing keeps (seed, epoch + 1) unlike (seed + 1, epoch)."""
+    return int.from_bytes(hashlib.sha256(f"jaxllm-shuffle-{seed}".encode()).digest()[:4], "little")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer: a well-mixed, platform-independent hash of uint64s."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _pack_and_batch(tokens: grain.IterDataset, block_size: int, local_batch: int) -> grain.IterDataset:
+    packed = grain.experimental.ConcatThenSplitIterDataset(tokens, length_struct={"tokens": block_size + 1})
+    return packed.map(_shift).batch(local_batch, drop_remainder=True)
+
+
+class _Take:
+    """The documents of `source` at `indices`: a random-access source, so Grain slices it lazily."""
+
+    def __init__(self, source: Sequence[str], indices: np.ndarray):
+        self._source = source
+        self._indices = indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> str:
+        return self._source[int(self._indices[index])]
+
+
+class _Tokenize:
+    """Document -> {"tokens": int32 ids} with BOS/EOS per config (a class so workers can pickle it)."""
+
+    def __init__(self, tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
+        self._tokenizer = tokenizer
+        self._prefix = [tokenizer.bos_id] if add_bos else []
+        self._suffix = [tokenizer.eos_id] if add_eos else []
+
+    def __call__(self, text: str) -> dict[str, np.ndarray]:
+        ids = self._prefix + self._tokenizer.encode(text) + self._suffix
+        return {"tokens": np.asarray(ids, dtype=np.int32)}
+
+
+def _shift(packed: dict[str, np.ndarray]) -> Batch:
+    """Next-token pairs from a `block_size + 1` block; only same-document, non-pad targets count."""
+    tokens, segments = packed["tokens"], packed["tokens_segment_ids"]
+    same_doc = (segments[1:] == segments[:-1]) & (segments[1:] != 0)
+    return {
+        "inputs": tokens[:-1].astype(np.int32, copy=False),
+        "targets": tokens[1:].astype(np.int32, copy=False),
+        "segment_ids": segments[:-1].astype(np.int32, copy=False),
+        "positions": packed["tokens_positions"][:-1].astype(np.int32, copy=False),
+        "loss_weights": same_doc.astype(np.float32),
+    }

@@ -1,0 +1,236 @@
+"""Multi-process start-up: join the JAX distributed runtime on pods, SLURM and local N-process runs.
+
+`initialize` must run before anything touches a JAX backend (even `jax.devices()`), so the train loop
+calls it first. Importing this module changes no JAX state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Mapping, Sequence
+
+import jax
+
+from jaxllm import JaxllmError
+
+MODES = ("auto", "none", "explicit")
+CPU_COLLECTIVES = ("gloo", "mpi")
+
+# Set by `launch_local` (and readable by anyone launching processes by hand) for "auto" mode.
+ENV_COORDINATOR = "JAXLLM_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAXLLM_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXLLM_PROCESS_ID"
+ENV_LOCAL_DEVICE_IDS = "JAXLLM_LOCAL_DEVICE_IDS"  # optional, comma-separated
+# Set by launch/tpu_pod.sh: GCE TPU VMs reached over ssh carry no topology env vars (JAX reads the metadata server).
+ENV_TPU_POD = "JAXLLM_TPU_POD"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """`DistributedConfig(**cfg.distributed)`: how this process finds the others."""
+
+    mode: str = "auto"  # "auto": env vars / SLURM / TPU pod, else single process; "none"; "explicit": fields below
+    coordinator_address: str = ""  # "host:port" of process 0 (explicit mode)
+    num_processes: int = 0  # total processes (explicit mode)
+    process_id: int = -1  # this process, 0..num_processes-1 (explicit mode)
+    local_device_ids: tuple[int, ...] = ()  # accelerators this process owns; () = all visible
+    cpu_collectives: str = "gloo"  # cross-process collectives on the CPU backend: "gloo" or "mpi"
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise JaxllmError(f"distributed.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.cpu_collectives not in CPU_COLLECTIVES:
+            raise JaxllmError(f"distributed.cpu_collectives={self.cpu_collectives!r}; use one of "
+                              f"{', '.join(CPU_COLLECTIVES)}")
+        if self.initialization_timeout <= 0:
+            raise JaxllmError("distributed.initialization_timeout must be a positive number of seconds")
+        if self.mode == "explicit":
+            _check_explicit(self)
+
+
+def _check_explicit(cfg: DistributedConfig) -> None:
+    host, _, port = cfg.coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise JaxllmError(f"distributed.coordinator_address={cfg.coordinator_address!r} must be host:port "
+                          "of process 0 in explicit mode, e.g. --config.distributed.coordinator_address=10.0.0.1:1234")
+    if cfg.num_processes < 1:
+        raise JaxllmError("explicit distributed mode needs --config.distributed.num_processes=N (N >= 1)")
+    if not 0 <= cfg.process_id < cfg.num_processes:
+        raise JaxllmError(f"distributed.process_id={cfg.process_id} must be in [0, {cfg.num_processes}); "
+                          "set --config.distributed.process_id for each process")
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise JaxllmError(f"environment variable {name}={os.environ[name]!r} must be an integer") from None
+
+
+def config_from_env(base: DistributedConfig) -> DistributedConfig | None:
+    """The explicit config described by JAXLLM_* env vars, or None when they are not all set."""
+    names = (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
+    present = [n for n in names if os.environ.get(n)]
+    if not present:
+        return None
+    if len(present) != len(names):
+        missing = ", ".join(n for n in names if n not in present)
+        raise JaxllmError(f"{', '.join(present)} set but {missing} missing; set all three or none")
+    ids = os.environ.get(ENV_LOCAL_DEVICE_IDS, "")
+    try:
+        local_ids = tuple(int(i) for i in ids.split(",") if i.strip())
+    except ValueError:
+        raise JaxllmError(f"{ENV_LOCAL_DEVICE_IDS}={ids!r} must be comma-separated integers") from None
+    return dataclasses.replace(base, mode="explicit", coordinator_address=os.environ[ENV_COORDINATOR],
+                               num_processes=_env_int(ENV_NUM_PROCESSES), process_id=_env_int(ENV_PROCESS_ID),
+                               local_device_ids=local_ids or base.local_device_ids)
+
+
+def _under_multitask_slurm() -> bool:
+    try:
+        return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _on_multihost_tpu() -> bool:
+    hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
+    return "," in hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")) or bool(os.environ.get(ENV_TPU_POD))
+
+
+def _join(**kwargs) -> None:
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as e:
+        if "must be called before" in str(e):
+            raise JaxllmError("jaxllm.distributed.initialize ran after JAX was already used (e.g. jax.devices()); "
+                              "call it first") from e
+        raise
+
+
+def initialize(cfg: DistributedConfig) -> None:
+    """Joins the distributed runtime `cfg` describes; a second call is a no-op."""
+    if cfg.mode == "none" or jax.distributed.is_initialized():
+        return
+    if cfg.mode == "auto":
+        explicit = config_from_env(cfg)
+        if explicit is None:
+            if _under_multitask_slurm() or _on_multihost_tpu():
+                # JAX reads SLURM_* / TPU metadata itself; the CPU backend still uses our collectives choice.
+                jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+                _join(initialization_timeout=cfg.initialization_timeout)
+            return
+        cfg = explicit
+    _check_explicit(cfg)
+    # Only the CPU client reads this flag; without it CPU processes could not all-reduce across each other.
+    jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    # "deactivate": explicit means explicit; SLURM/OMPI env vars must not silently rewrite our settings.
+    _join(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+          process_id=cfg.process_id, local_device_ids=list(cfg.local_device_ids) or None,
+          cluster_detection_method="deactivate", initialization_timeout=cfg.initialization_timeout)
+
+
+def is_primary() -> bool:
+    """Process 0 writes metrics, configs and logs; the others stay quiet."""
+    return jax.process_index() == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _child_env(base: Mapping[str, str], process_id: int, num_processes: int, devices_per_process: int,
+               port: int) -> dict[str, str]:
+    env = dict(base)
+    env.update({ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(num_processes),
+                ENV_PROCESS_ID: str(process_id)})
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    if env["JAX_PLATFORMS"].split(",")[0].strip() == "cpu":
+        flags = [f for f in env.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
+    else:  # one host's accelerators split between the processes
+        first = process_id * devices_per_process
+        env[ENV_LOCAL_DEVICE_IDS] = ",".join(str(i) for i in range(first, first + devices_per_process))
+    return env
+
+
+def _pump(stream: IO[bytes], prefix: str, lock: threading.Lock) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", errors="replace").rstrip("\n")
+        with lock:
+            sys.stdout.write(f"{prefix}{line}\n")
+            sys.stdout.flush()
+    stream.close()
+
+
+def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM the survivors, then SIGKILL: a peer of a dead process blocks in collectives forever."""
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        _kill_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in alive:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            _kill_group(p, signal.SIGKILL)
+            p.wait()
+
+
+def launch_local(command: list[str], num_processes: int, devices_per_process: int = 1, port: int = 0,
+                 env: dict[str, str] | None = None, timeout: float | None = None,
+                 grace_s: float = 5.0) -> list[int]:
+    """Runs `command` as N cooperating JAX processes on this machine; returns their exit codes.
+
+    Each child gets JAXLLM_* env vars that `initialize` (mode "auto") turns into a 127.0.0.1 cluster.
+    If one child fails (or `timeout` seconds pass) the rest are stopped so the call never hangs.
+    """
+    if num_processes < 1 or devices_per_process < 1:
+        raise JaxllmError("launch_local needs num_processes >= 1 and devices_per_process >= 1")
+    if not command:
+        raise JaxllmError("launch_local needs a command to run, e.g. -- jaxllm train --config=...")
+    port = port or free_port()
+    base = {**os.environ, **(env or {})}
+    lock = threading.Lock()
+    procs: list[subprocess.Popen] = []
+    pumps: list[threading.Thread] = []
+    try:
+        for pid in range(num_processes):
+            proc = subprocess.Popen(command, env=_child_env(base, pid, num_processes, devices_per_process, port),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)  # own process group: killing it takes grandchildren
+            procs.append(proc)
+            pump = threading.Thread(target=_pump, args=(proc.stdout, f"[p{pid}] ", lock), daemon=True)
+            pump.start()
+            pumps.append(pump)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            failed = any(p.returncode not in (None, 0) for p in procs)
+            if failed or (deadline is not None and time.monotonic() > deadline):
+                _stop(procs, grace_s)
+                break
+            time.sleep(0.05)
+    finally:  # KeyboardInterrupt or a failed start: leave no orphans
+        _stop(procs, grace_s)
+        for pump in pumps:
+            pump.join(timeout=5)
+    return [p.returncode for p in procs]

@@ -1,0 +1,139 @@
+"""Meshes and the logical-axis -> mesh-axis rules: the only module that knows mesh axis names."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxllm import JaxllmError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis. Flax resolves each tensor's axes left to right and never uses a mesh
+# axis twice, so an activation's "embed" (after "batch" took fsdp) stays unsharded.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 to take the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise JaxllmError(f"mesh {self._text()}: at most one axis may be -1 (auto-fill)")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise JaxllmError(f"mesh {self._text()}: axis sizes must be positive or -1")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise JaxllmError(f"mesh {self._text()} does not divide the {num_devices} devices; "
+                                  f"make the fixed axes' product ({known}) divide {num_devices}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise JaxllmError(f"mesh {self._text()} has {math.prod(sizes)} devices but {num_devices} are "
+                              "available; set one axis to -1 or make the product equal the device count")
+        return tuple(sizes)
+
+    def _text(self) -> str:
+        return f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}"
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A device mesh laid out for the physical topology (ICI/NVLink neighbours on the inner axes)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = cfg.shape(len(devices))
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None]) -> P:
+    return nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_RULES)
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str) -> P:
+    """Drops mesh axes that do not divide a dimension (e.g. 8 kv heads on tensor=16): replicate it."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        group = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in group)
+        if group and dim % size:
+            logging.warning("%s: dim %d not divisible by mesh axes %s (%d); replicating it", name, dim, group, size)
+            fitted.append(None)
+        else:
+            fitted.append(axes)
+    return P(*fitted)
+
+
+def shardings_for(abstract_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a (possibly `nn.Partitioned`-boxed) abstract pytree, from its logical axes."""
+    logical = nn.get_partition_spec(abstract_tree)
+    unboxed = nn.meta.unbox(abstract_tree)
+
+    def one(path, spec, leaf):
+        if not hasattr(leaf, "shape"):
+            return NamedSharding(mesh, P())
+        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), LOGICAL_RULES) if spec else P()
+        return NamedSharding(mesh, _fit_spec(mesh_spec, leaf.shape, mesh, jax.tree_util.keystr(path)))
+
+    return jax.tree_util.tree_map_with_path(one, logical, unboxed,
+                                            is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_shards(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch(batch_size: int, mesh: Mesh, micro_batches: int = 1) -> None:
+    shards = batch_shards(mesh)
+    if batch_size % micro_batches or (batch_size // micro_batches) % shards:
+        raise JaxllmError(f"batch size {batch_size} split into {micro_batches} micro-batches does not divide "
+                          f"the data axes (data*fsdp={shards}); make batch_size a multiple of "
+                          f"{shards * micro_batches}")
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's slice of the batch into global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def axis_rules():
+    """Context manager under which Flax resolves the models' logical activation constraints."""
+    return nn.logical_axis_rules(LOGICAL_RULES)

@@ -1,0 +1,220 @@
+"""The training loop: config -> mesh -> sharded state -> Grain batches -> jitted steps -> checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from jax.experimental import multihost_utils
+
+from jaxllm import JaxllmError
+from jaxllm import sharding as shd
+from jaxllm.config import build, check_sections, to_json
+from jaxllm.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator
+from jaxllm.data.tokenizer import load_tokenizer
+from jaxllm.distributed import DistributedConfig, initialize
+from jaxllm.generate import GenerateConfig, generate_ids, wrap
+from jaxllm.models.config import ModelConfig
+from jaxllm.models.decoder import Decoder
+from jaxllm.train import step as st
+from jaxllm.train.checkpoint import CheckpointConfig, Checkpointer, abstract_with_shardings
+from jaxllm.train.metrics import MetricsWriter, peak_tflops, step_metrics
+from jaxllm.train.optimizer import OptimConfig, make_optimizer
+
+SECTIONS = ("seed", "model", "data", "optim", "train", "mesh", "checkpoint", "generate", "distributed")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`TrainConfig(**cfg.train)`."""
+
+    steps: int = 1000  # optimizer steps in the whole run
+    log_every: int = 10  # steps between metric lines
+    eval_every: int = 100  # steps between validation passes; 0 = only at the end
+    eval_batches: int = 8  # validation batches per pass
+    early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
+    early_stop_min_delta: float = 0.0  # an improvement must lower val loss by more than this
+    z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
+    progress: bool = True  # tqdm progress bar on process 0
+
+    def __post_init__(self):
+        if self.steps <= 0 or self.log_every <= 0 or self.eval_batches <= 0:
+            raise JaxllmError("train: steps, log_every and eval_batches must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a run is built from, parsed and validated."""
+
+    seed: int
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    mesh: shd.MeshConfig
+    checkpoint: CheckpointConfig
+    generate: GenerateConfig
+    distributed: DistributedConfig
+
+
+def parse(cfg: ml_collections.ConfigDict) -> Run:
+    check_sections(cfg, SECTIONS)
+    return Run(seed=int(cfg.get("seed", 0)), model=build(ModelConfig, cfg.get("model"), "model"),
+               data=build(DataConfig, cfg.get("data"), "data"), optim=build(OptimConfig, cfg.get("optim"), "optim"),
+               train=build(TrainConfig, cfg.get("train"), "train"), mesh=build(shd.MeshConfig, cfg.get("mesh"), "mesh"),
+               checkpoint=build(CheckpointConfig, cfg.get("checkpoint"), "checkpoint"),
+               generate=build(GenerateConfig, cfg.get("generate"), "generate"),
+               distributed=build(DistributedConfig, cfg.get("distributed"), "distributed"))
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT (a preemption notice) asks the loop to checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers
+                pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def evaluate(eval_fn, params, eval_iter_fn, mesh, num_batches: int) -> dict[str, float]:
+    ce_sum, weight_sum = 0.0, 0.0
+    for i, batch in enumerate(eval_iter_fn()):
+        if i >= num_batches:
+            break
+        ce, w = eval_fn(params, shd.global_batch(batch, mesh))
+        ce_sum, weight_sum = ce_sum + float(ce), weight_sum + float(w)
+    loss = ce_sum / max(weight_sum, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) a training job in `workdir`; returns the final metrics."""
+    run = parse(cfg)
+    initialize(run.distributed)
+    primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = load_tokenizer(run.data)
+    if tokenizer.vocab_size > run.model.vocab_size:
+        raise JaxllmError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model.vocab_size="
+                          f"{run.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")
+    if run.data.block_size > run.model.max_seq_len:
+        raise JaxllmError(f"data.block_size={run.data.block_size} exceeds model.max_seq_len={run.model.max_seq_len}")
+    mesh = shd.make_mesh(run.mesh)
+    shd.check_batch(run.data.batch_size, mesh, run.optim.grad_accum_steps)
+
+    model = Decoder(run.model)
+    tx, schedule = make_optimizer(run.optim, run.train.steps)
+    boxed = st.abstract_state(model, tx, run.data.block_size)
+    shardings = st.state_shardings(boxed, mesh)
+    train_iter = make_train_iterator(run.data, tokenizer, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint)
+    if run.checkpoint.resume and ckpt.latest_step() is not None:
+        abstract = abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+        state = ckpt.restore(abstract, train_iter)
+    else:
+        state, _ = st.init_state(model, tx, mesh, jax.random.key(run.seed), run.data.block_size)
+    start = int(jax.device_get(state.step))
+
+    train_step = st.jit_train_step(
+        st.make_train_step(model, tx, schedule, st.StepConfig(run.optim.grad_accum_steps, run.train.z_loss,
+                                                              run.seed)), shardings, mesh)
+    eval_step = st.make_eval_step(model, mesh, shardings.params)
+    eval_iter_fn = lambda: make_eval_iterator(run.data, tokenizer, process_index=jax.process_index(),  # noqa: E731
+                                              process_count=jax.process_count())
+    flops_per_token = run.model.train_flops_per_token(run.data.block_size)
+    peak = peak_tflops(jax.devices()[0])
+    tokens_per_step = run.data.batch_size * run.data.block_size
+
+    writer = MetricsWriter(workdir, is_primary=primary, total_steps=run.train.steps, initial_step=start,
+                           progress=run.train.progress)
+    writer.write_config(to_json(cfg))
+    if start:
+        writer.log(f"resumed from {ckpt.directory}/{start}")
+    writer.log(f"model: {run.model.num_params():,} params; mesh {dict(mesh.shape)}; "
+               f"{jax.device_count()} devices, {jax.process_count()} processes")
+    stop = _StopFlag()
+    best, bad_evals, last_val = float("inf"), 0, None
+    final: dict[str, Any] = {}
+    step = start
+    t0, last_logged = time.perf_counter(), start
+    try:
+        while step < run.train.steps:
+            batch = shd.global_batch(next(train_iter), mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            if step % run.train.log_every == 0 or step == run.train.steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = (time.perf_counter() - t0) / max(step - last_logged, 1)
+                values.update(step_time_s=dt, **step_metrics(step_time_s=dt, tokens=tokens_per_step,
+                                                              flops_per_token=flops_per_token,
+                                                              num_devices=jax.device_count(), peak=peak))
+                writer.write(step, values)
+                final.update(train_loss=values["loss"], tokens_per_s=values.get("tokens_per_s"))
+                t0, last_logged = time.perf_counter(), step
+            evaluate_now = (run.train.eval_every and step % run.train.eval_every == 0) or step == run.train.steps
+            val_loss = None
+            if evaluate_now:
+                ev = evaluate(eval_step, state.params, eval_iter_fn, mesh, run.train.eval_batches)
+                writer.write(step, ev, prefix="val")
+                val_loss = last_val = ev["loss"]
+                final.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
+                if ev["loss"] < best - run.train.early_stop_min_delta:
+                    best, bad_evals = ev["loss"], 0
+                else:
+                    bad_evals += 1
+                t0 = time.perf_counter()
+            early = run.train.early_stop_patience and bad_evals >= run.train.early_stop_patience
+            preempted = stop.agreed() or ckpt.reached_preemption(step)
+            periodic = run.checkpoint.every and step % run.checkpoint.every == 0
+            if periodic or evaluate_now or preempted or early or step == run.train.steps:
+                ckpt.save(step, state, train_iter, val_loss=val_loss)
+            if preempted:
+                writer.log(f"preemption signal: checkpoint saved at step {step}; exiting")
+                final["preempted"] = True
+                break
+            if early:
+                writer.log(f"early stopping at step {step}: no val improvement in {bad_evals} evaluations")
+                final["early_stopped"] = True
+                break
+        ckpt.wait()
+    finally:
+        stop.restore()
+        ckpt.close()
+    final.update(step=step, best_val_loss=best if best < float("inf") else last_val)
+    if run.generate.max_new_tokens and not final.get("preempted"):
+        text = sample(model, state.params, tokenizer, run.generate, run.model.max_seq_len)
+        writer.log("sample:\n" + wrap(run.generate.prompt + text))
+        final["sample"] = text
+    writer.close()
+    return final
+
+
+def sample(model, params, tokenizer, gen: GenerateConfig, max_len: int) -> str:
+    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(gen.prompt)
+    ids = generate_ids(model, params, prompt_ids, gen, eos_id=tokenizer.eos_id, max_len=max_len)
+    return tokenizer.decode(ids)

@@ -1,0 +1,181 @@
+"""Train state, loss, and the jitted train / eval steps with explicit shardings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxllm import sharding as shd
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    skipped: jax.Array  # updates skipped because the loss or a gradient was not finite
+
+
+def _dummy_inputs(seq_len: int) -> jax.Array:
+    return jnp.zeros((1, seq_len), jnp.int32)
+
+
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int) -> Any:
+    """The state's shapes with logical-axis boxes, computed without allocating anything."""
+
+    def init(rng):
+        params = model.init(rng, _dummy_inputs(seq_len))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          skipped=jnp.zeros((), jnp.int32))
+
+    return jax.eval_shape(init, jax.random.key(0))
+
+
+def state_shardings(boxed_abstract: Any, mesh: Mesh) -> Any:
+    return shd.shardings_for(boxed_abstract, mesh)
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
+               seq_len: int) -> tuple[TrainState, Any]:
+    """Initialises params and optimizer state directly sharded (never materialised on one device)."""
+    boxed = abstract_state(model, tx, seq_len)
+    shardings = state_shardings(boxed, mesh)
+
+    def init(rng):
+        params = nn.meta.unbox(model.init(rng, _dummy_inputs(seq_len))["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          skipped=jnp.zeros((), jnp.int32))
+
+    with shd.axis_rules():
+        state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
+                  z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Weighted token cross-entropy sum and z-loss sum (float32); weight 0 tokens contribute nothing."""
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    weights_BL = weights_BL.astype(jnp.float32)
+    ce = jnp.sum((lse_BL - target_logit_BL) * weights_BL)
+    z = jnp.sum(z_loss * jnp.square(lse_BL) * weights_BL)
+    return ce, z
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    micro_batches: int = 1
+    z_loss: float = 0.0
+    dropout_seed: int = 0
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    cfg: StepConfig) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """`train_step(state, batch) -> (state, metrics)`; pure, to be jitted by `jit_train_step`."""
+
+    def summed_loss(params, mb: Batch, rng):
+        logits = model.apply({"params": params}, mb["inputs"], mb["positions"], mb["segment_ids"],
+                             deterministic=False, rngs={"dropout": rng})
+        ce, z = cross_entropy(logits, mb["targets"], mb["loss_weights"], cfg.z_loss)
+        return ce + z, (ce, z, jnp.sum(mb["loss_weights"].astype(jnp.float32)))
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch):
+        rng = jax.random.fold_in(jax.random.key(cfg.dropout_seed), state.step)
+        m = cfg.micro_batches
+        if m == 1:
+            (_, (ce, z, weight)), grads = grad_fn(state.params, batch, rng)
+        else:
+            def split(x):  # micro-batch i takes rows i, i+m, ...: every micro-batch spans all devices
+                b = x.shape[0]
+                x = x.reshape(b // m, m, *x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(x, P(None, shd.BATCH_AXES)) if _in_mesh() else x
+
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, inp):
+                mb, i = inp
+                (_, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, aux)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()),) * 3)
+            (grads, (ce, z, weight)), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(m)))
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = ce / denom
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(grads)
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
+                                  opt_state=keep(new_opt_state, state.opt_state),
+                                  skipped=state.skipped + (~finite).astype(jnp.int32))
+        metrics = {"loss": loss, "z_loss": z / denom, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "tokens": weight, "skipped": new_state.skipped}
+        return new_state, metrics
+
+    return train_step
+
+
+def _in_mesh() -> bool:
+    from jax._src import mesh as mesh_lib
+
+    return not mesh_lib.thread_resources.env.physical_mesh.empty
+
+
+def jit_train_step(step_fn, shardings: Any, mesh: Mesh):
+    """Jits with explicit in/out shardings; the old state is donated (updated in place)."""
+    batch_sh = shd.batch_sharding(mesh)
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, shd.replicated(mesh)),
+                     donate_argnums=0)
+
+    def run(state, batch):
+        with mesh, shd.axis_rules():
+            return jitted(state, batch)
+
+    run.lower = lambda state, batch: _lower(jitted, mesh, state, batch)
+    return run
+
+
+def _lower(jitted, mesh, state, batch):
+    with mesh, shd.axis_rules():
+        return jitted.lower(state, batch)
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any):
+    """`eval_step(params, batch) -> (loss_sum, weight_sum)`, deterministic (no dropout)."""
+
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                             deterministic=True)
+        ce, _ = cross_entropy(logits, batch["targets"], batch["loss_weights"])
+        return ce, jnp.sum(batch["loss_weights"].astype(jnp.float32))
+
+    jitted = jax.jit(eval_step, in_shardings=(param_shardings, shd.batch_sharding(mesh)),
+                     out_shardings=shd.replicated(mesh))
+
+    def run(params, batch):
+        with mesh, shd.axis_rules():
+            return jitted(params, batch)
+
+    return run
+
+
+__all__ = ["TrainState", "StepConfig", "abstract_state", "init_state", "cross_entropy", "make_train_step",
+           "jit_train_step", "make_eval_step", "NamedSharding"]

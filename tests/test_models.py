@@ -1,0 +1,138 @@
+"""Decoder: published parameter counts, packed-document isolation, attention paths, scan/remat switches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from jaxllm import JaxllmError
+from jaxllm.models.config import PRESETS, ModelConfig, preset
+from jaxllm.models.decoder import Decoder
+
+TINY = dict(vocab_size=128, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
+            max_seq_len=64, dtype="float32")
+
+
+def _params(cfg, seq=16):
+    return nn.meta.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, seq), jnp.int32))["params"])
+
+
+@pytest.mark.parametrize("name,published", [
+    ("llama2_7b", 6_738_415_616), ("llama2_13b", 13_015_864_320), ("llama2_70b", 68_976_648_192)])
+def test_published_parameter_counts(name, published):
+    cfg = ModelConfig(**preset(name))
+    shapes = jax.eval_shape(lambda: _params(cfg, 8))  # shapes only, nothing allocated
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == published
+    assert cfg.num_params() == published
+
+
+def test_presets_are_llama2_shapes():
+    assert PRESETS["llama2_70b"]["num_kv_heads"] == 8  # GQA only in 70B
+    with pytest.raises(JaxllmError, match="unknown model preset"):
+        preset("llama2_8b")
+
+
+def test_params_carry_logical_axes():
+    cfg = ModelConfig(**TINY)
+    boxed = Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+    specs = nn.get_partition_spec(boxed)
+    assert tuple(specs["layers"]["self_attn"]["q_proj"]["kernel"]) == ("layers", "embed", "heads", "head_dim")
+    assert tuple(specs["layers"]["self_attn"]["k_proj"]["kernel"]) == ("layers", "embed", "kv_heads", "head_dim")
+    assert tuple(specs["layers"]["mlp"]["down_proj"]["kernel"]) == ("layers", "mlp", "embed")
+    assert tuple(specs["embed_tokens"]["embedding"]) == ("vocab", "embed")
+    for leaf in jax.tree.leaves(specs, is_leaf=lambda x: x is None or hasattr(x, "index")):
+        assert leaf is not None and len(tuple(leaf)) > 0
+
+
+def _packed_example(rng):
+    a = rng.randint(1, 128, 10)
+    b = rng.randint(1, 128, 6)
+    inputs = np.concatenate([a, b]).astype(np.int32)[None]
+    segments = np.array([[1] * 10 + [2] * 6], np.int32)
+    positions = np.array([list(range(10)) + list(range(6))], np.int32)
+    return a, b, inputs, segments, positions
+
+
+@pytest.mark.parametrize("attention", ["dot_product", "reference"])
+def test_packed_documents_do_not_attend_across(attention):
+    cfg = ModelConfig(**TINY, attention=attention)
+    model, params = Decoder(cfg), _params(cfg)
+    a, b, inputs, segments, positions = _packed_example(np.random.RandomState(0))
+    packed = model.apply({"params": params}, inputs, positions, segments)
+    alone_a = model.apply({"params": params}, a[None].astype(np.int32))
+    alone_b = model.apply({"params": params}, b[None].astype(np.int32))
+    np.testing.assert_allclose(packed[0, :10], alone_a[0], atol=1e-5)
+    np.testing.assert_allclose(packed[0, 10:], alone_b[0], atol=1e-5)
+
+
+def test_fused_and_reference_attention_agree_on_packed_batch():
+    rng = np.random.RandomState(1)
+    inputs = rng.randint(0, 128, (3, 24)).astype(np.int32)
+    segments = np.sort(rng.randint(1, 4, (3, 24)), axis=1).astype(np.int32)
+    segments[:, -3:] = 0  # padding
+    positions = np.zeros_like(segments)
+    for r in range(3):
+        for s in np.unique(segments[r]):
+            idx = np.where(segments[r] == s)[0]
+            positions[r, idx] = np.arange(len(idx))
+    outs = []
+    for attention in ("dot_product", "reference"):
+        cfg = ModelConfig(**TINY, attention=attention)
+        outs.append(Decoder(cfg).apply({"params": _params(cfg)}, inputs, positions, segments))
+    np.testing.assert_allclose(outs[0], outs[1], atol=2e-5)
+
+
+def test_scan_and_remat_do_not_change_the_function():
+    x = np.random.RandomState(2).randint(0, 128, (2, 16)).astype(np.int32)
+    base_cfg = ModelConfig(**TINY, scan_layers=False)
+    base_params = _params(base_cfg)
+    ref = Decoder(base_cfg).apply({"params": base_params}, x)
+    stacked = {k: v for k, v in base_params.items() if not k.startswith("layers_")}
+    stacked["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[base_params[f"layers_{i}"] for i in range(2)])
+    for remat in ("none", "full", "save_dots"):
+        cfg = ModelConfig(**TINY, scan_layers=True, remat=remat)
+        out = Decoder(cfg).apply({"params": stacked}, x)
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+        grads = jax.grad(lambda p: Decoder(cfg).apply({"params": p}, x).sum())(stacked)
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_bf16_compute_float32_params():
+    cfg = ModelConfig(**{**TINY, "dtype": "bfloat16"})
+    params = _params(cfg)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    logits = Decoder(cfg).apply({"params": params}, jnp.ones((1, 8), jnp.int32))
+    assert logits.dtype == jnp.float32
+    ref = Decoder(ModelConfig(**TINY)).apply({"params": params}, jnp.ones((1, 8), jnp.int32))
+    assert float(jnp.max(jnp.abs(logits - ref))) < 0.05
+
+
+def test_dropout_is_keyed_and_off_when_deterministic():
+    cfg = ModelConfig(**TINY, embed_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
+    model, params, x = Decoder(cfg), _params(cfg), jnp.ones((1, 8), jnp.int32)
+    det = model.apply({"params": params}, x)
+    d1 = model.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    d1b = model.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    d2 = model.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(d1, d1b)
+    assert float(jnp.max(jnp.abs(d1 - d2))) > 1e-4 and float(jnp.max(jnp.abs(d1 - det))) > 1e-4
+    np.testing.assert_array_equal(det, model.apply({"params": params}, x))
+
+
+def test_mqa_gqa_and_tied_embeddings_shapes():
+    for kv in (1, 2, 4):
+        cfg = ModelConfig(**{**TINY, "num_kv_heads": kv, "tie_embeddings": True})
+        params = _params(cfg)
+        assert "lm_head" not in params
+        assert params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (2, 32, kv, 8)
+        assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(num_heads=3), "not divisible"), (dict(num_kv_heads=3), "multiple of num_kv_heads"),
+    (dict(remat="some"), "remat"), (dict(dtype="fp8"), "dtype"), (dict(attention="flash"), "attention")])
+def test_bad_model_config(bad, match):
+    with pytest.raises(JaxllmError, match=match):
+        ModelConfig(**{**TINY, **bad})
