@@ -101,6 +101,23 @@ def _under_multitask_slurm() -> bool:
         return False
 
 
+def _slurm_local_device_ids(cfg: DistributedConfig) -> list[int] | None:
+    """All of a node's GPUs when SLURM runs one task per node.
+
+    Left to itself JAX gives each SLURM task only GPU `SLURM_LOCALID`, right for one task per GPU but a
+    silent 1/8 of an 8-GPU host with one task per node. None = let JAX decide.
+    """
+    if cfg.local_device_ids:
+        return list(cfg.local_device_ids)
+    nodes = os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_NNODES") or ""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or ""
+    if not (nodes.isdigit() and tasks.isdigit()) or nodes != tasks:
+        return None
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    count = len(visible) or int(os.environ.get("SLURM_GPUS_ON_NODE", "0") or 0)
+    return list(range(count)) if count else None
+
+
 def _on_multihost_tpu() -> bool:
     hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
     return "," in hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")) or bool(os.environ.get(ENV_TPU_POD))
@@ -126,11 +143,12 @@ def initialize(cfg: DistributedConfig) -> None:
             if _under_multitask_slurm() or _on_multihost_tpu():
                 # JAX reads SLURM_* / TPU metadata itself; the CPU backend still uses our collectives choice.
                 jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
-                _join(initialization_timeout=cfg.initialization_timeout)
+                ids = _slurm_local_device_ids(cfg) if _under_multitask_slurm() else None
+                _join(local_device_ids=ids, initialization_timeout=cfg.initialization_timeout)
             return
         cfg = explicit
-    _check_explicit(cfg)
-    # Only the CPU client reads this flag; without it CPU processes could not all-reduce across each other.
+    # (explicit fields were validated when the config was built.) Only the CPU client reads this flag;
+    # gloo is JAX 0.10's default, but set it so "mpi" takes effect and the choice is visible here.
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
     # "deactivate": explicit means explicit; SLURM/OMPI env vars must not silently rewrite our settings.
     _join(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
@@ -155,7 +173,8 @@ def _child_env(base: Mapping[str, str], process_id: int, num_processes: int, dev
     env = dict(base)
     env.update({ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(num_processes),
                 ENV_PROCESS_ID: str(process_id)})
-    env.setdefault("JAX_PLATFORMS", "cpu")
+    if not env.get("JAX_PLATFORMS"):  # a laptop rehearsal by default; JAX_PLATFORMS=cuda splits local GPUs
+        env["JAX_PLATFORMS"] = "cpu"
     if env["JAX_PLATFORMS"].split(",")[0].strip() == "cpu":
         flags = [f for f in env.get("XLA_FLAGS", "").split()
                  if not f.startswith("--xla_force_host_platform_device_count")]
@@ -223,9 +242,11 @@ def launch_local(command: list[str], num_processes: int, devices_per_process: in
             pump.start()
             pumps.append(pump)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while any(p.poll() is None for p in procs):
-            failed = any(p.returncode not in (None, 0) for p in procs)
-            if failed or (deadline is not None and time.monotonic() > deadline):
+        while True:
+            codes = [p.poll() for p in procs]  # poll every child: `any(...)` would stop at the first live one
+            if all(c is not None for c in codes):
+                break
+            if any(c not in (None, 0) for c in codes) or (deadline is not None and time.monotonic() > deadline):
                 _stop(procs, grace_s)
                 break
             time.sleep(0.05)

@@ -1,0 +1,183 @@
+"""Throughput/MFU arithmetic and the metrics writer: metrics.jsonl + TensorBoard + a tqdm bar, on process 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Mapping
+
+from jaxllm import JaxllmError
+
+# Dense (no sparsity) bf16 peak TFLOP/s of one chip / GPU, keyed by a readable device name.
+PEAK_BF16_TFLOPS: dict[str, float] = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0,  # v6e (Trillium)
+    "A100": 312.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H200": 989.0,
+}
+
+# (substring of the normalised `device.device_kind`, key above); first match wins, so specific before general.
+_KIND_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("tpu v5 lite", "TPU v5 lite"),
+    ("tpu v5e", "TPU v5 lite"),
+    ("tpu v5", "TPU v5p"),  # JAX reports v5p as "TPU v5p" (older runtimes: "TPU v5")
+    ("tpu v6 lite", "TPU v6 lite"),
+    ("tpu v6e", "TPU v6 lite"),
+    ("tpu v4", "TPU v4"),
+    ("h100 pcie", "H100 PCIe"),
+    ("h100", "H100 SXM"),  # "NVIDIA H100 80GB HBM3"
+    ("h200", "H200"),
+    ("a100", "A100"),
+)
+
+
+def peak_tflops(device: Any) -> float | None:
+    """Peak bf16 TFLOP/s of a JAX device (or a device_kind string); None for CPU or an unknown chip."""
+    if getattr(device, "platform", None) == "cpu":
+        return None
+    kind = device if isinstance(device, str) else str(getattr(device, "device_kind", ""))
+    kind = " ".join(kind.lower().replace("-", " ").replace("_", " ").split())
+    for pattern, key in _KIND_PATTERNS:
+        if pattern in kind:
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+def step_metrics(*, step_time_s: float, tokens: int, flops_per_token: float, num_devices: int,
+                 peak: float | None) -> dict[str, float | None]:
+    """Throughput of one step: tokens/s, achieved TFLOP/s per device, and MFU against `peak`."""
+    if step_time_s <= 0 or num_devices <= 0:
+        raise ValueError(f"step_time_s ({step_time_s}) and num_devices ({num_devices}) must be positive")
+    tflops_per_device = flops_per_token * tokens / step_time_s / num_devices / 1e12
+    return {"tokens_per_s": tokens / step_time_s, "tflops_per_device": tflops_per_device,
+            "mfu": tflops_per_device / peak if peak else None}
+
+
+def _json_value(value: Any) -> Any:
+    """Numbers as JSON numbers; nan/inf as strings so every line stays valid JSON."""
+    if isinstance(value, (bool, int, str)):
+        return value
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """All records of `workdir/metrics.jsonl`, oldest first ([] when there is none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+    """Writes metrics to `workdir/metrics.jsonl`, TensorBoard and a progress bar; no-op off process 0.
+
+    On resume (`initial_step` > 0) records after `initial_step` are dropped first: they came from a run
+    the restored checkpoint does not contain, and would otherwise appear twice.
+    """
+
+    def __init__(self, workdir: str, *, is_primary: bool, total_steps: int, initial_step: int = 0,
+                 progress: bool = True, tensorboard: bool = True):
+        if "://" in workdir:
+            raise JaxllmError(f"workdir {workdir!r} is a URL; metrics need a filesystem path (mount the bucket, "
+                              "e.g. with gcsfuse, and pass the mount point)")
+        self.workdir = workdir
+        self.is_primary = is_primary
+        self._jsonl = self._tb = self._bar = None
+        if not is_primary:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, "metrics.jsonl")
+        if initial_step > 0 and os.path.exists(path):
+            kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= initial_step]
+            _atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._jsonl = open(path, "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"), flush_secs=30,
+                                     purge_step=initial_step + 1 if initial_step > 0 else None)
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, file=sys.stderr, dynamic_ncols=True,
+                             mininterval=1.0, unit="step")
+
+    def write(self, step: int, metrics: Mapping[str, float | None], *, prefix: str = "train") -> None:
+        """Records one step's metrics under `prefix` ("train", "val"); None values are skipped."""
+        if not self.is_primary:
+            return
+        values = {k: v for k, v in metrics.items() if v is not None}
+        record = {"step": int(step), "split": prefix, **{k: _json_value(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for name, value in values.items():
+                if not isinstance(value, str):
+                    self._tb.add_scalar(f"{prefix}/{name}", float(value), global_step=int(step))
+        if self._bar is not None and prefix == "train":
+            postfix = {}
+            if "loss" in values:
+                postfix["loss"] = f"{float(values['loss']):.4f}"
+            if "tokens_per_s" in values:
+                postfix["tok/s"] = f"{float(values['tokens_per_s']):,.0f}"
+            self._bar.set_postfix(postfix, refresh=False)
+            if step > self._bar.n:
+                self._bar.update(step - self._bar.n)
+
+    def log(self, message: str) -> None:
+        """Prints a line above the progress bar (process 0 only)."""
+        if not self.is_primary:
+            return
+        from tqdm import tqdm
+
+        tqdm.write(message)
+
+    def write_config(self, config: str | Mapping[str, Any]) -> None:
+        """Saves the resolved config as `workdir/config.json`, atomically so a crash never leaves half a file."""
+        if not self.is_primary:
+            return
+        text = config if isinstance(config, str) else json.dumps(config, indent=2, sort_keys=True, default=str)
+        _atomic_write(os.path.join(self.workdir, "config.json"), text if text.endswith("\n") else text + "\n")
+
+    def flush(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Flushes and closes everything; safe to call twice."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._jsonl = self._tb = self._bar = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,70 @@
+"""Config files: overrides typed by the value they replace; typos are errors, never silent defaults."""
+
+import dataclasses
+
+import pytest
+
+from jaxllm import JaxllmError
+from jaxllm.config import build, load_config
+from jaxllm.train.loop import parse
+
+TINY = "configs/tiny.py"
+
+
+def test_tiny_config_parses_into_dataclasses():
+    run = parse(load_config(TINY))
+    assert run.model.num_layers >= 1 and run.data.source == "embedded"
+    assert dataclasses.is_dataclass(run.optim) and run.mesh.data == -1
+
+
+def test_overrides_are_typed():
+    cfg = load_config(TINY, ["model.num_layers=3", "optim.learning_rate=1e-3", "train.progress=false",
+                             "data.paths=['a.txt','b.txt']", "generate.prompt=def f(x):", "optim.warmup_steps=0"])
+    assert cfg.model.num_layers == 3 and cfg.optim.learning_rate == 1e-3 and cfg.train.progress is False
+    assert list(cfg.data.paths) == ["a.txt", "b.txt"] and cfg.generate.prompt == "def f(x):"
+    assert isinstance(load_config(TINY, ["optim.learning_rate=1"]).optim.learning_rate, float)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.num_layer=3", "did you mean 'model.num_layers'"),
+    ("modle.num_layers=3", "unknown config key"),
+    ("model.num_layers=three", "expects int"),
+    ("train.progress=maybe", "is a bool"),
+    ("model=3", "is a section"),
+    ("model.num_layers", "must look like"),
+])
+def test_bad_overrides(override, match):
+    with pytest.raises(JaxllmError, match=match):
+        load_config(TINY, [override])
+
+
+def test_typo_inside_config_file_is_rejected(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("import ml_collections\n"
+                    "def get_config():\n"
+                    "    c = ml_collections.ConfigDict()\n"
+                    "    c.model = dict(num_layer=2)\n"
+                    "    return c\n")
+    with pytest.raises(JaxllmError, match="model.num_layer; did you mean model.num_layers"):
+        parse(load_config(str(path)))
+    path.write_text("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict(dict(optm={}))\n")
+    with pytest.raises(JaxllmError, match="did you mean 'optim'"):
+        parse(load_config(str(path)))
+
+
+def test_missing_config_file_and_wrong_types():
+    with pytest.raises(JaxllmError, match="not found"):
+        load_config("configs/nope.py")
+
+    @dataclasses.dataclass(frozen=True)
+    class C:
+        a: int = 1
+
+    with pytest.raises(JaxllmError, match="c.a expects int"):
+        build(C, {"a": "x"}, "c")
+
+
+def test_llama2_configs_load():
+    for name in ("llama2_7b", "llama2_13b", "llama2_70b"):
+        run = parse(load_config(f"configs/{name}.py"))
+        assert run.model.num_layers in (32, 40, 80)
