@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # parameter init and dropout
     c.model = preset(MODEL, scan_layers=True, remat="save_dots_no_batch", dtype="bfloat16",
-                     param_dtype="float32", attention="dot_product")  # published shapes + run switches
+                     param_dtype="float32", attention="auto")  # published shapes + run switches
     c.data = dict(
         source="array_record",  # embedded | text | jsonl | array_record | tfds
         paths=(),  # file globs of the tokenizable corpus

@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
         remat="none",  # none | full | save_dots | save_dots_no_batch
         param_dtype="float32",
         dtype="float32",  # bfloat16 on TPU/GPU; float32 is faster on CPU
-        attention="dot_product",  # dot_product | cudnn | reference
+        attention="auto",  # auto (cuDNN flash attention on GPU, XLA elsewhere) | xla | cudnn | reference
         init_std=0.02,
     )
     c.data = dict(

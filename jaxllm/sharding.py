@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -137,3 +138,10 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 def axis_rules():
     """Context manager under which Flax resolves the models' logical activation constraints."""
     return nn.logical_axis_rules(LOGICAL_RULES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+    """The mesh and the logical rules in force together: what jitted model code runs under."""
+    with mesh, axis_rules():
+        yield

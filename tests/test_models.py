@@ -55,7 +55,7 @@ def _packed_example(rng):
     return a, b, inputs, segments, positions
 
 
-@pytest.mark.parametrize("attention", ["dot_product", "reference"])
+@pytest.mark.parametrize("attention", ["auto", "xla", "reference"])
 def test_packed_documents_do_not_attend_across(attention):
     cfg = ModelConfig(**TINY, attention=attention)
     model, params = Decoder(cfg), _params(cfg)
@@ -78,7 +78,7 @@ def test_fused_and_reference_attention_agree_on_packed_batch():
             idx = np.where(segments[r] == s)[0]
             positions[r, idx] = np.arange(len(idx))
     outs = []
-    for attention in ("dot_product", "reference"):
+    for attention in ("auto", "reference"):
         cfg = ModelConfig(**TINY, attention=attention)
         outs.append(Decoder(cfg).apply({"params": _params(cfg)}, inputs, positions, segments))
     np.testing.assert_allclose(outs[0], outs[1], atol=2e-5)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -97,10 +97,11 @@ def make_train_iterator(
 
 def make_eval_iterator(
     cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1
-) -> Iterable[Batch]:
+) -> grain.DatasetIterator:
     """One deterministic pass over this process's validation batches (a fresh iterator per call).
 
-    Runs in the main process (no workers): evaluation takes a few batches, worker start-up would cost more.
+    Runs in the main process: evaluation reads a few batches, and worker start-up would cost more.
+    Processes may get different numbers of batches; take no more than the smallest process has.
     """
     local_batch = _local_batch_size(cfg, process_index, process_count)
     _, val_docs = split_documents(cfg)
@@ -152,7 +153,8 @@ def _local_batch_size(cfg: DataConfig, process_index: int, process_count: int) -
 
 
 def _shuffle_seed(seed: int) -> int:
-    """A 32-bit shuffle seed from any int; hashing keeps (seed, epoch + 1) unlike (seed + 1, epoch)."""
+    """A 32-bit seed for `shuffle`. Grain shuffles epoch e with seed + e, so seeds 0 and 1 would share
+    epochs (0's second is 1's first); hashing the seed first keeps runs apart."""
     return int.from_bytes(hashlib.sha256(f"jaxllm-shuffle-{seed}".encode()).digest()[:4], "little")
 
 
@@ -210,6 +212,11 @@ class _Tokenize:
     """Document -> {"tokens": int32 ids} with BOS/EOS per config (a class so workers can pickle it)."""
 
     def __init__(self, tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
+        for flag, name, token_id in ((add_bos, "bos", tokenizer.bos_id), (add_eos, "eos", tokenizer.eos_id)):
+            if flag and token_id < 0:
+                raise JaxllmError(
+                    f"tokenizer {tokenizer.path} has no {name.upper()} token; set data.add_{name}=False"
+                )
         self._tokenizer = tokenizer
         self._prefix = [tokenizer.bos_id] if add_bos else []
         self._suffix = [tokenizer.eos_id] if add_eos else []

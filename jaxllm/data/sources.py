@@ -8,12 +8,13 @@ Sources are picklable: Grain ships them to its worker processes.
 from __future__ import annotations
 
 import bisect
+import functools
 import glob
 import json
 import os
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from jaxllm.data.corpus import embedded_documents
 if TYPE_CHECKING:
     from jaxllm.data.pipeline import DataConfig
 
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # one or more blank lines
 
 
 class EmbeddedSource:
@@ -169,7 +170,7 @@ class TfdsSource:
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
 
         if not name:
-            raise JaxllmError("data.source='tfds' needs data.tfds_name (e.g. 'my_dataset' or 'my_dataset/config:1.0.0')")
+            raise JaxllmError("data.source='tfds' needs data.tfds_name, e.g. 'my_dataset/config:1.0.0'")
         where = f"TFDS dataset {name!r} split {split!r}" + (f" in {data_dir!r}" if data_dir else "")
         try:
             self._examples = tfds.data_source(
@@ -197,21 +198,37 @@ class TfdsSource:
         return f"TfdsSource({self._where}, {len(self)} examples)"
 
 
-_SOURCES: dict[str, Callable[[DataConfig], Sequence[str]]] = {
-    "embedded": lambda cfg: EmbeddedSource(),
-    "text": lambda cfg: TextSource(cfg.paths, cfg.text_split),
-    "jsonl": lambda cfg: JsonlSource(cfg.paths, cfg.text_field),
-    "array_record": lambda cfg: ArrayRecordSource(cfg.paths, cfg.text_field),
-    "tfds": lambda cfg: TfdsSource(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir, cfg.text_field),
-}
-SOURCE_NAMES: tuple[str, ...] = tuple(_SOURCES)
+SOURCE_NAMES: tuple[str, ...] = ("embedded", "text", "jsonl", "array_record", "tfds")
 
 
 def make_source(cfg: DataConfig) -> Sequence[str]:
-    """The document source named by `cfg.source`."""
-    if cfg.source not in _SOURCES:
-        raise JaxllmError(f"data.source={cfg.source!r} is not known; use one of {', '.join(SOURCE_NAMES)}")
-    return _SOURCES[cfg.source](cfg)
+    """The document source named by `cfg.source` (cached: a JSONL scan runs once, not every eval)."""
+    return _make_source(
+        cfg.source, cfg.paths, cfg.text_field, cfg.text_split, cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _make_source(
+    source: str,
+    paths: tuple[str, ...],
+    field: str,
+    text_split: str,
+    tfds_name: str,
+    tfds_split: str,
+    tfds_dir: str,
+) -> Sequence[str]:
+    if source == "embedded":
+        return EmbeddedSource()
+    if source == "text":
+        return TextSource(paths, text_split)
+    if source == "jsonl":
+        return JsonlSource(paths, field)
+    if source == "array_record":
+        return ArrayRecordSource(paths, field)
+    if source == "tfds":
+        return TfdsSource(tfds_name, tfds_split, tfds_dir, field)
+    raise JaxllmError(f"data.source={source!r} is not known; use one of {', '.join(SOURCE_NAMES)}")
 
 
 def expand_globs(patterns: Sequence[str], kind: str) -> list[str]:

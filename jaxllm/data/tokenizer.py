@@ -44,7 +44,7 @@ _TRAINER_SETTINGS: dict[str, Any] = dict(
     max_sentence_length=8192,
 )
 _TRAIN_MAX_CHARS = 8_000_000  # text read from the source to train on: keeps training to a few seconds
-_TRAIN_MAX_SENTENCES = 300_000  # lines given to the trainer; our own cap above usually binds first
+_TRAIN_MAX_SENTENCES = 300_000  # lines given to the trainer (evenly strided when there are more)
 _SAMPLE_SEED = 0
 
 
@@ -111,7 +111,8 @@ def load_tokenizer(cfg: DataConfig, documents: Sequence[str] | None = None) -> T
         documents = make_source(cfg)
     texts = _training_sample(documents)
     settings = dict(_TRAINER_SETTINGS, vocab_size=cfg.vocab_size)
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    key = dict(settings, max_sentences=_TRAIN_MAX_SENTENCES, sentencepiece=spm.__version__)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for text in texts:
         digest.update(len(text).to_bytes(8, "little"))
         digest.update(text.encode("utf-8", "surrogatepass"))
@@ -130,7 +131,7 @@ def _training_sample(documents: Sequence[str]) -> list[str]:
         raise JaxllmError("cannot train a tokenizer on an empty corpus; point data.paths at some text")
     texts, chars = [], 0
     for i in np.random.default_rng(_SAMPLE_SEED).permutation(n):
-        text = documents[int(i)]
+        text = documents[int(i)][: _TRAIN_MAX_CHARS - chars]
         texts.append(text)
         chars += len(text)
         if chars >= _TRAIN_MAX_CHARS:
@@ -139,18 +140,23 @@ def _training_sample(documents: Sequence[str]) -> list[str]:
 
 
 def _train(texts: list[str], settings: dict[str, Any]) -> bytes:
-    """Trains in memory; the trainer sees one sentence per non-blank line."""
+    """Trains in memory, deterministically; the trainer sees one sentence per non-blank line."""
     lines = [line for text in texts for line in text.split("\n") if line.strip()]
     if not lines:
         raise JaxllmError("cannot train a tokenizer: the corpus has no non-blank text")
+    # Every host of a job may train its own copy (caches are per machine), so the model must be a pure
+    # function of the text: we subsample lines ourselves, as SentencePiece's own sampling is random
+    # even after set_random_generator_seed.
+    stride = -(-len(lines) // _TRAIN_MAX_SENTENCES)
+    lines = lines[::stride]
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines),
             model_writer=model,
             num_threads=2,
-            input_sentence_size=_TRAIN_MAX_SENTENCES,
-            shuffle_input_sentence=True,
+            input_sentence_size=0,  # all of `lines`, no sampling
+            shuffle_input_sentence=False,
             minloglevel=2,
             **settings,
         )

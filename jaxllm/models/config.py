@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxllm import JaxllmError
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
-ATTENTION_IMPLS = ("dot_product", "cudnn", "reference")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "reference")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -36,7 +36,7 @@ class ModelConfig:
     remat: str = "none"  # none | full | save_dots | save_dots_no_batch
     param_dtype: str = "float32"
     dtype: str = "bfloat16"  # compute dtype of matmuls and activations
-    attention: str = "dot_product"  # dot_product (jax.nn, XLA/cuDNN picked by JAX) | cudnn | reference
+    attention: str = "auto"  # auto (cuDNN flash on GPU, else XLA) | xla | cudnn | reference
     init_std: float = 0.02
 
     def __post_init__(self):

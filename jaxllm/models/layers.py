@@ -74,12 +74,19 @@ def reference_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, *, dropout_rate=0.0, 
 
 
 def fused_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, implementation: str):
-    """`jax.nn.dot_product_attention`: JAX picks cuDNN flash attention on GPU, XLA elsewhere."""
-    if implementation == "cudnn":  # cuDNN takes the causal part natively and segments as a bias
+    """`jax.nn.dot_product_attention`, cuDNN flash attention on GPU ("auto"/"cudnn") or XLA.
+
+    cuDNN takes the causal part natively and the document boundaries as an additive bias; handing
+    JAX a boolean mask instead makes it fall back to XLA, which materialises [B, N, T, S] logits.
+    """
+    if implementation == "auto":  # cuDNN's fused kernels take half precision only
+        half = q_BTNK.dtype in (jnp.bfloat16, jnp.float16)
+        implementation = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+    if implementation == "cudnn":
         bias = jnp.where(mask_B1TS, 0.0, NEG_INF).astype(q_BTNK.dtype)
         return jax.nn.dot_product_attention(q_BTNK, k_BSHK, v_BSHK, bias=bias, is_causal=True,
                                             implementation="cudnn")
-    return jax.nn.dot_product_attention(q_BTNK, k_BSHK, v_BSHK, mask=mask_B1TS)
+    return jax.nn.dot_product_attention(q_BTNK, k_BSHK, v_BSHK, mask=mask_B1TS, implementation="xla")
 
 
 class Attention(nn.Module):

@@ -101,9 +101,15 @@ class _StopFlag:
 
 
 def evaluate(eval_fn, params, eval_iter_fn, mesh, num_batches: int) -> dict[str, float]:
+    """Validation loss over the first `num_batches` batches that every process has."""
     ce_sum, weight_sum = 0.0, 0.0
-    for i, batch in enumerate(eval_iter_fn()):
-        if i >= num_batches:
+    batches = iter(eval_iter_fn())
+    for _ in range(num_batches):
+        batch = next(batches, None)
+        if jax.process_count() > 1:  # hosts may hold different numbers of batches: stop together
+            if not bool(np.all(multihost_utils.process_allgather(np.array([batch is not None])))):
+                break
+        elif batch is None:
             break
         ce, w = eval_fn(params, shd.global_batch(batch, mesh))
         ce_sum, weight_sum = ce_sum + float(ce), weight_sum + float(w)

@@ -146,7 +146,7 @@ def jit_train_step(step_fn, shardings: Any, mesh: Mesh):
                      donate_argnums=0)
 
     def run(state, batch):
-        with mesh, shd.axis_rules():
+        with shd.activate(mesh):
             return jitted(state, batch)
 
     run.lower = lambda state, batch: _lower(jitted, mesh, state, batch)
@@ -154,7 +154,7 @@ def jit_train_step(step_fn, shardings: Any, mesh: Mesh):
 
 
 def _lower(jitted, mesh, state, batch):
-    with mesh, shd.axis_rules():
+    with shd.activate(mesh):
         return jitted.lower(state, batch)
 
 
@@ -171,7 +171,7 @@ def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any):
                      out_shardings=shd.replicated(mesh))
 
     def run(params, batch):
-        with mesh, shd.axis_rules():
+        with shd.activate(mesh):
             return jitted(params, batch)
 
     return run

@@ -1,0 +1,367 @@
+"""Tests for jaxllm.data: corpus, tokenizer, sources and the Grain pipelines."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+
+import grain
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from jaxllm import JaxllmError
+from jaxllm.data import corpus, sources, tokenizer as tok_lib
+from jaxllm.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator, split_indices
+
+KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
+NUM_DOCS = 60
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> tok_lib.Tokenizer:
+    """A 512-piece tokenizer trained on the embedded corpus, cached in a temp folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        return tok_lib.load_tokenizer(DataConfig(vocab_size=512))
+
+
+def _doc(i: int) -> str:
+    rng = np.random.default_rng(i)
+    vocab = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "quiet"]
+    words = rng.choice(vocab, rng.integers(3, 60))
+    return f"doc{i:03d} " + " ".join(words) + "."
+
+
+@pytest.fixture
+def docs_cfg(tmp_path) -> DataConfig:
+    """NUM_DOCS documents, each starting with a unique 'docNNN' marker, in a JSONL file."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": _doc(i), "id": i}) + "\n" for i in range(NUM_DOCS)))
+    return DataConfig(source="jsonl", paths=(str(path),), block_size=32, batch_size=4, val_fraction=0.2)
+
+
+def _take(it, n: int) -> list[dict[str, np.ndarray]]:
+    return [next(it) for _ in range(n)]
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in KEYS)
+
+
+def _token_stream(batches: list[dict]) -> list[int]:
+    """Undoes shift + packing: each row is block[:-1] / block[1:], and blocks are consecutive."""
+    out: list[int] = []
+    for batch in batches:
+        for inputs, targets in zip(batch["inputs"], batch["targets"]):
+            out.extend(inputs.tolist() + [int(targets[-1])])
+    return out
+
+
+def _epoch_batches(tok, doc_ids, rows: int, block_size: int) -> int:
+    """Batches that surely cover one pass over `doc_ids` (plus one batch of slack either side)."""
+    tokens = sum(len(tok.encode(_doc(int(i)))) + 2 for i in doc_ids)
+    return tokens // (rows * (block_size + 1)) + 3
+
+
+def _markers(tok, batches) -> set[int]:
+    return {int(m) for m in re.findall(r"doc(\d{3})", tok.decode(_token_stream(batches)))}
+
+
+# ---------------------------------------------------------------- corpus and tokenizer
+
+
+def test_embedded_corpus_is_deterministic_and_megabytes():
+    docs = corpus.embedded_documents()
+    assert docs == corpus.embedded_documents()
+    assert len(set(docs)) == len(docs) > 500
+    assert 2e6 < sum(map(len, docs)) < 6e6
+    assert set(corpus.DOCSTRING_MODULES).isdisjoint(corpus.SOURCE_MODULES)
+    assert any("class ArgumentParser" in d for d in docs) and any("lambda" in d for d in docs)
+
+
+def test_tokenizer_round_trip_and_special_ids(tok):
+    assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (512, 0, 2, 3)
+    for text in ["The quick brown fox.", "def f(x):\n    return x  +  1\n\n", " lead\ttab  café 日本 🙂", ""]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.decode([tok.pad_id] + ids + [tok.pad_id, tok.pad_id]) == text
+    assert len(tok.encode("the " * 50)) < 100  # a real subword model, not bytes
+
+
+def test_tokenizer_cache_hit(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
+    documents = [_doc(i) for i in range(200)]
+    first = tok_lib.load_tokenizer(DataConfig(vocab_size=300), documents)
+    assert first.path.startswith(str(tmp_path / "tokenizers")) and os.path.isfile(first.path)
+
+    def no_training(*args):
+        raise AssertionError("trained again instead of loading the cache")
+
+    monkeypatch.setattr(tok_lib, "_train", no_training)
+    second = tok_lib.load_tokenizer(DataConfig(vocab_size=300), documents)
+    assert second.path == first.path and second.encode(documents[0]) == first.encode(documents[0])
+    assert os.listdir(tmp_path / "tokenizers") == [os.path.basename(first.path)]  # no temp files left
+    with pytest.raises(AssertionError):  # another vocab size is another model
+        tok_lib.load_tokenizer(DataConfig(vocab_size=301), documents)
+    loaded = tok_lib.load_tokenizer(DataConfig(tokenizer=first.path))
+    assert loaded.encode("doc001 river") == first.encode("doc001 river")
+
+
+_TRAIN_IN_SUBPROCESS = """
+import hashlib
+from jaxllm.data import corpus, tokenizer as t
+t._TRAIN_MAX_SENTENCES = 1000  # forces line subsampling
+texts = t._training_sample(corpus.embedded_documents()[:200])
+print(hashlib.sha256(t._train(texts, dict(t._TRAINER_SETTINGS, vocab_size=400))).hexdigest())
+"""
+
+
+def test_tokenizer_training_is_deterministic_across_processes():
+    """Hosts with separate caches each train a copy; the copies must be byte-identical.
+
+    (SentencePiece's own sentence sampling differs from process to process, even when seeded.)
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    digests = [
+        subprocess.run([sys.executable, "-c", _TRAIN_IN_SUBPROCESS], env=env, capture_output=True, text=True,
+                       check=True).stdout
+        for _ in range(2)
+    ]
+    assert digests[0] == digests[1] and len(digests[0].strip()) == 64
+
+
+def test_tokenizer_pickles(tok):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.encode("stone light") == tok.encode("stone light") and copy.path == tok.path
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_text_source_file_and_paragraph(tmp_path):
+    a_text = "first para\nline two\n\n  \nsecond para\n\n\n"
+    (tmp_path / "a.txt").write_text(a_text)
+    (tmp_path / "b.txt").write_text("only one")
+    glob = str(tmp_path / "*.txt")
+    by_file = sources.make_source(DataConfig(source="text", paths=[glob]))
+    assert [by_file[i] for i in range(len(by_file))] == [a_text, "only one"]
+    by_para = sources.make_source(DataConfig(source="text", paths=(glob,), text_split="paragraph"))
+    assert [by_para[i] for i in range(len(by_para))] == ["first para\nline two", "second para", "only one"]
+
+
+def test_jsonl_source(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "héllo"}\n\n{"text": "world", "n": 1}\n')
+    src = sources.make_source(DataConfig(source="jsonl", paths=(str(path),)))
+    assert len(src) == 2 and (src[0], src[1]) == ("héllo", "world")
+
+
+def test_array_record_source(tmp_path):
+    path = str(tmp_path / "docs.array_record")
+    writer = ArrayRecordWriter(path, "group_size:1")
+    for record in ["plain text doc", json.dumps({"body": "json doc", "x": 1}), "{not json, but text"]:
+        writer.write(record.encode())
+    writer.close()
+    src = sources.make_source(DataConfig(source="array_record", paths=(path,), text_field="body"))
+    assert [src[i] for i in range(len(src))] == ["plain text doc", "json doc", "{not json, but text"]
+
+
+class TinyTextDocs(tfds.core.GeneratorBasedBuilder):
+    """A local TFDS dataset: generated from Python, nothing downloaded."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = tfds.features.FeaturesDict({"content": tfds.features.Text(), "id": np.int64})
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(NUM_DOCS)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"content": _doc(i), "id": i}
+
+
+def test_tfds_source_and_pipeline(tmp_path, tok):
+    TinyTextDocs(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    cfg = DataConfig(source="tfds", tfds_name="tiny_text_docs", tfds_data_dir=str(tmp_path), text_field="content",
+                     block_size=32, batch_size=2)
+    src = sources.make_source(cfg)
+    assert sorted(src[i] for i in range(len(src))) == sorted(_doc(i) for i in range(NUM_DOCS))
+    assert next(make_train_iterator(cfg, tok))["inputs"].shape == (2, 32)
+    with pytest.raises(JaxllmError, match="no field 'text'.*'content'"):
+        sources.make_source(DataConfig(source="tfds", tfds_name="tiny_text_docs", tfds_data_dir=str(tmp_path)))
+    with pytest.raises(JaxllmError, match="cannot open TFDS dataset 'no_such_set'"):
+        sources.make_source(DataConfig(source="tfds", tfds_name="no_such_set", tfds_data_dir=str(tmp_path)))
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def test_batch_format_and_determinism(docs_cfg, tok):
+    a = _take(make_train_iterator(docs_cfg, tok), 6)
+    for batch in a:
+        assert set(batch) == set(KEYS)
+        for key in KEYS:
+            assert batch[key].shape == (4, 32)
+            assert batch[key].dtype == (np.float32 if key == "loss_weights" else np.int32)
+    assert _same(a, _take(make_train_iterator(docs_cfg, tok), 6))
+    other = dataclasses.replace(docs_cfg, seed=1)
+    assert not _same(a, _take(make_train_iterator(other, tok), 6))
+
+
+def test_packing_reproduces_the_documents(docs_cfg, tok):
+    """Unshuffled, the packed stream is exactly BOS + tokens + EOS of each train doc, in order."""
+    cfg = dataclasses.replace(docs_cfg, shuffle=False)
+    train_idx, _ = split_indices(NUM_DOCS, cfg.val_fraction)
+    want = [t for i in train_idx for t in [tok.bos_id] + tok.encode(_doc(i)) + [tok.eos_id]]
+    got = _token_stream(_take(make_train_iterator(cfg, tok), 12))
+    assert len(got) == 12 * 4 * 33 and got == want[: len(got)]
+
+
+@pytest.mark.parametrize("add_bos,add_eos", [(True, True), (False, True)])
+def test_segments_positions_and_loss_weights(docs_cfg, tok, add_bos, add_eos):
+    cfg = dataclasses.replace(docs_cfg, add_bos=add_bos, add_eos=add_eos)
+    for batch in _take(make_train_iterator(cfg, tok), 10):
+        inputs, targets, seg, pos, weights = (batch[k] for k in KEYS)
+        assert np.array_equal(inputs[:, 1:], targets[:, :-1])
+        starts = np.ones_like(seg, bool)
+        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        assert np.array_equal(pos == 0, starts)  # positions restart exactly at each segment
+        assert np.all(pos[:, 1:][~starts[:, 1:]] == pos[:, :-1][~starts[:, 1:]] + 1)
+        assert np.all(seg >= 1) and np.all(np.diff(seg, axis=1) >= 0)  # training rows hold no padding
+        # A target is masked exactly when it starts the next document (BOS) / the input ends one (EOS).
+        boundary = targets == tok.bos_id if add_bos else inputs == tok.eos_id
+        assert np.array_equal(weights == 0, boundary)
+        assert set(np.unique(weights)) <= {0.0, 1.0}
+
+
+def test_eval_padding_is_masked_and_repeatable(docs_cfg, tok):
+    cfg = dataclasses.replace(docs_cfg, batch_size=1)
+    batches = list(make_eval_iterator(cfg, tok))
+    assert _same(batches, list(make_eval_iterator(cfg, tok)))
+    last = batches[-1]
+    pad = last["segment_ids"] == 0
+    assert pad.any(), "the finite eval stream ends in a padded block"
+    assert np.all(last["inputs"][pad] == 0) and np.all(last["loss_weights"][pad] == 0)
+    assert np.all(last["loss_weights"][last["targets"] == 0] == 0)
+    assert all(not (b["segment_ids"] == 0).any() for b in batches[:-1])
+
+
+def test_train_val_split_disjoint(docs_cfg, tok):
+    train_idx, val_idx = split_indices(NUM_DOCS, 0.2)
+    assert len(val_idx) == 12 and not set(train_idx) & set(val_idx)
+    assert sorted([*train_idx, *val_idx]) == list(range(NUM_DOCS))
+    assert np.array_equal(split_indices(NUM_DOCS, 0.2)[1], val_idx)
+    cfg = dataclasses.replace(docs_cfg, batch_size=1)
+    assert _markers(tok, list(make_eval_iterator(cfg, tok))) == set(val_idx.tolist())
+    n = _epoch_batches(tok, train_idx, 4, 32)
+    assert _markers(tok, _take(make_train_iterator(docs_cfg, tok), n)) == set(train_idx.tolist())
+
+
+def test_process_shards_are_disjoint_and_cover_train(docs_cfg, tok):
+    train_idx, _ = split_indices(NUM_DOCS, docs_cfg.val_fraction)
+    seen = []
+    for p in range(2):
+        n = _epoch_batches(tok, train_idx[p::2], 2, 32)
+        batches = _take(make_train_iterator(docs_cfg, tok, process_index=p, process_count=2), n)
+        assert batches[0]["inputs"].shape == (2, 32)
+        seen.append(_markers(tok, batches))
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(train_idx.tolist())
+
+
+def test_resume_from_state(docs_cfg, tok):
+    it = make_train_iterator(docs_cfg, tok)
+    _take(it, 5)
+    state = json.loads(json.dumps(it.get_state()))  # what grain.checkpoint writes
+    want = _take(it, 3)
+    restored = make_train_iterator(docs_cfg, tok)
+    restored.set_state(state)
+    assert _same(want, _take(restored, 3))
+
+
+def test_resume_from_fresh_state(docs_cfg, tok):
+    """A state with no packing remainder (grain's JSON tuple bug) must not drop a document."""
+    it = make_train_iterator(docs_cfg, tok)
+    state = json.loads(json.dumps(it.get_state()))
+    restored = make_train_iterator(docs_cfg, tok)
+    restored.set_state(state)
+    assert _same(_take(it, 3), _take(restored, 3))
+
+
+def test_resume_through_orbax(docs_cfg, tok, tmp_path):
+    import orbax.checkpoint as ocp
+
+    it = make_train_iterator(docs_cfg, tok)
+    _take(it, 5)
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+        manager.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+    want = _take(it, 3)
+    restored = make_train_iterator(docs_cfg, tok)
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+        restore = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored))
+        manager.restore(manager.latest_step(), args=restore)
+    assert _same(want, _take(restored, 3))
+
+
+def test_workers_give_the_same_batches(docs_cfg, tok):
+    want = _take(make_train_iterator(docs_cfg, tok), 4)
+    it = make_train_iterator(dataclasses.replace(docs_cfg, num_workers=2), tok)
+    try:
+        assert _same(want, _take(it, 4))
+    finally:
+        it.close()
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_config_validation():
+    assert DataConfig(paths=["a", "b"]).paths == ("a", "b") and DataConfig(paths="a").paths == ("a",)
+    for bad, match in [
+        (dict(source="csv"), "data.source='csv' is not known"),
+        (dict(block_size=0), "block_size must be a positive"),
+        (dict(val_fraction=1.0), r"val_fraction must be in \[0, 1\)"),
+        (dict(text_split="line"), "text_split='line'"),
+    ]:
+        with pytest.raises(JaxllmError, match=match):
+            DataConfig(**bad)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path, docs_cfg, tok):
+    def error(**kwargs) -> str:
+        with pytest.raises(JaxllmError) as info:
+            sources.make_source(DataConfig(**kwargs))
+        return str(info.value)
+
+    assert "matches no files" in error(source="text", paths=(str(tmp_path / "nope*.txt"),))
+    assert "needs data.paths" in error(source="jsonl")
+    (tmp_path / "empty.txt").write_text("")
+    assert "empty.txt' is empty" in error(source="text", paths=(str(tmp_path / "empty.txt"),))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert "has no rows" in error(source="jsonl", paths=(str(tmp_path / "empty.jsonl"),))
+    (tmp_path / "nofield.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')
+    msg = error(source="jsonl", paths=(str(tmp_path / "nofield.jsonl"),))
+    assert "nofield.jsonl:2: no field 'text' (fields: 'body')" in msg and "data.text_field" in msg
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n\n{"text": "unterminated\n')
+    assert "bad.jsonl:3: not valid JSON" in error(source="jsonl", paths=(str(tmp_path / "bad.jsonl"),))
+
+    with pytest.raises(JaxllmError, match="batch_size=4 is not divisible by the 3 processes"):
+        make_train_iterator(docs_cfg, tok, process_index=0, process_count=3)
+    with pytest.raises(JaxllmError, match="tokenizer file .*missing.model' not found"):
+        tok_lib.load_tokenizer(DataConfig(tokenizer=str(tmp_path / "missing.model")))
+    with pytest.raises(JaxllmError, match="too few for one batch.*raise data.val_fraction"):
+        make_eval_iterator(dataclasses.replace(docs_cfg, val_fraction=0.02, batch_size=64), tok)
+    with pytest.raises(JaxllmError, match="vocab_size=270 is too small"):
+        tok_lib.load_tokenizer(DataConfig(vocab_size=270), [_doc(i) for i in range(50)])
