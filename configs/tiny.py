@@ -11,13 +11,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0  # parameter init and dropout
 
     c.model = dict(
-        vocab_size=2048,  # must hold the tokenizer's vocab
+        vocab_size=1024,  # must hold the tokenizer's vocab
         num_layers=4,
-        embed_dim=256,
-        num_heads=8,
-        num_kv_heads=4,  # grouped-query attention
+        embed_dim=192,
+        num_heads=6,
+        num_kv_heads=3,  # grouped-query attention (2 query heads per KV head)
         head_dim=0,  # 0 = embed_dim // num_heads
-        mlp_dim=704,
+        mlp_dim=512,
         max_seq_len=256,
         rope_theta=10000.0,
         norm_eps=1e-5,
@@ -41,18 +41,19 @@ def get_config() -> ml_collections.ConfigDict:
         tfds_split="train",
         tfds_data_dir="",
         tokenizer="",  # "" trains a SentencePiece model on the corpus once and caches it
-        vocab_size=2048,
+        vocab_size=1024,  # of the SentencePiece model trained on the corpus
         block_size=128,
         batch_size=16,  # global batch in sequences
         val_fraction=0.05,
         seed=0,
         shuffle=True,
+        shuffle_window=2048,  # packed sequences shuffled together; 0 = off
         add_bos=True,
         add_eos=True,
         num_workers=0,  # Grain multiprocess prefetch workers
     )
     c.optim = dict(
-        learning_rate=2e-3,
+        learning_rate=3e-3,
         schedule="cosine",  # cosine | linear | constant | rsqrt
         warmup_steps=30,
         decay_steps=0,  # 0 = train.steps
@@ -65,10 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
         grad_accum_steps=1,
     )
     c.train = dict(
-        steps=400,
-        log_every=20,
+        steps=300,
+        log_every=25,
         eval_every=100,
-        eval_batches=8,
+        eval_batches=16,
         early_stop_patience=0,
         early_stop_min_delta=0.0,
         z_loss=0.0,

@@ -35,8 +35,12 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         raise JaxllmError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise JaxllmError(f"config file {path!r} has no get_config() function")
-    cfg = module.get_config(arg) if arg else module.get_config()
-    cfg = ml_collections.ConfigDict(cfg)
+    try:
+        cfg = ml_collections.ConfigDict(module.get_config(arg) if arg else module.get_config())
+    except JaxllmError:
+        raise
+    except Exception as e:
+        raise JaxllmError(f"{path}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from e
     for item in overrides:
         apply_override(cfg, item)
     cfg.lock()

@@ -65,6 +65,8 @@ def test_missing_config_file_and_wrong_types():
 
 
 def test_llama2_configs_load():
-    for name in ("llama2_7b", "llama2_13b", "llama2_70b"):
-        run = parse(load_config(f"configs/{name}.py"))
-        assert run.model.num_layers in (32, 40, 80)
+    for size, layers in (("7b", 32), ("13b", 40), ("70b", 80)):
+        run = parse(load_config(f"configs/llama2.py:{size}"))
+        assert run.model.num_layers == layers and run.model.dtype == "bfloat16"
+    with pytest.raises(JaxllmError, match="unknown Llama-2 size"):
+        load_config("configs/llama2.py:8b")

@@ -43,7 +43,8 @@ def docs_cfg(tmp_path) -> DataConfig:
     """NUM_DOCS documents, each starting with a unique 'docNNN' marker, in a JSONL file."""
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": _doc(i), "id": i}) + "\n" for i in range(NUM_DOCS)))
-    return DataConfig(source="jsonl", paths=(str(path),), block_size=32, batch_size=4, val_fraction=0.2)
+    return DataConfig(source="jsonl", paths=(str(path),), block_size=32, batch_size=4, val_fraction=0.2,
+                      shuffle_window=0)  # batches in stream order, so tests can undo the packing
 
 
 def _take(it, n: int) -> list[dict[str, np.ndarray]]:
@@ -278,6 +279,25 @@ def test_process_shards_are_disjoint_and_cover_train(docs_cfg, tok):
         assert batches[0]["inputs"].shape == (2, 32)
         seen.append(_markers(tok, batches))
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(train_idx.tolist())
+
+
+def test_window_shuffle_permutes_sequences_and_resumes_mid_window(docs_cfg, tok):
+    plain = _take(make_train_iterator(docs_cfg, tok), 8)  # 32 sequences in stream order
+    cfg = dataclasses.replace(docs_cfg, shuffle_window=16)
+    shuffled = _take(make_train_iterator(cfg, tok), 8)
+    assert _same(shuffled, _take(make_train_iterator(cfg, tok), 8))
+
+    def rows(batches):
+        return sorted(tuple(b["inputs"][i].tolist()) for b in batches for i in range(len(b["inputs"])))
+
+    assert rows(shuffled) == rows(plain)  # the same sequences (two whole windows) ...
+    assert not _same(shuffled, plain)  # ... in another order
+    it = make_train_iterator(cfg, tok)
+    _take(it, 5)  # mid-window (windows hold 4 batches)
+    state = json.loads(json.dumps(it.get_state()))
+    restored = make_train_iterator(cfg, tok)
+    restored.set_state(state)
+    assert _same(_take(it, 6), _take(restored, 6))
 
 
 def test_resume_from_state(docs_cfg, tok):

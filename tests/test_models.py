@@ -136,3 +136,13 @@ def test_mqa_gqa_and_tied_embeddings_shapes():
 def test_bad_model_config(bad, match):
     with pytest.raises(JaxllmError, match=match):
         ModelConfig(**{**TINY, **bad})
+
+
+def test_train_flops_per_token_counts_every_matmul():
+    cfg = ModelConfig(**preset("llama2_7b"))
+    # PaLM's 6N + 12 L H K T, N = all params but the input embedding (a lookup, no matmul)
+    want = 6 * (6_738_415_616 - 32000 * 4096) + 12 * 32 * 32 * 128 * 4096
+    assert cfg.train_flops_per_token(4096) == want
+    tied = ModelConfig(**{**TINY, "tie_embeddings": True})
+    untied = ModelConfig(**TINY)
+    assert tied.train_flops_per_token(16) == untied.train_flops_per_token(16)  # the head matmul runs either way

@@ -50,6 +50,7 @@ class DataConfig:
     val_fraction: float = 0.05  # documents held out for validation (deterministic split)
     seed: int = 0
     shuffle: bool = True
+    shuffle_window: int = 2048  # packed sequences shuffled together, so long documents spread out; 0 = off
     add_bos: bool = True
     add_eos: bool = True
     num_workers: int = 0  # Grain multiprocess prefetch workers; 0 = in the main process
@@ -66,6 +67,8 @@ class DataConfig:
                 raise JaxllmError(f"data.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise JaxllmError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.shuffle_window < 0:
+            raise JaxllmError(f"data.shuffle_window must be >= 0, got {self.shuffle_window}")
         if self.num_workers < 0:
             raise JaxllmError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
@@ -90,7 +93,9 @@ def make_train_iterator(
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app they are unparsed
             flags.FLAGS.mark_as_parsed()
         tokens = tokens.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    batches = _pack_and_batch(tokens, cfg.block_size, local_batch)
+    batches = _pack_and_batch(tokens, cfg.block_size, local_batch,
+                              shuffle_window=cfg.shuffle_window if cfg.shuffle else 0,
+                              seed=_shuffle_seed(cfg.seed + 1))
     # A background thread builds the next batches while the train step runs (XLA releases the GIL).
     return iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=_PREFETCH_BATCHES))
 
@@ -166,9 +171,13 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def _pack_and_batch(tokens: grain.IterDataset, block_size: int, local_batch: int) -> grain.IterDataset:
+def _pack_and_batch(tokens: grain.IterDataset, block_size: int, local_batch: int, *, shuffle_window: int = 0,
+                    seed: int = 0) -> grain.IterDataset:
     packed = grain.experimental.ConcatThenSplitIterDataset(tokens, length_struct={"tokens": block_size + 1})
-    return _JsonRestorable(packed).map(_shift).batch(local_batch, drop_remainder=True)
+    sequences = _JsonRestorable(packed).map(_shift)
+    if shuffle_window > 1:  # a long document would otherwise fill many consecutive batches on its own
+        sequences = grain.experimental.WindowShuffleIterDataset(sequences, window_size=shuffle_window, seed=seed)
+    return sequences.batch(local_batch, drop_remainder=True)
 
 
 class _JsonRestorable(grain.IterDataset):

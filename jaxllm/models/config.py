@@ -77,24 +77,21 @@ class ModelConfig:
     def jnp_param_dtype(self) -> Any:
         return DTYPES[self.param_dtype]
 
-    def num_params(self, *, include_embedding: bool = True) -> int:
+    def num_params(self) -> int:
         """Parameter count from shapes (matches the decoder's params; tested against eval_shape)."""
+        head = 0 if self.tie_embeddings else self.vocab_size * self.embed_dim
+        return self.vocab_size * self.embed_dim + head + self._layer_params() * self.num_layers + self.embed_dim
+
+    def _layer_params(self) -> int:
         d, k = self.embed_dim, self.head_size
         attn = d * self.num_heads * k * 2 + d * self.kv_heads * k * 2
-        mlp = 3 * d * self.mlp_dim
-        per_layer = attn + mlp + 2 * d
-        total = self.num_layers * per_layer + d
-        if include_embedding:
-            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        elif not self.tie_embeddings:
-            total += self.vocab_size * d  # the output head is a real matmul
-        return total
+        return attn + 3 * d * self.mlp_dim + 2 * d
 
     def train_flops_per_token(self, seq_len: int) -> float:
-        """Forward+backward FLOPs per token: 6 N (matmul params) + 12 L H K T (attention), as in PaLM."""
-        n = self.num_params(include_embedding=False)
-        attn = 12 * self.num_layers * self.num_heads * self.head_size * seq_len
-        return 6.0 * n + attn
+        """Forward+backward FLOPs per token: 6 x matmul params (layers and the output head, tied or
+        not; the embedding lookup is no matmul) + 12 L H K T for attention scores, as in PaLM."""
+        matmul_params = self._layer_params() * self.num_layers + self.vocab_size * self.embed_dim
+        return 6.0 * matmul_params + 12 * self.num_layers * self.num_heads * self.head_size * seq_len
 
 
 # Published shapes (Touvron et al. 2023; Hugging Face config.json of meta-llama/Llama-2-*-hf).

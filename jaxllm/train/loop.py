@@ -167,14 +167,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     best, bad_evals, last_val = float("inf"), 0, None
     final: dict[str, Any] = {}
     step = start
+    window: list[dict] = []  # step metrics since the last log line, still on device
     t0, last_logged = time.perf_counter(), start
     try:
         while step < run.train.steps:
             batch = shd.global_batch(next(train_iter), mesh)
             state, metrics = train_step(state, batch)
+            window.append(metrics)
             step += 1
             if step % run.train.log_every == 0 or step == run.train.steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values = _window_mean(jax.device_get(window))
+                window = []
                 dt = (time.perf_counter() - t0) / max(step - last_logged, 1)
                 values.update(step_time_s=dt, **step_metrics(step_time_s=dt, tokens=tokens_per_step,
                                                               flops_per_token=flops_per_token,
@@ -218,6 +221,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         final["sample"] = text
     writer.close()
     return final
+
+
+def _window_mean(window: list[dict]) -> dict[str, float]:
+    """Loss, grad norm and tokens averaged over the logging window (the rest as of its last step)."""
+    last = {k: float(v) for k, v in window[-1].items()}
+    for key in ("loss", "z_loss", "grad_norm", "tokens"):
+        last[key] = float(np.mean([float(m[key]) for m in window]))
+    return last
 
 
 def sample(model, params, tokenizer, gen: GenerateConfig, max_len: int) -> str:
