@@ -185,12 +185,13 @@ def _child_env(base: Mapping[str, str], process_id: int, num_processes: int, dev
     return env
 
 
-def _pump(stream: IO[bytes], prefix: str, lock: threading.Lock) -> None:
+def _pump(stream: IO[bytes], prefix: str, lock: threading.Lock, out: IO[str]) -> None:
+    """Copies a child's stream line by line with a prefix (stdout and stderr apart, so lines stay whole)."""
     for raw in iter(stream.readline, b""):
         line = raw.decode("utf-8", errors="replace").rstrip("\n")
         with lock:
-            sys.stdout.write(f"{prefix}{line}\n")
-            sys.stdout.flush()
+            out.write(f"{prefix}{line}\n")
+            out.flush()
     stream.close()
 
 
@@ -235,12 +236,13 @@ def launch_local(command: list[str], num_processes: int, devices_per_process: in
     try:
         for pid in range(num_processes):
             proc = subprocess.Popen(command, env=_child_env(base, pid, num_processes, devices_per_process, port),
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                     start_new_session=True)  # own process group: killing it takes grandchildren
             procs.append(proc)
-            pump = threading.Thread(target=_pump, args=(proc.stdout, f"[p{pid}] ", lock), daemon=True)
-            pump.start()
-            pumps.append(pump)
+            for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+                pump = threading.Thread(target=_pump, args=(stream, f"[p{pid}] ", lock, out), daemon=True)
+                pump.start()
+                pumps.append(pump)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             codes = [p.poll() for p in procs]  # poll every child: `any(...)` would stop at the first live one

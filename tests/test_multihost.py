@@ -23,7 +23,8 @@ def _train(workdir, steps, capsys):
         codes = launch_local(cmd, num_processes=2, devices_per_process=2, timeout=400)
     finally:
         os.chdir(cwd)
-    return codes, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return codes, captured.out + captured.err
 
 
 def test_two_processes_train_checkpoint_and_resume(tmp_path, capsys):

@@ -88,10 +88,10 @@ class ModelConfig:
         return attn + 3 * d * self.mlp_dim + 2 * d
 
     def train_flops_per_token(self, seq_len: int) -> float:
-        """Forward+backward FLOPs per token: 6 x matmul params (layers and the output head, tied or
-        not; the embedding lookup is no matmul) + 12 L H K T for attention scores, as in PaLM."""
-        matmul_params = self._layer_params() * self.num_layers + self.vocab_size * self.embed_dim
-        return 6.0 * matmul_params + 12 * self.num_layers * self.num_heads * self.head_size * seq_len
+        """Forward+backward FLOPs per token, PaLM's 6 N + 12 L H K T: N counts every parameter but the
+        input embedding (a lookup, not a matmul); the output head is a matmul whether tied or not."""
+        n = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.embed_dim)
+        return 6.0 * n + 12 * self.num_layers * self.num_heads * self.head_size * seq_len
 
 
 # Published shapes (Touvron et al. 2023; Hugging Face config.json of meta-llama/Llama-2-*-hf).
