@@ -175,6 +175,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             state, metrics = train_step(state, batch)
             window.append(metrics)
             step += 1
+            writer.advance(step)
             if step % run.train.log_every == 0 or step == run.train.steps:
                 values = _window_mean(jax.device_get(window))
                 window = []
@@ -190,6 +191,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if evaluate_now:
                 ev = evaluate(eval_step, state.params, eval_iter_fn, mesh, run.train.eval_batches)
                 writer.write(step, ev, prefix="val")
+                writer.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.1f}")
                 val_loss = last_val = ev["loss"]
                 final.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
                 if ev["loss"] < best - run.train.early_stop_min_delta:

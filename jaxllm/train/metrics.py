@@ -145,6 +145,11 @@ class MetricsWriter:
             if step > self._bar.n:
                 self._bar.update(step - self._bar.n)
 
+    def advance(self, step: int) -> None:
+        """Moves the progress bar to `step` between metric lines (cheap: tqdm redraws at most once a second)."""
+        if self._bar is not None and step > self._bar.n:
+            self._bar.update(step - self._bar.n)
+
     def log(self, message: str) -> None:
         """Prints a line above the progress bar (process 0 only)."""
         if not self.is_primary:
