@@ -52,7 +52,8 @@ def get_config(size: str = "7b") -> ml_collections.ConfigDict:
     c.train = dict(steps=500_000, log_every=10, eval_every=1000, eval_batches=16, early_stop_patience=0,
                    early_stop_min_delta=0.0, z_loss=0.0, progress=True)
     c.mesh = mesh  # one axis -1 takes the remaining devices
-    c.checkpoint = dict(every=1000, keep=3, keep_best=1, async_save=True, resume=True)
+    c.checkpoint = dict(every=1000, keep=3, keep_best=1, async_save=True, resume=True,
+                        init_from="")  # init_from: a Hugging Face folder or `jaxllm convert` output
     c.generate = dict(prompt="The meaning of life is", max_new_tokens=64, temperature=0.7, top_k=50, top_p=0.9,
                       seed=0)
     c.distributed = dict(mode="auto", coordinator_address="", num_processes=0, process_id=-1,

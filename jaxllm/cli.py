@@ -36,6 +36,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="", help="checkpoints, metrics and logs (default runs/<config name>)")
     p = sub.add_parser("config", help="print the resolved config (after overrides) as JSON")
     p.add_argument("--config", required=True)
+    p = sub.add_parser("convert", help="Hugging Face folder -> jaxllm params checkpoint, or workdir -> Hugging Face")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from_hf", default="", help="a Hugging Face model folder")
+    src.add_argument("--from_workdir", default="", help="a jaxllm training workdir (its latest checkpoint)")
+    p.add_argument("--output", required=True, help="folder to write")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p = sub.add_parser("generate", help="continue prompts with a Hugging Face model folder or a training workdir")
+    p.add_argument("--model", required=True, help="Hugging Face folder (config.json + safetensors) or jaxllm workdir")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt_file", default="", help="a file of prompts, one per line")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--greedy", action="store_true", help="same as --temperature=0")
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (left padding)")
+    p.add_argument("--dtype", default="float32", help="params/compute dtype for a Hugging Face folder")
+    p.add_argument("--width", type=int, default=75, help="wrap the output at this many characters; 0 = no wrap")
     return parser
 
 
@@ -49,6 +68,18 @@ def run(argv: list[str]) -> int:
 
     argv, overrides = _split_config_flags(argv)
     args = _parser().parse_args(argv)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "convert":
+        from jaxllm import convert
+
+        if args.from_hf:
+            convert.hf_to_checkpoint(args.from_hf, args.output, dtype=args.dtype)
+            print(f"wrote {args.output}/params; train from it with --config.checkpoint.init_from={args.output}")
+        else:
+            convert.workdir_to_hf(args.from_workdir, args.output, dtype=args.dtype)
+            print(f"wrote Hugging Face model folder {args.output}")
+        return 0
     cfg = load_config(args.config, overrides)
     if args.command == "config":
         print(to_json(cfg))
@@ -64,6 +95,28 @@ def run(argv: list[str]) -> int:
             print(json.dumps(summary, default=str))
         return 0
     return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from jaxllm.generate import GenerateConfig, generate_text, load_model, wrap
+
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file) as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise JaxllmError(f"cannot read --prompt_file {args.prompt_file!r}: {e.strerror}") from None
+    if not prompts:
+        raise JaxllmError("give a prompt: --prompt=TEXT (repeatable) or --prompt_file=FILE")
+    gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    model, params, tokenizer, add_bos = load_model(args.model, dtype=args.dtype)
+    texts = generate_text(model, params, tokenizer, prompts, gen, add_bos=add_bos, batch_size=args.batch_size)
+    for prompt, text in zip(prompts, texts):
+        print(wrap(prompt + text, args.width) if args.width else prompt + text)
+        print()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

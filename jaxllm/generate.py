@@ -1,9 +1,15 @@
-"""Sampling: greedy, temperature, top-k and top-p (Hugging Face semantics)."""
+"""Sampling with a KV cache: greedy, temperature, top-k and top-p (Hugging Face semantics).
+
+Prompts are left-padded into one batch, the prompt is run once (prefill) to fill each layer's cache,
+then a jitted fixed-shape loop adds one token per step; nothing recompiles per token.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import textwrap
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +17,8 @@ import numpy as np
 from flax import linen as nn
 
 from jaxllm import JaxllmError
+from jaxllm.models.config import ModelConfig
+from jaxllm.models.decoder import Decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +46,9 @@ def filter_logits(logits_BV: jax.Array, *, temperature: float, top_k: int, top_p
     if top_p < 1.0:
         sorted_BV = jnp.sort(logits_BV, axis=-1)  # ascending, like transformers' TopPLogitsWarper
         cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-        remove_BV = cum_BV <= 1.0 - top_p
-        remove_BV = remove_BV.at[:, -1].set(False)  # always keep the most likely token
+        remove_BV = (cum_BV <= 1.0 - top_p).at[:, -1].set(False)  # always keep the most likely token
         threshold_B1 = jnp.max(jnp.where(remove_BV, sorted_BV, -jnp.inf), axis=-1, keepdims=True)
-        logits_BV = jnp.where((logits_BV <= threshold_B1) & jnp.any(remove_BV, -1, keepdims=True), -jnp.inf,
-                              logits_BV)
+        logits_BV = jnp.where(logits_BV <= threshold_B1, -jnp.inf, logits_BV)
     return logits_BV
 
 
@@ -53,36 +59,112 @@ def sample_token(logits_BV, rng, *, temperature: float, top_k: int, top_p: float
     return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
-def generate_ids(model: nn.Module, params, prompt_ids: list[int], cfg: GenerateConfig, *, eos_id: int,
-                 max_len: int) -> list[int]:
-    """Continues one prompt; a fixed-shape jitted loop over a buffer (no recompilation per token)."""
-    total = min(len(prompt_ids) + cfg.max_new_tokens, max_len)
-    if len(prompt_ids) >= total:
-        raise JaxllmError(f"prompt has {len(prompt_ids)} tokens; the model's context is {max_len}")
-    buf = np.zeros((1, total), np.int32)
-    buf[0, : len(prompt_ids)] = prompt_ids
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, segment_ids, positions) [B, P]: pads on the left carry segment 0; positions start at 0
+    on each prompt's first real token, as transformers derives them from the attention mask."""
+    width = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    segments = np.zeros((len(prompts), width), np.int32)
+    for row, p in enumerate(prompts):
+        if len(p):
+            tokens[row, width - len(p):] = p
+            segments[row, width - len(p):] = 1
+    positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+    return tokens, segments, positions
+
+
+def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, *, eos_id: int,
+             pad_id: int = 0) -> list[list[int]]:
+    """New token ids for each prompt (without the prompt; cut after EOS, which is not returned)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise JaxllmError("generate: every prompt needs at least one token (add a BOS token to empty prompts)")
+    tokens, segments, positions = left_pad(prompts, pad_id)
+    total = tokens.shape[1] + cfg.max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise JaxllmError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
+                          f"model's context of {model.cfg.max_seq_len}; shorten one of them")
+    if cfg.max_new_tokens == 0:
+        return [[] for _ in prompts]
+    decode = _decode_fn(dataclasses.replace(model.cfg, remat="none"), tokens.shape, cfg, eos_id, pad_id)
+    out = decode(
+        params, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions), jax.random.key(cfg.seed))
+    result = []
+    for row in np.asarray(jax.device_get(out)).tolist():
+        result.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return result
+
+
+@functools.lru_cache(maxsize=16)
+def _decode_fn(model_cfg: ModelConfig, shape: tuple[int, int], cfg: GenerateConfig, eos_id: int, pad_id: int):
+    """The jitted prefill + decode loop for one (model, batch shape, sampling) combination, kept so a
+    second call with the same shapes reuses the compiled program."""
+    model = Decoder(model_cfg)  # same params as the training model; remat is off for inference
+    b, p = shape
+    total = p + cfg.max_new_tokens
+    warp = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
     @jax.jit
-    def run(params, buf, rng):
-        def body(carry):
-            buf, cur, done, rng = carry
+    def run(params, tokens_BP, segments_BP, positions_BP, rng):
+        cache = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jnp.zeros((b, total), jnp.int32), decode=True)["cache"]))
+        logits_BPV, mutated = model.apply({"params": params, "cache": cache}, tokens_BP, positions_BP, segments_BP,
+                                          decode=True, mutable=["cache"])
+        rng, sub = jax.random.split(rng)
+        first_B = sample_token(logits_BPV[:, -1], sub, **warp)
+        out_BN = jnp.full((b, cfg.max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
+
+        def body(i, carry):
+            out_BN, cache, pos_B, done_B, rng = carry
+            tok_B = out_BN[:, i - 1]
+            logits_B1V, mutated = model.apply({"params": params, "cache": cache}, tok_B[:, None], pos_B[:, None],
+                                              jnp.ones((b, 1), jnp.int32), decode=True, mutable=["cache"])
             rng, sub = jax.random.split(rng)
-            logits = model.apply({"params": params}, buf)[:, cur - 1]
-            tok = sample_token(logits, sub, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-            buf = jax.lax.dynamic_update_slice(buf, tok[:, None], (0, cur))
-            return buf, cur + 1, done | (tok[0] == eos_id), rng
+            nxt_B = sample_token(logits_B1V[:, 0], sub, **warp)
+            done_B = done_B | (tok_B == eos_id)
+            out_BN = out_BN.at[:, i].set(jnp.where(done_B, pad_id, nxt_B))
+            return out_BN, mutated["cache"], pos_B + 1, done_B, rng
 
-        def cond(carry):
-            _, cur, done, _ = carry
-            return (cur < total) & ~done
+        init = (out_BN, mutated["cache"], positions_BP[:, -1] + 1, jnp.zeros((b,), bool), rng)
+        out_BN = jax.lax.fori_loop(1, cfg.max_new_tokens, body, init)[0]
+        return out_BN
 
-        init = (buf, jnp.int32(len(prompt_ids)), jnp.bool_(False), rng)
-        buf, cur, _, _ = jax.lax.while_loop(cond, body, init)
-        return buf, cur
+    return run
 
-    out, end = run(params, jnp.asarray(buf), jax.random.key(cfg.seed))
-    ids = np.asarray(jax.device_get(out))[0, len(prompt_ids): int(end)].tolist()
-    return [t for t in ids if t != eos_id]
+
+def generate_text(model: nn.Module, params, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, *,
+                  add_bos: bool = False, batch_size: int = 8) -> list[str]:
+    """Continuations of `prompts`, batched `batch_size` at a time with left padding."""
+    encoded = []
+    for text in prompts:
+        ids = tokenizer.encode(text)
+        if add_bos and tokenizer.bos_id >= 0 and ids[:1] != [tokenizer.bos_id]:
+            ids = [tokenizer.bos_id] + ids
+        encoded.append(ids)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
+    out: list[str] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start: start + batch_size]
+        chunk += [chunk[-1]] * (batch_size - len(chunk)) if len(encoded) > batch_size else []  # one shape
+        ids = generate(model, params, chunk, cfg, eos_id=tokenizer.eos_id, pad_id=pad_id)
+        out.extend(tokenizer.decode(row) for row in ids[: len(encoded) - start])
+    return out
+
+
+def load_model(source: str, *, dtype: str = "float32"):
+    """(model, params, tokenizer, add_bos) from a Hugging Face folder or a jaxllm training workdir."""
+    import os
+
+    if os.path.isfile(os.path.join(source, "config.json")) and os.path.isdir(os.path.join(source, "checkpoints")):
+        from jaxllm.train.loop import load_trained
+
+        return load_trained(source)
+    if os.path.isfile(os.path.join(source, "config.json")):
+        from jaxllm import hf
+
+        model, params = hf.load_pretrained(source, dtype=dtype)
+        return model, params, hf.load_tokenizer_from_folder(source, vocab_size=model.cfg.vocab_size), False
+    raise JaxllmError(f"{source!r} is neither a Hugging Face model folder (config.json + *.safetensors) nor a "
+                      "jaxllm workdir (config.json + checkpoints/)")
 
 
 def wrap(text: str, width: int = 75) -> str:

@@ -126,3 +126,17 @@ def test_cli_prints_one_line_error_and_exit_code(tmp_path):
     proc = _run([sys.executable, "-m", "jaxllm.cli", "train", f"--config={CONFIG}", "--config.optim.lr=1"])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("jaxllm: error: unknown config key 'optim.lr'")
+
+
+def test_generate_command_from_a_workdir(straight, capsys):
+    workdir, _ = straight
+    argv = ["generate", f"--model={workdir}", "--prompt=The for statement", "--prompt=x", "--greedy",
+            "--max_new_tokens=6", "--width=0"]
+    assert cli_run(argv) == 0
+    first = capsys.readouterr().out
+    assert cli_run(argv) == 0
+    assert capsys.readouterr().out == first  # greedy is deterministic
+    lines = [line for line in first.splitlines() if line]
+    assert lines[0].startswith("The for statement") and lines[1].startswith("x") and len(lines) == 2
+    with pytest.raises(JaxllmError, match="neither a Hugging Face model folder"):
+        cli_run(["generate", "--model=/nonexistent", "--prompt=x"])

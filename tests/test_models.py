@@ -146,3 +146,96 @@ def test_train_flops_per_token_counts_every_matmul():
     tied = ModelConfig(**{**TINY, "tie_embeddings": True})
     untied = ModelConfig(**TINY)
     assert tied.train_flops_per_token(16) == untied.train_flops_per_token(16)  # the head matmul runs either way
+
+
+# --- Falcon and BLOOM switches on the same decoder ---------------------------------------------------
+
+FALCON_TINY = dict(TINY, norm="layer", mlp="gelu", parallel_block=True, num_block_norms=1, num_kv_heads=1,
+                   tie_embeddings=True)
+FALCON40_TINY = dict(FALCON_TINY, num_kv_heads=2, num_block_norms=2, use_bias=True)
+BLOOM_TINY = dict(TINY, num_heads=6, num_kv_heads=0, embed_dim=48, norm="layer", position="alibi",
+                  mlp="gelu_tanh", use_bias=True, embed_norm=True, tie_embeddings=True)
+
+
+@pytest.mark.parametrize("name,published", [
+    # Hugging Face parameter counts of tiiuae/falcon-{7b,40b,180B} and bigscience/bloom-{560m,7b1}, bloom
+    # (tied heads counted once); tests/test_hf.py rebuilds each with transformers on the meta device.
+    ("falcon_7b", 6_921_720_704), ("falcon_40b", 41_303_293_952), ("falcon_180b", 178_557_088_768),
+    ("bloom_560m", 559_214_592), ("bloom_7b1", 7_069_016_064), ("bloom_176b", 176_247_271_424)])
+def test_falcon_bloom_published_parameter_counts(name, published):
+    cfg = ModelConfig(**preset(name))
+    shapes = jax.eval_shape(lambda: _params(cfg, 8))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == published
+    assert cfg.num_params() == published
+    untied = ModelConfig(**preset(name, tie_embeddings=False))
+    assert cfg.train_flops_per_token(2048) == untied.train_flops_per_token(2048)
+
+
+def test_alibi_slopes_match_the_papers_formula():
+    from jaxllm.models.layers import alibi_slopes
+    np.testing.assert_allclose(alibi_slopes(8), 2.0 ** -np.arange(1, 9), rtol=1e-7)
+    # 12 heads: the 8 slopes of 8 heads, then the odd ones of 16 heads: 2^-0.5, 2^-1.5, ...
+    want = np.concatenate([2.0 ** -np.arange(1, 9), 2.0 ** -np.arange(0.5, 4, 1.0)])
+    np.testing.assert_allclose(alibi_slopes(12), want, rtol=1e-6)
+
+
+def test_family_params_and_logical_axes():
+    specs = {}
+    for name, fields in (("falcon", FALCON_TINY), ("falcon40", FALCON40_TINY), ("bloom", BLOOM_TINY)):
+        cfg = ModelConfig(**fields)
+        boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+        assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(boxed))) == cfg.num_params()
+        specs[name] = nn.get_partition_spec(boxed)
+    falcon, falcon40, bloom = specs["falcon"]["layers"], specs["falcon40"]["layers"], specs["bloom"]
+    assert set(falcon) == {"self_attn", "mlp", "input_layernorm"}  # one shared norm, no biases, no gate
+    assert set(falcon["mlp"]) == {"up_proj", "down_proj"} and "bias" not in falcon["self_attn"]["q_proj"]
+    assert set(falcon40) == {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+    assert tuple(falcon40["self_attn"]["k_proj"]["bias"]) == ("layers", "kv_heads", "head_dim")
+    assert tuple(bloom["layers"]["self_attn"]["q_proj"]["bias"]) == ("layers", "heads", "head_dim")
+    assert tuple(bloom["layers"]["self_attn"]["o_proj"]["bias"]) == ("layers", "embed")
+    assert tuple(bloom["layers"]["mlp"]["up_proj"]["bias"]) == ("layers", "mlp")
+    assert tuple(bloom["layers"]["mlp"]["down_proj"]["bias"]) == ("layers", "embed")
+    assert tuple(bloom["embed_norm"]["bias"]) == ("norm",) and tuple(bloom["norm"]["scale"]) == ("norm",)
+    assert "lm_head" not in bloom
+
+
+def _random_params(cfg, seed=3):
+    """Every leaf N(0, 0.3), norms and biases included (so a mix-up shows), with no init compile."""
+    rng = np.random.RandomState(seed)
+    shapes = jax.eval_shape(lambda: _params(cfg, 8))
+    return jax.tree.map(lambda x: rng.normal(0.0, 0.3, x.shape).astype(np.float32), shapes)
+
+
+@pytest.mark.parametrize("fields", [FALCON_TINY, FALCON40_TINY, BLOOM_TINY], ids=["falcon", "falcon40", "bloom"])
+def test_families_packed_documents_do_not_attend_across(fields):
+    """ALiBi and rotary positions restart per document; both attention paths keep documents apart."""
+    a, b, packed, segments, positions = _packed_example(np.random.RandomState(0))
+    # row 0: a and b packed; row 1: a alone; row 2: b alone (each right-padded, padding = segment 0)
+    inputs = np.stack([packed[0], np.pad(a, (0, 6)), np.pad(b, (0, 10))]).astype(np.int32)
+    segs = np.stack([segments[0], [1] * 10 + [0] * 6, [1] * 6 + [0] * 10]).astype(np.int32)
+    pos = np.stack([positions[0], np.arange(16), np.arange(16)]).astype(np.int32)
+    outs, params = {}, _random_params(ModelConfig(**fields))
+    for attention in ("xla", "reference"):
+        cfg = ModelConfig(**fields, attention=attention)
+        out = jax.jit(Decoder(cfg).apply)({"params": params}, inputs, pos, segs)
+        np.testing.assert_allclose(out[0, :10], out[1, :10], atol=1e-5)
+        np.testing.assert_allclose(out[0, 10:], out[2, :6], atol=1e-5)
+        outs[attention] = out
+    np.testing.assert_allclose(outs["xla"], outs["reference"], atol=2e-5)
+
+
+def test_alibi_depends_on_relative_positions_only():
+    cfg = ModelConfig(**BLOOM_TINY)
+    params, x = _random_params(cfg), np.random.RandomState(4).randint(0, 128, (1, 12)).astype(np.int32)
+    apply, pos = jax.jit(Decoder(cfg).apply), np.arange(12)[None]
+    np.testing.assert_allclose(apply({"params": params}, x, pos), apply({"params": params}, x, pos + 7), atol=1e-5)
+    shuffled = np.concatenate([pos[:, :6], pos[:, 6:] + 3], axis=1)  # a gap changes it
+    assert float(jnp.max(jnp.abs(apply({"params": params}, x, pos) - apply({"params": params}, x, shuffled)))) > 1e-3
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(norm="batch"), "norm="), (dict(position="learned"), "position="), (dict(mlp="relu"), "mlp="),
+    (dict(num_block_norms=1), "num_block_norms"), (dict(num_block_norms=3, parallel_block=True), "num_block_norms")])
+def test_bad_family_switches(bad, match):
+    with pytest.raises(JaxllmError, match=match):
+        ModelConfig(**{**TINY, **bad})

@@ -11,6 +11,9 @@ from jaxllm import JaxllmError
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "reference")
+NORMS = ("rms", "layer")
+POSITIONS = ("rope", "alibi")
+MLPS = ("swiglu", "gelu", "gelu_tanh")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -38,6 +41,15 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype of matmuls and activations
     attention: str = "auto"  # auto (cuDNN flash on GPU, else XLA) | xla | cudnn | reference
     init_std: float = 0.02
+    # Family switches (defaults = Llama). Falcon: norm=layer, mlp=gelu, parallel_block (7B: one shared
+    # norm; 40B/180B: two). BLOOM: norm=layer, position=alibi, mlp=gelu_tanh, use_bias, embed_norm.
+    norm: str = "rms"  # rms | layer (LayerNorm with bias)
+    position: str = "rope"  # rope | alibi (linear bias on attention logits; rope_theta unused)
+    mlp: str = "swiglu"  # swiglu (gate/up/down) | gelu (exact, Falcon) | gelu_tanh (BLOOM) (up/down)
+    parallel_block: bool = False  # x + attn(norm(x)) + mlp(norm'(x)) with one residual (Falcon)
+    num_block_norms: int = 2  # norms per layer; 1 = attn and MLP share one (parallel_block only)
+    use_bias: bool = False  # biases on every projection (BLOOM; Falcon's `bias`)
+    embed_norm: bool = False  # a norm right after the token embedding (BLOOM)
 
     def __post_init__(self):
         def bad(msg: str):
@@ -57,6 +69,13 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 bad(f"{name}={getattr(self, name)!r}; choose one of {', '.join(DTYPES)}")
+        for name, choices in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS)):
+            if getattr(self, name) not in choices:
+                bad(f"{name}={getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        if self.num_block_norms not in (1, 2) or (self.num_block_norms == 1 and not self.parallel_block):
+            bad(f"num_block_norms={self.num_block_norms}; use 2, or 1 with parallel_block=True")
+        if self.position == "rope" and self.head_size % 2:
+            bad(f"rotary positions need an even head size, got {self.head_size}")
         for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -79,13 +98,22 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Parameter count from shapes (matches the decoder's params; tested against eval_shape)."""
-        head = 0 if self.tie_embeddings else self.vocab_size * self.embed_dim
-        return self.vocab_size * self.embed_dim + head + self._layer_params() * self.num_layers + self.embed_dim
+        v, d = self.vocab_size, self.embed_dim
+        head = 0 if self.tie_embeddings else v * d
+        embed_norm = self._norm_params() if self.embed_norm else 0
+        return v * d + embed_norm + head + self._layer_params() * self.num_layers + self._norm_params()
+
+    def _norm_params(self) -> int:
+        return self.embed_dim * (2 if self.norm == "layer" else 1)
 
     def _layer_params(self) -> int:
-        d, k = self.embed_dim, self.head_size
+        d, k, f = self.embed_dim, self.head_size, self.mlp_dim
         attn = d * self.num_heads * k * 2 + d * self.kv_heads * k * 2
-        return attn + 3 * d * self.mlp_dim + 2 * d
+        mlp = (3 if self.mlp == "swiglu" else 2) * d * f
+        biases = 0
+        if self.use_bias:  # q, k, v, o; up (and gate), down
+            biases = self.num_heads * k + 2 * self.kv_heads * k + d + (f if self.mlp != "swiglu" else 2 * f) + d
+        return attn + mlp + biases + self.num_block_norms * self._norm_params()
 
     def train_flops_per_token(self, seq_len: int) -> float:
         """Forward+backward FLOPs per token, PaLM's 6 N + 12 L H K T: N counts every parameter but the
@@ -93,6 +121,10 @@ class ModelConfig:
         n = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.embed_dim)
         return 6.0 * n + 12 * self.num_layers * self.num_heads * self.head_size * seq_len
 
+
+_FALCON = dict(norm="layer", mlp="gelu", parallel_block=True, tie_embeddings=True, norm_eps=1e-5)
+_BLOOM = dict(norm="layer", position="alibi", mlp="gelu_tanh", use_bias=True, embed_norm=True,
+              tie_embeddings=True, norm_eps=1e-5)
 
 # Published shapes (Touvron et al. 2023; Hugging Face config.json of meta-llama/Llama-2-*-hf).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -102,6 +134,20 @@ PRESETS: dict[str, dict[str, Any]] = {
                        mlp_dim=13824, max_seq_len=4096, norm_eps=1e-5),
     "llama2_70b": dict(vocab_size=32000, num_layers=80, embed_dim=8192, num_heads=64, num_kv_heads=8,
                        mlp_dim=28672, max_seq_len=4096, norm_eps=1e-5),
+    # tiiuae/falcon-{7b,40b,180B} config.json: LayerNorm, exact GELU, parallel attn+MLP, tied head.
+    "falcon_7b": dict(vocab_size=65024, num_layers=32, embed_dim=4544, num_heads=71, num_kv_heads=1,
+                      mlp_dim=18176, max_seq_len=2048, **_FALCON, num_block_norms=1),
+    "falcon_40b": dict(vocab_size=65024, num_layers=60, embed_dim=8192, num_heads=128, num_kv_heads=8,
+                       mlp_dim=32768, max_seq_len=2048, **_FALCON, num_block_norms=2),
+    "falcon_180b": dict(vocab_size=65024, num_layers=80, embed_dim=14848, num_heads=232, num_kv_heads=8,
+                        mlp_dim=59392, max_seq_len=2048, **_FALCON, num_block_norms=2),
+    # bigscience/bloom-{560m,7b1}, bigscience/bloom config.json: ALiBi, biases, embedding LayerNorm.
+    "bloom_560m": dict(vocab_size=250880, num_layers=24, embed_dim=1024, num_heads=16, mlp_dim=4096,
+                       max_seq_len=2048, **_BLOOM),
+    "bloom_7b1": dict(vocab_size=250880, num_layers=30, embed_dim=4096, num_heads=32, mlp_dim=16384,
+                      max_seq_len=2048, **_BLOOM),
+    "bloom_176b": dict(vocab_size=250880, num_layers=70, embed_dim=14336, num_heads=112, mlp_dim=57344,
+                       max_seq_len=2048, **_BLOOM),
 }
 
 

@@ -1,4 +1,4 @@
-"""The one configurable decoder (Llama-2 layout), with layer scan and remat switches."""
+"""The one configurable decoder (Llama-2, Falcon, BLOOM are switches), with layer scan and remat switches."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.layers import Attention, GatedMLP, RMSNorm, constrain
+from jaxllm.models.layers import MLP, Attention, constrain, norm
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -17,19 +17,27 @@ REMAT_POLICIES = {
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block. Sequential: x + attn(norm(x)), then + mlp(norm(x)). Parallel (Falcon):
+    x + attn(norm(x)) + mlp(norm(x)) from the same input, with one norm or two (attention's, MLP's).
+    "post_attention_layernorm" is always the norm in front of the MLP."""
 
     cfg: ModelConfig
     deterministic: bool = True
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BLD, segment_ids_BL, positions_BL):
         cfg = self.cfg
         x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
-        h_BLD = Attention(cfg, self.deterministic, name="self_attn")(
-            RMSNorm(cfg, name="input_layernorm")(x_BLD), segment_ids_BL, positions_BL)
-        x_BLD = x_BLD + nn.Dropout(cfg.resid_dropout)(h_BLD, deterministic=self.deterministic)
-        h_BLD = GatedMLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x_BLD))
+        normed_BLD = norm(cfg, "input_layernorm")(x_BLD)
+        attention = Attention(cfg, self.deterministic, self.decode, name="self_attn")
+        h_BLD = attention(normed_BLD, segment_ids_BL, positions_BL)
+        if cfg.parallel_block:
+            mlp_in_BLD = normed_BLD if cfg.num_block_norms == 1 else norm(cfg, "post_attention_layernorm")(x_BLD)
+            h_BLD = h_BLD + MLP(cfg, name="mlp")(mlp_in_BLD)
+        else:
+            x_BLD = x_BLD + nn.Dropout(cfg.resid_dropout)(h_BLD, deterministic=self.deterministic)
+            h_BLD = MLP(cfg, name="mlp")(norm(cfg, "post_attention_layernorm")(x_BLD))
         x_BLD = x_BLD + nn.Dropout(cfg.resid_dropout)(h_BLD, deterministic=self.deterministic)
         x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
         if cfg.scan_layers:
@@ -43,7 +51,9 @@ class Decoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, inputs_BL, positions_BL=None, segment_ids_BL=None, *, deterministic: bool = True):
+    def __call__(self, inputs_BL, positions_BL=None, segment_ids_BL=None, *, deterministic: bool = True,
+                 decode: bool = False):
+        """`decode=True` runs against a KV cache (the "cache" collection; see jaxllm.generate)."""
         cfg = self.cfg
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(inputs_BL.shape[1]), inputs_BL.shape)
@@ -54,6 +64,8 @@ class Decoder(nn.Module):
                                                                      ("vocab", "embed")),
                          name="embed_tokens")
         x_BLD = embed(inputs_BL).astype(cfg.jnp_dtype)
+        if cfg.embed_norm:
+            x_BLD = norm(cfg, "embed_norm")(x_BLD)
         x_BLD = nn.Dropout(cfg.embed_dropout)(x_BLD, deterministic=deterministic)
         x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
 
@@ -61,15 +73,16 @@ class Decoder(nn.Module):
         if cfg.remat != "none":
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            stack = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
+                            split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BLD, _ = stack(cfg, deterministic, name="layers")(x_BLD, segment_ids_BL, positions_BL)
+            x_BLD, _ = stack(cfg, deterministic, decode, name="layers")(x_BLD, segment_ids_BL, positions_BL)
         else:
             for i in range(cfg.num_layers):
-                x_BLD = layer_cls(cfg, deterministic, name=f"layers_{i}")(x_BLD, segment_ids_BL, positions_BL)
+                x_BLD = layer_cls(cfg, deterministic, decode, name=f"layers_{i}")(x_BLD, segment_ids_BL, positions_BL)
 
-        x_BLD = RMSNorm(cfg, name="norm")(x_BLD)
+        x_BLD = norm(cfg, "norm")(x_BLD)
         if cfg.tie_embeddings:
             logits_BLV = embed.attend(x_BLD)
         else:

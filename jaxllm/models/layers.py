@@ -1,9 +1,12 @@
-"""Decoder building blocks: norms, rotary embeddings, attention, gated MLP."""
+"""Decoder building blocks: norms, rotary and ALiBi positions, attention, MLPs."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from jaxllm.models.config import ModelConfig
@@ -33,6 +36,26 @@ class RMSNorm(nn.Module):
         return (normed * scale_D.astype(jnp.float32)).astype(self.cfg.jnp_dtype)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with scale and bias (Falcon, BLOOM), in float32 whatever the compute dtype."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD):
+        d, dtype = x_BLD.shape[-1], self.cfg.jnp_param_dtype
+        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,), dtype)
+        bias_D = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,), dtype)
+        x32_BLD = x_BLD.astype(jnp.float32)
+        centered = x32_BLD - jnp.mean(x32_BLD, axis=-1, keepdims=True)
+        normed = centered * jax.lax.rsqrt(jnp.mean(centered**2, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (normed * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(self.cfg.jnp_dtype)
+
+
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+    return (LayerNorm if cfg.norm == "layer" else RMSNorm)(cfg, name=name)
+
+
 def rotary(x_BLHK, positions_BL, theta: float):
     """Rotary embedding, half-split ("rotate_half") convention of the Hugging Face Llama."""
     k = x_BLHK.shape[-1]
@@ -44,6 +67,25 @@ def rotary(x_BLHK, positions_BL, theta: float):
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x32 * cos_BL1K + rotated * sin_BL1K).astype(x_BLHK.dtype)
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi head slopes 2^(-8i/n) (Press et al.); for a non-power-of-2 count n, the slopes of the
+    closest power of 2 below it, then every other slope of the next power of 2 (as BLOOM builds them)."""
+    def powers(n):
+        return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = powers(closest) + powers(2 * closest)[0::2][: num_heads - closest]
+    return np.asarray(slopes, np.float32)
+
+
+def alibi_bias(q_positions_BT, kv_positions_BS, num_heads: int):
+    """slope * (k_pos - q_pos), float32 [B, N, T, S]: positions restart per packed document, so the bias
+    is the same whatever a document's offset in the row (softmax ignores BLOOM's per-row constant)."""
+    slopes_N = jnp.asarray(alibi_slopes(num_heads))
+    dist_BTS = (kv_positions_BS[:, None, :] - q_positions_BT[:, :, None]).astype(jnp.float32)
+    return slopes_N[None, :, None, None] * dist_BTS[:, None]
 
 
 def attention_mask(q_segment_BT, kv_segment_BS, q_positions_BT=None, kv_positions_BS=None):
@@ -58,12 +100,16 @@ def attention_mask(q_segment_BT, kv_segment_BS, q_positions_BT=None, kv_position
     return (causal_BTS & same_BTS)[:, None]
 
 
-def reference_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, *, dropout_rate=0.0, dropout_rng=None):
-    """Plain-XLA attention in float32 (the reference the fused paths are tested against; has dropout)."""
+def reference_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, bias_BNTS=None, *, dropout_rate=0.0,
+                        dropout_rng=None):
+    """Plain-XLA attention in float32 (the reference the fused paths are tested against; has dropout).
+    Query head n reads kv head n // (N / H), as Llama's repeat_kv and Falcon's grouped layout do."""
     b, t, n, kd = q_BTNK.shape
     h = k_BSHK.shape[2]
     q_BTHGK = q_BTNK.reshape(b, t, h, n // h, kd).astype(jnp.float32)
     logits_BHGTS = jnp.einsum("bthgk,bshk->bhgts", q_BTHGK, k_BSHK.astype(jnp.float32)) / jnp.sqrt(kd)
+    if bias_BNTS is not None:
+        logits_BHGTS = logits_BHGTS + bias_BNTS.reshape(b, h, n // h, t, -1).astype(jnp.float32)
     logits_BHGTS = jnp.where(mask_B1TS[:, :, None], logits_BHGTS, NEG_INF)
     probs_BHGTS = jax.nn.softmax(logits_BHGTS, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
@@ -73,27 +119,36 @@ def reference_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, *, dropout_rate=0.0, 
     return out_BTHGK.reshape(b, t, n, kd).astype(q_BTNK.dtype)
 
 
-def fused_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, implementation: str):
+def fused_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, implementation: str, bias_BNTS=None):
     """`jax.nn.dot_product_attention`, cuDNN flash attention on GPU ("auto"/"cudnn") or XLA.
 
-    cuDNN takes the causal part natively and the document boundaries as an additive bias; handing
-    JAX a boolean mask instead makes it fall back to XLA, which materialises [B, N, T, S] logits.
+    cuDNN takes the causal part natively and the document boundaries (plus any ALiBi bias) as one
+    additive bias; handing JAX a boolean mask instead makes it fall back to XLA, which materialises
+    [B, N, T, S] logits. cuDNN wants the bias in the compute dtype; XLA adds it to float32 logits.
     """
     if implementation == "auto":  # cuDNN's fused kernels take half precision only
         half = q_BTNK.dtype in (jnp.bfloat16, jnp.float16)
         implementation = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
     if implementation == "cudnn":
-        bias = jnp.where(mask_B1TS, 0.0, NEG_INF).astype(q_BTNK.dtype)
+        bias = jnp.where(mask_B1TS, 0.0 if bias_BNTS is None else bias_BNTS, NEG_INF).astype(q_BTNK.dtype)
         return jax.nn.dot_product_attention(q_BTNK, k_BSHK, v_BSHK, bias=bias, is_causal=True,
                                             implementation="cudnn")
-    return jax.nn.dot_product_attention(q_BTNK, k_BSHK, v_BSHK, mask=mask_B1TS, implementation="xla")
+    return jax.nn.dot_product_attention(q_BTNK, k_BSHK, v_BSHK, bias=bias_BNTS, mask=mask_B1TS,
+                                        implementation="xla")
+
+
+def _dense_general(cfg: ModelConfig, name: str, features, kernel_axes, bias_axes, axis=-1):
+    return nn.DenseGeneral(features, axis=axis, use_bias=cfg.use_bias, dtype=cfg.jnp_dtype,
+                           param_dtype=cfg.jnp_param_dtype, kernel_init=_init(cfg, kernel_axes),
+                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes), name=name)
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query / multi-query self-attention with rotary positions."""
+    """Multi-head / grouped-query / multi-query self-attention with rotary or ALiBi positions."""
 
     cfg: ModelConfig
     deterministic: bool = True
+    decode: bool = False  # append this call's keys/values to the "cache" collection and attend to it
 
     @nn.compact
     def __call__(self, x_BLD, segment_ids_BL, positions_BL):
@@ -101,30 +156,68 @@ class Attention(nn.Module):
         n, h, k = cfg.num_heads, cfg.kv_heads, cfg.head_size
 
         def proj(name, heads, head_axis):
-            return nn.DenseGeneral((heads, k), use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                                   kernel_init=_init(cfg, ("embed", head_axis, "head_dim")), name=name)
+            return _dense_general(cfg, name, (heads, k), ("embed", head_axis, "head_dim"), (head_axis, "head_dim"))
 
         q_BLNK = constrain(proj("q_proj", n, "heads")(x_BLD), ("batch", "length", "heads", "head_dim"))
         k_BLHK = constrain(proj("k_proj", h, "kv_heads")(x_BLD), ("batch", "length", "kv_heads", "head_dim"))
         v_BLHK = constrain(proj("v_proj", h, "kv_heads")(x_BLD), ("batch", "length", "kv_heads", "head_dim"))
-        q_BLNK = rotary(q_BLNK, positions_BL, cfg.rope_theta)
-        k_BLHK = rotary(k_BLHK, positions_BL, cfg.rope_theta)
+        if cfg.position == "rope":
+            q_BLNK = rotary(q_BLNK, positions_BL, cfg.rope_theta)
+            k_BLHK = rotary(k_BLHK, positions_BL, cfg.rope_theta)
+        if self.decode and self.has_variable("cache", "cached_key"):
+            return self._attend_cached(q_BLNK, k_BLHK, v_BLHK, segment_ids_BL, positions_BL)
+        if self.decode:  # the init call: make zeroed cache buffers as long as this (maximal) input
+            self._cache_vars(k_BLHK, segment_ids_BL)
+        bias_BNLL = None
+        if cfg.position == "alibi":
+            bias_BNLL = constrain(alibi_bias(positions_BL, positions_BL, n), ("batch", "heads", "length", None))
         mask_B1LL = attention_mask(segment_ids_BL, segment_ids_BL)
         use_dropout = cfg.attn_dropout > 0.0 and not self.deterministic
         if cfg.attention == "reference" or use_dropout:
             rng = self.make_rng("dropout") if use_dropout else None
-            out_BLNK = reference_attention(q_BLNK, k_BLHK, v_BLHK, mask_B1LL,
+            out_BLNK = reference_attention(q_BLNK, k_BLHK, v_BLHK, mask_B1LL, bias_BNLL,
                                            dropout_rate=cfg.attn_dropout if use_dropout else 0.0, dropout_rng=rng)
         else:
-            out_BLNK = fused_attention(q_BLNK, k_BLHK, v_BLHK, mask_B1LL, cfg.attention)
+            out_BLNK = fused_attention(q_BLNK, k_BLHK, v_BLHK, mask_B1LL, cfg.attention, bias_BNLL)
+        return self._out(out_BLNK)
+
+    def _out(self, out_BLNK):
         out_BLNK = constrain(out_BLNK, ("batch", "length", "heads", "head_dim"))
-        return nn.DenseGeneral(cfg.embed_dim, axis=(-2, -1), use_bias=False, dtype=cfg.jnp_dtype,
-                               param_dtype=cfg.jnp_param_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
-                               name="o_proj")(out_BLNK)
+        return _dense_general(self.cfg, "o_proj", self.cfg.embed_dim, ("heads", "head_dim", "embed"), ("embed",),
+                              axis=(-2, -1))(out_BLNK)
+
+    def _cache_vars(self, k_BSHK, segment_ids_BS):
+        zeros = lambda shape, dtype: lambda: jnp.zeros(shape, dtype)  # noqa: E731
+        b, s = segment_ids_BS.shape
+        return (self.variable("cache", "cached_key", zeros(k_BSHK.shape, k_BSHK.dtype)),
+                self.variable("cache", "cached_value", zeros(k_BSHK.shape, k_BSHK.dtype)),
+                self.variable("cache", "cached_segment", zeros((b, s), jnp.int32)),
+                self.variable("cache", "cached_position", zeros((b, s), jnp.int32)),
+                self.variable("cache", "index", zeros((), jnp.int32)))
+
+    def _attend_cached(self, q_BTNK, k_BTHK, v_BTHK, segment_ids_BT, positions_BT):
+        """Writes this step's T keys/values at the cache index, then attends over the whole buffer:
+        slots not yet written are masked by causality (slot order), padding by segment 0."""
+        ck, cv, cseg, cpos, index = self._cache_vars(k_BTHK, segment_ids_BT)
+        i, t = index.value, q_BTNK.shape[1]
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BTHK.astype(ck.value.dtype), (0, i, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BTHK.astype(cv.value.dtype), (0, i, 0, 0))
+        cseg.value = jax.lax.dynamic_update_slice(cseg.value, segment_ids_BT.astype(jnp.int32), (0, i))
+        cpos.value = jax.lax.dynamic_update_slice(cpos.value, positions_BT.astype(jnp.int32), (0, i))
+        index.value = i + t
+        s = ck.value.shape[1]
+        causal_TS = (i + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
+        mask_B1TS = (causal_TS[None] & (segment_ids_BT[:, :, None] == cseg.value[:, None, :]))[:, None]
+        bias_BNTS = alibi_bias(positions_BT, cpos.value, self.cfg.num_heads) if self.cfg.position == "alibi" else None
+        if self.cfg.attention == "reference":
+            out_BTNK = reference_attention(q_BTNK, ck.value, cv.value, mask_B1TS, bias_BNTS)
+        else:  # cuDNN's causal mode assumes queries start at slot 0; the explicit mask does not
+            out_BTNK = fused_attention(q_BTNK, ck.value, cv.value, mask_B1TS, "xla", bias_BNTS)
+        return self._out(out_BTNK)
 
 
-class GatedMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+class MLP(nn.Module):
+    """SwiGLU down(silu(gate(x)) * up(x)) (Llama), or down(gelu(up(x))) (Falcon exact, BLOOM tanh)."""
 
     cfg: ModelConfig
 
@@ -133,10 +226,14 @@ class GatedMLP(nn.Module):
         cfg = self.cfg
 
         def dense(name, features, axes):
-            return nn.Dense(features, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                            kernel_init=_init(cfg, axes), name=name)
+            return nn.Dense(features, use_bias=cfg.use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                            kernel_init=_init(cfg, axes),
+                            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]), name=name)
 
-        gate_BLF = dense("gate_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD)
-        up_BLF = dense("up_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD)
-        h_BLF = constrain(nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
+        if cfg.mlp == "swiglu":
+            gate_BLF = dense("gate_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD)
+            h_BLF = nn.silu(gate_BLF) * dense("up_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD)
+        else:  # exact erf GELU (Falcon) or BLOOM's tanh approximation (0.79788456 = sqrt(2 / pi))
+            h_BLF = nn.gelu(dense("up_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD), approximate=cfg.mlp == "gelu_tanh")
+        h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
         return dense("down_proj", cfg.embed_dim, ("mlp", "embed"))(h_BLF)

@@ -23,6 +23,7 @@ class CheckpointConfig:
     keep_best: int = 1  # checkpoints with the lowest validation loss kept besides the recent ones
     async_save: bool = True  # write in a background thread while training goes on
     resume: bool = True  # continue from the latest checkpoint in the workdir if there is one
+    init_from: str = ""  # a fresh run starts from these params: a Hugging Face folder or `jaxllm convert` output
 
 
 class Checkpointer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -18,10 +19,11 @@ from jax.experimental import multihost_utils
 from jaxllm import JaxllmError
 from jaxllm import sharding as shd
 from jaxllm.config import build, check_sections, to_json
+from jaxllm.convert import load_init_params
 from jaxllm.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator
 from jaxllm.data.tokenizer import load_tokenizer
 from jaxllm.distributed import DistributedConfig, initialize
-from jaxllm.generate import GenerateConfig, generate_ids, wrap
+from jaxllm.generate import GenerateConfig, generate, wrap
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder
 from jaxllm.train import step as st
@@ -144,6 +146,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         state = ckpt.restore(abstract, train_iter)
     else:
         state, _ = st.init_state(model, tx, mesh, jax.random.key(run.seed), run.data.block_size)
+        if run.checkpoint.init_from:
+            state = state.replace(params=load_init_params(run.checkpoint.init_from, run.model, mesh))
     start = int(jax.device_get(state.step))
 
     train_step = st.jit_train_step(
@@ -218,11 +222,32 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ckpt.close()
     final.update(step=step, best_val_loss=best if best < float("inf") else last_val)
     if run.generate.max_new_tokens and not final.get("preempted"):
-        text = sample(model, state.params, tokenizer, run.generate, run.model.max_seq_len)
+        text = sample(model, state.params, tokenizer, run.generate)
         writer.log("sample:\n" + wrap(run.generate.prompt + text))
         final["sample"] = text
     writer.close()
     return final
+
+
+def load_trained(workdir: str):
+    """(model, params, tokenizer, add_bos) from the latest checkpoint of a training workdir."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            cfg = ml_collections.ConfigDict(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+        raise JaxllmError(f"cannot read {path} ({e}); is {workdir!r} a jaxllm workdir?") from None
+    run = parse(cfg)
+    model = Decoder(run.model)
+    tx, _ = make_optimizer(run.optim, run.train.steps)
+    mesh = shd.make_mesh(shd.MeshConfig(data=-1))
+    boxed = st.abstract_state(model, tx, run.data.block_size)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), dataclasses.replace(run.checkpoint, async_save=False))
+    if ckpt.latest_step() is None:
+        raise JaxllmError(f"no checkpoint in {workdir}/checkpoints; train first")
+    state = ckpt.restore(abstract_with_shardings(nn.meta.unbox(boxed), st.state_shardings(boxed, mesh)))
+    ckpt.close()
+    return model, state.params, load_tokenizer(run.data), run.data.add_bos
 
 
 def _window_mean(window: list[dict]) -> dict[str, float]:
@@ -233,7 +258,9 @@ def _window_mean(window: list[dict]) -> dict[str, float]:
     return last
 
 
-def sample(model, params, tokenizer, gen: GenerateConfig, max_len: int) -> str:
+def sample(model, params, tokenizer, gen: GenerateConfig) -> str:
     prompt_ids = [tokenizer.bos_id] + tokenizer.encode(gen.prompt)
-    ids = generate_ids(model, params, prompt_ids, gen, eos_id=tokenizer.eos_id, max_len=max_len)
+    max_new = min(gen.max_new_tokens, model.cfg.max_seq_len - len(prompt_ids))
+    ids = generate(model, params, [prompt_ids], dataclasses.replace(gen, max_new_tokens=max_new),
+                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)[0]
     return tokenizer.decode(ids)

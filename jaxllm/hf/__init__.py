@@ -1,0 +1,15 @@
+"""Hugging Face interop: Llama / Falcon / BLOOM config.json + safetensors import and export, tokenizers.
+
+    model, params = load_pretrained("path/to/hf_model")          # streamed, directly sharded
+    logits_BLV = model.apply({"params": params}, input_ids_BL)
+    save_pretrained(model, params, "out/")                        # transformers can load it
+
+jaxllm never imports torch; only numpy, safetensors and (for tokenizer.json) tokenizers.
+"""
+
+from jaxllm.hf.config import family, hf_config_from_model, model_config_from_hf
+from jaxllm.hf.tokenizer import HFTokenizer, load_tokenizer_from_folder
+from jaxllm.hf.weights import load_pretrained, save_pretrained
+
+__all__ = ["HFTokenizer", "family", "hf_config_from_model", "load_pretrained", "load_tokenizer_from_folder",
+           "model_config_from_hf", "save_pretrained"]

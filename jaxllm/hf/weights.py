@@ -1,0 +1,312 @@
+"""Streaming safetensors load (straight into sharded device arrays) and sharded, atomic save.
+
+Loading never holds the model twice in host memory: tensors are read one at a time (each file is
+opened per read, so no memory map keeps a whole shard resident) and placed on the devices at once;
+a scanned model's [L, ...] leaves are filled layer by layer in one host buffer per leaf, placed, and
+freed before the next leaf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxllm import JaxllmError
+from jaxllm import sharding as shd
+from jaxllm.hf.config import hf_config_from_model, model_config_from_hf
+from jaxllm.hf.layout import Group, global_groups, layer_groups
+from jaxllm.models.config import DTYPES, ModelConfig
+from jaxllm.models.decoder import Decoder
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class TensorFiles:
+    """Where each tensor of a checkpoint folder lives (one `model.safetensors`, or shards + index)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        index = os.path.join(folder, INDEX)
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map", {})
+            self.where = {name: os.path.join(folder, file) for name, file in weight_map.items()}
+            for file in sorted(set(self.where.values())):
+                if not os.path.isfile(file):
+                    raise JaxllmError(f"{file}: shard listed in {index} is missing; download the whole checkpoint")
+        else:
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+            if not files:
+                raise JaxllmError(f"{folder}: no {SINGLE} or {INDEX}; jaxllm loads safetensors checkpoints only")
+            self.where = {}
+            for file in files:
+                with safe_open(os.path.join(folder, file), framework="numpy") as f:
+                    self.where.update({name: os.path.join(folder, file) for name in f.keys()})
+
+    def resolve(self, name: str) -> str:
+        """The stored name of `name`; original BLOOM checkpoints drop the "transformer." prefix."""
+        if name in self.where:
+            return name
+        bare = name.removeprefix("transformer.")
+        if bare in self.where:
+            return bare
+        raise JaxllmError(f"{self.folder}: tensor {name!r} is missing from the checkpoint; it does not match "
+                          "its config.json (or the download is incomplete)")
+
+    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        stored = self.resolve(name)
+        file = self.where[stored]
+        with safe_open(file, framework="numpy") as f:
+            try:
+                array = f.get_tensor(stored)
+            except TypeError as e:  # safetensors < 0.8: no bfloat16 in numpy
+                raise JaxllmError(f"{file}: cannot read tensor {stored!r} ({e}); "
+                                  "pip install -U 'safetensors>=0.8'") from None
+        if tuple(array.shape) != tuple(shape):
+            raise JaxllmError(f"{file}: tensor {stored!r} has shape {tuple(array.shape)} but config.json implies "
+                              f"{tuple(shape)}; the weights and config.json disagree")
+        return array
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _one_device_mesh() -> Mesh:
+    return shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+    """A host buffer whose data starts on a 64-byte boundary: the CPU backend then adopts it as the
+    device buffer instead of copying it (a copy would be freed only some time after placement)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+    """`host` on the devices of `sharding` (each process passes the full array; only its own devices'
+    slices are transferred); on one CPU device, without a copy."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(host, sharding, may_alias=True)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _converted(group: Group, files: TensorFiles, layer: int | None) -> tuple[np.ndarray, ...]:
+    names = [n.format(i=layer) for n in group.hf_names]
+    return group.to_jax(*(files.read(n, s) for n, s in zip(names, group.hf_shapes)))
+
+
+def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh) -> dict:
+    """The params of `cfg` from `files`, each leaf placed with its logical-axis sharding on `mesh`."""
+    model = Decoder(cfg)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"])
+    shardings, abstract = shd.shardings_for(boxed, mesh), nn.meta.unbox(boxed)
+    dtype = cfg.jnp_param_dtype
+    params: dict = {}
+
+    def put(path, host):
+        want = _get(abstract, path).shape
+        if host.shape != want:  # a layout bug, not a user error: the group's shapes come from cfg
+            raise AssertionError(f"{'/'.join(path)}: converted shape {host.shape} != {want}")
+        if host.dtype != dtype or host.ctypes.data % 64 or not host.flags.c_contiguous:
+            buffer = _aligned_empty(host.shape, dtype)
+            buffer[...] = host
+            host = buffer
+        _set(params, path, _place(host, _get(shardings, path)))
+
+    for group in global_groups(cfg):
+        for path, array in zip(group.paths, _converted(group, files, None)):
+            put(path, array)
+    for group in layer_groups(cfg):
+        if cfg.scan_layers:  # one [L, ...] host buffer per leaf, filled layer by layer
+            buffers = [_aligned_empty(_get(abstract, ("layers", *p)).shape, dtype) for p in group.paths]
+            for i in range(cfg.num_layers):
+                for buffer, array in zip(buffers, _converted(group, files, i)):
+                    buffer[i] = array
+            for path, buffer in zip(group.paths, buffers):
+                put(("layers", *path), buffer)
+            del buffers
+        else:
+            for i in range(cfg.num_layers):
+                for path, array in zip(group.paths, _converted(group, files, i)):
+                    put((f"layers_{i}", *path), array)
+    missing = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)
+               if _try_get(params, p) is None]
+    if missing:
+        raise AssertionError(f"no Hugging Face tensor maps to {missing}")
+    return params
+
+
+def _try_get(tree: dict, keypath) -> Any:
+    try:
+        return _get(tree, tuple(k.key for k in keypath))
+    except KeyError:
+        return None
+
+
+def read_config(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise JaxllmError(f"{path} not found; point at a Hugging Face model folder (config.json + *.safetensors)")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise JaxllmError(f"{path} is not valid JSON ({e})") from None
+
+
+def load_pretrained(path: str, dtype: str = "float32", mesh: Mesh | None = None, *,
+                    compute_dtype: str | None = None, **overrides: Any) -> tuple[Decoder, dict]:
+    """(Decoder, params) from a Hugging Face folder: `dtype` is the param dtype (and the compute dtype
+    unless `compute_dtype` is given); `mesh` defaults to one device; `overrides` set other ModelConfig
+    fields (scan_layers, attention, remat, dropouts, ...)."""
+    path = os.path.expanduser(path)
+    if dtype not in DTYPES:
+        raise JaxllmError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
+    cfg = model_config_from_hf(read_config(path), param_dtype=dtype, dtype=compute_dtype or dtype, **overrides)
+    files = TensorFiles(path)
+    return Decoder(cfg), load_params(files, cfg, mesh if mesh is not None else _one_device_mesh())
+
+
+def _host(leaf: jax.Array) -> np.ndarray:
+    if not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
+def hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) in checkpoint order, one layer at a time: embeddings, layers, final norm, head."""
+    def emit(group, leaves, layer):
+        for name, array in zip(group.hf_names, group.to_hf(*leaves)):
+            yield name.format(i=layer), np.ascontiguousarray(array.astype(dtype, copy=False))
+
+    groups = global_groups(cfg)
+    first = [g for g in groups if g.paths[0][0] in ("embed_tokens", "embed_norm")]
+    for group in first:
+        yield from emit(group, [_host(_get(params, p)) for p in group.paths], None)
+    for i in range(cfg.num_layers):
+        for group in layer_groups(cfg):
+            if cfg.scan_layers:
+                leaves = [_host(_get(params, ("layers", *p))[i]) for p in group.paths]
+            else:
+                leaves = [_host(_get(params, (f"layers_{i}", *p))) for p in group.paths]
+            yield from emit(group, leaves, i)
+    for group in groups[len(first):]:
+        yield from emit(group, [_host(_get(params, p)) for p in group.paths], None)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in 5000000, "5GB" (10^9) or "5GiB" (2^30), as transformers reads max_shard_size."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(size), flags=re.IGNORECASE)
+    if not match:
+        raise JaxllmError(f"max_shard_size={size!r}; write bytes or e.g. '500MB' / '5GB' / '4GiB'")
+    unit = (match.group(2) or "B").upper()
+    scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+    return int(float(match.group(1)) * scale)
+
+
+def save_pretrained(model: Decoder, params: dict, path: str, *, dtype: str = "float32",
+                    max_shard_size: int | str = "5GB", overwrite: bool = False,
+                    config_updates: dict[str, Any] | None = None) -> None:
+    """Writes config.json + safetensors (sharded with an index past `max_shard_size`) that
+    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. Written in a temporary folder
+    beside `path` and renamed into place: a crash never leaves a half-written checkpoint.
+    `config_updates` adds keys to config.json (e.g. bos_token_id / eos_token_id)."""
+    cfg, path = model.cfg, os.path.abspath(os.path.expanduser(path))
+    params = nn.meta.unbox(params.get("params", params) if len(params) == 1 else params)
+    if dtype not in DTYPES:
+        raise JaxllmError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
+    config = {**hf_config_from_model(cfg, dtype), **(config_updates or {})}
+    limit = parse_size(max_shard_size)
+    if os.path.exists(path) and os.listdir(path) and not overwrite:
+        raise JaxllmError(f"{path} exists and is not empty; choose a new folder or pass overwrite=True")
+    if jax.process_index() != 0:  # every process joins the gathers in hf_tensors; one writes
+        for _ in hf_tensors(cfg, params, DTYPES[dtype]):
+            pass
+        return
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        shards = _write_shards(tmp, hf_tensors(cfg, params, DTYPES[dtype]), limit)
+        _finish(tmp, shards, config)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_shards(folder: str, tensors: Iterator[tuple[str, np.ndarray]], limit: int) -> list[dict[str, int]]:
+    """Writes shard files as they fill (at most one shard in host memory); returns their tensor sizes."""
+    shards: list[dict[str, int]] = []
+    pending: dict[str, np.ndarray] = {}
+
+    def flush():
+        save_file(pending, os.path.join(folder, f"shard-{len(shards):05d}"), metadata={"format": "pt"})
+        shards.append({name: array.nbytes for name, array in pending.items()})
+        pending.clear()
+
+    size = 0
+    for name, array in tensors:
+        if pending and size + array.nbytes > limit:
+            flush()
+            size = 0
+        pending[name] = array
+        size += array.nbytes
+    if pending:
+        flush()
+    return shards
+
+
+def _finish(folder: str, shards: list[dict[str, int]], config: dict[str, Any]) -> None:
+    """Names the shards as transformers does and writes the index (if sharded) and config.json."""
+    if len(shards) == 1:
+        os.rename(os.path.join(folder, "shard-00000"), os.path.join(folder, SINGLE))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            os.rename(os.path.join(folder, f"shard-{i:05d}"), os.path.join(folder, name))
+            weight_map.update({tensor: name for tensor in shard})
+        total = sum(sum(shard.values()) for shard in shards)
+        with open(os.path.join(folder, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _swap_in(tmp: str, path: str) -> None:
+    """Renames `tmp` to `path`; an existing `path` is moved aside first and removed after."""
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.old-")
+        os.rename(path, os.path.join(old, "x"))
+    os.rename(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
