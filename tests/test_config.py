@@ -64,9 +64,12 @@ def test_missing_config_file_and_wrong_types():
         build(C, {"a": "x"}, "c")
 
 
-def test_llama2_configs_load():
-    for size, layers in (("7b", 32), ("13b", 40), ("70b", 80)):
-        run = parse(load_config(f"configs/llama2.py:{size}"))
-        assert run.model.num_layers == layers and run.model.dtype == "bfloat16"
-    with pytest.raises(JaxllmError, match="unknown Llama-2 size"):
-        load_config("configs/llama2.py:8b")
+def test_pretrain_configs_load_every_named_model():
+    layers = dict(llama2_7b=32, llama2_13b=40, llama2_70b=80, falcon_7b=32, falcon_40b=60, falcon_180b=80,
+                  bloom_560m=24, bloom_7b1=30, bloom_176b=70)
+    for name, n in layers.items():
+        run = parse(load_config(f"configs/pretrain.py:{name}"))
+        assert run.model.num_layers == n and run.model.dtype == "bfloat16"
+        assert run.data.vocab_size == run.model.vocab_size and run.data.block_size == run.model.max_seq_len
+    with pytest.raises(JaxllmError, match="unknown model"):
+        load_config("configs/pretrain.py:llama2_8b")

@@ -99,10 +99,15 @@ def cache_dir() -> str:
 
 
 def load_tokenizer(cfg: DataConfig, documents: Sequence[str] | None = None) -> Tokenizer:
-    """The tokenizer of `cfg`: the `.model` at `cfg.tokenizer`, or one trained on the corpus (cached).
+    """The tokenizer of `cfg`: a SentencePiece `.model` file or a model folder (its `tokenizer.json` or
+    `tokenizer.model`) at `cfg.tokenizer`, or one trained on the corpus (cached).
 
     `documents` defaults to the documents of `cfg`'s source.
     """
+    if cfg.tokenizer and os.path.isdir(os.path.expanduser(cfg.tokenizer)):
+        from jaxllm.hf.tokenizer import load_tokenizer_from_folder  # pylint: disable=g-import-not-at-top
+
+        return load_tokenizer_from_folder(os.path.expanduser(cfg.tokenizer), vocab_size=1 << 62)  # run checks
     if cfg.tokenizer:
         return Tokenizer.from_file(os.path.expanduser(cfg.tokenizer))
     if documents is None:

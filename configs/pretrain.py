@@ -1,30 +1,37 @@
-"""Llama-2 pretraining with the published 7B / 13B / 70B shapes, on a TPU pod or multi-GPU hosts.
+"""Pretraining with the published shapes of a named model, on a TPU pod or multi-GPU hosts.
 
-    jaxllm train --config=configs/llama2.py:7b --workdir=/mnt/gcs/runs/llama2-7b \
+    jaxllm train --config=configs/pretrain.py:llama2_7b --workdir=/mnt/gcs/runs/llama2-7b \
         --config.data.paths="['/mnt/gcs/data/*.array_record']" --config.data.tokenizer=/path/tokenizer.model
 
-The size after the colon picks the shapes (Touvron et al. 2023) and a mesh that fits them.
+The name after the colon picks the shapes (Llama-2 7B/13B/70B, Falcon 7B/40B/180B, BLOOM 560m/7b1/176B),
+a mesh that fits them and the published peak learning rate.
 """
 
 import ml_collections
 
 from jaxllm.models.config import preset
 
-# size -> (mesh, remat policy): FSDP within a slice for 7B/13B; 70B adds 8-way tensor parallelism.
-SIZES = {
-    "7b": (dict(data=-1, fsdp=8, tensor=1), "save_dots_no_batch"),
-    "13b": (dict(data=-1, fsdp=16, tensor=1), "save_dots_no_batch"),
-    "70b": (dict(data=1, fsdp=-1, tensor=8), "full"),
+# name -> (mesh, remat policy, peak learning rate): FSDP within a slice; the largest add tensor parallelism.
+MODELS = {
+    "llama2_7b": (dict(data=-1, fsdp=8, tensor=1), "save_dots_no_batch", 3e-4),
+    "llama2_13b": (dict(data=-1, fsdp=16, tensor=1), "save_dots_no_batch", 3e-4),
+    "llama2_70b": (dict(data=1, fsdp=-1, tensor=8), "full", 1.5e-4),
+    "falcon_7b": (dict(data=-1, fsdp=8, tensor=1), "save_dots_no_batch", 6e-4),
+    "falcon_40b": (dict(data=1, fsdp=-1, tensor=8), "full", 1.5e-4),
+    "falcon_180b": (dict(data=1, fsdp=-1, tensor=8), "full", 1.25e-4),
+    "bloom_560m": (dict(data=-1, fsdp=1, tensor=1), "none", 3e-4),
+    "bloom_7b1": (dict(data=-1, fsdp=8, tensor=1), "save_dots_no_batch", 1.2e-4),
+    "bloom_176b": (dict(data=1, fsdp=-1, tensor=8), "full", 6e-5),
 }
 
 
-def get_config(size: str = "7b") -> ml_collections.ConfigDict:
-    if size not in SIZES:
-        raise ValueError(f"unknown Llama-2 size {size!r}; use configs/llama2.py:7b, :13b or :70b")
-    mesh, remat = SIZES[size]
+def get_config(name: str = "llama2_7b") -> ml_collections.ConfigDict:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; use configs/pretrain.py:NAME with NAME one of {', '.join(MODELS)}")
+    mesh, remat, lr = MODELS[name]
     c = ml_collections.ConfigDict()
     c.seed = 0  # parameter init and dropout
-    c.model = preset(f"llama2_{size}", scan_layers=True, remat=remat, dtype="bfloat16", param_dtype="float32",
+    c.model = preset(name, scan_layers=True, remat=remat, dtype="bfloat16", param_dtype="float32",
                      attention="auto")  # published shapes; bf16 compute, float32 master weights
     c.data = dict(
         source="array_record",  # embedded | text | jsonl | array_record | tfds
@@ -34,10 +41,10 @@ def get_config(size: str = "7b") -> ml_collections.ConfigDict:
         tfds_name="",
         tfds_split="train",
         tfds_data_dir="",
-        tokenizer="",  # the Llama-2 tokenizer.model; "" trains one on the corpus
-        vocab_size=32000,  # of a tokenizer trained on the corpus
-        block_size=4096,  # the Llama-2 context length
-        batch_size=1024,  # sequences per step: 4M tokens, as in the paper
+        tokenizer="",  # the model's tokenizer.model; "" trains one on the corpus
+        vocab_size=c.model["vocab_size"],  # of a tokenizer trained on the corpus
+        block_size=c.model["max_seq_len"],  # the published context length
+        batch_size=1024,  # sequences per step (Llama-2: 1024 x 4096 = 4M tokens, as in the paper)
         val_fraction=0.001,
         seed=0,
         shuffle=True,
@@ -46,7 +53,7 @@ def get_config(size: str = "7b") -> ml_collections.ConfigDict:
         add_eos=True,
         num_workers=8,  # Grain worker processes per host
     )
-    c.optim = dict(learning_rate=3e-4 if size != "70b" else 1.5e-4,  # the paper's peak rates
+    c.optim = dict(learning_rate=lr,  # the published peak rate
                    schedule="cosine", warmup_steps=2000, decay_steps=0, end_lr_ratio=0.1, b1=0.9, b2=0.95,
                    eps=1e-5, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1)
     c.train = dict(steps=500_000, log_every=10, eval_every=1000, eval_batches=16, early_stop_patience=0,
