@@ -82,4 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
                       seed=0)
     c.distributed = dict(mode="auto", coordinator_address="", num_processes=0, process_id=-1,
                          local_device_ids=(), cpu_collectives="gloo", initialization_timeout=300)
+    c.prune = dict(sparsity=0.0,  # magnitude pruning: fraction of the linear layers' weights zeroed; 0 = off
+                   scope="global",  # global (one threshold) | layer (each matrix on its own)
+                   start_step=0, end_step=0,  # gradual (cubic schedule) from start to end; end <= start = one-shot
+                   every=100,  # steps between mask updates while pruning gradually
+                   targets="kernel")  # regex over param paths (kernel = the linear layers' matrices)
     return c

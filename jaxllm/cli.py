@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="Override any config key with --config.section.key=value.")
     p.add_argument("--config", required=True, help="configs/<name>.py (optionally :arg)")
     p.add_argument("--workdir", default="", help="checkpoints, metrics and logs (default runs/<config name>)")
+    from jaxllm.finetune import add_arguments
+
+    p = sub.add_parser("finetune", aliases=["llm"], help="fine-tune a Hugging Face model folder (LoRA, QLoRA or "
+                       "full) with autotrain-style flags; writes a PEFT adapter (and a merged model)",
+                       epilog="Override any config key with --config.section.key=value.")
+    add_arguments(p)
     p = sub.add_parser("config", help="print the resolved config (after overrides) as JSON")
     p.add_argument("--config", required=True)
     p = sub.add_parser("convert", help="Hugging Face folder -> jaxllm params checkpoint, or workdir -> Hugging Face")
@@ -44,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p = sub.add_parser("generate", help="continue prompts with a Hugging Face model folder or a training workdir")
     p.add_argument("--model", required=True, help="Hugging Face folder (config.json + safetensors) or jaxllm workdir")
+    p.add_argument("--adapter", default="", help="a PEFT LoRA adapter folder applied to --model")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt_file", default="", help="a file of prompts, one per line")
     p.add_argument("--max_new_tokens", type=int, default=64)
@@ -70,6 +77,15 @@ def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command in ("finetune", "llm"):
+        from jaxllm.finetune import finetune
+
+        result = finetune(args, overrides)
+        import jax
+
+        if jax.process_index() == 0:
+            print(json.dumps({k: v for k, v in result.items() if k != "sample"}, default=str))
+        return 0
     if args.command == "convert":
         from jaxllm import convert
 
@@ -111,7 +127,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise JaxllmError("give a prompt: --prompt=TEXT (repeatable) or --prompt_file=FILE")
     gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    model, params, tokenizer, add_bos = load_model(args.model, dtype=args.dtype)
+    model, params, tokenizer, add_bos = load_model(args.model, dtype=args.dtype, adapter=args.adapter)
     texts = generate_text(model, params, tokenizer, prompts, gen, add_bos=add_bos, batch_size=args.batch_size)
     for prompt, text in zip(prompts, texts):
         print(wrap(prompt + text, args.width) if args.width else prompt + text)

@@ -54,14 +54,32 @@ def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: str = "float32") -> Mo
 
 
 def workdir_to_hf(workdir: str, out_dir: str, *, dtype: str = "float32") -> None:
-    """A Hugging Face folder (config.json, safetensors, the SentencePiece tokenizer) from a training workdir."""
+    """A Hugging Face folder (config.json, safetensors, the SentencePiece tokenizer) from a training workdir;
+    an adapter run's adapters are merged into its (dequantized) base."""
     from jaxllm import hf
+    from jaxllm.models import lora
     from jaxllm.train.loop import load_trained
 
     model, params, tokenizer, _ = load_trained(workdir)
+    if model.cfg.lora_rank or model.cfg.quantization != "none":
+        cfg, params = lora.merge_adapters(params, model.cfg)
+        model = Decoder(cfg)
     hf.save_pretrained(model, params, out_dir, dtype=dtype)
     if getattr(tokenizer, "path", "").endswith(".model"):
         shutil.copy(tokenizer.path, os.path.join(out_dir, "tokenizer.model"))
+
+
+def source_model_config(source: str) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder or a `jaxllm convert` output."""
+    if os.path.isfile(os.path.join(source, "model.json")):
+        with open(os.path.join(source, "model.json")) as f:
+            return ModelConfig(**json.load(f))
+    if os.path.isfile(os.path.join(source, "config.json")):
+        from jaxllm import hf
+        from jaxllm.hf.weights import read_config
+
+        return hf.model_config_from_hf(read_config(source))
+    raise JaxllmError(f"init_from {source!r} is neither a Hugging Face folder nor a `jaxllm convert` output")
 
 
 def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh) -> Any:

@@ -150,18 +150,27 @@ def generate_text(model: nn.Module, params, tokenizer, prompts: Sequence[str], c
     return out
 
 
-def load_model(source: str, *, dtype: str = "float32"):
-    """(model, params, tokenizer, add_bos) from a Hugging Face folder or a jaxllm training workdir."""
+def load_model(source: str, *, dtype: str = "float32", adapter: str = ""):
+    """(model, params, tokenizer, add_bos) from a Hugging Face folder (plus a PEFT LoRA `adapter`
+    folder) or a jaxllm training workdir."""
     import os
 
     if os.path.isfile(os.path.join(source, "config.json")) and os.path.isdir(os.path.join(source, "checkpoints")):
         from jaxllm.train.loop import load_trained
 
+        if adapter:
+            raise JaxllmError("--adapter applies to a Hugging Face model folder; a workdir brings its own adapter")
         return load_trained(source)
     if os.path.isfile(os.path.join(source, "config.json")):
         from jaxllm import hf
+        from jaxllm.models import lora
+        from jaxllm.models.decoder import Decoder
 
         model, params = hf.load_pretrained(source, dtype=dtype)
+        if adapter:
+            adapter_params, lcfg = hf.load_adapter(adapter, model.cfg)
+            model = Decoder(lora.apply(lcfg, model.cfg))
+            params = lora.merge(params, jax.tree.map(jnp.asarray, adapter_params))
         return model, params, hf.load_tokenizer_from_folder(source, vocab_size=model.cfg.vocab_size), False
     raise JaxllmError(f"{source!r} is neither a Hugging Face model folder (config.json + *.safetensors) nor a "
                       "jaxllm workdir (config.json + checkpoints/)")

@@ -31,6 +31,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),
 )
 
 BATCH_AXES = ("data", "fsdp")

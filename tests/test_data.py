@@ -319,20 +319,25 @@ def test_resume_from_fresh_state(docs_cfg, tok):
     assert _same(_take(it, 3), _take(restored, 3))
 
 
-def test_resume_through_orbax(docs_cfg, tok, tmp_path):
+def assert_orbax_resume(cfg, tok, path, skip: int, take: int):
+    """An iterator saved with Orbax after `skip` batches restores to give the same next `take` batches."""
     import orbax.checkpoint as ocp
 
-    it = make_train_iterator(docs_cfg, tok)
-    _take(it, 5)
-    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
-        manager.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    it = make_train_iterator(cfg, tok)
+    _take(it, skip)
+    with ocp.CheckpointManager(str(path)) as manager:
+        manager.save(skip, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         manager.wait_until_finished()
-    want = _take(it, 3)
-    restored = make_train_iterator(docs_cfg, tok)
-    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+    want = _take(it, take)
+    restored = make_train_iterator(cfg, tok)
+    with ocp.CheckpointManager(str(path)) as manager:
         restore = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored))
         manager.restore(manager.latest_step(), args=restore)
-    assert _same(want, _take(restored, 3))
+    assert _same(want, _take(restored, take))
+
+
+def test_resume_through_orbax(docs_cfg, tok, tmp_path):
+    assert_orbax_resume(docs_cfg, tok, tmp_path / "ckpt", 5, 3)
 
 
 def test_workers_give_the_same_batches(docs_cfg, tok):

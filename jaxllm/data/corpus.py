@@ -14,6 +14,7 @@ import functools
 import importlib
 import inspect
 import os
+import re
 import sysconfig
 import warnings
 
@@ -74,35 +75,42 @@ def _documents() -> tuple[str, ...]:
 
 def _module_docstrings(name: str) -> list[str]:
     """Docstrings of a module, its public classes and functions, and their public methods."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = importlib.import_module(name)
-    except ImportError:  # optional C extensions (e.g. _ssl, _sqlite3) may be missing on a build
-        return []
-    objects: list[object] = [module]
-    for attr in sorted(n for n in dir(module) if not n.startswith("_")):
-        obj = getattr(module, attr, None)
-        if not (inspect.isclass(obj) or inspect.isroutine(obj)):
-            continue
-        if name != "builtins" and getattr(obj, "__module__", None) != module.__name__:
-            continue  # re-exported: its docstring belongs to (and is taken from) its own module
-        objects.append(obj)
-        if inspect.isclass(obj):
-            for member_name, member in sorted(vars(obj).items()):
-                if member_name.startswith("_"):
-                    continue
-                member = getattr(member, "__func__", member)  # classmethod / staticmethod
-                if inspect.isroutine(member) or isinstance(member, property):
-                    objects.append(member)
     out = []
-    for obj in objects:
+    for _, obj in public_objects(name, with_module=True):
         doc = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else None
         if doc:
             doc = inspect.cleandoc(doc)
             if len(doc) >= MIN_DOCSTRING_CHARS:
                 out.append(doc)
     return out
+
+
+def public_objects(name: str, *, with_module: bool = False) -> list[tuple[str, object]]:
+    """(dotted name, object) of a module's public classes and functions and their public methods and
+    properties, in a fixed order; re-exports are left to their own module. [] if it cannot import."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = importlib.import_module(name)
+    except ImportError:  # optional C extensions (e.g. _ssl, _sqlite3) may be missing on a build
+        return []
+    prefix = "" if name == "builtins" else f"{name}."
+    objects: list[tuple[str, object]] = [(name, module)] if with_module else []
+    for attr in sorted(n for n in dir(module) if not n.startswith("_")):
+        obj = getattr(module, attr, None)
+        if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+            continue
+        if name != "builtins" and getattr(obj, "__module__", None) != module.__name__:
+            continue  # re-exported: its docstring belongs to (and is taken from) its own module
+        objects.append((prefix + attr, obj))
+        if inspect.isclass(obj):
+            for member_name, member in sorted(vars(obj).items()):
+                if member_name.startswith("_"):
+                    continue
+                member = getattr(member, "__func__", member)  # classmethod / staticmethod
+                if inspect.isroutine(member) or isinstance(member, property):
+                    objects.append((f"{prefix}{attr}.{member_name}", member))
+    return objects
 
 
 def _module_sources() -> list[str]:
@@ -115,3 +123,97 @@ def _module_sources() -> list[str]:
             with open(path, encoding="utf-8") as f:
                 out.append(f.read())
     return out
+
+
+# --------------------------------------------------------------------------- chat fine-tuning pairs
+
+# Modules whose public functions, classes and methods give one question each ("What does json.dumps do?").
+SFT_MODULES: tuple[str, ...] = tuple("""
+    builtins base64 binascii bisect calendar collections contextlib copy csv dataclasses datetime difflib
+    fnmatch fractions functools glob gzip hashlib heapq html inspect io ipaddress itertools json keyword
+    logging math operator os os.path pathlib pprint random re shlex shutil statistics string struct
+    subprocess sys tempfile textwrap threading time traceback unicodedata urllib.parse uuid warnings
+    zipfile zlib
+""".split())
+SFT_MAX_ANSWER_CHARS = 600  # answers are cut at a sentence end before this
+_SFT_MIN_ANSWER_CHARS = 30  # shorter summaries ("Return x.") teach nothing
+_HEADING = re.compile(r"^(.+)\n(?:=+|-+)\n", re.M)
+_SIGNATURE = re.compile(r"^[\w.]+\(.*\)(?:\s*->.*)?$|-->|^\w+ -> ", re.S)  # "S.join(iterable) -> str"
+
+
+def embedded_sft_records() -> list[dict]:
+    """Question/answer pairs about Python, as records holding every SFT format (a fresh list each call).
+
+    Each record has `text` (Guanaco: `### Human: q### Assistant: a`), `messages` (user, assistant) and
+    `prompt` / `completion` (prompt + completion == text), so any `data.format` can read it.
+    """
+    return [
+        {
+            "text": f"### Human: {q}### Assistant: {a}",
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            "prompt": f"### Human: {q}### Assistant:",
+            "completion": f" {a}",
+        }
+        for q, a in _qa_pairs()
+    ]
+
+
+@functools.cache
+def _qa_pairs() -> tuple[tuple[str, str], ...]:
+    """Reference-manual topics and their sections, then stdlib docstring summaries; first question wins."""
+    from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
+
+    pairs: dict[str, str] = {}
+    for name in sorted(topics):
+        title, body = topics[name].strip().split("\n", 1)
+        title = _code_quotes(title)
+        parts = _HEADING.split(body.split("\n", 1)[1])  # [intro, heading, text, heading, text, ...]
+        question = (f"What does {title[0].lower()}{title[1:]} do in Python?" if title.startswith("The ")
+                    else f"What does the Python reference manual say about {title}?")
+        pairs.setdefault(question, _answer(parts[0]))
+        for heading, text in zip(parts[1::2], parts[2::2]):
+            pairs.setdefault(f"What does the Python reference manual say about {_code_quotes(heading)} "
+                             f"({title})?", _answer(text))
+    for module in SFT_MODULES:
+        for name, obj in public_objects(module):
+            doc = getattr(obj, "__doc__", None)
+            if not isinstance(doc, str) or isinstance(obj, property):
+                continue
+            question = f"What is {name} in Python?" if inspect.isclass(obj) else f"What does {name} do?"
+            pairs.setdefault(question, _answer(inspect.cleandoc(doc), max_paragraphs=1))
+    return tuple((q, a) for q, a in pairs.items() if len(a) >= _SFT_MIN_ANSWER_CHARS)
+
+
+def _code_quotes(title: str) -> str:
+    """'The "for" statement' -> 'The `for` statement'."""
+    return re.sub(r'"([^"\n]+)"', r"`\1`", title.strip())
+
+
+def _answer(text: str, max_paragraphs: int = 3) -> str:
+    """The leading prose paragraphs of `text`, unwrapped, without grammar/code blocks or signatures,
+    cut at a sentence end to at most SFT_MAX_ANSWER_CHARS."""
+    paragraphs: list[str] = []
+    for block in re.split(r"\n\s*\n", text):
+        block = block.strip("\n")
+        if not block.strip():
+            continue
+        if block[0].isspace():  # grammar rule or example code: prose after it refers to it, so stop
+            if paragraphs:
+                if paragraphs[-1].endswith(":"):
+                    paragraphs[-1] = paragraphs[-1][:-1] + "."
+                elif not paragraphs[-1].endswith((".", "?", "!", ")")):
+                    paragraphs.pop()  # "... is equivalent to" + code
+                if paragraphs:
+                    break
+            continue
+        prose = re.sub(r"\s*\[\d+\]", "", " ".join(block.split()))  # footnote marks
+        if not paragraphs and _SIGNATURE.match(prose):
+            continue
+        paragraphs.append(prose)
+        if len(paragraphs) == max_paragraphs or sum(map(len, paragraphs)) >= SFT_MAX_ANSWER_CHARS:
+            break
+    answer = " ".join(paragraphs).rstrip(":")
+    if len(answer) > SFT_MAX_ANSWER_CHARS:
+        cut = answer.rfind(". ", 0, SFT_MAX_ANSWER_CHARS)
+        answer = answer[: cut + 1] if cut > 0 else answer[: answer.rfind(" ", 0, SFT_MAX_ANSWER_CHARS)]
+    return answer

@@ -9,6 +9,10 @@ token blocks, so no token is padding in training and no document is truncated (t
 has 100 KB documents that first-fit packing would cut off at `block_size`). A document cut across
 blocks starts a new segment (positions restart at 0) in the next block; attention never crosses
 segments, so nothing can see the cut-off context anyway.
+
+SFT formats (`jaxllm.data.sft`) never cut an example across rows: each is truncated to
+`block_size + 1` tokens and packed whole by `FirstFitPackIterDataset` (or padded alone in a row,
+`packing=False`); its per-token mask decides which targets count.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from absl import flags
 
 from jaxllm import JaxllmError
+from jaxllm.data import sft
 from jaxllm.data.sources import SOURCE_NAMES, make_source
 from jaxllm.data.tokenizer import Tokenizer
 
@@ -30,14 +35,15 @@ Batch = dict[str, np.ndarray]
 _SPLIT_SALT = 0x6A61786C6C6D  # fixes the train/val split: independent of cfg.seed, so runs compare
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)  # tokenize documents ahead
 _PREFETCH_BATCHES = 4
+_PACKING_BINS = 32  # SFT rows first-fit packed together (more bins fill rows better; batches still stream)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """The `data` sub-dict of an experiment config."""
 
-    source: str = "embedded"  # embedded | text | jsonl | array_record | tfds
-    paths: tuple[str, ...] = ()  # file globs for text / jsonl / array_record
+    source: str = "embedded"  # embedded | embedded_sft | text | jsonl | parquet | array_record | tfds
+    paths: tuple[str, ...] = ()  # file globs for text / jsonl / parquet / array_record
     text_field: str = "text"  # JSON / TFDS / ArrayRecord field holding the document
     text_split: str = "file"  # text source: "file" (one doc per file) or "paragraph" (blank-line blocks)
     tfds_name: str = ""
@@ -50,10 +56,17 @@ class DataConfig:
     val_fraction: float = 0.05  # documents held out for validation (deterministic split)
     seed: int = 0
     shuffle: bool = True
-    shuffle_window: int = 2048  # packed sequences shuffled together, so long documents spread out; 0 = off
+    shuffle_window: int = 2048  # format text: packed sequences shuffled together, so long docs spread out; 0 = off
     add_bos: bool = True
     add_eos: bool = True
     num_workers: int = 0  # Grain multiprocess prefetch workers; 0 = in the main process
+    format: str = "text"  # text (pretrain) | sft_text (`### Human: q### Assistant: a`) | messages | prompt_completion
+    prompt_field: str = "prompt"  # prompt_completion: the prompt column
+    completion_field: str = "completion"  # prompt_completion: the completion column (appended to the prompt)
+    messages_field: str = "messages"  # messages: the column of [{"role": system|user|assistant, "content": str}]
+    chat_template: str = "guanaco"  # messages rendering: guanaco | chatml | llama2
+    loss_on: str = "auto"  # all | assistant (answers + their EOS) | auto (assistant for prompt_completion, else all)
+    packing: bool = True  # SFT: several whole examples per row (first-fit); False = one example per row, padded
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
@@ -71,6 +84,21 @@ class DataConfig:
             raise JaxllmError(f"data.shuffle_window must be >= 0, got {self.shuffle_window}")
         if self.num_workers < 0:
             raise JaxllmError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for name, known in (("format", sft.FORMATS), ("chat_template", sft.CHAT_TEMPLATES), ("loss_on", sft.LOSS_ON)):
+            if getattr(self, name) not in known:
+                raise JaxllmError(f"data.{name}={getattr(self, name)!r} is not known; use one of {', '.join(known)}")
+        for name in ("text_field", "prompt_field", "completion_field", "messages_field"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise JaxllmError(f"data.{name} must name a field, got {getattr(self, name)!r}")
+        if not isinstance(self.packing, bool):
+            raise JaxllmError(f"data.packing must be True or False, got {self.packing!r}")
+        if self.format == "text" and self.loss_on == "assistant":
+            raise JaxllmError("data.loss_on='assistant' needs data.format sft_text, messages or prompt_completion")
+        if self.format == "text" and not self.packing:
+            raise JaxllmError("data.packing=False needs an SFT data.format; format 'text' always concatenates docs")
+        if self.format in ("messages", "prompt_completion") and self.source in ("embedded", "text"):
+            raise JaxllmError(f"data.format={self.format!r} needs records with fields, but data.source={self.source!r} "
+                              "gives plain text; use jsonl, parquet, array_record, tfds or embedded_sft")
 
 
 def make_train_iterator(
@@ -88,14 +116,17 @@ def make_train_iterator(
     if cfg.shuffle:
         docs = docs.shuffle(seed=_shuffle_seed(cfg.seed))
     docs = docs.repeat()  # reshuffles every epoch (upstream shuffle is reseeded per epoch)
-    tokens = docs.map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)).to_iter_dataset(_READ_OPTIONS)
+    tokens = docs.map(_tokenize_fn(cfg, tokenizer)).to_iter_dataset(_READ_OPTIONS)
     if cfg.num_workers > 0:
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app they are unparsed
             flags.FLAGS.mark_as_parsed()
         tokens = tokens.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    batches = _pack_and_batch(tokens, cfg.block_size, local_batch,
-                              shuffle_window=cfg.shuffle_window if cfg.shuffle else 0,
-                              seed=_shuffle_seed(cfg.seed + 1))
+    if cfg.format == "text":
+        batches = _pack_and_batch(tokens, cfg.block_size, local_batch,
+                                  shuffle_window=cfg.shuffle_window if cfg.shuffle else 0,
+                                  seed=_shuffle_seed(cfg.seed + 1))
+    else:  # examples are already shuffled one by one; rows of whole examples need no window shuffle
+        batches = _pack_examples_and_batch(tokens, cfg, local_batch)
     # A background thread builds the next batches while the train step runs (XLA releases the GIL).
     return iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=_PREFETCH_BATCHES))
 
@@ -111,10 +142,13 @@ def make_eval_iterator(
     local_batch = _local_batch_size(cfg, process_index, process_count)
     _, val_docs = split_documents(cfg)
     docs = val_docs[process_index::process_count]
-    tokens = docs.map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)).to_iter_dataset(
+    tokens = docs.map(_tokenize_fn(cfg, tokenizer)).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     )
-    batches = _pack_and_batch(tokens, cfg.block_size, local_batch)
+    if cfg.format == "text":
+        batches = _pack_and_batch(tokens, cfg.block_size, local_batch)
+    else:
+        batches = _pack_examples_and_batch(tokens, cfg, local_batch)
     if len(docs) == 0 or next(iter(batches), None) is None:
         raise JaxllmError(
             f"{len(val_docs)} validation documents are too few for one batch of {local_batch}x{cfg.block_size} "
@@ -124,8 +158,9 @@ def make_eval_iterator(
 
 
 def split_documents(cfg: DataConfig) -> tuple[grain.MapDataset, grain.MapDataset]:
-    """(train, validation) documents of `cfg`'s source; the split is fixed for a given corpus size."""
-    source = make_source(cfg)
+    """(train, validation) documents of `cfg`'s source (`sft` pieces for SFT formats); the split is
+    fixed for a given corpus size."""
+    source = _documents(cfg)
     train_idx, val_idx = split_indices(len(source), cfg.val_fraction)
     if len(train_idx) == 0:
         raise JaxllmError(f"the source has {len(source)} documents and none are left for training; add data")
@@ -144,6 +179,23 @@ def split_indices(num_docs: int, val_fraction: float) -> tuple[np.ndarray, np.nd
     num_val = min(num_val, num_docs - 1) if num_docs else 0
     order = np.argsort(_mix64(np.arange(num_docs, dtype=np.uint64) ^ np.uint64(_SPLIT_SALT)), kind="stable")
     return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+def document_texts(cfg: DataConfig) -> Sequence[str]:
+    """The text of every document of `cfg`'s source as the model reads it (SFT rows rendered)."""
+    source = _documents(cfg)
+    return source if cfg.format == "text" else sft.Texts(source)
+
+
+def _documents(cfg: DataConfig) -> Sequence:
+    return make_source(cfg) if cfg.format == "text" else sft.Examples(make_source(cfg), cfg)
+
+
+def _tokenize_fn(cfg: DataConfig, tokenizer: Tokenizer):
+    if cfg.format == "text":
+        return _Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)
+    return sft.Tokenize(tokenizer, add_bos=cfg.add_bos, add_eos=cfg.add_eos, assistant_only=sft.assistant_only(cfg),
+                        max_tokens=cfg.block_size + 1)
 
 
 def _local_batch_size(cfg: DataConfig, process_index: int, process_count: int) -> int:
@@ -178,6 +230,17 @@ def _pack_and_batch(tokens: grain.IterDataset, block_size: int, local_batch: int
     if shuffle_window > 1:  # a long document would otherwise fill many consecutive batches on its own
         sequences = grain.experimental.WindowShuffleIterDataset(sequences, window_size=shuffle_window, seed=seed)
     return sequences.batch(local_batch, drop_remainder=True)
+
+
+def _pack_examples_and_batch(tokens: grain.IterDataset, cfg: DataConfig, local_batch: int) -> grain.IterDataset:
+    """Whole SFT examples per row: first-fit packed, or one per row (a bin that holds one sequence)."""
+    length = cfg.block_size + 1
+    packed = grain.experimental.FirstFitPackIterDataset(
+        tokens, length_struct={"tokens": length, "mask": length},
+        num_packing_bins=max(local_batch, _PACKING_BINS) if cfg.packing else 1,
+        max_sequences_per_bin=None if cfg.packing else 1, shuffle_bins=False,
+    )
+    return packed.map(_shift).batch(local_batch, drop_remainder=True)
 
 
 class _JsonRestorable(grain.IterDataset):
@@ -221,14 +284,8 @@ class _Tokenize:
     """Document -> {"tokens": int32 ids} with BOS/EOS per config (a class so workers can pickle it)."""
 
     def __init__(self, tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
-        for flag, name, token_id in ((add_bos, "bos", tokenizer.bos_id), (add_eos, "eos", tokenizer.eos_id)):
-            if flag and token_id < 0:
-                raise JaxllmError(
-                    f"tokenizer {tokenizer.path} has no {name.upper()} token; set data.add_{name}=False"
-                )
         self._tokenizer = tokenizer
-        self._prefix = [tokenizer.bos_id] if add_bos else []
-        self._suffix = [tokenizer.eos_id] if add_eos else []
+        self._prefix, self._suffix = sft.special_ids(tokenizer, add_bos, add_eos)
 
     def __call__(self, text: str) -> dict[str, np.ndarray]:
         ids = self._prefix + self._tokenizer.encode(text) + self._suffix
@@ -236,9 +293,12 @@ class _Tokenize:
 
 
 def _shift(packed: dict[str, np.ndarray]) -> Batch:
-    """Next-token pairs from a `block_size + 1` block; only same-document, non-pad targets count."""
+    """Next-token pairs from a `block_size + 1` block; only same-document, non-pad targets count (and,
+    for SFT, only targets the example's mask marks)."""
     tokens, segments = packed["tokens"], packed["tokens_segment_ids"]
     same_doc = (segments[1:] == segments[:-1]) & (segments[1:] != 0)
+    if "mask" in packed:
+        same_doc &= packed["mask"][1:] != 0
     return {
         "inputs": tokens[:-1].astype(np.int32, copy=False),
         "targets": tokens[1:].astype(np.int32, copy=False),

@@ -1,7 +1,10 @@
-"""Document sources: random-access sequences of `str` documents that Grain's `MapDataset.source` reads.
+"""Sources: random-access sequences of rows that Grain's `MapDataset.source` reads.
 
+For `data.format="text"` a source hands out each row's document as a `str` (`data.text_field` of a
+record); for the SFT formats it hands out the whole row as a dict of plain Python values, once it has
+checked that the row holds the fields the format needs (`jaxllm.data.sft` renders it).
 Each source checks what it can at construction (globs match, files non-empty, every JSONL row parses
-and has the text field), so a bad input fails before training starts, with the file and line to fix.
+and has the needed fields), so a bad input fails before training starts, with the file and row to fix.
 Sources are picklable: Grain ships them to its worker processes.
 """
 
@@ -19,35 +22,93 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jaxllm import JaxllmError
-from jaxllm.data.corpus import embedded_documents
+from jaxllm.data.corpus import embedded_documents, embedded_sft_records
 
 if TYPE_CHECKING:
     from jaxllm.data.pipeline import DataConfig
 
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # one or more blank lines
 
+# (config key, field name) pairs a row must hold, e.g. (("text_field", "text"),); the key names the fix.
+Fields = tuple[tuple[str, str], ...]
 
-class EmbeddedSource:
+
+class RowSource:
+    """Base of every source: subclasses give `_row(index)` (a str or a dict) and `where(index)`."""
+
+    _fields: Fields = (("text_field", "text"),)
+    _whole_row: bool = False  # True: hand out dict rows (SFT formats); False: the text of the text field
+
+    def __getitem__(self, index: int) -> str | dict[str, Any]:
+        return self._select(self._row(index), self.where(index))
+
+    def _row(self, index: int) -> str | dict[str, Any]:
+        raise NotImplementedError
+
+    def where(self, index: int) -> str:
+        raise NotImplementedError
+
+    def _select(self, row: Any, where: str) -> str | dict[str, Any]:
+        if not self._whole_row:
+            return row if isinstance(row, str) else _field_text(row, self._fields[0], where)
+        if isinstance(row, str):  # a plain-text document: only a text-field format can read it
+            (key, field), *rest = self._fields
+            if key != "text_field" or rest:
+                names = ", ".join(repr(f) for _, f in self._fields)
+                raise JaxllmError(f"{where}: plain text, but data.format needs fields {names}; "
+                                  "use a source of JSON/Parquet records or data.format='sft_text'")
+            return {field: row}
+        return check_fields(_plain(row), self._fields, where)
+
+
+class EmbeddedSource(RowSource):
     """The corpus shipped with Python (see `jaxllm.data.corpus`)."""
 
-    def __init__(self):
+    def __init__(self, fields: Fields = RowSource._fields, whole_row: bool = False):
         self._docs = embedded_documents()
+        self._fields, self._whole_row = fields, whole_row
 
     def __len__(self) -> int:
         return len(self._docs)
 
-    def __getitem__(self, index: int) -> str:
+    def _row(self, index: int) -> str:
         return self._docs[index]
+
+    def where(self, index: int) -> str:
+        return f"embedded document {index}"
 
     def __repr__(self) -> str:
         return f"EmbeddedSource({len(self)} documents)"
 
 
-class TextSource:
+class EmbeddedSftSource(RowSource):
+    """Question/answer records about Python shipped with it, in every SFT format (`jaxllm.data.corpus`)."""
+
+    def __init__(self, fields: Fields = RowSource._fields, whole_row: bool = False):
+        self._records = embedded_sft_records()
+        self._fields, self._whole_row = fields, whole_row
+        self[0]  # fail now if the format's fields are not the records' (text, messages, prompt, completion)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _row(self, index: int) -> dict[str, Any]:
+        return self._records[index]
+
+    def where(self, index: int) -> str:
+        return f"embedded_sft record {index}"
+
+    def __repr__(self) -> str:
+        return f"EmbeddedSftSource({len(self)} records)"
+
+
+class TextSource(RowSource):
     """Plain UTF-8 text files: one document per file, or per blank-line-separated paragraph."""
 
-    def __init__(self, patterns: Sequence[str], split: str = "file"):
+    def __init__(self, patterns: Sequence[str], split: str = "file", fields: Fields = RowSource._fields,
+                 whole_row: bool = False):
         self._files = expand_globs(patterns, "text")
+        self._fields, self._whole_row = fields, whole_row
         for path in self._files:
             if os.path.getsize(path) == 0:
                 raise JaxllmError(f"text file {path!r} is empty; remove it or narrow data.paths")
@@ -66,64 +127,71 @@ class TextSource:
     def __len__(self) -> int:
         return len(self._files) if self._paragraphs is None else len(self._paragraphs)
 
-    def __getitem__(self, index: int) -> str:
+    def _row(self, index: int) -> str:
         if self._paragraphs is not None:
             return self._paragraphs[index]
         return _read_text(self._files[index])
+
+    def where(self, index: int) -> str:
+        return self._files[index] if self._paragraphs is None else f"text paragraph {index}"
 
     def __repr__(self) -> str:
         return f"TextSource({len(self._files)} files, {len(self)} documents)"
 
 
-class JsonlSource:
-    """JSON Lines files; each non-blank line is an object whose `field` holds one document.
+class JsonlSource(RowSource):
+    """JSON Lines files; each non-blank line is an object holding the fields the format reads.
 
-    Every row is parsed once up front (a bad row fails now, naming file:line); only byte offsets are
-    kept, so memory does not grow with the corpus.
+    Every row is parsed and checked once up front (a bad row fails now, naming file:line); only byte
+    offsets and line numbers are kept, so memory does not grow with the corpus text.
     """
 
-    def __init__(self, patterns: Sequence[str], field: str):
+    def __init__(self, patterns: Sequence[str], fields: Fields = RowSource._fields, whole_row: bool = False):
         self._files = expand_globs(patterns, "jsonl")
-        self._field = field
-        file_ids, offsets = [], []
+        self._fields, self._whole_row = fields, whole_row
+        file_ids, offsets, linenos = [], [], []
         for file_id, path in enumerate(self._files):
             rows = 0
             with open(path, "rb") as f:
                 offset = 0
                 for lineno, line in enumerate(f, 1):
                     if line.strip():
-                        _jsonl_text(line, path, lineno, field)
                         file_ids.append(file_id)
                         offsets.append(offset)
+                        linenos.append(lineno)
+                        self._select(_parse_json(line, f"{path}:{lineno}"), f"{path}:{lineno}")
                         rows += 1
                     offset += len(line)
             if rows == 0:
                 raise JaxllmError(f"JSONL file {path!r} has no rows; remove it or narrow data.paths")
         self._file_ids = np.asarray(file_ids, np.int32)
         self._offsets = np.asarray(offsets, np.int64)
+        self._linenos = np.asarray(linenos, np.int64)
 
     def __len__(self) -> int:
         return len(self._offsets)
 
-    def __getitem__(self, index: int) -> str:
-        path = self._files[self._file_ids[index]]
-        with open(path, "rb") as f:
+    def _row(self, index: int) -> Any:
+        with open(self._files[self._file_ids[index]], "rb") as f:
             f.seek(int(self._offsets[index]))
-            return _jsonl_text(f.readline(), path, None, self._field)
+            return _parse_json(f.readline(), self.where(index))
+
+    def where(self, index: int) -> str:
+        return f"{self._files[self._file_ids[index]]}:{self._linenos[index]}"
 
     def __repr__(self) -> str:
-        return f"JsonlSource({len(self._files)} files, {len(self)} rows, field={self._field!r})"
+        return f"JsonlSource({len(self._files)} files, {len(self)} rows, fields={self._fields})"
 
 
-class ArrayRecordSource:
-    """ArrayRecord files whose records are UTF-8 text, or JSON objects holding the text in `field`."""
+class ArrayRecordSource(RowSource):
+    """ArrayRecord files whose records are UTF-8 text, or JSON objects holding the format's fields."""
 
-    def __init__(self, patterns: Sequence[str], field: str):
+    def __init__(self, patterns: Sequence[str], fields: Fields = RowSource._fields, whole_row: bool = False):
         from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
         import grain  # pylint: disable=g-import-not-at-top
 
         self._files = expand_globs(patterns, "array_record")
-        self._field = field
+        self._fields, self._whole_row = fields, whole_row
         counts = []
         for path in self._files:
             try:
@@ -141,21 +209,20 @@ class ArrayRecordSource:
     def __len__(self) -> int:
         return len(self._records)
 
-    def __getitem__(self, index: int) -> str:
+    def _row(self, index: int) -> str | dict[str, Any]:
         data = self._records[index]
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            raise JaxllmError(f"{self._where(index)} is not UTF-8 text or JSON") from None
+            raise JaxllmError(f"{self.where(index)} is not UTF-8 text or JSON") from None
         if text.lstrip().startswith("{"):
             try:
-                row = json.loads(text)
+                return json.loads(text)
             except json.JSONDecodeError:
                 return text  # plain text that happens to start with a brace
-            return _field_text(row, self._field, self._where(index))
         return text
 
-    def _where(self, index: int) -> str:
+    def where(self, index: int) -> str:
         file_id = bisect.bisect_right(self._starts, index) - 1
         return f"{self._files[file_id]}: record {index - self._starts[file_id]}"
 
@@ -163,10 +230,11 @@ class ArrayRecordSource:
         return f"ArrayRecordSource({len(self._files)} files, {len(self)} records)"
 
 
-class TfdsSource:
+class TfdsSource(RowSource):
     """A TFDS dataset already prepared in `data_dir` (array_record format); never downloads."""
 
-    def __init__(self, name: str, split: str, data_dir: str, field: str):
+    def __init__(self, name: str, split: str, data_dir: str, fields: Fields = RowSource._fields,
+                 whole_row: bool = False):
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
 
         if not name:
@@ -184,50 +252,70 @@ class TfdsSource:
             ) from None
         if len(self._examples) == 0:
             raise JaxllmError(f"{where} is empty; pick another data.tfds_split")
-        self._field = field
-        self._where = where
-        self[0]  # fail now if the text field is missing
+        self._fields, self._whole_row = fields, whole_row
+        self._name = where
+        self[0]  # fail now if a needed field is missing
 
     def __len__(self) -> int:
         return len(self._examples)
 
-    def __getitem__(self, index: int) -> str:
-        return _field_text(self._examples[index], self._field, f"{self._where}, example {index}")
+    def _row(self, index: int) -> dict[str, Any]:
+        return self._examples[index]
+
+    def where(self, index: int) -> str:
+        return f"{self._name}, example {index}"
 
     def __repr__(self) -> str:
-        return f"TfdsSource({self._where}, {len(self)} examples)"
+        return f"TfdsSource({self._name}, {len(self)} examples)"
 
 
-SOURCE_NAMES: tuple[str, ...] = ("embedded", "text", "jsonl", "array_record", "tfds")
+SOURCE_NAMES: tuple[str, ...] = ("embedded", "embedded_sft", "text", "jsonl", "parquet", "array_record", "tfds")
 
 
-def make_source(cfg: DataConfig) -> Sequence[str]:
-    """The document source named by `cfg.source` (cached: a JSONL scan runs once, not every eval)."""
-    return _make_source(
-        cfg.source, cfg.paths, cfg.text_field, cfg.text_split, cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir
-    )
+def make_source(cfg: DataConfig) -> Sequence[str] | Sequence[dict[str, Any]]:
+    """The rows of `cfg.source`: `str` documents for `cfg.format == "text"`, else dicts holding the
+    format's fields (cached: a JSONL scan runs once, not every eval)."""
+    return _make_source(cfg.source, cfg.paths, row_fields(cfg), cfg.format != "text", cfg.text_split,
+                        cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
+
+
+def row_fields(cfg: DataConfig) -> Fields:
+    """The fields `cfg.format` reads from each row, with the config keys that name them."""
+    if cfg.format == "messages":
+        return (("messages_field", cfg.messages_field),)
+    if cfg.format == "prompt_completion":
+        return (("prompt_field", cfg.prompt_field), ("completion_field", cfg.completion_field))
+    return (("text_field", cfg.text_field),)
 
 
 @functools.lru_cache(maxsize=4)
 def _make_source(
     source: str,
     paths: tuple[str, ...],
-    field: str,
+    fields: Fields,
+    whole_row: bool,
     text_split: str,
     tfds_name: str,
     tfds_split: str,
     tfds_dir: str,
-) -> Sequence[str]:
+) -> RowSource:
+    rows = dict(fields=fields, whole_row=whole_row)
     if source == "embedded":
-        return EmbeddedSource()
+        return EmbeddedSource(**rows)
+    if source == "embedded_sft":
+        return EmbeddedSftSource(**rows)
     if source == "text":
-        return TextSource(paths, text_split)
+        return TextSource(paths, text_split, **rows)
     if source == "jsonl":
-        return JsonlSource(paths, field)
+        return JsonlSource(paths, **rows)
+    if source == "parquet":
+        from jaxllm.data.parquet import ParquetSource  # pylint: disable=g-import-not-at-top  (imports pyarrow)
+
+        return ParquetSource(paths, **rows)
     if source == "array_record":
-        return ArrayRecordSource(paths, field)
+        return ArrayRecordSource(paths, **rows)
     if source == "tfds":
-        return TfdsSource(tfds_name, tfds_split, tfds_dir, field)
+        return TfdsSource(tfds_name, tfds_split, tfds_dir, **rows)
     raise JaxllmError(f"data.source={source!r} is not known; use one of {', '.join(SOURCE_NAMES)}")
 
 
@@ -252,30 +340,53 @@ def _read_text(path: str) -> str:
         raise JaxllmError(f"text file {path!r} is not UTF-8 (byte {e.start}); convert it or drop it") from None
 
 
-def _jsonl_text(line: bytes, path: str, lineno: int | None, field: str) -> str:
-    where = f"{path}:{lineno}" if lineno is not None else path
+def _parse_json(line: bytes, where: str) -> Any:
     try:
-        row = json.loads(line)
+        return json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise JaxllmError(f"{where}: not valid JSON ({e}); fix or delete that line") from None
-    return _field_text(row, field, where)
 
 
-def _field_text(row: Any, field: str, where: str) -> str:
-    """`row[field]` as str; bytes are decoded, anything else is the user's data to fix."""
+def check_fields(row: Any, fields: Fields, where: str) -> Any:
+    """`row` itself, once it is an object holding every field of `fields`."""
     if not isinstance(row, dict):
-        raise JaxllmError(f"{where}: expected a JSON object with field {field!r}, got {type(row).__name__}")
-    if field not in row:
-        keys = ", ".join(map(repr, sorted(row))) or "none"
-        raise JaxllmError(f"{where}: no field {field!r} (fields: {keys}); set data.text_field to the text field")
-    value = row[field]
+        names = ", ".join(repr(f) for _, f in fields)
+        raise JaxllmError(f"{where}: expected an object with field(s) {names}, got {type(row).__name__}")
+    for key, field in fields:
+        if field not in row:
+            keys = ", ".join(map(repr, sorted(row))) or "none"
+            raise JaxllmError(f"{where}: no field {field!r} (fields: {keys}); set data.{key} to the field "
+                              "that holds it")
+    return row
+
+
+def _field_text(row: Any, field: tuple[str, str], where: str) -> str:
+    """`row[field]` as str; bytes are decoded, anything else is the user's data to fix."""
+    name = field[1]
+    value = check_fields(row, (field,), where)[name]
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError:
-            raise JaxllmError(f"{where}: field {field!r} is not UTF-8 text") from None
+            raise JaxllmError(f"{where}: field {name!r} is not UTF-8 text") from None
     if not isinstance(value, str):
-        raise JaxllmError(f"{where}: field {field!r} holds {type(value).__name__}, expected text")
+        raise JaxllmError(f"{where}: field {name!r} holds {type(value).__name__}, expected text")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """TFDS / JSON / Arrow values as plain Python: bytes -> str, arrays -> lists, numpy scalars -> items."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray | np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
     return value

@@ -55,6 +55,7 @@ class Tokenizer:
         self.path = path
         self._proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self._sp_continuation: spm.SentencePieceProcessor | None = None  # built on first use
         self.vocab_size: int = self._sp.get_piece_size()
         self.pad_id: int = self._sp.pad_id()
         self.bos_id: int = self._sp.bos_id()
@@ -79,6 +80,17 @@ class Tokenizer:
         """Token ids of `text`, without BOS/EOS (the pipeline adds those per config)."""
         return self._sp.encode(text)
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` where it continues earlier text: without the space SentencePiece puts before a
+        text (its dummy prefix), so `encode(a) + encode_continuation(b)` decodes to `a + b`."""
+        if self._sp_continuation is None:
+            from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+
+            model = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
+            model.normalizer_spec.add_dummy_prefix = False
+            self._sp_continuation = spm.SentencePieceProcessor(model_proto=model.SerializeToString())
+        return self._sp_continuation.encode(text)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; pad ids are dropped so padded rows decode cleanly."""
         return self._sp.decode([int(i) for i in ids if int(i) != self.pad_id])
@@ -102,7 +114,7 @@ def load_tokenizer(cfg: DataConfig, documents: Sequence[str] | None = None) -> T
     """The tokenizer of `cfg`: a SentencePiece `.model` file or a model folder (its `tokenizer.json` or
     `tokenizer.model`) at `cfg.tokenizer`, or one trained on the corpus (cached).
 
-    `documents` defaults to the documents of `cfg`'s source.
+    `documents` defaults to the documents of `cfg`'s source (SFT examples as the model reads them).
     """
     if cfg.tokenizer and os.path.isdir(os.path.expanduser(cfg.tokenizer)):
         from jaxllm.hf.tokenizer import load_tokenizer_from_folder  # pylint: disable=g-import-not-at-top
@@ -111,9 +123,9 @@ def load_tokenizer(cfg: DataConfig, documents: Sequence[str] | None = None) -> T
     if cfg.tokenizer:
         return Tokenizer.from_file(os.path.expanduser(cfg.tokenizer))
     if documents is None:
-        from jaxllm.data.sources import make_source  # pylint: disable=g-import-not-at-top
+        from jaxllm.data.pipeline import document_texts  # pylint: disable=g-import-not-at-top
 
-        documents = make_source(cfg)
+        documents = document_texts(cfg)
     texts = _training_sample(documents)
     settings = dict(_TRAINER_SETTINGS, vocab_size=cfg.vocab_size)
     key = dict(settings, max_sentences=_TRAIN_MAX_SENTENCES, sentencepiece=spm.__version__)

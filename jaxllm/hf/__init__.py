@@ -10,6 +10,7 @@ jaxllm never imports torch; only numpy, safetensors and (for tokenizer.json) tok
 from jaxllm.hf.config import family, hf_config_from_model, model_config_from_hf
 from jaxllm.hf.tokenizer import HFTokenizer, load_tokenizer_from_folder
 from jaxllm.hf.weights import load_pretrained, save_pretrained
+from jaxllm.hf.peft import load_adapter, save_adapter
 
-__all__ = ["HFTokenizer", "family", "hf_config_from_model", "load_pretrained", "load_tokenizer_from_folder",
-           "model_config_from_hf", "save_pretrained"]
+__all__ = ["HFTokenizer", "family", "hf_config_from_model", "load_adapter", "load_pretrained", "load_tokenizer_from_folder",
+           "model_config_from_hf", "save_adapter", "save_pretrained"]

@@ -40,28 +40,40 @@ def _linear(name: str, path: Path, in_shape, out_shape) -> Group:
                  lambda x: (x.reshape(fan_in, fan_out).T,))
 
 
-def _fused_qkv(name: str, paths: tuple[Path, Path, Path], cfg: ModelConfig, is_bias: bool) -> Group:
-    """Falcon/BLOOM `query_key_value`: per kv head h, its G = N/H query heads, then k, then v.
+def split_fused(w, cfg: ModelConfig):
+    """Falcon/BLOOM `query_key_value` rows [(N + 2H) * K, ...] -> q [N, K, ...], k [H, K, ...], v [H, K, ...].
 
-    One layout covers all of them: Falcon-40B/180B's grouped one; Falcon-7B's multi-query [q..., k, v]
-    is the H = 1 case, and BLOOM's (and Falcon MHA's) head-interleaved [head][q, k, v] the G = 1 case.
+    Per kv head h come its G = N/H query heads, then k, then v. One layout covers all of them:
+    Falcon-40B/180B's grouped one; Falcon-7B's multi-query [q..., k, v] is the H = 1 case, and BLOOM's
+    (and Falcon MHA's) head-interleaved [head][q, k, v] the G = 1 case.
     """
+    n, h, k = cfg.num_heads, cfg.kv_heads, cfg.head_size
+    g, rest = n // h, w.shape[1:]
+    w = w.reshape(h, g + 2, k, *rest)
+    return w[:, :g].reshape(n, k, *rest), w[:, g], w[:, g + 1]
+
+
+def join_fused(q, kk, v, cfg: ModelConfig):
+    """The inverse of `split_fused`."""
+    n, h, k = cfg.num_heads, cfg.kv_heads, cfg.head_size
+    rest = q.shape[2:]
+    fused = np.concatenate([q.reshape(h, n // h, k, *rest), kk[:, None], v[:, None]], axis=1)
+    return fused.reshape((n + 2 * h) * k, *rest)
+
+
+def _fused_qkv(name: str, paths: tuple[Path, Path, Path], cfg: ModelConfig, is_bias: bool) -> Group:
+    """Falcon/BLOOM `query_key_value` weight (or bias) <-> q, k, v kernels [D, heads, K] (or biases)."""
     n, h, k, d = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.embed_dim
-    g, rest = n // h, (() if is_bias else (d,))
-    hf_shape = ((n + 2 * h) * k, *rest)
+    hf_shape = ((n + 2 * h) * k, *(() if is_bias else (d,)))
 
     def to_jax(w):
-        w = w.reshape(h, g + 2, k, *rest)
-        q, kk, v = w[:, :g].reshape(n, k, *rest), w[:, g], w[:, g + 1]
-        if is_bias:
-            return q, kk, v
-        return tuple(np.moveaxis(x, -1, 0) for x in (q, kk, v))  # [D, heads, K]
+        parts = split_fused(w, cfg)
+        return parts if is_bias else tuple(np.moveaxis(x, -1, 0) for x in parts)  # [D, heads, K]
 
     def to_hf(q, kk, v):
         if not is_bias:
             q, kk, v = (np.moveaxis(x, 0, -1) for x in (q, kk, v))
-        fused = np.concatenate([q.reshape(h, g, k, *rest), kk[:, None], v[:, None]], axis=1)
-        return (fused.reshape(hf_shape),)
+        return (join_fused(q, kk, v, cfg),)
 
     return Group((name,), (hf_shape,), paths, to_jax, to_hf)
 

@@ -33,6 +33,13 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` continuing earlier text: a tokenizer that prepends a space marker to every
+        encode (Llama's Metaspace) does not here. Encodes after a newline anchor and drops its ids."""
+        anchor = self._tok.encode("\n", add_special_tokens=False).ids
+        ids = self._tok.encode("\n" + text, add_special_tokens=False).ids
+        return ids[len(anchor):] if ids[:len(anchor)] == anchor else self.encode(text)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id], skip_special_tokens=False)
 

@@ -14,6 +14,8 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "reference")
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "alibi")
 MLPS = ("swiglu", "gelu", "gelu_tanh")
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "qkv", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -50,6 +52,15 @@ class ModelConfig:
     num_block_norms: int = 2  # norms per layer; 1 = attn and MLP share one (parallel_block only)
     use_bias: bool = False  # biases on every projection (BLOOM; Falcon's `bias`)
     embed_norm: bool = False  # a norm right after the token embedding (BLOOM)
+    # Adapters and a quantized frozen base (set from a run's `lora` section; see jaxllm.models.lora).
+    lora_rank: int = 0  # r of the LoRA adapters; 0 = none
+    lora_alpha: float = 16.0  # the update is scaled by alpha / r (alpha / sqrt(r) with lora_rslora)
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: tuple[str, ...] = ()  # projections with adapters: q_proj k_proj v_proj o_proj gate_proj
+    #                                     up_proj down_proj, or qkv (one A shared by q, k, v: query_key_value)
+    lora_rslora: bool = False
+    quantization: str = "none"  # the attention/MLP kernels stored as none | nf4 | int8 (lm_head stays float)
+    quant_block_size: int = 64  # weights per quantization block (along each kernel's input)
 
     def __post_init__(self):
         def bad(msg: str):
@@ -76,9 +87,32 @@ class ModelConfig:
             bad(f"num_block_norms={self.num_block_norms}; use 2, or 1 with parallel_block=True")
         if self.position == "rope" and self.head_size % 2:
             bad(f"rotary positions need an even head size, got {self.head_size}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        unknown = [t for t in self.lora_targets if t not in LORA_MODULES]
+        if unknown:
+            bad(f"lora_targets {unknown} unknown; choose from {', '.join(LORA_MODULES)}")
+        if "qkv" in self.lora_targets and {"q_proj", "k_proj", "v_proj"} & set(self.lora_targets):
+            bad("lora_targets: qkv (the fused query_key_value) already covers q_proj, k_proj and v_proj")
+        if self.lora_rank < 0 or (self.lora_targets and self.lora_rank == 0):
+            bad(f"lora_rank={self.lora_rank}; give a positive rank for lora_targets {list(self.lora_targets)}")
+        if self.quantization not in QUANTIZATIONS:
+            bad(f"quantization={self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            bad(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def lora_scaling(self) -> float:
+        if not self.lora_rank:
+            return 0.0
+        return self.lora_alpha / (self.lora_rank ** 0.5 if self.lora_rslora else self.lora_rank)
+
+    @property
+    def jnp_norm_dtype(self) -> Any:
+        """Norm params stay float32 on a quantized base (QLoRA keeps layer norms in full precision)."""
+        return jnp.float32 if self.quantization != "none" else self.jnp_param_dtype
 
     @property
     def kv_heads(self) -> int:

@@ -34,10 +34,10 @@ class DecoderLayer(nn.Module):
         h_BLD = attention(normed_BLD, segment_ids_BL, positions_BL)
         if cfg.parallel_block:
             mlp_in_BLD = normed_BLD if cfg.num_block_norms == 1 else norm(cfg, "post_attention_layernorm")(x_BLD)
-            h_BLD = h_BLD + MLP(cfg, name="mlp")(mlp_in_BLD)
+            h_BLD = h_BLD + MLP(cfg, self.deterministic, name="mlp")(mlp_in_BLD)
         else:
             x_BLD = x_BLD + nn.Dropout(cfg.resid_dropout)(h_BLD, deterministic=self.deterministic)
-            h_BLD = MLP(cfg, name="mlp")(norm(cfg, "post_attention_layernorm")(x_BLD))
+            h_BLD = MLP(cfg, self.deterministic, name="mlp")(norm(cfg, "post_attention_layernorm")(x_BLD))
         x_BLD = x_BLD + nn.Dropout(cfg.resid_dropout)(h_BLD, deterministic=self.deterministic)
         x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
         if cfg.scan_layers:

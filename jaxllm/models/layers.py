@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxllm.models import quant
 from jaxllm.models.config import ModelConfig
 
 NEG_INF = -1e9
@@ -30,7 +32,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x_BLD):
         scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                             (x_BLD.shape[-1],), self.cfg.jnp_param_dtype)
+                             (x_BLD.shape[-1],), self.cfg.jnp_norm_dtype)
         x32_BLD = x_BLD.astype(jnp.float32)
         normed = x32_BLD * jax.lax.rsqrt(jnp.mean(x32_BLD**2, axis=-1, keepdims=True) + self.cfg.norm_eps)
         return (normed * scale_D.astype(jnp.float32)).astype(self.cfg.jnp_dtype)
@@ -43,7 +45,7 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD):
-        d, dtype = x_BLD.shape[-1], self.cfg.jnp_param_dtype
+        d, dtype = x_BLD.shape[-1], self.cfg.jnp_norm_dtype
         scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,), dtype)
         bias_D = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,), dtype)
         x32_BLD = x_BLD.astype(jnp.float32)
@@ -137,10 +139,105 @@ def fused_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, implementation: str, bias
                                         implementation="xla")
 
 
-def _dense_general(cfg: ModelConfig, name: str, features, kernel_axes, bias_axes, axis=-1):
-    return nn.DenseGeneral(features, axis=axis, use_bias=cfg.use_bias, dtype=cfg.jnp_dtype,
-                           param_dtype=cfg.jnp_param_dtype, kernel_init=_init(cfg, kernel_axes),
-                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes), name=name)
+def _lora_a_init(fan_in: int):
+    """PEFT's default: kaiming_uniform(a=sqrt(5)) on A [r, fan_in], i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def lora_a_param(module: nn.Module, name: str, in_shape: tuple[int, ...], in_axes: tuple[str, ...]):
+    """A LoRA down-projection [*in, r], always float32 (the trainable adapter's optimizer needs it)."""
+    init = nn.with_logical_partitioning(_lora_a_init(math.prod(in_shape)), (*in_axes, "lora_rank"))
+    return module.param(name, init, (*in_shape, module.cfg.lora_rank), jnp.float32)
+
+
+def lora_down(cfg: ModelConfig, a, x, deterministic: bool, num_in: int):
+    """dropout(x) @ A in the compute dtype: [..., *in] -> [..., r]."""
+    x = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic) if cfg.lora_dropout else x
+    return _contract(x, a.astype(cfg.jnp_dtype), num_in)
+
+
+def _contract(x, w, num_in: int):
+    """x [..., *in] . w [*in, *out] -> [..., *out]."""
+    x_axes = tuple(range(x.ndim - num_in, x.ndim))
+    return jax.lax.dot_general(x, w, ((x_axes, tuple(range(num_in))), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def frozen_quantized_matmul(x, leaves, kernel_shape, num_in):
+    """x @ dequantize(leaves) for a frozen quantized base. The backward pass dequantizes again instead
+    of keeping a float copy of every layer's kernel alive, and keeps no activations (no kernel grad)."""
+    return _contract(x, quant.dequantize(leaves, x.dtype).reshape(kernel_shape), num_in)
+
+
+def _fqm_fwd(x, leaves, kernel_shape, num_in):
+    return frozen_quantized_matmul(x, leaves, kernel_shape, num_in), leaves
+
+
+def _fqm_bwd(kernel_shape, num_in, leaves, dy):
+    dtype = dy.dtype  # x's dtype: the output's
+    kernel = quant.dequantize(leaves, dtype).reshape(kernel_shape)
+    out_axes = tuple(range(num_in, kernel.ndim))
+    dy_axes = tuple(range(dy.ndim - len(out_axes), dy.ndim))
+    dx = jax.lax.dot_general(dy.astype(dtype), kernel, ((dy_axes, out_axes), ((), ())))
+    zeros = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.floating)
+                         else jnp.zeros_like(a), leaves)
+    return dx, zeros
+
+
+frozen_quantized_matmul.defvjp(_fqm_fwd, _fqm_bwd)
+
+
+class Linear(nn.Module):
+    """x @ kernel (+ bias) with kernel [*in, *out] (the layout of flax's Dense/DenseGeneral). With
+    `cfg.quantization` the kernel is a frozen NF4/int8 base, dequantized on the fly to the compute
+    dtype; with `lora` a LoRA update (alpha/r) * dropout(x) @ A @ B is added (B starts at zero, so
+    the base model is reproduced exactly). `lora_xa` passes a precomputed x @ A (an A shared by
+    several outputs, as in a fused query_key_value)."""
+
+    cfg: ModelConfig
+    features: tuple[int, ...]
+    axes: tuple[str, ...]  # logical axes of the kernel, inputs first
+    num_in: int = 1
+    lora: bool = False
+    quantize: bool = True  # whether cfg.quantization applies to this layer
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, lora_xa=None):
+        cfg, num_in = self.cfg, self.num_in
+        in_shape, features = tuple(x.shape[-num_in:]), tuple(self.features)
+        in_axes, out_axes = self.axes[:num_in], self.axes[num_in:]
+        kind = cfg.quantization if self.quantize else "none"
+        if kind == "none":
+            kernel = self.param("kernel", _init(cfg, self.axes), (*in_shape, *features), cfg.jnp_param_dtype)
+            kernel = kernel.astype(cfg.jnp_dtype)
+        else:
+            fan_in, fan_out = math.prod(in_shape), math.prod(features)
+            quant.check_shape(fan_in, cfg.quant_block_size, f"{self.name} ({fan_in} -> {fan_out})")
+            leaves = {}
+            for name, (shape, dtype) in quant.shapes(kind, (), fan_in, fan_out, cfg.quant_block_size).items():
+                axes = {2: ((in_axes[0] if name in ("kernel_nf4", "kernel_int8") else None), out_axes[0]),
+                        1: (None,), 0: ()}[len(shape)]
+                init = nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+                leaves[name] = self.param(name, init, shape, dtype)
+        x = x.astype(cfg.jnp_dtype)
+        if kind == "none":
+            y = _contract(x, kernel, num_in)
+        else:
+            y = frozen_quantized_matmul(x, leaves, (*in_shape, *features), num_in)
+        if self.lora:
+            if lora_xa is None:
+                lora_xa = lora_down(cfg, lora_a_param(self, "lora_a", in_shape, in_axes), x, self.deterministic,
+                                    num_in)
+            init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("lora_rank", *out_axes))
+            b = self.param("lora_b", init, (cfg.lora_rank, *features), jnp.float32)
+            y = y + _contract(lora_xa, b.astype(cfg.jnp_dtype), 1) * jnp.asarray(cfg.lora_scaling, cfg.jnp_dtype)
+        if cfg.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes), features,
+                              cfg.jnp_param_dtype)
+            y = y + bias.astype(cfg.jnp_dtype)
+        return y
 
 
 class Attention(nn.Module):
@@ -155,12 +252,20 @@ class Attention(nn.Module):
         cfg = self.cfg
         n, h, k = cfg.num_heads, cfg.kv_heads, cfg.head_size
 
-        def proj(name, heads, head_axis):
-            return _dense_general(cfg, name, (heads, k), ("embed", head_axis, "head_dim"), (head_axis, "head_dim"))
+        fused = "qkv" in cfg.lora_targets  # one LoRA A shared by q, k, v (Falcon/BLOOM query_key_value)
+        xa_BLR = None
+        if fused:
+            a = lora_a_param(self, "qkv_lora_a", (cfg.embed_dim,), ("embed",))
+            xa_BLR = lora_down(cfg, a, x_BLD.astype(cfg.jnp_dtype), self.deterministic, 1)
 
-        q_BLNK = constrain(proj("q_proj", n, "heads")(x_BLD), ("batch", "length", "heads", "head_dim"))
-        k_BLHK = constrain(proj("k_proj", h, "kv_heads")(x_BLD), ("batch", "length", "kv_heads", "head_dim"))
-        v_BLHK = constrain(proj("v_proj", h, "kv_heads")(x_BLD), ("batch", "length", "kv_heads", "head_dim"))
+        def proj(name, heads, head_axis):
+            lora = fused or name in cfg.lora_targets
+            return Linear(cfg, (heads, k), ("embed", head_axis, "head_dim"), lora=lora,
+                          deterministic=self.deterministic, name=name)(x_BLD, xa_BLR)
+
+        q_BLNK = constrain(proj("q_proj", n, "heads"), ("batch", "length", "heads", "head_dim"))
+        k_BLHK = constrain(proj("k_proj", h, "kv_heads"), ("batch", "length", "kv_heads", "head_dim"))
+        v_BLHK = constrain(proj("v_proj", h, "kv_heads"), ("batch", "length", "kv_heads", "head_dim"))
         if cfg.position == "rope":
             q_BLNK = rotary(q_BLNK, positions_BL, cfg.rope_theta)
             k_BLHK = rotary(k_BLHK, positions_BL, cfg.rope_theta)
@@ -183,8 +288,9 @@ class Attention(nn.Module):
 
     def _out(self, out_BLNK):
         out_BLNK = constrain(out_BLNK, ("batch", "length", "heads", "head_dim"))
-        return _dense_general(self.cfg, "o_proj", self.cfg.embed_dim, ("heads", "head_dim", "embed"), ("embed",),
-                              axis=(-2, -1))(out_BLNK)
+        cfg = self.cfg
+        return Linear(cfg, (cfg.embed_dim,), ("heads", "head_dim", "embed"), num_in=2, lora="o_proj" in cfg.lora_targets,
+                      deterministic=self.deterministic, name="o_proj")(out_BLNK)
 
     def _cache_vars(self, k_BSHK, segment_ids_BS):
         zeros = lambda shape, dtype: lambda: jnp.zeros(shape, dtype)  # noqa: E731
@@ -220,15 +326,15 @@ class MLP(nn.Module):
     """SwiGLU down(silu(gate(x)) * up(x)) (Llama), or down(gelu(up(x))) (Falcon exact, BLOOM tanh)."""
 
     cfg: ModelConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x_BLD):
         cfg = self.cfg
 
         def dense(name, features, axes):
-            return nn.Dense(features, use_bias=cfg.use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                            kernel_init=_init(cfg, axes),
-                            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]), name=name)
+            return Linear(cfg, (features,), axes, lora=name in cfg.lora_targets, deterministic=self.deterministic,
+                          name=name)
 
         if cfg.mlp == "swiglu":
             gate_BLF = dense("gate_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD)

@@ -24,6 +24,8 @@ class CheckpointConfig:
     async_save: bool = True  # write in a background thread while training goes on
     resume: bool = True  # continue from the latest checkpoint in the workdir if there is one
     init_from: str = ""  # a fresh run starts from these params: a Hugging Face folder or `jaxllm convert` output
+    model_from_init: bool = False  # take the model's shapes from init_from's config (the model section then
+    #                                sets only run switches: dtype, remat, scan_layers, dropout, ...)
 
 
 class Checkpointer:

@@ -24,14 +24,17 @@ from jaxllm.data.pipeline import DataConfig, make_eval_iterator, make_train_iter
 from jaxllm.data.tokenizer import load_tokenizer
 from jaxllm.distributed import DistributedConfig, initialize
 from jaxllm.generate import GenerateConfig, generate, wrap
+from jaxllm.models import lora
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder
 from jaxllm.train import step as st
 from jaxllm.train.checkpoint import CheckpointConfig, Checkpointer, abstract_with_shardings
 from jaxllm.train.metrics import MetricsWriter, peak_tflops, step_metrics
 from jaxllm.train.optimizer import OptimConfig, make_optimizer
+from jaxllm.train.prune import PruneConfig, sparsity, with_pruning
 
-SECTIONS = ("seed", "model", "data", "optim", "train", "mesh", "checkpoint", "generate", "distributed")
+SECTIONS = ("seed", "model", "data", "optim", "train", "mesh", "checkpoint", "generate", "distributed", "lora",
+            "prune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +68,76 @@ class Run:
     checkpoint: CheckpointConfig
     generate: GenerateConfig
     distributed: DistributedConfig
+    lora: lora.LoraConfig
+    prune: PruneConfig
 
 
 def parse(cfg: ml_collections.ConfigDict) -> Run:
+    """The run's parts; with `checkpoint.model_from_init` the model's shapes come from `init_from`."""
     check_sections(cfg, SECTIONS)
-    return Run(seed=int(cfg.get("seed", 0)), model=build(ModelConfig, cfg.get("model"), "model"),
+    checkpoint = build(CheckpointConfig, cfg.get("checkpoint"), "checkpoint")
+    model = build(ModelConfig, cfg.get("model"), "model")
+    if checkpoint.model_from_init:
+        model = _model_from_init(checkpoint.init_from, cfg.get("model") or {}, model)
+    run_lora = build(lora.LoraConfig, cfg.get("lora"), "lora")
+    prune = build(PruneConfig, cfg.get("prune"), "prune")
+    if prune.sparsity and run_lora.r:
+        raise JaxllmError("prune.sparsity > 0 prunes trained weights, but lora.r > 0 freezes them; prune a full "
+                          "fine-tuning run (lora.r=0) and fine-tune adapters afterwards")
+    return Run(prune=prune, seed=int(cfg.get("seed", 0)), model=lora.apply(run_lora, model), lora=run_lora,
                data=build(DataConfig, cfg.get("data"), "data"), optim=build(OptimConfig, cfg.get("optim"), "optim"),
                train=build(TrainConfig, cfg.get("train"), "train"), mesh=build(shd.MeshConfig, cfg.get("mesh"), "mesh"),
-               checkpoint=build(CheckpointConfig, cfg.get("checkpoint"), "checkpoint"),
-               generate=build(GenerateConfig, cfg.get("generate"), "generate"),
+               checkpoint=checkpoint, generate=build(GenerateConfig, cfg.get("generate"), "generate"),
                distributed=build(DistributedConfig, cfg.get("distributed"), "distributed"))
+
+
+def _model_from_init(source: str, section: Any, run_model: ModelConfig) -> ModelConfig:
+    """The source's ModelConfig with the run's non-shape fields (dtype, remat, dropout, ...) on top."""
+    from jaxllm.convert import SHAPE_FIELDS, source_model_config
+
+    if not source:
+        raise JaxllmError("checkpoint.model_from_init needs checkpoint.init_from (a Hugging Face folder)")
+    base = source_model_config(source)
+    shape_keys = [k for k in section.keys() if k in SHAPE_FIELDS or k in ("num_kv_heads", "head_dim")]
+    if shape_keys:
+        raise JaxllmError(f"model.{shape_keys[0]} comes from {source}'s config with checkpoint.model_from_init; "
+                          "remove it from the model section")
+    return dataclasses.replace(base, **{k: getattr(run_model, k) for k in section.keys()})
+
+
+def load_frozen(run: Run, mesh, trainable) -> tuple[dict, dict, Any]:
+    """(frozen params, initial values of the trainable base leaves, frozen shardings) of an adapter run:
+    the base from `checkpoint.init_from`, quantized when asked, split by `trainable`."""
+    if not run.checkpoint.init_from:
+        raise JaxllmError("lora.r > 0 fine-tunes a pretrained base: set checkpoint.init_from to a Hugging Face "
+                          "folder or `jaxllm convert` output")
+    model = Decoder(run.model)
+    boxed = st.abstract_params(model)
+    base = load_init_params(run.checkpoint.init_from, lora.base_config(run.model), mesh)
+    if run.model.quantization != "none":
+        base = lora.quantize_params(base, run.model, shd.shardings_for(boxed, mesh))
+    saved, frozen = lora.split(base, trainable)
+    return frozen, saved, shd.shardings_for(lora.split(boxed, trainable)[1], mesh)
+
+
+def fresh_adapter_params(run: Run, model, tx, mesh, trainable, saved: dict) -> Any:
+    """Trainable params of a new adapter run: PEFT-initialised adapters (or `lora.init_adapter`'s),
+    and the base's own values for `modules_to_save`."""
+    state, _ = st.init_state(model, tx, mesh, jax.random.key(run.seed), 1, trainable)
+    adapters, _ = lora.split(state.params, lambda path: path[-1] in lora.ADAPTER_LEAVES)
+    if run.lora.init_adapter:
+        from jaxllm.hf.peft import load_adapter
+
+        loaded, file_cfg = load_adapter(run.lora.init_adapter, run.model)
+        theirs = lora.apply(file_cfg, lora.base_config(run.model))
+        if (theirs.lora_rank, theirs.lora_targets) != (run.model.lora_rank, run.model.lora_targets):
+            raise JaxllmError(f"lora.init_adapter {run.lora.init_adapter} has r={theirs.lora_rank} on "
+                              f"{list(theirs.lora_targets)}; set lora.r and lora.target_modules to match")
+        loaded_adapters, loaded_saved = lora.split(loaded, lambda path: path[-1] in lora.ADAPTER_LEAVES)
+        adapters = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
+                                loaded_adapters, adapters)
+        saved = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), loaded_saved, saved)
+    return lora.merge(adapters, saved)
 
 
 class _StopFlag:
@@ -135,25 +198,32 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     shd.check_batch(run.data.batch_size, mesh, run.optim.grad_accum_steps)
 
     model = Decoder(run.model)
-    tx, schedule = make_optimizer(run.optim, run.train.steps)
-    boxed = st.abstract_state(model, tx, run.data.block_size)
+    tx, schedule = _optimizer(run)
+    trainable = lora.trainable_fn(run.lora, run.model)
+    boxed = st.abstract_state(model, tx, run.data.block_size, trainable)
     shardings = st.state_shardings(boxed, mesh)
+    frozen, frozen_sh, saved = {}, None, {}
+    if trainable is not None:
+        frozen, saved, frozen_sh = load_frozen(run, mesh, trainable)
     train_iter = make_train_iterator(run.data, tokenizer, process_index=jax.process_index(),
                                      process_count=jax.process_count())
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint)
     if run.checkpoint.resume and ckpt.latest_step() is not None:
         abstract = abstract_with_shardings(nn.meta.unbox(boxed), shardings)
         state = ckpt.restore(abstract, train_iter)
+    elif trainable is not None:
+        state = st.state_from_params(fresh_adapter_params(run, model, tx, mesh, trainable, saved), tx, shardings)
     else:
         state, _ = st.init_state(model, tx, mesh, jax.random.key(run.seed), run.data.block_size)
         if run.checkpoint.init_from:
             state = state.replace(params=load_init_params(run.checkpoint.init_from, run.model, mesh))
+    del saved
     start = int(jax.device_get(state.step))
 
     train_step = st.jit_train_step(
         st.make_train_step(model, tx, schedule, st.StepConfig(run.optim.grad_accum_steps, run.train.z_loss,
-                                                              run.seed)), shardings, mesh)
-    eval_step = st.make_eval_step(model, mesh, shardings.params)
+                                                              run.seed)), shardings, mesh, frozen_sh)
+    eval_step = st.make_eval_step(model, mesh, shardings.params, frozen_sh)
     eval_iter_fn = lambda: make_eval_iterator(run.data, tokenizer, process_index=jax.process_index(),  # noqa: E731
                                               process_count=jax.process_count())
     flops_per_token = run.model.train_flops_per_token(run.data.block_size)
@@ -165,6 +235,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.write_config(to_json(cfg))
     if start:
         writer.log(f"resumed from {ckpt.directory}/{start}")
+    if trainable is not None:
+        n_train = lora.count(state.params)
+        writer.log(f"training {n_train:,} params ({100 * n_train / run.model.num_params():.2f}% of the model): "
+                   f"LoRA r={run.lora.r} on {', '.join(run.model.lora_targets)}; base {run.model.quantization}")
     writer.log(f"model: {run.model.num_params():,} params; mesh {dict(mesh.shape)}; "
                f"{jax.device_count()} devices, {jax.process_count()} processes")
     stop = _StopFlag()
@@ -176,12 +250,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     try:
         while step < run.train.steps:
             batch = shd.global_batch(next(train_iter), mesh)
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, batch, frozen)
             window.append(metrics)
             step += 1
             writer.advance(step)
             if step % run.train.log_every == 0 or step == run.train.steps:
                 values = _window_mean(jax.device_get(window))
+                if run.prune.sparsity:
+                    values["sparsity"] = float(sparsity(state.params, run.prune))
                 window = []
                 dt = (time.perf_counter() - t0) / max(step - last_logged, 1)
                 values.update(step_time_s=dt, **step_metrics(step_time_s=dt, tokens=tokens_per_step,
@@ -193,7 +269,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             evaluate_now = (run.train.eval_every and step % run.train.eval_every == 0) or step == run.train.steps
             val_loss = None
             if evaluate_now:
-                ev = evaluate(eval_step, state.params, eval_iter_fn, mesh, run.train.eval_batches)
+                ev = evaluate(lambda p, b: eval_step(p, b, frozen), state.params, eval_iter_fn, mesh,
+                              run.train.eval_batches)
                 writer.write(step, ev, prefix="val")
                 writer.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.1f}")
                 val_loss = last_val = ev["loss"]
@@ -222,15 +299,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ckpt.close()
     final.update(step=step, best_val_loss=best if best < float("inf") else last_val)
     if run.generate.max_new_tokens and not final.get("preempted"):
-        text = sample(model, state.params, tokenizer, run.generate)
+        text = sample(model, lora.merge(state.params, frozen), tokenizer, run.generate)
         writer.log("sample:\n" + wrap(run.generate.prompt + text))
         final["sample"] = text
     writer.close()
     return final
 
 
-def load_trained(workdir: str):
-    """(model, params, tokenizer, add_bos) from the latest checkpoint of a training workdir."""
+def load_run(workdir: str) -> tuple[Run, Any, dict]:
+    """(run, trained params, frozen params) from the latest checkpoint of a training workdir; an adapter
+    run's frozen base is rebuilt from its `init_from` (quantized as it was trained)."""
     path = os.path.join(workdir, "config.json")
     try:
         with open(path) as f:
@@ -239,15 +317,29 @@ def load_trained(workdir: str):
         raise JaxllmError(f"cannot read {path} ({e}); is {workdir!r} a jaxllm workdir?") from None
     run = parse(cfg)
     model = Decoder(run.model)
-    tx, _ = make_optimizer(run.optim, run.train.steps)
+    tx = _optimizer(run)[0]
     mesh = shd.make_mesh(shd.MeshConfig(data=-1))
-    boxed = st.abstract_state(model, tx, run.data.block_size)
+    trainable = lora.trainable_fn(run.lora, run.model)
+    boxed = st.abstract_state(model, tx, run.data.block_size, trainable)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), dataclasses.replace(run.checkpoint, async_save=False))
     if ckpt.latest_step() is None:
         raise JaxllmError(f"no checkpoint in {workdir}/checkpoints; train first")
     state = ckpt.restore(abstract_with_shardings(nn.meta.unbox(boxed), st.state_shardings(boxed, mesh)))
     ckpt.close()
-    return model, state.params, load_tokenizer(run.data), run.data.add_bos
+    frozen = load_frozen(run, mesh, trainable)[0] if trainable is not None else {}
+    return run, state.params, frozen
+
+
+def load_trained(workdir: str):
+    """(model, params, tokenizer, add_bos) from the latest checkpoint of a training workdir."""
+    run, params, frozen = load_run(workdir)
+    return Decoder(run.model), lora.merge(params, frozen), load_tokenizer(run.data), run.data.add_bos
+
+
+def _optimizer(run: Run):
+    """The run's optimizer (with magnitude pruning chained last when asked) and its schedule."""
+    tx, schedule = make_optimizer(run.optim, run.train.steps)
+    return with_pruning(tx, run.prune), schedule
 
 
 def _window_mean(window: list[dict]) -> dict[str, float]:

@@ -13,12 +13,16 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm import sharding as shd
+from jaxllm.models.lora import merge, split
 
 Batch = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
 class TrainState:
+    """What training updates and checkpoints. With adapters, `params` holds only the trainable subset;
+    the frozen base is passed to the step separately (no gradients, no optimizer state, not saved)."""
+
     step: jax.Array
     params: Any
     opt_state: Any
@@ -29,11 +33,17 @@ def _dummy_inputs(seq_len: int) -> jax.Array:
     return jnp.zeros((1, seq_len), jnp.int32)
 
 
-def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int) -> Any:
-    """The state's shapes with logical-axis boxes, computed without allocating anything."""
+def abstract_params(model: nn.Module, seq_len: int = 1) -> Any:
+    """All params' shapes with logical-axis boxes, computed without allocating anything."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_inputs(seq_len))["params"])
+
+
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
+                   trainable: Callable | None = None) -> Any:
+    """The state's shapes with logical-axis boxes (`trainable`: path predicate of the trained subset)."""
 
     def init(rng):
-        params = model.init(rng, _dummy_inputs(seq_len))["params"]
+        params, _ = split(model.init(rng, _dummy_inputs(seq_len))["params"], trainable)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           skipped=jnp.zeros((), jnp.int32))
 
@@ -45,19 +55,29 @@ def state_shardings(boxed_abstract: Any, mesh: Mesh) -> Any:
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
-               seq_len: int) -> tuple[TrainState, Any]:
-    """Initialises params and optimizer state directly sharded (never materialised on one device)."""
-    boxed = abstract_state(model, tx, seq_len)
+               seq_len: int, trainable: Callable | None = None) -> tuple[TrainState, Any]:
+    """Initialises params and optimizer state directly sharded (never materialised on one device).
+    With `trainable`, only that subset is made (XLA drops the rest of the init)."""
+    boxed = abstract_state(model, tx, seq_len, trainable)
     shardings = state_shardings(boxed, mesh)
 
     def init(rng):
-        params = nn.meta.unbox(model.init(rng, _dummy_inputs(seq_len))["params"])
+        params, _ = split(nn.meta.unbox(model.init(rng, _dummy_inputs(seq_len))["params"]), trainable)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           skipped=jnp.zeros((), jnp.int32))
 
     with shd.axis_rules():
         state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
+
+
+def state_from_params(params: Any, tx: optax.GradientTransformation, shardings: Any) -> TrainState:
+    """A step-0 state around given trainable params (fresh optimizer state), placed with `shardings`."""
+    def make(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          skipped=jnp.zeros((), jnp.int32))
+
+    return jax.jit(make, out_shardings=shardings)(params)
 
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
@@ -85,21 +105,23 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     cfg: StepConfig) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """`train_step(state, batch) -> (state, metrics)`; pure, to be jitted by `jit_train_step`."""
+    """`train_step(state, batch, frozen) -> (state, metrics)`; pure, to be jitted by `jit_train_step`.
+    Gradients are taken with respect to `state.params` only; `frozen` (the rest of the model's params,
+    {} for full training) is read, never differentiated."""
 
-    def summed_loss(params, mb: Batch, rng):
-        logits = model.apply({"params": params}, mb["inputs"], mb["positions"], mb["segment_ids"],
+    def summed_loss(params, frozen, mb: Batch, rng):
+        logits = model.apply({"params": merge(params, frozen)}, mb["inputs"], mb["positions"], mb["segment_ids"],
                              deterministic=False, rngs={"dropout": rng})
         ce, z = cross_entropy(logits, mb["targets"], mb["loss_weights"], cfg.z_loss)
         return ce + z, (ce, z, jnp.sum(mb["loss_weights"].astype(jnp.float32)))
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, frozen: Any):
         rng = jax.random.fold_in(jax.random.key(cfg.dropout_seed), state.step)
         m = cfg.micro_batches
         if m == 1:
-            (_, (ce, z, weight)), grads = grad_fn(state.params, batch, rng)
+            (_, (ce, z, weight)), grads = grad_fn(state.params, frozen, batch, rng)
         else:
             def split(x):  # micro-batch i takes rows i, i+m, ...: every micro-batch spans all devices
                 b = x.shape[0]
@@ -110,7 +132,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
             def body(carry, inp):
                 mb, i = inp
-                (_, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                (_, aux), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, carry, (g, aux)), None
 
             zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()),) * 3)
@@ -139,43 +161,46 @@ def _in_mesh() -> bool:
     return not mesh_lib.thread_resources.env.physical_mesh.empty
 
 
-def jit_train_step(step_fn, shardings: Any, mesh: Mesh):
-    """Jits with explicit in/out shardings; the old state is donated (updated in place)."""
+def jit_train_step(step_fn, shardings: Any, mesh: Mesh, frozen_shardings: Any = None):
+    """Jits with explicit in/out shardings; the old state is donated (updated in place).
+    `run(state, batch, frozen={})`."""
     batch_sh = shd.batch_sharding(mesh)
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, shd.replicated(mesh)),
-                     donate_argnums=0)
+    frozen_sh = {} if frozen_shardings is None else frozen_shardings
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, frozen_sh),
+                     out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0)
 
-    def run(state, batch):
+    def run(state, batch, frozen=None):
         with shd.activate(mesh):
-            return jitted(state, batch)
+            return jitted(state, batch, {} if frozen is None else frozen)
 
-    run.lower = lambda state, batch: _lower(jitted, mesh, state, batch)
+    run.lower = lambda state, batch, frozen=None: _lower(jitted, mesh, state, batch, {} if frozen is None else frozen)
     return run
 
 
-def _lower(jitted, mesh, state, batch):
+def _lower(jitted, mesh, *args):
     with shd.activate(mesh):
-        return jitted.lower(state, batch)
+        return jitted.lower(*args)
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any):
-    """`eval_step(params, batch) -> (loss_sum, weight_sum)`, deterministic (no dropout)."""
+def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, frozen_shardings: Any = None):
+    """`eval_step(params, batch, frozen={}) -> (loss_sum, weight_sum)`, deterministic (no dropout)."""
 
-    def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+    def eval_step(params, batch, frozen):
+        logits = model.apply({"params": merge(params, frozen)}, batch["inputs"], batch["positions"], batch["segment_ids"],
                              deterministic=True)
         ce, _ = cross_entropy(logits, batch["targets"], batch["loss_weights"])
         return ce, jnp.sum(batch["loss_weights"].astype(jnp.float32))
 
-    jitted = jax.jit(eval_step, in_shardings=(param_shardings, shd.batch_sharding(mesh)),
+    frozen_sh = {} if frozen_shardings is None else frozen_shardings
+    jitted = jax.jit(eval_step, in_shardings=(param_shardings, shd.batch_sharding(mesh), frozen_sh),
                      out_shardings=shd.replicated(mesh))
 
-    def run(params, batch):
+    def run(params, batch, frozen=None):
         with shd.activate(mesh):
-            return jitted(params, batch)
+            return jitted(params, batch, {} if frozen is None else frozen)
 
     return run
 
 
-__all__ = ["TrainState", "StepConfig", "abstract_state", "init_state", "cross_entropy", "make_train_step",
+__all__ = ["TrainState", "StepConfig", "abstract_params", "abstract_state", "init_state", "state_from_params", "cross_entropy", "make_train_step",
            "jit_train_step", "make_eval_step", "NamedSharding"]

@@ -1,0 +1,219 @@
+"""LoRA adapters in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors`
+with keys `base_model.model.<module>.lora_A.weight` ([r, in]) and `lora_B.weight` ([out, r]), torch
+layout, so `peft.PeftModel.from_pretrained(base, folder)` loads them with no missing keys; and back.
+
+A PEFT adapter on a fused Falcon/BLOOM `query_key_value` is one A and one B over the fused rows;
+jaxllm keeps that A (`qkv_lora_a`) and splits B's rows into q, k and v with the base weight's layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxllm import JaxllmError
+from jaxllm.hf.layout import global_groups, join_fused, layer_groups, split_fused
+from jaxllm.hf.weights import _host
+from jaxllm.models import lora
+from jaxllm.models.config import ModelConfig
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _layer(tree: dict, cfg: ModelConfig, i: int) -> dict:
+    """Layer i's param dict (a slice of a scanned model's stacked leaves)."""
+    if cfg.scan_layers:
+        return jax.tree.map(lambda x: x[i], tree["layers"])
+    return tree[f"layers_{i}"]
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(_host(x), np.float32)
+
+
+def adapter_tensors(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig) -> dict[str, np.ndarray]:
+    """PEFT state dict (name -> float32 array) of the trainable params of an adapter run."""
+    out: dict[str, np.ndarray] = {}
+    modules = lora.hf_modules(cfg)
+    for i in range(cfg.num_layers):
+        layer = _layer(params, cfg, i)
+        attn, mlp = layer.get("self_attn", {}), layer.get("mlp", {})
+        for ours in cfg.lora_targets:
+            name = PREFIX + modules[ours].format(i=i)
+            if ours == "qkv":
+                a = _np(attn["qkv_lora_a"])
+                bq, bk, bv = (np.moveaxis(_np(attn[p]["lora_b"]), 0, -1) for p in ("q_proj", "k_proj", "v_proj"))
+                b = join_fused(bq, bk, bv, cfg)
+            else:
+                module = (attn if ours in ("q_proj", "k_proj", "v_proj", "o_proj") else mlp)[ours]
+                a, b = _np(module["lora_a"]), _np(module["lora_b"])
+                b = b.reshape(b.shape[0], -1).T
+            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b)
+    saved = lora.save_paths(lcfg, cfg)
+    for layered, groups in ((False, global_groups(cfg)), (True, layer_groups(cfg))):
+        for group in groups:
+            if not any((("{i}",) + p if layered else p) in saved for p in group.paths):
+                continue
+            for i in (range(cfg.num_layers) if layered else [None]):
+                tree = _layer(params, cfg, i) if layered else params
+                leaves = [_np(lora._get(tree, p)) for p in group.paths]
+                for hf_name, array in zip(group.hf_names, group.to_hf(*leaves)):
+                    out[PREFIX + hf_name.format(i=i)] = np.ascontiguousarray(array, np.float32)
+    return out
+
+
+def adapter_config(cfg: ModelConfig, lcfg: lora.LoraConfig, base_model: str = "") -> dict[str, Any]:
+    """The adapter_config.json PEFT reads: target modules by their Hugging Face names."""
+    modules = lora.hf_modules(cfg)
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
+        "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+        "use_rslora": cfg.lora_rslora, "target_modules": sorted(modules[t].rsplit(".", 1)[1] for t in cfg.lora_targets),
+        "modules_to_save": list(lcfg.modules_to_save) or None, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "revision": None,
+    }
+
+
+def save_adapter(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig, path: str, *, base_model: str = "") -> None:
+    """Writes a PEFT adapter folder atomically (a temporary folder renamed into place)."""
+    tensors = adapter_tensors(params, cfg, lcfg)
+    if jax.process_index() != 0:
+        return
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump(adapter_config(cfg, lcfg, base_model), f, indent=2, sort_keys=True)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_adapter_config(path: str) -> lora.LoraConfig:
+    file = os.path.join(path, CONFIG)
+    try:
+        with open(file) as f:
+            c = json.load(f)
+    except OSError:
+        raise JaxllmError(f"{file} not found; point at a PEFT adapter folder (adapter_config.json + "
+                          f"{WEIGHTS})") from None
+    except json.JSONDecodeError as e:
+        raise JaxllmError(f"{file} is not valid JSON ({e})") from None
+    if c.get("peft_type", "LORA") != "LORA":
+        raise JaxllmError(f"{file}: peft_type {c.get('peft_type')!r}; jaxllm reads LoRA adapters only")
+    for key in ("use_dora", "layers_to_transform"):
+        if c.get(key):
+            raise JaxllmError(f"{file}: {key} is set; jaxllm reads plain LoRA adapters on every layer")
+    if c.get("rank_pattern") or c.get("alpha_pattern"):
+        raise JaxllmError(f"{file}: rank_pattern/alpha_pattern are not supported (one r and alpha for all modules)")
+    targets = c.get("target_modules") or []
+    return lora.LoraConfig(r=int(c["r"]), alpha=float(c.get("lora_alpha", 8)), dropout=float(c.get("lora_dropout") or 0),
+                           target_modules=(targets,) if isinstance(targets, str) else tuple(targets),
+                           modules_to_save=tuple(c.get("modules_to_save") or ()), rslora=bool(c.get("use_rslora")))
+
+
+def load_adapter(path: str, cfg: ModelConfig) -> tuple[dict, lora.LoraConfig]:
+    """(trainable params in jaxllm's layout, the adapter's LoraConfig) for base model `cfg` (host
+    arrays). An adapter made for another base (names or shapes) is a one-line error naming the tensor."""
+    path = os.path.expanduser(path)
+    lcfg = read_adapter_config(path)
+    base = lora.base_config(cfg)
+    cfg = lora.apply(lcfg, base)
+    file = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(file):
+        raise JaxllmError(f"{file} not found; the adapter folder is incomplete")
+    with safe_open(file, framework="numpy") as f:
+        stored = {name.replace(".default.", "."): name for name in f.keys()}
+        used: set[str] = set()
+
+        def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            if name not in stored:
+                raise JaxllmError(f"{file}: tensor {name!r} is missing; the adapter does not match this base model")
+            array = f.get_tensor(stored[name]).astype(np.float32)
+            if tuple(array.shape) != tuple(shape):
+                raise JaxllmError(f"{file}: tensor {name!r} has shape {tuple(array.shape)} but this base model "
+                                  f"needs {tuple(shape)}; the adapter was made for another base model")
+            used.add(name)
+            return array
+
+        layers = [_read_layer(read, cfg, i) for i in range(cfg.num_layers)]
+        params = ({"layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)} if cfg.scan_layers
+                  else {f"layers_{i}": layer for i, layer in enumerate(layers)})
+        params = lora.merge(params, _read_saved(read, cfg, lcfg))
+        extra = sorted(set(stored) - used)
+        if extra:
+            raise JaxllmError(f"{file}: tensor {extra[0]!r} matches no module of this base model "
+                              f"({len(extra)} unmatched); the adapter was made for another base model")
+    return params, lcfg
+
+
+def _read_layer(read, cfg: ModelConfig, i: int) -> dict:
+    n, h, k, d, f, r = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.embed_dim, cfg.mlp_dim, cfg.lora_rank
+    modules = lora.hf_modules(cfg)
+    shapes = {"q_proj": ((d,), (n, k)), "k_proj": ((d,), (h, k)), "v_proj": ((d,), (h, k)), "o_proj": ((n, k), (d,)),
+              "gate_proj": ((d,), (f,)), "up_proj": ((d,), (f,)), "down_proj": ((f,), (d,))}
+    layer: dict = {"self_attn": {}, "mlp": {}}
+    for ours in cfg.lora_targets:
+        name = PREFIX + modules[ours].format(i=i)
+        if ours == "qkv":
+            a = read(f"{name}.lora_A.weight", (r, d))
+            b = read(f"{name}.lora_B.weight", ((n + 2 * h) * k, r))
+            layer["self_attn"]["qkv_lora_a"] = np.ascontiguousarray(a.T)
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), split_fused(b, cfg)):
+                layer["self_attn"][proj] = {"lora_b": np.ascontiguousarray(np.moveaxis(part, -1, 0))}
+            continue
+        in_shape, out_shape = shapes[ours]
+        a = read(f"{name}.lora_A.weight", (r, int(np.prod(in_shape))))
+        b = read(f"{name}.lora_B.weight", (int(np.prod(out_shape)), r))
+        parent = "mlp" if ours in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        layer[parent][ours] = {"lora_a": np.ascontiguousarray(a.T.reshape(*in_shape, r)),
+                               "lora_b": np.ascontiguousarray(b.T.reshape(r, *out_shape))}
+    return {key: value for key, value in layer.items() if value}
+
+
+def _read_saved(read, cfg: ModelConfig, lcfg: lora.LoraConfig) -> dict:
+    """The `modules_to_save` params stored in full (PEFT writes them under their plain names)."""
+    saved = lora.save_paths(lcfg, cfg)
+    out: dict = {}
+    if not saved:
+        return out
+    for is_layer, groups in ((False, global_groups(cfg)), (True, layer_groups(cfg))):
+        for group in groups:
+            if not any((("{i}",) + p if is_layer else p) in saved for p in group.paths):
+                continue
+            per_layer = []
+            for i in (range(cfg.num_layers) if is_layer else [None]):
+                arrays = [read(PREFIX + n.format(i=i), s) for n, s in zip(group.hf_names, group.hf_shapes)]
+                per_layer.append(group.to_jax(*arrays))
+            for j, p in enumerate(group.paths):
+                if not is_layer:
+                    _set(out, p, per_layer[0][j])
+                elif cfg.scan_layers:
+                    _set(out, ("layers", *p), np.stack([x[j] for x in per_layer]))
+                else:
+                    for i, x in enumerate(per_layer):
+                        _set(out, (f"layers_{i}", *p), x[j])
+    return out
+
+
+def _set(tree: dict, path, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

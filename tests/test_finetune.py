@@ -1,0 +1,179 @@
+"""`jaxllm finetune` end to end on tiny local Hugging Face models: autotrain flags -> config, LoRA and
+QLoRA runs on the bundled chat set, adapter-only checkpoints, PEFT/transformers loading the outputs,
+adapter import to continue or generate, pruning through the loop, and bad input."""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_hf import _assert_close, _hf_logits, _jax_logits, _padded_batch  # noqa: E402
+
+from jaxllm import JaxllmError, cli  # noqa: E402
+from jaxllm.finetune import add_arguments, flags_to_config  # noqa: E402
+from jaxllm.train.loop import load_run, load_trained  # noqa: E402
+
+FAST = ["--config.train.progress=False", "--config.train.eval_batches=2", "--config.checkpoint.async_save=False",
+        "--config.generate.max_new_tokens=0"]
+
+
+def _base(tmp_path_factory, kind: str) -> str:
+    """A tiny random HF model folder with a SentencePiece tokenizer trained on the embedded corpus."""
+    from jaxllm.data.pipeline import DataConfig
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(DataConfig(vocab_size=512))
+    out = str(tmp_path_factory.mktemp(kind))
+    common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, initializer_range=0.1,
+                  bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    config = {"llama": lambda: transformers.LlamaConfig(intermediate_size=128, num_attention_heads=4,
+                                                        num_key_value_heads=2, **common),
+              "falcon": lambda: transformers.FalconConfig(num_attention_heads=4, new_decoder_architecture=True,
+                                                          num_kv_heads=2, **common)}[kind]()
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    shutil.copy(tok.path, os.path.join(out, "tokenizer.model"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _base(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def falcon(tmp_path_factory):
+    return _base(tmp_path_factory, "falcon")
+
+
+def _args(argv):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_autotrain_flags_map_onto_the_config(llama, tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps({"conv": "### Human: hi### Assistant: hello"}) + "\n")
+    cfg, workdir = flags_to_config(_args([
+        "--model", llama, "--data_path", str(jsonl), "--text_column", "conv", "--project_name", "p",
+        "--lr", "2e-4", "--train_batch_size", "2", "--gradient_accumulation", "4", "--max_steps", "500",
+        "--trainer", "sft", "--model_max_length", "512", "--block_size", "-1", "--use_peft", "--use_int4",
+        "--lora_r", "64", "--lora_alpha", "16", "--lora_dropout", "0.1", "--target_modules",
+        "query_key_value,dense", "--mixed_precision", "bf16", "--max_grad_norm", "0.3", "--warmup_ratio", "0.03",
+        "--scheduler", "constant", "--weight_decay", "0.01", "--seed", "7"]), ["train.log_every=5"])
+    assert workdir == "p"
+    assert (cfg.checkpoint.init_from, cfg.checkpoint.model_from_init, cfg.data.tokenizer) == (llama, True, llama)
+    assert (cfg.data.source, cfg.data.paths, cfg.data.text_field) == ("jsonl", (str(jsonl),), "conv")
+    assert (cfg.data.block_size, cfg.data.batch_size, cfg.optim.grad_accum_steps) == (512, 8, 4)
+    assert (cfg.optim.learning_rate, cfg.optim.schedule, cfg.optim.grad_clip, cfg.optim.weight_decay) == (
+        2e-4, "constant", 0.3, 0.01)
+    assert (cfg.train.steps, cfg.optim.warmup_steps, cfg.train.log_every, cfg.seed) == (500, 15, 5, 7)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.quantization) == (64, 16.0, 0.1, "nf4")
+    assert cfg.lora.target_modules == ("query_key_value", "dense") and cfg.model.dtype == "bfloat16"
+    full, _ = flags_to_config(_args(["--model", llama, "--data_path", "embedded", "--epochs", "1",
+                                     "--batch_size", "8", "--block_size", "64"]), [])
+    assert full.lora.r == 0  # no --use_peft: full fine-tuning, as autotrain
+    assert 20 < full.train.steps < 400  # ~1,400 short Q&A examples packed into 64-token rows, 8 a batch
+    with pytest.raises(JaxllmError, match="does not download"):
+        flags_to_config(_args(["--model", llama, "--data_path", "timdettmers/openassistant-guanaco"]), [])
+    with pytest.raises(JaxllmError, match="not a Hugging Face model folder"):
+        flags_to_config(_args(["--model", str(tmp_path)]), [])
+
+
+def test_lora_finetune_exports_a_peft_adapter_and_a_merged_model(falcon, tmp_path, capsys):
+    run_dir, save = str(tmp_path / "run"), str(tmp_path / "out")
+    argv = ["finetune", "--model", falcon, "--data_path", "embedded", "--use_peft", "--lora_r", "4",
+            "--lora_alpha", "8", "--max_steps", "8", "--batch_size", "8", "--block_size", "64", "--lr", "3e-3",
+            "--project_name", run_dir, "--save_dir", save, "--merge_adapter", "--config.train.eval_every=4", *FAST]
+    assert cli.run(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    val = [m["loss"] for m in metrics if m["split"] == "val"]
+    assert len(val) == 2 and val[1] < val[0] and summary["written"]["adapter"].endswith("adapter")
+
+    run, trainable, frozen = load_run(run_dir)  # the checkpoint holds the adapters alone
+    assert {str(p[-1].key) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)} == {"qkv_lora_a", "lora_a",
+                                                                                           "lora_b"}
+    model, params, _, _ = load_trained(run_dir)
+    ids, mask, positions = _padded_batch()
+    ids = ids % 512
+    ours = _jax_logits(model, params, ids, mask, positions)
+    base = transformers.AutoModelForCausalLM.from_pretrained(falcon)
+    peft_model = peft.PeftModel.from_pretrained(base, os.path.join(save, "adapter")).eval()
+    _assert_close(ours, _hf_logits(peft_model, ids, mask, positions), mask, "finetuned adapter in PEFT")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(save, "merged")).eval()
+    _assert_close(ours, _hf_logits(merged, ids, mask, positions), mask, "merged export")
+    assert os.path.isfile(os.path.join(save, "merged", "tokenizer.model"))
+
+    assert cli.run(["generate", "--model", falcon, "--adapter", os.path.join(save, "adapter"), "--prompt",
+                    "### Human: What does print do?### Assistant:", "--max_new_tokens", "8", "--greedy"]) == 0
+    assert "### Assistant:" in capsys.readouterr().out
+
+    cont = str(tmp_path / "cont")  # continue training from the exported PEFT adapter
+    argv = ["finetune", "--model", falcon, "--data_path", "embedded", "--use_peft", "--lora_r", "4", "--lora_alpha",
+            "8", "--max_steps", "1", "--batch_size", "8", "--block_size", "64", "--lr", "1e-9", "--project_name",
+            cont, f"--config.lora.init_adapter={os.path.join(save, 'adapter')}", *FAST]
+    assert cli.run(argv) == 0
+    _, cont_params, _ = load_run(cont)
+    for a, b in zip(jax.tree.leaves(cont_params), jax.tree.leaves(trainable)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_qlora_finetune_trains_and_merges(llama, tmp_path, capsys):
+    run_dir, save = str(tmp_path / "run"), str(tmp_path / "out")
+    argv = ["finetune", "--model", llama, "--data_path", "embedded", "--use_peft", "--use_int4", "--lora_r", "4",
+            "--max_steps", "6", "--batch_size", "8", "--block_size", "64", "--lr", "3e-3", "--project_name", run_dir,
+            "--save_dir", save, "--merge_adapter", "--config.data.loss_on=assistant", "--config.train.eval_every=3",
+            *FAST]
+    assert cli.run(argv) == 0
+    val = [m["loss"] for m in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl"))) if m["split"] == "val"]
+    assert val[-1] < val[0]
+    model, params, _, _ = load_trained(run_dir)
+    assert model.cfg.quantization == "nf4" and params["layers"]["mlp"]["up_proj"]["kernel_nf4"].dtype == np.uint8
+    ids, mask, positions = _padded_batch()
+    ids = ids % 512
+    merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(save, "merged")).eval()
+    _assert_close(_jax_logits(model, params, ids, mask, positions), _hf_logits(merged, ids, mask, positions), mask,
+                  "QLoRA merged export")
+
+
+def test_bad_finetune_input(llama, tmp_path):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    common = ["finetune", "--model", llama, "--use_peft", "--max_steps", "1", "--batch_size", "8",
+              "--block_size", "32", "--project_name", str(tmp_path / "r"), *FAST]
+    with pytest.raises(JaxllmError, match=r"no field 'text'.*question"):
+        cli.run([*common, "--data_path", str(bad)])
+    with pytest.raises(JaxllmError, match="unknown module 'query_key_value'"):
+        cli.run([*common, "--data_path", "embedded", "--target_modules", "query_key_value"])
+    with pytest.raises(JaxllmError, match="not a multiple of the quantization block size 48"):
+        cli.run([*common, "--data_path", "embedded", "--use_int4", "--config.lora.quant_block_size=48"])
+
+
+def test_pruning_through_the_training_loop(tmp_path):
+    """Magnitude pruning as a run option: sparsity reaches its target, and validation is reported."""
+    from jaxllm.config import load_config
+    from jaxllm.train.loop import train
+
+    cfg = load_config("configs/tiny.py", ["train.steps=6", "train.log_every=3", "train.eval_every=3",
+                                          "train.eval_batches=2", "train.progress=False", "model.num_layers=1",
+                                          "prune.sparsity=0.5", "prune.start_step=0", "prune.end_step=3",
+                                          "prune.every=1", "generate.max_new_tokens=0", "checkpoint.async_save=False"])
+    result = train(cfg, str(tmp_path / "run"))
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    sparsity = [m["sparsity"] for m in metrics if "sparsity" in m]
+    assert sparsity[-1] == pytest.approx(0.5, abs=1e-3) and sparsity[0] < 0.5
+    assert np.isfinite(result["val_loss"])
+    with pytest.raises(JaxllmError, match="prune.sparsity > 0 prunes trained weights"):
+        train(load_config("configs/finetune.py", ["prune.sparsity=0.5", "checkpoint.model_from_init=False"]), str(tmp_path / "x"))
