@@ -55,7 +55,8 @@ def main() -> None:
                                ("gradual", dict(start_step=0, end_step=args.steps // 2, every=5))):
             overrides = [f"train.steps={args.steps}", "train.eval_every=0", f"train.eval_batches={args.eval_batches}",
                          "train.progress=False", "generate.max_new_tokens=0", "optim.warmup_steps=0",
-                         "optim.learning_rate=1e-3", f"checkpoint.init_from={hf_dir}", f"prune.sparsity={args.sparsity}",
+                         "optim.learning_rate=1e-3", f"checkpoint.init_from={hf_dir}",
+                         f"prune.sparsity={args.sparsity}",
                          *[f"prune.{k}={v}" for k, v in schedule.items()]]
             result = train(load_config("configs/tiny.py", overrides), os.path.join(tmp, name))
             _, tuned, _ = load_run(os.path.join(tmp, name))

@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = dict(
         source="embedded_sft",  # embedded_sft (bundled Python-docs Q&A) | jsonl | parquet | tfds | array_record
         paths=(),
-        format="sft_text",  # sft_text (a Guanaco "### Human: ...### Assistant: ..." column) | messages | prompt_completion | text
+        format="sft_text",  # sft_text (a Guanaco "### Human: ...### Assistant: ..." column) | messages
+        #                     | prompt_completion | text (plain language modelling)
         text_field="text",
         prompt_field="prompt",
         completion_field="completion",
@@ -75,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,  # --max_grad_norm
         grad_accum_steps=1,  # --gradient_accumulation
     )
-    c.train = dict(steps=100, log_every=10, eval_every=50, eval_batches=8, early_stop_patience=0,
+    c.train = dict(steps=100, log_every=10, eval_every=50, eval_batches=8, eval_at_start=True, early_stop_patience=0,
                    early_stop_min_delta=0.0, z_loss=0.0, progress=True)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.checkpoint = dict(every=100, keep=2, keep_best=1, async_save=True, resume=True,

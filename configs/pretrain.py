@@ -56,8 +56,8 @@ def get_config(name: str = "llama2_7b") -> ml_collections.ConfigDict:
     c.optim = dict(learning_rate=lr,  # the published peak rate
                    schedule="cosine", warmup_steps=2000, decay_steps=0, end_lr_ratio=0.1, b1=0.9, b2=0.95,
                    eps=1e-5, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1)
-    c.train = dict(steps=500_000, log_every=10, eval_every=1000, eval_batches=16, early_stop_patience=0,
-                   early_stop_min_delta=0.0, z_loss=0.0, progress=True)
+    c.train = dict(steps=500_000, log_every=10, eval_every=1000, eval_batches=16, eval_at_start=False,
+                   early_stop_patience=0, early_stop_min_delta=0.0, z_loss=0.0, progress=True)
     c.mesh = mesh  # one axis -1 takes the remaining devices
     c.checkpoint = dict(every=1000, keep=3, keep_best=1, async_save=True, resume=True,
                         init_from="")  # init_from: a Hugging Face folder or `jaxllm convert` output

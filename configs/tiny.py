@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
         log_every=25,
         eval_every=100,
         eval_batches=16,
+        eval_at_start=False,  # also evaluate before the first step
         early_stop_patience=0,
         early_stop_min_delta=0.0,
         z_loss=0.0,

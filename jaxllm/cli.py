@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
                        "full) with autotrain-style flags; writes a PEFT adapter (and a merged model)",
                        epilog="Override any config key with --config.section.key=value.")
     add_arguments(p)
+    p = sub.add_parser("prep", help="clean, filter, deduplicate, augment, tokenize and shard a corpus into "
+                       "ArrayRecord files for data.source=array_record",
+                       epilog="Override any config key with --config.section.key=value.")
+    p.add_argument("--input", action="append", required=True,
+                   help="glob, folder or tfds:NAME:SPLIT (repeatable); text, .jsonl/.json, .parquet by extension")
+    p.add_argument("--output", required=True, help="folder for the shards, tokenizer.model, stats.json, report.md")
+    p.add_argument("--config", default=_PREP_CONFIG, help="configs/prep_default.py form (default: that file)")
     p = sub.add_parser("config", help="print the resolved config (after overrides) as JSON")
     p.add_argument("--config", required=True)
     p = sub.add_parser("convert", help="Hugging Face folder -> jaxllm params checkpoint, or workdir -> Hugging Face")
@@ -63,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="params/compute dtype for a Hugging Face folder")
     p.add_argument("--width", type=int, default=75, help="wrap the output at this many characters; 0 = no wrap")
     return parser
+
+
+_PREP_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "prep_default.py")
 
 
 def _default_workdir(config_path: str) -> str:
@@ -99,6 +109,14 @@ def run(argv: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     if args.command == "config":
         print(to_json(cfg))
+        return 0
+    if args.command == "prep":
+        from jaxllm.data.prep import PrepConfig, prepare
+
+        stats = prepare(args.input, args.output, PrepConfig.from_config(cfg))
+        out = stats["output"]
+        print(json.dumps({"output": os.path.abspath(args.output), "records": out["records"], "tokens": out["tokens"],
+                          "shards": len(out["shards"]), "report": os.path.join(os.path.abspath(args.output), "report.md")}))
         return 0
     if args.command == "train":
         from jaxllm.train.loop import train

@@ -82,8 +82,9 @@ def source_model_config(source: str) -> ModelConfig:
     raise JaxllmError(f"init_from {source!r} is neither a Hugging Face folder nor a `jaxllm convert` output")
 
 
-def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh) -> Any:
-    """Params for a fresh run from a Hugging Face folder or a `jaxllm convert` output, placed sharded."""
+def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh, *, quantized: ModelConfig | None = None) -> Any:
+    """Params for a fresh run from a Hugging Face folder or a `jaxllm convert` output, placed sharded;
+    with `quantized`, a Hugging Face base is quantized kernel by kernel as it loads."""
     if os.path.isfile(os.path.join(source, "model.json")) and os.path.isdir(os.path.join(source, "params")):
         with open(os.path.join(source, "model.json")) as f:
             fields = json.load(f)
@@ -93,13 +94,20 @@ def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh) -> Any:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 nn.meta.unbox(boxed), shd.shardings_for(boxed, mesh))
         try:
-            return ocp.StandardCheckpointer().restore(os.path.join(source, "params"), abstract)
+            params = ocp.StandardCheckpointer().restore(os.path.join(source, "params"), abstract)
         except Exception as e:
             raise JaxllmError(f"init_from {source}/params is corrupt or incompatible ({str(e)[:200]})") from e
+        if quantized is not None:
+            from jaxllm.models import lora
+
+            dummy = jax.numpy.zeros((1, 1), "int32")
+            boxed_q = jax.eval_shape(lambda: Decoder(quantized).init(jax.random.key(0), dummy)["params"])
+            params = lora.quantize_params(params, quantized, shd.shardings_for(boxed_q, mesh), in_place=True)
+        return params
     if os.path.isfile(os.path.join(source, "config.json")):
         from jaxllm import hf
         from jaxllm.hf.weights import TensorFiles, load_params, read_config
 
         _check_compatible(run_cfg, hf.model_config_from_hf(read_config(source)), source)
-        return load_params(TensorFiles(source), run_cfg, mesh)
+        return load_params(TensorFiles(source), run_cfg, mesh, quantized=quantized)
     raise JaxllmError(f"init_from {source!r} is neither a Hugging Face folder nor a `jaxllm convert` output")

@@ -100,7 +100,8 @@ def test_lora_finetune_exports_a_peft_adapter_and_a_merged_model(falcon, tmp_pat
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     val = [m["loss"] for m in metrics if m["split"] == "val"]
-    assert len(val) == 2 and val[1] < val[0] and summary["written"]["adapter"].endswith("adapter")
+    assert len(val) == 3 and val[2] < val[1] < val[0]  # step 0 (the base), 4 and 8
+    assert summary["initial_val_loss"] == val[0] and summary["written"]["adapter"].endswith("adapter")
 
     run, trainable, frozen = load_run(run_dir)  # the checkpoint holds the adapters alone
     assert {str(p[-1].key) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)} == {"qkv_lora_a", "lora_a",
@@ -176,4 +177,5 @@ def test_pruning_through_the_training_loop(tmp_path):
     assert sparsity[-1] == pytest.approx(0.5, abs=1e-3) and sparsity[0] < 0.5
     assert np.isfinite(result["val_loss"])
     with pytest.raises(JaxllmError, match="prune.sparsity > 0 prunes trained weights"):
-        train(load_config("configs/finetune.py", ["prune.sparsity=0.5", "checkpoint.model_from_init=False"]), str(tmp_path / "x"))
+        train(load_config("configs/finetune.py", ["prune.sparsity=0.5", "checkpoint.model_from_init=False"]),
+              str(tmp_path / "x"))

@@ -92,6 +92,15 @@ def test_qlora_adapters_match_peft_on_the_dequantized_base(tmp_path):
     lcfg = lora.LoraConfig(r=4, alpha=8.0, target_modules=("all-linear",), quantization="nf4", quant_block_size=16)
     cfg = lora.apply(lcfg, model.cfg)
     quantized = lora.quantize_params(base, cfg)
+    from jaxllm import sharding as shd
+    from jaxllm.convert import load_init_params
+
+    mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=-1, tensor=1))
+    streamed = load_init_params(str(tmp_path / "base"), model.cfg, mesh, quantized=cfg)  # quantized as it loads
+    assert jax.tree.structure(streamed) == jax.tree.structure(quantized)
+    for a, b in zip(jax.tree.leaves(lora.dequantize_params(streamed, cfg)),
+                    jax.tree.leaves(lora.dequantize_params(quantized, cfg))):  # up to reduction order
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     trainable, frozen = _trained_adapters(cfg, lcfg, quantized)
     ids, mask, positions = _padded_batch()
     ours = _jax_logits(Decoder(cfg), lora.merge(trainable, frozen), ids, mask, positions)

@@ -12,5 +12,6 @@ from jaxllm.hf.tokenizer import HFTokenizer, load_tokenizer_from_folder
 from jaxllm.hf.weights import load_pretrained, save_pretrained
 from jaxllm.hf.peft import load_adapter, save_adapter
 
-__all__ = ["HFTokenizer", "family", "hf_config_from_model", "load_adapter", "load_pretrained", "load_tokenizer_from_folder",
+__all__ = ["HFTokenizer", "family", "hf_config_from_model", "load_adapter", "load_pretrained",
+           "load_tokenizer_from_folder",
            "model_config_from_hf", "save_adapter", "save_pretrained"]

@@ -124,7 +124,8 @@ def read_adapter_config(path: str) -> lora.LoraConfig:
     if c.get("rank_pattern") or c.get("alpha_pattern"):
         raise JaxllmError(f"{file}: rank_pattern/alpha_pattern are not supported (one r and alpha for all modules)")
     targets = c.get("target_modules") or []
-    return lora.LoraConfig(r=int(c["r"]), alpha=float(c.get("lora_alpha", 8)), dropout=float(c.get("lora_dropout") or 0),
+    return lora.LoraConfig(r=int(c["r"]), alpha=float(c.get("lora_alpha", 8)),
+                           dropout=float(c.get("lora_dropout") or 0),
                            target_modules=(targets,) if isinstance(targets, str) else tuple(targets),
                            modules_to_save=tuple(c.get("modules_to_save") or ()), rslora=bool(c.get("use_rslora")))
 

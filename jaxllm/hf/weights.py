@@ -118,11 +118,20 @@ def _converted(group: Group, files: TensorFiles, layer: int | None) -> tuple[np.
     return group.to_jax(*(files.read(n, s) for n, s in zip(names, group.hf_shapes)))
 
 
-def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh) -> dict:
-    """The params of `cfg` from `files`, each leaf placed with its logical-axis sharding on `mesh`."""
+def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh, *, quantized: ModelConfig | None = None) -> dict:
+    """The params of `cfg` from `files`, each leaf placed with its logical-axis sharding on `mesh`.
+    With `quantized` (the same model with `quantization` set), each projection kernel is quantized as
+    soon as it is placed and its float copy freed: the float base is never whole in memory."""
     model = Decoder(cfg)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"])
     shardings, abstract = shd.shardings_for(boxed, mesh), nn.meta.unbox(boxed)
+    q_shardings = None
+    if quantized is not None:
+        from jaxllm.models import lora  # pylint: disable=g-import-not-at-top
+
+        q_boxed = jax.eval_shape(lambda: Decoder(quantized).init(jax.random.key(0), np.zeros((1, 1), np.int32))
+                                 ["params"])
+        q_shardings = shd.shardings_for(q_boxed, mesh)
     dtype = cfg.jnp_param_dtype
     params: dict = {}
 
@@ -134,7 +143,12 @@ def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh) -> dict:
             buffer = _aligned_empty(host.shape, dtype)
             buffer[...] = host
             host = buffer
-        _set(params, path, _place(host, _get(shardings, path)))
+        leaf = _place(host, _get(shardings, path))
+        if q_shardings is not None and lora.is_quantized_kernel(path, quantized):
+            _set(params, path[:-1], {**_try_module(params, path[:-1]),
+                                     **lora.quantize_kernel(path, leaf, quantized, q_shardings)})
+            return
+        _set(params, path, leaf)
 
     for group in global_groups(cfg):
         for path, array in zip(group.paths, _converted(group, files, None)):
@@ -152,11 +166,20 @@ def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh) -> dict:
             for i in range(cfg.num_layers):
                 for path, array in zip(group.paths, _converted(group, files, i)):
                     put((f"layers_{i}", *path), array)
+    if q_shardings is not None:
+        return lora.quantize_params(params, quantized, q_shardings, in_place=True)  # norms to float32
     missing = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)
                if _try_get(params, p) is None]
     if missing:
         raise AssertionError(f"no Hugging Face tensor maps to {missing}")
     return params
+
+
+def _try_module(tree: dict, path: tuple[str, ...]) -> dict:
+    try:
+        return _get(tree, path)
+    except KeyError:
+        return {}
 
 
 def _try_get(tree: dict, keypath) -> Any:

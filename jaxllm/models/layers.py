@@ -289,8 +289,8 @@ class Attention(nn.Module):
     def _out(self, out_BLNK):
         out_BLNK = constrain(out_BLNK, ("batch", "length", "heads", "head_dim"))
         cfg = self.cfg
-        return Linear(cfg, (cfg.embed_dim,), ("heads", "head_dim", "embed"), num_in=2, lora="o_proj" in cfg.lora_targets,
-                      deterministic=self.deterministic, name="o_proj")(out_BLNK)
+        return Linear(cfg, (cfg.embed_dim,), ("heads", "head_dim", "embed"), num_in=2,
+                      lora="o_proj" in cfg.lora_targets, deterministic=self.deterministic, name="o_proj")(out_BLNK)
 
     def _cache_vars(self, k_BSHK, segment_ids_BS):
         zeros = lambda shape, dtype: lambda: jnp.zeros(shape, dtype)  # noqa: E731

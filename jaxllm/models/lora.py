@@ -10,6 +10,7 @@ frozen base has neither gradients nor optimizer state.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Callable
 
@@ -202,29 +203,39 @@ def _num_in(name: str) -> int:
     return 2 if name == "o_proj" else 1
 
 
-def quantize_params(params: dict, cfg: ModelConfig, shardings: dict | None = None) -> dict:
+def quantize_params(params: dict, cfg: ModelConfig, shardings: dict | None = None, *,
+                    in_place: bool = False) -> dict:
     """Float params -> the quantized base of `cfg` (kernels of attention/MLP projections replaced by
-    their quantized leaves, one kernel at a time; norms in float32). `shardings`: of the quantized tree."""
-    out = jax.tree.map(lambda x: x, params)
-    for path, module, name in list(_projections(out)):
-        kernel = module.pop("kernel")
-        shape, lead = kernel.shape, _lead(path)
-        n_in = _num_in(name)
-        fan_in = int(jnp.prod(jnp.asarray(shape[lead:lead + n_in])))
-        quant.check_shape(fan_in, cfg.quant_block_size, "/".join(path))
-        target = None
-        if shardings is not None:
-            node = shardings
-            for key in path:
-                node = node[key]
-            target = {k: node[k] for k in quant.leaf_names(cfg.quantization)}
-
-        def q(k, lead=lead, fan_in=fan_in):
-            return quant.quantize(k.reshape(*k.shape[:lead], fan_in, -1), cfg.quantization, cfg.quant_block_size)
-
-        module.update(jax.jit(q, out_shardings=target)(kernel))
-        del kernel
+    their quantized leaves, one kernel at a time; norms in float32). `shardings`: of the quantized tree.
+    `in_place` consumes `params`, so each float kernel is freed as soon as it is quantized."""
+    out = params if in_place else jax.tree.map(lambda x: x, params)
+    for path, module, _ in list(_projections(out)):
+        if "kernel" in module:  # (those quantized while loading are done)
+            module.update(quantize_kernel(path, module.pop("kernel"), cfg, shardings))
     return _norms_to_f32(out)
+
+
+def is_quantized_kernel(path: Path, cfg: ModelConfig) -> bool:
+    """Whether the param at `path` is a projection kernel that `cfg` stores quantized."""
+    return cfg.quantization != "none" and len(path) >= 2 and path[-1] == "kernel" and path[-2] in QUANTIZED_MODULES
+
+
+def quantize_kernel(path: Path, kernel: jax.Array, cfg: ModelConfig, shardings: dict | None = None) -> dict:
+    """The quantized leaves of the projection kernel at `path` (a module path, or the kernel's own),
+    placed with `shardings` (of the whole quantized tree) when given."""
+    path = path[:-1] if path[-1] == "kernel" else path
+    lead, n_in = _lead(path), _num_in(path[-1])
+    fan_in = math.prod(kernel.shape[lead:lead + n_in])
+    quant.check_shape(fan_in, cfg.quant_block_size, "/".join(path))
+    target = None
+    if shardings is not None:
+        node = _get(shardings, path)
+        target = {k: node[k] for k in quant.leaf_names(cfg.quantization)}
+
+    def q(k):
+        return quant.quantize(k.reshape(*k.shape[:lead], fan_in, -1), cfg.quantization, cfg.quant_block_size)
+
+    return jax.jit(q, out_shardings=target)(kernel)
 
 
 def _norms_to_f32(params: dict) -> dict:

@@ -44,6 +44,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps in the whole run
     log_every: int = 10  # steps between metric lines
     eval_every: int = 100  # steps between validation passes; 0 = only at the end
+    eval_at_start: bool = False  # also evaluate before the first step (a fine-tuning run's baseline)
     eval_batches: int = 8  # validation batches per pass
     early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
     early_stop_min_delta: float = 0.0  # an improvement must lower val loss by more than this
@@ -111,11 +112,9 @@ def load_frozen(run: Run, mesh, trainable) -> tuple[dict, dict, Any]:
     if not run.checkpoint.init_from:
         raise JaxllmError("lora.r > 0 fine-tunes a pretrained base: set checkpoint.init_from to a Hugging Face "
                           "folder or `jaxllm convert` output")
-    model = Decoder(run.model)
-    boxed = st.abstract_params(model)
-    base = load_init_params(run.checkpoint.init_from, lora.base_config(run.model), mesh)
-    if run.model.quantization != "none":
-        base = lora.quantize_params(base, run.model, shd.shardings_for(boxed, mesh))
+    boxed = st.abstract_params(Decoder(run.model))
+    quantized = run.model if run.model.quantization != "none" else None
+    base = load_init_params(run.checkpoint.init_from, lora.base_config(run.model), mesh, quantized=quantized)
     saved, frozen = lora.split(base, trainable)
     return frozen, saved, shd.shardings_for(lora.split(boxed, trainable)[1], mesh)
 
@@ -248,6 +247,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     window: list[dict] = []  # step metrics since the last log line, still on device
     t0, last_logged = time.perf_counter(), start
     try:
+        if run.train.eval_at_start and start == 0:
+            ev = evaluate(lambda p, b: eval_step(p, b, frozen), state.params, eval_iter_fn, mesh,
+                          run.train.eval_batches)
+            writer.write(0, ev, prefix="val")
+            writer.log(f"step 0: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.1f}")
+            final.update(initial_val_loss=ev["loss"])
         while step < run.train.steps:
             batch = shd.global_batch(next(train_iter), mesh)
             state, metrics = train_step(state, batch, frozen)

@@ -186,8 +186,8 @@ def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, frozen_sh
     """`eval_step(params, batch, frozen={}) -> (loss_sum, weight_sum)`, deterministic (no dropout)."""
 
     def eval_step(params, batch, frozen):
-        logits = model.apply({"params": merge(params, frozen)}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                             deterministic=True)
+        logits = model.apply({"params": merge(params, frozen)}, batch["inputs"], batch["positions"],
+                             batch["segment_ids"], deterministic=True)
         ce, _ = cross_entropy(logits, batch["targets"], batch["loss_weights"])
         return ce, jnp.sum(batch["loss_weights"].astype(jnp.float32))
 
@@ -202,5 +202,6 @@ def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, frozen_sh
     return run
 
 
-__all__ = ["TrainState", "StepConfig", "abstract_params", "abstract_state", "init_state", "state_from_params", "cross_entropy", "make_train_step",
+__all__ = ["TrainState", "StepConfig", "abstract_params", "abstract_state", "init_state", "state_from_params",
+           "cross_entropy", "make_train_step",
            "jit_train_step", "make_eval_step", "NamedSharding"]

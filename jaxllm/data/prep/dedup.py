@@ -1,0 +1,141 @@
+"""Exact and near-duplicate removal; the first occurrence of each document is kept.
+
+Exact: a 64-bit BLAKE2 hash of the text casefolded with whitespace collapsed.
+Near: MinHash over word shingles (Broder 1997) with LSH banding (Leskovec et al., Mining of Massive
+Datasets ch. 3): documents agreeing on every row of one band are candidates, and a candidate is a
+duplicate when the signatures' estimated Jaccard (the fraction of equal rows) reaches the threshold.
+Signatures are computed in worker processes (`signature`); the index lives in the main process and
+holds, per kept document, one 32-bit signature and one 64-bit key per band, never the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+
+import numpy as np
+
+from jaxllm.data.prep.config import DedupConfig
+
+_WORDS = re.compile(r"\w+")
+_ROWS_PER_CHUNK = 4096  # shingles hashed at once: bounds the (shingles x permutations) matrix
+
+
+def exact_key(text: str) -> int:
+    normalized = " ".join(text.casefold().split())
+    return int.from_bytes(hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little")
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer over uint64s: deterministic on every platform and process."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+class MinHasher:
+    """Word-shingle MinHash signatures: `num_perm` uint32 values, a pure function of text and seed."""
+
+    def __init__(self, cfg: DedupConfig):
+        rng = np.random.default_rng([cfg.seed, 0x6D696E68])
+        self.num_perm, self.shingle_size = cfg.num_perm, cfg.shingle_size
+        self._a = rng.integers(0, 2**32, cfg.num_perm, dtype=np.uint32) | np.uint32(1)  # odd multipliers
+        self._b = rng.integers(0, 2**32, cfg.num_perm, dtype=np.uint32)
+
+    def shingles(self, text: str) -> np.ndarray:
+        """Distinct 64-bit hashes of the text's lowercased word `shingle_size`-grams."""
+        words = _WORDS.findall(text.lower())
+        if not words:
+            return np.zeros(0, np.uint64)
+        ids = np.fromiter((zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in words), np.uint64, len(words))
+        k = min(self.shingle_size, len(ids))
+        with np.errstate(over="ignore"):
+            h = np.zeros(len(ids) - k + 1, np.uint64)
+            for j in range(k):  # polynomial combination of the k word hashes, then mixed
+                h = h * np.uint64(0x100000001B3) + ids[j: len(ids) - k + 1 + j]
+        return np.unique(mix64(h))
+
+    def signature(self, text: str) -> np.ndarray:
+        """uint32[num_perm]: per permutation, the minimum of (a * x + b) mod 2**32 over the shingles x
+        (the shingle hashes' top 32 bits; odd `a` makes each map a permutation)."""
+        x = (self.shingles(text) >> np.uint64(32)).astype(np.uint32)
+        sig = np.full(self.num_perm, np.iinfo(np.uint32).max, np.uint32)
+        with np.errstate(over="ignore"):
+            for start in range(0, len(x), _ROWS_PER_CHUNK):
+                chunk = x[start: start + _ROWS_PER_CHUNK, None]
+                sig = np.minimum(sig, (chunk * self._a + self._b).min(axis=0))
+        return sig
+
+
+class NearDuplicateIndex:
+    """LSH index over the signatures of kept documents."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.bands, self.rows, self.threshold = cfg.bands, cfg.num_perm // cfg.bands, cfg.threshold
+        rng = np.random.default_rng([cfg.seed, 0x6C7368])
+        self._mult = rng.integers(1, 2**63, self.rows, dtype=np.uint64) | np.uint64(1)
+        self._tables: list[dict[int, int]] = [{} for _ in range(self.bands)]
+        self._sigs = np.zeros((1024, cfg.num_perm), np.uint32)
+        self._count = 0
+        self.candidates_checked = 0
+
+    def band_keys(self, sig: np.ndarray) -> list[int]:
+        with np.errstate(over="ignore"):
+            rows = sig.reshape(self.bands, self.rows).astype(np.uint64)
+            return mix64((rows * self._mult).sum(axis=1, dtype=np.uint64)).tolist()
+
+    def match(self, sig: np.ndarray) -> tuple[int, float]:
+        """(index of a kept document whose estimated Jaccard with `sig` >= threshold, estimate),
+        or (-1, best estimate) if none; the first such document in band order."""
+        keys = self.band_keys(sig)
+        best, seen = 0.0, set()
+        for table, key in zip(self._tables, keys):
+            other = table.get(key)
+            if other is None or other in seen:
+                continue
+            seen.add(other)
+            self.candidates_checked += 1
+            jaccard = float(np.mean(self._sigs[other] == sig))
+            if jaccard >= self.threshold:
+                return other, jaccard
+            best = max(best, jaccard)
+        return -1, best
+
+    def add(self, sig: np.ndarray) -> int:
+        """Indexes a kept document's signature (its bands point at it unless taken); returns its index."""
+        if self._count == len(self._sigs):
+            self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
+        index = self._count
+        self._sigs[index] = sig
+        self._count += 1
+        for table, key in zip(self._tables, self.band_keys(sig)):
+            table.setdefault(key, index)
+        return index
+
+    def __len__(self) -> int:
+        return self._count
+
+
+class Deduplicator:
+    """Main-process state of both dedup stages: `check(key, sig)` says why a document is a duplicate."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.cfg = cfg
+        self._seen: set[int] = set()
+        self.near = NearDuplicateIndex(cfg) if cfg.near else None
+
+    def check(self, key: int | None, sig: np.ndarray | None) -> str:
+        """"" (kept: remembered) or "exact_duplicate" / "near_duplicate" (dropped: not remembered)."""
+        if key is not None:
+            if key in self._seen:
+                return "exact_duplicate"
+        if self.near is not None and sig is not None:
+            if self.near.match(sig)[0] >= 0:
+                return "near_duplicate"
+            self.near.add(sig)
+        if key is not None:
+            self._seen.add(key)
+        return ""

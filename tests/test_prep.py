@@ -1,0 +1,405 @@
+"""Tests for jaxllm.data.prep: readers, stages, dedup quality, shards the training pipeline reads, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordReader
+
+from jaxllm import JaxllmError
+from jaxllm.config import load_config
+from jaxllm.data.prep import PrepConfig, augment, curriculum, prepare, synthetic
+from jaxllm.data.prep.clean import clean, quality
+from jaxllm.data.prep.config import AugmentConfig, CleanConfig, DedupConfig, InputConfig, QualityConfig
+from jaxllm.data.prep.dedup import Deduplicator, MinHasher, exact_key
+from jaxllm.data.prep.readers import Reader, resolve_inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREP_CONFIG = os.path.join(ROOT, "configs", "prep_default.py")
+
+
+def _cfg(**sections) -> PrepConfig:
+    """The default config with small-corpus settings and section overrides, e.g. dedup=dict(near=False)."""
+    base = PrepConfig(num_workers=1, progress=False)
+    changes = {"tokenize": dataclasses.replace(base.tokenize, vocab_size=320)}
+    for name, value in sections.items():
+        changes[name] = dataclasses.replace(changes.get(name, getattr(base, name)), **value) if isinstance(value, dict) \
+            else value
+    return dataclasses.replace(base, **changes)
+
+
+def _records(folder) -> list[dict]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(str(folder), "*.array_record"))):
+        reader = ArrayRecordReader(path)
+        out += [json.loads(r) for r in reader.read_all()]
+        reader.close()
+    return out
+
+
+def _write_jsonl(path, docs, field="text") -> str:
+    path.write_text("".join(json.dumps({field: d, "level": i % 7}) + "\n" for i, d in enumerate(docs)))
+    return str(path)
+
+
+# ---------------------------------------------------------------- config and CLI
+
+
+def test_default_config_builds_and_rejects_unknown_keys():
+    cfg = PrepConfig.from_config(load_config(PREP_CONFIG))
+    assert cfg == PrepConfig()  # the file and the dataclass defaults agree
+    with open(PREP_CONFIG) as f:
+        body = f.read().split("def get_config", 1)[1]
+    keys = [line for line in body.splitlines() if re.match(r"\s+(c\.)?\w+ = |\s+\w+=", line)
+            and not line.strip().startswith("c = ")]
+    assert len(keys) > 50 and [k for k in keys if "#" not in k] == []  # every key says what it does
+    with pytest.raises(JaxllmError, match="unknown config key 'dedup.treshold'; did you mean 'dedup.threshold'"):
+        load_config(PREP_CONFIG, ["dedup.treshold=0.5"])
+    with pytest.raises(JaxllmError, match="unknown config key clean.foo"):
+        PrepConfig.from_config({"clean": {"foo": 1}})
+    with pytest.raises(JaxllmError, match="num_perm=100 must be a multiple of dedup.bands=16"):
+        PrepConfig.from_config({"dedup": {"num_perm": 100}})
+    with pytest.raises(JaxllmError, match="clean.unicode='NFD' is not known"):
+        PrepConfig.from_config({"clean": {"unicode": "NFD"}})
+
+
+def test_cli_prep(tmp_path, capsys):
+    from jaxllm.cli import run
+
+    src = _write_jsonl(tmp_path / "docs.jsonl", [synthetic.document(i) for i in range(30)])
+    out = tmp_path / "out"
+    assert run(["prep", f"--input={src}", f"--output={out}", "--config.progress=false",
+                "--config.num_workers=1", "--config.tokenize.vocab_size=300", "--config.curriculum.num_buckets=2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["records"] == 30 and summary["shards"] == 1 and os.path.isfile(summary["report"])
+    assert {r["bucket"] for r in _records(out)} == {0, 1}
+    with pytest.raises(JaxllmError, match="matches no files"):
+        run(["prep", f"--input={tmp_path / 'missing' / '*.txt'}", f"--output={tmp_path / 'o2'}"])
+    assert not os.path.exists(tmp_path / "o2")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def test_inputs_of_every_kind_and_bad_input_is_counted(tmp_path):
+    good = [synthetic.document(i) for i in range(6)]
+    (tmp_path / "a.txt").write_text(good[0])
+    (tmp_path / "b.txt").write_bytes(good[1].encode() + b" caf\xe9 \xff")  # latin-1 and a stray byte
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("  \n\n ")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": good[2]}) + "\n\n" + '{"body": "no text field"}\n'
+                                      + "{not json\n" + json.dumps({"text": 5}) + "\n" + '["a list"]\n'
+                                      + json.dumps({"text": "x" * 5000}) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps([{"text": good[3]}, {"text": good[4]}]))
+    with gzip.open(tmp_path / "e.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": good[5]}) + "\n")
+    (tmp_path / "huge.txt").write_text("y" * 6000)  # one 6 KB line
+    reader = Reader(InputConfig(max_doc_bytes=4096))
+    docs = list(reader.read(resolve_inputs([str(tmp_path / "*")])))
+    texts = [d[0] for d in docs]
+    assert good[0] in texts and good[2] in texts and good[3] in texts and good[5] in texts
+    assert any(t.startswith(good[1]) and t.endswith("caf\ufffd \ufffd") for t in texts)
+    assert "y" * 4096 in texts  # cut at the cap (no line end to cut at)
+    assert reader.problems() == {"bad_json": 1, "empty_file": 2, "missing_field": 1, "not_an_object": 1,
+                                 "not_text": 1, "too_long_dropped": 1, "too_long_truncated": 1, "undecodable": 1}
+
+    skip = Reader(InputConfig(decode_errors="skip", too_long="skip", max_doc_bytes=4096))
+    texts = [d[0] for d in skip.read(resolve_inputs([str(tmp_path / "*.txt")]))]
+    assert texts == [good[0]] and skip.counts["undecodable_dropped"] == 1 and skip.counts["too_long_dropped"] == 1
+    ignore = Reader(InputConfig(decode_errors="ignore"))
+    assert [d[0] for d in ignore.read([("text", str(tmp_path / "b.txt"))])] == [good[1] + " caf "]
+
+    with pytest.raises(JaxllmError, match=r"^input '.*nope\*\.txt' matches no files; fix the path or glob$"):
+        resolve_inputs([str(tmp_path / "nope*.txt")])
+    with pytest.raises(JaxllmError, match="tfds:NAME:SPLIT"):
+        resolve_inputs(["tfds:"])
+    assert resolve_inputs(["tfds:my_set", f"json:{tmp_path / 'a.txt'}", str(tmp_path)])[:2] == [
+        ("tfds", "my_set:train"), ("json", str(tmp_path / "a.txt"))]
+
+
+def test_paragraphs_long_lines_and_whole_pipeline_never_crashes(tmp_path):
+    (tmp_path / "p.txt").write_bytes(b"first block\nline two\n\n\n  \nsecond\r\n\r\n" + b"z" * 3000 + b"\nend\n")
+    reader = Reader(InputConfig(text_split="paragraph", max_doc_bytes=1000))
+    texts = [d[0] for d in reader.read([("text", str(tmp_path / "p.txt"))])]
+    assert texts[:2] == ["first block\nline two", "second"] and len(texts) == 3
+    assert texts[2] == "z" * 1000 and reader.counts["too_long_line"] == 1  # the line is cut, then the block
+    assert reader.counts["too_long_truncated"] == 1
+    # Bad input of every kind through prepare: counted in stats, never an exception.
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "\xff\xfe"}\n{"nope": 1}\n{oops\n\n')
+    stats = prepare([str(tmp_path / "*")], str(tmp_path / "out"),
+                    _cfg(input=dict(text_split="paragraph", max_doc_bytes=1000), quality=dict(enabled=False),
+                         tokenize=dict(enabled=False)))
+    assert stats["stages"]["input"]["removed"] == {"bad_json": 1, "missing_field": 1}
+    assert stats["stages"]["input"]["notes"]["undecodable"] == 1
+    assert stats["output"]["records"] == 4 and stats["output"]["tokens"] is None
+
+
+def test_parquet_and_tfds_inputs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import tensorflow_datasets as tfds
+
+    docs = [synthetic.document(i) for i in range(8)]
+    pq.write_table(pa.table({"content": docs[:5], "level": [5, 4, 3, 2, 1]}), tmp_path / "train-0.parquet",
+                   row_group_size=2)
+    pq.write_table(pa.table({"other": ["x"]}), tmp_path / "nofield.parquet")
+
+    class PrepTinyDocs(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"content": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, d in enumerate(docs[5:]):
+                yield i, {"content": d}
+
+    PrepTinyDocs(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    cfg = _cfg(input=dict(text_field="content", tfds_data_dir=str(tmp_path / "tfds")), tokenize=dict(enabled=False),
+               curriculum=dict(length_weight=0.0, field_weight=1.0, field="level", num_buckets=5))
+    stats = prepare([str(tmp_path / "*.parquet"), "tfds:prep_tiny_docs:train"], str(tmp_path / "out"), cfg)
+    assert stats["stages"]["input"]["removed"] == {"missing_field": 1}
+    records = _records(tmp_path / "out")
+    assert sorted(r["text"] for r in records) == sorted(docs)
+    # field score: TFDS rows have no level (lowest), then levels 1..5 easy to hard
+    parquet = [r for r in records if r["source"].endswith(".parquet")]
+    assert [docs.index(r["text"]) for r in parquet] == [4, 3, 2, 1, 0]
+    assert all(r["source"] == "tfds:prep_tiny_docs:train" for r in records[:3])
+
+
+# ---------------------------------------------------------------- stages
+
+
+def test_clean_normalizes_and_filters():
+    text = "Ｆｕｌｌ\u200b width\x07 cafe\u0301  \r\nline   \r\n\n\n\n\nnext\t \n"
+    nfc, _ = clean(text, CleanConfig())
+    assert nfc == "Ｆｕｌｌ width café\nline\n\nnext"
+    nfkc, _ = clean(text, CleanConfig(unicode="NFKC", whitespace="all"))
+    assert nfkc == "Full width café\nline\n\nnext"
+    assert clean(text, CleanConfig(unicode="none", strip_control=False, whitespace="none"))[0] == text
+    assert clean("\x00\u200b \n", CleanConfig()) == (None, "empty_after_clean")
+    assert clean("short", CleanConfig(min_chars=10)) == (None, "too_short")
+    assert clean("long" * 10, CleanConfig(max_chars=10)) == (None, "too_long")
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("word " * 10, "too_few_words"),
+    ("a b c de " * 20, "mean_word_length_low"),
+    ("extraordinarily " * 60, "mean_word_length_high"),
+    ("# heading words here\n" * 30, "symbol_word_ratio"),
+    ("\n".join(f"- bullet item number {i} here" for i in range(30)), "bullet_lines"),
+    ("\n".join(f"trailing line {synthetic.VOCAB[i]} words more..." if i % 2 else f"plain line {synthetic.VOCAB[i]} "
+               "good words" for i in range(40)), "ellipsis_lines"),
+    (" ".join(f"{i} 3.5 7x9 1990" if i % 2 else f"word{synthetic.VOCAB[i]}" for i in range(60)), "non_alpha_words"),
+    ("\n".join(["the same line repeats itself here"] * 10 + [f"unique {w} line {w} text" for w in synthetic.VOCAB[:12]]),
+     "duplicate_lines"),
+    ((("turn the handle ") * 30) + " ".join(synthetic.VOCAB[:30]), "top_2gram_fraction"),
+])
+def test_each_gopher_rule_fires(text, reason):
+    cfg = QualityConfig(max_duplicate_line_fraction=0.3 if reason == "duplicate_lines" else 0.0,
+                        top_ngram_max_fractions=(0.2, 0.18, 0.16) if reason.startswith("top_") else ())
+    assert quality(text, cfg)[:2] == (None, reason)
+    assert quality(synthetic.document(3), QualityConfig())[1] == ""  # generated prose passes every rule
+
+
+def test_c4_rules():
+    doc = synthetic.document(5)
+    lines = doc.split("\n") + ["Enable JavaScript to view this page.", "no punctuation here", "Ok."]
+    text = "\n".join(lines)
+    kept, reason, removed = quality(text, QualityConfig(c4_javascript=True))
+    assert reason == "" and removed == 1 and "JavaScript" not in kept and "no punctuation here" in kept
+    kept, _, removed = quality(text, QualityConfig(c4_terminal_punctuation=True, c4_min_words_per_line=2))
+    assert "no punctuation here" not in kept and "\nOk." not in kept and removed == 2
+    assert quality(doc + "\nLorem ipsum dolor.", QualityConfig(c4_lorem_ipsum=True))[1] == "c4_lorem_ipsum"
+    assert quality(doc + "\nx = {1}.", QualityConfig(c4_curly_bracket=True))[1] == "c4_curly_bracket"
+
+
+def test_exact_dedup_normalizes_case_and_space():
+    dedup = Deduplicator(DedupConfig(near=False))
+    assert dedup.check(exact_key("Hello  World\n"), None) == ""
+    assert dedup.check(exact_key("hello world"), None) == "exact_duplicate"
+    assert dedup.check(exact_key("hello world!"), None) == ""
+
+
+def test_minhash_estimates_jaccard_and_is_deterministic():
+    hasher = MinHasher(DedupConfig(num_perm=256, bands=16))
+    rng = np.random.default_rng(0)
+    errors = []
+    for i in range(20):
+        a = synthetic.document(i, 200, 300)
+        b = synthetic.edit(a, rng.uniform(0.01, 0.2), rng)
+        errors.append(np.mean(hasher.signature(a) == hasher.signature(b)) - synthetic.jaccard(a, b))
+    assert abs(np.mean(errors)) < 0.03 and np.sqrt(np.mean(np.square(errors))) < 0.06  # sd of 256 perms ~0.03
+    assert np.array_equal(MinHasher(DedupConfig()).signature(a), MinHasher(DedupConfig()).signature(a))
+    assert not np.array_equal(MinHasher(DedupConfig(seed=1)).signature(a), MinHasher(DedupConfig()).signature(a))
+
+
+def test_near_dedup_recall_and_precision_on_planted_duplicates():
+    """Planted copies at Jaccard 0.85-1.0 must go, related docs at Jaccard 0.2-0.6 must stay."""
+    docs, is_dup, _ = synthetic.planted_duplicates(200, 80, 80, seed=3)
+    cfg = DedupConfig(exact=False)
+    hasher, dedup = MinHasher(cfg), Deduplicator(cfg)
+    dropped = np.array([dedup.check(None, hasher.signature(d)) == "near_duplicate" for d in docs])
+    is_dup = np.array(is_dup)
+    recall = (dropped & is_dup).sum() / is_dup.sum()
+    precision = (dropped & is_dup).sum() / max(1, dropped.sum())
+    assert recall >= 0.9 and precision >= 0.9, (recall, precision)
+    assert not dropped[:200].any()  # the first occurrence is kept
+
+
+def test_eda_augmentation():
+    cfg = AugmentConfig(enabled=True, rate=0.2, copies=3, seed=1)
+    text = "The big house is quite old.\nA happy child can begin to speak fast."
+    variants = augment.variants(text, cfg)
+    assert len(variants) == 3 and len(set(variants)) == 3 and variants == augment.variants(text, cfg)
+    assert all(v.count("\n") == 1 for v in variants)
+    assert augment.variants(text, dataclasses.replace(cfg, seed=2)) != variants
+    only_syn = augment.variants(text, dataclasses.replace(cfg, ops=("synonym",), copies=1, rate=0.5))[0]
+    changed = [(a, b) for a, b in zip(text.split(), only_syn.split()) if a != b]
+    assert changed and all(augment._bare(b) in augment.SYNONYMS[augment._bare(a)] for a, b in changed)
+    assert len(augment.variants(text, dataclasses.replace(cfg, ops=("delete",), copies=1))[0].split()) < len(text.split())
+
+
+def test_paraphrase_hook_calls_generate_text(tmp_path, monkeypatch):
+    from jaxllm import generate
+
+    calls = []
+    monkeypatch.setattr(generate, "load_model", lambda path: calls.append(path) or ("model", "params", "tok", True))
+
+    def fake_generate_text(model, params, tokenizer, prompts, gen, *, add_bos, batch_size):
+        assert (model, tokenizer, add_bos, gen.max_new_tokens) == ("model", "tok", True, 16)
+        return [" " + p.split("Text: ")[1].split("\n")[0].upper() for p in prompts]
+
+    monkeypatch.setattr(generate, "generate_text", fake_generate_text)
+    docs = [synthetic.document(i) for i in range(10)]
+    src = _write_jsonl(tmp_path / "d.jsonl", docs)
+    cfg = _cfg(augment=dict(enabled=True, ops=(), paraphrase_model=str(tmp_path / "model"),
+                            paraphrase_max_new_tokens=16, paraphrase_fraction=0.5), tokenize=dict(enabled=False))
+    stats = prepare([src], str(tmp_path / "out"), cfg)
+    paraphrased = [r for r in _records(tmp_path / "out") if r["source"].startswith("paraphrase:")]
+    n = sum(augment.wants_paraphrase(d, cfg.augment) for d in docs)
+    assert calls == [str(tmp_path / "model")] and 0 < n < 10 and len(paraphrased) == n
+    assert stats["stages"]["augment"]["notes"]["paraphrases"] == n
+    assert all(r["text"] == r["text"].upper() for r in paraphrased)
+
+
+def test_curriculum_scores_buckets_and_order():
+    assert np.allclose(curriculum.percentile_ranks(np.array([3.0, 1.0, 2.0, 2.0, np.nan])), [1, 0.25, 0.625, 0.625, 0])
+    cfg = PrepConfig().curriculum
+    score = curriculum.scores(cfg, np.array([50.0, 10, 30, 20, 40, 60, 70, 80]), None, np.zeros(8))
+    bucket, order = curriculum.buckets_and_order(cfg, score)
+    assert order.tolist() == [1, 3, 2, 4, 0, 5, 6, 7] and bucket.tolist() == [2, 0, 1, 0, 1, 2, 3, 3]
+    log_freq = curriculum.log_frequencies(np.array([100, 1, 0]))
+    assert curriculum.rarity(np.array([1, 2]), log_freq) > curriculum.rarity(np.array([0, 0]), log_freq)
+
+
+# ---------------------------------------------------------------- prepare end to end
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """30 documents, 3 exact and 4 near duplicates, 3 junk documents, in JSONL and text files."""
+    folder = tmp_path_factory.mktemp("corpus")
+    docs = [synthetic.document(i) for i in range(30)]
+    rng = np.random.default_rng(0)
+    dups = [docs[0], docs[1].upper(), docs[2] + "\n"] + [synthetic.edit(docs[i], 0.01, rng) for i in range(3, 7)]
+    junk = ["too short", "$$ 12 34 ## 56 ...\n" * 20, "- a\n- b\n" * 40]
+    _write_jsonl(folder / "a.jsonl", docs[:20] + dups[:4] + junk)
+    for i, doc in enumerate(docs[20:] + dups[4:]):
+        (folder / f"doc{i:02d}.txt").write_text(doc)
+    return folder
+
+
+def test_prepare_end_to_end(corpus_dir, tmp_path):
+    out = tmp_path / "out"
+    stats = prepare([str(corpus_dir / "*.jsonl"), str(corpus_dir / "*.txt")], str(out), _cfg())
+    st = stats["stages"]
+    assert st["input"]["docs_out"] == 40
+    assert sum(st["quality"]["removed"].values()) == 3 and st["exact_dedup"]["removed"] == {"exact_duplicate": 3}
+    assert st["near_dedup"]["removed"] == {"near_duplicate": 4}
+    for a, b in zip(list(st.values())[1:-1], list(st.values())[2:]):
+        assert a["docs_out"] == b["docs_in"] and a["bytes_out"] == b["bytes_in"]
+    assert sorted(os.listdir(out)) == ["data-00000-of-00001.array_record", "report.md", "stats.json", "tokenizer.model"]
+    assert json.loads((out / "stats.json").read_text())["output"] == stats["output"]
+    records = _records(out)
+    assert len(records) == 30 == stats["output"]["records"]
+    assert sorted(r["text"] for r in records) == sorted(synthetic.document(i) for i in range(30))
+    from jaxllm.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.model"))
+    assert tok.vocab_size == 320 and all(r["tokens"] == tok.encode(r["text"]) for r in records)
+    assert stats["output"]["tokens"] == sum(len(r["tokens"]) for r in records) == stats["output"]["shards"][0]["tokens"]
+    lengths = [len(r["tokens"]) for r in records]
+    assert lengths == sorted(lengths)  # easy (short) to hard (long)
+    assert [r["bucket"] for r in records] == sorted(r["bucket"] for r in records) and records[-1]["bucket"] == 3
+    report = (out / "report.md").read_text()
+    for needle in ("| exact_dedup | yes | 37 | 34 |", "near_duplicate: 4", "## Length histogram (tokens", "tokens: "):
+        assert needle in report
+    with pytest.raises(JaxllmError, match="already holds prep output"):
+        prepare([str(corpus_dir / "*.jsonl")], str(out), _cfg())
+    prepare([str(corpus_dir / "*.jsonl")], str(out), _cfg(output=dict(overwrite=True, records_per_shard=7),
+                                                          tokenize=dict(enabled=False)))
+    names = sorted(os.listdir(out))
+    assert names == [f"data-0000{i}-of-00003.array_record" for i in range(3)] + ["report.md", "stats.json"]
+
+
+def test_rarity_curriculum_input_order_and_augmented_records(corpus_dir, tmp_path):
+    cfg = _cfg(curriculum=dict(length_weight=0.0, rarity_weight=1.0, order="input", num_buckets=3),
+               augment=dict(enabled=True, copies=1, rate=0.1), tokenize=dict(write_tokens=False))
+    stats = prepare([str(corpus_dir / "*.jsonl")], str(tmp_path / "out"), cfg)
+    records = _records(tmp_path / "out")
+    assert "tokens" not in records[0] and len(records) == 2 * 20 == stats["output"]["records"]
+    assert [r["source"].split(":")[0] for r in records[:2]] == [str(corpus_dir / "a.jsonl"), "eda"]
+    assert records[1]["text"] != records[0]["text"] and stats["stages"]["augment"]["notes"]["eda_variants"] == 20
+    assert sorted({r["bucket"] for r in records}) == [0, 1, 2]
+    # input order is kept; rarity ranks do not follow length
+    scores = [r["score"] for r in records]
+    assert scores != sorted(scores)
+
+
+def test_workers_do_not_change_the_output(corpus_dir, tmp_path):
+    inputs = [str(corpus_dir / "*.jsonl"), str(corpus_dir / "*.txt")]
+    one = prepare(inputs, str(tmp_path / "one"), _cfg())
+    two = prepare(inputs, str(tmp_path / "two"), dataclasses.replace(_cfg(), num_workers=2))
+    assert _records(tmp_path / "one") == _records(tmp_path / "two")
+    assert one["stages"] == two["stages"]
+
+
+def test_a_failed_run_leaves_no_shards(corpus_dir, tmp_path, monkeypatch):
+    from jaxllm.data.prep import core
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(core.ShardWriter, "finish", boom)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare([str(corpus_dir / "*.jsonl")], str(out), _cfg())
+    assert os.listdir(out) == []  # no shard, no stats.json, no temp folder
+
+
+def test_training_pipeline_reads_prep_shards(corpus_dir, tmp_path):
+    from jaxllm.data.pipeline import DataConfig, make_train_iterator
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    out = tmp_path / "out"
+    prepare([str(corpus_dir / "*.jsonl"), str(corpus_dir / "*.txt")], str(out), _cfg())
+    cfg = DataConfig(source="array_record", paths=(str(out / "*.array_record"),), text_field="text",
+                     tokenizer=str(out / "tokenizer.model"), block_size=32, batch_size=4, val_fraction=0.1)
+    tok = load_tokenizer(cfg)
+    it = make_train_iterator(cfg, tok)
+    for _ in range(3):
+        batch = next(it)
+        assert batch["inputs"].shape == (4, 32) and batch["inputs"].max() < tok.vocab_size
+    text = tok.decode(batch["inputs"][0].tolist())
+    assert any(text[5:40] in synthetic.document(i) for i in range(30))
