@@ -91,6 +91,20 @@ def test_autotrain_flags_map_onto_the_config(llama, tmp_path):
         flags_to_config(_args(["--model", str(tmp_path)]), [])
 
 
+@pytest.mark.parametrize("recipe", ["configs/falcon_qlora.py", "configs/llama2_guanaco_qlora.py"])
+def test_recipes_load_with_the_published_settings(recipe, llama):
+    cfg, _ = flags_to_config(_args(["--config", recipe, "--model", llama, "--data_path", "embedded"]), [])
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.quantization, cfg.optim.learning_rate) == (64, 16.0, "nf4", 2e-4)
+    assert (cfg.optim.schedule, cfg.optim.grad_clip, cfg.data.block_size, cfg.model.dtype) == (
+        "constant", 0.3, 512, "bfloat16")
+    if "falcon" in recipe:  # batch 4 x accumulation 4, 500 steps, warmup ratio 0.03, dropout 0.1
+        assert (cfg.data.batch_size, cfg.optim.grad_accum_steps, cfg.train.steps, cfg.optim.warmup_steps,
+                cfg.lora.dropout) == (16, 4, 500, 15, 0.1)
+    else:  # batch 16, 1875 steps, dropout 0.05, loss on the replies
+        assert (cfg.data.batch_size, cfg.train.steps, cfg.lora.dropout, cfg.data.loss_on) == (
+            16, 1875, 0.05, "assistant")
+
+
 def test_lora_finetune_exports_a_peft_adapter_and_a_merged_model(falcon, tmp_path, capsys):
     run_dir, save = str(tmp_path / "run"), str(tmp_path / "out")
     argv = ["finetune", "--model", falcon, "--data_path", "embedded", "--use_peft", "--lora_r", "4",
