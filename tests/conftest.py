@@ -12,3 +12,14 @@ import pytest  # noqa: E402
 def _cache_dir(tmp_path_factory, monkeypatch):
     """Tokenizers trained by tests are cached in one temporary folder per session, not in ~/.cache."""
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jaxllm-cache"))
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """The 512-piece tokenizer trained on the embedded corpus, once per session in the session cache."""
+    from jaxllm.data.pipeline import DataConfig
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXLLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jaxllm-cache"))
+        return load_tokenizer(DataConfig(vocab_size=512))

@@ -23,14 +23,6 @@ KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 NUM_DOCS = 60
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> tok_lib.Tokenizer:
-    """A 512-piece tokenizer trained on the embedded corpus, cached in a temp folder."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JAXLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return tok_lib.load_tokenizer(DataConfig(vocab_size=512))
-
-
 def _doc(i: int) -> str:
     rng = np.random.default_rng(i)
     vocab = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "quiet"]

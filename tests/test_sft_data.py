@@ -19,14 +19,6 @@ KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 NUM_ROWS = 40
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> tok_lib.Tokenizer:
-    """The 512-piece tokenizer tests/test_data.py uses (trained on the embedded corpus, cached)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JAXLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return tok_lib.load_tokenizer(DataConfig(vocab_size=512))
-
-
 def _qa(i: int) -> tuple[str, str]:
     rng = np.random.default_rng(i)
     words = ["alpha", "beta", "gamma", "river", "stone", "light"]

@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 
 from jaxllm import JaxllmError
 from jaxllm.hf.layout import global_groups, join_fused, layer_groups, split_fused
-from jaxllm.hf.weights import _host
+from jaxllm.hf.weights import _host, _set
 from jaxllm.models import lora
 from jaxllm.models.config import ModelConfig
 
@@ -212,9 +212,3 @@ def _read_saved(read, cfg: ModelConfig, lcfg: lora.LoraConfig) -> dict:
                     for i, x in enumerate(per_layer):
                         _set(out, (f"layers_{i}", *p), x[j])
     return out
-
-
-def _set(tree: dict, path, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
