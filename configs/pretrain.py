@@ -52,6 +52,11 @@ def get_config(name: str = "llama2_7b") -> ml_collections.ConfigDict:
         add_bos=True,
         add_eos=True,
         num_workers=8,  # Grain worker processes per host
+        # Several sources by weight, each a few data keys: {"web": dict(source="array_record",
+        # paths=("web/*.array_record",), weight=3.0), "code": dict(..., weight=((0, 0.0), (10_000, 1.0)))}
+        mixture=None,
+        curriculum_field="",  # record field giving a document's stage: "bucket" in `jaxllm prep` shards
+        curriculum_schedule=(),  # stage weights over steps, linear between: ((0, (1, 0)), (5000, (0.5, 0.5)))
     )
     c.optim = dict(learning_rate=lr,  # the published peak rate
                    schedule="cosine", warmup_steps=2000, decay_steps=0, end_lr_ratio=0.1, b1=0.9, b2=0.95,

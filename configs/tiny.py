@@ -51,6 +51,11 @@ def get_config() -> ml_collections.ConfigDict:
         add_bos=True,
         add_eos=True,
         num_workers=0,  # Grain multiprocess prefetch workers
+        # Several sources by weight, each a few data keys: {"web": dict(source="array_record",
+        # paths=("web/*.array_record",), weight=3.0), "code": dict(..., weight=((0, 0.0), (10_000, 1.0)))}
+        mixture=None,
+        curriculum_field="",  # record field giving a document's stage: "bucket" in `jaxllm prep` shards
+        curriculum_schedule=(),  # stage weights over steps, linear between: ((0, (1, 0)), (5000, (0.5, 0.5)))
     )
     c.optim = dict(
         learning_rate=3e-3,

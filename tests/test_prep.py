@@ -403,3 +403,16 @@ def test_training_pipeline_reads_prep_shards(corpus_dir, tmp_path):
         assert batch["inputs"].shape == (4, 32) and batch["inputs"].max() < tok.vocab_size
     text = tok.decode(batch["inputs"][0].tolist())
     assert any(text[5:40] in synthetic.document(i) for i in range(30))
+
+    # A curriculum over prep's buckets: with all weight on bucket 0, training reads its records alone.
+    records = _records(out)
+    easy = [f",{','.join(map(str, r['tokens']))}," for r in records if r["bucket"] == 0]
+    it = make_train_iterator(dataclasses.replace(cfg, curriculum_field="bucket",
+                                                 curriculum_schedule=((0, (1, 0, 0, 0)),)), tok)
+    special = {tok.bos_id, tok.eos_id}
+    for _ in range(4):
+        batch = next(it)
+        for inputs, segments in zip(batch["inputs"], batch["segment_ids"]):
+            for seg in set(segments.tolist()):
+                piece = [t for t in inputs[segments == seg].tolist() if t not in special]
+                assert not piece or any(f",{','.join(map(str, piece))}," in e for e in easy)

@@ -17,17 +17,20 @@ SFT formats (`jaxllm.data.sft`) never cut an example across rows: each is trunca
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
 from absl import flags
 
 from jaxllm import JaxllmError
-from jaxllm.data import sft
-from jaxllm.data.sources import SOURCE_NAMES, make_source
+from jaxllm.data import mixture, sft
+from jaxllm.data.sources import SOURCE_NAMES, make_source, source_rows
 from jaxllm.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -67,10 +70,22 @@ class DataConfig:
     chat_template: str = "guanaco"  # messages rendering: guanaco | chatml | llama2
     loss_on: str = "auto"  # all | assistant (answers + their EOS) | auto (assistant for prompt_completion, else all)
     packing: bool = True  # SFT: several whole examples per row (first-fit); False = one example per row, padded
+    # Several sources: {name: {source, paths, <field keys>, weight}}, weight a number or ((step, w), ...);
+    # each entry inherits the keys above it does not set (see jaxllm.data.mixture).
+    mixture: Any = None
+    curriculum_field: str = ""  # integer record field naming a document's stage, e.g. "bucket" (jaxllm prep)
+    curriculum_schedule: tuple = ()  # stage weights over steps: ((step, (w0, w1, ...)), ...), linear between
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
         object.__setattr__(self, "paths", paths)
+        object.__setattr__(self, "mixture", mixture.parse_mixture(self.mixture))
+        if bool(self.curriculum_field) != bool(self.curriculum_schedule):
+            raise JaxllmError("data.curriculum_field and data.curriculum_schedule go together: name the stage field "
+                              "(e.g. 'bucket') and give ((step, (w0, w1, ...)), ...) stage weights")
+        if self.curriculum_schedule:
+            object.__setattr__(self, "curriculum_schedule",
+                               mixture.parse_schedule(self.curriculum_schedule, "data.curriculum_schedule"))
         if self.source not in SOURCE_NAMES:
             raise JaxllmError(f"data.source={self.source!r} is not known; use one of {', '.join(SOURCE_NAMES)}")
         if self.text_split not in ("file", "paragraph"):
@@ -99,6 +114,24 @@ class DataConfig:
         if self.format in ("messages", "prompt_completion") and self.source in ("embedded", "text"):
             raise JaxllmError(f"data.format={self.format!r} needs records with fields, but data.source={self.source!r} "
                               "gives plain text; use jsonl, parquet, array_record, tfds or embedded_sft")
+        if self.curriculum_field and not self.mixture and self.source in ("embedded", "text"):
+            raise JaxllmError(f"data.curriculum_field={self.curriculum_field!r} needs records with fields, but "
+                              f"data.source={self.source!r} gives plain text; prepare it with `jaxllm prep` (its shards "
+                              "hold a 'bucket' field) and read them with data.source='array_record'")
+        components(self)  # each mixture entry is a valid data config
+
+
+def components(cfg: DataConfig) -> list[tuple[str, DataConfig]]:
+    """(name, data config) of each source `cfg` reads: the mixture's entries, or ("", cfg) alone."""
+    if not cfg.mixture:
+        return [("", cfg)]
+    out = []
+    for c in cfg.mixture:
+        try:
+            out.append((c.name, dataclasses.replace(cfg, mixture=None, **dict(c.overrides))))
+        except JaxllmError as e:
+            raise JaxllmError(f"data.mixture.{c.name}: {e}") from None
+    return out
 
 
 def make_train_iterator(
@@ -106,21 +139,11 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """Infinite, checkpointable iterator over this process's training batches."""
     local_batch = _local_batch_size(cfg, process_index, process_count)
-    train_docs, _ = split_documents(cfg)
-    docs = train_docs[process_index::process_count]
-    if len(docs) == 0:
-        raise JaxllmError(
-            f"{len(train_docs)} training documents cannot feed {process_count} processes; add data "
-            "or lower data.val_fraction"
-        )
-    if cfg.shuffle:
-        docs = docs.shuffle(seed=_shuffle_seed(cfg.seed))
-    docs = docs.repeat()  # reshuffles every epoch (upstream shuffle is reseeded per epoch)
-    tokens = docs.map(_tokenize_fn(cfg, tokenizer)).to_iter_dataset(_READ_OPTIONS)
-    if cfg.num_workers > 0:
-        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app they are unparsed
-            flags.FLAGS.mark_as_parsed()
-        tokens = tokens.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    if cfg.mixture or cfg.curriculum_field:
+        tokens = _mixed_tokens(cfg, tokenizer, process_index, process_count, local_batch)
+    else:
+        train_docs, _ = split_documents(cfg)
+        tokens = _token_stream(cfg, tokenizer, train_docs, process_index, process_count, cfg.num_workers)
     if cfg.format == "text":
         batches = _pack_and_batch(tokens, cfg.block_size, local_batch,
                                   shuffle_window=cfg.shuffle_window if cfg.shuffle else 0,
@@ -129,6 +152,62 @@ def make_train_iterator(
         batches = _pack_examples_and_batch(tokens, cfg, local_batch)
     # A background thread builds the next batches while the train step runs (XLA releases the GIL).
     return iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=_PREFETCH_BATCHES))
+
+
+def _token_stream(cfg: DataConfig, tokenizer: Tokenizer, train_docs: grain.MapDataset, process_index: int,
+                  process_count: int, num_workers: int, *salt: Any) -> grain.IterDataset:
+    """This process's share of `train_docs`, shuffled every epoch, repeated forever, tokenized."""
+    docs = train_docs[process_index::process_count]
+    if len(docs) == 0:
+        what = f"training documents{' of ' + '/'.join(map(str, salt)) if salt else ''}"
+        raise JaxllmError(
+            f"{len(train_docs)} {what} cannot feed {process_count} processes; add data or lower data.val_fraction"
+        )
+    if cfg.shuffle:
+        docs = docs.shuffle(seed=_shuffle_seed(cfg.seed, *salt))
+    docs = docs.repeat()  # reshuffles every epoch (upstream shuffle is reseeded per epoch)
+    tokens = docs.map(_tokenize_fn(cfg, tokenizer)).to_iter_dataset(_READ_OPTIONS)
+    if num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app they are unparsed
+            flags.FLAGS.mark_as_parsed()
+        tokens = tokens.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return tokens
+
+
+def _mixed_tokens(cfg: DataConfig, tokenizer: Tokenizer, process_index: int, process_count: int,
+                  local_batch: int) -> grain.IterDataset:
+    """One token stream per (source, curriculum stage) with documents, drawn by the mixture's weights."""
+    stages = cfg.curriculum_schedule or None
+    num_stages = len(stages[0][1]) if stages else 1
+    streams, leaves, names, schedules = [], [], [], []
+    for c, (name, comp) in enumerate(components(cfg)):
+        schedules.append(cfg.mixture[c].weight if cfg.mixture else ((0.0, (1.0,)),))
+        source = _documents(comp)
+        train_idx, _ = split_indices(len(source), cfg.val_fraction)
+        stage = curriculum_stages(comp, train_idx, num_stages) if stages else np.zeros(len(train_idx), np.int64)
+        for s in range(num_stages):
+            idx = train_idx[stage == s]
+            if len(idx):
+                leaves.append((c, s))
+                names.append("/".join(x for x in (name, f"stage{s}" if stages else "") if x))
+                streams.append((grain.MapDataset.source(_Take(source, idx)), name, s))
+    weights = mixture.Weights(schedules, stages, leaves, names)
+    workers = math.ceil(cfg.num_workers / len(streams)) if cfg.num_workers else 0  # the pool split between streams
+    parents = [_token_stream(cfg, tokenizer, docs, process_index, process_count, workers, name, s)
+               for docs, name, s in streams]
+    return mixture.MixtureIterDataset(parents, weights, tokens_per_step=local_batch * (cfg.block_size + 1),
+                                      seed=_shuffle_seed(cfg.seed, "mixture"))
+
+
+def curriculum_stages(cfg: DataConfig, indices: np.ndarray, num_stages: int) -> np.ndarray:
+    """The curriculum stage (`cfg.curriculum_field`, an integer) of each record at `indices`."""
+    if cfg.source in ("embedded", "text"):
+        raise JaxllmError(f"data.curriculum_field={cfg.curriculum_field!r} needs records with fields, but "
+                          f"data.source={cfg.source!r} gives plain text; read `jaxllm prep` shards with "
+                          "data.source='array_record'")
+    rows = source_rows(cfg, (("curriculum_field", cfg.curriculum_field),))
+    return np.asarray([mixture.stage_of(rows[int(i)], cfg.curriculum_field, rows.where(int(i)), num_stages)
+                       for i in indices], np.int64)
 
 
 def make_eval_iterator(
@@ -158,13 +237,18 @@ def make_eval_iterator(
 
 
 def split_documents(cfg: DataConfig) -> tuple[grain.MapDataset, grain.MapDataset]:
-    """(train, validation) documents of `cfg`'s source (`sft` pieces for SFT formats); the split is
-    fixed for a given corpus size."""
-    source = _documents(cfg)
-    train_idx, val_idx = split_indices(len(source), cfg.val_fraction)
-    if len(train_idx) == 0:
-        raise JaxllmError(f"the source has {len(source)} documents and none are left for training; add data")
-    return grain.MapDataset.source(_Take(source, train_idx)), grain.MapDataset.source(_Take(source, val_idx))
+    """(train, validation) documents of `cfg`'s sources (`sft` pieces for SFT formats), each source split
+    on its own; the split is fixed for a given corpus size."""
+    train, val = [], []
+    for name, comp in components(cfg):
+        source = _documents(comp)
+        train_idx, val_idx = split_indices(len(source), cfg.val_fraction)
+        if len(train_idx) == 0:
+            where = f"data.mixture.{name}" if name else "the source"
+            raise JaxllmError(f"{where} has {len(source)} documents and none are left for training; add data")
+        train.append(_Take(source, train_idx))
+        val.append(_Take(source, val_idx))
+    return grain.MapDataset.source(_Concat(train)), grain.MapDataset.source(_Concat(val))
 
 
 def split_indices(num_docs: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -183,11 +267,12 @@ def split_indices(num_docs: int, val_fraction: float) -> tuple[np.ndarray, np.nd
 
 def document_texts(cfg: DataConfig) -> Sequence[str]:
     """The text of every document of `cfg`'s source as the model reads it (SFT rows rendered)."""
-    source = _documents(cfg)
+    source = _Concat([_documents(comp) for _, comp in components(cfg)])
     return source if cfg.format == "text" else sft.Texts(source)
 
 
 def _documents(cfg: DataConfig) -> Sequence:
+    """The documents of one source (not a mixture)."""
     return make_source(cfg) if cfg.format == "text" else sft.Examples(make_source(cfg), cfg)
 
 
@@ -209,10 +294,11 @@ def _local_batch_size(cfg: DataConfig, process_index: int, process_count: int) -
     return cfg.batch_size // process_count
 
 
-def _shuffle_seed(seed: int) -> int:
+def _shuffle_seed(seed: int, *salt: Any) -> int:
     """A 32-bit seed for `shuffle`. Grain shuffles epoch e with seed + e, so seeds 0 and 1 would share
-    epochs (0's second is 1's first); hashing the seed first keeps runs apart."""
-    return int.from_bytes(hashlib.sha256(f"jaxllm-shuffle-{seed}".encode()).digest()[:4], "little")
+    epochs (0's second is 1's first); hashing the seed first keeps runs apart (and `salt`, streams)."""
+    key = "-".join(map(str, ("jaxllm-shuffle", seed, *salt)))
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -278,6 +364,28 @@ class _Take:
 
     def __getitem__(self, index: int) -> str:
         return self._source[int(self._indices[index])]
+
+
+class _Concat:
+    """Several random-access sources end to end (one source: itself, so nothing changes)."""
+
+    def __new__(cls, parts: Sequence[Sequence]):
+        if len(parts) == 1:
+            return parts[0]
+        return super().__new__(cls)
+
+    def __init__(self, parts: Sequence[Sequence]):
+        self._parts = list(parts)
+        self._starts = np.cumsum([0] + [len(p) for p in parts]).tolist()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = bisect.bisect_right(self._starts, index) - 1
+        return self._parts[part][index - self._starts[part]]
 
 
 class _Tokenize:

@@ -279,6 +279,12 @@ def make_source(cfg: DataConfig) -> Sequence[str] | Sequence[dict[str, Any]]:
                         cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
 
 
+def source_rows(cfg: DataConfig, fields: Fields) -> RowSource:
+    """Whole rows (dicts) of `cfg.source`, each checked to hold `fields`: for keys besides the text."""
+    return _make_source(cfg.source, cfg.paths, fields, True, cfg.text_split, cfg.tfds_name, cfg.tfds_split,
+                        cfg.tfds_data_dir)
+
+
 def row_fields(cfg: DataConfig) -> Fields:
     """The fields `cfg.format` reads from each row, with the config keys that name them."""
     if cfg.format == "messages":
