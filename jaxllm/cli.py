@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="glob, folder or tfds:NAME:SPLIT (repeatable); text, .jsonl/.json, .parquet by extension")
     p.add_argument("--output", required=True, help="folder for the shards, tokenizer.model, stats.json, report.md")
     p.add_argument("--config", default=_PREP_CONFIG, help="configs/prep_default.py form (default: that file)")
+    p.add_argument("--runner", default="local",
+                   help="local (every core of this machine) or an Apache Beam runner: DirectRunner, DataflowRunner, "
+                        "FlinkRunner, SparkRunner, ... (pip install 'jaxllm[beam]')")
+    p.add_argument("--beam_options", default="",
+                   help="Beam pipeline flags in one string, e.g. '--project=P --region=R --temp_location=gs://B/tmp'")
     p = sub.add_parser("config", help="print the resolved config (after overrides) as JSON")
     p.add_argument("--config", required=True)
     p = sub.add_parser("convert", help="Hugging Face folder -> jaxllm params checkpoint, or workdir -> Hugging Face")
@@ -113,10 +118,22 @@ def run(argv: list[str]) -> int:
     if args.command == "prep":
         from jaxllm.data.prep import PrepConfig, prepare
 
-        stats = prepare(args.input, args.output, PrepConfig.from_config(cfg))
+        prep_cfg = PrepConfig.from_config(cfg)
+        if args.runner == "local":
+            if args.beam_options:
+                raise JaxllmError("--beam_options needs a Beam --runner (DirectRunner, DataflowRunner, ...)")
+            stats = prepare(args.input, args.output, prep_cfg)
+        else:
+            import shlex
+
+            from jaxllm.data.prep.beam import prepare_beam
+
+            stats = prepare_beam(args.input, args.output, prep_cfg, runner=args.runner,
+                                 options=shlex.split(args.beam_options))
         out = stats["output"]
-        print(json.dumps({"output": os.path.abspath(args.output), "records": out["records"], "tokens": out["tokens"],
-                          "shards": len(out["shards"]), "report": os.path.join(os.path.abspath(args.output), "report.md")}))
+        folder = args.output if "://" in args.output else os.path.abspath(args.output)
+        print(json.dumps({"output": folder, "records": out["records"], "tokens": out["tokens"],
+                          "shards": len(out["shards"]), "report": os.path.join(folder, "report.md")}))
         return 0
     if args.command == "train":
         from jaxllm.train.loop import train

@@ -416,3 +416,81 @@ def test_training_pipeline_reads_prep_shards(corpus_dir, tmp_path):
             for seg in set(segments.tolist()):
                 piece = [t for t in inputs[segments == seg].tolist() if t not in special]
                 assert not piece or any(f",{','.join(map(str, piece))}," in e for e in easy)
+
+
+# ---------------------------------------------------------------- the Apache Beam runner
+
+BEAM_OPTIONS = ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
+
+
+@pytest.fixture(scope="module")
+def messy_dir(corpus_dir, tmp_path_factory):
+    """corpus_dir plus the bad input a crawl holds: undecodable bytes, an empty file, bad JSON rows."""
+    folder = tmp_path_factory.mktemp("messy")
+    for path in corpus_dir.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "latin1.txt").write_bytes(("caf\xe9 au lait, " * 60).encode("latin-1"))
+    (folder / "empty.txt").write_bytes(b"")
+    (folder / "b.jsonl").write_text('{"body": 1}\n{not json\n' + json.dumps({"text": synthetic.document(40)}) + "\n")
+    return folder
+
+
+def _same_output(local, beam, a: dict, b: dict) -> None:
+    assert a["stages"] == b["stages"] and a["output"] == b["output"]
+    assert _records(local) == _records(beam)
+    assert sorted(os.listdir(local)) == sorted(os.listdir(beam))
+    if os.path.exists(local / "tokenizer.model"):
+        assert (local / "tokenizer.model").read_bytes() == (beam / "tokenizer.model").read_bytes()
+
+
+@pytest.mark.parametrize("sections", [
+    {},
+    dict(augment=dict(enabled=True, copies=2, rate=0.1), output=dict(records_per_shard=7),
+         curriculum=dict(length_weight=0.0, rarity_weight=1.0, order="input", num_buckets=3)),
+    dict(tokenize=dict(enabled=False), dedup=dict(exact=False), curriculum=dict(field="level", field_weight=1.0)),
+], ids=["default", "augment_rarity_shards", "untokenized_field_curriculum"])
+def test_beam_runner_equals_local(messy_dir, tmp_path, sections):
+    from jaxllm.data.prep.beam import prepare_beam
+
+    inputs, cfg = [str(messy_dir / "*.jsonl"), str(messy_dir / "*.txt")], _cfg(**sections)
+    local = prepare(inputs, str(tmp_path / "local"), cfg)
+    beam = prepare_beam(inputs, str(tmp_path / "beam"), cfg, options=BEAM_OPTIONS)
+    _same_output(tmp_path / "local", tmp_path / "beam", local, beam)
+    st = beam["stages"]
+    assert st["near_dedup"]["removed"].get("near_duplicate", 0) >= (4 if cfg.dedup.exact else 0)
+    assert st["input"]["removed"] and st["input"]["notes"]["undecodable"] == 1  # bad input was met and counted
+    assert not [p for p in os.listdir(tmp_path / "beam") if p.startswith(".prep-tmp")]
+
+
+def test_beam_cli_and_errors(corpus_dir, tmp_path, capsys, monkeypatch):
+    from jaxllm.cli import run
+    from jaxllm.data.prep import beam
+
+    src, out = str(corpus_dir / "*.jsonl"), tmp_path / "out"
+    assert run(["prep", f"--input={src}", f"--output={out}", "--runner=DirectRunner",
+                f"--beam_options={' '.join(BEAM_OPTIONS)}", "--config.tokenize.vocab_size=320",
+                "--config.progress=false"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["records"] == 20 and json.loads((out / "stats.json").read_text())["runner"] == "beam"
+    with pytest.raises(JaxllmError, match="already holds prep output"):
+        beam.prepare_beam([src], str(out), _cfg(), options=BEAM_OPTIONS)
+    with pytest.raises(JaxllmError, match="--runner='NoSuchRunner'"):
+        beam.prepare_beam([src], str(tmp_path / "o1"), _cfg(), runner="NoSuchRunner")
+    with pytest.raises(JaxllmError, match="paraphrase_model .* needs|Beam runner does not"):
+        beam.prepare_beam([src], str(tmp_path / "o1"), _cfg(augment=dict(enabled=True, paraphrase_model="m")))
+    with pytest.raises(JaxllmError, match="matches no files"):
+        beam.prepare_beam([str(tmp_path / "none*.txt")], str(tmp_path / "o1"), _cfg())
+    with pytest.raises(JaxllmError, match="--beam_options needs a Beam --runner"):
+        run(["prep", f"--input={src}", f"--output={tmp_path / 'o1'}", "--beam_options=--x=1"])
+    # A user error inside a worker arrives as the one-line JaxllmError, and no output is left.
+    with pytest.raises(JaxllmError, match=r"^tokenize.vocab_size=100000 is too large for this corpus"):
+        beam.prepare_beam([src], str(tmp_path / "o2"), _cfg(tokenize=dict(vocab_size=100000)), options=BEAM_OPTIONS)
+    assert os.listdir(tmp_path / "o2") == []
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(beam, "_write_shard", boom)
+    with pytest.raises(Exception, match="disk full"):
+        beam.prepare_beam([src], str(tmp_path / "o3"), _cfg(), options=BEAM_OPTIONS)
+    assert os.listdir(tmp_path / "o3") == []

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -84,11 +84,10 @@ class Tokenizer:
         """Ids of `text` where it continues earlier text: without the space SentencePiece puts before a
         text (its dummy prefix), so `encode(a) + encode_continuation(b)` decodes to `a + b`."""
         if self._sp_continuation is None:
-            from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
-
-            model = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
-            model.normalizer_spec.add_dummy_prefix = False
-            self._sp_continuation = spm.SentencePieceProcessor(model_proto=model.SerializeToString())
+            # Protobuf merges a repeated message field into the first and the last scalar wins, so
+            # appending `normalizer_spec { add_dummy_prefix: false }` (field 3 { field 3 = 0 }) turns the
+            # prefix off without the generated ModelProto class, whose protobuf pin other packages clash with.
+            self._sp_continuation = spm.SentencePieceProcessor(model_proto=self._proto + b"\x1a\x02\x18\x00")
         return self._sp_continuation.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -143,17 +142,22 @@ def load_tokenizer(cfg: DataConfig, documents: Sequence[str] | None = None) -> T
 
 def _training_sample(documents: Sequence[str]) -> list[str]:
     """Documents in a fixed pseudo-random order until `_TRAIN_MAX_CHARS`: spread over the corpus."""
-    n = len(documents)
-    if n == 0:
+    if len(documents) == 0:
         raise JaxllmError("cannot train a tokenizer on an empty corpus; point data.paths at some text")
-    texts, chars = [], 0
+    return [documents[i][:take] for i, take in training_sample(len(documents), lambda i: len(documents[i]))]
+
+
+def training_sample(n: int, length: Callable[[int], int]) -> list[tuple[int, int]]:
+    """(document index, characters taken) of the tokenizer's training sample of `n` documents, given
+    each one's length: a distributed run picks the same sample without holding the documents."""
+    picks, chars = [], 0
     for i in np.random.default_rng(_SAMPLE_SEED).permutation(n):
-        text = documents[int(i)][: _TRAIN_MAX_CHARS - chars]
-        texts.append(text)
-        chars += len(text)
+        take = min(length(int(i)), _TRAIN_MAX_CHARS - chars)
+        picks.append((int(i), take))
+        chars += take
         if chars >= _TRAIN_MAX_CHARS:
             break
-    return texts
+    return picks
 
 
 def _train(texts: list[str], settings: dict[str, Any]) -> bytes:

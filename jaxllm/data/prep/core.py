@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -155,24 +155,12 @@ def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir,
         for r in results:
             if not _account(stages, r):
                 continue
-            reason = dedup.check(r.key, r.sig)
-            size = _nbytes(r.text)
-            if reason == "exact_duplicate":
-                stages["exact_dedup"]["removed"][reason] += 1
+            if not _count_dedup(stages, r, dedup.check(r.key, r.sig)):
                 continue
-            _count_out(stages["exact_dedup"], r.text, size)
-            _count_in(stages["near_dedup"], r.text, size)
-            if reason:
-                stages["near_dedup"]["removed"][reason] += 1
-                continue
-            _count_out(stages["near_dedup"], r.text, size)
-            _count_in(aug, r.text, size)
-            _count_out(aug, r.text, size)
             keep(r.text, r.source, r.value)
             for variant in r.variants:
                 keep(variant, f"eda:{r.source}", r.value)
-                _count_out(aug, variant)
-                aug["notes"]["eda_variants"] += 1
+                _count_variant(aug, variant)
             if paraphrase is not None and augment.wants_paraphrase(r.text, cfg.augment):
                 waiting.append(r)
                 if len(waiting) == _PARAPHRASE_BATCH:
@@ -214,8 +202,7 @@ def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir,
         log_freq = curriculum.log_frequencies(token_counts)
         rarity = np.asarray([curriculum.rarity(np.frombuffer(b, np.int32), log_freq)
                              for chunk in _chunks(n) for b in tokens_spool.read(chunk)])
-    score = curriculum.scores(cfg.curriculum, length, rarity, np.asarray(values, np.float64))
-    bucket, order = curriculum.buckets_and_order(cfg.curriculum, score)
+    score, bucket, order = curriculum_order(cfg, length, rarity, np.asarray(values, np.float64))
     _count_all(stages["curriculum"], tok)
     writer = ShardWriter(out, cfg.output.records_per_shard)
     bar = tqdm(total=n, desc="prep: write shards", unit=" doc", disable=not cfg.progress)
@@ -224,12 +211,8 @@ def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir,
         token_bytes = tokens_spool.read(chunk) if tokens_spool is not None else [None] * len(chunk)
         for i, doc, tb in zip(chunk, docs, token_bytes):
             row = json.loads(doc)
-            record = {"text": row["text"], "score": round(float(score[i]), 6), "bucket": int(bucket[i]),
-                      "source": row["source"]}
             ids = np.frombuffer(tb, np.int32) if tb is not None else None
-            if ids is not None and cfg.tokenize.write_tokens:
-                record["tokens"] = ids.tolist()
-            writer.write(json.dumps(record, ensure_ascii=False).encode(), tokens=0 if ids is None else len(ids),
+            writer.write(output_record(cfg, row, score[i], bucket[i], ids), tokens=0 if ids is None else len(ids),
                          text_bytes=_nbytes(row["text"]))
         bar.update(len(chunk))
     bar.close()
@@ -238,41 +221,81 @@ def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir,
     spool.close()
     if tokens_spool is not None:
         tokens_spool.close()
-    stats = {
+    stats = summarize(inputs, stages, cfg, out.path, tokenizer_name, tokenizer_file, writer.shards,
+                      None if num_tokens is None else int(sum(num_tokens)), length, score, bucket, start)
+    stats["pass_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    write_outputs(out, stats, files, tokenizer_file)
+    return stats
+
+
+def curriculum_order(cfg: PrepConfig, length: np.ndarray, rarity: np.ndarray | None,
+                     values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(score, bucket, write order) of the records, from per-record lengths, rarities and field values."""
+    score = curriculum.scores(cfg.curriculum, length, rarity, values)
+    bucket, order = curriculum.buckets_and_order(cfg.curriculum, score)
+    return score, bucket, order
+
+
+def output_record(cfg: PrepConfig, row: dict, score: float, bucket: int, ids: np.ndarray | None) -> bytes:
+    """One output record: JSON of text, score, bucket, source (and tokens)."""
+    record = {"text": row["text"], "score": round(float(score), 6), "bucket": int(bucket), "source": row["source"]}
+    if ids is not None and cfg.tokenize.write_tokens:
+        record["tokens"] = ids.tolist()
+    return json.dumps(record, ensure_ascii=False).encode()
+
+
+def summarize(inputs: list[str], stages: dict, cfg: PrepConfig, out_path: str, tokenizer_name: str,
+              tokenizer_file: str, shards: list[dict], tokens: int | None, length: np.ndarray, score: np.ndarray,
+              bucket: np.ndarray, start: float) -> dict[str, Any]:
+    """stats.json: inputs, config, every stage's counts, the shards, buckets and length histogram."""
+    n = len(length)
+    return {
         "inputs": inputs,
         "files": stages["input"]["notes"].pop("inputs", 0),
         "config": cfg.to_dict(),
         "stages": {name: _plain(st) for name, st in stages.items()},
-        "tokenizer": os.path.join(out.path, "tokenizer.model") if tokenizer_file else tokenizer_name,
+        "tokenizer": os.path.join(out_path, "tokenizer.model") if tokenizer_file else tokenizer_name,
         "output": {
             "records": n,
-            "text_bytes": sum(s["text_bytes"] for s in writer.shards),
-            "tokens": int(sum(num_tokens)) if num_tokens is not None else None,
-            "shards": writer.shards,
+            "text_bytes": sum(s["text_bytes"] for s in shards),
+            "tokens": tokens,
+            "shards": shards,
             "buckets": [{"bucket": b, "records": int((bucket == b).sum()), "mean_score": float(score[bucket == b].mean())}
                         for b in range(int(bucket.max()) + 1)] if n and cfg.curriculum.enabled else [],
-            "length_unit": "tokens" if num_tokens is not None else "chars",
+            "length_unit": "tokens" if tokens is not None else "chars",
             "length_histogram": length_histogram(length.astype(np.int64).tolist()),
         },
         "seconds": round(time.time() - start, 3),
-        "pass_seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
+
+
+def write_outputs(out: OutputDir, stats: dict, files: list[tuple[str, str]], tokenizer_file: str) -> None:
+    """report.md and stats.json beside the temp shards, then everything renamed in (stats.json last)."""
     with open(out.temp("report.md"), "w") as f:
         f.write(render_report(stats))
     write_json(out.temp("stats.json"), stats)
     out.commit(files + ([("tokenizer.model", "tokenizer.model")] if tokenizer_file else [])
                + [("report.md", "report.md"), ("stats.json", "stats.json")])
-    return stats
 
 
 def _tokenizer(cfg: PrepConfig, spool: Spool, out: OutputDir) -> tuple[str, str]:
     """(tokenizer name for the stats, temp file name if a .model was written to the output, else "")."""
+    name, tokenizer, copy = load_prep_tokenizer(cfg, SpoolTexts(spool))
+    if not copy:
+        return name, ""
+    shutil.copyfile(tokenizer.path, out.temp("tokenizer.model"))
+    return name, "tokenizer.model"
+
+
+def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
+    """(name for the stats, tokenizer, whether its .model file belongs in the output): the
+    `tokenize.tokenizer` .model file (copied out) or model folder (read there), or one trained here."""
     from jaxllm.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
 
     given = os.path.expanduser(cfg.tokenize.tokenizer)
     spec = types.SimpleNamespace(tokenizer=given, vocab_size=cfg.tokenize.vocab_size)
     try:
-        tokenizer = load_tokenizer(spec, None if given else SpoolTexts(spool))
+        tokenizer = load_tokenizer(spec, None if given else documents)
     except JaxllmError as e:
         msg = str(e).replace("data.vocab_size", "tokenize.vocab_size").replace("data.tokenizer", "tokenize.tokenizer")
         if "too high" in msg:  # SentencePiece: the corpus cannot fill that many pieces
@@ -281,9 +304,8 @@ def _tokenizer(cfg: PrepConfig, spool: Spool, out: OutputDir) -> tuple[str, str]
                    "lower tokenize.vocab_size or prepare more text")
         raise JaxllmError(msg) from None
     if os.path.isdir(given):
-        return given, ""  # a model folder's tokenizer (SentencePiece or tokenizer.json) is read from there
-    shutil.copyfile(tokenizer.path, out.temp("tokenizer.model"))
-    return (given or "trained"), "tokenizer.model"
+        return given, tokenizer, False  # a model folder's tokenizer (SentencePiece or tokenizer.json)
+    return (given or "trained"), tokenizer, True
 
 
 # ------------------------------------------------------------------ counting helpers
@@ -307,6 +329,29 @@ def _count_out(stage: dict, text: str, size: int | None = None) -> None:
 def _count_all(stage: dict, previous: dict) -> None:
     stage.update(docs_in=previous["docs_out"], docs_out=previous["docs_out"], bytes_in=previous["bytes_out"],
                  bytes_out=previous["bytes_out"])
+
+
+def _count_dedup(stages: dict, r: Processed, reason: str) -> bool:
+    """Counts a document that reached dedup through the dedup stages (its verdict `reason`) into
+    augment; True if it is kept."""
+    size = _nbytes(r.text)
+    if reason == "exact_duplicate":
+        stages["exact_dedup"]["removed"][reason] += 1
+        return False
+    _count_out(stages["exact_dedup"], r.text, size)
+    _count_in(stages["near_dedup"], r.text, size)
+    if reason:
+        stages["near_dedup"]["removed"][reason] += 1
+        return False
+    _count_out(stages["near_dedup"], r.text, size)
+    _count_in(stages["augment"], r.text, size)
+    _count_out(stages["augment"], r.text, size)
+    return True
+
+
+def _count_variant(aug: dict, variant: str) -> None:
+    _count_out(aug, variant)
+    aug["notes"]["eda_variants"] += 1
 
 
 def _account(stages: dict, r: Processed) -> bool:

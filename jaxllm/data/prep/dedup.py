@@ -5,7 +5,13 @@ Near: MinHash over word shingles (Broder 1997) with LSH banding (Leskovec et al.
 Datasets ch. 3): documents agreeing on every row of one band are candidates, and a candidate is a
 duplicate when the signatures' estimated Jaccard (the fraction of equal rows) reaches the threshold.
 Signatures are computed in worker processes (`signature`); the index lives in the main process and
-holds, per kept document, one 32-bit signature and one 64-bit key per band, never the text.
+holds, per document, one 32-bit signature and one 64-bit key per band, never the text.
+
+The rule, in input order, so that a distributed run (`jaxllm.data.prep.beam`) decides the same:
+- a document whose exact key an earlier document had is an exact duplicate;
+- among the rest, a document is a near duplicate when, in one of its bands, the earliest document
+  with the same band key (kept or not) has an estimated Jaccard >= threshold with it. Each document
+  is compared with one document per band bucket, so the cost stays linear in the corpus.
 """
 
 from __future__ import annotations
@@ -87,25 +93,21 @@ class NearDuplicateIndex:
             rows = sig.reshape(self.bands, self.rows).astype(np.uint64)
             return mix64((rows * self._mult).sum(axis=1, dtype=np.uint64)).tolist()
 
-    def match(self, sig: np.ndarray) -> tuple[int, float]:
-        """(index of a kept document whose estimated Jaccard with `sig` >= threshold, estimate),
-        or (-1, best estimate) if none; the first such document in band order."""
-        keys = self.band_keys(sig)
-        best, seen = 0.0, set()
-        for table, key in zip(self._tables, keys):
+    def match(self, sig: np.ndarray) -> tuple[bool, int]:
+        """(is a near duplicate, candidates compared): `sig` against the first indexed document of each
+        of its band buckets; a duplicate when one of them has estimated Jaccard >= threshold."""
+        matched, seen = False, set()
+        for table, key in zip(self._tables, self.band_keys(sig)):
             other = table.get(key)
             if other is None or other in seen:
                 continue
             seen.add(other)
-            self.candidates_checked += 1
-            jaccard = float(np.mean(self._sigs[other] == sig))
-            if jaccard >= self.threshold:
-                return other, jaccard
-            best = max(best, jaccard)
-        return -1, best
+            matched = matched or near_match(self._sigs[other], sig, self.threshold)
+        self.candidates_checked += len(seen)
+        return matched, len(seen)
 
     def add(self, sig: np.ndarray) -> int:
-        """Indexes a kept document's signature (its bands point at it unless taken); returns its index."""
+        """Indexes a document's signature (its bands point at it unless taken); returns its index."""
         if self._count == len(self._sigs):
             self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
         index = self._count
@@ -128,14 +130,20 @@ class Deduplicator:
         self.near = NearDuplicateIndex(cfg) if cfg.near else None
 
     def check(self, key: int | None, sig: np.ndarray | None) -> str:
-        """"" (kept: remembered) or "exact_duplicate" / "near_duplicate" (dropped: not remembered)."""
+        """"" (kept), "exact_duplicate" or "near_duplicate", by the rule in the module doc; documents
+        are checked in input order."""
         if key is not None:
             if key in self._seen:
                 return "exact_duplicate"
-        if self.near is not None and sig is not None:
-            if self.near.match(sig)[0] >= 0:
-                return "near_duplicate"
-            self.near.add(sig)
-        if key is not None:
             self._seen.add(key)
+        if self.near is not None and sig is not None:
+            matched, _ = self.near.match(sig)
+            self.near.add(sig)  # near duplicates are indexed too: the rule does not depend on what was kept
+            if matched:
+                return "near_duplicate"
         return ""
+
+
+def near_match(a: np.ndarray, b: np.ndarray, threshold: float) -> bool:
+    """Whether two MinHash signatures estimate a Jaccard similarity >= threshold."""
+    return float(np.mean(a == b)) >= threshold

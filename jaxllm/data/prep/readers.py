@@ -13,7 +13,7 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from jaxllm import JaxllmError
@@ -64,9 +64,10 @@ def file_kind(path: str) -> str:
 class Reader:
     """Yields the documents of resolved inputs and counts what it had to skip or repair."""
 
-    def __init__(self, cfg: InputConfig, value_field: str = ""):
+    def __init__(self, cfg: InputConfig, value_field: str = "", opener: Callable[[str], BinaryIO] | None = None):
         self.cfg = cfg
         self.value_field = value_field
+        self.opener = opener or _open  # path -> binary stream, decompressed (Beam passes its FileSystems)
         self.counts: collections.Counter = collections.Counter()
         self.unreadable: list[str] = []
 
@@ -77,7 +78,7 @@ class Reader:
                 yield from self._tfds(where)
                 continue
             try:
-                with _open(where) as f:
+                with self.opener(where) as f:
                     yield from getattr(self, f"_{kind}")(f, where)
             except OSError as e:  # unreadable file (permissions, bad gzip): counted, the rest goes on
                 self.counts["unreadable_file"] += 1

@@ -1,0 +1,557 @@
+"""`jaxllm prep` as an Apache Beam pipeline: the same stages and the same output on any Beam runner.
+
+    pip install 'jaxllm[beam]'
+    jaxllm prep --input='corpus/*.jsonl' --output=prepared --runner=DirectRunner
+    jaxllm prep --input='gs://B/raw/*.jsonl' --output=gs://B/prepared --runner=DataflowRunner \\
+        --beam_options='--project=P --region=R --temp_location=gs://B/tmp --setup_file=./setup.py'
+
+On the same input the output equals the local runner's (`prepare`): the same records in the same
+order and shards, the same tokenizer and the same stage counts in stats.json.
+
+- Per-document work runs on the workers in parallel: reading (one task per file, then spread),
+  cleaning, quality filters, MinHash signatures, augmentation, tokenization and shard writing.
+- Dedup runs as shuffles. Exact dedup groups by exact key and keeps the earliest document. Near
+  dedup groups by (band, band key) and compares each document with its bucket's earliest one: the
+  rule `jaxllm.data.prep.dedup` states, so the verdicts are the local ones.
+- A few steps need the whole corpus: the tokenizer's training sample, the curriculum's percentile
+  ranks and the record order. They run on one worker over a few numbers per record (position,
+  length, score), never the text.
+
+A document's position is (input number, document number in that input, variant), the local order.
+Paths go through Beam's FileSystems: local, gs://, s3:// or hdfs:// (with that Beam extra). Outputs
+are written under OUTPUT/.prep-tmp-* and renamed in at the end, stats.json last, as locally.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import types
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxllm import JaxllmError
+
+try:
+    import apache_beam as beam
+    from apache_beam import pvalue
+    from apache_beam.io.filesystems import CompressionTypes, FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+except ImportError:
+    raise JaxllmError("the Beam runner needs Apache Beam: pip install 'jaxllm[beam]' (or apache-beam)") from None
+
+from jaxllm.data.prep import core, curriculum
+from jaxllm.data.prep.config import PrepConfig
+from jaxllm.data.prep.dedup import NearDuplicateIndex, near_match
+from jaxllm.data.prep.output import _OUR_FILES, _WRITER_OPTIONS, SHARD_PATTERN, render_report
+from jaxllm.data.prep.readers import KINDS, Reader, file_kind, resolve_inputs
+
+_PARTIAL = "stats.partial.json"
+
+
+def prepare_beam(inputs: Sequence[str], output: str, cfg: PrepConfig | None = None, *, runner: str = "DirectRunner",
+                 options: Sequence[str] = ()) -> dict[str, Any]:
+    """`prepare` on a Beam runner (`options`: Beam pipeline flags); returns the stats it writes."""
+    cfg = cfg or PrepConfig()
+    if cfg.augment.enabled and cfg.augment.paraphrase_model:
+        raise JaxllmError("augment.paraphrase_model runs a jaxllm model, which the Beam runner does not; prepare "
+                          "with --runner=local or set --config.augment.paraphrase_model=''")
+    try:
+        from apache_beam.runners.runner import create_runner  # pylint: disable=g-import-not-at-top
+
+        create_runner(runner)
+    except ValueError as e:
+        raise JaxllmError(f"--runner={runner!r}: {e}; use local, DirectRunner, DataflowRunner, FlinkRunner, "
+                          "SparkRunner or another Beam runner") from None
+    start = time.time()
+    resolved = _resolve(list(inputs))  # a missing input fails before the output is touched
+    out = _Output(output, cfg.output.overwrite)
+    try:
+        try:
+            with beam.Pipeline(runner=runner, options=PipelineOptions(list(options))) as pipeline:
+                _build(pipeline, resolved, [str(i) for i in inputs], cfg, out)
+        except Exception as e:  # a user error inside a worker arrives wrapped in the runner's traceback
+            raise _unwrap(e) from None
+        stats = json.loads(out.read(_PARTIAL))
+        stats["seconds"] = round(time.time() - start, 3)
+        stats["pass_seconds"] = {"beam_pipeline": stats["seconds"]}
+        out.write("report.md", render_report(stats).encode())
+        out.write("stats.json", (json.dumps(stats, indent=2, default=str) + "\n").encode())
+        files = [s["file"] for s in stats["output"]["shards"]]
+        out.commit(files + (["tokenizer.model"] if stats.pop("_tokenizer_file", "") else []) + ["report.md", "stats.json"])
+        return stats
+    except BaseException:
+        out.discard()
+        raise
+
+
+# ------------------------------------------------------------------ the pipeline
+
+
+def _build(p, resolved: list[tuple[str, str]], inputs: list[str], cfg: PrepConfig, out: _Output) -> None:
+    # ---- read, clean, filter, sign: (position, Processed) for every document read
+    read = (p | "inputs" >> beam.Create(list(enumerate(resolved)))
+            | "read" >> beam.ParDo(_Read(cfg)).with_outputs("counts", main="docs"))
+    processed = (read.docs | "spread documents" >> beam.Reshuffle()
+                 | "clean, filter, sign" >> beam.ParDo(_Process(cfg)))
+
+    # ---- dedup: (position, (reason, candidates compared)) for every document that reached it
+    reached = processed | "reached dedup" >> beam.Filter(lambda kv: kv[1].removed_at == "")
+    if cfg.dedup.exact:
+        exact = (reached | "by exact key" >> beam.Map(lambda kv: (kv[1].key, (kv[0], kv[1].sig)))
+                 | "group exact keys" >> beam.GroupByKey()
+                 | "earliest of each key" >> beam.FlatMap(_earliest_of_key))
+    else:
+        exact = reached | "no exact dedup" >> beam.Map(lambda kv: (kv[0], ("", kv[1].sig)))
+    exact_dups = (exact | "exact duplicates" >> beam.Filter(lambda kv: kv[1][0] != "")
+                  | "exact verdicts" >> beam.Map(lambda kv: (kv[0], ("exact_duplicate", 0))))
+    survivors = (exact | "exact survivors" >> beam.Filter(lambda kv: kv[1][0] == "")
+                 | "signatures" >> beam.Map(lambda kv: (kv[0], kv[1][1])))
+    if cfg.dedup.near:
+        pairs = (survivors | "band buckets" >> beam.ParDo(_Bands(cfg))
+                 | "group buckets" >> beam.GroupByKey()
+                 | "compare with the earliest" >> beam.FlatMap(_compare_with_earliest, cfg.dedup.threshold))
+        near = ({"sig": survivors, "pairs": pairs} | "join candidates" >> beam.CoGroupByKey()
+                | "near verdicts" >> beam.Map(_near_verdict))
+    else:
+        near = survivors | "no near dedup" >> beam.Map(lambda kv: (kv[0], ("", 0)))
+    verdicts = (exact_dups, near) | "verdicts" >> beam.Flatten()
+    judged = ({"doc": processed, "verdict": verdicts} | "join verdicts" >> beam.CoGroupByKey()
+              | "documents and verdicts" >> beam.Map(lambda kv: (kv[0], kv[1]["doc"][0],
+                                                                 (kv[1]["verdict"] or [None])[0])))
+    stage_counts = judged | "count stages" >> beam.CombineGlobally(_StageCounts(cfg))
+    input_counts = read.counts | "count inputs" >> beam.combiners.ToList()
+
+    # ---- kept records, indexed in the local order
+    kept = judged | "kept records" >> beam.FlatMap(_kept_records)
+    index = (kept | "record lengths" >> beam.Map(lambda kv: (kv[0], len(kv[1]["text"]), kv[1]["value"]))
+             | "all records" >> beam.combiners.ToList() | "index" >> beam.Map(_index))
+
+    # ---- tokenizer and tokens
+    tokenize = cfg.tokenize.enabled
+    if tokenize:
+        picks = index | "tokenizer sample" >> beam.FlatMap(_sample_positions, cfg)
+        sample = ({"pick": picks, "record": kept} | "join sample" >> beam.CoGroupByKey()
+                  | "sample texts" >> beam.FlatMap(lambda kv: [(kv[1]["pick"][0], kv[1]["record"][0]["text"])]
+                                                   if kv[1]["pick"] else [])
+                  | "whole sample" >> beam.combiners.ToList())
+        model = index | "train tokenizer" >> beam.Map(_train_tokenizer, cfg, pvalue.AsSingleton(sample))
+        tokens = kept | "tokenize" >> beam.ParDo(_Tokenize(cfg), pvalue.AsSingleton(model))
+        counts = (tokens | "token counts" >> beam.Map(lambda kv: np.bincount(kv[1]).astype(np.int64))
+                  | "corpus token counts" >> beam.CombineGlobally(_SumCounts()))
+        lengths = tokens | "token lengths" >> beam.Map(lambda kv: (kv[0], len(kv[1])))
+        if cfg.curriculum.enabled and cfg.curriculum.rarity_weight:
+            rarity = tokens | "rarity" >> beam.Map(
+                lambda kv, c: (kv[0], curriculum.rarity(kv[1], curriculum.log_frequencies(c))),
+                pvalue.AsSingleton(counts))
+        else:
+            rarity = p | "no rarity" >> beam.Create([])
+    else:
+        model = p | "no tokenizer" >> beam.Create([("", None, False)])
+        tokens = lengths = rarity = p | "no tokens" >> beam.Create([])
+
+    # ---- curriculum order, then shards
+    scored = ({"length": lengths, "rarity": rarity} | "join scores" >> beam.CoGroupByKey()
+              | "all scores" >> beam.combiners.ToList()
+              | "order" >> beam.Map(_order, cfg, tokenize, pvalue.AsSingleton(index), pvalue.AsSingleton(model)))
+    ranks = scored | "ranks" >> beam.FlatMap(lambda s: s["ranks"])
+    shards = ({"record": kept, "tokens": tokens, "rank": ranks} | "join records" >> beam.CoGroupByKey()
+              | "to shards" >> beam.Map(_to_shard, cfg)
+              | "group shards" >> beam.GroupByKey()
+              | "write shards" >> beam.Map(_write_shard, out.tmp, pvalue.AsSingleton(index), cfg)
+              | "all shards" >> beam.combiners.ToList())
+    _ = (p | "finish" >> beam.Create([None])
+         | "stats" >> beam.Map(_finish, inputs, cfg, out.path, out.tmp, pvalue.AsSingleton(stage_counts),
+                               pvalue.AsSingleton(input_counts), pvalue.AsSingleton(model), pvalue.AsSingleton(scored),
+                               pvalue.AsSingleton(shards)))
+
+
+class _Read(beam.DoFn):
+    """An input file -> ((input number, document number, 0), Doc)s, and its problem counts."""
+
+    def __init__(self, cfg: PrepConfig):
+        self.cfg = cfg
+
+    def process(self, item):
+        number, (kind, where) = item
+        reader = Reader(self.cfg.input, self.cfg.curriculum.field, opener=_open)
+        for i, doc in enumerate(reader.read([(kind, where)])):
+            yield (number, i, 0), doc
+        yield pvalue.TaggedOutput("counts", (number, dict(reader.counts), reader.unreadable))
+
+
+class _Process(beam.DoFn):
+    def __init__(self, cfg: PrepConfig):
+        self.cfg = cfg
+        self.stage = None
+
+    def setup(self):
+        self.stage = core.DocStage(self.cfg)
+
+    def process(self, item):
+        position, doc = item
+        yield position, self.stage.one(*doc)
+
+
+class _Bands(beam.DoFn):
+    def __init__(self, cfg: PrepConfig):
+        self.cfg = cfg
+        self.index = None
+
+    def setup(self):
+        self.index = NearDuplicateIndex(self.cfg.dedup)
+
+    def process(self, item):
+        position, sig = item
+        for band, key in enumerate(self.index.band_keys(sig)):
+            yield (band, key), (position, sig)
+
+
+class _Tokenize(beam.DoFn):
+    def __init__(self, cfg: PrepConfig):
+        self.cfg = cfg
+        self.tokenizer = None
+
+    def process(self, item, model):
+        if self.tokenizer is None:
+            self.tokenizer = _tokenizer_of(self.cfg, model)
+        position, row = item
+        yield position, np.asarray(self.tokenizer.encode(row["text"]), np.int32)
+
+
+# ------------------------------------------------------------------ dedup steps
+
+
+def _earliest_of_key(item):
+    """Exact dedup: the earliest document of a key survives (with its signature), the rest are duplicates."""
+    _, members = item
+    members = sorted(members, key=lambda m: m[0])
+    yield members[0][0], ("", members[0][1])
+    for position, _ in members[1:]:
+        yield position, ("exact_duplicate", None)
+
+
+def _compare_with_earliest(item, threshold: float):
+    """Near dedup, one band bucket: every later member against the earliest -> (member, (earliest, match))."""
+    _, members = item
+    members = list(members)
+    first_position, first_sig = min(members, key=lambda m: m[0])
+    for position, sig in members:
+        if position != first_position:
+            yield position, (first_position, near_match(first_sig, sig, threshold))
+
+
+def _near_verdict(item):
+    position, joined = item
+    earliest = dict(joined["pairs"])  # one comparison per distinct earlier document, as locally
+    return position, ("near_duplicate" if any(earliest.values()) else "", len(earliest))
+
+
+# ------------------------------------------------------------------ counting and ordering
+
+
+class _StageCounts(beam.CombineFn):
+    """The local runner's stage counts (clean .. augment), summed over documents in any order."""
+
+    def __init__(self, cfg: PrepConfig):
+        self.cfg = cfg
+
+    def create_accumulator(self):
+        return {name: core._stage(enabled) for name, enabled in _enabled(self.cfg).items()}
+
+    def add_input(self, acc, item):
+        _, r, verdict = item
+        if core._account(acc, r):
+            reason, candidates = verdict
+            if self.cfg.dedup.near and reason != "exact_duplicate":
+                acc["near_dedup"]["notes"]["candidate_pairs_checked"] += candidates
+            if core._count_dedup(acc, r, reason):
+                for variant in r.variants:
+                    core._count_variant(acc["augment"], variant)
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        accumulators = list(accumulators)
+        total = accumulators[0]
+        for acc in accumulators[1:]:
+            for name, stage in acc.items():
+                for key, value in stage.items():
+                    if isinstance(value, collections.Counter):
+                        total[name][key].update(value)  # keeps zero counts, as the local run does
+                    elif key != "enabled":
+                        total[name][key] += value
+        return total
+
+    def extract_output(self, acc):
+        if self.cfg.dedup.near:
+            acc["near_dedup"]["notes"]["candidate_pairs_checked"] += 0
+        return acc
+
+
+class _SumCounts(beam.CombineFn):
+    def create_accumulator(self):
+        return np.zeros(0, np.int64)
+
+    def add_input(self, acc, counts):
+        return _add(acc, counts)
+
+    def merge_accumulators(self, accumulators):
+        total = np.zeros(0, np.int64)
+        for acc in accumulators:
+            total = _add(total, acc)
+        return total
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if len(b) > len(a):
+        a, b = b, a
+    a = a.copy()
+    a[: len(b)] += b
+    return a
+
+
+def _kept_records(item):
+    (number, i, _), r, verdict = item
+    if r.removed_at or verdict is None or verdict[0]:
+        return
+    yield (number, i, 0), {"text": r.text, "source": r.source, "value": r.value}
+    for v, variant in enumerate(r.variants, 1):
+        yield (number, i, v), {"text": variant, "source": f"eda:{r.source}", "value": r.value}
+
+
+def _index(records: list) -> dict[str, Any]:
+    """Every kept record's position in the local order, with its length in characters and field value."""
+    records = sorted(records)
+    return {"positions": [r[0] for r in records], "chars": [r[1] for r in records],
+            "values": [math.nan if r[2] is None else r[2] for r in records]}
+
+
+def _sample_positions(index: dict, cfg: PrepConfig):
+    """The records the local runner would train its tokenizer on (none when a tokenizer is given)."""
+    from jaxllm.data.tokenizer import training_sample  # pylint: disable=g-import-not-at-top
+
+    if cfg.tokenize.tokenizer or not index["positions"]:
+        return
+    chars = index["chars"]
+    for i, _ in training_sample(len(chars), chars.__getitem__):
+        yield index["positions"][i], i
+
+
+class _Sample(Sequence):
+    """`n` documents of which only the tokenizer's training sample is held (the sampler reads no other)."""
+
+    def __init__(self, n: int, texts: dict[int, str]):
+        self._n, self._texts = n, texts
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> str:
+        return self._texts[i]
+
+
+def _train_tokenizer(index: dict, cfg: PrepConfig, sample: list) -> tuple[str, bytes | None, bool]:
+    """(name for the stats, SentencePiece model bytes or None for a model folder, copy into the output)."""
+    n = len(index["positions"])
+    if not n:
+        return "", None, False
+    name, tokenizer, copy = core.load_prep_tokenizer(cfg, _Sample(n, dict(sample)))
+    return name, (getattr(tokenizer, "_proto", None) if copy else None), copy
+
+
+def _tokenizer_of(cfg: PrepConfig, model: tuple[str, bytes | None, bool]):
+    from jaxllm.data.tokenizer import Tokenizer, load_tokenizer  # pylint: disable=g-import-not-at-top
+
+    _, proto, _ = model
+    if proto is not None:
+        return Tokenizer(proto, "tokenizer.model")
+    return load_tokenizer(types.SimpleNamespace(tokenizer=os.path.expanduser(cfg.tokenize.tokenizer),
+                                                vocab_size=cfg.tokenize.vocab_size))
+
+
+def _order(scores: list, cfg: PrepConfig, tokenize: bool, index: dict, model: tuple) -> dict[str, Any]:
+    """Curriculum scores, buckets and write order over the whole corpus (the local pass 3)."""
+    n = len(index["positions"])
+    tokenized = tokenize and n > 0 and model[0] != ""
+    by_position = {position: joined for position, joined in scores}
+    if tokenized:
+        length = np.asarray([by_position[pos]["length"][0] for pos in index["positions"]], np.float64)
+    else:
+        length = np.asarray(index["chars"], np.float64)
+    rarity = None
+    if tokenized and cfg.curriculum.enabled and cfg.curriculum.rarity_weight:
+        rarity = np.asarray([by_position[pos]["rarity"][0] for pos in index["positions"]])
+    score, bucket, order = core.curriculum_order(cfg, length, rarity, np.asarray(index["values"], np.float64))
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    return {"ranks": [(pos, (int(rank[i]), float(score[i]), int(bucket[i]))) for i, pos in enumerate(index["positions"])],
+            "length": length.tolist(), "score": score.tolist(), "bucket": bucket.tolist(),
+            "tokens": int(length.sum()) if tokenized else None}
+
+
+def _to_shard(item, cfg: PrepConfig):
+    _, joined = item
+    row, (rank, score, bucket) = joined["record"][0], joined["rank"][0]
+    ids = joined["tokens"][0] if joined["tokens"] else None
+    record = core.output_record(cfg, row, score, bucket, ids)
+    return rank // cfg.output.records_per_shard, (rank, record, 0 if ids is None else len(ids), core._nbytes(row["text"]))
+
+
+def _write_shard(item, tmp: str, index: dict, cfg: PrepConfig) -> dict[str, Any]:
+    """One shard's records in rank order into an ArrayRecord file (written locally, then copied)."""
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
+    shard, records = item
+    records = sorted(records, key=lambda r: r[0])
+    count = -(-len(index["positions"]) // cfg.output.records_per_shard)
+    name = SHARD_PATTERN.format(index=shard, count=count)
+    with tempfile.TemporaryDirectory() as local:
+        path = os.path.join(local, name)
+        writer = array_record_module.ArrayRecordWriter(path, _WRITER_OPTIONS)
+        for _, record, _, _ in records:
+            writer.write(record)
+        writer.close()
+        _copy_to(path, _join(tmp, name))
+    return {"index": shard, "records": len(records), "text_bytes": sum(r[3] for r in records),
+            "tokens": sum(r[2] for r in records), "file": name}
+
+
+def _finish(_, inputs: list[str], cfg: PrepConfig, out_path: str, tmp: str, stage_counts: dict, input_counts: list,
+            model: tuple, scored: dict, shards: list) -> None:
+    """stats (as the local runner builds them) and the tokenizer, into the temp folder."""
+    stages = {name: core._stage(enabled) for name, enabled in _enabled(cfg).items()}
+    stages.update({k: v for k, v in stage_counts.items() if k not in ("input", "tokenize", "curriculum")})
+    reader = Reader(cfg.input)
+    for _, counts, unreadable in sorted(input_counts, key=lambda c: c[0]):
+        reader.counts.update(counts)
+        reader.unreadable += unreadable
+    core._finish_input(stages["input"], reader)
+    name, proto, copy = model
+    tok = stages["tokenize"]
+    core._count_all(tok, stages["augment"])
+    if scored["tokens"] is not None:
+        tok["notes"].update(tokens=scored["tokens"], tokenizer=name)
+    core._count_all(stages["curriculum"], tok)
+    shards = [{k: v for k, v in s.items() if k != "index"} for s in sorted(shards, key=lambda s: s["index"])]
+    stats = core.summarize(inputs, stages, cfg, out_path, name, "tokenizer.model" if copy else "", shards,
+                           scored["tokens"], np.asarray(scored["length"]), np.asarray(scored["score"]),
+                           np.asarray(scored["bucket"], np.int64), time.time())
+    stats["runner"] = "beam"
+    stats["_tokenizer_file"] = "tokenizer.model" if copy else ""
+    if copy and proto is not None:
+        _write_bytes(_join(tmp, "tokenizer.model"), proto)
+    _write_bytes(_join(tmp, _PARTIAL), json.dumps(stats, default=str).encode())
+
+
+def _enabled(cfg: PrepConfig) -> dict[str, bool]:
+    return dict(zip(core.STAGES, (True, cfg.clean.enabled, cfg.quality.enabled, cfg.dedup.exact, cfg.dedup.near,
+                                  cfg.augment.enabled, cfg.tokenize.enabled, cfg.curriculum.enabled)))
+
+
+# ------------------------------------------------------------------ files through Beam's FileSystems
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _join(folder: str, name: str) -> str:
+    return FileSystems.join(folder, name)
+
+
+def _open(path: str):
+    """A decompressed binary stream of `path` (a .gz is decompressed, as the local reader does)."""
+    return FileSystems.open(path, compression_type=CompressionTypes.AUTO)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with FileSystems.create(path) as f:
+        f.write(data)
+
+
+def _copy_to(local: str, path: str) -> None:
+    with open(local, "rb") as src, FileSystems.create(path) as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+
+
+def _resolve(patterns: list[str]) -> list[tuple[str, str]]:
+    """`resolve_inputs` for local patterns; remote globs (gs://...) are matched by Beam, in order."""
+    out: dict[tuple[str, str], None] = {}
+    for pattern in patterns:
+        kind, _, rest = pattern.partition(":")
+        forced = kind if kind in KINDS and kind != "tfds" and _is_remote(rest) else ""
+        remote = rest if forced else pattern
+        if not _is_remote(remote) or pattern.startswith("tfds:"):
+            out.update(dict.fromkeys(resolve_inputs([pattern])))
+            continue
+        matched = sorted(m.path for result in FileSystems.match([remote]) for m in result.metadata_list)
+        if not matched:
+            raise JaxllmError(f"input {pattern!r} matches no files; fix the path or glob")
+        out.update(dict.fromkeys((forced or file_kind(path), path) for path in matched))
+    return list(out)
+
+
+class _Output:
+    """The output folder through Beam's FileSystems: temp files, then renamed in (`OutputDir`'s contract)."""
+
+    def __init__(self, path: str, overwrite: bool):
+        self.fs = FileSystems
+        self.path = path if _is_remote(path) else os.path.abspath(os.path.expanduser(path))
+        if not _is_remote(path) and os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise JaxllmError(f"--output {path!r} is a file; give a folder")
+        self._old = [m.path for pattern in _OUR_FILES
+                     for result in FileSystems.match([_join(self.path, pattern)]) for m in result.metadata_list]
+        if self._old and not overwrite:
+            raise JaxllmError(f"--output {path!r} already holds prep output; pick another folder or pass "
+                              "--config.output.overwrite=true")
+        self.tmp = _join(self.path, f".prep-tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            if not _is_remote(self.path):
+                os.makedirs(self.path, exist_ok=True)
+            FileSystems.mkdirs(self.tmp)
+        except (OSError, Exception) as e:  # Beam raises its own IOError subclasses
+            raise JaxllmError(f"cannot write to --output {path!r} ({e})") from None
+
+    def temp(self, name: str) -> str:
+        return _join(self.tmp, name)
+
+    def read(self, name: str) -> bytes:
+        with self.fs.open(self.temp(name)) as f:
+            return f.read()
+
+    def write(self, name: str, data: bytes) -> None:
+        _write_bytes(self.temp(name), data)
+
+    def commit(self, names: Iterable[str]) -> None:
+        """Removes an earlier run's files, then renames the temp files in (the order given: stats.json last)."""
+        if self._old:
+            self.fs.delete(self._old)
+        for name in names:
+            self.fs.rename([self.temp(name)], [_join(self.path, name)])
+        self.discard()
+
+    def discard(self) -> None:
+        try:
+            self.fs.delete([self.tmp])
+        except Exception:  # nothing to remove, or already removed
+            pass
+
+
+def _unwrap(error: Exception) -> Exception:
+    """The JaxllmError a worker raised, out of the runner's wrapping; other errors stay as they are."""
+    text = str(error)
+    marker = "JaxllmError: "
+    if isinstance(error, JaxllmError) or marker not in text:
+        return error
+    return JaxllmError(text[text.rindex(marker) + len(marker):].strip().splitlines()[0].split(" [while running")[0])
