@@ -382,3 +382,13 @@ def test_bad_inputs_raise_clear_errors(tmp_path, docs_cfg, tok):
         make_eval_iterator(dataclasses.replace(docs_cfg, val_fraction=0.02, batch_size=64), tok)
     with pytest.raises(JaxllmError, match="vocab_size=270 is too small"):
         tok_lib.load_tokenizer(DataConfig(vocab_size=270), [_doc(i) for i in range(50)])
+
+
+def test_vocab_size_errors_say_which_way_to_go(tmp_path):
+    docs = tmp_path / "d.jsonl"
+    docs.write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(40)))
+    cfg = DataConfig(source="jsonl", paths=(str(docs),), vocab_size=5000)
+    with pytest.raises(JaxllmError, match=r"data.vocab_size=5000 is too large for this corpus \(at most \d+\); lower"):
+        tok_lib.load_tokenizer(cfg)
+    with pytest.raises(JaxllmError, match=r"data.vocab_size=8 is too small for this corpus .*increase"):
+        tok_lib.load_tokenizer(dataclasses.replace(cfg, vocab_size=8))

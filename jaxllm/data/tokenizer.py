@@ -183,6 +183,12 @@ def _train(texts: list[str], settings: dict[str, Any]) -> bytes:
         )
     except RuntimeError as e:
         msg = str(e)
+        if "Vocabulary size too high" in msg:  # "... too high (N). Please set it to a value <= M."
+            limit = msg.rsplit("<= ", 1)[-1].rstrip(". \n")
+            raise JaxllmError(
+                f"data.vocab_size={settings['vocab_size']} is too large for this corpus (at most {limit}); "
+                "lower data.vocab_size or add text"
+            ) from None
         if "Vocabulary size" in msg:
             raise JaxllmError(
                 f"data.vocab_size={settings['vocab_size']} is too small for this corpus "

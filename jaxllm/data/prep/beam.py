@@ -549,9 +549,11 @@ class _Output:
 
 
 def _unwrap(error: Exception) -> Exception:
-    """The JaxllmError a worker raised, out of the runner's wrapping; other errors stay as they are."""
-    text = str(error)
-    marker = "JaxllmError: "
-    if isinstance(error, JaxllmError) or marker not in text:
-        return error
-    return JaxllmError(text[text.rindex(marker) + len(marker):].strip().splitlines()[0].split(" [while running")[0])
+    """The JaxllmError a worker raised, without the runner's wrapping or its " [while running ...]"
+    suffix; other errors stay as they are."""
+    text, marker = str(error), "JaxllmError: "
+    if not isinstance(error, JaxllmError):
+        if marker not in text:
+            return error
+        text = text[text.rindex(marker) + len(marker):]
+    return JaxllmError(text.strip().splitlines()[0].split(" [while running")[0])

@@ -297,12 +297,8 @@ def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
     try:
         tokenizer = load_tokenizer(spec, None if given else documents)
     except JaxllmError as e:
-        msg = str(e).replace("data.vocab_size", "tokenize.vocab_size").replace("data.tokenizer", "tokenize.tokenizer")
-        if "too high" in msg:  # SentencePiece: the corpus cannot fill that many pieces
-            limit = msg.split("<= ")[-1].split(".")[0]
-            msg = (f"tokenize.vocab_size={cfg.tokenize.vocab_size} is too large for this corpus (at most {limit}); "
-                   "lower tokenize.vocab_size or prepare more text")
-        raise JaxllmError(msg) from None
+        raise JaxllmError(str(e).replace("data.vocab_size", "tokenize.vocab_size")
+                          .replace("data.tokenizer", "tokenize.tokenizer")) from None
     if os.path.isdir(given):
         return given, tokenizer, False  # a model folder's tokenizer (SentencePiece or tokenizer.json)
     return (given or "trained"), tokenizer, True
