@@ -62,11 +62,14 @@ def run_one(inputs: list[str], workers: int, vocab_size: int) -> dict:
 
     cfg = PrepConfig(num_workers=workers, progress=False)
     cfg = dataclasses.replace(cfg, tokenize=dataclasses.replace(cfg.tokenize, vocab_size=vocab_size))
+    sampler = WorkerMemory()
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as cache:
         os.environ["JAXLLM_CACHE_DIR"] = cache
         start = time.time()
+        sampler.start()
         stats = prepare(inputs, os.path.join(out, "prepared"), cfg)
         seconds = time.time() - start
+        sampler.stop()
     mb_in = stats["stages"]["input"]["bytes_out"] / 1e6
     docs_in = stats["stages"]["input"]["docs_out"]
     return {
@@ -76,8 +79,42 @@ def run_one(inputs: list[str], workers: int, vocab_size: int) -> dict:
         "pass_seconds": stats["pass_seconds"], "workers": workers,
         "removed": {name: st["removed"] for name, st in stats["stages"].items() if st["removed"]},
         "peak_rss_main_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_rss_largest_worker_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "peak_rss_largest_worker_mb": round(sampler.peak_kb / 1024, 1),
     }
+
+
+class WorkerMemory:
+    """Samples the resident memory of this process's worker processes (Linux /proc) every 0.2 s.
+
+    Not RUSAGE_CHILDREN: a child started by fork + exec inherits the parent's high-water mark at exec,
+    so that figure reports the parent's memory, not the worker's.
+    """
+
+    def __init__(self):
+        import threading
+
+        self.peak_kb = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = str(os.getpid())
+        while not self._done.wait(0.2):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        status = dict(line.split(":", 1) for line in f if ":" in line)
+                except OSError:
+                    continue  # gone already
+                if status.get("PPid", "").strip() == me and "VmRSS" in status:
+                    self.peak_kb = max(self.peak_kb, int(status["VmRSS"].split()[0]))
 
 
 def dedup_quality(threshold: float, seed: int = 0) -> list[dict]:

@@ -257,6 +257,21 @@ def test_near_dedup_recall_and_precision_on_planted_duplicates():
     assert not dropped[:200].any()  # the first occurrence is kept
 
 
+def test_first_index_keeps_the_first_value_across_merges(monkeypatch):
+    from jaxllm.data.prep import dedup
+
+    monkeypatch.setattr(dedup, "_MIN_MERGE", 7)  # merge into the sorted arrays often
+    index, reference = dedup.FirstIndex(), {}
+    rng = np.random.default_rng(0)
+    for value in range(300):
+        keys = np.unique(rng.integers(0, 400, 16).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        assert index.get(keys).tolist() == [reference.get(int(k), -1) for k in keys]
+        index.setdefault(keys, value)
+        for k in keys.tolist():
+            reference.setdefault(k, value)
+    assert len(index) == len(reference) == 400 and len(index._recent) < len(reference)
+
+
 def test_eda_augmentation():
     cfg = AugmentConfig(enabled=True, rate=0.2, copies=3, seed=1)
     text = "The big house is quite old.\nA happy child can begin to speak fast."

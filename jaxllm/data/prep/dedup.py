@@ -5,7 +5,7 @@ Near: MinHash over word shingles (Broder 1997) with LSH banding (Leskovec et al.
 Datasets ch. 3): documents agreeing on every row of one band are candidates, and a candidate is a
 duplicate when the signatures' estimated Jaccard (the fraction of equal rows) reaches the threshold.
 Signatures are computed in worker processes (`signature`); the index lives in the main process and
-holds, per document, one 32-bit signature and one 64-bit key per band, never the text.
+holds, per document, its signature and one 12-byte entry per band (about 0.7 KB), never the text.
 
 The rule, in input order, so that a distributed run (`jaxllm.data.prep.beam`) decides the same:
 - a document whose exact key an earlier document had is an exact duplicate;
@@ -26,6 +26,8 @@ from jaxllm.data.prep.config import DedupConfig
 
 _WORDS = re.compile(r"\w+")
 _ROWS_PER_CHUNK = 4096  # shingles hashed at once: bounds the (shingles x permutations) matrix
+_SIG_BLOCK = 16384  # signatures stored per block (blocks, not a doubling array: no slack to speak of)
+_MIN_MERGE = 1 << 16  # recent band keys held in a dict before they join the sorted arrays
 
 
 def exact_key(text: str) -> int:
@@ -77,48 +79,100 @@ class MinHasher:
 
 
 class NearDuplicateIndex:
-    """LSH index over the signatures of kept documents."""
+    """LSH index: the signature of every indexed document and, per (band, band key), the first one.
+
+    Memory per document: its signature (4 bytes a permutation, in fixed blocks) and one 12-byte
+    entry per band in `FirstIndex`, about 0.7 KB at the defaults; never the text.
+    """
 
     def __init__(self, cfg: DedupConfig):
         self.bands, self.rows, self.threshold = cfg.bands, cfg.num_perm // cfg.bands, cfg.threshold
         rng = np.random.default_rng([cfg.seed, 0x6C7368])
         self._mult = rng.integers(1, 2**63, self.rows, dtype=np.uint64) | np.uint64(1)
-        self._tables: list[dict[int, int]] = [{} for _ in range(self.bands)]
-        self._sigs = np.zeros((1024, cfg.num_perm), np.uint32)
+        self._salt = mix64(np.arange(1, self.bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        self._first = FirstIndex()
+        self._blocks: list[np.ndarray] = []
+        self._num_perm = cfg.num_perm
         self._count = 0
         self.candidates_checked = 0
 
     def band_keys(self, sig: np.ndarray) -> list[int]:
+        return self._band_keys(sig).tolist()
+
+    def _band_keys(self, sig: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):
             rows = sig.reshape(self.bands, self.rows).astype(np.uint64)
-            return mix64((rows * self._mult).sum(axis=1, dtype=np.uint64)).tolist()
+            return mix64((rows * self._mult).sum(axis=1, dtype=np.uint64))
 
     def match(self, sig: np.ndarray) -> tuple[bool, int]:
         """(is a near duplicate, candidates compared): `sig` against the first indexed document of each
         of its band buckets; a duplicate when one of them has estimated Jaccard >= threshold."""
-        matched, seen = False, set()
-        for table, key in zip(self._tables, self.band_keys(sig)):
-            other = table.get(key)
-            if other is None or other in seen:
-                continue
-            seen.add(other)
-            matched = matched or near_match(self._sigs[other], sig, self.threshold)
-        self.candidates_checked += len(seen)
-        return matched, len(seen)
+        firsts = self._first.get(self._table_keys(sig))
+        others = sorted(set(firsts[firsts >= 0].tolist()))
+        matched = any(near_match(self._sig(i), sig, self.threshold) for i in others)
+        self.candidates_checked += len(others)
+        return matched, len(others)
 
     def add(self, sig: np.ndarray) -> int:
         """Indexes a document's signature (its bands point at it unless taken); returns its index."""
-        if self._count == len(self._sigs):
-            self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
         index = self._count
-        self._sigs[index] = sig
+        if index % _SIG_BLOCK == 0:
+            self._blocks.append(np.zeros((_SIG_BLOCK, self._num_perm), np.uint32))
+        self._blocks[-1][index % _SIG_BLOCK] = sig
         self._count += 1
-        for table, key in zip(self._tables, self.band_keys(sig)):
-            table.setdefault(key, index)
+        self._first.setdefault(self._table_keys(sig), index)
         return index
+
+    def _table_keys(self, sig: np.ndarray) -> np.ndarray:
+        """One key per band, salted by the band so that equal keys of two bands stay apart."""
+        return mix64(self._band_keys(sig) ^ self._salt)
+
+    def _sig(self, index: int) -> np.ndarray:
+        return self._blocks[index // _SIG_BLOCK][index % _SIG_BLOCK]
 
     def __len__(self) -> int:
         return self._count
+
+
+class FirstIndex:
+    """uint64 key -> the first int value set for it, in 12 bytes an entry: sorted arrays plus a dict of
+    recent keys, merged in when it reaches an eighth of the arrays (so merges cost O(n) amortized)."""
+
+    def __init__(self):
+        self._keys = np.zeros(0, np.uint64)
+        self._values = np.zeros(0, np.int32)
+        self._recent: dict[int, int] = {}
+
+    def get(self, keys: np.ndarray) -> np.ndarray:
+        """The value of each key, -1 where it has none."""
+        out = np.full(len(keys), -1, np.int64)
+        if len(self._keys):
+            pos = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+            found = self._keys[pos] == keys
+            out[found] = self._values[pos[found]]
+        if self._recent:
+            for i in np.flatnonzero(out < 0):
+                out[i] = self._recent.get(int(keys[i]), -1)
+        return out
+
+    def setdefault(self, keys: np.ndarray, value: int) -> None:
+        """Sets `value` for each key that has none yet."""
+        for i in np.flatnonzero(self.get(keys) < 0):
+            self._recent.setdefault(int(keys[i]), value)
+        if len(self._recent) >= max(_MIN_MERGE, len(self._keys) // 8):
+            self._merge()
+
+    def _merge(self) -> None:
+        keys = np.fromiter(self._recent.keys(), np.uint64, len(self._recent))
+        values = np.fromiter(self._recent.values(), np.int32, len(self._recent))
+        order = np.argsort(keys)
+        keys, values = keys[order], values[order]
+        at = np.searchsorted(self._keys, keys)
+        self._keys, self._values = np.insert(self._keys, at, keys), np.insert(self._values, at, values)
+        self._recent = {}
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._recent)
 
 
 class Deduplicator:
