@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
         c4_curly_bracket=False,  # drop documents containing '{' (mostly code)
         c4_terminal_punctuation=False,  # keep only lines ending in . ! ? or a quote
         c4_min_words_per_line=0,  # drop lines with fewer words; 0 = off
+        # Language identification (langid.py, pip install 'jaxllm[langid]'), off while languages is empty:
+        languages=(),  # ISO 639-1 codes to keep, e.g. ("en",) or ("en", "de")
+        min_language_score=0.65,  # a document is kept when its most likely language is listed with this probability
+        language_sample_chars=2000,  # the first characters of a document are classified (bounds the cost)
     )
     c.dedup = dict(  # keeps the first occurrence; dropped copies are counted by kind
         exact=True,  # drop documents whose normalized text (casefolded, whitespace collapsed) was seen

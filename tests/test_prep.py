@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -222,6 +223,37 @@ def test_c4_rules():
     assert "no punctuation here" not in kept and "\nOk." not in kept and removed == 2
     assert quality(doc + "\nLorem ipsum dolor.", QualityConfig(c4_lorem_ipsum=True))[1] == "c4_lorem_ipsum"
     assert quality(doc + "\nx = {1}.", QualityConfig(c4_curly_bracket=True))[1] == "c4_curly_bracket"
+
+
+ENGLISH = ("In the morning the river moves slowly through the valley while the fishermen wait on the bank. "
+           "Children walk to school talking about their plans for the holidays, the bakers open their doors, "
+           "and the smell of warm bread spreads through the narrow streets of the village. Later the market "
+           "fills with people, neighbours share the news, and everyone prepares the midday meal with care.")
+FRENCH = ("Le matin, la rivière traverse lentement la vallée et les pêcheurs attendent sur la rive. Les enfants "
+          "marchent vers l'école en parlant de leurs projets pour les vacances, tandis que les boulangers ouvrent "
+          "leurs portes et que l'odeur du pain chaud se répand dans les rues étroites du village. Plus tard, le "
+          "marché s'anime, les voisins échangent des nouvelles et chacun prépare le repas de midi avec soin.")
+
+
+def test_language_filter(monkeypatch):
+    from jaxllm.data.prep import clean as clean_lib
+
+    english = ENGLISH
+    assert quality(english, QualityConfig(languages=("en",)))[1] == ""
+    assert quality(english, QualityConfig(languages=("fr", "de")))[1] == "language"
+    assert quality(FRENCH, QualityConfig())[1] == ""  # passes every Gopher rule
+    assert quality(FRENCH, QualityConfig(languages=("en",)))[1] == "language"
+    assert quality(FRENCH, QualityConfig(languages=("en", "fr")))[1] == ""
+    lang, prob = clean_lib.language(FRENCH, QualityConfig(language_sample_chars=40))  # less text, less sure
+    assert lang == "fr" and 0.5 < prob < 0.99
+    short = dict(languages=("fr",), language_sample_chars=40)
+    assert quality(FRENCH, QualityConfig(**short, min_language_score=0.5))[1] == ""
+    assert quality(FRENCH, QualityConfig(**short, min_language_score=0.99))[1] == "language"
+    monkeypatch.setattr(clean_lib, "_LANGID", None)
+    monkeypatch.setitem(sys.modules, "langid.langid", None)  # as if not installed
+    with pytest.raises(JaxllmError, match=r"quality.languages needs langid: pip install 'jaxllm\[langid\]'"):
+        QualityConfig(languages=("en",))
+    QualityConfig(languages=("en",), enabled=False)  # off: not needed
 
 
 def test_exact_dedup_normalizes_case_and_space():

@@ -74,6 +74,30 @@ def _c4_keeps(line: str, cfg: QualityConfig) -> bool:
     return not (cfg.c4_min_words_per_line and len(line.split()) < cfg.c4_min_words_per_line)
 
 
+def language_identifier():
+    """langid.py's bundled model with normalized probabilities (loaded once per process)."""
+    global _LANGID  # pylint: disable=global-statement
+    if _LANGID is None:
+        try:
+            from langid.langid import LanguageIdentifier, model  # pylint: disable=g-import-not-at-top
+        except ImportError:
+            from jaxllm import JaxllmError  # pylint: disable=g-import-not-at-top
+
+            raise JaxllmError("quality.languages needs langid: pip install 'jaxllm[langid]' (or langid), or set "
+                              "quality.languages=()") from None
+        _LANGID = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+    return _LANGID
+
+
+_LANGID = None
+
+
+def language(text: str, cfg: QualityConfig) -> tuple[str, float]:
+    """(most likely language, its probability) of the start of `text`, over all 97 of langid's."""
+    lang, prob = language_identifier().classify(text[: cfg.language_sample_chars])
+    return lang, float(prob)
+
+
 def _document_rule(text: str, lines: list[str], cfg: QualityConfig) -> str:
     """The name of the first rule `text` fails, or ""."""
     if cfg.c4_lorem_ipsum and "lorem ipsum" in text.lower():
@@ -116,6 +140,10 @@ def _document_rule(text: str, lines: list[str], cfg: QualityConfig) -> str:
         for n_gram, limit in enumerate(cfg.top_ngram_max_fractions, start=2):
             if limit and top_ngram_fraction(lowered, n_gram, word_chars) > limit:
                 return f"top_{n_gram}gram_fraction"
+    if cfg.languages:
+        lang, prob = language(text, cfg)
+        if lang not in cfg.languages or prob < cfg.min_language_score:
+            return "language"
     return ""
 
 

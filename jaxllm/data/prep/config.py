@@ -60,9 +60,20 @@ class QualityConfig:
     c4_curly_bracket: bool = False
     c4_terminal_punctuation: bool = False
     c4_min_words_per_line: int = 0
+    languages: tuple[str, ...] = ()
+    min_language_score: float = 0.65
+    language_sample_chars: int = 2000
 
     def __post_init__(self):
         object.__setattr__(self, "top_ngram_max_fractions", tuple(float(x) for x in self.top_ngram_max_fractions))
+        languages = (self.languages,) if isinstance(self.languages, str) else tuple(self.languages)
+        object.__setattr__(self, "languages", languages)
+        if not 0.0 <= self.min_language_score <= 1.0:
+            raise JaxllmError(f"quality.min_language_score must be in [0, 1], got {self.min_language_score}")
+        if self.languages and self.enabled:
+            from jaxllm.data.prep.clean import language_identifier  # pylint: disable=g-import-not-at-top
+
+            language_identifier()  # fail now, with how to install it, not in a worker
 
 
 @dataclasses.dataclass(frozen=True)
