@@ -81,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
         rarity_weight=0.0,  # mean -log unigram frequency of the document's tokens (needs tokenize.enabled)
         field_weight=0.0,  # a numeric field of the input rows (curriculum.field)
         field="",  # JSON / Parquet / TFDS field read for field_weight; rows without it score 0
+        model_weight=0.0,  # mean next-token loss under a reference model (curriculum.model)
+        model="",  # jaxllm workdir or Hugging Face folder scoring documents for model_weight
+        model_max_tokens=256,  # tokens of each document the reference model reads
+        model_batch_size=8,  # documents per reference-model forward pass
         num_buckets=4,  # score quantile buckets written with each record (0 = easiest)
         order="easy_to_hard",  # easy_to_hard (by bucket, then score) | input (input order)
     )

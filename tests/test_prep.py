@@ -541,3 +541,47 @@ def test_beam_cli_and_errors(corpus_dir, tmp_path, capsys, monkeypatch):
     with pytest.raises(Exception, match="disk full"):
         beam.prepare_beam([src], str(tmp_path / "o3"), _cfg(), options=BEAM_OPTIONS)
     assert os.listdir(tmp_path / "o3") == []
+
+
+@pytest.fixture(scope="module")
+def reference_model(corpus_dir, tmp_path_factory):
+    """A tiny random-init Llama in a Hugging Face folder, with a SentencePiece tokenizer of the corpus."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from jaxllm import hf
+    from jaxllm.models.config import ModelConfig
+    from jaxllm.models.decoder import Decoder
+
+    folder = tmp_path_factory.mktemp("reference")
+    out = folder / "prepared"
+    prepare([str(corpus_dir / "*.jsonl")], str(out), _cfg())
+    cfg = ModelConfig(vocab_size=320, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                      max_seq_len=80, dtype="float32", init_std=0.3)
+    model = Decoder(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    hf.save_pretrained(model, params, str(folder / "model"))
+    (folder / "model" / "tokenizer.model").write_bytes((out / "tokenizer.model").read_bytes())
+    return str(folder / "model")
+
+
+def test_reference_model_loss_orders_the_curriculum(messy_dir, reference_model, tmp_path):
+    from jaxllm.data.prep import curriculum
+    from jaxllm.data.prep.beam import prepare_beam
+
+    cfg = _cfg(curriculum=dict(length_weight=0.0, model_weight=1.0, model=reference_model, model_max_tokens=64,
+                               model_batch_size=4))
+    inputs = [str(messy_dir / "*.jsonl"), str(messy_dir / "*.txt")]
+    local = prepare(inputs, str(tmp_path / "local"), cfg)
+    records = _records(tmp_path / "local")
+    scorer = curriculum.ModelLoss(reference_model, 64, 4)
+    loss = np.asarray(scorer([r["text"] for r in records]))
+    assert len(set(loss.tolist())) > len(loss) // 2  # the model tells documents apart
+    assert loss.tolist() == sorted(loss.tolist())  # easy (low loss) to hard
+    np.testing.assert_allclose([r["score"] for r in records], curriculum.percentile_ranks(loss), atol=1e-6)
+    assert scorer([records[3]["text"]]) == [loss[3]]  # a text's loss does not depend on its batch
+    beam = prepare_beam(inputs, str(tmp_path / "beam"), cfg, options=BEAM_OPTIONS)
+    _same_output(tmp_path / "local", tmp_path / "beam", local, beam)
+    with pytest.raises(JaxllmError, match="curriculum.model_weight needs curriculum.model"):
+        _cfg(curriculum=dict(model_weight=1.0))

@@ -159,7 +159,13 @@ def _build(p, resolved: list[tuple[str, str]], inputs: list[str], cfg: PrepConfi
         tokens = lengths = rarity = p | "no tokens" >> beam.Create([])
 
     # ---- curriculum order, then shards
-    scored = ({"length": lengths, "rarity": rarity} | "join scores" >> beam.CoGroupByKey()
+    if cfg.curriculum.enabled and cfg.curriculum.model_weight:
+        size = cfg.curriculum.model_batch_size
+        loss = (kept | "batch for the reference model" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
+                | "reference-model loss" >> beam.ParDo(_ModelLoss(cfg)))
+    else:
+        loss = p | "no reference model" >> beam.Create([])
+    scored = ({"length": lengths, "rarity": rarity, "loss": loss} | "join scores" >> beam.CoGroupByKey()
               | "all scores" >> beam.combiners.ToList()
               | "order" >> beam.Map(_order, cfg, tokenize, pvalue.AsSingleton(index), pvalue.AsSingleton(model)))
     ranks = scored | "ranks" >> beam.FlatMap(lambda s: s["ranks"])
@@ -213,6 +219,21 @@ class _Bands(beam.DoFn):
         position, sig = item
         for band, key in enumerate(self.index.band_keys(sig)):
             yield (band, key), (position, sig)
+
+
+class _ModelLoss(beam.DoFn):
+    """Batches of (position, record) -> (position, mean loss under the reference model)."""
+
+    def __init__(self, cfg: PrepConfig):
+        self.cfg = cfg
+        self.scorer = None
+
+    def setup(self):
+        c = self.cfg.curriculum
+        self.scorer = curriculum.ModelLoss(c.model, c.model_max_tokens, c.model_batch_size)
+
+    def process(self, batch):
+        yield from zip([position for position, _ in batch], self.scorer([row["text"] for _, row in batch]))
 
 
 class _Tokenize(beam.DoFn):
@@ -392,7 +413,11 @@ def _order(scores: list, cfg: PrepConfig, tokenize: bool, index: dict, model: tu
     rarity = None
     if tokenized and cfg.curriculum.enabled and cfg.curriculum.rarity_weight:
         rarity = np.asarray([by_position[pos]["rarity"][0] for pos in index["positions"]])
-    score, bucket, order = core.curriculum_order(cfg, length, rarity, np.asarray(index["values"], np.float64))
+    model_loss = None
+    if n and cfg.curriculum.enabled and cfg.curriculum.model_weight:
+        model_loss = np.asarray([by_position[pos]["loss"][0] for pos in index["positions"]])
+    score, bucket, order = core.curriculum_order(cfg, length, rarity, np.asarray(index["values"], np.float64),
+                                                 model_loss)
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
     return {"ranks": [(pos, (int(rank[i]), float(score[i]), int(bucket[i]))) for i, pos in enumerate(index["positions"])],

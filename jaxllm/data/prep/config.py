@@ -130,14 +130,22 @@ class CurriculumConfig:
     rarity_weight: float = 0.0
     field_weight: float = 0.0
     field: str = ""
+    model_weight: float = 0.0
+    model: str = ""
+    model_max_tokens: int = 256
+    model_batch_size: int = 8
     num_buckets: int = 4
     order: str = "easy_to_hard"
 
     def __post_init__(self):
         _one_of("curriculum.order", self.order, ("easy_to_hard", "input"))
         _positive("curriculum.num_buckets", self.num_buckets)
+        _positive("curriculum.model_max_tokens", self.model_max_tokens)
+        _positive("curriculum.model_batch_size", self.model_batch_size)
         if self.field_weight and not self.field:
             raise JaxllmError("curriculum.field_weight needs curriculum.field (the numeric field to read)")
+        if self.model_weight and not self.model:
+            raise JaxllmError("curriculum.model_weight needs curriculum.model (a jaxllm workdir or Hugging Face folder)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -202,7 +202,18 @@ def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir,
         log_freq = curriculum.log_frequencies(token_counts)
         rarity = np.asarray([curriculum.rarity(np.frombuffer(b, np.int32), log_freq)
                              for chunk in _chunks(n) for b in tokens_spool.read(chunk)])
-    score, bucket, order = curriculum_order(cfg, length, rarity, np.asarray(values, np.float64))
+    model_loss = None
+    if n and cfg.curriculum.enabled and cfg.curriculum.model_weight:
+        scorer = curriculum.ModelLoss(cfg.curriculum.model, cfg.curriculum.model_max_tokens,
+                                      cfg.curriculum.model_batch_size)
+        bar = tqdm(total=n, desc="prep: reference-model loss", unit=" doc", disable=not cfg.progress)
+        model_loss = []
+        for texts in _spool_texts(spool):
+            model_loss += scorer(texts)
+            bar.update(len(texts))
+        bar.close()
+        model_loss = np.asarray(model_loss)
+    score, bucket, order = curriculum_order(cfg, length, rarity, np.asarray(values, np.float64), model_loss)
     _count_all(stages["curriculum"], tok)
     writer = ShardWriter(out, cfg.output.records_per_shard)
     bar = tqdm(total=n, desc="prep: write shards", unit=" doc", disable=not cfg.progress)
@@ -228,10 +239,11 @@ def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir,
     return stats
 
 
-def curriculum_order(cfg: PrepConfig, length: np.ndarray, rarity: np.ndarray | None,
-                     values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(score, bucket, write order) of the records, from per-record lengths, rarities and field values."""
-    score = curriculum.scores(cfg.curriculum, length, rarity, values)
+def curriculum_order(cfg: PrepConfig, length: np.ndarray, rarity: np.ndarray | None, values: np.ndarray,
+                     model_loss: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(score, bucket, write order) of the records, from per-record lengths, rarities, field values and
+    reference-model losses."""
+    score = curriculum.scores(cfg.curriculum, length, rarity, values, model_loss)
     bucket, order = curriculum.buckets_and_order(cfg.curriculum, score)
     return score, bucket, order
 

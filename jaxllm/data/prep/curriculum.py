@@ -1,8 +1,9 @@
 """Curriculum: a difficulty score per record, quantile buckets (0 = easiest) and an easy-to-hard order.
 
 The score is a weighted mean of percentile ranks (0 = lowest, 1 = highest) of length, rarity (mean
--log unigram frequency of the tokens, so rare words make a document harder) and a numeric field, so
-signals of any scale mix. Buckets hold equal numbers of records; ties go by input order.
+-log unigram frequency of the tokens, so rare words make a document harder), a numeric field and the
+loss of a reference jaxllm model (`ModelLoss`: what the model predicts badly is hard), so signals of
+any scale mix. Buckets hold equal numbers of records; ties go by input order.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ def percentile_ranks(values: np.ndarray) -> np.ndarray:
     return (low + high) / 2.0 / (n - 1)
 
 
-def scores(cfg: CurriculumConfig, length: np.ndarray, rarity: np.ndarray | None, field: np.ndarray) -> np.ndarray:
-    parts = [(cfg.length_weight, length), (cfg.rarity_weight, rarity), (cfg.field_weight, field)]
+def scores(cfg: CurriculumConfig, length: np.ndarray, rarity: np.ndarray | None, field: np.ndarray,
+           model_loss: np.ndarray | None = None) -> np.ndarray:
+    parts = [(cfg.length_weight, length), (cfg.rarity_weight, rarity), (cfg.field_weight, field),
+             (cfg.model_weight, model_loss)]
     parts = [(w, v) for w, v in parts if w and v is not None]
     total = sum(abs(w) for w, _ in parts)
     if not cfg.enabled or not total:
@@ -52,3 +55,43 @@ def rarity(tokens: np.ndarray, log_freq: np.ndarray) -> float:
 def log_frequencies(counts: np.ndarray) -> np.ndarray:
     counts = counts.astype(np.float64) + 1.0
     return np.log(counts / counts.sum())
+
+
+class ModelLoss:
+    """Mean next-token loss of each text under a reference model (a jaxllm workdir or a Hugging Face
+    folder, as `jaxllm generate --model` takes), over its first `max_tokens` tokens.
+
+    Batches have one fixed shape (padded rows and columns are masked), so a text's loss does not
+    depend on its neighbours; losses are rounded to 1e-4, as they only feed percentile ranks.
+    """
+
+    def __init__(self, source: str, max_tokens: int, batch_size: int):
+        import jax  # pylint: disable=g-import-not-at-top
+        import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+        from jaxllm import generate  # pylint: disable=g-import-not-at-top
+
+        self.model, self.params, self.tokenizer, self.add_bos = generate.load_model(source)
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+
+        def losses(params, tokens_BL, weights_BL):
+            logits = self.model.apply({"params": params}, tokens_BL[:, :-1]).astype(jnp.float32)
+            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens_BL[:, 1:, None], -1)[..., 0]
+            weights = weights_BL[:, 1:]
+            return (nll * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+
+        self._losses = jax.jit(losses)
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        out: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start: start + self.batch_size]
+            tokens = np.zeros((self.batch_size, self.max_tokens + 1), np.int32)
+            weights = np.zeros(tokens.shape, np.float32)
+            for row, text in enumerate(chunk):
+                ids = ([self.tokenizer.bos_id] if self.add_bos else []) + list(self.tokenizer.encode(text))
+                ids = ids[: self.max_tokens + 1]
+                tokens[row, : len(ids)], weights[row, : len(ids)] = ids, 1.0
+            losses = np.asarray(self._losses(self.params, tokens, weights))[: len(chunk)]
+            out += [round(float(x), 4) for x in losses]
+        return out
