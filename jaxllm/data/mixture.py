@@ -118,6 +118,8 @@ class Weights:
     def __init__(self, components: Sequence[Schedule], stages: Schedule | None,
                  leaves: Sequence[tuple[int, int]], names: Sequence[str]):
         self.components, self.stages, self.leaves, self.names = list(components), stages, list(leaves), list(names)
+        self._component = np.asarray([c for c, _ in self.leaves])
+        self._stage = np.asarray([s for _, s in self.leaves])
         breakpoints = sorted({p[0] for s in self.components + ([stages] if stages else []) for p in s})
         for step in breakpoints:  # weights are piecewise linear: positive at every point = positive throughout
             if not self(step).sum() > 0:
@@ -126,15 +128,11 @@ class Weights:
                     f"{', '.join(names)}); give weight to stages that hold documents")
 
     def __call__(self, step: float) -> np.ndarray:
-        stage_w = at(self.stages, step) if self.stages else np.ones(1)
-        out = np.zeros(len(self.leaves))
-        for c, schedule in enumerate(self.components):
-            mine = [i for i, (comp, _) in enumerate(self.leaves) if comp == c]
-            total = sum(stage_w[self.leaves[i][1]] for i in mine)
-            if total > 0:
-                for i in mine:
-                    out[i] = at(schedule, step)[0] * stage_w[self.leaves[i][1]] / total
-        return out
+        stage_w = (at(self.stages, step) if self.stages else np.ones(1))[self._stage]
+        component_w = np.asarray([at(schedule, step)[0] for schedule in self.components])
+        totals = np.bincount(self._component, weights=stage_w, minlength=len(self.components))  # per source
+        share = np.divide(stage_w, totals[self._component], out=np.zeros(len(stage_w)), where=totals[self._component] > 0)
+        return component_w[self._component] * share
 
 
 class MixtureIterDataset(grain.IterDataset):

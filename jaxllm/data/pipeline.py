@@ -200,11 +200,8 @@ def _mixed_tokens(cfg: DataConfig, tokenizer: Tokenizer, process_index: int, pro
 
 
 def curriculum_stages(cfg: DataConfig, indices: np.ndarray, num_stages: int) -> np.ndarray:
-    """The curriculum stage (`cfg.curriculum_field`, an integer) of each record at `indices`."""
-    if cfg.source in ("embedded", "text"):
-        raise JaxllmError(f"data.curriculum_field={cfg.curriculum_field!r} needs records with fields, but "
-                          f"data.source={cfg.source!r} gives plain text; read `jaxllm prep` shards with "
-                          "data.source='array_record'")
+    """The curriculum stage (`cfg.curriculum_field`, an integer) of each record at `indices` (a source
+    without fields is refused when its DataConfig is built)."""
     rows = source_rows(cfg, (("curriculum_field", cfg.curriculum_field),))
     return np.asarray([mixture.stage_of(rows[int(i)], cfg.curriculum_field, rows.where(int(i)), num_stages)
                        for i in indices], np.int64)

@@ -144,7 +144,13 @@ def _training_sample(documents: Sequence[str]) -> list[str]:
     """Documents in a fixed pseudo-random order until `_TRAIN_MAX_CHARS`: spread over the corpus."""
     if len(documents) == 0:
         raise JaxllmError("cannot train a tokenizer on an empty corpus; point data.paths at some text")
-    return [documents[i][:take] for i, take in training_sample(len(documents), lambda i: len(documents[i]))]
+    read: dict[int, str] = {}  # each sampled document is read once (a spool read parses JSON)
+
+    def length(i: int) -> int:
+        read[i] = documents[i]
+        return len(read[i])
+
+    return [read[i][:take] for i, take in training_sample(len(documents), length)]
 
 
 def training_sample(n: int, length: Callable[[int], int]) -> list[tuple[int, int]]:

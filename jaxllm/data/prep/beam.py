@@ -545,7 +545,7 @@ class _Output:
             if not _is_remote(self.path):
                 os.makedirs(self.path, exist_ok=True)
             FileSystems.mkdirs(self.tmp)
-        except (OSError, Exception) as e:  # Beam raises its own IOError subclasses
+        except Exception as e:  # OSError, or one of Beam's own IOError subclasses
             raise JaxllmError(f"cannot write to --output {path!r} ({e})") from None
 
     def temp(self, name: str) -> str:

@@ -104,24 +104,22 @@ class NearDuplicateIndex:
             rows = sig.reshape(self.bands, self.rows).astype(np.uint64)
             return mix64((rows * self._mult).sum(axis=1, dtype=np.uint64))
 
-    def match(self, sig: np.ndarray) -> tuple[bool, int]:
-        """(is a near duplicate, candidates compared): `sig` against the first indexed document of each
-        of its band buckets; a duplicate when one of them has estimated Jaccard >= threshold."""
-        firsts = self._first.get(self._table_keys(sig))
+    def check_and_add(self, sig: np.ndarray) -> tuple[bool, int]:
+        """(is a near duplicate, candidates compared), then indexes `sig`: it is compared with the first
+        indexed document of each of its band buckets (a duplicate when one of them has estimated
+        Jaccard >= threshold), and becomes the first of the buckets that had none."""
+        keys = self._table_keys(sig)
+        firsts = self._first.get(keys)
         others = sorted(set(firsts[firsts >= 0].tolist()))
         matched = any(near_match(self._sig(i), sig, self.threshold) for i in others)
         self.candidates_checked += len(others)
-        return matched, len(others)
-
-    def add(self, sig: np.ndarray) -> int:
-        """Indexes a document's signature (its bands point at it unless taken); returns its index."""
         index = self._count
         if index % _SIG_BLOCK == 0:
             self._blocks.append(np.zeros((_SIG_BLOCK, self._num_perm), np.uint32))
         self._blocks[-1][index % _SIG_BLOCK] = sig
         self._count += 1
-        self._first.setdefault(self._table_keys(sig), index)
-        return index
+        self._first.set_missing(keys, firsts, index)
+        return matched, len(others)
 
     def _table_keys(self, sig: np.ndarray) -> np.ndarray:
         """One key per band, salted by the band so that equal keys of two bands stay apart."""
@@ -157,7 +155,11 @@ class FirstIndex:
 
     def setdefault(self, keys: np.ndarray, value: int) -> None:
         """Sets `value` for each key that has none yet."""
-        for i in np.flatnonzero(self.get(keys) < 0):
+        self.set_missing(keys, self.get(keys), value)
+
+    def set_missing(self, keys: np.ndarray, current: np.ndarray, value: int) -> None:
+        """`setdefault` given `current = get(keys)`, looked up already."""
+        for i in np.flatnonzero(current < 0):
             self._recent.setdefault(int(keys[i]), value)
         if len(self._recent) >= max(_MIN_MERGE, len(self._keys) // 8):
             self._merge()
@@ -191,9 +193,8 @@ class Deduplicator:
                 return "exact_duplicate"
             self._seen.add(key)
         if self.near is not None and sig is not None:
-            matched, _ = self.near.match(sig)
-            self.near.add(sig)  # near duplicates are indexed too: the rule does not depend on what was kept
-            if matched:
+            # Near duplicates are indexed too: the rule does not depend on what was kept.
+            if self.near.check_and_add(sig)[0]:
                 return "near_duplicate"
         return ""
 
