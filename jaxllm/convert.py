@@ -92,7 +92,7 @@ def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh, *, quantized
         boxed = jax.eval_shape(lambda: Decoder(run_cfg).init(jax.random.key(0), jax.numpy.zeros((1, 1), "int32"))
                                ["params"])
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                nn.meta.unbox(boxed), shd.shardings_for(boxed, mesh))
+                                shd.unbox(boxed), shd.shardings_for(boxed, mesh))
         try:
             params = ocp.StandardCheckpointer().restore(os.path.join(source, "params"), abstract)
         except Exception as e:

@@ -98,7 +98,7 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str) -> P:
 def shardings_for(abstract_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for a (possibly `nn.Partitioned`-boxed) abstract pytree, from its logical axes."""
     logical = nn.get_partition_spec(abstract_tree)
-    unboxed = nn.meta.unbox(abstract_tree)
+    unboxed = unbox(abstract_tree)
 
     def one(path, spec, leaf):
         if not hasattr(leaf, "shape"):
@@ -143,6 +143,17 @@ def axis_rules():
 
 @contextlib.contextmanager
 def activate(mesh: Mesh):
-    """The mesh and the logical rules in force together: what jitted model code runs under."""
-    with mesh, axis_rules():
+    """The mesh and the logical rules in force together: what jitted model code runs under.
+
+    `jax.set_mesh` is what makes `nn.with_logical_constraint` emit its constraints; under the legacy
+    `with mesh:` Flax resolves them to nothing, and XLA is then free to keep activations of the whole
+    global batch on every device (FSDP moving activations instead of weights)."""
+    with jax.set_mesh(mesh), axis_rules():
         yield
+
+
+def unbox(tree: Any) -> Any:
+    """The values of a (possibly `nn.Partitioned`-boxed) pytree, without applying their constraints
+    (an abstract tree holds shapes, which a constraint cannot take outside a trace)."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))

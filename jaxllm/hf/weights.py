@@ -124,7 +124,7 @@ def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh, *, quantized: 
     soon as it is placed and its float copy freed: the float base is never whole in memory."""
     model = Decoder(cfg)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"])
-    shardings, abstract = shd.shardings_for(boxed, mesh), nn.meta.unbox(boxed)
+    shardings, abstract = shd.shardings_for(boxed, mesh), shd.unbox(boxed)
     q_shardings = None
     if quantized is not None:
         from jaxllm.models import lora  # pylint: disable=g-import-not-at-top

@@ -208,7 +208,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                      process_count=jax.process_count())
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint)
     if run.checkpoint.resume and ckpt.latest_step() is not None:
-        abstract = abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+        abstract = abstract_with_shardings(shd.unbox(boxed), shardings)
         state = ckpt.restore(abstract, train_iter)
     elif trainable is not None:
         state = st.state_from_params(fresh_adapter_params(run, model, tx, mesh, trainable, saved), tx, shardings)
@@ -329,7 +329,7 @@ def load_run(workdir: str) -> tuple[Run, Any, dict]:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), dataclasses.replace(run.checkpoint, async_save=False))
     if ckpt.latest_step() is None:
         raise JaxllmError(f"no checkpoint in {workdir}/checkpoints; train first")
-    state = ckpt.restore(abstract_with_shardings(nn.meta.unbox(boxed), st.state_shardings(boxed, mesh)))
+    state = ckpt.restore(abstract_with_shardings(shd.unbox(boxed), st.state_shardings(boxed, mesh)))
     ckpt.close()
     frozen = load_frozen(run, mesh, trainable)[0] if trainable is not None else {}
     return run, state.params, frozen

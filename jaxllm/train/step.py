@@ -66,7 +66,7 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, r
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           skipped=jnp.zeros((), jnp.int32))
 
-    with shd.axis_rules():
+    with shd.activate(mesh):
         state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
 
@@ -156,9 +156,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
 
 def _in_mesh() -> bool:
-    from jax._src import mesh as mesh_lib
-
-    return not mesh_lib.thread_resources.env.physical_mesh.empty
+    return not jax.sharding.get_abstract_mesh().empty
 
 
 def jit_train_step(step_fn, shardings: Any, mesh: Mesh, frozen_shardings: Any = None):
