@@ -132,7 +132,7 @@ def test_mqa_gqa_and_tied_embeddings_shapes():
 
 @pytest.mark.parametrize("bad,match", [
     (dict(num_heads=3), "not divisible"), (dict(num_kv_heads=3), "multiple of num_kv_heads"),
-    (dict(remat="some"), "remat"), (dict(dtype="fp8"), "dtype"), (dict(attention="flash"), "attention")])
+    (dict(remat="some"), "remat"), (dict(dtype="fp8"), "dtype"), (dict(attention="splash"), "attention")])
 def test_bad_model_config(bad, match):
     with pytest.raises(JaxllmError, match=match):
         ModelConfig(**{**TINY, **bad})
