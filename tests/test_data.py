@@ -17,7 +17,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from jaxllm import JaxllmError
 from jaxllm.data import corpus, sources, tokenizer as tok_lib
-from jaxllm.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator, split_indices
+from jaxllm.data.pipeline import DataConfig, check_splits, make_eval_iterator, make_train_iterator, split_indices
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 NUM_DOCS = 60
@@ -251,6 +251,25 @@ def test_eval_padding_is_masked_and_repeatable(docs_cfg, tok):
     assert all(not (b["segment_ids"] == 0).any() for b in batches[:-1])
 
 
+def test_eval_pads_the_last_batch_and_counts_the_same_tokens(docs_cfg, tok):
+    """A validation split smaller than a batch (12 documents, 64 rows a batch) is evaluated whole: the
+    batch is filled with rows that count nothing; a process without documents gets one such batch."""
+    def weight(batches):
+        return sum(float(b["loss_weights"].sum()) for b in batches)
+
+    one = list(make_eval_iterator(dataclasses.replace(docs_cfg, batch_size=1), tok))
+    (big,) = list(make_eval_iterator(dataclasses.replace(docs_cfg, batch_size=64), tok))
+    assert big["inputs"].shape == (64, 32) and weight([big]) == weight(one) > 0
+    real = np.any(big["segment_ids"] != 0, axis=1)
+    assert real.sum() == len(one) and not real[len(one):].any()
+    for key in KEYS:
+        np.testing.assert_array_equal(big[key][:len(one)], np.concatenate([b[key] for b in one]))
+    few = dataclasses.replace(docs_cfg, source="jsonl", val_fraction=0.02)  # 1 validation document, 2 processes
+    shards = [list(make_eval_iterator(few, tok, process_index=p, process_count=2)) for p in range(2)]
+    assert len(shards[1]) == 1 and weight(shards[1]) == 0 and shards[1][0]["inputs"].shape == (2, 32)
+    assert weight(shards[0]) > 0
+
+
 def test_train_val_split_disjoint(docs_cfg, tok):
     train_idx, val_idx = split_indices(NUM_DOCS, 0.2)
     assert len(val_idx) == 12 and not set(train_idx) & set(val_idx)
@@ -378,8 +397,14 @@ def test_bad_inputs_raise_clear_errors(tmp_path, docs_cfg, tok):
         make_train_iterator(docs_cfg, tok, process_index=0, process_count=3)
     with pytest.raises(JaxllmError, match="tokenizer file .*missing.model' not found"):
         tok_lib.load_tokenizer(DataConfig(tokenizer=str(tmp_path / "missing.model")))
-    with pytest.raises(JaxllmError, match="too few for one batch.*raise data.val_fraction"):
-        make_eval_iterator(dataclasses.replace(docs_cfg, val_fraction=0.02, batch_size=64), tok)
+    with pytest.raises(JaxllmError, match="validation split is empty.*raise data.val_fraction"):
+        make_eval_iterator(dataclasses.replace(docs_cfg, val_fraction=0.0), tok)
+    with pytest.raises(JaxllmError, match="validation split is empty .60 documents"):
+        check_splits(dataclasses.replace(docs_cfg, val_fraction=0.0), tok)
+    with pytest.raises(JaxllmError, match=r"too small for one batch: 48 documents \([\d,]+ tokens\) fill \d+ "
+                                          r"row\(s\) of 1025 tokens, but one batch needs 16 rows \(data.batch_size=16\)"):
+        check_splits(dataclasses.replace(docs_cfg, block_size=1024, batch_size=16), tok)
+    check_splits(dataclasses.replace(docs_cfg, block_size=1024, batch_size=1), tok)  # one row of a batch of one
     with pytest.raises(JaxllmError, match="vocab_size=270 is too small"):
         tok_lib.load_tokenizer(DataConfig(vocab_size=270), [_doc(i) for i in range(50)])
 

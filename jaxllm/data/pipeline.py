@@ -213,24 +213,56 @@ def make_eval_iterator(
     """One deterministic pass over this process's validation batches (a fresh iterator per call).
 
     Runs in the main process: evaluation reads a few batches, and worker start-up would cost more.
-    Processes may get different numbers of batches; take no more than the smallest process has.
+    The last (or only) batch is filled up with padding rows (segment 0, loss weight 0) that count
+    nothing, so any non-empty validation split is evaluated whole whatever the batch and block size;
+    a process with no validation documents gets one all-padding batch. Processes may get different
+    numbers of batches; take no more than the smallest process has.
     """
     local_batch = _local_batch_size(cfg, process_index, process_count)
     _, val_docs = split_documents(cfg)
+    if len(val_docs) == 0:
+        raise JaxllmError(f"the validation split is empty (data.val_fraction={cfg.val_fraction}); evaluation needs "
+                          "at least one document: raise data.val_fraction or add data")
     docs = val_docs[process_index::process_count]
     tokens = docs.map(_tokenize_fn(cfg, tokenizer)).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     )
     if cfg.format == "text":
-        batches = _pack_and_batch(tokens, cfg.block_size, local_batch)
+        batches = _pack_and_batch(tokens, cfg.block_size, local_batch, pad_last=True)
     else:
-        batches = _pack_examples_and_batch(tokens, cfg, local_batch)
-    if len(docs) == 0 or next(iter(batches), None) is None:
+        batches = _pack_examples_and_batch(tokens, cfg, local_batch, pad_last=True)
+    return iter(batches) if len(docs) else iter([_PadBatch(local_batch, cfg.block_size)(None)])
+
+
+def check_splits(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1) -> None:
+    """Refuses, before any model is built, data that cannot train: an empty validation split, or a
+    training split (this process's share) whose one epoch fills fewer rows than one batch."""
+    local_batch = _local_batch_size(cfg, process_index, process_count)
+    train_docs, val_docs = split_documents(cfg)
+    if len(val_docs) == 0:
+        raise JaxllmError(f"the validation split is empty ({len(train_docs)} documents, data.val_fraction="
+                          f"{cfg.val_fraction}); evaluation needs at least one: raise data.val_fraction or add data")
+    if cfg.mixture or cfg.curriculum_field:  # each stream repeats on its own; emptiness is checked per stream
+        return
+    docs, length = train_docs[process_index::process_count], cfg.block_size + 1
+    tokenize, examples, total = _tokenize_fn(cfg, tokenizer), [], 0
+    for i in range(len(docs)):  # rows hold <= `length` tokens: once a batch's worth is here, it fills a batch
+        examples.append(tokenize(docs[i]))
+        total += len(examples[-1]["tokens"])
+        if total >= local_batch * length:
+            return
+    if cfg.format == "text":
+        rows = -(-total // length)
+    else:  # as the training stream packs them (an example is never cut across rows)
+        batches = _pack_examples_and_batch(grain.MapDataset.source(examples).to_iter_dataset(), cfg, local_batch,
+                                           pad_last=True)
+        rows = sum(int(np.any(b["segment_ids"] != 0, axis=1).sum()) for b in batches)
+    if rows < local_batch:
+        where = f" per process ({process_count} processes)" if process_count > 1 else ""
         raise JaxllmError(
-            f"{len(val_docs)} validation documents are too few for one batch of {local_batch}x{cfg.block_size} "
-            f"tokens per process; raise data.val_fraction (now {cfg.val_fraction}) or lower data.batch_size"
-        )
-    return iter(batches)
+            f"the training split is too small for one batch: {len(docs)} documents ({total:,} tokens){where} fill "
+            f"{rows} row(s) of {length} tokens, but one batch needs {local_batch} rows (data.batch_size="
+            f"{cfg.batch_size}); add data, or lower data.batch_size or data.block_size={cfg.block_size}")
 
 
 def split_documents(cfg: DataConfig) -> tuple[grain.MapDataset, grain.MapDataset]:
@@ -307,15 +339,16 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def _pack_and_batch(tokens: grain.IterDataset, block_size: int, local_batch: int, *, shuffle_window: int = 0,
-                    seed: int = 0) -> grain.IterDataset:
+                    seed: int = 0, pad_last: bool = False) -> grain.IterDataset:
     packed = grain.experimental.ConcatThenSplitIterDataset(tokens, length_struct={"tokens": block_size + 1})
     sequences = _JsonRestorable(packed).map(_shift)
     if shuffle_window > 1:  # a long document would otherwise fill many consecutive batches on its own
         sequences = grain.experimental.WindowShuffleIterDataset(sequences, window_size=shuffle_window, seed=seed)
-    return sequences.batch(local_batch, drop_remainder=True)
+    return _batch(sequences, local_batch, block_size, pad_last)
 
 
-def _pack_examples_and_batch(tokens: grain.IterDataset, cfg: DataConfig, local_batch: int) -> grain.IterDataset:
+def _pack_examples_and_batch(tokens: grain.IterDataset, cfg: DataConfig, local_batch: int, *,
+                             pad_last: bool = False) -> grain.IterDataset:
     """Whole SFT examples per row: first-fit packed, or one per row (a bin that holds one sequence)."""
     length = cfg.block_size + 1
     packed = grain.experimental.FirstFitPackIterDataset(
@@ -323,7 +356,31 @@ def _pack_examples_and_batch(tokens: grain.IterDataset, cfg: DataConfig, local_b
         num_packing_bins=max(local_batch, _PACKING_BINS) if cfg.packing else 1,
         max_sequences_per_bin=None if cfg.packing else 1, shuffle_bins=False,
     )
-    return packed.map(_shift).batch(local_batch, drop_remainder=True)
+    return _batch(packed.map(_shift), local_batch, cfg.block_size, pad_last)
+
+
+def _batch(rows: grain.IterDataset, local_batch: int, block_size: int, pad_last: bool) -> grain.IterDataset:
+    """Batches of `local_batch` rows; a short last batch is dropped (training streams are endless) or,
+    with `pad_last`, filled up with padding rows (a finite evaluation pass)."""
+    if not pad_last:
+        return rows.batch(local_batch, drop_remainder=True)
+    return rows.batch(local_batch, drop_remainder=False).map(_PadBatch(local_batch, block_size))
+
+
+class _PadBatch:
+    """A batch filled up to `rows` rows with rows that count nothing: token 0, segment 0, loss weight 0
+    (attention never crosses segments, so they change no real row). None gives a batch of padding."""
+
+    def __init__(self, rows: int, block_size: int):
+        self._rows, self._block_size = rows, block_size
+
+    def __call__(self, batch: Batch | None) -> Batch:
+        if batch is None:
+            batch = {k: np.zeros((0, self._block_size), np.float32 if k == "loss_weights" else np.int32)
+                     for k in ("inputs", "targets", "segment_ids", "positions", "loss_weights")}
+        missing = self._rows - len(batch["inputs"])
+        return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) if missing else v
+                for k, v in batch.items()}
 
 
 class _JsonRestorable(grain.IterDataset):
