@@ -184,8 +184,29 @@ def test_quantization_sizes_and_round_trip_error():
     assert codes.dtype == np.uint8 and codes.shape == (2, 128, 96)
     scales = np.abs(w.reshape(2, 4, 64, 96)).max(axis=2)  # double-quantized block scales stay within 1%
     np.testing.assert_allclose(np.asarray(quant.block_scales(nf4)), scales, rtol=0.01, atol=1e-5)
-    with pytest.raises(JaxllmError, match="not a multiple of the quantization block size 64"):
-        quant.quantize(np.zeros((96, 8), np.float32), "nf4")
+    with pytest.raises(JaxllmError, match="quant_block_size=63 must be a positive even number"):
+        quant.quantize(np.zeros((96, 8), np.float32), "nf4", 63)
+
+
+@pytest.mark.parametrize("kind,bound", [("nf4", 0.12), ("int8", 0.01)])
+def test_any_input_size_quantizes_in_zero_padded_blocks(kind, bound):
+    """A fan_in that is no multiple of the block (or odd) is padded with zero rows to whole blocks; the
+    leaves keep the 2-D [rows, fan_out] layout and dequantizing drops the padding again."""
+    rng = np.random.RandomState(1)
+    for fan_in in (96, 33):
+        w = rng.standard_normal((2, fan_in, 40)).astype(np.float32) * 0.02
+        leaves = quant.quantize(w, kind)
+        codes = leaves["kernel_nf4" if kind == "nf4" else "kernel_int8"]
+        rows = quant.padded(fan_in, 64)
+        assert rows == {96: 128, 33: 64}[fan_in] and codes.shape == (2, rows // 2 if kind == "nf4" else rows, 40)
+        for name, (shape, dtype) in quant.shapes(kind, (2,), fan_in, 40, 64).items():
+            assert (leaves[name].shape, leaves[name].dtype) == (shape, dtype), name
+        back = np.asarray(quant.dequantize(leaves, fan_in=fan_in))
+        assert back.shape == w.shape
+        assert np.sqrt(np.mean((back - w) ** 2)) / w.std() < bound
+        assert not np.asarray(quant.dequantize(leaves))[:, fan_in:].any()  # the padding rows are exact zeros
+        exact = np.asarray(quant.dequantize(quant.quantize(np.pad(w, ((0, 0), (0, rows - fan_in), (0, 0))), kind)))
+        np.testing.assert_array_equal(back, exact[:, :fan_in])  # as if the zero rows had been there all along
 
 
 def test_quantized_base_logits_and_layer_norms():
@@ -205,5 +226,11 @@ def test_quantized_base_logits_and_layer_norms():
     dequantized = lora.dequantize_params(quantized, cfg)
     np.testing.assert_allclose(_logits(FALCON, dequantized), _logits(cfg, lora.merge(
         _with_adapters(FALCON, lcfg, params)[1], quantized)), atol=1e-5)
-    with pytest.raises(JaxllmError, match="not a multiple of the quantization block size 48"):
-        lora.quantize_params(params, dataclasses.replace(cfg, quant_block_size=48))
+    odd_blocks = dataclasses.replace(cfg, quant_block_size=48)  # 64 and 128 inputs: padded to 96 and 144
+    quantized = lora.quantize_params(params, odd_blocks)
+    assert quantized["layers"]["mlp"]["down_proj"]["kernel_nf4"].shape == (2, 144 // 2, 64)  # [layers, rows, out]
+    padded = _logits(odd_blocks, lora.merge(_with_adapters(FALCON, lcfg, params)[1], quantized))
+    assert 0 < np.sqrt(np.mean((padded - ref) ** 2)) / ref.std() < 0.2
+    np.testing.assert_allclose(_logits(FALCON, lora.dequantize_params(quantized, odd_blocks)), padded, atol=1e-5)
+    with pytest.raises(JaxllmError, match="quant_block_size=0 must be a positive even number"):
+        lora.LoraConfig(r=4, quantization="nf4", quant_block_size=0)

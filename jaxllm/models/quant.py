@@ -1,11 +1,14 @@
 """Block-wise weight quantization for a frozen base: NF4 with double-quantized scales (QLoRA), and int8.
 
 A kernel is quantized in its 2-D form [..., fan_in, fan_out] (leading axes: scanned layers), in blocks
-of `block_size` consecutive input rows per output column; each block keeps its absmax scale. NF4
-packs two 4-bit codes per byte (rows 2i and 2i+1 of a block). Double quantization (Dettmers et al.
-2023, section 3) stores the float32 block scales as int8 offsets from their mean, with one float32
-scale per 256 of them: 0.5 + 1/64 + 4/(64*256) bytes per weight = 4.13 bits. Dequantization is plain
-jnp, so it runs inside the jitted matmul path in the compute dtype.
+of `block_size` consecutive input rows per output column; each block keeps its absmax scale. Any
+fan_in works: the input rows are padded with zero rows up to a multiple of the block size (as
+bitsandbytes quantizes any tensor), and `dequantize(..., fan_in)` drops them again; the leaves keep
+the 2-D [fan_in_padded (/2 for NF4), fan_out] layout, so they shard along the input axis like the
+kernel. NF4 packs two 4-bit codes per byte (rows 2i and 2i+1 of a block). Double quantization
+(Dettmers et al. 2023, section 3) stores the float32 block scales as int8 offsets from their mean,
+with one float32 scale per 256 of them: 0.5 + 1/64 + 4/(64*256) bytes per weight = 4.13 bits.
+Dequantization is plain jnp, so it runs inside the jitted matmul path in the compute dtype.
 """
 
 from __future__ import annotations
@@ -38,20 +41,27 @@ def leaf_names(kind: str) -> tuple[str, ...]:
     raise JaxllmError(f"quantization={kind!r}; choose one of {', '.join(QUANTIZATIONS)}")
 
 
-def check_shape(fan_in: int, block_size: int, where: str) -> None:
-    if block_size <= 0 or block_size % 2 or fan_in % block_size:
-        raise JaxllmError(f"{where}: input size {fan_in} is not a multiple of the quantization block size "
-                          f"{block_size}; pick a block size that divides it (e.g. --config.lora.quant_block_size=32)")
+def check_block_size(block_size: Any, where: str = "lora.quant_block_size") -> None:
+    """A block holds an even number of input rows (NF4 packs rows in pairs)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 or block_size % 2:
+        raise JaxllmError(f"{where}={block_size!r} must be a positive even number of weights (64 as in QLoRA)")
+
+
+def padded(fan_in: int, block_size: int) -> int:
+    """fan_in rounded up to a whole number of blocks: the stored input rows."""
+    return -(-fan_in // block_size) * block_size
 
 
 def shapes(kind: str, lead: tuple[int, ...], fan_in: int, fan_out: int, block_size: int) -> dict[str, tuple]:
     """Shape and dtype of each stored leaf for a [*lead, fan_in, fan_out] kernel."""
-    blocks = fan_in // block_size
+    check_block_size(block_size)
+    rows = padded(fan_in, block_size)
+    blocks = rows // block_size
     if kind == "int8":
-        return {"kernel_int8": ((*lead, fan_in, fan_out), jnp.int8),
+        return {"kernel_int8": ((*lead, rows, fan_out), jnp.int8),
                 "kernel_scale": ((*lead, blocks, fan_out), jnp.float32)}
     num_scales = blocks * fan_out
-    return {"kernel_nf4": ((*lead, fan_in // 2, fan_out), jnp.uint8),
+    return {"kernel_nf4": ((*lead, rows // 2, fan_out), jnp.uint8),
             "kernel_scale_q": ((*lead, blocks, fan_out), jnp.int8),
             "kernel_scale_scale": ((*lead, -(-num_scales // SCALE_BLOCK)), jnp.float32),
             "kernel_scale_mean": ((*lead,), jnp.float32)}
@@ -72,10 +82,13 @@ def _scale_groups(x, fn_pad=0.0):
 
 
 def quantize(w: jax.Array, kind: str, block_size: int = 64) -> dict[str, jax.Array]:
-    """Quantizes a float [..., fan_in, fan_out] kernel; returns the leaves named by `leaf_names`."""
+    """Quantizes a float [..., fan_in, fan_out] kernel (zero rows padded up to whole blocks); returns
+    the leaves named by `leaf_names`."""
     w = jnp.asarray(w, jnp.float32)
+    check_block_size(block_size)
     *lead, fan_in, fan_out = w.shape
-    check_shape(fan_in, block_size, "quantize")
+    fan_in = padded(fan_in, block_size)
+    w = jnp.pad(w, [(0, 0)] * len(lead) + [(0, fan_in - w.shape[-2]), (0, 0)])
     blocks = _blocks(w, block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=-2)  # [..., nblocks, fan_out]
     safe = jnp.where(absmax > 0, absmax, 1.0)
@@ -110,8 +123,9 @@ def block_scales(leaves: dict[str, jax.Array]) -> jax.Array:
     return flat.reshape(scale_q.shape) + leaves["kernel_scale_mean"][..., None, None]
 
 
-def dequantize(leaves: dict[str, jax.Array], dtype: Any = jnp.float32) -> jax.Array:
-    """The [..., fan_in, fan_out] kernel in `dtype` from its quantized leaves."""
+def dequantize(leaves: dict[str, jax.Array], dtype: Any = jnp.float32, fan_in: int | None = None) -> jax.Array:
+    """The [..., fan_in, fan_out] kernel in `dtype` from its quantized leaves: its first `fan_in` input
+    rows (the true size; None keeps the padded rows too)."""
     scales = block_scales(leaves)
     if "kernel_int8" in leaves:
         codes = leaves["kernel_int8"]
@@ -123,7 +137,8 @@ def dequantize(leaves: dict[str, jax.Array], dtype: Any = jnp.float32) -> jax.Ar
         values = jnp.asarray(NF4_LEVELS)[idx.astype(jnp.int32)]
     block_size = values.shape[-2] // scales.shape[-2]
     w = _blocks(values, block_size) * scales[..., None, :]
-    return w.reshape(values.shape).astype(dtype)
+    w = w.reshape(values.shape)
+    return (w if fan_in is None else w[..., :fan_in, :]).astype(dtype)
 
 
 def bytes_per_param(kind: str, fan_in: int, fan_out: int, block_size: int = 64) -> float:
