@@ -1,11 +1,12 @@
-"""QLoRA chat fine-tuning of Falcon-7B on openassistant-guanaco (the Hugging Face Falcon QLoRA recipe):
+"""QLoRA chat fine-tuning of Falcon-180B on openassistant-guanaco (the Hugging Face Falcon-180B QLoRA
+recipe; it runs unchanged on any Falcon size, since the model's shapes come from the --model folder):
 NF4 base, LoRA r=64 alpha=16 dropout 0.1 on every linear layer, lr 2e-4 constant, warmup ratio 0.03,
 max grad norm 0.3, batch 4 x accumulation 4, 500 steps, 512 tokens.
 
-    huggingface-cli download tiiuae/falcon-7b --local-dir models/falcon-7b
+    huggingface-cli download tiiuae/falcon-180B --local-dir models/falcon-180B
     huggingface-cli download --repo-type dataset timdettmers/openassistant-guanaco --local-dir data/guanaco
-    jaxllm finetune --config=configs/falcon_qlora.py --model=models/falcon-7b --data_path=data/guanaco \
-        --project_name=runs/falcon-7b-guanaco --merge_adapter
+    jaxllm finetune --config=configs/falcon_qlora.py --model=models/falcon-180B --data_path=data/guanaco \
+        --project_name=runs/falcon-180b-guanaco --merge_adapter
 """
 
 import os

@@ -1,7 +1,8 @@
 """`jaxllm finetune`: supervised fine-tuning (LoRA / QLoRA / full) of a Hugging Face model folder.
 
-Takes the flags of the one-line `autotrain llm --train ...` command, maps them onto the ml-collections
-config of `configs/finetune.py` (or `--config`), runs the one training loop, and exports to
+Takes the flags of the one-line `autotrain llm --train ...` command (autotrain's spellings and aliases;
+a flag that does not apply here is accepted with a one-line note saying why), maps them onto the
+ml-collections config of `configs/finetune.py` (or `--config`), runs the one training loop, and exports to
 `--save_dir`: `adapter/` in PEFT's format (or, for full fine-tuning, a Hugging Face model folder) and,
 with `--merge_adapter`, `merged/`, the base with the adapter merged in.
 """
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from typing import Any
 
 import ml_collections
@@ -25,52 +27,102 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The autotrain-style flags (aliases as autotrain spells them)."""
-    a = p.add_argument
-    a("--config", default="", help="base experiment config (default configs/finetune.py)")
-    a("--train", action="store_true", help="accepted for autotrain compatibility (training is what this does)")
+    """autotrain's `llm` flags (its spellings: underscores, dashes, aliases), grouped as its --help groups them."""
+    basic = p.add_argument_group("Basic")
+    a = basic.add_argument
+    a("--llm", action="store_true", help="accepted for copy-paste (`autotrain train --llm`): this command is that")
+    a("--train", action="store_true", help="accepted for copy-paste: training is what this does")
     a("--model", default="", help="Hugging Face model folder to fine-tune (config.json + safetensors + tokenizer)")
-    a("--data_path", default="", help="JSONL / Parquet file, glob or folder (a Hugging Face dataset download), "
-                                     "or 'embedded' for the bundled Python-docs chat set")
-    a("--text_column", default=None, help="the column holding each conversation (Guanaco '### Human: ...')")
-    a("--project_name", default="", help="run folder (checkpoints, logs) and default --save_dir")
-    a("--learning_rate", "--lr", dest="learning_rate", type=float, default=None)
-    a("--train_batch_size", "--batch_size", dest="batch_size", type=int, default=None,
-      help="sequences per micro-batch (the global batch is this times --gradient_accumulation)")
-    a("--num_train_epochs", "--epochs", dest="epochs", type=float, default=None)
-    a("--max_steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    a("--trainer", default="sft", choices=("sft", "default", "clm"),
-      help="sft: chat/instruction data; default/clm: plain causal LM on the text column")
-    a("--model_max_length", type=int, default=None, help="truncate examples to this many tokens")
-    a("--block_size", type=int, default=None, help="packed row length (-1 = model_max_length)")
-    a("--use_peft", "--peft", dest="peft", action="store_true", help="train LoRA adapters, not the whole model")
-    a("--use_int4", dest="int4", action="store_true", help="QLoRA: NF4 base (same as --quantization int4)")
-    a("--quantization", default=None, choices=("int4", "nf4", "int8", "none"))
-    a("--lora_r", type=int, default=None)
-    a("--lora_alpha", type=float, default=None)
-    a("--lora_dropout", type=float, default=None)
-    a("--target_modules", default=None, help="comma-separated module names, all-linear, or a regex")
-    a("--mixed_precision", default=None, choices=("bf16", "fp16", "no", "none"))
-    a("--gradient_accumulation", "--gradient_accumulation_steps", dest="grad_accum", type=int, default=None)
-    a("--max_grad_norm", type=float, default=None)
-    a("--warmup_ratio", type=float, default=None)
-    a("--scheduler", default=None, choices=("linear", "cosine", "constant", "rsqrt"))
-    a("--weight_decay", type=float, default=None)
+    a("--project_name", "--project-name", "--project", dest="project_name", default="",
+      help="run folder (checkpoints, logs) and default --save_dir")
+    a("--data_path", "--data-path", default="", help="JSONL / Parquet file, glob or folder (a Hugging Face dataset "
+                                                    "download), or 'embedded' for the bundled Python-docs chat set")
+    a("--train_split", "--train-split", default=None,
+      help="in a dataset folder, read the files whose names hold this split (default train)")
+    a("--valid_split", "--valid-split", default=None,
+      help="accepted; validation holds out data.val_fraction of the training rows instead (note printed)")
+    a("--config", default="", help="base experiment config (default configs/finetune.py); --config.a.b=v sets any key")
+    a = p.add_argument_group("Data Processing").add_argument
+    a("--text_column", "--text-column", default=None,
+      help="the column holding each conversation (Guanaco '### Human: ...'; chat messages with --chat_template)")
+    a("--add_eos_token", "--add-eos-token", action="store_true", help="end every example with EOS (data.add_eos)")
+    a("--model_max_length", "--model-max-length", "--max-len", "--max-length", dest="model_max_length", type=int,
+      default=None, help="truncate examples to this many tokens")
+    a("--block_size", "--block-size", type=int, default=None, help="packed row length (-1 = model_max_length)")
+    a("--padding", choices=("left", "right"), default=None, help="accepted; rows are packed, so padding side does "
+                                                                 "not apply (note printed)")
+    a("--chat_template", "--chat-template", default=None, choices=("none", "chatml", "llama2", "guanaco",
+                                                                   "zephyr", "tokenizer"),
+      help="render a column of chat messages with this template (data.format=messages)")
+    a = p.add_argument_group("Training Configuration").add_argument
+    a("--trainer", default="sft", choices=("sft", "default", "clm", "generic", "dpo", "orpo", "reward"),
+      help="sft: chat/instruction data; default/clm/generic: plain causal LM on the text column")
+    a("--use_apex", "--use-apex", action="store_true",
+      help="mixed precision: bf16 compute on TPU/GPU (as --mixed_precision=bf16); float32 on CPU (note printed)")
+    a("--mixed_precision", "--mixed-precision", "--mp", dest="mixed_precision", default=None,
+      choices=("bf16", "fp16", "no", "none"))
+    a("--fp16", action="store_true", help="same as --mixed_precision=fp16")
+    a("--use_flash_attention_2", "--use-flash-attention-2", "--use-fa2", dest="flash_attention", action="store_true",
+      help="model.attention=auto: cuDNN flash attention on GPU, XLA elsewhere")
+    a("--disable_gradient_checkpointing", "--disable-gradient-checkpointing", "--disable-gc", dest="no_remat",
+      action="store_true", help="model.remat=none (keep activations: faster, more memory)")
+    a("--logging_steps", "--logging-steps", type=int, default=None, help="steps between metric lines (-1 = config)")
+    a("--eval_strategy", "--eval-strategy", "--evaluation_strategy", "--evaluation-strategy", dest="eval_strategy",
+      default=None, choices=("epoch", "steps", "no"), help="evaluate every epoch, every --logging_steps, or at the end")
+    a("--save_strategy", "--save-strategy", default=None, choices=("epoch", "steps", "no"),
+      help="checkpoint every epoch (epoch), every checkpoint.every steps (steps), or at evaluations and the end")
+    a("--save_total_limit", "--save-total-limit", type=int, default=None, help="checkpoints kept (checkpoint.keep)")
+    a("--auto_find_batch_size", "--auto-find-batch-size", action="store_true", help="accepted (note printed)")
+    a("--log", default=None, help="accepted: metrics.jsonl and TensorBoard logs are always written")
+    a("--distributed_backend", "--distributed-backend", default=None, help="accepted: jaxllm shards over its mesh")
+    a("--backend", default=None, help="accepted: jaxllm runs on this machine's (or pod's) devices")
+    a("--unsloth", action="store_true", help="accepted (note printed)")
+    a = p.add_argument_group("Training Hyperparameters").add_argument
+    a("--learning_rate", "--learning-rate", "--lr", dest="learning_rate", type=float, default=None)
+    a("--num_train_epochs", "--num-train-epochs", "--epochs", dest="epochs", type=float, default=None)
+    a("--train_batch_size", "--train-batch-size", "--batch_size", "--batch-size", dest="batch_size", type=int,
+      default=None, help="sequences per device (per data/fsdp mesh shard, as autotrain's per-device batch); the "
+                         "global batch is this x those devices x --gradient_accumulation")
+    a("--max_steps", "--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    a("--warmup_ratio", "--warmup-ratio", type=float, default=None)
+    a("--gradient_accumulation", "--gradient_accumulation_steps", "--gradient-accumulation",
+      "--gradient-accumulation-steps", dest="grad_accum", type=int, default=None)
+    a("--optimizer", default=None, help="adamw_torch and the other AdamW variants: AdamW (optim section)")
+    a("--scheduler", default=None, choices=("linear", "cosine", "constant", "constant_with_warmup", "rsqrt",
+                                            "inverse_sqrt"))
+    a("--weight_decay", "--weight-decay", type=float, default=None)
+    a("--max_grad_norm", "--max-grad-norm", type=float, default=None)
     a("--seed", type=int, default=None)
-    a("--save_dir", default="", help="where adapter/ (and merged/) are written; default --project_name")
-    a("--merge_adapter", action="store_true", help="also write merged/: the base with the adapter merged in")
-    a("--push_to_hub", action="store_true", help=argparse.SUPPRESS)
+    a = p.add_argument_group("PEFT/LoRA").add_argument
+    a("--use_peft", "--use-peft", "--peft", dest="peft", action="store_true",
+      help="train LoRA adapters, not the whole model")
+    a("--use_int4", "--use-int4", dest="int4", action="store_true", help="QLoRA: NF4 base (--quantization int4)")
+    a("--use_int8", "--use-int8", dest="int8", action="store_true", help="int8 base (--quantization int8)")
+    a("--quantization", default=None, choices=("int4", "nf4", "int8", "none"))
+    a("--lora_r", "--lora-r", type=int, default=None)
+    a("--lora_alpha", "--lora-alpha", type=float, default=None)
+    a("--lora_dropout", "--lora-dropout", type=float, default=None)
+    a("--target_modules", "--target-modules", default=None, help="comma-separated module names, all-linear, or a "
+                                                                  "regex")
+    a("--merge_adapter", "--merge-adapter", action="store_true",
+      help="also write merged/: the base with the adapter merged in")
+    a = p.add_argument_group("Output").add_argument
+    a("--save_dir", "--save-dir", default="", help="where adapter/ (and merged/) are written; default --project_name")
+    a = p.add_argument_group("Hub Integration").add_argument
+    a("--push_to_hub", "--push-to-hub", action="store_true", help="not supported: upload --save_dir yourself")
+    for flag in ("--repo_id", "--username", "--token"):
+        a(flag, flag.replace("_", "-"), default=None, help="accepted: nothing is uploaded")
 
 
-def _data_source(path: str) -> dict[str, Any]:
-    """data.source/paths for a local file, glob or dataset folder."""
+def _data_source(path: str, split: str = "train") -> dict[str, Any]:
+    """data.source/paths for a local file, glob or dataset folder (its `split` files when it has them)."""
     if path in ("embedded", "embedded_sft"):
         return dict(source="embedded_sft", paths=())
     expanded = os.path.expanduser(path)
     files = sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else []
     if os.path.isdir(expanded):
         for ext in ("parquet", "jsonl", "json"):
-            files = sorted(glob.glob(os.path.join(expanded, "**", f"*train*.{ext}"), recursive=True)) or sorted(
+            files = sorted(glob.glob(os.path.join(expanded, "**", f"*{split}*.{ext}"), recursive=True)) or sorted(
                 glob.glob(os.path.join(expanded, "**", f"*.{ext}"), recursive=True))
             if files:
                 break
@@ -87,11 +139,46 @@ def _data_source(path: str) -> dict[str, Any]:
     return dict(source=source, paths=tuple(files))
 
 
+def note(message: str) -> None:
+    """A one-line remark about a flag that does not apply here, on stderr (the result goes to stdout)."""
+    print(f"jaxllm: note: {message}", file=sys.stderr)
+
+
+ADAMW = ("adamw", "adamw_torch", "adamw_hf", "adamw_torch_fused", "adamw_apex_fused", "adamw_torch_xla")
+ADAMW_8BIT = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch_4bit")
+NOTES = {  # flag -> why it does not apply here
+    "valid_split": "validation holds out data.val_fraction of the training rows (a fixed split), not a named split",
+    "padding": "rows are packed whole examples with the padding at their end; the padding side does not apply",
+    "auto_find_batch_size": "XLA compiles one fixed batch shape; set --train_batch_size (and "
+                            "--gradient_accumulation) to what fits",
+    "distributed_backend": "jaxllm shards over its device mesh (the mesh section), not DDP or DeepSpeed",
+    "backend": "jaxllm runs on the devices of this machine (or of every host that runs the command)",
+    "unsloth": "Unsloth's kernels are for PyTorch on GPUs; jaxllm compiles its own with XLA",
+    "repo_id": "nothing is uploaded", "username": "nothing is uploaded", "token": "nothing is uploaded",
+}
+
+
+def _devices(cfg: ml_collections.ConfigDict) -> tuple[str, int]:
+    """(the JAX platform, devices a batch is split over: data x fsdp), after joining the distributed
+    runtime (which must come before any backend use; the loop's own call is then a no-op)."""
+    import jax
+
+    from jaxllm.config import build
+    from jaxllm.distributed import DistributedConfig, initialize
+    from jaxllm.sharding import MeshConfig
+
+    initialize(build(DistributedConfig, cfg.distributed, "distributed"))
+    data, fsdp, _ = build(MeshConfig, cfg.mesh, "mesh").shape(jax.device_count())
+    return jax.default_backend(), data * fsdp
+
+
 def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_collections.ConfigDict, str]:
-    """(the run's config, workdir) from the autotrain flags on top of the base config file."""
+    """(the run's config, workdir) from the autotrain flags on top of the base config file; flags that do
+    not apply here are accepted with a one-line note."""
     from jaxllm.config import apply_override, load_config
 
     cfg = load_config(args.config or DEFAULT_CONFIG)
+    micro_batch = cfg.data.batch_size // cfg.optim.grad_accum_steps  # the config's, before the flags
     sets: list[str] = []
 
     def put(key: str, value: Any) -> None:
@@ -100,55 +187,126 @@ def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_
     if args.push_to_hub:
         raise JaxllmError("--push_to_hub is not supported (no network access assumed); upload --save_dir with "
                           "`huggingface-cli upload`")
+    if args.trainer in ("dpo", "orpo", "reward"):
+        raise JaxllmError(f"--trainer {args.trainer} is not available; jaxllm trains sft (chat/instruction data) or "
+                          "default (causal language modelling)")
+    for flag, why in NOTES.items():
+        if getattr(args, flag):
+            note(f"--{flag} {'' if getattr(args, flag) is True else getattr(args, flag) + ' '}is accepted but does "
+                 f"not apply: {why}")
+    if args.log not in (None, "none", "tensorboard"):
+        note(f"--log {args.log} is accepted but does not apply: metrics go to metrics.jsonl and TensorBoard in "
+             "--project_name")
+    max_len = 0
     if args.model:
         if not os.path.isfile(os.path.join(os.path.expanduser(args.model), "config.json")):
             raise JaxllmError(f"--model {args.model!r} is not a Hugging Face model folder (no config.json); "
                               "download it first (huggingface-cli download MODEL --local-dir DIR)")
+        from jaxllm.convert import source_model_config
+
+        max_len = source_model_config(os.path.expanduser(args.model)).max_seq_len
         put("checkpoint.init_from", args.model)
         put("checkpoint.model_from_init", True)
         put("data.tokenizer", args.model)
     if args.data_path:
-        for key, value in _data_source(args.data_path).items():
+        for key, value in _data_source(args.data_path, args.train_split or "train").items():
             put(f"data.{key}", value)
+        if args.train_split and not os.path.isdir(os.path.expanduser(args.data_path)):
+            note(f"--train_split {args.train_split} is accepted but does not apply: --data_path is one file or glob, "
+                 "read whole")
     if args.text_column is not None:
         put("data.text_field", args.text_column)
-    if args.trainer in ("default", "clm"):
+    if args.trainer in ("default", "clm", "generic"):
         put("data.format", "text")
+    if args.chat_template in ("zephyr", "tokenizer"):
+        raise JaxllmError(f"--chat_template {args.chat_template} is not available (jaxllm does not run a tokenizer's "
+                          "Jinja template); use chatml, llama2 or guanaco")
+    if args.chat_template not in (None, "none"):
+        put("data.format", "messages")
+        put("data.chat_template", args.chat_template)
+        put("data.messages_field", args.text_column or "text")  # autotrain reads the messages from --text_column
+    if args.add_eos_token:
+        put("data.add_eos", True)
     length = args.block_size if args.block_size not in (None, -1) else args.model_max_length
     if args.block_size and args.model_max_length and args.block_size > 0:
         length = min(args.block_size, args.model_max_length)
+    if length and max_len and length > max_len:
+        note(f"rows of {length} tokens would pass the model's {max_len} positions (max_position_embeddings); "
+             f"using {max_len}")
+        length = max_len
     if length:
         put("data.block_size", length)
-    accum = args.grad_accum or cfg.optim.grad_accum_steps
     if args.grad_accum:
         put("optim.grad_accum_steps", args.grad_accum)
-    if args.batch_size or args.grad_accum:
-        put("data.batch_size", (args.batch_size or cfg.data.batch_size // cfg.optim.grad_accum_steps) * accum)
+        if not args.batch_size:
+            put("data.batch_size", micro_batch * args.grad_accum)
     for flag, key in (("learning_rate", "optim.learning_rate"), ("max_grad_norm", "optim.grad_clip"),
-                      ("scheduler", "optim.schedule"), ("weight_decay", "optim.weight_decay"),
+                      ("weight_decay", "optim.weight_decay"), ("save_total_limit", "checkpoint.keep"),
                       ("lora_r", "lora.r"), ("lora_alpha", "lora.alpha"), ("lora_dropout", "lora.dropout")):
         if getattr(args, flag) is not None:
             put(key, getattr(args, flag))
+    if args.scheduler:
+        put("optim.schedule", {"constant_with_warmup": "constant", "inverse_sqrt": "rsqrt"}.get(args.scheduler,
+                                                                                              args.scheduler))
+    if args.optimizer and args.optimizer not in ADAMW:
+        if args.optimizer not in ADAMW_8BIT:
+            raise JaxllmError(f"--optimizer {args.optimizer} is not available; jaxllm trains with AdamW (adamw_torch)")
+        note(f"--optimizer {args.optimizer} is accepted as AdamW: 8-bit and paged states are bitsandbytes' GPU memory "
+             "savers; jaxllm keeps float32 AdamW states, sharded like the params")
+    if args.logging_steps and args.logging_steps > 0:
+        put("train.log_every", args.logging_steps)
+    if args.no_remat:
+        put("model.remat", "none")
     if args.peft and args.lora_r is None and cfg.lora.r == 0:
         put("lora.r", 16)
-    if not args.peft and args.lora_r is None and args.config == "" and not (args.int4 or args.quantization):
+    quantized = args.int4 or args.int8 or args.quantization not in (None, "none")
+    if not args.peft and args.lora_r is None and args.config == "" and not quantized:
         put("lora.r", 0)  # full fine-tuning, as autotrain does without --use_peft
-    quantization = "nf4" if args.int4 else {"int4": "nf4", None: None}.get(args.quantization, args.quantization)
+    quantization = "nf4" if args.int4 else "int8" if args.int8 else {"int4": "nf4"}.get(args.quantization,
+                                                                                       args.quantization)
     if quantization:
         put("lora.quantization", quantization)
     if args.target_modules:
         targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
         put("lora.target_modules", targets)
-    if args.mixed_precision:
-        put("model.dtype", {"bf16": "bfloat16", "fp16": "float16"}.get(args.mixed_precision, "float32"))
+    precision = "fp16" if args.fp16 else args.mixed_precision
+    if precision:
+        put("model.dtype", {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"))
     if args.seed is not None:
         put("seed", args.seed)
         put("data.seed", args.seed)
     for item in sets + list(overrides):
         apply_override(cfg, item)
+    if args.batch_size or args.use_apex or args.flash_attention:
+        platform, shards = _devices(cfg)
+        if args.batch_size:
+            apply_override(cfg, f"data.batch_size={args.batch_size * shards * cfg.optim.grad_accum_steps}")
+        if args.use_apex and platform == "cpu":
+            note("--use_apex (mixed precision) does not apply on CPU: compute stays float32, which CPUs run fastest")
+        elif args.use_apex and not precision:
+            apply_override(cfg, "model.dtype=bfloat16")
+        if args.flash_attention:
+            apply_override(cfg, "model.attention=auto")
+            if platform != "gpu":
+                note(f"--use_flash_attention_2: flash attention is cuDNN's on GPU; on {platform} XLA's attention runs")
+        for item in overrides:  # --config.a.b=v still has the last word
+            apply_override(cfg, item)
     if args.max_steps or args.epochs:
         steps = args.max_steps or epochs_to_steps(cfg, args.epochs)
         apply_override(cfg, f"train.steps={steps}")
+    per_epoch = epochs_to_steps(cfg, 1.0) if "epoch" in (args.eval_strategy, args.save_strategy) else 0
+    if args.eval_strategy == "epoch":
+        apply_override(cfg, f"train.eval_every={per_epoch}")
+    elif args.eval_strategy == "steps" and args.logging_steps and args.logging_steps > 0:
+        apply_override(cfg, f"train.eval_every={args.logging_steps}")  # as transformers' eval_steps default
+    elif args.eval_strategy == "no":
+        apply_override(cfg, "train.eval_every=0")
+        apply_override(cfg, "train.eval_at_start=False")
+        note("--eval_strategy no: the validation loss is still reported once, at the end")
+    if args.save_strategy == "epoch":
+        apply_override(cfg, f"checkpoint.every={per_epoch}")
+    elif args.save_strategy == "no":
+        apply_override(cfg, "checkpoint.every=0")
     if args.warmup_ratio is not None:
         apply_override(cfg, f"optim.warmup_steps={int(round(args.warmup_ratio * cfg.train.steps))}")
     workdir = args.project_name or os.path.join("runs", "finetune")
@@ -184,7 +342,7 @@ def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: str = "fl
     from jaxllm.models.decoder import Decoder
     from jaxllm.train.loop import load_run
 
-    run, trainable, frozen = load_run(workdir)
+    run, trainable, frozen = load_run(workdir, with_frozen=merge)
     written: dict[str, str] = {}
     source = run.checkpoint.init_from
     extra = {k: v for k, v in _special_ids(source).items()}
@@ -227,12 +385,13 @@ def _copy_tokenizer(source: str, dest: str) -> None:
 
 def finetune(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     """Trains (or resumes) and exports; returns the final metrics and the written folders."""
-    from jaxllm.train.loop import train
+    from jaxllm.train.loop import train, writable_dir
 
     cfg, workdir = flags_to_config(args, overrides)
+    save_dir = args.save_dir or workdir
+    writable_dir(save_dir, "--save_dir")  # before training, not after it
     result = train(cfg, workdir)
     if result.get("preempted"):
         return result
-    save_dir = args.save_dir or workdir
     result["written"] = export(workdir, save_dir, merge=args.merge_adapter)
     return result

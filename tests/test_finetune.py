@@ -75,20 +75,78 @@ def test_autotrain_flags_map_onto_the_config(llama, tmp_path):
     assert workdir == "p"
     assert (cfg.checkpoint.init_from, cfg.checkpoint.model_from_init, cfg.data.tokenizer) == (llama, True, llama)
     assert (cfg.data.source, cfg.data.paths, cfg.data.text_field) == ("jsonl", (str(jsonl),), "conv")
-    assert (cfg.data.block_size, cfg.data.batch_size, cfg.optim.grad_accum_steps) == (512, 8, 4)
+    assert (cfg.data.block_size, cfg.data.batch_size, cfg.optim.grad_accum_steps) == (512, 2 * 8 * 4, 4)  # 8 devices
     assert (cfg.optim.learning_rate, cfg.optim.schedule, cfg.optim.grad_clip, cfg.optim.weight_decay) == (
         2e-4, "constant", 0.3, 0.01)
     assert (cfg.train.steps, cfg.optim.warmup_steps, cfg.train.log_every, cfg.seed) == (500, 15, 5, 7)
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.quantization) == (64, 16.0, 0.1, "nf4")
     assert cfg.lora.target_modules == ("query_key_value", "dense") and cfg.model.dtype == "bfloat16"
     full, _ = flags_to_config(_args(["--model", llama, "--data_path", "embedded", "--epochs", "1",
-                                     "--batch_size", "8", "--block_size", "64"]), [])
+                                     "--batch_size", "1", "--block_size", "64"]), [])
     assert full.lora.r == 0  # no --use_peft: full fine-tuning, as autotrain
     assert 20 < full.train.steps < 400  # ~1,400 short Q&A examples packed into 64-token rows, 8 a batch
     with pytest.raises(JaxllmError, match="does not download"):
         flags_to_config(_args(["--model", llama, "--data_path", "timdettmers/openassistant-guanaco"]), [])
     with pytest.raises(JaxllmError, match="not a Hugging Face model folder"):
         flags_to_config(_args(["--model", str(tmp_path)]), [])
+
+
+def test_every_autotrain_spelling_and_flag_is_accepted(llama, tmp_path, capsys):
+    """autotrain's dash spellings and its other LLM flags: each sets its key, or is accepted with a note."""
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps({"text": "### Human: hi### Assistant: hello"}) + "\n")
+    cfg, workdir = flags_to_config(_args([
+        "--llm", "--train", "--project-name", "p", "--model", llama, "--data-path", str(jsonl), "--text-column", "text",
+        "--batch-size", "1", "--model-max-length", "128", "--block-size", "64", "--save-dir", "out",
+        "--num-train-epochs", "16", "--learning-rate", "5e-5", "--add_eos_token", "--padding", "right",
+        "--optimizer", "paged_adamw_8bit", "--logging_steps", "7", "--eval_strategy", "steps", "--save_total_limit",
+        "3", "--valid_split", "validation", "--disable_gradient_checkpointing", "--use_flash_attention_2",
+        "--use_apex", "--auto_find_batch_size", "--scheduler", "constant_with_warmup", "--use-peft", "--use_int8"]), [])
+    notes = capsys.readouterr().err
+    assert workdir == "p" and cfg.optim.learning_rate == 5e-5 and cfg.data.text_field == "text"
+    assert (cfg.data.block_size, cfg.data.batch_size, cfg.data.add_eos) == (64, 8, True)  # 1 x 8 devices
+    assert (cfg.train.log_every, cfg.train.eval_every, cfg.checkpoint.keep, cfg.model.remat) == (7, 7, 3, "none")
+    assert (cfg.model.attention, cfg.model.dtype, cfg.optim.schedule, cfg.lora.quantization) == (
+        "auto", "float32", "constant", "int8")
+    assert cfg.train.steps == 2  # one row an epoch (the one short example), 8 rows a batch
+    for flag in ("--padding", "--optimizer paged_adamw_8bit", "--valid_split", "--use_apex",
+                 "--use_flash_attention_2", "--auto_find_batch_size"):
+        assert f"jaxllm: note: {flag}" in notes, flag
+    assert all(line.startswith("jaxllm: note: ") for line in notes.splitlines()) and len(notes.splitlines()) == 6
+    assert _args(["--project", "x"]).project_name == "x"
+
+    chat, _ = flags_to_config(_args(["--model", llama, "--data_path", str(jsonl), "--text_column", "conv",
+                                     "--chat_template", "chatml", "--eval_strategy", "no", "--train_split",
+                                     "train", "--trainer", "sft"]), [])
+    assert (chat.data.format, chat.data.chat_template, chat.data.messages_field) == ("messages", "chatml", "conv")
+    assert (chat.train.eval_every, chat.train.eval_at_start) == (0, False)
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for split in ("train", "validation"):
+        (folder / f"rows_{split}.jsonl").write_text(jsonl.read_text())
+    picked, _ = flags_to_config(_args(["--model", llama, "--data_path", str(folder), "--train_split", "validation"]),
+                                [])
+    assert picked.data.paths == (str(folder / "rows_validation.jsonl"),)
+    capsys.readouterr()
+    long, _ = flags_to_config(_args(["--model", llama, "--data_path", str(jsonl), "--model_max_length", "4096"]), [])
+    assert long.data.block_size == 2048 and "the model's 2048 positions" in capsys.readouterr().err
+    for argv, match in ((["--optimizer", "sgd"], "--optimizer sgd is not available"),
+                        (["--chat_template", "zephyr"], "--chat_template zephyr is not available"),
+                        (["--trainer", "dpo"], "--trainer dpo is not available")):
+        with pytest.raises(JaxllmError, match=match):
+            flags_to_config(_args(["--model", llama, "--data_path", str(jsonl), *argv]), [])
+
+
+def test_help_groups_the_flags_as_autotrain(capsys):
+    with pytest.raises(SystemExit):
+        cli.run(["finetune", "--help"])
+    out = capsys.readouterr().out
+    groups = ["Basic:", "Data Processing:", "Training Configuration:", "Training Hyperparameters:", "PEFT/LoRA:",
+              "Output:", "Hub Integration:"]
+    assert [out.index(g) for g in groups] == sorted(out.index(g) for g in groups)
+    for flag in ("--llm", "--project-name", "--use_apex", "--chat_template", "--use_flash_attention_2",
+                 "--disable_gradient_checkpointing", "--save-dir", "--learning-rate"):
+        assert flag in out, flag
 
 
 @pytest.mark.parametrize("recipe", ["configs/falcon_qlora.py", "configs/llama2_guanaco_qlora.py"])
@@ -108,7 +166,7 @@ def test_recipes_load_with_the_published_settings(recipe, llama):
 def test_lora_finetune_exports_a_peft_adapter_and_a_merged_model(falcon, tmp_path, capsys):
     run_dir, save = str(tmp_path / "run"), str(tmp_path / "out")
     argv = ["finetune", "--model", falcon, "--data_path", "embedded", "--use_peft", "--lora_r", "4",
-            "--lora_alpha", "8", "--max_steps", "8", "--batch_size", "8", "--block_size", "64", "--lr", "3e-3",
+            "--lora_alpha", "8", "--max_steps", "8", "--batch_size", "1", "--block_size", "64", "--lr", "3e-3",
             "--project_name", run_dir, "--save_dir", save, "--merge_adapter", "--config.train.eval_every=4", *FAST]
     assert cli.run(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -137,7 +195,7 @@ def test_lora_finetune_exports_a_peft_adapter_and_a_merged_model(falcon, tmp_pat
 
     cont = str(tmp_path / "cont")  # continue training from the exported PEFT adapter
     argv = ["finetune", "--model", falcon, "--data_path", "embedded", "--use_peft", "--lora_r", "4", "--lora_alpha",
-            "8", "--max_steps", "1", "--batch_size", "8", "--block_size", "64", "--lr", "1e-9", "--project_name",
+            "8", "--max_steps", "1", "--batch_size", "1", "--block_size", "64", "--lr", "1e-9", "--project_name",
             cont, f"--config.lora.init_adapter={os.path.join(save, 'adapter')}", *FAST]
     assert cli.run(argv) == 0
     _, cont_params, _ = load_run(cont)
@@ -148,7 +206,7 @@ def test_lora_finetune_exports_a_peft_adapter_and_a_merged_model(falcon, tmp_pat
 def test_qlora_finetune_trains_and_merges(llama, tmp_path, capsys):
     run_dir, save = str(tmp_path / "run"), str(tmp_path / "out")
     argv = ["finetune", "--model", llama, "--data_path", "embedded", "--use_peft", "--use_int4", "--lora_r", "4",
-            "--max_steps", "6", "--batch_size", "8", "--block_size", "64", "--lr", "3e-3", "--project_name", run_dir,
+            "--max_steps", "6", "--batch_size", "1", "--block_size", "64", "--lr", "3e-3", "--project_name", run_dir,
             "--save_dir", save, "--merge_adapter", "--config.data.loss_on=assistant", "--config.train.eval_every=3",
             *FAST]
     assert cli.run(argv) == 0
@@ -166,14 +224,23 @@ def test_qlora_finetune_trains_and_merges(llama, tmp_path, capsys):
 def test_bad_finetune_input(llama, tmp_path):
     bad = tmp_path / "rows.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    common = ["finetune", "--model", llama, "--use_peft", "--max_steps", "1", "--batch_size", "8",
+    common = ["finetune", "--model", llama, "--use_peft", "--max_steps", "1", "--batch_size", "1",
               "--block_size", "32", "--project_name", str(tmp_path / "r"), *FAST]
     with pytest.raises(JaxllmError, match=r"no field 'text'.*question"):
         cli.run([*common, "--data_path", str(bad)])
     with pytest.raises(JaxllmError, match="unknown module 'query_key_value'"):
         cli.run([*common, "--data_path", "embedded", "--target_modules", "query_key_value"])
-    with pytest.raises(JaxllmError, match="not a multiple of the quantization block size 48"):
-        cli.run([*common, "--data_path", "embedded", "--use_int4", "--config.lora.quant_block_size=48"])
+    with pytest.raises(JaxllmError, match="quant_block_size=47 must be a positive even number"):
+        cli.run([*common, "--data_path", "embedded", "--use_int4", "--config.lora.quant_block_size=47"])
+    rows = tmp_path / "three.jsonl"  # 2 training examples of ~28 tokens: 2 rows of 33 tokens, a batch needs 8
+    rows.write_text("".join(json.dumps({"text": f"### Human: q{i}?### Assistant: a{i}."}) + "\n" for i in range(3)))
+    with pytest.raises(JaxllmError, match=r"training split is too small for one batch: 2 documents \([\d,]+ tokens\) "
+                                          r"fill 2 row\(s\) of 33 tokens, but one batch needs 8 rows"):
+        cli.run([*common, "--data_path", str(rows)])
+    assert not (tmp_path / "r" / "checkpoints").exists()  # refused before the first step
+    (tmp_path / "file").write_text("")
+    with pytest.raises(JaxllmError, match="--save_dir .*file/out' is not a writable folder"):
+        cli.run([*common, "--data_path", str(rows), "--save_dir", str(tmp_path / "file" / "out")])
 
 
 def test_pruning_through_the_training_loop(tmp_path):
