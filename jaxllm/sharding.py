@@ -23,6 +23,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
+    ("act_length", "tensor"),  # the residual stream between blocks (sequence parallelism)
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("mlp", "tensor"),
@@ -44,6 +45,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    slice: str = ""  # the Cloud TPU slice the config is sized for (e.g. v5p-512): `jaxllm plan`'s default topology
 
     def shape(self, num_devices: int) -> tuple[int, ...]:
         sizes = [self.data, self.fsdp, self.tensor]
@@ -70,6 +72,14 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     """A device mesh laid out for the physical topology (ICI/NVLink neighbours on the inner axes)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = cfg.shape(len(devices))
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:  # several TPU slices joined over the data-center network: the data axis spans them
+        if shape[0] % slices:
+            raise JaxllmError(f"mesh {cfg._text()} (data={shape[0]}) must put the data axis across the {slices} "
+                              f"slices: make mesh.data a multiple of {slices}")
+        grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices,
+                                                    allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES)
     try:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):

@@ -156,3 +156,28 @@ def test_indivisible_dims_are_replicated_not_crashing():
     state, _ = st.init_state(Decoder(cfg), tx, mesh, jax.random.key(0), 8)
     k = state.params["layers"]["self_attn"]["k_proj"]["kernel"]  # 1 kv head cannot split 4 ways
     assert k.sharding.spec[2] is None and k.sharding.spec[1] == "fsdp"
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["lm_head", "tied"])
+def test_chunked_cross_entropy_equals_the_plain_one(tie):
+    """Values and gradients of the chunked loss (logits made chunk by chunk, never whole) match the plain
+    loss, z-loss and masked tokens included; a chunk that does not divide the length is an error."""
+    import dataclasses
+
+    from flax import linen as nn
+
+    cfg = dataclasses.replace(CFG, vocab_size=300, tie_embeddings=tie)
+    model = Decoder(cfg)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, L), jnp.int32))["params"])
+    batch = _batch(4, seed=3)
+    batch["targets"] = np.random.RandomState(4).randint(0, 300, (4, L)).astype(np.int32)
+    loss = lambda p, chunk: st.token_loss(model, p, batch, z_loss=1e-3, loss_chunk=chunk)  # noqa: E731
+    plain, plain_grads = loss(params, 0), jax.grad(lambda p: sum(loss(p, 0)[:2]))(params)
+    for chunk in (4, L):
+        chunked = loss(params, chunk)
+        np.testing.assert_allclose(chunked, plain, rtol=1e-6)
+        grads = jax.grad(lambda p: sum(loss(p, chunk)[:2]))(params)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(JaxllmError, match="does not divide"):
+        loss(params, 5)

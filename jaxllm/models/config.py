@@ -9,8 +9,10 @@ import jax.numpy as jnp
 
 from jaxllm import JaxllmError
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "reference")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "minimal", "save_qkv_proj", "save_out_proj",
+                  "save_dot_except_mlp", "save_dot_except_mlpwi", "save_dot_with_context_except_mlp",
+                  "qkv_proj_offloaded", "minimal_offloaded", "save_dot_except_mlpwi_q_offloaded")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "flash", "reference")
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "alibi")
 MLPS = ("swiglu", "gelu", "gelu_tanh")
@@ -38,10 +40,12 @@ class ModelConfig:
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
     scan_layers: bool = True
-    remat: str = "none"  # none | full | save_dots | save_dots_no_batch
+    remat: str = "none"  # none | full | minimal | save_dot_except_mlpwi | ... (REMAT_POLICIES; decoder.py)
     param_dtype: str = "float32"
     dtype: str = "bfloat16"  # compute dtype of matmuls and activations
-    attention: str = "auto"  # auto (cuDNN flash on GPU, else XLA) | xla | cudnn | reference
+    sequence_parallel: bool = True  # split the residual stream's length over the tensor mesh axis between
+    #                                 blocks (Megatron sequence parallelism); no effect without tensor parallelism
+    attention: str = "auto"  # auto (cuDNN on GPU, Pallas flash on TPU, else XLA) | xla | cudnn | flash | reference
     init_std: float = 0.02
     # Family switches (defaults = Llama). Falcon: norm=layer, mlp=gelu, parallel_block (7B: one shared
     # norm; 40B/180B: two). BLOOM: norm=layer, position=alibi, mlp=gelu_tanh, use_bias, embed_norm.

@@ -7,12 +7,31 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.layers import MLP, Attention, constrain, norm
+from jaxllm.models.layers import MLP, Attention, constrain, norm, residual_axes
 
+_cp = jax.checkpoint_policies
+_QKV = ("query_proj", "key_proj", "value_proj")
+# What the backward pass keeps of a layer's forward (the rest is recomputed), by MaxText's names for the
+# same trade-offs. Names are the tags `constrain(..., name)` puts on activations in layers.py; the
+# "_offloaded" policies keep their activations in host memory (pinned_host) between the passes.
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "save_dots": jax.checkpoint_policies.checkpoint_dots,
-    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_dots": _cp.checkpoint_dots,
+    "save_dots_no_batch": _cp.checkpoint_dots_with_no_batch_dims,
+    "minimal": _cp.checkpoint_dots_with_no_batch_dims,  # every projection output (MaxText's "minimal")
+    "save_qkv_proj": _cp.save_only_these_names(*_QKV),
+    "save_out_proj": _cp.save_only_these_names("out_proj"),
+    "save_dot_except_mlp": _cp.save_only_these_names(*_QKV, "out_proj"),
+    "save_dot_except_mlpwi": _cp.save_only_these_names(*_QKV, "out_proj", "mlpwo"),
+    "save_dot_with_context_except_mlp": _cp.save_only_these_names(*_QKV, "context", "out_proj"),
+    "qkv_proj_offloaded": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(_QKV), offload_src="device",
+        offload_dst="pinned_host"),
+    "minimal_offloaded": _cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host"),
+    # save_dot_except_mlpwi with the queries (the largest of its tensors) in host memory: no recompute
+    "save_dot_except_mlpwi_q_offloaded": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=["key_proj", "value_proj", "out_proj", "mlpwo"],
+        names_which_can_be_offloaded=["query_proj"], offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -28,7 +47,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_BLD, segment_ids_BL, positions_BL):
         cfg = self.cfg
-        x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
+        x_BLD = constrain(x_BLD, residual_axes(cfg))
         normed_BLD = norm(cfg, "input_layernorm")(x_BLD)
         attention = Attention(cfg, self.deterministic, self.decode, name="self_attn")
         h_BLD = attention(normed_BLD, segment_ids_BL, positions_BL)
@@ -39,7 +58,7 @@ class DecoderLayer(nn.Module):
             x_BLD = x_BLD + nn.Dropout(cfg.resid_dropout)(h_BLD, deterministic=self.deterministic)
             h_BLD = MLP(cfg, self.deterministic, name="mlp")(norm(cfg, "post_attention_layernorm")(x_BLD))
         x_BLD = x_BLD + nn.Dropout(cfg.resid_dropout)(h_BLD, deterministic=self.deterministic)
-        x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
+        x_BLD = constrain(x_BLD, residual_axes(cfg))
         if cfg.scan_layers:
             return x_BLD, None
         return x_BLD
@@ -52,8 +71,10 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_BL, positions_BL=None, segment_ids_BL=None, *, deterministic: bool = True,
-                 decode: bool = False):
-        """`decode=True` runs against a KV cache (the "cache" collection; see jaxllm.generate)."""
+                 decode: bool = False, hidden: bool = False):
+        """`decode=True` runs against a KV cache (the "cache" collection; see jaxllm.generate).
+        `hidden=True` returns the final-norm hidden states [B, L, D] instead of logits (the loss then
+        applies `head_DV` chunk by chunk and never holds [B, L, V] logits)."""
         cfg = self.cfg
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(inputs_BL.shape[1]), inputs_BL.shape)
@@ -67,7 +88,7 @@ class Decoder(nn.Module):
         if cfg.embed_norm:
             x_BLD = norm(cfg, "embed_norm")(x_BLD)
         x_BLD = nn.Dropout(cfg.embed_dropout)(x_BLD, deterministic=deterministic)
-        x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
+        x_BLD = constrain(x_BLD, residual_axes(cfg))
 
         layer_cls = DecoderLayer
         if cfg.remat != "none":
@@ -83,6 +104,8 @@ class Decoder(nn.Module):
                 x_BLD = layer_cls(cfg, deterministic, decode, name=f"layers_{i}")(x_BLD, segment_ids_BL, positions_BL)
 
         x_BLD = norm(cfg, "norm")(x_BLD)
+        if hidden and not self.is_initializing():
+            return constrain(x_BLD, ("batch", "length", "embed"))
         if cfg.tie_embeddings:
             logits_BLV = embed.attend(x_BLD)
         else:
@@ -92,3 +115,9 @@ class Decoder(nn.Module):
                                                                            ("embed", "vocab")),
                                   name="lm_head")(x_BLD)
         return constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def head_DV(params: dict, cfg: ModelConfig) -> jax.Array:
+    """The output projection [D, V] in the compute dtype (the tied embedding, transposed, or lm_head)."""
+    w = params["embed_tokens"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+    return w.astype(cfg.jnp_dtype)

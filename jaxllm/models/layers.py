@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
-from jaxllm.models import quant
+from jaxllm.models import flash, quant
 from jaxllm.models.config import ModelConfig
 
 NEG_INF = -1e9
@@ -20,8 +21,17 @@ def _init(cfg: ModelConfig, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
 
 
-def constrain(x, axes: tuple[str, ...]):
-    return nn.with_logical_constraint(x, axes)
+def residual_axes(cfg: ModelConfig) -> tuple[str, ...]:
+    """Logical axes of the residual stream: with `sequence_parallel` its length is split over the
+    tensor axis between blocks (gathered for attention and the MLP, reduce-scattered after them)."""
+    return ("batch", "act_length" if cfg.sequence_parallel else "length", "embed")
+
+
+def constrain(x, axes: tuple[str, ...], name: str | None = None):
+    """Pins `x` to its logical axes; `name` tags it for the remat policies that save or offload
+    activations by name (see `jaxllm.models.decoder.REMAT_POLICIES`)."""
+    x = nn.with_logical_constraint(x, axes)
+    return checkpoint_name(x, name) if name else x
 
 
 class RMSNorm(nn.Module):
@@ -63,12 +73,13 @@ def rotary(x_BLHK, positions_BL, theta: float):
     k = x_BLHK.shape[-1]
     inv_freq_K2 = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
     angles_BLK2 = positions_BL.astype(jnp.float32)[..., None] * inv_freq_K2
-    cos_BL1K = jnp.cos(jnp.concatenate([angles_BLK2] * 2, -1))[:, :, None, :]
-    sin_BL1K = jnp.sin(jnp.concatenate([angles_BLK2] * 2, -1))[:, :, None, :]
-    x32 = x_BLHK.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
+    # cos/sin in float32, then applied in the activations' dtype, as Hugging Face does (bf16 copies of
+    # q and k in the backward pass instead of float32 ones)
+    cos_BL1K = jnp.cos(jnp.concatenate([angles_BLK2] * 2, -1))[:, :, None, :].astype(x_BLHK.dtype)
+    sin_BL1K = jnp.sin(jnp.concatenate([angles_BLK2] * 2, -1))[:, :, None, :].astype(x_BLHK.dtype)
+    x1, x2 = jnp.split(x_BLHK, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos_BL1K + rotated * sin_BL1K).astype(x_BLHK.dtype)
+    return x_BLHK * cos_BL1K + rotated * sin_BL1K
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -167,7 +178,12 @@ def _contract(x, w, num_in: int):
 def frozen_quantized_matmul(x, leaves, kernel_shape, num_in):
     """x @ dequantize(leaves) for a frozen quantized base. The backward pass dequantizes again instead
     of keeping a float copy of every layer's kernel alive, and keeps no activations (no kernel grad)."""
-    return _contract(x, quant.dequantize(leaves, x.dtype).reshape(kernel_shape), num_in)
+    return _contract(x, _dequantized(leaves, x.dtype, kernel_shape, num_in), num_in)
+
+
+def _dequantized(leaves, dtype, kernel_shape, num_in):
+    """The kernel at its true shape (the block padding of its input rows dropped)."""
+    return quant.dequantize(leaves, dtype, math.prod(kernel_shape[:num_in])).reshape(kernel_shape)
 
 
 def _fqm_fwd(x, leaves, kernel_shape, num_in):
@@ -176,7 +192,7 @@ def _fqm_fwd(x, leaves, kernel_shape, num_in):
 
 def _fqm_bwd(kernel_shape, num_in, leaves, dy):
     dtype = dy.dtype  # x's dtype: the output's
-    kernel = quant.dequantize(leaves, dtype).reshape(kernel_shape)
+    kernel = _dequantized(leaves, dtype, kernel_shape, num_in)
     out_axes = tuple(range(num_in, kernel.ndim))
     dy_axes = tuple(range(dy.ndim - len(out_axes), dy.ndim))
     dx = jax.lax.dot_general(dy.astype(dtype), kernel, ((dy_axes, out_axes), ((), ())))
@@ -211,10 +227,11 @@ class Linear(nn.Module):
         kind = cfg.quantization if self.quantize else "none"
         if kind == "none":
             kernel = self.param("kernel", _init(cfg, self.axes), (*in_shape, *features), cfg.jnp_param_dtype)
-            kernel = kernel.astype(cfg.jnp_dtype)
+            # pinned to its sharding in the compute dtype: the FSDP all-gather moves bf16, and (the
+            # constraint's transpose) the gradient is reduce-scattered in bf16, never all-reduced whole
+            kernel = constrain(kernel.astype(cfg.jnp_dtype), self.axes)
         else:
             fan_in, fan_out = math.prod(in_shape), math.prod(features)
-            quant.check_shape(fan_in, cfg.quant_block_size, f"{self.name} ({fan_in} -> {fan_out})")
             leaves = {}
             for name, (shape, dtype) in quant.shapes(kind, (), fan_in, fan_out, cfg.quant_block_size).items():
                 axes = {2: ((in_axes[0] if name in ("kernel_nf4", "kernel_int8") else None), out_axes[0]),
@@ -263,9 +280,9 @@ class Attention(nn.Module):
             return Linear(cfg, (heads, k), ("embed", head_axis, "head_dim"), lora=lora,
                           deterministic=self.deterministic, name=name)(x_BLD, xa_BLR)
 
-        q_BLNK = constrain(proj("q_proj", n, "heads"), ("batch", "length", "heads", "head_dim"))
-        k_BLHK = constrain(proj("k_proj", h, "kv_heads"), ("batch", "length", "kv_heads", "head_dim"))
-        v_BLHK = constrain(proj("v_proj", h, "kv_heads"), ("batch", "length", "kv_heads", "head_dim"))
+        q_BLNK = constrain(proj("q_proj", n, "heads"), ("batch", "length", "heads", "head_dim"), "query_proj")
+        k_BLHK = constrain(proj("k_proj", h, "kv_heads"), ("batch", "length", "kv_heads", "head_dim"), "key_proj")
+        v_BLHK = constrain(proj("v_proj", h, "kv_heads"), ("batch", "length", "kv_heads", "head_dim"), "value_proj")
         if cfg.position == "rope":
             q_BLNK = rotary(q_BLNK, positions_BL, cfg.rope_theta)
             k_BLHK = rotary(k_BLHK, positions_BL, cfg.rope_theta)
@@ -273,11 +290,14 @@ class Attention(nn.Module):
             return self._attend_cached(q_BLNK, k_BLHK, v_BLHK, segment_ids_BL, positions_BL)
         if self.decode:  # the init call: make zeroed cache buffers as long as this (maximal) input
             self._cache_vars(k_BLHK, segment_ids_BL)
+        use_dropout = cfg.attn_dropout > 0.0 and not self.deterministic
+        if not (self.decode or use_dropout) and flash.use_flash(cfg.attention, q_BLNK.shape[1]):
+            slopes_N = alibi_slopes(n) if cfg.position == "alibi" else None
+            return self._out(flash.flash_attention(q_BLNK, k_BLHK, v_BLHK, segment_ids_BL, alibi_slopes_N=slopes_N))
         bias_BNLL = None
         if cfg.position == "alibi":
             bias_BNLL = constrain(alibi_bias(positions_BL, positions_BL, n), ("batch", "heads", "length", None))
         mask_B1LL = attention_mask(segment_ids_BL, segment_ids_BL)
-        use_dropout = cfg.attn_dropout > 0.0 and not self.deterministic
         if cfg.attention == "reference" or use_dropout:
             rng = self.make_rng("dropout") if use_dropout else None
             out_BLNK = reference_attention(q_BLNK, k_BLHK, v_BLHK, mask_B1LL, bias_BNLL,
@@ -287,10 +307,11 @@ class Attention(nn.Module):
         return self._out(out_BLNK)
 
     def _out(self, out_BLNK):
-        out_BLNK = constrain(out_BLNK, ("batch", "length", "heads", "head_dim"))
+        out_BLNK = constrain(out_BLNK, ("batch", "length", "heads", "head_dim"), "context")
         cfg = self.cfg
-        return Linear(cfg, (cfg.embed_dim,), ("heads", "head_dim", "embed"), num_in=2,
-                      lora="o_proj" in cfg.lora_targets, deterministic=self.deterministic, name="o_proj")(out_BLNK)
+        out_BLD = Linear(cfg, (cfg.embed_dim,), ("heads", "head_dim", "embed"), num_in=2,
+                         lora="o_proj" in cfg.lora_targets, deterministic=self.deterministic, name="o_proj")(out_BLNK)
+        return constrain(out_BLD, residual_axes(cfg), "out_proj")
 
     def _cache_vars(self, k_BSHK, segment_ids_BS):
         zeros = lambda shape, dtype: lambda: jnp.zeros(shape, dtype)  # noqa: E731
@@ -322,6 +343,9 @@ class Attention(nn.Module):
         return self._out(out_BTNK)
 
 
+MLP_AXES = ("batch", "length", "mlp")
+
+
 class MLP(nn.Module):
     """SwiGLU down(silu(gate(x)) * up(x)) (Llama), or down(gelu(up(x))) (Falcon exact, BLOOM tanh)."""
 
@@ -337,9 +361,11 @@ class MLP(nn.Module):
                           name=name)
 
         if cfg.mlp == "swiglu":
-            gate_BLF = dense("gate_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD)
-            h_BLF = nn.silu(gate_BLF) * dense("up_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD)
+            gate_BLF = constrain(dense("gate_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD), MLP_AXES, "mlpwi_0")
+            up_BLF = constrain(dense("up_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD), MLP_AXES, "mlpwi_1")
+            h_BLF = nn.silu(gate_BLF) * up_BLF
         else:  # exact erf GELU (Falcon) or BLOOM's tanh approximation (0.79788456 = sqrt(2 / pi))
-            h_BLF = nn.gelu(dense("up_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD), approximate=cfg.mlp == "gelu_tanh")
-        h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
-        return dense("down_proj", cfg.embed_dim, ("mlp", "embed"))(h_BLF)
+            up_BLF = constrain(dense("up_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD), MLP_AXES, "mlpwi")
+            h_BLF = nn.gelu(up_BLF, approximate=cfg.mlp == "gelu_tanh")
+        h_BLF = constrain(h_BLF, MLP_AXES)
+        return constrain(dense("down_proj", cfg.embed_dim, ("mlp", "embed"))(h_BLF), residual_axes(cfg), "mlpwo")

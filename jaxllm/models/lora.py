@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxllm import JaxllmError
+from jaxllm import sharding as shd
 from jaxllm.models import quant
 from jaxllm.models.config import ModelConfig
 
@@ -56,6 +57,7 @@ class LoraConfig:
             raise JaxllmError("lora.quantization needs adapters: a quantized base is frozen; set lora.r > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise JaxllmError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        quant.check_block_size(self.quant_block_size)
 
 
 def hf_modules(cfg: ModelConfig) -> dict[str, str]:
@@ -226,7 +228,6 @@ def quantize_kernel(path: Path, kernel: jax.Array, cfg: ModelConfig, shardings: 
     path = path[:-1] if path[-1] == "kernel" else path
     lead, n_in = _lead(path), _num_in(path[-1])
     fan_in = math.prod(kernel.shape[lead:lead + n_in])
-    quant.check_shape(fan_in, cfg.quant_block_size, "/".join(path))
     target = None
     if shardings is not None:
         node = _get(shardings, path)
@@ -247,21 +248,23 @@ def _norms_to_f32(params: dict) -> dict:
 
 
 def dequantize_params(params: dict, cfg: ModelConfig, dtype: Any = jnp.float32) -> dict:
-    """Quantized projection leaves -> float `kernel`s of the base shapes."""
+    """Quantized projection leaves -> float `kernel`s of the base shapes (block padding dropped)."""
     if cfg.quantization == "none":
         return params
     out = jax.tree.map(lambda x: x, params)
     shapes = _kernel_shapes(base_config(cfg))
     for path, module, _ in list(_projections(out)):
         leaves = {k: module.pop(k) for k in quant.leaf_names(cfg.quantization)}
-        module["kernel"] = quant.dequantize(leaves, dtype).reshape(_get(shapes, (*path, "kernel")).shape)
+        shape = _get(shapes, (*path, "kernel")).shape
+        fan_in = math.prod(shape[_lead(path):_lead(path) + _num_in(path[-1])])
+        module["kernel"] = quant.dequantize(leaves, dtype, fan_in).reshape(shape)
     return out
 
 
 def _kernel_shapes(cfg: ModelConfig) -> dict:
     from jaxllm.models.decoder import Decoder
 
-    return nn.meta.unbox(jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    return shd.unbox(jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
                                         )["params"])
 
 

@@ -30,6 +30,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # decoupled (AdamW); never applied to norms and biases
     grad_clip: float = 1.0  # global-norm clipping threshold; 0 disables
     grad_accum_steps: int = 1  # micro-batches per step (the global batch is split this many ways)
+    host_offload: bool = False  # keep the optimizer state in host memory between steps (pinned_host; TPU/GPU)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

@@ -12,7 +12,10 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxllm import JaxllmError
 from jaxllm import sharding as shd
+from jaxllm.models.decoder import head_DV
+from jaxllm.models.layers import constrain
 from jaxllm.models.lora import merge, split
 
 Batch = dict[str, jax.Array]
@@ -50,16 +53,22 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: 
     return jax.eval_shape(init, jax.random.key(0))
 
 
-def state_shardings(boxed_abstract: Any, mesh: Mesh) -> Any:
-    return shd.shardings_for(boxed_abstract, mesh)
+def state_shardings(boxed_abstract: Any, mesh: Mesh, offload_opt_state: bool = False) -> Any:
+    """The state's shardings from its logical axes; `offload_opt_state` keeps the optimizer state in host
+    memory between steps (the step brings it to the device for the update and writes it back)."""
+    shardings = shd.shardings_for(boxed_abstract, mesh)
+    if offload_opt_state:
+        shardings = shardings.replace(opt_state=jax.tree.map(lambda s: s.with_memory_kind("pinned_host"),
+                                                             shardings.opt_state))
+    return shardings
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
-               seq_len: int, trainable: Callable | None = None) -> tuple[TrainState, Any]:
+               seq_len: int, trainable: Callable | None = None, shardings: Any = None) -> tuple[TrainState, Any]:
     """Initialises params and optimizer state directly sharded (never materialised on one device).
     With `trainable`, only that subset is made (XLA drops the rest of the init)."""
-    boxed = abstract_state(model, tx, seq_len, trainable)
-    shardings = state_shardings(boxed, mesh)
+    if shardings is None:
+        shardings = state_shardings(abstract_state(model, tx, seq_len, trainable), mesh)
 
     def init(rng):
         params, _ = split(nn.meta.unbox(model.init(rng, _dummy_inputs(seq_len))["params"]), trainable)
@@ -92,11 +101,50 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
     return ce, z
 
 
+def chunked_cross_entropy(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
+                          z_loss: float, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy` of the logits x @ head, computed `chunk` positions at a time: each chunk's logits
+    are made, reduced and dropped (and remade in the backward pass), so float32 [B, L, V] never exists."""
+    b, l, d = x_BLD.shape
+    chunk = min(chunk, l)
+    if l % chunk:
+        raise JaxllmError(f"train.loss_chunk={chunk} does not divide the sequence length {l}; pick a divisor of it")
+
+    @jax.checkpoint
+    def one(sums, xs):
+        x_BCD, targets_BC, weights_BC = xs
+        logits_BCV = constrain(jnp.einsum("bcd,dv->bcv", x_BCD, head_DV), ("batch", "length", "vocab"))
+        ce, z = cross_entropy(logits_BCV, targets_BC, weights_BC, z_loss)
+        return (sums[0] + ce, sums[1] + z), None
+
+    by_chunk = lambda x: x.reshape(b, l // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    zero = jnp.zeros((), jnp.float32)
+    (ce, z), _ = jax.lax.scan(one, (zero, zero), (by_chunk(x_BLD), by_chunk(targets_BL), by_chunk(weights_BL)))
+    return ce, z
+
+
+def token_loss(model: nn.Module, params: Any, batch: Batch, *, z_loss: float = 0.0, loss_chunk: int = 0,
+               rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(cross-entropy sum, z-loss sum, weight sum) of a batch: the one loss of training (`rng` given:
+    dropout on) and evaluation. `loss_chunk` > 0 takes the chunked path (same values and gradients)."""
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    kwargs = dict(deterministic=rng is None, rngs={} if rng is None else {"dropout": rng})
+    if loss_chunk:
+        x_BLD = model.apply({"params": params}, *args, hidden=True, **kwargs)
+        ce, z = chunked_cross_entropy(x_BLD, head_DV(params, model.cfg), batch["targets"], batch["loss_weights"],
+                                      z_loss, loss_chunk)
+    else:
+        logits = model.apply({"params": params}, *args, **kwargs)
+        ce, z = cross_entropy(logits, batch["targets"], batch["loss_weights"], z_loss)
+    return ce, z, jnp.sum(batch["loss_weights"].astype(jnp.float32))
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     micro_batches: int = 1
     z_loss: float = 0.0
     dropout_seed: int = 0
+    loss_chunk: int = 0  # positions per cross-entropy chunk; 0 = whole logits
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -110,10 +158,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     {} for full training) is read, never differentiated."""
 
     def summed_loss(params, frozen, mb: Batch, rng):
-        logits = model.apply({"params": merge(params, frozen)}, mb["inputs"], mb["positions"], mb["segment_ids"],
-                             deterministic=False, rngs={"dropout": rng})
-        ce, z = cross_entropy(logits, mb["targets"], mb["loss_weights"], cfg.z_loss)
-        return ce + z, (ce, z, jnp.sum(mb["loss_weights"].astype(jnp.float32)))
+        ce, z, weight = token_loss(model, merge(params, frozen), mb, z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk,
+                                   rng=rng)
+        return ce + z, (ce, z, weight)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
@@ -164,7 +211,15 @@ def jit_train_step(step_fn, shardings: Any, mesh: Mesh, frozen_shardings: Any = 
     `run(state, batch, frozen={})`."""
     batch_sh = shd.batch_sharding(mesh)
     frozen_sh = {} if frozen_shardings is None else frozen_shardings
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, frozen_sh),
+    on_device = jax.tree.map(lambda s: s.with_memory_kind("device") if s.memory_kind == "pinned_host" else s,
+                             shardings)
+
+    def step(state, batch, frozen):
+        if on_device != shardings:  # host-offloaded leaves come to the device for this step
+            state = jax.device_put(state, on_device)
+        return step_fn(state, batch, frozen)
+
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sh, frozen_sh),
                      out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0)
 
     def run(state, batch, frozen=None):
@@ -180,14 +235,13 @@ def _lower(jitted, mesh, *args):
         return jitted.lower(*args)
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, frozen_shardings: Any = None):
+def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, frozen_shardings: Any = None,
+                   loss_chunk: int = 0):
     """`eval_step(params, batch, frozen={}) -> (loss_sum, weight_sum)`, deterministic (no dropout)."""
 
     def eval_step(params, batch, frozen):
-        logits = model.apply({"params": merge(params, frozen)}, batch["inputs"], batch["positions"],
-                             batch["segment_ids"], deterministic=True)
-        ce, _ = cross_entropy(logits, batch["targets"], batch["loss_weights"])
-        return ce, jnp.sum(batch["loss_weights"].astype(jnp.float32))
+        ce, _, weight = token_loss(model, merge(params, frozen), batch, loss_chunk=loss_chunk)
+        return ce, weight
 
     frozen_sh = {} if frozen_shardings is None else frozen_shardings
     jitted = jax.jit(eval_step, in_shardings=(param_shardings, shd.batch_sharding(mesh), frozen_sh),
@@ -201,5 +255,5 @@ def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, frozen_sh
 
 
 __all__ = ["TrainState", "StepConfig", "abstract_params", "abstract_state", "init_state", "state_from_params",
-           "cross_entropy", "make_train_step",
+           "cross_entropy", "chunked_cross_entropy", "token_loss", "make_train_step",
            "jit_train_step", "make_eval_step", "NamedSharding"]
