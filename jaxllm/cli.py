@@ -52,6 +52,19 @@ def _parser() -> argparse.ArgumentParser:
                         "FlinkRunner, SparkRunner, ... (pip install 'jaxllm[beam]')")
     p.add_argument("--beam_options", default="",
                    help="Beam pipeline flags in one string, e.g. '--project=P --region=R --temp_location=gs://B/tmp'")
+    p = sub.add_parser("plan", help="compile a run's train step for a Cloud TPU slice (no TPU needed) or the local "
+                       "devices: does it fit, memory per chip, where it goes; --search finds a setting that fits",
+                       epilog="Override any config key with --config.section.key=value, as for train.")
+    p.add_argument("--config", required=True, help="configs/<name>.py (optionally :arg), as for train")
+    p.add_argument("--topology", default="",
+                   help="a Cloud TPU slice (v4-32, v5p-512, v5e-256, v6e-64, ...) or local (this machine's devices); "
+                        "default: the config's mesh.slice, else local")
+    p.add_argument("--num_slices", type=int, default=1, help="TPU slices joined over DCN (the data axis spans them)")
+    p.add_argument("--search", action="store_true",
+                   help="try meshes, remat policies and grad_accum_steps; print the overrides of the fastest that fits")
+    p.add_argument("--max_compiles", type=int, default=8, help="with --search: compile at most this many settings")
+    p.add_argument("--hbm_gib", type=float, default=0.0, help="memory per device to plan for (default: what it has)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     p = sub.add_parser("config", help="print the resolved config (after overrides) as JSON")
     p.add_argument("--config", required=True)
     p = sub.add_parser("convert", help="Hugging Face folder -> jaxllm params checkpoint, or workdir -> Hugging Face")
@@ -115,6 +128,8 @@ def run(argv: list[str]) -> int:
     if args.command == "config":
         print(to_json(cfg))
         return 0
+    if args.command == "plan":
+        return _plan(args, cfg)
     if args.command == "prep":
         from jaxllm.data.prep import PrepConfig, prepare
 
@@ -146,6 +161,28 @@ def run(argv: list[str]) -> int:
             print(json.dumps(summary, default=str))
         return 0
     return 2
+
+
+def _plan(args: argparse.Namespace, cfg) -> int:
+    from jaxllm import plan
+
+    hbm = args.hbm_gib or None
+    args.topology = args.topology or cfg.get("mesh", {}).get("slice", "") or "local"
+    if args.search:
+        found = plan.search(cfg, args.topology, args.num_slices, hbm, args.max_compiles,
+                            log=(lambda line: None) if args.json else print)
+        if args.json:
+            print(json.dumps({**(found["best"] or {"fits": False}), "overrides": found["overrides"],
+                              "tried": found["tried"]}, default=str))
+        elif found["best"] is None:
+            print(f"no setting among the {len(found['tried'])} compiled fits; raise --max_compiles or use more chips")
+        else:
+            print(plan.table(found["best"]))
+            print("fastest setting that fits: " + " ".join(f"--config.{o}" for o in found["overrides"]))
+        return 0 if found["best"] is not None else 1
+    result = plan.plan(cfg, args.topology, args.num_slices, hbm)
+    print(json.dumps(result, default=str) if args.json else plan.table(result))
+    return 0 if result["fits"] else 1
 
 
 def _generate(args: argparse.Namespace) -> int:

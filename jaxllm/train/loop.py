@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ from jaxllm import JaxllmError
 from jaxllm import sharding as shd
 from jaxllm.config import build, check_sections, to_json
 from jaxllm.convert import load_init_params
-from jaxllm.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator
+from jaxllm.data.pipeline import DataConfig, check_splits, make_eval_iterator, make_train_iterator
 from jaxllm.data.tokenizer import load_tokenizer
 from jaxllm.distributed import DistributedConfig, initialize
 from jaxllm.generate import GenerateConfig, generate, wrap
@@ -30,8 +31,10 @@ from jaxllm.models.decoder import Decoder
 from jaxllm.train import step as st
 from jaxllm.train.checkpoint import CheckpointConfig, Checkpointer, abstract_with_shardings
 from jaxllm.train.metrics import MetricsWriter, peak_tflops, step_metrics
-from jaxllm.train.optimizer import OptimConfig, make_optimizer
-from jaxllm.train.prune import PruneConfig, sparsity, with_pruning
+from jaxllm.train.optimizer import OptimConfig
+from jaxllm.train.program import OutOfMemory, optimizer
+from jaxllm.train.program import build as build_program
+from jaxllm.train.prune import PruneConfig, sparsity
 
 SECTIONS = ("seed", "model", "data", "optim", "train", "mesh", "checkpoint", "generate", "distributed", "lora",
             "prune")
@@ -49,11 +52,14 @@ class TrainConfig:
     early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
     early_stop_min_delta: float = 0.0  # an improvement must lower val loss by more than this
     z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
+    loss_chunk: int = 0  # positions per cross-entropy chunk (float32 [B, chunk, V] logits at a time); 0 = whole
     progress: bool = True  # tqdm progress bar on process 0
 
     def __post_init__(self):
         if self.steps <= 0 or self.log_every <= 0 or self.eval_batches <= 0:
             raise JaxllmError("train: steps, log_every and eval_batches must be positive")
+        if self.loss_chunk < 0:
+            raise JaxllmError(f"train.loss_chunk={self.loss_chunk} must be >= 0 (0 = no chunking)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +91,16 @@ def parse(cfg: ml_collections.ConfigDict) -> Run:
     if prune.sparsity and run_lora.r:
         raise JaxllmError("prune.sparsity > 0 prunes trained weights, but lora.r > 0 freezes them; prune a full "
                           "fine-tuning run (lora.r=0) and fine-tune adapters afterwards")
-    return Run(prune=prune, seed=int(cfg.get("seed", 0)), model=lora.apply(run_lora, model), lora=run_lora,
+    run = Run(prune=prune, seed=int(cfg.get("seed", 0)), model=lora.apply(run_lora, model), lora=run_lora,
                data=build(DataConfig, cfg.get("data"), "data"), optim=build(OptimConfig, cfg.get("optim"), "optim"),
                train=build(TrainConfig, cfg.get("train"), "train"), mesh=build(shd.MeshConfig, cfg.get("mesh"), "mesh"),
                checkpoint=checkpoint, generate=build(GenerateConfig, cfg.get("generate"), "generate"),
                distributed=build(DistributedConfig, cfg.get("distributed"), "distributed"))
+    chunk = run.train.loss_chunk
+    if chunk and chunk < run.data.block_size and run.data.block_size % chunk:
+        raise JaxllmError(f"train.loss_chunk={chunk} does not divide data.block_size={run.data.block_size}; "
+                          "pick a divisor of it")
+    return run
 
 
 def _model_from_init(source: str, section: Any, run_model: ModelConfig) -> ModelConfig:
@@ -186,24 +197,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     run = parse(cfg)
     initialize(run.distributed)
     primary = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    tokenizer = load_tokenizer(run.data)
-    if tokenizer.vocab_size > run.model.vocab_size:
-        raise JaxllmError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model.vocab_size="
-                          f"{run.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")
+    writable_dir(workdir, "workdir")
     if run.data.block_size > run.model.max_seq_len:
         raise JaxllmError(f"data.block_size={run.data.block_size} exceeds model.max_seq_len={run.model.max_seq_len}")
     mesh = shd.make_mesh(run.mesh)
     shd.check_batch(run.data.batch_size, mesh, run.optim.grad_accum_steps)
+    program = build_program(run, mesh)
+    compiled_step = _compile_or_explain(program, run)  # before any data or weights are read
+    tokenizer = load_tokenizer(run.data)
+    if tokenizer.vocab_size > run.model.vocab_size:
+        raise JaxllmError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model.vocab_size="
+                          f"{run.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")
+    check_splits(run.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
 
-    model = Decoder(run.model)
-    tx, schedule = _optimizer(run)
-    trainable = lora.trainable_fn(run.lora, run.model)
-    boxed = st.abstract_state(model, tx, run.data.block_size, trainable)
-    shardings = st.state_shardings(boxed, mesh)
-    frozen, frozen_sh, saved = {}, None, {}
+    model, tx, trainable, boxed, shardings = (program.model, program.tx, program.trainable, program.boxed,
+                                              program.shardings)
+    frozen, frozen_sh, saved = {}, program.frozen_shardings, {}
     if trainable is not None:
-        frozen, saved, frozen_sh = load_frozen(run, mesh, trainable)
+        frozen, saved, _ = load_frozen(run, mesh, trainable)
     train_iter = make_train_iterator(run.data, tokenizer, process_index=jax.process_index(),
                                      process_count=jax.process_count())
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint)
@@ -213,16 +224,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     elif trainable is not None:
         state = st.state_from_params(fresh_adapter_params(run, model, tx, mesh, trainable, saved), tx, shardings)
     else:
-        state, _ = st.init_state(model, tx, mesh, jax.random.key(run.seed), run.data.block_size)
+        state, _ = st.init_state(model, tx, mesh, jax.random.key(run.seed), run.data.block_size,
+                                 shardings=shardings)
         if run.checkpoint.init_from:
             state = state.replace(params=load_init_params(run.checkpoint.init_from, run.model, mesh))
     del saved
     start = int(jax.device_get(state.step))
 
-    train_step = st.jit_train_step(
-        st.make_train_step(model, tx, schedule, st.StepConfig(run.optim.grad_accum_steps, run.train.z_loss,
-                                                              run.seed)), shardings, mesh, frozen_sh)
-    eval_step = st.make_eval_step(model, mesh, shardings.params, frozen_sh)
+    train_step, eval_step = compiled_step, program.eval_step
     eval_iter_fn = lambda: make_eval_iterator(run.data, tokenizer, process_index=jax.process_index(),  # noqa: E731
                                               process_count=jax.process_count())
     flops_per_token = run.model.train_flops_per_token(run.data.block_size)
@@ -311,9 +320,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return final
 
 
-def load_run(workdir: str) -> tuple[Run, Any, dict]:
+def writable_dir(path: str, what: str) -> None:
+    """Creates folder `path` and checks that files can be written in it: before a run, not after."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".jaxllm-write-check-"):
+            pass
+    except OSError as e:
+        raise JaxllmError(f"{what} {path!r} is not a writable folder ({e.strerror or e}); choose another") from None
+
+
+def load_run(workdir: str, *, with_frozen: bool = True) -> tuple[Run, Any, dict]:
     """(run, trained params, frozen params) from the latest checkpoint of a training workdir; an adapter
-    run's frozen base is rebuilt from its `init_from` (quantized as it was trained)."""
+    run's frozen base is rebuilt from its `init_from` (quantized as it was trained) unless `with_frozen`
+    is False (then {}: exporting an adapter needs only the adapters)."""
     path = os.path.join(workdir, "config.json")
     try:
         with open(path) as f:
@@ -322,7 +342,7 @@ def load_run(workdir: str) -> tuple[Run, Any, dict]:
         raise JaxllmError(f"cannot read {path} ({e}); is {workdir!r} a jaxllm workdir?") from None
     run = parse(cfg)
     model = Decoder(run.model)
-    tx = _optimizer(run)[0]
+    tx = optimizer(run)[0]
     mesh = shd.make_mesh(shd.MeshConfig(data=-1))
     trainable = lora.trainable_fn(run.lora, run.model)
     boxed = st.abstract_state(model, tx, run.data.block_size, trainable)
@@ -331,7 +351,7 @@ def load_run(workdir: str) -> tuple[Run, Any, dict]:
         raise JaxllmError(f"no checkpoint in {workdir}/checkpoints; train first")
     state = ckpt.restore(abstract_with_shardings(shd.unbox(boxed), st.state_shardings(boxed, mesh)))
     ckpt.close()
-    frozen = load_frozen(run, mesh, trainable)[0] if trainable is not None else {}
+    frozen = load_frozen(run, mesh, trainable)[0] if trainable is not None and with_frozen else {}
     return run, state.params, frozen
 
 
@@ -341,10 +361,15 @@ def load_trained(workdir: str):
     return Decoder(run.model), lora.merge(params, frozen), load_tokenizer(run.data), run.data.add_bos
 
 
-def _optimizer(run: Run):
-    """The run's optimizer (with magnitude pruning chained last when asked) and its schedule."""
-    tx, schedule = make_optimizer(run.optim, run.train.steps)
-    return with_pruning(tx, run.prune), schedule
+def _compile_or_explain(program, run: Run):
+    """The compiled train step; a step that does not fit the devices' memory stops the run here, with
+    the amounts and the way to find a setting that fits."""
+    try:
+        return program.compile_train_step()
+    except OutOfMemory as e:
+        from jaxllm.plan import explain
+
+        raise JaxllmError(explain(e, program, run)) from None
 
 
 def _window_mean(window: list[dict]) -> dict[str, float]:

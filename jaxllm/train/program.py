@@ -1,0 +1,125 @@
+"""What a run compiles, built once from its config: the model, optimizer, state layout on the mesh, and
+the jitted train and eval steps. `jaxllm train` runs it; `jaxllm plan` compiles it ahead of time for a
+TPU slice or the local devices without running it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from jaxllm import JaxllmError
+from jaxllm import sharding as shd
+from jaxllm.models import lora
+from jaxllm.models.decoder import Decoder
+from jaxllm.train import step as st
+from jaxllm.train.optimizer import make_optimizer
+from jaxllm.train.prune import with_pruning
+
+BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
+                "loss_weights": jnp.float32}
+
+
+def optimizer(run) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The run's optimizer (with magnitude pruning chained last when asked) and its schedule."""
+    tx, schedule = make_optimizer(run.optim, run.train.steps)
+    return with_pruning(tx, run.prune), schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    trainable: Callable | None  # path predicate of the trained subset (None: every param)
+    boxed: Any  # the train state's shapes with logical-axis boxes
+    shardings: Any  # of the train state
+    frozen_boxed: Any  # an adapter run's frozen base ({} otherwise)
+    frozen_shardings: Any
+    mesh: Mesh
+    batch_size: int
+    seq_len: int
+    train_step: Callable  # run(state, batch, frozen) -> (state, metrics), with .lower(...)
+    eval_step: Callable  # run(params, batch, frozen) -> (loss sum, weight sum)
+
+    def abstract_state(self) -> Any:
+        return _abstract(shd.unbox(self.boxed), self.shardings)
+
+    def abstract_frozen(self) -> Any:
+        return _abstract(shd.unbox(self.frozen_boxed), self.frozen_shardings) if self.frozen_boxed else {}
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        sharding = shd.batch_sharding(self.mesh)
+        return {k: jax.ShapeDtypeStruct((self.batch_size, self.seq_len), dtype, sharding=sharding)
+                for k, dtype in BATCH_FIELDS.items()}
+
+    def compile_train_step(self):
+        """The train step compiled for the mesh's devices (the executable a run calls). Raises
+        `OutOfMemory` when the compiler refuses it for memory."""
+        try:
+            return self.train_step.lower(self.abstract_state(), self.abstract_batch(), self.abstract_frozen()).compile()
+        except Exception as e:  # XLA raises its own runtime error type; only memory refusals are ours
+            oom = OutOfMemory.parse(str(e))
+            if oom is None:
+                raise
+            raise oom from None
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+class OutOfMemory(JaxllmError):
+    """The compiler's refusal of a step for memory, with the amounts it gave (bytes; None if not said)."""
+
+    def __init__(self, message: str, needed: float | None, capacity: float | None):
+        super().__init__(message)
+        self.needed, self.capacity = needed, capacity
+
+    _SIZE = r"([\d.]+)\s*([KMGT]i?B?|[KMGT]|B)"
+
+    @classmethod
+    def parse(cls, text: str) -> "OutOfMemory | None":
+        if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+            return None
+        first = text.strip().splitlines()[0]
+        needed = capacity = None
+        m = re.search(r"required for [^(]*\(" + cls._SIZE + r"\) exceeds available \w+ \(" + cls._SIZE + r"\)", text)
+        if m:
+            needed, capacity = _bytes(m.group(1), m.group(2)), _bytes(m.group(3), m.group(4))
+        else:
+            m = re.search(r"Used " + cls._SIZE + r" of " + cls._SIZE, text)
+            if m:
+                needed, capacity = _bytes(m.group(1), m.group(2)), _bytes(m.group(3), m.group(4))
+        return cls(first, needed, capacity)
+
+
+def _bytes(number: str, unit: str) -> float:
+    scale = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit[0]]
+    return float(number) * scale
+
+
+def build(run, mesh: Mesh) -> Program:
+    """The run's model, optimizer, state layout and jitted steps on `mesh` (nothing is allocated)."""
+    model = Decoder(run.model)
+    tx, schedule = optimizer(run)
+    trainable = lora.trainable_fn(run.lora, run.model)
+    boxed = st.abstract_state(model, tx, run.data.block_size, trainable)
+    shardings = st.state_shardings(boxed, mesh, offload_opt_state=run.optim.host_offload)
+    frozen_boxed, frozen_sh = {}, None
+    if trainable is not None:
+        frozen_boxed = lora.split(st.abstract_params(model), trainable)[1]
+        frozen_sh = shd.shardings_for(frozen_boxed, mesh)
+    step_cfg = st.StepConfig(micro_batches=run.optim.grad_accum_steps, z_loss=run.train.z_loss,
+                             dropout_seed=run.seed, loss_chunk=run.train.loss_chunk)
+    train_step = st.jit_train_step(st.make_train_step(model, tx, schedule, step_cfg), shardings, mesh, frozen_sh)
+    eval_step = st.make_eval_step(model, mesh, shardings.params, frozen_sh, loss_chunk=run.train.loss_chunk)
+    return Program(model=model, tx=tx, schedule=schedule, trainable=trainable, boxed=boxed, shardings=shardings,
+                   frozen_boxed=frozen_boxed, frozen_shardings=frozen_sh, mesh=mesh, batch_size=run.data.batch_size,
+                   seq_len=run.data.block_size, train_step=train_step, eval_step=eval_step)
