@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype (bfloat16 with --mixed_precision=bf16; float32 is faster on CPU)
         param_dtype="float32",  # of the loaded base (bfloat16 halves a non-quantized base's memory)
         scan_layers=True,
-        remat="none",  # none | full | save_dots | save_dots_no_batch (full for long sequences on big models)
+        remat="none",  # none | full | minimal | save_dot_except_mlpwi | ... (full for long sequences on big models)
+        sequence_parallel=True,  # split the residual stream's length over the tensor axis (with tensor > 1)
         attention="auto",
         embed_dropout=0.0,
         attn_dropout=0.0,
@@ -54,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
         tokenizer="",  # set to the model folder by --model
         vocab_size=2048,
         block_size=256,  # --block_size / --model_max_length: examples truncated to this, rows this long
-        batch_size=8,  # global batch (--train_batch_size x --gradient_accumulation)
+        batch_size=8,  # global batch (--train_batch_size per device x data/fsdp devices x --gradient_accumulation)
         val_fraction=0.05,
         seed=0,
         shuffle=True,
@@ -75,10 +76,12 @@ def get_config() -> ml_collections.ConfigDict:
         weight_decay=0.0,
         grad_clip=1.0,  # --max_grad_norm
         grad_accum_steps=1,  # --gradient_accumulation
+        host_offload=False,  # optimizer state in host memory between steps
     )
     c.train = dict(steps=100, log_every=10, eval_every=50, eval_batches=8, eval_at_start=True, early_stop_patience=0,
-                   early_stop_min_delta=0.0, z_loss=0.0, progress=True)
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+                   early_stop_min_delta=0.0, z_loss=0.0, progress=True,
+                   loss_chunk=0)  # positions per cross-entropy chunk; 0 = whole sequence
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, slice="")  # slice: the Cloud TPU slice a recipe is sized for
     c.checkpoint = dict(every=100, keep=2, keep_best=1, async_save=True, resume=True,
                         init_from="",  # the base model folder (--model)
                         model_from_init=True)

@@ -26,10 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
         attn_dropout=0.0,
         resid_dropout=0.0,
         scan_layers=True,  # nn.scan over layers: one layer compiled, L times faster compiles
-        remat="none",  # none | full | save_dots | save_dots_no_batch
+        remat="none",  # none | full | minimal | save_dot_except_mlpwi | ... (jaxllm.models.decoder.REMAT_POLICIES)
+        sequence_parallel=True,  # split the residual stream's length over the tensor axis (with tensor > 1)
         param_dtype="float32",
         dtype="float32",  # bfloat16 on TPU/GPU; float32 is faster on CPU
-        attention="auto",  # auto (cuDNN flash attention on GPU, XLA elsewhere) | xla | cudnn | reference
+        attention="auto",  # auto (cuDNN on GPU, Pallas flash on TPU, XLA on CPU) | xla | cudnn | flash | reference
         init_std=0.02,
     )
     c.data = dict(
@@ -69,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
         weight_decay=0.1,
         grad_clip=1.0,
         grad_accum_steps=1,
+        host_offload=False,  # optimizer state in host memory between steps (TPU/GPU, big models on few chips)
     )
     c.train = dict(
         steps=300,
@@ -79,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
         early_stop_patience=0,
         early_stop_min_delta=0.0,
         z_loss=0.0,
+        loss_chunk=0,  # positions per cross-entropy chunk (no [B, L, V] float32 logits); 0 = whole sequence
         progress=True,
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1 takes the remaining devices

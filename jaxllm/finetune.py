@@ -95,11 +95,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=None)
     a = p.add_argument_group("PEFT/LoRA").add_argument
     a("--use_peft", "--use-peft", "--peft", dest="peft", action="store_true",
-      help="train LoRA adapters, not the whole model")
+      help="train LoRA adapters (the default here; --lora_r 0 trains the whole model)")
     a("--use_int4", "--use-int4", dest="int4", action="store_true", help="QLoRA: NF4 base (--quantization int4)")
     a("--use_int8", "--use-int8", dest="int8", action="store_true", help="int8 base (--quantization int8)")
     a("--quantization", default=None, choices=("int4", "nf4", "int8", "none"))
-    a("--lora_r", "--lora-r", type=int, default=None)
+    a("--lora_r", "--lora-r", type=int, default=None, help="adapter rank (default 16); 0 = full fine-tuning")
     a("--lora_alpha", "--lora-alpha", type=float, default=None)
     a("--lora_dropout", "--lora-dropout", type=float, default=None)
     a("--target_modules", "--target-modules", default=None, help="comma-separated module names, all-linear, or a "
@@ -260,8 +260,9 @@ def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_
     if args.peft and args.lora_r is None and cfg.lora.r == 0:
         put("lora.r", 16)
     quantized = args.int4 or args.int8 or args.quantization not in (None, "none")
-    if not args.peft and args.lora_r is None and args.config == "" and not quantized:
-        put("lora.r", 0)  # full fine-tuning, as autotrain does without --use_peft
+    if not args.peft and args.lora_r is None and not quantized and cfg.lora.r:
+        note(f"no --use_peft: jaxllm finetune trains LoRA adapters (r={cfg.lora.r}) by default and writes a PEFT "
+             "adapter; --lora_r 0 fine-tunes every weight instead")
     quantization = "nf4" if args.int4 else "int8" if args.int8 else {"int4": "nf4"}.get(args.quantization,
                                                                                        args.quantization)
     if quantization:

@@ -81,9 +81,12 @@ def test_autotrain_flags_map_onto_the_config(llama, tmp_path):
     assert (cfg.train.steps, cfg.optim.warmup_steps, cfg.train.log_every, cfg.seed) == (500, 15, 5, 7)
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.quantization) == (64, 16.0, 0.1, "nf4")
     assert cfg.lora.target_modules == ("query_key_value", "dense") and cfg.model.dtype == "bfloat16"
+    default, _ = flags_to_config(_args(["--model", llama, "--data_path", "embedded", "--epochs", "1",
+                                        "--batch_size", "1", "--block_size", "64"]), [])
+    assert default.lora.r == 16  # no --use_peft: LoRA adapters all the same (with a note)
     full, _ = flags_to_config(_args(["--model", llama, "--data_path", "embedded", "--epochs", "1",
-                                     "--batch_size", "1", "--block_size", "64"]), [])
-    assert full.lora.r == 0  # no --use_peft: full fine-tuning, as autotrain
+                                     "--batch_size", "1", "--block_size", "64", "--lora_r", "0"]), [])
+    assert full.lora.r == 0  # --lora_r 0: full fine-tuning
     assert 20 < full.train.steps < 400  # ~1,400 short Q&A examples packed into 64-token rows, 8 a batch
     with pytest.raises(JaxllmError, match="does not download"):
         flags_to_config(_args(["--model", llama, "--data_path", "timdettmers/openassistant-guanaco"]), [])

@@ -95,18 +95,20 @@ def _logits_agree(ours, theirs_model, base_model=None):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_both_article_lines_run_verbatim(made, family, tmp_path):
     from jaxllm.generate import load_model
-    from jaxllm.train.loop import load_trained
 
     base, data = made / family, made / "guanaco.jsonl"
     proc = _run([AUTOTRAIN_TRAIN, AUTOTRAIN_LLM], tmp_path, BASE=base, **{"DATA.jsonl": data})
     assert "jaxllm: note: --use_apex (mixed precision) does not apply on CPU" in proc.stderr
     first, second = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"'))
-    assert first["written"] == {"model": "./output/model"} and np.isfinite(first["val_loss"])
+    assert "jaxllm: note: no --use_peft: jaxllm finetune trains LoRA adapters (r=16)" in proc.stderr
+    assert first["written"] == {"adapter": "./output/adapter"} and np.isfinite(first["val_loss"])
     config = json.load(open(tmp_path / "OUT" / "config.json"))
-    assert (config["data"]["block_size"], config["data"]["batch_size"], config["lora"]["r"]) == (512, 2, 0)
-    model, params, _, _ = load_trained(str(tmp_path / "OUT"))  # full fine-tuning: a whole model folder
-    full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "output" / "model")
-    _logits_agree((model, params), full, transformers.AutoModelForCausalLM.from_pretrained(base))
+    assert (config["data"]["block_size"], config["data"]["batch_size"], config["lora"]["r"]) == (512, 2, 16)
+    assert config["lora"]["quantization"] == "none"
+    peft_model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                                tmp_path / "output" / "adapter")
+    _logits_agree(load_model(str(base), adapter=str(tmp_path / "output" / "adapter"))[:2], peft_model,
+                  transformers.AutoModelForCausalLM.from_pretrained(base))
 
     adapter = tmp_path / "FineTuning Llama-2" / "adapter"
     assert second["written"] == {"adapter": str(adapter.relative_to(tmp_path))} and np.isfinite(second["val_loss"])
