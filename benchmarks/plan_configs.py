@@ -23,8 +23,8 @@ from jaxllm.plan import plan
 
 # MaxText's compiled figure for the same model, slice and per-chip batch (GiB per chip), where measured.
 MAXTEXT = {"llama2_70b": 76.6, "llama2_7b": 44.6}
-PRETRAIN = ("llama2_7b", "llama2_13b", "llama2_70b", "falcon_7b", "falcon_40b", "falcon_180b", "bloom_7b1",
-            "bloom_176b")
+PRETRAIN = ("llama2_7b", "llama2_13b", "llama2_70b", "falcon_7b", "falcon_40b", "falcon_180b", "bloom_560m",
+            "bloom_7b1", "bloom_176b")
 FINETUNE = {"llama2_70b_qlora": ("configs/llama2_70b_qlora.py", "llama2_70b"),
             "falcon_180b_qlora": ("configs/falcon_qlora.py", "falcon_180b")}
 

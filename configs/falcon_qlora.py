@@ -3,6 +3,11 @@ recipe; it runs unchanged on any Falcon size, since the model's shapes come from
 NF4 base, LoRA r=64 alpha=16 dropout 0.1 on every linear layer, lr 2e-4 constant, warmup ratio 0.03,
 max grad norm 0.3, batch 4 x accumulation 4, 500 steps, 512 tokens.
 
+Sized for a Cloud TPU v5p-8 (4 chips, one sequence each per micro-batch): the NF4 base is FSDP-sharded
+over the chips (about 24 GiB each). `jaxllm plan --config=configs/falcon_qlora.py \
+--config.checkpoint.init_from=models/falcon-180B` checks it (it reads only the folder's config.json).
+With fewer or more chips change `mesh.*` and keep `data.batch_size` a multiple of 4 x the chips.
+
     huggingface-cli download tiiuae/falcon-180B --local-dir models/falcon-180B
     huggingface-cli download --repo-type dataset timdettmers/openassistant-guanaco --local-dir data/guanaco
     jaxllm finetune --config=configs/falcon_qlora.py --model=models/falcon-180B --data_path=data/guanaco \
@@ -24,4 +29,6 @@ def get_config():
                    weight_decay=0.0)
     c.train.update(steps=500, eval_every=100)
     c.checkpoint.update(every=100)
+    c.mesh.update(data=1, fsdp=-1, tensor=1, slice="v5p-8")
+    c.train.update(loss_chunk=128)  # float32 logits of 128 positions at a time (65,024-token vocabulary)
     return c

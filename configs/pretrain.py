@@ -14,7 +14,7 @@ policy that fit it at a global batch of 1024 sequences of the published context 
     falcon_7b    v5p-512    4 x 2048             data=4 fsdp=64       save_dot_except_mlpwi
     falcon_40b   v5p-512    4 x 2048             fsdp=256             save_dot_except_mlpwi
     falcon_180b  v5p-1024   2 x 2048             fsdp=512             save_dot_except_mlpwi
-    bloom_560m   v5e-16     64 x 2048            fsdp=16              minimal
+    bloom_560m   v5e-64     16 x 2048            fsdp=64              full
     bloom_7b1    v5p-512    4 x 2048             fsdp=256             save_dot_except_mlpwi
     bloom_176b   v5p-1024   2 x 2048             fsdp=512             save_dot_except_mlpwi
 
@@ -36,7 +36,7 @@ MODELS = {
     "falcon_7b": ("v5p-512", dict(data=-1, fsdp=64, tensor=1), "save_dot_except_mlpwi", 6e-4),
     "falcon_40b": ("v5p-512", dict(data=1, fsdp=-1, tensor=1), "save_dot_except_mlpwi", 1.5e-4),
     "falcon_180b": ("v5p-1024", dict(data=1, fsdp=-1, tensor=1), "save_dot_except_mlpwi", 1.25e-4),
-    "bloom_560m": ("v5e-16", dict(data=1, fsdp=-1, tensor=1), "minimal", 3e-4),
+    "bloom_560m": ("v5e-64", dict(data=1, fsdp=-1, tensor=1), "full", 3e-4),
     "bloom_7b1": ("v5p-512", dict(data=1, fsdp=-1, tensor=1), "save_dot_except_mlpwi", 1.2e-4),
     "bloom_176b": ("v5p-1024", dict(data=1, fsdp=-1, tensor=1), "save_dot_except_mlpwi", 6e-5),
 }

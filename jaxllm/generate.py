@@ -6,6 +6,7 @@ then a jitted fixed-shape loop adds one token per step; nothing recompiles per t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import textwrap
@@ -17,6 +18,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxllm import JaxllmError
+from jaxllm import sharding as shd
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder
 
@@ -86,8 +88,10 @@ def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], cfg: Ge
     if cfg.max_new_tokens == 0:
         return [[] for _ in prompts]
     decode = _decode_fn(dataclasses.replace(model.cfg, remat="none"), tokens.shape, cfg, eos_id, pad_id)
-    out = decode(
-        params, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions), jax.random.key(cfg.seed))
+    mesh = shd.mesh_of(params)  # params sharded over a mesh (a training run's): decode under it, constrained
+    with shd.activate(mesh) if mesh is not None else contextlib.nullcontext():
+        out = decode(params, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions),
+                     jax.random.key(cfg.seed))
     result = []
     for row in np.asarray(jax.device_get(out)).tolist():
         result.append(row[: row.index(eos_id)] if eos_id in row else row)

@@ -107,7 +107,10 @@ def _tpu_devices(topo: str, chip_config: str, chips: int, num_slices: int) -> tu
     from jax.experimental import topologies
 
     dims = [int(d) for d in topo.split(":")[1].split("x")]
-    wrap = tuple(d >= 4 for d in dims) if chips >= 64 else (False,) * len(dims)
+    if len(dims) == 3:  # v4 / v5p: slices of whole 4x4x4 cubes close into a torus
+        wrap = tuple(d >= 4 for d in dims) if chips >= 64 else (False,) * 3
+    else:  # v5e / v6e: only a full 16x16 pod wraps around
+        wrap = tuple(d == 16 for d in dims)
     bounds = (2, 2, 1) if chips >= 4 else (1, 1, 1)
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topo, chip_config_name=chip_config,
                                         chips_per_host_bounds=bounds, num_slices=num_slices,
@@ -257,6 +260,9 @@ def plan(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: in
     t0 = time.perf_counter()
     try:
         compiled = program.compile_train_step()
+    except jax.errors.JaxRuntimeError as e:
+        raise JaxllmError(f"the compiler refused the step for {out['topology']}: {str(e).strip().splitlines()[0]}"
+                          ) from None
     except OutOfMemory as e:
         out["compile_s"] = time.perf_counter() - t0
         args = sum(v for k, v in breakdown.items() if k != "host_state_gib")
@@ -273,6 +279,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: in
     breakdown.update(temporaries_gib=mem.temp_size_in_bytes / GiB,
                      outputs_not_aliased_gib=(mem.output_size_in_bytes - mem.alias_size_in_bytes) / GiB,
                      host_temporaries_gib=getattr(mem, "host_temp_size_in_bytes", 0) / GiB)
+    out["host_arguments_gib"] = getattr(mem, "host_argument_size_in_bytes", 0) / GiB
     out.update(fits=total <= capacity, hbm_per_chip_gib=total / GiB, headroom_gib=(capacity - total) / GiB,
                breakdown=breakdown, estimate=estimate(run, mesh_shape, len(devices), devices))
     return out

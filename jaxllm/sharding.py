@@ -91,18 +91,40 @@ def logical_to_spec(logical_axes: Sequence[str | None]) -> P:
     return nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_RULES)
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str) -> P:
-    """Drops mesh axes that do not divide a dimension (e.g. 8 kv heads on tensor=16): replicate it."""
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Any, name: str | None) -> P:
+    """Drops mesh axes that do not divide a dimension (e.g. 8 kv heads on tensor=16): replicate it.
+    `name`: what to warn about (a parameter); None for activations (a batch of 1 prompt, say)."""
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         group = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = math.prod(mesh.shape[a] for a in group)
         if group and dim % size:
-            logging.warning("%s: dim %d not divisible by mesh axes %s (%d); replicating it", name, dim, group, size)
+            if name is not None:
+                logging.warning("%s: dim %d not divisible by mesh axes %s (%d); replicating it", name, dim, group,
+                                size)
             fitted.append(None)
         else:
             fitted.append(axes)
     return P(*fitted)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pins an activation to the mesh axes its logical axes map to under `activate` (axes that do not
+    divide its dimensions are left out); outside a mesh it is returned as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes))
+    return jax.lax.with_sharding_constraint(x, _fit_spec(spec, x.shape, mesh, None))
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh a pytree of arrays is sharded over, if it spans more than one device."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
 
 
 def shardings_for(abstract_tree: Any, mesh: Mesh) -> Any:
@@ -155,8 +177,8 @@ def axis_rules():
 def activate(mesh: Mesh):
     """The mesh and the logical rules in force together: what jitted model code runs under.
 
-    `jax.set_mesh` is what makes `nn.with_logical_constraint` emit its constraints; under the legacy
-    `with mesh:` Flax resolves them to nothing, and XLA is then free to keep activations of the whole
+    `jax.set_mesh` is what makes the models' logical constraints (`constrain`) emit anything; under the
+    legacy `with mesh:` Flax's resolve to nothing, and XLA is then free to keep activations of the whole
     global batch on every device (FSDP moving activations instead of weights)."""
     with jax.set_mesh(mesh), axis_rules():
         yield

@@ -62,3 +62,24 @@ def test_init_under_the_mesh_places_params_sharded():
     kernel = state.params["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding == shardings.params["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.addressable_shards[0].data.shape == (CFG.num_layers, CFG.embed_dim // 4, CFG.mlp_dim)
+
+
+def test_generation_under_a_training_mesh_is_constrained_and_the_same():
+    """Generation with params sharded over a mesh (a run's final sample) decodes under that mesh: the
+    program carries the constraints (a batch of one prompt just is not split) and the tokens are those
+    of an unsharded run."""
+    from flax import linen as nn
+
+    from jaxllm.generate import GenerateConfig, _decode_fn, generate
+
+    model = Decoder(CFG)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=4), jax.devices()[:4])
+    sharded = jax.device_put(params, shd.shardings_for(st.abstract_params(model), mesh))
+    gen = GenerateConfig(max_new_tokens=6, temperature=0.0)
+    prompts = [[1, 5, 7, 9]]
+    assert generate(model, sharded, prompts, gen, eos_id=-1) == generate(model, params, prompts, gen, eos_id=-1)
+    decode = _decode_fn(CFG, (1, 4), gen, -1, 0)
+    with shd.activate(mesh):
+        lowered = decode.lower(sharded, *(jnp.ones((1, 4), jnp.int32),) * 3, jax.random.key(0)).as_text()
+    assert lowered.count("sharding_constraint") >= 2 * CFG.num_layers

@@ -181,3 +181,26 @@ def test_chunked_cross_entropy_equals_the_plain_one(tie):
             np.testing.assert_allclose(a, b, atol=1e-6)
     with pytest.raises(JaxllmError, match="does not divide"):
         loss(params, 5)
+
+
+def test_host_offloaded_optimizer_state_trains_the_same():
+    """optim.host_offload: the optimizer state lives in pinned host memory between steps, comes to the
+    device for the update, and the run is the same as with it on the device."""
+    model = Decoder(CFG)
+    tx, schedule = make_optimizer(OptimConfig(warmup_steps=1, learning_rate=1e-2), 10)
+    mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2), jax.devices()[:4])
+    boxed = st.abstract_state(model, tx, L)
+    results = []
+    for offload in (False, True):
+        shardings = st.state_shardings(boxed, mesh, offload_opt_state=offload)
+        state, _ = st.init_state(model, tx, mesh, jax.random.key(0), L, shardings=shardings)
+        fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig(host_offload=offload)),
+                               shardings, mesh)
+        for _ in range(2):
+            state, m = fn(state, shd.global_batch(_batch(8), mesh))
+        kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state) if x.ndim}
+        assert kinds == ({"pinned_host"} if offload else {"device"})
+        results.append((float(m["loss"]), jax.device_get(state.params)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -11,6 +11,7 @@ import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxllm import sharding as shd
 from jaxllm.models import flash, quant
 from jaxllm.models.config import ModelConfig
 
@@ -30,7 +31,7 @@ def residual_axes(cfg: ModelConfig) -> tuple[str, ...]:
 def constrain(x, axes: tuple[str, ...], name: str | None = None):
     """Pins `x` to its logical axes; `name` tags it for the remat policies that save or offload
     activations by name (see `jaxllm.models.decoder.REMAT_POLICIES`)."""
-    x = nn.with_logical_constraint(x, axes)
+    x = shd.constrain(x, axes)
     return checkpoint_name(x, name) if name else x
 
 

@@ -117,7 +117,8 @@ def build(run, mesh: Mesh) -> Program:
         frozen_boxed = lora.split(st.abstract_params(model), trainable)[1]
         frozen_sh = shd.shardings_for(frozen_boxed, mesh)
     step_cfg = st.StepConfig(micro_batches=run.optim.grad_accum_steps, z_loss=run.train.z_loss,
-                             dropout_seed=run.seed, loss_chunk=run.train.loss_chunk)
+                             dropout_seed=run.seed, loss_chunk=run.train.loss_chunk,
+                             host_offload=run.optim.host_offload)
     train_step = st.jit_train_step(st.make_train_step(model, tx, schedule, step_cfg), shardings, mesh, frozen_sh)
     eval_step = st.make_eval_step(model, mesh, shardings.params, frozen_sh, loss_chunk=run.train.loss_chunk)
     return Program(model=model, tx=tx, schedule=schedule, trainable=trainable, boxed=boxed, shardings=shardings,

@@ -145,6 +145,7 @@ class StepConfig:
     z_loss: float = 0.0
     dropout_seed: int = 0
     loss_chunk: int = 0  # positions per cross-entropy chunk; 0 = whole logits
+    host_offload: bool = False  # the optimizer state arrives in host memory (see `state_shardings`)
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -189,11 +190,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         loss = ce / denom
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(grads)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        opt_state = state.opt_state
+        if cfg.host_offload:  # the state comes to the device only now, for the update, and goes back through
+            # the step's output sharding; the barrier ties the transfer to the gradients (not hoisted earlier)
+            grads, opt_state = jax.lax.optimization_barrier((grads, opt_state))
+            opt_state = jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), opt_state)
+        updates, new_opt_state = tx.update(grads, opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                                  opt_state=keep(new_opt_state, state.opt_state),
+                                  opt_state=keep(new_opt_state, opt_state),
                                   skipped=state.skipped + (~finite).astype(jnp.int32))
         metrics = {"loss": loss, "z_loss": z / denom, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "tokens": weight, "skipped": new_state.skipped}
@@ -211,15 +217,7 @@ def jit_train_step(step_fn, shardings: Any, mesh: Mesh, frozen_shardings: Any = 
     `run(state, batch, frozen={})`."""
     batch_sh = shd.batch_sharding(mesh)
     frozen_sh = {} if frozen_shardings is None else frozen_shardings
-    on_device = jax.tree.map(lambda s: s.with_memory_kind("device") if s.memory_kind == "pinned_host" else s,
-                             shardings)
-
-    def step(state, batch, frozen):
-        if on_device != shardings:  # host-offloaded leaves come to the device for this step
-            state = jax.device_put(state, on_device)
-        return step_fn(state, batch, frozen)
-
-    jitted = jax.jit(step, in_shardings=(shardings, batch_sh, frozen_sh),
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, frozen_sh),
                      out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0)
 
     def run(state, batch, frozen=None):
