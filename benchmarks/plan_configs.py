@@ -4,6 +4,7 @@ and MaxText's figure for the same model, slice and batch where one exists.
 
     python benchmarks/plan_configs.py                       # all of them (about an hour on 2 CPU cores)
     python benchmarks/plan_configs.py llama2_70b llama2_7b  # some of them
+    python benchmarks/plan_configs.py --levers              # each memory lever on and off
 
 The fine-tuning recipes take their shapes from a Hugging Face folder; plan reads only its config.json,
 so this script writes one for the published model (from jaxllm's presets) into a temporary folder.
@@ -37,6 +38,37 @@ def _hf_folder(root: str, name: str) -> str:
     return folder
 
 
+# (what, config, the setting with the lever, without it): one lever changed at a time.
+_70B = ["model.remat=save_dot_except_mlpwi"]  # MaxText's policy for this model and slice
+_TP = ["mesh.fsdp=32", "mesh.tensor=8", "model.remat=full"]
+_FEW = ["data.batch_size=128", "model.remat=save_dot_except_mlp"]
+LEVERS = [
+    ("flash attention (Splash), Llama-2-70B", "llama2_70b", _70B, _70B + ["model.attention=xla"], None),
+    ("chunked cross-entropy (256 positions), BLOOM-7B1", "bloom_7b1", [], ["train.loss_chunk=0"], None),
+    ("sequence parallelism, Llama-2-70B fsdp=32 tensor=8", "llama2_70b", _TP, _TP + ["model.sequence_parallel=False"],
+     None),
+    ("queries offloaded to host vs MaxText's save_dot_except_mlpwi, Llama-2-70B", "llama2_70b", [], _70B, None),
+    ("save_dot_except_mlpwi vs MaxText's minimal, Llama-2-7B", "llama2_7b", [], ["model.remat=minimal"], None),
+    ("full remat vs save_dot_except_mlpwi, Llama-2-70B", "llama2_70b", ["model.remat=full"], _70B, None),
+    ("optimizer state in host memory, Llama-2-70B on v5p-128, 2 sequences per chip", "llama2_70b",
+     _FEW + ["optim.host_offload=True"], _FEW, "v5p-128"),
+]
+
+
+def levers() -> None:
+    rows = []
+    for what, name, on, off, topology in LEVERS:
+        got = []
+        for items in (on, off):
+            cfg = load_config(f"configs/pretrain.py:{name}", items)
+            r = plan(cfg, topology or cfg.mesh.slice)
+            got.append(f"{r['hbm_per_chip_gib']:.1f}" + ("" if r["fits"] else " (does not fit)"))
+        flags = " ".join(f"--config.{o}" for o in on) or "(as shipped)"
+        rows.append(f"| {what} | {got[0]} | {got[1]} | `{flags}` vs `{' '.join(f'--config.{o}' for o in off)}` |")
+        print(rows[-1], flush=True)
+    print("\n| lever | with (GiB/chip) | without (GiB/chip) | settings |\n|---|---|---|---|\n" + "\n".join(rows))
+
+
 def main(names: list[str]) -> None:
     names = names or list(PRETRAIN) + list(FINETUNE)
     rows = []
@@ -62,4 +94,7 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:] == ["--levers"]:
+        levers()
+    else:
+        main(sys.argv[1:])

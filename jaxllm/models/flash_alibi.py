@@ -151,22 +151,11 @@ def _forward(q, k, v, seg, slopes, bq: int, bkv: int, interpret: bool):
     h, s = k.shape[1], k.shape[2]
     group, nq, nk = n // h, t // bq, s // bkv
 
-    def kv_block(i, j):  # blocks past the diagonal re-name the last needed one: no DMA for them (lax.div:
-        # jnp's floor division lowers through sign, which Mosaic ties to the local chip)
-        return jnp.minimum(j, lax.div((i + 1) * bq - 1, bkv))
-
     kernel = functools.partial(_fwd_kernel, scale=kd**-0.5, bq=bq, bkv=bkv, num_kv_blocks=nk)
     out, lse = pl.pallas_call(
         kernel,
         grid=(b, n, nq, nk),
-        in_specs=[
-            _smem(),
-            pl.BlockSpec((None, 1, bq), lambda b_, n_, i, j: (b_, 0, i)),
-            pl.BlockSpec((None, 1, bkv), lambda b_, n_, i, j: (b_, 0, kv_block(i, j))),
-            pl.BlockSpec((None, None, bq, kd), lambda b_, n_, i, j: (b_, n_, i, 0)),
-            pl.BlockSpec((None, None, bkv, kd), lambda b_, n_, i, j: (b_, lax.div(n_, group), kv_block(i, j), 0)),
-            pl.BlockSpec((None, None, bkv, kd), lambda b_, n_, i, j: (b_, lax.div(n_, group), kv_block(i, j), 0)),
-        ],
+        in_specs=_query_major_specs(bq, bkv, kd, group),
         out_specs=[
             pl.BlockSpec((None, None, bq, kd), lambda b_, n_, i, j: (b_, n_, i, 0)),
             pl.BlockSpec((None, None, 1, bq), lambda b_, n_, i, j: (b_, n_, 0, i)),
@@ -181,6 +170,22 @@ def _forward(q, k, v, seg, slopes, bq: int, bkv: int, interpret: bool):
     return out, lse
 
 
+def _query_major_specs(bq: int, bkv: int, kd: int, group: int) -> list:
+    """Blocks of (slopes, q segments, kv segments, q, k, v) for a grid (batch, head, q block i, kv block j)."""
+    def kv_block(i, j):  # blocks past the diagonal re-name the last needed one: no DMA for them (lax.div:
+        # jnp's floor division lowers through sign, which Mosaic ties to the local chip)
+        return jnp.minimum(j, lax.div((i + 1) * bq - 1, bkv))
+
+    return [
+        _smem(),
+        pl.BlockSpec((None, 1, bq), lambda b_, n_, i, j: (b_, 0, i)),
+        pl.BlockSpec((None, 1, bkv), lambda b_, n_, i, j: (b_, 0, kv_block(i, j))),
+        pl.BlockSpec((None, None, bq, kd), lambda b_, n_, i, j: (b_, n_, i, 0)),
+        pl.BlockSpec((None, None, bkv, kd), lambda b_, n_, i, j: (b_, lax.div(n_, group), kv_block(i, j), 0)),
+        pl.BlockSpec((None, None, bkv, kd), lambda b_, n_, i, j: (b_, lax.div(n_, group), kv_block(i, j), 0)),
+    ]
+
+
 def _backward(q, k, v, seg, slopes, out, lse, do, bq: int, bkv: int, interpret: bool):
     b, n, t, kd = q.shape
     h, s = k.shape[1], k.shape[2]
@@ -188,19 +193,11 @@ def _backward(q, k, v, seg, slopes, out, lse, do, bq: int, bkv: int, interpret: 
     scale = kd**-0.5
     di = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]  # [B, N, 1, T]
 
-    def kv_block(i, j):
-        return jnp.minimum(j, lax.div((i + 1) * bq - 1, bkv))
-
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, bq=bq, bkv=bkv, num_kv_blocks=nk),
         grid=(b, n, nq, nk),
         in_specs=[
-            _smem(),
-            pl.BlockSpec((None, 1, bq), lambda b_, n_, i, j: (b_, 0, i)),
-            pl.BlockSpec((None, 1, bkv), lambda b_, n_, i, j: (b_, 0, kv_block(i, j))),
-            pl.BlockSpec((None, None, bq, kd), lambda b_, n_, i, j: (b_, n_, i, 0)),
-            pl.BlockSpec((None, None, bkv, kd), lambda b_, n_, i, j: (b_, lax.div(n_, group), kv_block(i, j), 0)),
-            pl.BlockSpec((None, None, bkv, kd), lambda b_, n_, i, j: (b_, lax.div(n_, group), kv_block(i, j), 0)),
+            *_query_major_specs(bq, bkv, kd, group),
             pl.BlockSpec((None, None, bq, kd), lambda b_, n_, i, j: (b_, n_, i, 0)),
             pl.BlockSpec((None, None, 1, bq), lambda b_, n_, i, j: (b_, n_, 0, i)),
             pl.BlockSpec((None, None, 1, bq), lambda b_, n_, i, j: (b_, n_, 0, i)),
