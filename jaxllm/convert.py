@@ -10,7 +10,6 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import linen as nn
 from jax.sharding import Mesh
 
 from jaxllm import JaxllmError

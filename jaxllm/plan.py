@@ -148,9 +148,11 @@ def _tpu_capacity(devices: tuple[jax.Device, ...]) -> float:
     raise RuntimeError("the TPU compiler accepted a 4 TiB program; cannot tell the chip's memory")
 
 
-def _per_device_bytes(tree: Any, shardings: Any, memory_kind: str | None = None) -> float:
+def _per_device_bytes(tree: Any, memory_kind: str | None = None) -> float:
+    """Bytes one device holds of an abstract tree (each leaf carries its sharding), in `memory_kind`."""
     total = 0.0
-    for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    for leaf in jax.tree.leaves(tree):
+        s = leaf.sharding
         if memory_kind is not None and (s.memory_kind or "device") != memory_kind:
             continue
         total += math.prod(s.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
@@ -250,12 +252,11 @@ def plan(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: in
         "hbm_capacity_gib": capacity / GiB,
     }
     breakdown = {
-        "params_gib": _per_device_bytes(state.params, program.shardings.params, "device") / GiB,
-        "opt_state_gib": _per_device_bytes(state.opt_state, program.shardings.opt_state, "device") / GiB,
-        "frozen_base_gib": _per_device_bytes(frozen, program.frozen_shardings, "device") / GiB if frozen else 0.0,
-        "batch_gib": _per_device_bytes(program.abstract_batch(),
-                                       jax.tree.map(lambda x: x.sharding, program.abstract_batch())) / GiB,
-        "host_state_gib": _per_device_bytes(state, program.shardings, "pinned_host") / GiB,
+        "params_gib": _per_device_bytes(state.params, "device") / GiB,
+        "opt_state_gib": _per_device_bytes(state.opt_state, "device") / GiB,
+        "frozen_base_gib": _per_device_bytes(frozen, "device") / GiB,
+        "batch_gib": _per_device_bytes(program.abstract_batch()) / GiB,
+        "host_state_gib": _per_device_bytes(state, "pinned_host") / GiB,
     }
     t0 = time.perf_counter()
     try:

@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from jaxllm import JaxllmError
 from jaxllm import sharding as shd
@@ -205,6 +204,12 @@ def _num_in(name: str) -> int:
     return 2 if name == "o_proj" else 1
 
 
+def _fan_in(path: Path, kernel_shape: tuple[int, ...]) -> int:
+    """Input size of the projection kernel at module `path` (its input axes flattened)."""
+    lead = _lead(path)
+    return math.prod(kernel_shape[lead:lead + _num_in(path[-1])])
+
+
 def quantize_params(params: dict, cfg: ModelConfig, shardings: dict | None = None, *,
                     in_place: bool = False) -> dict:
     """Float params -> the quantized base of `cfg` (kernels of attention/MLP projections replaced by
@@ -226,8 +231,7 @@ def quantize_kernel(path: Path, kernel: jax.Array, cfg: ModelConfig, shardings: 
     """The quantized leaves of the projection kernel at `path` (a module path, or the kernel's own),
     placed with `shardings` (of the whole quantized tree) when given."""
     path = path[:-1] if path[-1] == "kernel" else path
-    lead, n_in = _lead(path), _num_in(path[-1])
-    fan_in = math.prod(kernel.shape[lead:lead + n_in])
+    lead, fan_in = _lead(path), _fan_in(path, kernel.shape)
     target = None
     if shardings is not None:
         node = _get(shardings, path)
@@ -256,8 +260,7 @@ def dequantize_params(params: dict, cfg: ModelConfig, dtype: Any = jnp.float32) 
     for path, module, _ in list(_projections(out)):
         leaves = {k: module.pop(k) for k in quant.leaf_names(cfg.quantization)}
         shape = _get(shapes, (*path, "kernel")).shape
-        fan_in = math.prod(shape[_lead(path):_lead(path) + _num_in(path[-1])])
-        module["kernel"] = quant.dequantize(leaves, dtype, fan_in).reshape(shape)
+        module["kernel"] = quant.dequantize(leaves, dtype, _fan_in(path, shape)).reshape(shape)
     return out
 
 

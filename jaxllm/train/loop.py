@@ -14,7 +14,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from jaxllm import JaxllmError
@@ -117,17 +116,16 @@ def _model_from_init(source: str, section: Any, run_model: ModelConfig) -> Model
     return dataclasses.replace(base, **{k: getattr(run_model, k) for k in section.keys()})
 
 
-def load_frozen(run: Run, mesh, trainable) -> tuple[dict, dict, Any]:
-    """(frozen params, initial values of the trainable base leaves, frozen shardings) of an adapter run:
-    the base from `checkpoint.init_from`, quantized when asked, split by `trainable`."""
+def load_frozen(run: Run, mesh, trainable) -> tuple[dict, dict]:
+    """(frozen params, initial values of the trainable base leaves) of an adapter run: the base from
+    `checkpoint.init_from`, quantized when asked, split by `trainable` (their shardings: the Program's)."""
     if not run.checkpoint.init_from:
         raise JaxllmError("lora.r > 0 fine-tunes a pretrained base: set checkpoint.init_from to a Hugging Face "
                           "folder or `jaxllm convert` output")
-    boxed = st.abstract_params(Decoder(run.model))
     quantized = run.model if run.model.quantization != "none" else None
     base = load_init_params(run.checkpoint.init_from, lora.base_config(run.model), mesh, quantized=quantized)
     saved, frozen = lora.split(base, trainable)
-    return frozen, saved, shd.shardings_for(lora.split(boxed, trainable)[1], mesh)
+    return frozen, saved
 
 
 def fresh_adapter_params(run: Run, model, tx, mesh, trainable, saved: dict) -> Any:
@@ -212,9 +210,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     model, tx, trainable, boxed, shardings = (program.model, program.tx, program.trainable, program.boxed,
                                               program.shardings)
-    frozen, frozen_sh, saved = {}, program.frozen_shardings, {}
+    frozen, saved = {}, {}
     if trainable is not None:
-        frozen, saved, _ = load_frozen(run, mesh, trainable)
+        frozen, saved = load_frozen(run, mesh, trainable)
     train_iter = make_train_iterator(run.data, tokenizer, process_index=jax.process_index(),
                                      process_count=jax.process_count())
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint)

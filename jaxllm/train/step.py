@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from jaxllm import JaxllmError
 from jaxllm import sharding as shd
@@ -174,7 +174,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
             def split(x):  # micro-batch i takes rows i, i+m, ...: every micro-batch spans all devices
                 b = x.shape[0]
                 x = x.reshape(b // m, m, *x.shape[1:]).swapaxes(0, 1)
-                return jax.lax.with_sharding_constraint(x, P(None, shd.BATCH_AXES)) if _in_mesh() else x
+                return shd.constrain(x, (None, "batch"))
 
             micro = jax.tree.map(split, batch)
 
@@ -206,10 +206,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         return new_state, metrics
 
     return train_step
-
-
-def _in_mesh() -> bool:
-    return not jax.sharding.get_abstract_mesh().empty
 
 
 def jit_train_step(step_fn, shardings: Any, mesh: Mesh, frozen_shardings: Any = None):
