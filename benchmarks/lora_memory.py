@@ -20,9 +20,11 @@ import numpy as np
 from flax import linen as nn
 
 from jaxllm import sharding as shd
+from jaxllm import tree
+from jaxllm.hf import peft
 from jaxllm.models import lora, quant
 from jaxllm.models.config import ModelConfig, preset
-from jaxllm.models.decoder import Decoder
+from jaxllm.models.decoder import Decoder, abstract_params
 from jaxllm.train import step as st
 from jaxllm.train.checkpoint import abstract_with_shardings
 from jaxllm.train.optimizer import OptimConfig, make_optimizer
@@ -33,13 +35,13 @@ def step_memory(base: ModelConfig, lcfg: lora.LoraConfig, batch: int, seq_len: i
     model = Decoder(cfg)
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     tx, schedule = make_optimizer(OptimConfig(warmup_steps=0), 100)
-    keep = lora.trainable_fn(lcfg, cfg)
-    boxed = st.abstract_state(model, tx, 1, keep)
+    keep = peft.trainable_fn(lcfg, cfg)
+    boxed = st.abstract_state(model, tx, keep)
     shardings = st.state_shardings(boxed, mesh)
     state = abstract_with_shardings(nn.meta.unbox(boxed), shardings)
     frozen, frozen_sh = {}, None
     if keep is not None:
-        boxed_frozen = lora.split(st.abstract_params(model), keep)[1]
+        boxed_frozen = tree.partition(abstract_params(model.cfg), keep)[1]
         frozen_sh = shd.shardings_for(boxed_frozen, mesh)
         frozen = abstract_with_shardings(nn.meta.unbox(boxed_frozen), frozen_sh)
     tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
@@ -51,7 +53,7 @@ def step_memory(base: ModelConfig, lcfg: lora.LoraConfig, batch: int, seq_len: i
              - stats.alias_size_in_bytes)
     params = jax.tree.leaves(nn.meta.unbox(boxed.params))
     opt = [x for x in jax.tree.leaves(nn.meta.unbox(boxed.opt_state)) if x.ndim]
-    return {"step_GiB": total / 2**30, "frozen_GiB": lora.nbytes(frozen) / 2**30 if frozen else 0.0,
+    return {"step_GiB": total / 2**30, "frozen_GiB": tree.nbytes(frozen) / 2**30 if frozen else 0.0,
             "trainable_params": sum(x.size for x in params), "optimizer_state_params": sum(x.size for x in opt)}
 
 
@@ -100,8 +102,7 @@ def main() -> None:
 
     if os.path.isdir(os.path.join(args.workdir, "checkpoints")):
         from jaxllm.data.pipeline import make_eval_iterator
-        from jaxllm.train.loop import load_run
-
+        from jaxllm.load import load_run
         run, params, _ = load_run(args.workdir)
         from jaxllm.data.tokenizer import load_tokenizer
 

@@ -19,9 +19,10 @@ from jaxllm.config import load_config
 from jaxllm.convert import workdir_to_hf
 from jaxllm.data.pipeline import make_eval_iterator
 from jaxllm.data.tokenizer import load_tokenizer
+from jaxllm.load import load_run
 from jaxllm.models.decoder import Decoder
 from jaxllm.train import step as st
-from jaxllm.train.loop import evaluate, load_run, train
+from jaxllm.train.loop import evaluate, train
 from jaxllm.train.prune import PruneConfig, prune_now, sparsity
 
 

@@ -54,8 +54,8 @@ def main() -> None:
     model = Decoder(model_cfg)
     tx, schedule = make_optimizer(OptimConfig(warmup_steps=10), 1000)
     mesh = shd.make_mesh(shd.MeshConfig(data=-1, fsdp=args.fsdp, tensor=args.tensor))
-    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0), args.seq)
-    fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig(micro_batches=args.micro_batches)),
+    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0))
+    fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig(grad_accum_steps=args.micro_batches)),
                            shardings, mesh)
     rs = np.random.RandomState(0)
     b, length = args.batch, args.seq

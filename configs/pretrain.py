@@ -23,8 +23,9 @@ prints the memory per chip; `benchmarks/RESULTS.md` has the table. On other hard
 (and `model.remat`, `optim.grad_accum_steps`); `jaxllm plan --topology=... --search` finds a setting.
 """
 
-import ml_collections
+import os
 
+from jaxllm.config import load_config
 from jaxllm.models.config import preset
 
 # name -> (slice, mesh, remat policy, peak learning rate). FSDP over the whole slice (Falcon-7B's width,
@@ -42,58 +43,24 @@ MODELS = {
 }
 
 
-def get_config(name: str = "llama2_7b") -> ml_collections.ConfigDict:
+def get_config(name: str = "llama2_7b"):
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; use configs/pretrain.py:NAME with NAME one of {', '.join(MODELS)}")
     slice_name, mesh, remat, lr = MODELS[name]
-    c = ml_collections.ConfigDict()
-    c.seed = 0  # parameter init and dropout
-    c.model = preset(name, scan_layers=True, remat=remat, dtype="bfloat16", param_dtype="float32",
-                     attention="auto",  # Pallas flash attention on TPU, cuDNN on GPU
-                     sequence_parallel=True)  # published shapes; bf16 compute, float32 master weights
-    c.data = dict(
-        source="array_record",  # embedded | text | jsonl | array_record | tfds
-        paths=(),  # file globs of the corpus
-        text_field="text",  # field of a JSON record holding the document
-        text_split="file",  # text source: file | paragraph
-        tfds_name="",
-        tfds_split="train",
-        tfds_data_dir="",
-        tokenizer="",  # the model's tokenizer.model; "" trains one on the corpus
-        vocab_size=c.model["vocab_size"],  # of a tokenizer trained on the corpus
-        block_size=c.model["max_seq_len"],  # the published context length
-        batch_size=1024,  # sequences per step (Llama-2: 1024 x 4096 = 4M tokens, as in the paper)
-        val_fraction=0.001,
-        seed=0,
-        shuffle=True,
-        shuffle_window=2048,  # packed sequences shuffled together; 0 = off
-        add_bos=True,
-        add_eos=True,
-        num_workers=8,  # Grain worker processes per host
-        # Several sources by weight, each a few data keys: {"web": dict(source="array_record",
-        # paths=("web/*.array_record",), weight=3.0), "code": dict(..., weight=((0, 0.0), (10_000, 1.0)))}
-        mixture=None,
-        curriculum_field="",  # record field giving a document's stage: "bucket" in `jaxllm prep` shards
-        curriculum_schedule=(),  # stage weights over steps, linear between: ((0, (1, 0)), (5000, (0.5, 0.5)))
-    )
-    c.optim = dict(learning_rate=lr,  # the published peak rate
-                   schedule="cosine", warmup_steps=2000, decay_steps=0, end_lr_ratio=0.1, b1=0.9, b2=0.95,
-                   eps=1e-5, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1,
-                   host_offload=False)  # optimizer state in host memory between steps
-    c.train = dict(steps=500_000, log_every=10, eval_every=1000, eval_batches=16, eval_at_start=False,
-                   early_stop_patience=0, early_stop_min_delta=0.0, z_loss=0.0, progress=True,
-                   loss_chunk=512 if c.model["vocab_size"] < 100_000 else 256)  # positions per cross-entropy
-    #                chunk: float32 logits [B, chunk, V] at a time, never [B, L, V]
-    c.mesh = dict(mesh, slice=slice_name)  # one axis -1 takes the remaining devices
-    c.checkpoint = dict(every=1000, keep=3, keep_best=1, async_save=True, resume=True,
-                        init_from="")  # init_from: a Hugging Face folder or `jaxllm convert` output
-    c.generate = dict(prompt="The meaning of life is", max_new_tokens=64, temperature=0.7, top_k=50, top_p=0.9,
-                      seed=0)
-    c.distributed = dict(mode="auto", coordinator_address="", num_processes=0, process_id=-1,
-                         local_device_ids=(), cpu_collectives="gloo", initialization_timeout=300)
-    c.prune = dict(sparsity=0.0,  # magnitude pruning: fraction of the linear layers' weights zeroed; 0 = off
-                   scope="global",  # global (one threshold) | layer (each matrix on its own)
-                   start_step=0, end_step=0,  # gradual (cubic schedule) from start to end; end <= start = one-shot
-                   every=100,  # steps between mask updates while pruning gradually
-                   targets="kernel")  # regex over param paths (kernel = the linear layers' matrices)
+    c = load_config(os.path.join(os.path.dirname(__file__), "common.py"))  # every key, with its meaning
+    with c.unlocked():  # the published shapes; bf16 compute, float32 master weights
+        c.model.update(preset(name, scan_layers=True, remat=remat, dtype="bfloat16", param_dtype="float32",
+                              attention="auto", sequence_parallel=True))
+    c.data.update(source="array_record", paths=(),  # file globs of the corpus
+                  tokenizer="",  # the model's tokenizer.model; "" trains one on the corpus
+                  vocab_size=c.model.vocab_size,  # of a tokenizer trained on the corpus
+                  block_size=c.model.max_seq_len,  # the published context length
+                  batch_size=1024,  # sequences per step (Llama-2: 1024 x 4096 = 4M tokens, as in the paper)
+                  val_fraction=0.001, num_workers=8)
+    c.optim.update(learning_rate=lr, warmup_steps=2000, eps=1e-5)  # the published peak rate
+    c.train.update(steps=500_000, log_every=10, eval_every=1000,
+                   loss_chunk=512 if c.model.vocab_size < 100_000 else 256)  # float32 logits [B, chunk, V]
+    c.mesh.update(mesh, slice=slice_name)  # one axis -1 takes the remaining devices
+    c.checkpoint.update(every=1000, keep=3)
+    c.generate.update(prompt="The meaning of life is", max_new_tokens=64, temperature=0.7, top_k=50, top_p=0.9)
     return c

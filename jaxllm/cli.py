@@ -186,7 +186,8 @@ def _plan(args: argparse.Namespace, cfg) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from jaxllm.generate import GenerateConfig, generate_text, load_model, wrap
+    from jaxllm.generate import GenerateConfig, generate_text, wrap
+    from jaxllm.load import load_model
 
     prompts = list(args.prompt)
     if args.prompt_file:

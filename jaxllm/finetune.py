@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxllm import JaxllmError
+from jaxllm import JaxllmError, tree
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "finetune.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -202,7 +202,7 @@ def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_
         if not os.path.isfile(os.path.join(os.path.expanduser(args.model), "config.json")):
             raise JaxllmError(f"--model {args.model!r} is not a Hugging Face model folder (no config.json); "
                               "download it first (huggingface-cli download MODEL --local-dir DIR)")
-        from jaxllm.convert import source_model_config
+        from jaxllm.load import source_model_config
 
         max_len = source_model_config(os.path.expanduser(args.model)).max_seq_len
         put("checkpoint.init_from", args.model)
@@ -339,10 +339,9 @@ def epochs_to_steps(cfg: ml_collections.ConfigDict, epochs: float, sample: int =
 def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: str = "float32") -> dict[str, str]:
     """Writes the run's result: `adapter/` (PEFT) or, for full fine-tuning, `model/`; `merged/` if asked."""
     from jaxllm import hf
+    from jaxllm.load import load_run
     from jaxllm.models import lora
     from jaxllm.models.decoder import Decoder
-    from jaxllm.train.loop import load_run
-
     run, trainable, frozen = load_run(workdir, with_frozen=merge)
     written: dict[str, str] = {}
     source = run.checkpoint.init_from
@@ -353,14 +352,14 @@ def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: str = "fl
         _copy_tokenizer(source, path)
         written["adapter"] = path
         if merge:
-            base_cfg, merged = lora.merge_adapters(lora.merge(trainable, frozen), run.model)
+            base_cfg, merged = lora.merge_adapters(tree.union(trainable, frozen), run.model)
             path = os.path.join(save_dir, "merged")
             hf.save_pretrained(Decoder(base_cfg), merged, path, dtype=dtype, overwrite=True, config_updates=extra)
             _copy_tokenizer(source, path)
             written["merged"] = path
     else:
         path = os.path.join(save_dir, "model")
-        hf.save_pretrained(Decoder(run.model), lora.merge(trainable, frozen), path, dtype=dtype, overwrite=True,
+        hf.save_pretrained(Decoder(run.model), tree.union(trainable, frozen), path, dtype=dtype, overwrite=True,
                            config_updates=extra)
         _copy_tokenizer(source, path)
         written["model"] = path

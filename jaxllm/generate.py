@@ -154,48 +154,5 @@ def generate_text(model: nn.Module, params, tokenizer, prompts: Sequence[str], c
     return out
 
 
-def load_model(source: str, *, dtype: str = "float32", adapter: str = ""):
-    """(model, params, tokenizer, add_bos) from a Hugging Face folder (plus a PEFT LoRA `adapter`
-    folder) or a jaxllm training workdir."""
-    import os
-
-    if os.path.isfile(os.path.join(source, "config.json")) and os.path.isdir(os.path.join(source, "checkpoints")):
-        from jaxllm.train.loop import load_trained
-
-        if adapter:
-            raise JaxllmError("--adapter applies to a Hugging Face model folder; a workdir brings its own adapter")
-        return load_trained(source)
-    if os.path.isfile(os.path.join(source, "config.json")):
-        from jaxllm import hf
-        from jaxllm.models import lora
-        from jaxllm.models.decoder import Decoder
-
-        model, params = hf.load_pretrained(source, dtype=dtype)
-        if adapter:
-            adapter_params, lcfg = hf.load_adapter(adapter, model.cfg)
-            model = Decoder(lora.apply(lcfg, model.cfg))
-            params = lora.merge(params, jax.tree.map(jnp.asarray, adapter_params))
-        tokenizer = hf.load_tokenizer_from_folder(source, vocab_size=model.cfg.vocab_size)
-        return model, params, tokenizer, _adds_bos(source, tokenizer)
-    raise JaxllmError(f"{source!r} is neither a Hugging Face model folder (config.json + *.safetensors) nor a "
-                      "jaxllm workdir (config.json + checkpoints/)")
-
-
-def _adds_bos(folder: str, tokenizer) -> bool:
-    """Whether prompts start with BOS: tokenizer_config.json's add_bos_token, else the SentencePiece
-    (Llama) convention of a `tokenizer.model` with a BOS id; byte-level BPE (Falcon, BLOOM) adds none."""
-    import json
-    import os
-
-    try:
-        with open(os.path.join(folder, "tokenizer_config.json")) as f:
-            flag = json.load(f).get("add_bos_token")
-        if flag is not None:
-            return bool(flag) and tokenizer.bos_id >= 0
-    except (OSError, ValueError):
-        pass
-    return tokenizer.bos_id >= 0 and str(getattr(tokenizer, "path", "")).endswith(".model")
-
-
 def wrap(text: str, width: int = 75) -> str:
     return "\n".join(textwrap.fill(p, width) if p.strip() else "" for p in text.split("\n"))

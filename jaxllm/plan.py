@@ -232,7 +232,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: in
          hbm_gib: float | None = None) -> dict[str, Any]:
     """Compiles the step `cfg` would run on the slice and reports its memory per chip; never raises for
     memory (a refused step answers `fits: False` with the amount needed)."""
-    from jaxllm.train.loop import parse
+    from jaxllm.load import parse
 
     run = parse(cfg)
     devices = topology_devices(topology, num_slices)
@@ -344,7 +344,7 @@ def search(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: 
     """The fastest setting (by `estimate`) whose step compiles and fits, trying candidates fastest first
     and skipping those that cannot fit because a setting keeping no more in memory already did not
     (same mesh, a remat policy saving at least as much, no more micro-batches)."""
-    from jaxllm.train.loop import parse
+    from jaxllm.load import parse
 
     run = parse(cfg)
     devices = topology_devices(topology, num_slices)

@@ -36,6 +36,31 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 BATCH_AXES = ("data", "fsdp")
+_rules = LOGICAL_RULES  # in force: LOGICAL_RULES with the run's `mesh.rules` on top (`make_mesh` sets them)
+
+
+def rules() -> tuple[tuple[str, Any], ...]:
+    return _rules
+
+
+def set_rules(overrides: Sequence[Sequence[Any]] = ()) -> None:
+    """Puts LOGICAL_RULES with `overrides` ((logical axis, mesh axis | [mesh axes] | None), ...) in force."""
+    global _rules
+    _rules = merged_rules(overrides)
+
+
+def merged_rules(overrides: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+    """LOGICAL_RULES with `overrides` in place of their entries (checked: known logical and mesh axes)."""
+    merged = dict(LOGICAL_RULES)
+    for item in overrides:
+        if len(item) != 2 or item[0] not in merged:
+            raise JaxllmError(f"mesh.rules: {tuple(item)!r} is not (logical axis, mesh axes) with a logical axis "
+                              f"among {', '.join(merged)}")
+        axes = item[1] if item[1] is None or isinstance(item[1], str) else tuple(item[1])
+        if any(a not in MESH_AXES for a in ((axes,) if isinstance(axes, str) else axes or ())):
+            raise JaxllmError(f"mesh.rules: {item[0]} -> {axes!r}; mesh axes are {', '.join(MESH_AXES)} (or None)")
+        merged[item[0]] = axes
+    return tuple(merged.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +71,11 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     slice: str = ""  # the Cloud TPU slice the config is sized for (e.g. v5p-512): `jaxllm plan`'s default topology
+    rules: tuple = ()  # ((logical axis, mesh axes | None), ...) replacing LOGICAL_RULES' entries for this run
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", tuple(tuple(r) for r in self.rules))
+        merged_rules(self.rules)  # checked now; in force from `make_mesh`
 
     def shape(self, num_devices: int) -> tuple[int, ...]:
         sizes = [self.data, self.fsdp, self.tensor]
@@ -72,6 +102,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     """A device mesh laid out for the physical topology (ICI/NVLink neighbours on the inner axes)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = cfg.shape(len(devices))
+    set_rules(cfg.rules)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices > 1:  # several TPU slices joined over the data-center network: the data axis spans them
         if shape[0] % slices:
@@ -88,7 +119,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
 
 
 def logical_to_spec(logical_axes: Sequence[str | None]) -> P:
-    return nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_RULES)
+    return nn.logical_to_mesh_axes(tuple(logical_axes), _rules)
 
 
 def _fit_spec(spec: P, shape: Sequence[int], mesh: Any, name: str | None) -> P:
@@ -135,7 +166,7 @@ def shardings_for(abstract_tree: Any, mesh: Mesh) -> Any:
     def one(path, spec, leaf):
         if not hasattr(leaf, "shape"):
             return NamedSharding(mesh, P())
-        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), LOGICAL_RULES) if spec else P()
+        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), _rules) if spec else P()
         return NamedSharding(mesh, _fit_spec(mesh_spec, leaf.shape, mesh, jax.tree_util.keystr(path)))
 
     return jax.tree_util.tree_map_with_path(one, logical, unboxed,
@@ -170,7 +201,7 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 def axis_rules():
     """Context manager under which Flax resolves the models' logical activation constraints."""
-    return nn.logical_axis_rules(LOGICAL_RULES)
+    return nn.logical_axis_rules(_rules)
 
 
 @contextlib.contextmanager
@@ -189,3 +220,13 @@ def unbox(tree: Any) -> Any:
     (an abstract tree holds shapes, which a constraint cannot take outside a trace)."""
     return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def to_host(leaf: jax.Array) -> np.ndarray:
+    """The whole value of `leaf` as a numpy array on this host (gathered from every process when the
+    array spans several)."""
+    if not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))

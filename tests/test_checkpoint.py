@@ -13,7 +13,11 @@ from jaxllm import sharding as shd
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder
 from jaxllm.train import step as st
-from jaxllm.train.checkpoint import CheckpointConfig, Checkpointer, abstract_with_shardings
+from jaxllm.train.checkpoint import (
+    CheckpointConfig,
+    Checkpointer,
+    abstract_with_shardings,
+)
 from jaxllm.train.optimizer import OptimConfig, make_optimizer
 
 CFG = ModelConfig(vocab_size=128, num_layers=2, embed_dim=32, num_heads=8, mlp_dim=64, max_seq_len=32,
@@ -24,8 +28,8 @@ def _state(mesh_cfg, model_cfg=CFG):
     model = Decoder(model_cfg)
     tx, _ = make_optimizer(OptimConfig(), 10)
     mesh = shd.make_mesh(mesh_cfg)
-    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0), 8)
-    boxed = st.abstract_state(model, tx, 8)
+    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0))
+    boxed = st.abstract_state(model, tx)
     return state, abstract_with_shardings(nn.meta.unbox(boxed), shardings)
 
 

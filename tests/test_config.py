@@ -6,7 +6,7 @@ import pytest
 
 from jaxllm import JaxllmError
 from jaxllm.config import build, load_config
-from jaxllm.train.loop import parse
+from jaxllm.load import parse
 
 TINY = "configs/tiny.py"
 

@@ -42,10 +42,10 @@ def test_convert_init_from_train_and_export_back(tmp_path):
 
     from jaxllm.cli import run as cli_run
     from jaxllm.config import load_config
-    from jaxllm.convert import load_init_params
+    from jaxllm.load import load_init_params, load_trained
     from jaxllm.models.config import ModelConfig
     from jaxllm.sharding import MeshConfig, make_mesh
-    from jaxllm.train.loop import load_trained, train
+    from jaxllm.train.loop import train
 
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

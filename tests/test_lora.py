@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jaxllm import JaxllmError
+from jaxllm import JaxllmError, tree
 from jaxllm import sharding as shd
+from jaxllm.hf import peft
 from jaxllm.models import lora, quant
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.decoder import Decoder
+from jaxllm.models.decoder import Decoder, abstract_params
 from jaxllm.train import step as st
 from jaxllm.train.optimizer import OptimConfig, make_optimizer
 
@@ -34,15 +35,15 @@ def _params(cfg, seed=0):
 def _with_adapters(base_cfg, lcfg, base_params, b_scale=0.0):
     """(lora cfg, trainable, frozen): fresh adapters (B moved by b_scale) on `base_params`."""
     cfg = lora.apply(lcfg, base_cfg)
-    keep = lora.trainable_fn(lcfg, cfg)
-    adapters, _ = lora.split(_params(cfg, seed=1), lambda p: p[-1] in lora.ADAPTER_LEAVES)
+    keep = peft.trainable_fn(lcfg, cfg)
+    adapters, _ = tree.partition(_params(cfg, seed=1), lambda p: p[-1] in lora.ADAPTER_LEAVES)
     if b_scale:
         rng = np.random.RandomState(0)
         adapters = jax.tree_util.tree_map_with_path(
             lambda p, v: v + b_scale * rng.standard_normal(v.shape).astype(np.float32)
             if p[-1].key == "lora_b" else v, adapters)
-    saved, frozen = lora.split(base_params, keep)
-    return cfg, lora.merge(adapters, saved), frozen
+    saved, frozen = tree.partition(base_params, keep)
+    return cfg, tree.union(adapters, saved), frozen
 
 
 def _logits(cfg, params):
@@ -55,20 +56,20 @@ def test_fresh_adapters_reproduce_the_base_and_merge_exactly(base):
     params = _params(base)
     lcfg = lora.LoraConfig(r=4, alpha=8.0, target_modules=("all-linear",))
     cfg, trainable, frozen = _with_adapters(base, lcfg, params)
-    np.testing.assert_array_equal(_logits(cfg, lora.merge(trainable, frozen)), _logits(base, params))
+    np.testing.assert_array_equal(_logits(cfg, tree.union(trainable, frozen)), _logits(base, params))
     a_leaves = [v for p, v in jax.tree_util.tree_leaves_with_path(trainable) if p[-1].key.endswith("lora_a")]
     assert a_leaves
     for a in a_leaves:  # PEFT's kaiming-uniform(a=sqrt(5)) on A: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         bound = 1 / np.sqrt(np.prod(a.shape[1 if base.scan_layers else 0:-1]))
         assert bound / 2 < float(np.abs(a).max()) <= bound
     cfg, trainable, frozen = _with_adapters(base, lcfg, params, b_scale=0.2)
-    tuned = _logits(cfg, lora.merge(trainable, frozen))
+    tuned = _logits(cfg, tree.union(trainable, frozen))
     assert np.abs(tuned - _logits(base, params)).max() > 0.05  # the adapters do something
-    merged_cfg, merged = lora.merge_adapters(lora.merge(trainable, frozen), cfg)
+    merged_cfg, merged = lora.merge_adapters(tree.union(trainable, frozen), cfg)
     assert merged_cfg.lora_rank == 0 and not any("lora" in jax.tree_util.keystr(p)
                                                   for p, _ in jax.tree_util.tree_leaves_with_path(merged))
     np.testing.assert_allclose(_logits(merged_cfg, merged), tuned, atol=2e-5)
-    back = lora.unmerge_adapters(merged, lora.split(trainable, lambda p: p[-1] in lora.ADAPTER_LEAVES)[0], cfg)
+    back = lora.unmerge_adapters(merged, tree.partition(trainable, lambda p: p[-1] in lora.ADAPTER_LEAVES)[0], cfg)
     for ours, orig in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
         np.testing.assert_allclose(ours, orig, atol=1e-6)
 
@@ -89,7 +90,7 @@ def test_targets_in_hugging_face_names():
     with pytest.raises(JaxllmError, match="different modules in different layers"):
         lora.resolve_targets(lora.LoraConfig(r=2, target_modules=(r"model\.layers\.0\..*q_proj",)), LLAMA)
     with pytest.raises(JaxllmError, match="no module 'nonsense'"):
-        lora.save_paths(lora.LoraConfig(r=2, modules_to_save=("nonsense",)), LLAMA)
+        peft.save_paths(lora.LoraConfig(r=2, modules_to_save=("nonsense",)), LLAMA)
     with pytest.raises(JaxllmError, match="quantization needs adapters"):
         lora.LoraConfig(r=0, quantization="nf4")
 
@@ -98,14 +99,14 @@ def _train_setup(lcfg, mesh, base=LLAMA):
     cfg = lora.apply(lcfg, base)
     model = Decoder(cfg)
     tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1), 10)
-    keep = lora.trainable_fn(lcfg, cfg)
-    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0), 16, keep)
+    keep = peft.trainable_fn(lcfg, cfg)
+    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0), keep)
     base_params = _params(base)
     if cfg.quantization != "none":
         base_params = lora.quantize_params(base_params, cfg)
-    saved, frozen = lora.split(base_params, keep)
-    frozen_sh = shd.shardings_for(lora.split(st.abstract_params(model), keep)[1], mesh) if keep else None
-    params = lora.merge(lora.split(state.params, lambda p: p[-1] in lora.ADAPTER_LEAVES)[0], saved) if keep \
+    saved, frozen = tree.partition(base_params, keep)
+    frozen_sh = shd.shardings_for(tree.partition(abstract_params(model.cfg), keep)[1], mesh) if keep else None
+    params = tree.union(tree.partition(state.params, lambda p: p[-1] in lora.ADAPTER_LEAVES)[0], saved) if keep \
         else state.params
     state = st.state_from_params(params, tx, shardings)
     step = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig()), shardings, mesh, frozen_sh)
@@ -126,7 +127,7 @@ def test_only_adapters_are_trained_and_carry_optimizer_state():
     cfg, state, frozen, step = _train_setup(lcfg, mesh)
     names = {jax.tree_util.keystr(p).split("'")[-2] for p, _ in jax.tree_util.tree_leaves_with_path(state.params)}
     assert names == {"lora_a", "lora_b"}
-    adapter_size = lora.count(state.params)
+    adapter_size = tree.count(state.params)
     assert adapter_size == 2 * 4 * (64 * 2 + (4 * 16) + (2 * 16) + 128 + 64)  # L * r * (in + out) summed
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
     assert sum(x.size for x in moments) == 2 * adapter_size  # Adam's mu and nu, for the adapters only
@@ -216,20 +217,20 @@ def test_quantized_base_logits_and_layer_norms():
     quantized = lora.quantize_params(params, cfg)
     norm = quantized["layers"]["input_layernorm"]["scale"]
     assert norm.dtype == jnp.float32 and "kernel" not in quantized["layers"]["mlp"]["up_proj"]
-    ours, ref = _logits(cfg, lora.merge(_with_adapters(FALCON, lcfg, params)[1], quantized)), _logits(FALCON, params)
+    ours, ref = _logits(cfg, tree.union(_with_adapters(FALCON, lcfg, params)[1], quantized)), _logits(FALCON, params)
     rel_rms = np.sqrt(np.mean((ours - ref) ** 2)) / ref.std()
     assert 0 < rel_rms < 0.2, rel_rms  # NF4 keeps ~9% RMS error per Gaussian weight; it shows in the logits
     int8_cfg = dataclasses.replace(cfg, quantization="int8")
-    int8_params = lora.merge(_with_adapters(FALCON, lcfg, params)[1], lora.quantize_params(params, int8_cfg))
+    int8_params = tree.union(_with_adapters(FALCON, lcfg, params)[1], lora.quantize_params(params, int8_cfg))
     int8 = _logits(int8_cfg, int8_params)
     assert 0 < np.sqrt(np.mean((int8 - ref) ** 2)) / ref.std() < min(0.02, rel_rms)
     dequantized = lora.dequantize_params(quantized, cfg)
-    np.testing.assert_allclose(_logits(FALCON, dequantized), _logits(cfg, lora.merge(
+    np.testing.assert_allclose(_logits(FALCON, dequantized), _logits(cfg, tree.union(
         _with_adapters(FALCON, lcfg, params)[1], quantized)), atol=1e-5)
     odd_blocks = dataclasses.replace(cfg, quant_block_size=48)  # 64 and 128 inputs: padded to 96 and 144
     quantized = lora.quantize_params(params, odd_blocks)
     assert quantized["layers"]["mlp"]["down_proj"]["kernel_nf4"].shape == (2, 144 // 2, 64)  # [layers, rows, out]
-    padded = _logits(odd_blocks, lora.merge(_with_adapters(FALCON, lcfg, params)[1], quantized))
+    padded = _logits(odd_blocks, tree.union(_with_adapters(FALCON, lcfg, params)[1], quantized))
     assert 0 < np.sqrt(np.mean((padded - ref) ** 2)) / ref.std() < 0.2
     np.testing.assert_allclose(_logits(FALCON, lora.dequantize_params(quantized, odd_blocks)), padded, atol=1e-5)
     with pytest.raises(JaxllmError, match="quant_block_size=0 must be a positive even number"):

@@ -17,8 +17,7 @@ peft = pytest.importorskip("peft")
 sys.path.insert(0, os.path.dirname(__file__))
 from test_hf import _assert_close, _hf_logits, _hf_model, _jax_logits, _padded_batch  # noqa: E402
 
-from jaxllm import JaxllmError  # noqa: E402
-from jaxllm import hf  # noqa: E402
+from jaxllm import JaxllmError, hf, tree  # noqa: E402
 from jaxllm.models import lora  # noqa: E402
 from jaxllm.models.decoder import Decoder  # noqa: E402
 
@@ -34,13 +33,13 @@ CASES = {  # variant -> lora config
 def _trained_adapters(cfg, lcfg, base):
     """Adapters as training leaves them: A from the init, B and modules_to_save moved away from it."""
     fresh = nn.meta.unbox(jax.jit(Decoder(cfg).init)(jax.random.key(1), np.zeros((1, 1), np.int32))["params"])
-    adapters, _ = lora.split(fresh, lambda p: p[-1] in lora.ADAPTER_LEAVES)
+    adapters, _ = tree.partition(fresh, lambda p: p[-1] in lora.ADAPTER_LEAVES)
     rng = np.random.RandomState(0)
     adapters = jax.tree_util.tree_map_with_path(
         lambda p, v: v + 0.3 * rng.standard_normal(v.shape).astype(np.float32) if p[-1].key == "lora_b" else v,
         adapters)
-    saved, frozen = lora.split(base, lora.trainable_fn(lcfg, cfg))
-    return lora.merge(adapters, jax.tree.map(lambda x: x * 1.1, saved)), frozen
+    saved, frozen = tree.partition(base, hf.peft.trainable_fn(lcfg, cfg))
+    return tree.union(adapters, jax.tree.map(lambda x: x * 1.1, saved)), frozen
 
 
 @pytest.mark.parametrize("variant", sorted(CASES))
@@ -52,7 +51,7 @@ def test_peft_parity_export_import_and_merge(variant, tmp_path):
     cfg = lora.apply(lcfg, model.cfg)
     trainable, frozen = _trained_adapters(cfg, lcfg, base)
     ids, mask, positions = _padded_batch()
-    ours = _jax_logits(Decoder(cfg), lora.merge(trainable, frozen), ids, mask, positions)
+    ours = _jax_logits(Decoder(cfg), tree.union(trainable, frozen), ids, mask, positions)
     assert np.abs(ours - _jax_logits(model, base, ids, mask, positions))[mask.astype(bool)].max() > 0.5
 
     hf.save_adapter(trainable, cfg, lcfg, str(tmp_path / "adapter"))
@@ -67,7 +66,7 @@ def test_peft_parity_export_import_and_merge(variant, tmp_path):
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(trainable)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    merged_cfg, merged = lora.merge_adapters(lora.merge(trainable, frozen), cfg)
+    merged_cfg, merged = lora.merge_adapters(tree.union(trainable, frozen), cfg)
     hf.save_pretrained(Decoder(merged_cfg), merged, str(tmp_path / "merged"))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     _assert_close(ours, _hf_logits(reloaded, ids, mask, positions), mask, f"{variant} merged")
@@ -93,7 +92,7 @@ def test_qlora_adapters_match_peft_on_the_dequantized_base(tmp_path):
     cfg = lora.apply(lcfg, model.cfg)
     quantized = lora.quantize_params(base, cfg)
     from jaxllm import sharding as shd
-    from jaxllm.convert import load_init_params
+    from jaxllm.load import load_init_params
 
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=-1, tensor=1))
     streamed = load_init_params(str(tmp_path / "base"), model.cfg, mesh, quantized=cfg)  # quantized as it loads
@@ -103,7 +102,7 @@ def test_qlora_adapters_match_peft_on_the_dequantized_base(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     trainable, frozen = _trained_adapters(cfg, lcfg, quantized)
     ids, mask, positions = _padded_batch()
-    ours = _jax_logits(Decoder(cfg), lora.merge(trainable, frozen), ids, mask, positions)
+    ours = _jax_logits(Decoder(cfg), tree.union(trainable, frozen), ids, mask, positions)
     hf.save_pretrained(model, lora.dequantize_params(quantized, cfg), str(tmp_path / "dequantized"))
     hf.save_adapter(trainable, cfg, lcfg, str(tmp_path / "adapter"))
     dequantized = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "dequantized"))

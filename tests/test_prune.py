@@ -189,7 +189,7 @@ def _sharded_run(mesh, tmp_path=None):
     model = Decoder(CFG)
     tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0), 10)
     tx = pr.with_pruning(tx, pr.PruneConfig(sparsity=0.5, start_step=1))
-    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0), L)
+    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0))
     fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig()), shardings, mesh)
     rs = np.random.RandomState(0)
     for _ in range(3):
@@ -203,7 +203,11 @@ def _sharded_run(mesh, tmp_path=None):
 def test_sharded_equals_unsharded_and_masks_checkpoint(tmp_path):
     from flax import linen as nn
 
-    from jaxllm.train.checkpoint import CheckpointConfig, Checkpointer, abstract_with_shardings
+    from jaxllm.train.checkpoint import (
+        CheckpointConfig,
+        Checkpointer,
+        abstract_with_shardings,
+    )
 
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=8, tensor=1))
     state, shardings, model, tx = _sharded_run(mesh)
@@ -224,7 +228,7 @@ def test_sharded_equals_unsharded_and_masks_checkpoint(tmp_path):
 
     ckpt = Checkpointer(str(tmp_path / "ckpt"), CheckpointConfig(async_save=False))
     ckpt.save(3, state)
-    abstract = abstract_with_shardings(nn.meta.unbox(st.abstract_state(model, tx, L)), shardings)
+    abstract = abstract_with_shardings(nn.meta.unbox(st.abstract_state(model, tx)), shardings)
     restored = ckpt.restore(abstract)
     ckpt.close()
     for a, b in zip(jax.tree.leaves(restored.opt_state[-1]), jax.tree.leaves(state.opt_state[-1])):

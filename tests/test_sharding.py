@@ -9,7 +9,7 @@ import pytest
 
 from jaxllm import sharding as shd
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.decoder import Decoder
+from jaxllm.models.decoder import Decoder, abstract_params
 from jaxllm.train import step as st
 from jaxllm.train.optimizer import OptimConfig, make_optimizer
 
@@ -25,7 +25,7 @@ def _compiled(mesh_cfg, remat="none"):
     model = Decoder(dataclasses.replace(CFG, remat=remat))
     tx, schedule = make_optimizer(OptimConfig(), 10)
     mesh = shd.make_mesh(mesh_cfg, jax.devices()[:4])
-    boxed = st.abstract_state(model, tx, L)
+    boxed = st.abstract_state(model, tx)
     shardings = st.state_shardings(boxed, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shd.unbox(boxed), shardings)
     batch = {k: jax.ShapeDtypeStruct((B, L), jnp.float32 if k == "loss_weights" else jnp.int32,
@@ -58,7 +58,7 @@ def test_init_under_the_mesh_places_params_sharded():
     model = Decoder(CFG)
     tx, _ = make_optimizer(OptimConfig(), 10)
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=4), jax.devices()[:4])
-    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0), L)
+    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0))
     kernel = state.params["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding == shardings.params["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.addressable_shards[0].data.shape == (CFG.num_layers, CFG.embed_dim // 4, CFG.mlp_dim)
@@ -75,7 +75,7 @@ def test_generation_under_a_training_mesh_is_constrained_and_the_same():
     model = Decoder(CFG)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=4), jax.devices()[:4])
-    sharded = jax.device_put(params, shd.shardings_for(st.abstract_params(model), mesh))
+    sharded = jax.device_put(params, shd.shardings_for(abstract_params(model.cfg), mesh))
     gen = GenerateConfig(max_new_tokens=6, temperature=0.0)
     prompts = [[1, 5, 7, 9]]
     assert generate(model, sharded, prompts, gen, eos_id=-1) == generate(model, params, prompts, gen, eos_id=-1)
@@ -83,3 +83,25 @@ def test_generation_under_a_training_mesh_is_constrained_and_the_same():
     with shd.activate(mesh):
         lowered = decode.lower(sharded, *(jnp.ones((1, 4), jnp.int32),) * 3, jax.random.key(0)).as_text()
     assert lowered.count("sharding_constraint") >= 2 * CFG.num_layers
+
+
+def test_config_rules_override_the_logical_rules():
+    """`mesh.rules` replaces entries of the logical rules for a run: params and activations follow it."""
+    from jaxllm import JaxllmError
+
+    with pytest.raises(JaxllmError, match="mesh.rules"):
+        shd.MeshConfig(rules=(("embeddings", "fsdp"),))
+    with pytest.raises(JaxllmError, match="mesh axes are"):
+        shd.MeshConfig(rules=(("embed", "model"),))
+    cfg = ModelConfig(vocab_size=64, num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, max_seq_len=16)
+    boxed = abstract_params(cfg)
+    try:
+        mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=4, rules=[["embed", None], ["mlp", "fsdp"]]),
+                             jax.devices()[:4])
+        spec = shd.shardings_for(boxed, mesh)["layers"]["mlp"]["up_proj"]["kernel"].spec
+        assert tuple(spec) == (None, None, "fsdp")  # [layers, embed, mlp]: embed unsharded, mlp over fsdp
+        mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=4), jax.devices()[:4])
+        spec = shd.shardings_for(boxed, mesh)["layers"]["mlp"]["up_proj"]["kernel"].spec
+        assert tuple(spec) == (None, "fsdp", "tensor")
+    finally:
+        shd.set_rules()

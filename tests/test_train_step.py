@@ -10,7 +10,12 @@ from jaxllm import sharding as shd
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder
 from jaxllm.train import step as st
-from jaxllm.train.optimizer import OptimConfig, decay_mask, make_optimizer, make_schedule
+from jaxllm.train.optimizer import (
+    OptimConfig,
+    decay_mask,
+    make_optimizer,
+    make_schedule,
+)
 
 CFG = ModelConfig(vocab_size=128, num_layers=2, embed_dim=32, num_heads=8, num_kv_heads=8, head_dim=4,
                   mlp_dim=64, max_seq_len=64, dtype="float32")
@@ -30,8 +35,8 @@ def _run(mesh_cfg, batches, micro=1, devices=None, steps=2):
     model = Decoder(CFG)
     tx, schedule = make_optimizer(OptimConfig(warmup_steps=1, learning_rate=1e-2), 10)
     mesh = shd.make_mesh(mesh_cfg, devices)
-    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0), L)
-    fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig(micro_batches=micro)), shardings, mesh)
+    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0))
+    fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig(grad_accum_steps=micro)), shardings, mesh)
     losses = []
     for i in range(steps):
         state, m = fn(state, shd.global_batch(batches[i % len(batches)], mesh))
@@ -86,7 +91,7 @@ def test_non_finite_loss_skips_update_and_counts():
     model = Decoder(CFG)
     tx, schedule = make_optimizer(OptimConfig(warmup_steps=0), 10)
     mesh = shd.make_mesh(shd.MeshConfig(data=8))
-    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0), L)
+    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0))
     fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig()), shardings, mesh)
     before = jax.device_get(state.params)
     bad = _batch(8)
@@ -144,7 +149,7 @@ def test_mesh_and_batch_errors():
     with pytest.raises(JaxllmError, match="multiple of 8"):
         shd.check_batch(12, mesh)
     with pytest.raises(JaxllmError, match="multiple of 32"):
-        shd.check_batch(16, mesh, micro_batches=4)
+        shd.check_batch(16, mesh, grad_accum_steps=4)
     assert shd.MeshConfig(data=-1, tensor=2).shape(8) == (4, 1, 2)
 
 
@@ -153,7 +158,7 @@ def test_indivisible_dims_are_replicated_not_crashing():
                       max_seq_len=32, dtype="float32")
     tx, _ = make_optimizer(OptimConfig(), 10)
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=2, tensor=4))
-    state, _ = st.init_state(Decoder(cfg), tx, mesh, jax.random.key(0), 8)
+    state, _ = st.init_state(Decoder(cfg), tx, mesh, jax.random.key(0))
     k = state.params["layers"]["self_attn"]["k_proj"]["kernel"]  # 1 kv head cannot split 4 ways
     assert k.sharding.spec[2] is None and k.sharding.spec[1] == "fsdp"
 
@@ -189,11 +194,11 @@ def test_host_offloaded_optimizer_state_trains_the_same():
     model = Decoder(CFG)
     tx, schedule = make_optimizer(OptimConfig(warmup_steps=1, learning_rate=1e-2), 10)
     mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2), jax.devices()[:4])
-    boxed = st.abstract_state(model, tx, L)
+    boxed = st.abstract_state(model, tx)
     results = []
     for offload in (False, True):
         shardings = st.state_shardings(boxed, mesh, offload_opt_state=offload)
-        state, _ = st.init_state(model, tx, mesh, jax.random.key(0), L, shardings=shardings)
+        state, _ = st.init_state(model, tx, mesh, jax.random.key(0), shardings=shardings)
         fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig(host_offload=offload)),
                                shardings, mesh)
         for _ in range(2):

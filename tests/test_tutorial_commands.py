@@ -94,7 +94,7 @@ def _logits_agree(ours, theirs_model, base_model=None):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_both_article_lines_run_verbatim(made, family, tmp_path):
-    from jaxllm.generate import load_model
+    from jaxllm.load import load_model
 
     base, data = made / family, made / "guanaco.jsonl"
     proc = _run([AUTOTRAIN_TRAIN, AUTOTRAIN_LLM], tmp_path, BASE=base, **{"DATA.jsonl": data})
@@ -124,7 +124,7 @@ def test_both_article_lines_run_verbatim(made, family, tmp_path):
 def test_falcon_qlora_recipe_on_a_tiny_falcon(made, tmp_path):
     """configs/falcon_qlora.py as the README runs it, on a Guanaco-shaped dataset folder; the tiny folder
     is the scale-down (the model's shapes come from it), one step instead of 500."""
-    from jaxllm.generate import load_model
+    from jaxllm.load import load_model
 
     line = ("jaxllm finetune --config=configs/falcon_qlora.py --model=FALCON --data_path=GUANACO "
             "--project_name=runs/falcon-guanaco --merge_adapter --config.train.steps=1 "

@@ -6,8 +6,8 @@ from typing import Any
 
 from jaxllm import JaxllmError
 from jaxllm.models.config import ModelConfig
+from jaxllm.models.families import FAMILIES, family
 
-SUPPORTED = ("llama", "falcon", "bloom")
 # Falcon's first releases (tiiuae/falcon-7b, -40b before their move into transformers).
 _FALCON_LEGACY_TYPES = {"RefinedWebModel": False, "RefinedWeb": True}  # -> new_decoder_architecture
 _FALCON_LEGACY_KEYS = {"n_embed": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
@@ -24,8 +24,8 @@ def model_type(config_json: dict[str, Any]) -> str:
     kind = config_json.get("model_type")
     if kind in _FALCON_LEGACY_TYPES:
         return "falcon"
-    if kind not in SUPPORTED:
-        _bad(f"model_type {kind!r} is not supported; jaxllm imports {', '.join(SUPPORTED)}")
+    if kind not in FAMILIES:
+        _bad(f"model_type {kind!r} is not supported; jaxllm imports {', '.join(FAMILIES)}")
     return kind
 
 
@@ -103,26 +103,6 @@ def _bloom(c: dict[str, Any]) -> dict[str, Any]:
                 max_seq_len=c.get("seq_length") or c.get("max_position_embeddings") or 2048,
                 norm_eps=c.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(c.get("tie_word_embeddings", True)),
                 norm="layer", position="alibi", mlp="gelu_tanh", use_bias=True, embed_norm=True)
-
-
-def family(cfg: ModelConfig) -> str:
-    """The Hugging Face family whose architecture computes the same function as `cfg`."""
-    llama = cfg.norm == "rms" and cfg.position == "rope" and cfg.mlp == "swiglu" and not cfg.parallel_block
-    falcon = cfg.norm == "layer" and cfg.position == "rope" and cfg.mlp == "gelu" and (
-        cfg.parallel_block or cfg.kv_heads in (1, cfg.num_heads))
-    bloom = (cfg.norm == "layer" and cfg.position == "alibi" and cfg.mlp == "gelu_tanh" and cfg.use_bias
-             and not cfg.parallel_block and cfg.kv_heads == cfg.num_heads and cfg.mlp_dim == 4 * cfg.embed_dim)
-    standard_heads = cfg.head_size * cfg.num_heads == cfg.embed_dim
-    if llama and not cfg.embed_norm:
-        return "llama"
-    if falcon and not cfg.embed_norm and standard_heads:
-        return "falcon"
-    if bloom and cfg.embed_norm and standard_heads:
-        return "bloom"
-    raise JaxllmError(f"model config (norm={cfg.norm}, position={cfg.position}, mlp={cfg.mlp}, "
-                      f"parallel_block={cfg.parallel_block}, embed_norm={cfg.embed_norm}, use_bias={cfg.use_bias}, "
-                      f"heads={cfg.num_heads}/{cfg.kv_heads}x{cfg.head_size}) matches no Hugging Face "
-                      "Llama/Falcon/BLOOM architecture; it cannot be exported")
 
 
 def falcon_layout(cfg: ModelConfig) -> dict[str, Any]:

@@ -12,8 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from jaxllm.hf.config import falcon_layout, family
+from jaxllm.hf.config import falcon_layout
 from jaxllm.models.config import ModelConfig
+from jaxllm.models.families import family
 
 Path = tuple[str, ...]
 

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from typing import Any
+import re
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxllm import JaxllmError
+from jaxllm import JaxllmError, atomic, tree
+from jaxllm import sharding as shd
 from jaxllm.hf.layout import global_groups, join_fused, layer_groups, split_fused
-from jaxllm.hf.weights import _host, _set
-from jaxllm.models import lora
+from jaxllm.models import families, lora
 from jaxllm.models.config import ModelConfig
 
 CONFIG = "adapter_config.json"
@@ -30,24 +29,58 @@ WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def _layer(tree: dict, cfg: ModelConfig, i: int) -> dict:
+def save_paths(lcfg: lora.LoraConfig, cfg: ModelConfig) -> list[tuple[str, ...]]:
+    """Param paths of `modules_to_save` (relative to the layer for layer modules, marked by a leading "{i}")."""
+    paths: list[tuple[str, ...]] = []
+    for module in lcfg.modules_to_save:
+        found = False
+        for groups, layered in ((global_groups(cfg), False), (layer_groups(cfg), True)):
+            for group in groups:
+                if any(re.search(rf"(^|\.){re.escape(module)}\.(weight|bias)$", n) for n in group.hf_names):
+                    paths += [(("{i}",) if layered else ()) + p for p in group.paths]
+                    found = True
+        if not found:
+            raise JaxllmError(f"lora.modules_to_save: no module {module!r} in this model (e.g. lm_head, "
+                              "embed_tokens, input_layernorm)")
+        quantized = {*families.PROJECTIONS, *(p.rsplit(".", 1)[1] for p in families.hf_modules(cfg).values())}
+        if cfg.quantization != "none" and module in quantized:
+            raise JaxllmError(f"lora.modules_to_save: {module} is quantized and cannot be trained in full")
+    return paths
+
+
+def trainable_fn(lcfg: lora.LoraConfig, cfg: ModelConfig) -> Callable[[tuple[str, ...]], bool] | None:
+    """Predicate on param paths: what a run trains (None = everything, full fine-tuning)."""
+    if not lcfg.r:
+        return None
+    saved = save_paths(lcfg, cfg)
+
+    def trainable(path: tuple[str, ...]) -> bool:
+        if path[-1] in lora.ADAPTER_LEAVES:
+            return True
+        rel = ("{i}", *path[1:]) if path[0] == "layers" or path[0].startswith("layers_") else path
+        return rel in saved
+
+    return trainable
+
+
+def _layer(params: dict, cfg: ModelConfig, i: int) -> dict:
     """Layer i's param dict (a slice of a scanned model's stacked leaves)."""
     if cfg.scan_layers:
-        return jax.tree.map(lambda x: x[i], tree["layers"])
-    return tree[f"layers_{i}"]
+        return jax.tree.map(lambda x: x[i], params["layers"])
+    return params[f"layers_{i}"]
 
 
 def _np(x) -> np.ndarray:
-    return np.asarray(_host(x), np.float32)
+    return np.asarray(shd.to_host(x), np.float32)
 
 
 def adapter_tensors(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig) -> dict[str, np.ndarray]:
     """PEFT state dict (name -> float32 array) of the trainable params of an adapter run."""
     out: dict[str, np.ndarray] = {}
-    modules = lora.hf_modules(cfg)
+    modules = families.hf_modules(cfg)
     for i in range(cfg.num_layers):
         layer = _layer(params, cfg, i)
-        attn, mlp = layer.get("self_attn", {}), layer.get("mlp", {})
+        attn = layer.get("self_attn", {})
         for ours in cfg.lora_targets:
             name = PREFIX + modules[ours].format(i=i)
             if ours == "qkv":
@@ -55,19 +88,19 @@ def adapter_tensors(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig) -> di
                 bq, bk, bv = (np.moveaxis(_np(attn[p]["lora_b"]), 0, -1) for p in ("q_proj", "k_proj", "v_proj"))
                 b = join_fused(bq, bk, bv, cfg)
             else:
-                module = (attn if ours in ("q_proj", "k_proj", "v_proj", "o_proj") else mlp)[ours]
+                module = layer[families.parent(ours)][ours]
                 a, b = _np(module["lora_a"]), _np(module["lora_b"])
                 b = b.reshape(b.shape[0], -1).T
             out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
             out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b)
-    saved = lora.save_paths(lcfg, cfg)
+    saved = save_paths(lcfg, cfg)
     for layered, groups in ((False, global_groups(cfg)), (True, layer_groups(cfg))):
         for group in groups:
             if not any((("{i}",) + p if layered else p) in saved for p in group.paths):
                 continue
             for i in (range(cfg.num_layers) if layered else [None]):
-                tree = _layer(params, cfg, i) if layered else params
-                leaves = [_np(lora._get(tree, p)) for p in group.paths]
+                node = _layer(params, cfg, i) if layered else params
+                leaves = [_np(tree.get(node, p)) for p in group.paths]
                 for hf_name, array in zip(group.hf_names, group.to_hf(*leaves)):
                     out[PREFIX + hf_name.format(i=i)] = np.ascontiguousarray(array, np.float32)
     return out
@@ -75,7 +108,7 @@ def adapter_tensors(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig) -> di
 
 def adapter_config(cfg: ModelConfig, lcfg: lora.LoraConfig, base_model: str = "") -> dict[str, Any]:
     """The adapter_config.json PEFT reads: target modules by their Hugging Face names."""
-    modules = lora.hf_modules(cfg)
+    modules = families.hf_modules(cfg)
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
         "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
@@ -91,19 +124,10 @@ def save_adapter(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig, path: st
     tensors = adapter_tensors(params, cfg, lcfg)
     if jax.process_index() != 0:
         return
-    path = os.path.abspath(os.path.expanduser(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.tmp-")
-    try:
+    with atomic.folder(path) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(adapter_config(cfg, lcfg, base_model), f, indent=2, sort_keys=True)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_adapter_config(path: str) -> lora.LoraConfig:
@@ -157,7 +181,7 @@ def load_adapter(path: str, cfg: ModelConfig) -> tuple[dict, lora.LoraConfig]:
         layers = [_read_layer(read, cfg, i) for i in range(cfg.num_layers)]
         params = ({"layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)} if cfg.scan_layers
                   else {f"layers_{i}": layer for i, layer in enumerate(layers)})
-        params = lora.merge(params, _read_saved(read, cfg, lcfg))
+        params = tree.union(params, _read_saved(read, cfg, lcfg))
         extra = sorted(set(stored) - used)
         if extra:
             raise JaxllmError(f"{file}: tensor {extra[0]!r} matches no module of this base model "
@@ -167,7 +191,7 @@ def load_adapter(path: str, cfg: ModelConfig) -> tuple[dict, lora.LoraConfig]:
 
 def _read_layer(read, cfg: ModelConfig, i: int) -> dict:
     n, h, k, d, f, r = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.embed_dim, cfg.mlp_dim, cfg.lora_rank
-    modules = lora.hf_modules(cfg)
+    modules = families.hf_modules(cfg)
     shapes = {"q_proj": ((d,), (n, k)), "k_proj": ((d,), (h, k)), "v_proj": ((d,), (h, k)), "o_proj": ((n, k), (d,)),
               "gate_proj": ((d,), (f,)), "up_proj": ((d,), (f,)), "down_proj": ((f,), (d,))}
     layer: dict = {"self_attn": {}, "mlp": {}}
@@ -183,7 +207,7 @@ def _read_layer(read, cfg: ModelConfig, i: int) -> dict:
         in_shape, out_shape = shapes[ours]
         a = read(f"{name}.lora_A.weight", (r, int(np.prod(in_shape))))
         b = read(f"{name}.lora_B.weight", (int(np.prod(out_shape)), r))
-        parent = "mlp" if ours in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        parent = families.parent(ours)
         layer[parent][ours] = {"lora_a": np.ascontiguousarray(a.T.reshape(*in_shape, r)),
                                "lora_b": np.ascontiguousarray(b.T.reshape(r, *out_shape))}
     return {key: value for key, value in layer.items() if value}
@@ -191,7 +215,7 @@ def _read_layer(read, cfg: ModelConfig, i: int) -> dict:
 
 def _read_saved(read, cfg: ModelConfig, lcfg: lora.LoraConfig) -> dict:
     """The `modules_to_save` params stored in full (PEFT writes them under their plain names)."""
-    saved = lora.save_paths(lcfg, cfg)
+    saved = save_paths(lcfg, cfg)
     out: dict = {}
     if not saved:
         return out
@@ -205,10 +229,10 @@ def _read_saved(read, cfg: ModelConfig, lcfg: lora.LoraConfig) -> dict:
                 per_layer.append(group.to_jax(*arrays))
             for j, p in enumerate(group.paths):
                 if not is_layer:
-                    _set(out, p, per_layer[0][j])
+                    tree.put(out, p, per_layer[0][j])
                 elif cfg.scan_layers:
-                    _set(out, ("layers", *p), np.stack([x[j] for x in per_layer]))
+                    tree.put(out, ("layers", *p), np.stack([x[j] for x in per_layer]))
                 else:
                     for i, x in enumerate(per_layer):
-                        _set(out, (f"layers_{i}", *p), x[j])
+                        tree.put(out, (f"layers_{i}", *p), x[j])
     return out

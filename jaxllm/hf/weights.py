@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Iterator
 
 import jax
@@ -22,12 +20,13 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxllm import JaxllmError
+from jaxllm import JaxllmError, atomic, tree
 from jaxllm import sharding as shd
 from jaxllm.hf.config import hf_config_from_model, model_config_from_hf
 from jaxllm.hf.layout import Group, global_groups, layer_groups
+from jaxllm.models import lora
 from jaxllm.models.config import DTYPES, ModelConfig
-from jaxllm.models.decoder import Decoder
+from jaxllm.models.decoder import Decoder, abstract_params
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -80,18 +79,6 @@ class TensorFiles:
         return array
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: dict, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def _one_device_mesh() -> Mesh:
     return shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
 
@@ -122,40 +109,35 @@ def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh, *, quantized: 
     """The params of `cfg` from `files`, each leaf placed with its logical-axis sharding on `mesh`.
     With `quantized` (the same model with `quantization` set), each projection kernel is quantized as
     soon as it is placed and its float copy freed: the float base is never whole in memory."""
-    model = Decoder(cfg)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"])
+    boxed = abstract_params(cfg)
     shardings, abstract = shd.shardings_for(boxed, mesh), shd.unbox(boxed)
     q_shardings = None
     if quantized is not None:
-        from jaxllm.models import lora  # pylint: disable=g-import-not-at-top
-
-        q_boxed = jax.eval_shape(lambda: Decoder(quantized).init(jax.random.key(0), np.zeros((1, 1), np.int32))
-                                 ["params"])
-        q_shardings = shd.shardings_for(q_boxed, mesh)
+        q_shardings = shd.shardings_for(abstract_params(quantized), mesh)
     dtype = cfg.jnp_param_dtype
     params: dict = {}
 
     def put(path, host):
-        want = _get(abstract, path).shape
+        want = tree.get(abstract, path).shape
         if host.shape != want:  # a layout bug, not a user error: the group's shapes come from cfg
             raise AssertionError(f"{'/'.join(path)}: converted shape {host.shape} != {want}")
         if host.dtype != dtype or host.ctypes.data % 64 or not host.flags.c_contiguous:
             buffer = _aligned_empty(host.shape, dtype)
             buffer[...] = host
             host = buffer
-        leaf = _place(host, _get(shardings, path))
+        leaf = _place(host, tree.get(shardings, path))
         if q_shardings is not None and lora.is_quantized_kernel(path, quantized):
-            _set(params, path[:-1], {**_try_module(params, path[:-1]),
-                                     **lora.quantize_kernel(path, leaf, quantized, q_shardings)})
+            module = tree.get(params, path[:-1]) if _has(params, path[:-1]) else {}
+            tree.put(params, path[:-1], {**module, **lora.quantize_kernel(path, leaf, quantized, q_shardings)})
             return
-        _set(params, path, leaf)
+        tree.put(params, path, leaf)
 
     for group in global_groups(cfg):
         for path, array in zip(group.paths, _converted(group, files, None)):
             put(path, array)
     for group in layer_groups(cfg):
         if cfg.scan_layers:  # one [L, ...] host buffer per leaf, filled layer by layer
-            buffers = [_aligned_empty(_get(abstract, ("layers", *p)).shape, dtype) for p in group.paths]
+            buffers = [_aligned_empty(tree.get(abstract, ("layers", *p)).shape, dtype) for p in group.paths]
             for i in range(cfg.num_layers):
                 for buffer, array in zip(buffers, _converted(group, files, i)):
                     buffer[i] = array
@@ -169,24 +151,18 @@ def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh, *, quantized: 
     if q_shardings is not None:
         return lora.quantize_params(params, quantized, q_shardings, in_place=True)  # norms to float32
     missing = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)
-               if _try_get(params, p) is None]
+               if not _has(params, tuple(k.key for k in p))]
     if missing:
         raise AssertionError(f"no Hugging Face tensor maps to {missing}")
     return params
 
 
-def _try_module(tree: dict, path: tuple[str, ...]) -> dict:
+def _has(params: dict, path: tuple[str, ...]) -> bool:
     try:
-        return _get(tree, path)
+        tree.get(params, path)
+        return True
     except KeyError:
-        return {}
-
-
-def _try_get(tree: dict, keypath) -> Any:
-    try:
-        return _get(tree, tuple(k.key for k in keypath))
-    except KeyError:
-        return None
+        return False
 
 
 def read_config(folder: str) -> dict[str, Any]:
@@ -213,14 +189,6 @@ def load_pretrained(path: str, dtype: str = "float32", mesh: Mesh | None = None,
     return Decoder(cfg), load_params(files, cfg, mesh if mesh is not None else _one_device_mesh())
 
 
-def _host(leaf: jax.Array) -> np.ndarray:
-    if not leaf.is_fully_addressable:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-    return np.asarray(jax.device_get(leaf))
-
-
 def hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) in checkpoint order, one layer at a time: embeddings, layers, final norm, head."""
     def emit(group, leaves, layer):
@@ -230,16 +198,16 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> Iterator[tuple[str
     groups = global_groups(cfg)
     first = [g for g in groups if g.paths[0][0] in ("embed_tokens", "embed_norm")]
     for group in first:
-        yield from emit(group, [_host(_get(params, p)) for p in group.paths], None)
+        yield from emit(group, [shd.to_host(tree.get(params, p)) for p in group.paths], None)
     for i in range(cfg.num_layers):
         for group in layer_groups(cfg):
             if cfg.scan_layers:
-                leaves = [_host(_get(params, ("layers", *p))[i]) for p in group.paths]
+                leaves = [shd.to_host(tree.get(params, ("layers", *p))[i]) for p in group.paths]
             else:
-                leaves = [_host(_get(params, (f"layers_{i}", *p))) for p in group.paths]
+                leaves = [shd.to_host(tree.get(params, (f"layers_{i}", *p))) for p in group.paths]
             yield from emit(group, leaves, i)
     for group in groups[len(first):]:
-        yield from emit(group, [_host(_get(params, p)) for p in group.paths], None)
+        yield from emit(group, [shd.to_host(tree.get(params, p)) for p in group.paths], None)
 
 
 def parse_size(size: int | str) -> int:
@@ -273,16 +241,8 @@ def save_pretrained(model: Decoder, params: dict, path: str, *, dtype: str = "fl
         for _ in hf_tensors(cfg, params, DTYPES[dtype]):
             pass
         return
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-    try:
-        shards = _write_shards(tmp, hf_tensors(cfg, params, DTYPES[dtype]), limit)
-        _finish(tmp, shards, config)
-        _swap_in(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic.folder(path) as tmp:
+        _finish(tmp, _write_shards(tmp, hf_tensors(cfg, params, DTYPES[dtype]), limit), config)
 
 
 def _write_shards(folder: str, tensors: Iterator[tuple[str, np.ndarray]], limit: int) -> list[dict[str, int]]:
@@ -322,14 +282,3 @@ def _finish(folder: str, shards: list[dict[str, int]], config: dict[str, Any]) -
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-
-
-def _swap_in(tmp: str, path: str) -> None:
-    """Renames `tmp` to `path`; an existing `path` is moved aside first and removed after."""
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.old-")
-        os.rename(path, os.path.join(old, "x"))
-    os.rename(tmp, path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)

@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxllm import JaxllmError
+from jaxllm.models.families import ADAPTER_TARGETS
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "minimal", "save_qkv_proj", "save_out_proj",
                   "save_dot_except_mlp", "save_dot_except_mlpwi", "save_dot_with_context_except_mlp",
@@ -16,8 +17,11 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "flash", "reference")
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "alibi")
 MLPS = ("swiglu", "gelu", "gelu_tanh")
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "qkv", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANTIZATIONS = ("none", "nf4", "int8")
+# Fields that fix the parameters' shapes and meaning; a run may change the others (dropout, remat, ...).
+SHAPE_FIELDS = ("vocab_size", "num_layers", "embed_dim", "num_heads", "kv_heads", "head_size", "mlp_dim",
+                "tie_embeddings", "norm", "position", "mlp", "parallel_block", "num_block_norms", "use_bias",
+                "embed_norm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -92,9 +96,9 @@ class ModelConfig:
         if self.position == "rope" and self.head_size % 2:
             bad(f"rotary positions need an even head size, got {self.head_size}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        unknown = [t for t in self.lora_targets if t not in LORA_MODULES]
+        unknown = [t for t in self.lora_targets if t not in ADAPTER_TARGETS]
         if unknown:
-            bad(f"lora_targets {unknown} unknown; choose from {', '.join(LORA_MODULES)}")
+            bad(f"lora_targets {unknown} unknown; choose from {', '.join(ADAPTER_TARGETS)}")
         if "qkv" in self.lora_targets and {"q_proj", "k_proj", "v_proj"} & set(self.lora_targets):
             bad("lora_targets: qkv (the fused query_key_value) already covers q_proj, k_proj and v_proj")
         if self.lora_rank < 0 or (self.lora_targets and self.lora_rank == 0):

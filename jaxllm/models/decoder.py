@@ -121,3 +121,8 @@ def head_DV(params: dict, cfg: ModelConfig) -> jax.Array:
     """The output projection [D, V] in the compute dtype (the tied embedding, transposed, or lm_head)."""
     w = params["embed_tokens"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
     return w.astype(cfg.jnp_dtype)
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """Every param's shape and dtype, in logical-axis boxes (`shd.unbox` strips them), allocating nothing."""
+    return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])

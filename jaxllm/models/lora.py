@@ -12,18 +12,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxllm import JaxllmError
+from jaxllm import JaxllmError, tree
 from jaxllm import sharding as shd
-from jaxllm.models import quant
+from jaxllm.models import families, quant
 from jaxllm.models.config import ModelConfig
+from jaxllm.models.decoder import abstract_params
 
 ADAPTER_LEAVES = ("lora_a", "lora_b", "qkv_lora_a")
-QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Path = tuple[str, ...]
 
 
@@ -59,22 +59,9 @@ class LoraConfig:
         quant.check_block_size(self.quant_block_size)
 
 
-def hf_modules(cfg: ModelConfig) -> dict[str, str]:
-    """Our projection name -> the HF module path (with "{i}" for the layer) of the model's family."""
-    from jaxllm.hf.config import family
-
-    if family(cfg) == "llama":
-        pre = "model.layers.{i}"
-        return {**{p: f"{pre}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
-                **{p: f"{pre}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
-    pre = "transformer.h.{i}"
-    return {"qkv": f"{pre}.self_attention.query_key_value", "o_proj": f"{pre}.self_attention.dense",
-            "up_proj": f"{pre}.mlp.dense_h_to_4h", "down_proj": f"{pre}.mlp.dense_4h_to_h"}
-
-
 def resolve_targets(lcfg: LoraConfig, cfg: ModelConfig) -> tuple[str, ...]:
     """`lora.target_modules` as our projection names; an unknown name is an error listing the valid ones."""
-    modules = hf_modules(cfg)
+    modules = families.hf_modules(cfg)
     by_short = {path.rsplit(".", 1)[1]: ours for ours, path in modules.items()}
     targets = lcfg.target_modules
     if targets == ("all-linear",):
@@ -116,80 +103,12 @@ def base_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, lora_rank=0, lora_targets=(), lora_dropout=0.0, quantization="none")
 
 
-def save_paths(lcfg: LoraConfig, cfg: ModelConfig) -> list[Path]:
-    """Param paths of `modules_to_save` (relative to the layer for layer modules, marked by a leading "{i}")."""
-    from jaxllm.hf.layout import global_groups, layer_groups
-
-    paths: list[Path] = []
-    for module in lcfg.modules_to_save:
-        found = False
-        for groups, layered in ((global_groups(cfg), False), (layer_groups(cfg), True)):
-            for group in groups:
-                if any(re.search(rf"(^|\.){re.escape(module)}\.(weight|bias)$", n) for n in group.hf_names):
-                    paths += [(("{i}",) if layered else ()) + p for p in group.paths]
-                    found = True
-        if not found:
-            raise JaxllmError(f"lora.modules_to_save: no module {module!r} in this model (e.g. lm_head, "
-                              "embed_tokens, input_layernorm)")
-        if cfg.quantization != "none" and module in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                     "up_proj", "down_proj", "query_key_value", "dense",
-                                                     "dense_h_to_4h", "dense_4h_to_h"):
-            raise JaxllmError(f"lora.modules_to_save: {module} is quantized and cannot be trained in full")
-    return paths
-
-
-def trainable_fn(lcfg: LoraConfig, cfg: ModelConfig) -> Callable[[Path], bool] | None:
-    """Predicate on param paths: what a run trains (None = everything, full fine-tuning)."""
-    if not lcfg.r:
-        return None
-    saved = save_paths(lcfg, cfg)
-
-    def trainable(path: Path) -> bool:
-        if path[-1] in ADAPTER_LEAVES:
-            return True
-        rel = ("{i}", *path[1:]) if path[0] == "layers" or path[0].startswith("layers_") else path
-        return rel in saved
-
-    return trainable
-
-
-def split(params: dict, keep: Callable[[Path], bool] | None) -> tuple[dict, dict]:
-    """(leaves where keep(path), the rest), both nested dicts; keep=None puts everything first."""
-    if keep is None:
-        return params, {}
-
-    def walk(node, path):
-        yes, no = {}, {}
-        for key, value in node.items():
-            if isinstance(value, dict):
-                a, b = walk(value, (*path, key))
-                if a:
-                    yes[key] = a
-                if b:
-                    no[key] = b
-            elif keep((*path, key)):
-                yes[key] = value
-            else:
-                no[key] = value
-        return yes, no
-
-    return walk(params, ())
-
-
-def merge(a: dict, b: dict) -> dict:
-    """The union of two nested dicts with disjoint leaves."""
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = merge(out[key], value) if key in out and isinstance(value, dict) else value
-    return out
-
-
 def _projections(params: dict):
     """(path, module dict, our projection name) of every attention/MLP projection."""
     def walk(node, path):
         for key, value in node.items():
             if isinstance(value, dict):
-                if key in QUANTIZED_MODULES and ("kernel" in value or any(k.startswith("kernel_") for k in value)):
+                if key in families.PROJECTIONS and ("kernel" in value or any(k.startswith("kernel_") for k in value)):
                     yield (*path, key), value, key
                 else:
                     yield from walk(value, (*path, key))
@@ -224,7 +143,7 @@ def quantize_params(params: dict, cfg: ModelConfig, shardings: dict | None = Non
 
 def is_quantized_kernel(path: Path, cfg: ModelConfig) -> bool:
     """Whether the param at `path` is a projection kernel that `cfg` stores quantized."""
-    return cfg.quantization != "none" and len(path) >= 2 and path[-1] == "kernel" and path[-2] in QUANTIZED_MODULES
+    return cfg.quantization != "none" and len(path) >= 2 and path[-1] == "kernel" and path[-2] in families.PROJECTIONS
 
 
 def quantize_kernel(path: Path, kernel: jax.Array, cfg: ModelConfig, shardings: dict | None = None) -> dict:
@@ -234,7 +153,7 @@ def quantize_kernel(path: Path, kernel: jax.Array, cfg: ModelConfig, shardings: 
     lead, fan_in = _lead(path), _fan_in(path, kernel.shape)
     target = None
     if shardings is not None:
-        node = _get(shardings, path)
+        node = tree.get(shardings, path)
         target = {k: node[k] for k in quant.leaf_names(cfg.quantization)}
 
     def q(k):
@@ -256,25 +175,12 @@ def dequantize_params(params: dict, cfg: ModelConfig, dtype: Any = jnp.float32) 
     if cfg.quantization == "none":
         return params
     out = jax.tree.map(lambda x: x, params)
-    shapes = _kernel_shapes(base_config(cfg))
+    shapes = shd.unbox(abstract_params(base_config(cfg)))
     for path, module, _ in list(_projections(out)):
         leaves = {k: module.pop(k) for k in quant.leaf_names(cfg.quantization)}
-        shape = _get(shapes, (*path, "kernel")).shape
+        shape = tree.get(shapes, (*path, "kernel")).shape
         module["kernel"] = quant.dequantize(leaves, dtype, _fan_in(path, shape)).reshape(shape)
     return out
-
-
-def _kernel_shapes(cfg: ModelConfig) -> dict:
-    from jaxllm.models.decoder import Decoder
-
-    return shd.unbox(jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-                                        )["params"])
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
 
 
 def lora_delta(attn_or_module: dict, name: str, cfg: ModelConfig, parent: dict | None = None) -> jax.Array | None:
@@ -300,26 +206,18 @@ def merge_adapters(params: dict, cfg: ModelConfig, sign: float = 1.0) -> tuple[M
     params = dequantize_params(params, cfg)
     out = jax.tree.map(lambda x: x, params)
     for path, module, name in list(_projections(out)):
-        parent = _get(out, path[:-1])
+        parent = tree.get(out, path[:-1])
         delta = lora_delta(module, name, cfg, parent)
         if delta is not None:
             module["kernel"] = (module["kernel"].astype(jnp.float32) + sign * delta).astype(module["kernel"].dtype)
         module.pop("lora_a", None)
         module.pop("lora_b", None)
     for path, module, _ in list(_projections(out)):
-        _get(out, path[:-1]).pop("qkv_lora_a", None)
+        tree.get(out, path[:-1]).pop("qkv_lora_a", None)
     return base_config(cfg), out
 
 
 def unmerge_adapters(merged: dict, adapters: dict, cfg: ModelConfig) -> dict:
     """The base params back from merged ones and the adapters that were merged in."""
-    _, base = merge_adapters(merge(merged, adapters), dataclasses.replace(cfg, quantization="none"), sign=-1.0)
+    _, base = merge_adapters(tree.union(merged, adapters), dataclasses.replace(cfg, quantization="none"), sign=-1.0)
     return base
-
-
-def count(tree: dict) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(tree))
-
-
-def nbytes(tree: dict) -> int:
-    return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -16,136 +15,180 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxllm import JaxllmError
+from jaxllm import JaxllmError, tree
 from jaxllm import sharding as shd
-from jaxllm.config import build, check_sections, to_json
-from jaxllm.convert import load_init_params
-from jaxllm.data.pipeline import DataConfig, check_splits, make_eval_iterator, make_train_iterator
-from jaxllm.data.tokenizer import load_tokenizer
-from jaxllm.distributed import DistributedConfig, initialize
+from jaxllm.config import to_json
+from jaxllm.data.pipeline import check_splits, make_eval_iterator, make_train_iterator
+from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxllm.distributed import initialize
 from jaxllm.generate import GenerateConfig, generate, wrap
+from jaxllm.hf.peft import load_adapter
+from jaxllm.load import load_frozen, load_init_params, parse
 from jaxllm.models import lora
-from jaxllm.models.config import ModelConfig
-from jaxllm.models.decoder import Decoder
+from jaxllm.plan import explain
 from jaxllm.train import step as st
-from jaxllm.train.checkpoint import CheckpointConfig, Checkpointer, abstract_with_shardings
+from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.metrics import MetricsWriter, peak_tflops, step_metrics
-from jaxllm.train.optimizer import OptimConfig
-from jaxllm.train.program import OutOfMemory, optimizer
+from jaxllm.train.program import OutOfMemory, Program
 from jaxllm.train.program import build as build_program
-from jaxllm.train.prune import PruneConfig, sparsity
-
-SECTIONS = ("seed", "model", "data", "optim", "train", "mesh", "checkpoint", "generate", "distributed", "lora",
-            "prune")
+from jaxllm.train.prune import sparsity
+from jaxllm.train.run import Run
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """`TrainConfig(**cfg.train)`."""
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) a training job in `workdir`; returns the final metrics."""
+    run = parse(cfg)
+    initialize(run.distributed)
+    writable_dir(workdir, "workdir")
+    if run.data.block_size > run.model.max_seq_len:
+        raise JaxllmError(f"data.block_size={run.data.block_size} exceeds model.max_seq_len={run.model.max_seq_len}")
+    mesh = shd.make_mesh(run.mesh)
+    shd.check_batch(run.data.batch_size, mesh, run.optim.grad_accum_steps)
+    program = build_program(run, mesh)
+    train_step = _compile_or_explain(program, run)  # before any data or weights are read
+    tokenizer = _tokenizer(run)
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = make_train_iterator(run.data, tokenizer, **process)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint)
+    state, frozen = _initial_state(run, program, ckpt, train_iter)
+    start = int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir, is_primary=jax.process_index() == 0, total_steps=run.train.steps,
+                           initial_step=start, progress=run.train.progress)
+    writer.write_config(to_json(cfg))
+    if start:
+        writer.log(f"resumed from {ckpt.directory}/{start}")
+    if program.trainable is not None:
+        n_train = tree.count(state.params)
+        writer.log(f"training {n_train:,} params ({100 * n_train / run.model.num_params():.2f}% of the model): "
+                   f"LoRA r={run.lora.r} on {', '.join(run.model.lora_targets)}; base {run.model.quantization}")
+    writer.log(f"model: {run.model.num_params():,} params; mesh {dict(mesh.shape)}; "
+               f"{jax.device_count()} devices, {jax.process_count()} processes")
 
-    steps: int = 1000  # optimizer steps in the whole run
-    log_every: int = 10  # steps between metric lines
-    eval_every: int = 100  # steps between validation passes; 0 = only at the end
-    eval_at_start: bool = False  # also evaluate before the first step (a fine-tuning run's baseline)
-    eval_batches: int = 8  # validation batches per pass
-    early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
-    early_stop_min_delta: float = 0.0  # an improvement must lower val loss by more than this
-    z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
-    loss_chunk: int = 0  # positions per cross-entropy chunk (float32 [B, chunk, V] logits at a time); 0 = whole
-    progress: bool = True  # tqdm progress bar on process 0
+    def validate(step: int, params) -> dict[str, float]:
+        ev = evaluate(lambda p, b: program.eval_step(p, b, frozen), params,
+                      lambda: make_eval_iterator(run.data, tokenizer, **process), mesh, run.train.eval_batches)
+        writer.write(step, ev, prefix="val")
+        writer.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.1f}")
+        return ev
 
-    def __post_init__(self):
-        if self.steps <= 0 or self.log_every <= 0 or self.eval_batches <= 0:
-            raise JaxllmError("train: steps, log_every and eval_batches must be positive")
-        if self.loss_chunk < 0:
-            raise JaxllmError(f"train.loss_chunk={self.loss_chunk} must be >= 0 (0 = no chunking)")
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """Everything a run is built from, parsed and validated."""
-
-    seed: int
-    model: ModelConfig
-    data: DataConfig
-    optim: OptimConfig
-    train: TrainConfig
-    mesh: shd.MeshConfig
-    checkpoint: CheckpointConfig
-    generate: GenerateConfig
-    distributed: DistributedConfig
-    lora: lora.LoraConfig
-    prune: PruneConfig
-
-
-def parse(cfg: ml_collections.ConfigDict) -> Run:
-    """The run's parts; with `checkpoint.model_from_init` the model's shapes come from `init_from`."""
-    check_sections(cfg, SECTIONS)
-    checkpoint = build(CheckpointConfig, cfg.get("checkpoint"), "checkpoint")
-    model = build(ModelConfig, cfg.get("model"), "model")
-    if checkpoint.model_from_init:
-        model = _model_from_init(checkpoint.init_from, cfg.get("model") or {}, model)
-    run_lora = build(lora.LoraConfig, cfg.get("lora"), "lora")
-    prune = build(PruneConfig, cfg.get("prune"), "prune")
-    if prune.sparsity and run_lora.r:
-        raise JaxllmError("prune.sparsity > 0 prunes trained weights, but lora.r > 0 freezes them; prune a full "
-                          "fine-tuning run (lora.r=0) and fine-tune adapters afterwards")
-    run = Run(prune=prune, seed=int(cfg.get("seed", 0)), model=lora.apply(run_lora, model), lora=run_lora,
-               data=build(DataConfig, cfg.get("data"), "data"), optim=build(OptimConfig, cfg.get("optim"), "optim"),
-               train=build(TrainConfig, cfg.get("train"), "train"), mesh=build(shd.MeshConfig, cfg.get("mesh"), "mesh"),
-               checkpoint=checkpoint, generate=build(GenerateConfig, cfg.get("generate"), "generate"),
-               distributed=build(DistributedConfig, cfg.get("distributed"), "distributed"))
-    chunk = run.train.loss_chunk
-    if chunk and chunk < run.data.block_size and run.data.block_size % chunk:
-        raise JaxllmError(f"train.loss_chunk={chunk} does not divide data.block_size={run.data.block_size}; "
-                          "pick a divisor of it")
-    return run
+    stop = _StopFlag()
+    try:
+        state, final = _steps(run, train_step, state, frozen, train_iter, mesh, ckpt, writer, validate, stop)
+        ckpt.wait()
+    finally:
+        stop.restore()
+        ckpt.close()
+    if run.generate.max_new_tokens and not final.get("preempted"):
+        text = sample(program.model, tree.union(state.params, frozen), tokenizer, run.generate, run.data.add_bos)
+        writer.log("sample:\n" + wrap(run.generate.prompt + text))
+        final["sample"] = text
+    writer.close()
+    return final
 
 
-def _model_from_init(source: str, section: Any, run_model: ModelConfig) -> ModelConfig:
-    """The source's ModelConfig with the run's non-shape fields (dtype, remat, dropout, ...) on top."""
-    from jaxllm.convert import SHAPE_FIELDS, source_model_config
-
-    if not source:
-        raise JaxllmError("checkpoint.model_from_init needs checkpoint.init_from (a Hugging Face folder)")
-    base = source_model_config(source)
-    shape_keys = [k for k in section.keys() if k in SHAPE_FIELDS or k in ("num_kv_heads", "head_dim")]
-    if shape_keys:
-        raise JaxllmError(f"model.{shape_keys[0]} comes from {source}'s config with checkpoint.model_from_init; "
-                          "remove it from the model section")
-    return dataclasses.replace(base, **{k: getattr(run_model, k) for k in section.keys()})
+def _tokenizer(run: Run) -> Tokenizer:
+    """The run's tokenizer, checked against the model and the data splits (before any weights load)."""
+    tokenizer = load_tokenizer(run.data)
+    if tokenizer.vocab_size > run.model.vocab_size:
+        raise JaxllmError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model.vocab_size="
+                          f"{run.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")
+    check_splits(run.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
+    return tokenizer
 
 
-def load_frozen(run: Run, mesh, trainable) -> tuple[dict, dict]:
-    """(frozen params, initial values of the trainable base leaves) of an adapter run: the base from
-    `checkpoint.init_from`, quantized when asked, split by `trainable` (their shardings: the Program's)."""
-    if not run.checkpoint.init_from:
-        raise JaxllmError("lora.r > 0 fine-tunes a pretrained base: set checkpoint.init_from to a Hugging Face "
-                          "folder or `jaxllm convert` output")
-    quantized = run.model if run.model.quantization != "none" else None
-    base = load_init_params(run.checkpoint.init_from, lora.base_config(run.model), mesh, quantized=quantized)
-    saved, frozen = lora.split(base, trainable)
-    return frozen, saved
+def _initial_state(run: Run, program: Program, ckpt: Checkpointer, train_iter) -> tuple[st.TrainState, dict]:
+    """(state, frozen params): the latest checkpoint (rewinding `train_iter`), else a fresh start from
+    `init_from` or a random init; an adapter run's frozen base comes from `init_from` either way."""
+    frozen, saved = {}, {}
+    if program.trainable is not None:
+        frozen, saved = load_frozen(run, program.mesh, program.trainable)
+    if run.checkpoint.resume and ckpt.latest_step() is not None:
+        return ckpt.restore(program.abstract_state(), train_iter), frozen
+    if program.trainable is not None:
+        params = fresh_adapter_params(run, program, saved)
+        return st.state_from_params(params, program.tx, program.shardings), frozen
+    state, _ = st.init_state(program.model, program.tx, program.mesh, jax.random.key(run.seed),
+                             shardings=program.shardings)
+    if run.checkpoint.init_from:
+        state = state.replace(params=load_init_params(run.checkpoint.init_from, run.model, program.mesh))
+    return state, frozen
 
 
-def fresh_adapter_params(run: Run, model, tx, mesh, trainable, saved: dict) -> Any:
+def _steps(run: Run, train_step, state, frozen, train_iter, mesh, ckpt: Checkpointer, writer: MetricsWriter,
+           validate, stop: "_StopFlag") -> tuple[st.TrainState, dict[str, Any]]:
+    """Steps to `train.steps` (or early stopping, or a preemption): logging, validation, checkpoints."""
+    start = step = int(jax.device_get(state.step))
+    flops_per_token = run.model.train_flops_per_token(run.data.block_size)
+    peak = peak_tflops(jax.devices()[0])
+    tokens_per_step = run.data.batch_size * run.data.block_size
+    best, bad_evals, last_val = float("inf"), 0, None
+    final: dict[str, Any] = {}
+    window: list[dict] = []  # step metrics since the last log line, still on device
+    t0, last_logged = time.perf_counter(), start
+    if run.train.eval_at_start and start == 0:
+        final.update(initial_val_loss=validate(0, state.params)["loss"])
+    while step < run.train.steps:
+        state, metrics = train_step(state, shd.global_batch(next(train_iter), mesh), frozen)
+        window.append(metrics)
+        step += 1
+        writer.advance(step)
+        if step % run.train.log_every == 0 or step == run.train.steps:
+            values = _window_mean(jax.device_get(window))
+            if run.prune.sparsity:
+                values["sparsity"] = float(sparsity(state.params, run.prune))
+            window = []
+            dt = (time.perf_counter() - t0) / max(step - last_logged, 1)
+            values.update(step_time_s=dt, **step_metrics(step_time_s=dt, tokens=tokens_per_step,
+                                                          flops_per_token=flops_per_token,
+                                                          num_devices=jax.device_count(), peak=peak))
+            writer.write(step, values)
+            final.update(train_loss=values["loss"], tokens_per_s=values.get("tokens_per_s"))
+            t0, last_logged = time.perf_counter(), step
+        evaluate_now = (run.train.eval_every and step % run.train.eval_every == 0) or step == run.train.steps
+        val_loss = None
+        if evaluate_now:
+            ev = validate(step, state.params)
+            val_loss = last_val = ev["loss"]
+            final.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
+            if ev["loss"] < best - run.train.early_stop_min_delta:
+                best, bad_evals = ev["loss"], 0
+            else:
+                bad_evals += 1
+            t0 = time.perf_counter()
+        early = run.train.early_stop_patience and bad_evals >= run.train.early_stop_patience
+        preempted = stop.agreed() or ckpt.reached_preemption(step)
+        periodic = run.checkpoint.every and step % run.checkpoint.every == 0
+        if periodic or evaluate_now or preempted or early or step == run.train.steps:
+            ckpt.save(step, state, train_iter, val_loss=val_loss)
+        if preempted:
+            writer.log(f"preemption signal: checkpoint saved at step {step}; exiting")
+            final["preempted"] = True
+            break
+        if early:
+            writer.log(f"early stopping at step {step}: no val improvement in {bad_evals} evaluations")
+            final["early_stopped"] = True
+            break
+    final.update(step=step, best_val_loss=best if best < float("inf") else last_val)
+    return state, final
+
+
+def fresh_adapter_params(run: Run, program: Program, saved: dict) -> Any:
     """Trainable params of a new adapter run: PEFT-initialised adapters (or `lora.init_adapter`'s),
     and the base's own values for `modules_to_save`."""
-    state, _ = st.init_state(model, tx, mesh, jax.random.key(run.seed), 1, trainable)
-    adapters, _ = lora.split(state.params, lambda path: path[-1] in lora.ADAPTER_LEAVES)
+    state, _ = st.init_state(program.model, program.tx, program.mesh, jax.random.key(run.seed), program.trainable,
+                             shardings=program.shardings)
+    adapters, _ = tree.partition(state.params, lambda path: path[-1] in lora.ADAPTER_LEAVES)
     if run.lora.init_adapter:
-        from jaxllm.hf.peft import load_adapter
-
         loaded, file_cfg = load_adapter(run.lora.init_adapter, run.model)
         theirs = lora.apply(file_cfg, lora.base_config(run.model))
         if (theirs.lora_rank, theirs.lora_targets) != (run.model.lora_rank, run.model.lora_targets):
             raise JaxllmError(f"lora.init_adapter {run.lora.init_adapter} has r={theirs.lora_rank} on "
                               f"{list(theirs.lora_targets)}; set lora.r and lora.target_modules to match")
-        loaded_adapters, loaded_saved = lora.split(loaded, lambda path: path[-1] in lora.ADAPTER_LEAVES)
+        loaded_adapters, loaded_saved = tree.partition(loaded, lambda path: path[-1] in lora.ADAPTER_LEAVES)
         adapters = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
                                 loaded_adapters, adapters)
         saved = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), loaded_saved, saved)
-    return lora.merge(adapters, saved)
+    return tree.union(adapters, saved)
 
 
 class _StopFlag:
@@ -190,134 +233,6 @@ def evaluate(eval_fn, params, eval_iter_fn, mesh, num_batches: int) -> dict[str,
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) a training job in `workdir`; returns the final metrics."""
-    run = parse(cfg)
-    initialize(run.distributed)
-    primary = jax.process_index() == 0
-    writable_dir(workdir, "workdir")
-    if run.data.block_size > run.model.max_seq_len:
-        raise JaxllmError(f"data.block_size={run.data.block_size} exceeds model.max_seq_len={run.model.max_seq_len}")
-    mesh = shd.make_mesh(run.mesh)
-    shd.check_batch(run.data.batch_size, mesh, run.optim.grad_accum_steps)
-    program = build_program(run, mesh)
-    compiled_step = _compile_or_explain(program, run)  # before any data or weights are read
-    tokenizer = load_tokenizer(run.data)
-    if tokenizer.vocab_size > run.model.vocab_size:
-        raise JaxllmError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model.vocab_size="
-                          f"{run.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")
-    check_splits(run.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
-
-    model, tx, trainable, boxed, shardings = (program.model, program.tx, program.trainable, program.boxed,
-                                              program.shardings)
-    frozen, saved = {}, {}
-    if trainable is not None:
-        frozen, saved = load_frozen(run, mesh, trainable)
-    train_iter = make_train_iterator(run.data, tokenizer, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint)
-    if run.checkpoint.resume and ckpt.latest_step() is not None:
-        abstract = abstract_with_shardings(shd.unbox(boxed), shardings)
-        state = ckpt.restore(abstract, train_iter)
-    elif trainable is not None:
-        state = st.state_from_params(fresh_adapter_params(run, model, tx, mesh, trainable, saved), tx, shardings)
-    else:
-        state, _ = st.init_state(model, tx, mesh, jax.random.key(run.seed), run.data.block_size,
-                                 shardings=shardings)
-        if run.checkpoint.init_from:
-            state = state.replace(params=load_init_params(run.checkpoint.init_from, run.model, mesh))
-    del saved
-    start = int(jax.device_get(state.step))
-
-    train_step, eval_step = compiled_step, program.eval_step
-    eval_iter_fn = lambda: make_eval_iterator(run.data, tokenizer, process_index=jax.process_index(),  # noqa: E731
-                                              process_count=jax.process_count())
-    flops_per_token = run.model.train_flops_per_token(run.data.block_size)
-    peak = peak_tflops(jax.devices()[0])
-    tokens_per_step = run.data.batch_size * run.data.block_size
-
-    writer = MetricsWriter(workdir, is_primary=primary, total_steps=run.train.steps, initial_step=start,
-                           progress=run.train.progress)
-    writer.write_config(to_json(cfg))
-    if start:
-        writer.log(f"resumed from {ckpt.directory}/{start}")
-    if trainable is not None:
-        n_train = lora.count(state.params)
-        writer.log(f"training {n_train:,} params ({100 * n_train / run.model.num_params():.2f}% of the model): "
-                   f"LoRA r={run.lora.r} on {', '.join(run.model.lora_targets)}; base {run.model.quantization}")
-    writer.log(f"model: {run.model.num_params():,} params; mesh {dict(mesh.shape)}; "
-               f"{jax.device_count()} devices, {jax.process_count()} processes")
-    stop = _StopFlag()
-    best, bad_evals, last_val = float("inf"), 0, None
-    final: dict[str, Any] = {}
-    step = start
-    window: list[dict] = []  # step metrics since the last log line, still on device
-    t0, last_logged = time.perf_counter(), start
-    try:
-        if run.train.eval_at_start and start == 0:
-            ev = evaluate(lambda p, b: eval_step(p, b, frozen), state.params, eval_iter_fn, mesh,
-                          run.train.eval_batches)
-            writer.write(0, ev, prefix="val")
-            writer.log(f"step 0: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.1f}")
-            final.update(initial_val_loss=ev["loss"])
-        while step < run.train.steps:
-            batch = shd.global_batch(next(train_iter), mesh)
-            state, metrics = train_step(state, batch, frozen)
-            window.append(metrics)
-            step += 1
-            writer.advance(step)
-            if step % run.train.log_every == 0 or step == run.train.steps:
-                values = _window_mean(jax.device_get(window))
-                if run.prune.sparsity:
-                    values["sparsity"] = float(sparsity(state.params, run.prune))
-                window = []
-                dt = (time.perf_counter() - t0) / max(step - last_logged, 1)
-                values.update(step_time_s=dt, **step_metrics(step_time_s=dt, tokens=tokens_per_step,
-                                                              flops_per_token=flops_per_token,
-                                                              num_devices=jax.device_count(), peak=peak))
-                writer.write(step, values)
-                final.update(train_loss=values["loss"], tokens_per_s=values.get("tokens_per_s"))
-                t0, last_logged = time.perf_counter(), step
-            evaluate_now = (run.train.eval_every and step % run.train.eval_every == 0) or step == run.train.steps
-            val_loss = None
-            if evaluate_now:
-                ev = evaluate(lambda p, b: eval_step(p, b, frozen), state.params, eval_iter_fn, mesh,
-                              run.train.eval_batches)
-                writer.write(step, ev, prefix="val")
-                writer.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.1f}")
-                val_loss = last_val = ev["loss"]
-                final.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
-                if ev["loss"] < best - run.train.early_stop_min_delta:
-                    best, bad_evals = ev["loss"], 0
-                else:
-                    bad_evals += 1
-                t0 = time.perf_counter()
-            early = run.train.early_stop_patience and bad_evals >= run.train.early_stop_patience
-            preempted = stop.agreed() or ckpt.reached_preemption(step)
-            periodic = run.checkpoint.every and step % run.checkpoint.every == 0
-            if periodic or evaluate_now or preempted or early or step == run.train.steps:
-                ckpt.save(step, state, train_iter, val_loss=val_loss)
-            if preempted:
-                writer.log(f"preemption signal: checkpoint saved at step {step}; exiting")
-                final["preempted"] = True
-                break
-            if early:
-                writer.log(f"early stopping at step {step}: no val improvement in {bad_evals} evaluations")
-                final["early_stopped"] = True
-                break
-        ckpt.wait()
-    finally:
-        stop.restore()
-        ckpt.close()
-    final.update(step=step, best_val_loss=best if best < float("inf") else last_val)
-    if run.generate.max_new_tokens and not final.get("preempted"):
-        text = sample(model, lora.merge(state.params, frozen), tokenizer, run.generate)
-        writer.log("sample:\n" + wrap(run.generate.prompt + text))
-        final["sample"] = text
-    writer.close()
-    return final
-
-
 def writable_dir(path: str, what: str) -> None:
     """Creates folder `path` and checks that files can be written in it: before a run, not after."""
     try:
@@ -328,45 +243,12 @@ def writable_dir(path: str, what: str) -> None:
         raise JaxllmError(f"{what} {path!r} is not a writable folder ({e.strerror or e}); choose another") from None
 
 
-def load_run(workdir: str, *, with_frozen: bool = True) -> tuple[Run, Any, dict]:
-    """(run, trained params, frozen params) from the latest checkpoint of a training workdir; an adapter
-    run's frozen base is rebuilt from its `init_from` (quantized as it was trained) unless `with_frozen`
-    is False (then {}: exporting an adapter needs only the adapters)."""
-    path = os.path.join(workdir, "config.json")
-    try:
-        with open(path) as f:
-            cfg = ml_collections.ConfigDict(json.load(f))
-    except (OSError, json.JSONDecodeError) as e:
-        raise JaxllmError(f"cannot read {path} ({e}); is {workdir!r} a jaxllm workdir?") from None
-    run = parse(cfg)
-    model = Decoder(run.model)
-    tx = optimizer(run)[0]
-    mesh = shd.make_mesh(shd.MeshConfig(data=-1))
-    trainable = lora.trainable_fn(run.lora, run.model)
-    boxed = st.abstract_state(model, tx, run.data.block_size, trainable)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), dataclasses.replace(run.checkpoint, async_save=False))
-    if ckpt.latest_step() is None:
-        raise JaxllmError(f"no checkpoint in {workdir}/checkpoints; train first")
-    state = ckpt.restore(abstract_with_shardings(shd.unbox(boxed), st.state_shardings(boxed, mesh)))
-    ckpt.close()
-    frozen = load_frozen(run, mesh, trainable)[0] if trainable is not None and with_frozen else {}
-    return run, state.params, frozen
-
-
-def load_trained(workdir: str):
-    """(model, params, tokenizer, add_bos) from the latest checkpoint of a training workdir."""
-    run, params, frozen = load_run(workdir)
-    return Decoder(run.model), lora.merge(params, frozen), load_tokenizer(run.data), run.data.add_bos
-
-
-def _compile_or_explain(program, run: Run):
+def _compile_or_explain(program: Program, run: Run):
     """The compiled train step; a step that does not fit the devices' memory stops the run here, with
     the amounts and the way to find a setting that fits."""
     try:
         return program.compile_train_step()
     except OutOfMemory as e:
-        from jaxllm.plan import explain
-
         raise JaxllmError(explain(e, program, run)) from None
 
 
@@ -378,8 +260,14 @@ def _window_mean(window: list[dict]) -> dict[str, float]:
     return last
 
 
-def sample(model, params, tokenizer, gen: GenerateConfig) -> str:
-    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(gen.prompt)
+def sample(model, params, tokenizer: Tokenizer, gen: GenerateConfig, add_bos: bool = True) -> str:
+    """A continuation of `gen.prompt`, which starts as the run's documents do (BOS when the data adds one
+    and the tokenizer has it; else, for an empty prompt, the EOS that ends the document before)."""
+    prompt_ids = tokenizer.encode(gen.prompt)
+    if add_bos and tokenizer.bos_id >= 0:
+        prompt_ids = [tokenizer.bos_id] + prompt_ids
+    elif not prompt_ids:
+        prompt_ids = [tokenizer.eos_id]
     max_new = min(gen.max_new_tokens, model.cfg.max_seq_len - len(prompt_ids))
     ids = generate(model, params, [prompt_ids], dataclasses.replace(gen, max_new_tokens=max_new),
                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)[0]

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any, Mapping
 
-from jaxllm import JaxllmError
+from jaxllm import JaxllmError, atomic
 
 # Dense (no sparsity) bf16 peak TFLOP/s of one chip / GPU, keyed by a readable device name.
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -71,15 +71,6 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """All records of `workdir/metrics.jsonl`, oldest first ([] when there is none)."""
     path = os.path.join(workdir, "metrics.jsonl")
@@ -110,7 +101,7 @@ class MetricsWriter:
         path = os.path.join(workdir, "metrics.jsonl")
         if initial_step > 0 and os.path.exists(path):
             kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= initial_step]
-            _atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic.write(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -163,7 +154,7 @@ class MetricsWriter:
         if not self.is_primary:
             return
         text = config if isinstance(config, str) else json.dumps(config, indent=2, sort_keys=True, default=str)
-        _atomic_write(os.path.join(self.workdir, "config.json"), text if text.endswith("\n") else text + "\n")
+        atomic.write(os.path.join(self.workdir, "config.json"), text if text.endswith("\n") else text + "\n")
 
     def flush(self) -> None:
         if self._jsonl is not None:

@@ -6,7 +6,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxllm import JaxllmError
@@ -72,7 +71,3 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                              mask=decay_mask))
     return optax.chain(*parts), schedule
-
-
-def lr_at(schedule: optax.Schedule, step: jax.Array) -> jax.Array:
-    return jnp.asarray(schedule(step), jnp.float32)

@@ -14,10 +14,10 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from jaxllm import JaxllmError
+from jaxllm import JaxllmError, tree
 from jaxllm import sharding as shd
-from jaxllm.models import lora
-from jaxllm.models.decoder import Decoder
+from jaxllm.hf import peft
+from jaxllm.models.decoder import Decoder, abstract_params
 from jaxllm.train import step as st
 from jaxllm.train.optimizer import make_optimizer
 from jaxllm.train.prune import with_pruning
@@ -109,14 +109,14 @@ def build(run, mesh: Mesh) -> Program:
     """The run's model, optimizer, state layout and jitted steps on `mesh` (nothing is allocated)."""
     model = Decoder(run.model)
     tx, schedule = optimizer(run)
-    trainable = lora.trainable_fn(run.lora, run.model)
-    boxed = st.abstract_state(model, tx, run.data.block_size, trainable)
+    trainable = peft.trainable_fn(run.lora, run.model)
+    boxed = st.abstract_state(model, tx, trainable)
     shardings = st.state_shardings(boxed, mesh, offload_opt_state=run.optim.host_offload)
     frozen_boxed, frozen_sh = {}, None
     if trainable is not None:
-        frozen_boxed = lora.split(st.abstract_params(model), trainable)[1]
+        frozen_boxed = tree.partition(abstract_params(model.cfg), trainable)[1]
         frozen_sh = shd.shardings_for(frozen_boxed, mesh)
-    step_cfg = st.StepConfig(micro_batches=run.optim.grad_accum_steps, z_loss=run.train.z_loss,
+    step_cfg = st.StepConfig(grad_accum_steps=run.optim.grad_accum_steps, z_loss=run.train.z_loss,
                              dropout_seed=run.seed, loss_chunk=run.train.loss_chunk,
                              host_offload=run.optim.host_offload)
     train_step = st.jit_train_step(st.make_train_step(model, tx, schedule, step_cfg), shardings, mesh, frozen_sh)

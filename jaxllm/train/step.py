@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxllm import JaxllmError
 from jaxllm import sharding as shd
 from jaxllm.models.decoder import head_DV
 from jaxllm.models.layers import constrain
-from jaxllm.models.lora import merge, split
+from jaxllm.tree import partition, union
 
 Batch = dict[str, jax.Array]
 
@@ -32,25 +32,21 @@ class TrainState:
     skipped: jax.Array  # updates skipped because the loss or a gradient was not finite
 
 
-def _dummy_inputs(seq_len: int) -> jax.Array:
-    return jnp.zeros((1, seq_len), jnp.int32)
+def new_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    """A step-0 state around `params` with fresh optimizer state."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      skipped=jnp.zeros((), jnp.int32))
 
 
-def abstract_params(model: nn.Module, seq_len: int = 1) -> Any:
-    """All params' shapes with logical-axis boxes, computed without allocating anything."""
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_inputs(seq_len))["params"])
+def _init(model: nn.Module, tx: optax.GradientTransformation, trainable: Callable | None, rng: jax.Array,
+          boxed: bool) -> TrainState:
+    params = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return new_state(partition(params if boxed else nn.meta.unbox(params), trainable)[0], tx)
 
 
-def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
-                   trainable: Callable | None = None) -> Any:
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, trainable: Callable | None = None) -> Any:
     """The state's shapes with logical-axis boxes (`trainable`: path predicate of the trained subset)."""
-
-    def init(rng):
-        params, _ = split(model.init(rng, _dummy_inputs(seq_len))["params"], trainable)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          skipped=jnp.zeros((), jnp.int32))
-
-    return jax.eval_shape(init, jax.random.key(0))
+    return jax.eval_shape(lambda rng: _init(model, tx, trainable, rng, boxed=True), jax.random.key(0))
 
 
 def state_shardings(boxed_abstract: Any, mesh: Mesh, offload_opt_state: bool = False) -> Any:
@@ -64,29 +60,19 @@ def state_shardings(boxed_abstract: Any, mesh: Mesh, offload_opt_state: bool = F
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
-               seq_len: int, trainable: Callable | None = None, shardings: Any = None) -> tuple[TrainState, Any]:
+               trainable: Callable | None = None, shardings: Any = None) -> tuple[TrainState, Any]:
     """Initialises params and optimizer state directly sharded (never materialised on one device).
     With `trainable`, only that subset is made (XLA drops the rest of the init)."""
     if shardings is None:
-        shardings = state_shardings(abstract_state(model, tx, seq_len, trainable), mesh)
-
-    def init(rng):
-        params, _ = split(nn.meta.unbox(model.init(rng, _dummy_inputs(seq_len))["params"]), trainable)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          skipped=jnp.zeros((), jnp.int32))
-
+        shardings = state_shardings(abstract_state(model, tx, trainable), mesh)
     with shd.activate(mesh):
-        state = jax.jit(init, out_shardings=shardings)(rng)
+        state = jax.jit(lambda rng: _init(model, tx, trainable, rng, boxed=False), out_shardings=shardings)(rng)
     return state, shardings
 
 
 def state_from_params(params: Any, tx: optax.GradientTransformation, shardings: Any) -> TrainState:
     """A step-0 state around given trainable params (fresh optimizer state), placed with `shardings`."""
-    def make(params):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          skipped=jnp.zeros((), jnp.int32))
-
-    return jax.jit(make, out_shardings=shardings)(params)
+    return jax.jit(lambda params: new_state(params, tx), out_shardings=shardings)(params)
 
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
@@ -141,7 +127,7 @@ def token_loss(model: nn.Module, params: Any, batch: Batch, *, z_loss: float = 0
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    micro_batches: int = 1
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
     z_loss: float = 0.0
     dropout_seed: int = 0
     loss_chunk: int = 0  # positions per cross-entropy chunk; 0 = whole logits
@@ -159,7 +145,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     {} for full training) is read, never differentiated."""
 
     def summed_loss(params, frozen, mb: Batch, rng):
-        ce, z, weight = token_loss(model, merge(params, frozen), mb, z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk,
+        ce, z, weight = token_loss(model, union(params, frozen), mb, z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk,
                                    rng=rng)
         return ce + z, (ce, z, weight)
 
@@ -167,7 +153,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
     def train_step(state: TrainState, batch: Batch, frozen: Any):
         rng = jax.random.fold_in(jax.random.key(cfg.dropout_seed), state.step)
-        m = cfg.micro_batches
+        m = cfg.grad_accum_steps
         if m == 1:
             (_, (ce, z, weight)), grads = grad_fn(state.params, frozen, batch, rng)
         else:
@@ -216,17 +202,17 @@ def jit_train_step(step_fn, shardings: Any, mesh: Mesh, frozen_shardings: Any = 
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, frozen_sh),
                      out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0)
 
-    def run(state, batch, frozen=None):
+    return _under_mesh(jitted, mesh)
+
+
+def _under_mesh(jitted, mesh: Mesh):
+    """`run(x, batch, frozen={})`: `jitted` called (or, by `run.lower`, lowered) under the mesh's rules."""
+    def run(x, batch, frozen=None, method=jitted):
         with shd.activate(mesh):
-            return jitted(state, batch, {} if frozen is None else frozen)
+            return method(x, batch, {} if frozen is None else frozen)
 
-    run.lower = lambda state, batch, frozen=None: _lower(jitted, mesh, state, batch, {} if frozen is None else frozen)
+    run.lower = lambda x, batch, frozen=None: run(x, batch, frozen, method=jitted.lower)
     return run
-
-
-def _lower(jitted, mesh, *args):
-    with shd.activate(mesh):
-        return jitted.lower(*args)
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, frozen_shardings: Any = None,
@@ -234,20 +220,15 @@ def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, frozen_sh
     """`eval_step(params, batch, frozen={}) -> (loss_sum, weight_sum)`, deterministic (no dropout)."""
 
     def eval_step(params, batch, frozen):
-        ce, _, weight = token_loss(model, merge(params, frozen), batch, loss_chunk=loss_chunk)
+        ce, _, weight = token_loss(model, union(params, frozen), batch, loss_chunk=loss_chunk)
         return ce, weight
 
     frozen_sh = {} if frozen_shardings is None else frozen_shardings
     jitted = jax.jit(eval_step, in_shardings=(param_shardings, shd.batch_sharding(mesh), frozen_sh),
                      out_shardings=shd.replicated(mesh))
-
-    def run(params, batch, frozen=None):
-        with shd.activate(mesh):
-            return jitted(params, batch, {} if frozen is None else frozen)
-
-    return run
+    return _under_mesh(jitted, mesh)
 
 
-__all__ = ["TrainState", "StepConfig", "abstract_params", "abstract_state", "init_state", "state_from_params",
+__all__ = ["TrainState", "StepConfig", "new_state", "abstract_state", "init_state", "state_from_params",
            "cross_entropy", "chunked_cross_entropy", "token_loss", "make_train_step",
-           "jit_train_step", "make_eval_step", "NamedSharding"]
+           "jit_train_step", "make_eval_step"]

@@ -113,10 +113,10 @@ class Paraphraser:
     """Paraphrases with a jaxllm workdir or Hugging Face folder through `jaxllm.generate.generate_text`."""
 
     def __init__(self, cfg: AugmentConfig, batch_size: int = 8):
-        from jaxllm import generate  # pylint: disable=g-import-not-at-top  (imports jax)
+        from jaxllm import generate, load  # pylint: disable=g-import-not-at-top  (imports jax)
 
         self._cfg, self._batch_size, self._generate = cfg, batch_size, generate
-        self._model, self._params, self._tokenizer, self._add_bos = generate.load_model(cfg.paraphrase_model)
+        self._model, self._params, self._tokenizer, self._add_bos = load.load_model(cfg.paraphrase_model)
         self._gen = generate.GenerateConfig(max_new_tokens=cfg.paraphrase_max_new_tokens,
                                             temperature=cfg.paraphrase_temperature, seed=cfg.seed)
 

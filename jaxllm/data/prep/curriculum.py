@@ -69,9 +69,9 @@ class ModelLoss:
         import jax  # pylint: disable=g-import-not-at-top
         import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-        from jaxllm import generate  # pylint: disable=g-import-not-at-top
+        from jaxllm import load  # pylint: disable=g-import-not-at-top
 
-        self.model, self.params, self.tokenizer, self.add_bos = generate.load_model(source)
+        self.model, self.params, self.tokenizer, self.add_bos = load.load_model(source)
         self.max_tokens, self.batch_size = max_tokens, batch_size
 
         def losses(params, tokens_BL, weights_BL):

@@ -1,0 +1,171 @@
+"""The one place that turns what a user points at into objects: a Hugging Face folder, a `jaxllm convert`
+output, a training workdir or a PEFT adapter folder into model, params and tokenizer; a config into a run.
+
+    model, params, tokenizer, add_bos = load_model("path/to/hf_model_or_workdir")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from jaxllm import JaxllmError, hf, tree
+from jaxllm import sharding as shd
+from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxllm.hf import peft
+from jaxllm.hf.weights import TensorFiles, load_params, read_config
+from jaxllm.models import lora
+from jaxllm.models.config import SHAPE_FIELDS, ModelConfig
+from jaxllm.models.decoder import Decoder, abstract_params
+from jaxllm.train import step as st
+from jaxllm.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxllm.train.program import optimizer
+from jaxllm.train.run import Run, from_config
+
+
+def kind(path: str) -> str:
+    """What `path` holds: "workdir" (config.json + checkpoints/), "converted" (`jaxllm convert` output:
+    model.json + params/), "hf" (config.json, a Hugging Face model folder) or "adapter" (a PEFT adapter)."""
+    has = lambda name: os.path.exists(os.path.join(path, name))  # noqa: E731
+    if has("config.json") and os.path.isdir(os.path.join(path, "checkpoints")):
+        return "workdir"
+    if has("model.json") and os.path.isdir(os.path.join(path, "params")):
+        return "converted"
+    if has("config.json"):
+        return "hf"
+    if has(peft.CONFIG):
+        return "adapter"
+    raise JaxllmError(f"{path!r} is neither a Hugging Face model folder (config.json + *.safetensors), a "
+                      "`jaxllm convert` output (model.json + params/), a jaxllm workdir (config.json + checkpoints/) "
+                      "nor a PEFT adapter folder (adapter_config.json)")
+
+
+def source_model_config(source: str) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder or a `jaxllm convert` output."""
+    what = kind(source)
+    if what == "converted":
+        with open(os.path.join(source, "model.json")) as f:
+            return ModelConfig(**json.load(f))
+    if what == "hf":
+        return hf.model_config_from_hf(read_config(source))
+    raise JaxllmError(f"init_from {source!r} is a {what}, not a Hugging Face folder or a `jaxllm convert` output")
+
+
+def _check_compatible(run_cfg: ModelConfig, source_cfg: ModelConfig, source: str) -> None:
+    diffs = [f"{f}: {getattr(source_cfg, f)} there, {getattr(run_cfg, f)} here" for f in SHAPE_FIELDS
+             if getattr(source_cfg, f) != getattr(run_cfg, f)]
+    if diffs:
+        raise JaxllmError(f"init_from {source} does not fit model config ({'; '.join(diffs)}); "
+                          "set the model section from the source's config.json")
+
+
+def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh, *, quantized: ModelConfig | None = None) -> Any:
+    """Params for a fresh run from a Hugging Face folder or a `jaxllm convert` output, placed sharded;
+    with `quantized`, a Hugging Face base is quantized kernel by kernel as it loads."""
+    _check_compatible(run_cfg, source_model_config(source), source)
+    if kind(source) == "hf":
+        return load_params(TensorFiles(source), run_cfg, mesh, quantized=quantized)
+    boxed = abstract_params(run_cfg)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            shd.unbox(boxed), shd.shardings_for(boxed, mesh))
+    try:
+        params = ocp.StandardCheckpointer().restore(os.path.join(source, "params"), abstract)
+    except Exception as e:
+        raise JaxllmError(f"init_from {source}/params is corrupt or incompatible ({str(e)[:200]})") from e
+    if quantized is not None:
+        params = lora.quantize_params(params, quantized, shd.shardings_for(abstract_params(quantized), mesh),
+                                      in_place=True)
+    return params
+
+
+def parse(cfg: ml_collections.ConfigDict) -> Run:
+    """The run `cfg` describes, checked; with `checkpoint.model_from_init` the model's shapes come from
+    `init_from`'s config."""
+    section = cfg.get("checkpoint") or {}
+    init_model = None
+    if section.get("model_from_init") and section.get("init_from"):
+        init_model = source_model_config(section.get("init_from"))
+    return from_config(cfg, init_model)
+
+
+def load_frozen(run: Run, mesh: Mesh, trainable: Callable) -> tuple[dict, dict]:
+    """(frozen params, initial values of the trainable base leaves) of an adapter run: the base from
+    `checkpoint.init_from`, quantized when asked, split by `trainable`."""
+    if not run.checkpoint.init_from:
+        raise JaxllmError("lora.r > 0 fine-tunes a pretrained base: set checkpoint.init_from to a Hugging Face "
+                          "folder or `jaxllm convert` output")
+    quantized = run.model if run.model.quantization != "none" else None
+    base = load_init_params(run.checkpoint.init_from, lora.base_config(run.model), mesh, quantized=quantized)
+    saved, frozen = tree.partition(base, trainable)
+    return frozen, saved
+
+
+def load_run(workdir: str, *, with_frozen: bool = True) -> tuple[Run, Any, dict]:
+    """(run, trained params, frozen params) from the latest checkpoint of a training workdir; an adapter
+    run's frozen base is rebuilt from its `init_from` (quantized as it was trained) unless `with_frozen`
+    is False (then {}: exporting an adapter needs only the adapters)."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            cfg = ml_collections.ConfigDict(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+        raise JaxllmError(f"cannot read {path} ({e}); is {workdir!r} a jaxllm workdir?") from None
+    run = parse(cfg)
+    model = Decoder(run.model)
+    tx = optimizer(run)[0]
+    mesh = shd.make_mesh(shd.MeshConfig(data=-1))
+    trainable = peft.trainable_fn(run.lora, run.model)
+    boxed = st.abstract_state(model, tx, trainable)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), dataclasses.replace(run.checkpoint, async_save=False))
+    if ckpt.latest_step() is None:
+        raise JaxllmError(f"no checkpoint in {workdir}/checkpoints; train first")
+    state = ckpt.restore(abstract_with_shardings(shd.unbox(boxed), st.state_shardings(boxed, mesh)))
+    ckpt.close()
+    frozen = load_frozen(run, mesh, trainable)[0] if trainable is not None and with_frozen else {}
+    return run, state.params, frozen
+
+
+def load_trained(workdir: str) -> tuple[Decoder, Any, Tokenizer, bool]:
+    """(model, params, tokenizer, add_bos) from the latest checkpoint of a training workdir."""
+    run, params, frozen = load_run(workdir)
+    return Decoder(run.model), tree.union(params, frozen), load_tokenizer(run.data), run.data.add_bos
+
+
+def load_model(source: str, *, dtype: str = "float32", adapter: str = "") -> tuple[Decoder, Any, Tokenizer, bool]:
+    """(model, params, tokenizer, add_bos) from a Hugging Face folder (plus a PEFT LoRA `adapter`
+    folder) or a jaxllm training workdir."""
+    what = kind(source)
+    if what == "workdir":
+        if adapter:
+            raise JaxllmError("--adapter applies to a Hugging Face model folder; a workdir brings its own adapter")
+        return load_trained(source)
+    if what != "hf":
+        raise JaxllmError(f"{source!r} is a {what}; point at a Hugging Face model folder or a jaxllm workdir")
+    model, params = hf.load_pretrained(source, dtype=dtype)
+    if adapter:
+        adapter_params, lcfg = hf.load_adapter(adapter, model.cfg)
+        model = Decoder(lora.apply(lcfg, model.cfg))
+        params = tree.union(params, jax.tree.map(jnp.asarray, adapter_params))
+    tokenizer = hf.load_tokenizer_from_folder(source, vocab_size=model.cfg.vocab_size)
+    return model, params, tokenizer, _adds_bos(source, tokenizer)
+
+
+def _adds_bos(folder: str, tokenizer: Tokenizer) -> bool:
+    """Whether prompts start with BOS: tokenizer_config.json's add_bos_token, else the SentencePiece
+    (Llama) convention of a `tokenizer.model` with a BOS id; byte-level BPE (Falcon, BLOOM) adds none."""
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json")) as f:
+            flag = json.load(f).get("add_bos_token")
+        if flag is not None:
+            return bool(flag) and tokenizer.bos_id >= 0
+    except (OSError, ValueError):
+        pass
+    return tokenizer.bos_id >= 0 and str(getattr(tokenizer, "path", "")).endswith(".model")

@@ -1,0 +1,54 @@
+"""The families in a decoder config's terms: which Hugging Face architecture computes the same function as
+a config, and the names of the decoder's projections (ours, their parent module, the family's module paths).
+Below both the model code and the Hugging Face interop, which read these facts from here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from jaxllm import JaxllmError
+
+if TYPE_CHECKING:
+    from jaxllm.models.config import ModelConfig
+
+FAMILIES = ("llama", "falcon", "bloom")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS  # the decoder's linear layers (quantizable kernels)
+# Adapter targets: the projections, and `qkv` for one adapter on a fused query_key_value (one A for q, k, v).
+ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "qkv", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parent(projection: str) -> str:
+    """The module that holds a projection in a layer's params: self_attn or mlp."""
+    return "mlp" if projection in MLP_PROJECTIONS else "self_attn"
+
+
+def family(cfg: ModelConfig) -> str:
+    """The Hugging Face family whose architecture computes the same function as `cfg`."""
+    llama = cfg.norm == "rms" and cfg.position == "rope" and cfg.mlp == "swiglu" and not cfg.parallel_block
+    falcon = cfg.norm == "layer" and cfg.position == "rope" and cfg.mlp == "gelu" and (
+        cfg.parallel_block or cfg.kv_heads in (1, cfg.num_heads))
+    bloom = (cfg.norm == "layer" and cfg.position == "alibi" and cfg.mlp == "gelu_tanh" and cfg.use_bias
+             and not cfg.parallel_block and cfg.kv_heads == cfg.num_heads and cfg.mlp_dim == 4 * cfg.embed_dim)
+    standard_heads = cfg.head_size * cfg.num_heads == cfg.embed_dim
+    if llama and not cfg.embed_norm:
+        return "llama"
+    if falcon and not cfg.embed_norm and standard_heads:
+        return "falcon"
+    if bloom and cfg.embed_norm and standard_heads:
+        return "bloom"
+    raise JaxllmError(f"model config (norm={cfg.norm}, position={cfg.position}, mlp={cfg.mlp}, "
+                      f"parallel_block={cfg.parallel_block}, embed_norm={cfg.embed_norm}, use_bias={cfg.use_bias}, "
+                      f"heads={cfg.num_heads}/{cfg.kv_heads}x{cfg.head_size}) matches no Hugging Face "
+                      "Llama/Falcon/BLOOM architecture; it cannot be exported")
+
+
+def hf_modules(cfg: ModelConfig) -> dict[str, str]:
+    """Our projection name -> the family's module path (with "{i}" for the layer), in canonical order."""
+    if family(cfg) == "llama":
+        pre = "model.layers.{i}"
+        return {p: f"{pre}.{parent(p)}.{p}" for p in PROJECTIONS}
+    pre = "transformer.h.{i}"
+    return {"qkv": f"{pre}.self_attention.query_key_value", "o_proj": f"{pre}.self_attention.dense",
+            "up_proj": f"{pre}.mlp.dense_h_to_4h", "down_proj": f"{pre}.mlp.dense_4h_to_h"}

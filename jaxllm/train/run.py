@@ -1,0 +1,98 @@
+"""A run's configuration: the sections of an ml-collections config, parsed into checked dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from jaxllm import JaxllmError
+from jaxllm import sharding as shd
+from jaxllm.config import build, check_sections
+from jaxllm.data.pipeline import DataConfig
+from jaxllm.distributed import DistributedConfig
+from jaxllm.generate import GenerateConfig
+from jaxllm.models import lora
+from jaxllm.models.config import SHAPE_FIELDS, ModelConfig
+from jaxllm.train.checkpoint import CheckpointConfig
+from jaxllm.train.optimizer import OptimConfig
+from jaxllm.train.prune import PruneConfig
+
+SECTIONS = ("seed", "model", "data", "optim", "train", "mesh", "checkpoint", "generate", "distributed", "lora",
+            "prune")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`TrainConfig(**cfg.train)`."""
+
+    steps: int = 1000  # optimizer steps in the whole run
+    log_every: int = 10  # steps between metric lines
+    eval_every: int = 100  # steps between validation passes; 0 = only at the end
+    eval_at_start: bool = False  # also evaluate before the first step (a fine-tuning run's baseline)
+    eval_batches: int = 8  # validation batches per pass
+    early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
+    early_stop_min_delta: float = 0.0  # an improvement must lower val loss by more than this
+    z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
+    loss_chunk: int = 0  # positions per cross-entropy chunk (float32 [B, chunk, V] logits at a time); 0 = whole
+    progress: bool = True  # tqdm progress bar on process 0
+
+    def __post_init__(self):
+        if self.steps <= 0 or self.log_every <= 0 or self.eval_batches <= 0:
+            raise JaxllmError("train: steps, log_every and eval_batches must be positive")
+        if self.loss_chunk < 0:
+            raise JaxllmError(f"train.loss_chunk={self.loss_chunk} must be >= 0 (0 = no chunking)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a run is built from, parsed and validated."""
+
+    seed: int
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    mesh: shd.MeshConfig
+    checkpoint: CheckpointConfig
+    generate: GenerateConfig
+    distributed: DistributedConfig
+    lora: lora.LoraConfig
+    prune: PruneConfig
+
+
+def from_config(cfg: ml_collections.ConfigDict, init_model: ModelConfig | None = None) -> Run:
+    """The run's parts, checked. With `checkpoint.model_from_init`, `init_model` (the config of `init_from`,
+    read by `jaxllm.load.parse`) gives the model's shapes; the run's model section sets only the rest."""
+    check_sections(cfg, SECTIONS)
+    checkpoint = build(CheckpointConfig, cfg.get("checkpoint"), "checkpoint")
+    model = build(ModelConfig, cfg.get("model"), "model")
+    if checkpoint.model_from_init:
+        if init_model is None:
+            raise JaxllmError("checkpoint.model_from_init needs checkpoint.init_from (a Hugging Face folder)")
+        model = _model_from_init(init_model, checkpoint.init_from, cfg.get("model") or {}, model)
+    run_lora = build(lora.LoraConfig, cfg.get("lora"), "lora")
+    prune = build(PruneConfig, cfg.get("prune"), "prune")
+    if prune.sparsity and run_lora.r:
+        raise JaxllmError("prune.sparsity > 0 prunes trained weights, but lora.r > 0 freezes them; prune a full "
+                          "fine-tuning run (lora.r=0) and fine-tune adapters afterwards")
+    run = Run(prune=prune, seed=int(cfg.get("seed", 0)), model=lora.apply(run_lora, model), lora=run_lora,
+               data=build(DataConfig, cfg.get("data"), "data"), optim=build(OptimConfig, cfg.get("optim"), "optim"),
+               train=build(TrainConfig, cfg.get("train"), "train"), mesh=build(shd.MeshConfig, cfg.get("mesh"), "mesh"),
+               checkpoint=checkpoint, generate=build(GenerateConfig, cfg.get("generate"), "generate"),
+               distributed=build(DistributedConfig, cfg.get("distributed"), "distributed"))
+    chunk = run.train.loss_chunk
+    if chunk and chunk < run.data.block_size and run.data.block_size % chunk:
+        raise JaxllmError(f"train.loss_chunk={chunk} does not divide data.block_size={run.data.block_size}; "
+                          "pick a divisor of it")
+    return run
+
+
+def _model_from_init(base: ModelConfig, source: str, section: Any, run_model: ModelConfig) -> ModelConfig:
+    """The source's ModelConfig with the run's non-shape fields (dtype, remat, dropout, ...) on top."""
+    shape_keys = [k for k in section.keys() if k in SHAPE_FIELDS or k in ("num_kv_heads", "head_dim")]
+    if shape_keys:
+        raise JaxllmError(f"model.{shape_keys[0]} comes from {source}'s config with checkpoint.model_from_init; "
+                          "remove it from the model section")
+    return dataclasses.replace(base, **{k: getattr(run_model, k) for k in section.keys()})
