@@ -117,7 +117,7 @@ class WorkerMemory:
                     self.peak_kb = max(self.peak_kb, int(status["VmRSS"].split()[0]))
 
 
-def dedup_quality(threshold: float, seed: int = 0) -> list[dict]:
+def dedup_quality(threshold: float | None, seed: int = 0) -> list[dict]:
     """Recall per planted Jaccard band and overall precision of the near-dedup stage."""
     import numpy as np
 
@@ -126,7 +126,7 @@ def dedup_quality(threshold: float, seed: int = 0) -> list[dict]:
     from jaxllm.data.prep.dedup import Deduplicator, MinHasher
 
     rows = []
-    cfg = DedupConfig(exact=False, threshold=threshold)
+    cfg = DedupConfig(exact=False, **({} if threshold is None else {"threshold": threshold}))
     for lo, hi in ((0.95, 1.0), (0.9, 0.95), (0.85, 0.9), (0.8, 0.85), (0.7, 0.8), (0.5, 0.7), (0.2, 0.5)):
         docs, _, jac = synthetic.planted_duplicates(300, 200, 0, seed=seed, duplicate_jaccard=(lo, hi))
         hasher, dedup = MinHasher(cfg), Deduplicator(cfg)
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="0 = all cores")
     parser.add_argument("--vocab_size", type=int, default=8000)
     parser.add_argument("--dedup_quality", action="store_true", help="also measure near-dedup recall/precision")
-    parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--threshold", type=float, default=None, help="near-dedup threshold (default: the config's)")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)  # JSON: one measurement, this process
     args = parser.parse_args()
     if args.child:

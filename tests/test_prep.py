@@ -65,8 +65,8 @@ def test_default_config_builds_and_rejects_unknown_keys():
         load_config(PREP_CONFIG, ["dedup.treshold=0.5"])
     with pytest.raises(JaxllmError, match="unknown config key clean.foo"):
         PrepConfig.from_config({"clean": {"foo": 1}})
-    with pytest.raises(JaxllmError, match="num_perm=100 must be a multiple of dedup.bands=16"):
-        PrepConfig.from_config({"dedup": {"num_perm": 100}})
+    with pytest.raises(JaxllmError, match="num_perm=128 must be a multiple of dedup.bands=20"):
+        PrepConfig.from_config({"dedup": {"num_perm": 128}})
     with pytest.raises(JaxllmError, match="clean.unicode='NFD' is not known"):
         PrepConfig.from_config({"clean": {"unicode": "NFD"}})
 
@@ -287,6 +287,25 @@ def test_near_dedup_recall_and_precision_on_planted_duplicates():
     precision = (dropped & is_dup).sum() / max(1, dropped.sum())
     assert recall >= 0.9 and precision >= 0.9, (recall, precision)
     assert not dropped[:200].any()  # the first occurrence is kept
+
+
+def test_default_dedup_removes_near_copies_and_keeps_the_rest(tmp_path):
+    """`prepare` at the default dedup settings, on 120-word documents: copies with 3 words replaced
+    (word 5-gram Jaccard about 0.77) go; unrelated and half-overlapping documents (Jaccard about 0.33) stay."""
+    rng = np.random.default_rng(7)
+    originals = [synthetic.document(100 + i, 120, 121) for i in range(40)]
+    copies = [synthetic.edit(d, 3 / 120, rng) for d in originals]
+    unrelated = [synthetic.document(500 + i, 120, 121) for i in range(40)]
+    halves = [" ".join(d.split(" ")[:60] + synthetic.document(900 + i, 60, 61).split(" "))
+              for i, d in enumerate(originals[:20])]
+    must_stay = originals + unrelated + halves
+    src = _write_jsonl(tmp_path / "d.jsonl", originals + unrelated + halves + copies)
+    stats = prepare([src], str(tmp_path / "out"), _cfg(tokenize=dict(enabled=False)))
+    kept = {r["text"] for r in _records(tmp_path / "out")}
+    removed_copies = sum(c not in kept for c in copies)
+    assert removed_copies >= 0.8 * len(copies), removed_copies
+    assert [d for d in must_stay if d not in kept] == []
+    assert stats["stages"]["near_dedup"]["removed"] == {"near_duplicate": removed_copies}
 
 
 def test_first_index_keeps_the_first_value_across_merges(monkeypatch):

@@ -78,12 +78,15 @@ class QualityConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DedupConfig:
+    """Defaults: 20 bands x 6 rows, then >= 70% of the 120 rows equal; the S-curve behind that choice is
+    worked out above `c.dedup` in configs/prep_default.py."""
+
     exact: bool = True
     near: bool = True
-    num_perm: int = 128
-    bands: int = 16
+    num_perm: int = 120
+    bands: int = 20
     shingle_size: int = 5
-    threshold: float = 0.8
+    threshold: float = 0.7
     seed: int = 0
 
     def __post_init__(self):
