@@ -172,24 +172,47 @@ def _devices(cfg: ml_collections.ConfigDict) -> tuple[str, int]:
     return jax.default_backend(), data * fsdp
 
 
+# flags set one config key each, as given
+DIRECT = {"text_column": "data.text_field", "learning_rate": "optim.learning_rate", "max_grad_norm": "optim.grad_clip",
+          "weight_decay": "optim.weight_decay", "save_total_limit": "checkpoint.keep", "lora_r": "lora.r",
+          "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "grad_accum": "optim.grad_accum_steps",
+          "seed": "seed"}
+SCHEDULES = {"constant_with_warmup": "constant", "inverse_sqrt": "rsqrt"}
+
+
 def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_collections.ConfigDict, str]:
     """(the run's config, workdir) from the autotrain flags on top of the base config file; flags that do
     not apply here are accepted with a one-line note."""
     from jaxllm.config import apply_override, load_config
 
     cfg = load_config(args.config or DEFAULT_CONFIG)
-    micro_batch = cfg.data.batch_size // cfg.optim.grad_accum_steps  # the config's, before the flags
-    sets: list[str] = []
+    _refuse_and_note(args)
+    sets = {key: getattr(args, flag) for flag, key in DIRECT.items() if getattr(args, flag) is not None}
+    sets.update(_model_and_data(args, cfg))
+    sets.update(_optimization(args, cfg))
+    sets.update(_adapters(args, cfg))
+    for item in [f"{k}={v!r}" if isinstance(v, (tuple, list)) else f"{k}={v}" for k, v in sets.items()] + overrides:
+        apply_override(cfg, item)
+    if args.batch_size or args.use_apex or args.flash_attention:
+        _device_dependent(args, cfg, overrides)
+    _schedule(args, cfg)
+    workdir = args.project_name or os.path.join("runs", "finetune")
+    return cfg, workdir
 
-    def put(key: str, value: Any) -> None:
-        sets.append(f"{key}={value!r}" if isinstance(value, (tuple, list)) else f"{key}={value}")
 
+def _refuse_and_note(args: argparse.Namespace) -> None:
+    """Errors for what cannot run here; notes for flags accepted but without effect."""
     if args.push_to_hub:
         raise JaxllmError("--push_to_hub is not supported (no network access assumed); upload --save_dir with "
                           "`huggingface-cli upload`")
     if args.trainer in ("dpo", "orpo", "reward"):
         raise JaxllmError(f"--trainer {args.trainer} is not available; jaxllm trains sft (chat/instruction data) or "
                           "default (causal language modelling)")
+    if args.chat_template in ("zephyr", "tokenizer"):
+        raise JaxllmError(f"--chat_template {args.chat_template} is not available (jaxllm does not run a tokenizer's "
+                          "Jinja template); use chatml, llama2 or guanaco")
+    if args.optimizer and args.optimizer not in ADAMW and args.optimizer not in ADAMW_8BIT:
+        raise JaxllmError(f"--optimizer {args.optimizer} is not available; jaxllm trains with AdamW (adamw_torch)")
     for flag, why in NOTES.items():
         if getattr(args, flag):
             note(f"--{flag} {'' if getattr(args, flag) is True else getattr(args, flag) + ' '}is accepted but does "
@@ -197,6 +220,14 @@ def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_
     if args.log not in (None, "none", "tensorboard"):
         note(f"--log {args.log} is accepted but does not apply: metrics go to metrics.jsonl and TensorBoard in "
              "--project_name")
+    if args.optimizer in ADAMW_8BIT:
+        note(f"--optimizer {args.optimizer} is accepted as AdamW: 8-bit and paged states are bitsandbytes' GPU memory "
+             "savers; jaxllm keeps float32 AdamW states, sharded like the params")
+
+
+def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The base model, the data source and format, and the row length."""
+    sets: dict[str, Any] = {}
     max_len = 0
     if args.model:
         if not os.path.isfile(os.path.join(os.path.expanduser(args.model), "config.json")):
@@ -205,28 +236,20 @@ def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_
         from jaxllm.load import source_model_config
 
         max_len = source_model_config(os.path.expanduser(args.model)).max_seq_len
-        put("checkpoint.init_from", args.model)
-        put("checkpoint.model_from_init", True)
-        put("data.tokenizer", args.model)
+        sets.update({"checkpoint.init_from": args.model, "checkpoint.model_from_init": True,
+                     "data.tokenizer": args.model})
     if args.data_path:
-        for key, value in _data_source(args.data_path, args.train_split or "train").items():
-            put(f"data.{key}", value)
+        sets.update({f"data.{k}": v for k, v in _data_source(args.data_path, args.train_split or "train").items()})
         if args.train_split and not os.path.isdir(os.path.expanduser(args.data_path)):
             note(f"--train_split {args.train_split} is accepted but does not apply: --data_path is one file or glob, "
                  "read whole")
-    if args.text_column is not None:
-        put("data.text_field", args.text_column)
     if args.trainer in ("default", "clm", "generic"):
-        put("data.format", "text")
-    if args.chat_template in ("zephyr", "tokenizer"):
-        raise JaxllmError(f"--chat_template {args.chat_template} is not available (jaxllm does not run a tokenizer's "
-                          "Jinja template); use chatml, llama2 or guanaco")
-    if args.chat_template not in (None, "none"):
-        put("data.format", "messages")
-        put("data.chat_template", args.chat_template)
-        put("data.messages_field", args.text_column or "text")  # autotrain reads the messages from --text_column
+        sets["data.format"] = "text"
+    if args.chat_template not in (None, "none"):  # autotrain reads the messages from --text_column
+        sets.update({"data.format": "messages", "data.chat_template": args.chat_template,
+                     "data.messages_field": args.text_column or "text"})
     if args.add_eos_token:
-        put("data.add_eos", True)
+        sets["data.add_eos"] = True
     length = args.block_size if args.block_size not in (None, -1) else args.model_max_length
     if args.block_size and args.model_max_length and args.block_size > 0:
         length = min(args.block_size, args.model_max_length)
@@ -235,66 +258,69 @@ def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_
              f"using {max_len}")
         length = max_len
     if length:
-        put("data.block_size", length)
-    if args.grad_accum:
-        put("optim.grad_accum_steps", args.grad_accum)
-        if not args.batch_size:
-            put("data.batch_size", micro_batch * args.grad_accum)
-    for flag, key in (("learning_rate", "optim.learning_rate"), ("max_grad_norm", "optim.grad_clip"),
-                      ("weight_decay", "optim.weight_decay"), ("save_total_limit", "checkpoint.keep"),
-                      ("lora_r", "lora.r"), ("lora_alpha", "lora.alpha"), ("lora_dropout", "lora.dropout")):
-        if getattr(args, flag) is not None:
-            put(key, getattr(args, flag))
-    if args.scheduler:
-        put("optim.schedule", {"constant_with_warmup": "constant", "inverse_sqrt": "rsqrt"}.get(args.scheduler,
-                                                                                              args.scheduler))
-    if args.optimizer and args.optimizer not in ADAMW:
-        if args.optimizer not in ADAMW_8BIT:
-            raise JaxllmError(f"--optimizer {args.optimizer} is not available; jaxllm trains with AdamW (adamw_torch)")
-        note(f"--optimizer {args.optimizer} is accepted as AdamW: 8-bit and paged states are bitsandbytes' GPU memory "
-             "savers; jaxllm keeps float32 AdamW states, sharded like the params")
-    if args.logging_steps and args.logging_steps > 0:
-        put("train.log_every", args.logging_steps)
+        sets["data.block_size"] = length
     if args.no_remat:
-        put("model.remat", "none")
-    if args.peft and args.lora_r is None and cfg.lora.r == 0:
-        put("lora.r", 16)
-    quantized = args.int4 or args.int8 or args.quantization not in (None, "none")
-    if not args.peft and args.lora_r is None and not quantized and cfg.lora.r:
-        note(f"no --use_peft: jaxllm finetune trains LoRA adapters (r={cfg.lora.r}) by default and writes a PEFT "
-             "adapter; --lora_r 0 fine-tunes every weight instead")
-    quantization = "nf4" if args.int4 else "int8" if args.int8 else {"int4": "nf4"}.get(args.quantization,
-                                                                                       args.quantization)
-    if quantization:
-        put("lora.quantization", quantization)
-    if args.target_modules:
-        targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
-        put("lora.target_modules", targets)
+        sets["model.remat"] = "none"
     precision = "fp16" if args.fp16 else args.mixed_precision
     if precision:
-        put("model.dtype", {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"))
+        sets["model.dtype"] = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
     if args.seed is not None:
-        put("seed", args.seed)
-        put("data.seed", args.seed)
-    for item in sets + list(overrides):
+        sets["data.seed"] = args.seed
+    return sets
+
+
+def _optimization(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    sets: dict[str, Any] = {}
+    if args.grad_accum and not args.batch_size:  # the config's micro-batch, accumulated
+        sets["data.batch_size"] = cfg.data.batch_size // cfg.optim.grad_accum_steps * args.grad_accum
+    if args.scheduler:
+        sets["optim.schedule"] = SCHEDULES.get(args.scheduler, args.scheduler)
+    if args.logging_steps and args.logging_steps > 0:
+        sets["train.log_every"] = args.logging_steps
+    return sets
+
+
+def _adapters(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    sets: dict[str, Any] = {}
+    if args.peft and args.lora_r is None and cfg.lora.r == 0:
+        sets["lora.r"] = 16
+    quantization = "nf4" if args.int4 else "int8" if args.int8 else {"int4": "nf4"}.get(args.quantization,
+                                                                                       args.quantization)
+    if not args.peft and args.lora_r is None and quantization in (None, "none") and cfg.lora.r:
+        note(f"no --use_peft: jaxllm finetune trains LoRA adapters (r={cfg.lora.r}) by default and writes a PEFT "
+             "adapter; --lora_r 0 fine-tunes every weight instead")
+    if quantization:
+        sets["lora.quantization"] = quantization
+    if args.target_modules:
+        sets["lora.target_modules"] = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    return sets
+
+
+def _device_dependent(args: argparse.Namespace, cfg: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Flags whose meaning depends on the devices: per-device batch size, mixed precision, flash attention."""
+    from jaxllm.config import apply_override
+
+    platform, shards = _devices(cfg)
+    if args.batch_size:
+        apply_override(cfg, f"data.batch_size={args.batch_size * shards * cfg.optim.grad_accum_steps}")
+    if args.use_apex and platform == "cpu":
+        note("--use_apex (mixed precision) does not apply on CPU: compute stays float32, which CPUs run fastest")
+    elif args.use_apex and not (args.fp16 or args.mixed_precision):
+        apply_override(cfg, "model.dtype=bfloat16")
+    if args.flash_attention:
+        apply_override(cfg, "model.attention=auto")
+        if platform != "gpu":
+            note(f"--use_flash_attention_2: flash attention is cuDNN's on GPU; on {platform} XLA's attention runs")
+    for item in overrides:  # --config.a.b=v still has the last word
         apply_override(cfg, item)
-    if args.batch_size or args.use_apex or args.flash_attention:
-        platform, shards = _devices(cfg)
-        if args.batch_size:
-            apply_override(cfg, f"data.batch_size={args.batch_size * shards * cfg.optim.grad_accum_steps}")
-        if args.use_apex and platform == "cpu":
-            note("--use_apex (mixed precision) does not apply on CPU: compute stays float32, which CPUs run fastest")
-        elif args.use_apex and not precision:
-            apply_override(cfg, "model.dtype=bfloat16")
-        if args.flash_attention:
-            apply_override(cfg, "model.attention=auto")
-            if platform != "gpu":
-                note(f"--use_flash_attention_2: flash attention is cuDNN's on GPU; on {platform} XLA's attention runs")
-        for item in overrides:  # --config.a.b=v still has the last word
-            apply_override(cfg, item)
+
+
+def _schedule(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> None:
+    """Steps, evaluations, checkpoints and warmup from epochs and strategies (after the batch is known)."""
+    from jaxllm.config import apply_override
+
     if args.max_steps or args.epochs:
-        steps = args.max_steps or epochs_to_steps(cfg, args.epochs)
-        apply_override(cfg, f"train.steps={steps}")
+        apply_override(cfg, f"train.steps={args.max_steps or epochs_to_steps(cfg, args.epochs)}")
     per_epoch = epochs_to_steps(cfg, 1.0) if "epoch" in (args.eval_strategy, args.save_strategy) else 0
     if args.eval_strategy == "epoch":
         apply_override(cfg, f"train.eval_every={per_epoch}")
@@ -310,8 +336,6 @@ def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_
         apply_override(cfg, "checkpoint.every=0")
     if args.warmup_ratio is not None:
         apply_override(cfg, f"optim.warmup_steps={int(round(args.warmup_ratio * cfg.train.steps))}")
-    workdir = args.project_name or os.path.join("runs", "finetune")
-    return cfg, workdir
 
 
 def epochs_to_steps(cfg: ml_collections.ConfigDict, epochs: float, sample: int = 512) -> int:

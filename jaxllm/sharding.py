@@ -185,12 +185,12 @@ def batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def check_batch(batch_size: int, mesh: Mesh, micro_batches: int = 1) -> None:
+def check_batch(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
     shards = batch_shards(mesh)
-    if batch_size % micro_batches or (batch_size // micro_batches) % shards:
-        raise JaxllmError(f"batch size {batch_size} split into {micro_batches} micro-batches does not divide "
+    if batch_size % grad_accum_steps or (batch_size // grad_accum_steps) % shards:
+        raise JaxllmError(f"batch size {batch_size} split into {grad_accum_steps} micro-batches does not divide "
                           f"the data axes (data*fsdp={shards}); make batch_size a multiple of "
-                          f"{shards * micro_batches}")
+                          f"{shards * grad_accum_steps}")
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
