@@ -30,6 +30,7 @@ from absl import flags
 
 from jaxllm import JaxllmError
 from jaxllm.data import mixture, sft
+from jaxllm.data.hashing import mix64
 from jaxllm.data.sources import SOURCE_NAMES, make_source, source_rows
 from jaxllm.data.tokenizer import Tokenizer
 
@@ -290,7 +291,7 @@ def split_indices(num_docs: int, val_fraction: float) -> tuple[np.ndarray, np.nd
     if val_fraction > 0 and num_docs >= 2:
         num_val = max(num_val, 1)
     num_val = min(num_val, num_docs - 1) if num_docs else 0
-    order = np.argsort(_mix64(np.arange(num_docs, dtype=np.uint64) ^ np.uint64(_SPLIT_SALT)), kind="stable")
+    order = np.argsort(mix64(np.arange(num_docs, dtype=np.uint64) ^ np.uint64(_SPLIT_SALT)), kind="stable")
     return np.sort(order[num_val:]), np.sort(order[:num_val])
 
 
@@ -328,14 +329,6 @@ def _shuffle_seed(seed: int, *salt: Any) -> int:
     epochs (0's second is 1's first); hashing the seed first keeps runs apart (and `salt`, streams)."""
     key = "-".join(map(str, ("jaxllm-shuffle", seed, *salt)))
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer: a well-mixed, platform-independent hash of uint64s."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
 
 
 def _pack_and_batch(tokens: grain.IterDataset, block_size: int, local_batch: int, *, shuffle_window: int = 0,
