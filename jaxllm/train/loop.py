@@ -20,8 +20,8 @@ from jaxllm import JaxllmError
 from jaxllm import sharding as shd
 from jaxllm.config import build, check_sections, to_json
 from jaxllm.convert import load_init_params
-from jaxllm.data.pipeline import DataConfig, check_splits, make_eval_iterator, make_train_iterator
-from jaxllm.data.tokenizer import load_tokenizer
+from jaxllm.data.config import DataConfig
+from jaxllm.data.pipeline import check_splits, make_eval_iterator, make_train_iterator, tokenizer_for
 from jaxllm.distributed import DistributedConfig, initialize
 from jaxllm.generate import GenerateConfig, generate, wrap
 from jaxllm.models import lora
@@ -202,7 +202,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     shd.check_batch(run.data.batch_size, mesh, run.optim.grad_accum_steps)
     program = build_program(run, mesh)
     compiled_step = _compile_or_explain(program, run)  # before any data or weights are read
-    tokenizer = load_tokenizer(run.data)
+    tokenizer = tokenizer_for(run.data)
     if tokenizer.vocab_size > run.model.vocab_size:
         raise JaxllmError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model.vocab_size="
                           f"{run.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")
@@ -356,7 +356,7 @@ def load_run(workdir: str, *, with_frozen: bool = True) -> tuple[Run, Any, dict]
 def load_trained(workdir: str):
     """(model, params, tokenizer, add_bos) from the latest checkpoint of a training workdir."""
     run, params, frozen = load_run(workdir)
-    return Decoder(run.model), lora.merge(params, frozen), load_tokenizer(run.data), run.data.add_bos
+    return Decoder(run.model), lora.merge(params, frozen), tokenizer_for(run.data), run.data.add_bos
 
 
 def _compile_or_explain(program, run: Run):

@@ -31,7 +31,6 @@ import os
 import shutil
 import tempfile
 import time
-import types
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -388,7 +387,7 @@ def _train_tokenizer(index: dict, cfg: PrepConfig, sample: list) -> tuple[str, b
     if not n:
         return "", None, False
     name, tokenizer, copy = core.load_prep_tokenizer(cfg, _Sample(n, dict(sample)))
-    return name, (getattr(tokenizer, "_proto", None) if copy else None), copy
+    return name, (tokenizer.proto if copy else None), copy
 
 
 def _tokenizer_of(cfg: PrepConfig, model: tuple[str, bytes | None, bool]):
@@ -397,8 +396,7 @@ def _tokenizer_of(cfg: PrepConfig, model: tuple[str, bytes | None, bool]):
     _, proto, _ = model
     if proto is not None:
         return Tokenizer(proto, "tokenizer.model")
-    return load_tokenizer(types.SimpleNamespace(tokenizer=os.path.expanduser(cfg.tokenize.tokenizer),
-                                                vocab_size=cfg.tokenize.vocab_size))
+    return load_tokenizer(cfg.tokenize.tokenizer, cfg.tokenize.vocab_size)
 
 
 def _order(scores: list, cfg: PrepConfig, tokenize: bool, index: dict, model: tuple) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import time
-import types
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -105,19 +104,19 @@ class DocStage:
 class TokenizeStage:
     """Texts -> int32 token ids (runs in workers; the tokenizer loads once per process)."""
 
-    def __init__(self, tokenizer: str, vocab_size: int):
-        self.spec = types.SimpleNamespace(tokenizer=tokenizer, vocab_size=vocab_size)
+    def __init__(self, tokenizer: str):
+        self.path = tokenizer  # a .model file or a model folder
         self._tokenizer = None
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
         if self._tokenizer is None:
             from jaxllm.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
 
-            self._tokenizer = load_tokenizer(self.spec)
+            self._tokenizer = load_tokenizer(self.path)
         return [np.asarray(self._tokenizer.encode(t), np.int32) for t in texts]
 
     def __getstate__(self) -> dict:
-        return {"spec": self.spec, "_tokenizer": None}
+        return {"path": self.path, "_tokenizer": None}
 
 
 def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir, cfg: PrepConfig,
@@ -182,8 +181,7 @@ def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir,
         tokenizer_name, tokenizer_file = _tokenizer(cfg, spool, out)
         tokens_spool = Spool(out.temp("tokens.spool"))
         num_tokens, token_counts = array.array("q"), np.zeros(0, np.int64)
-        stage = TokenizeStage(out.temp("tokenizer.model") if tokenizer_file else cfg.tokenize.tokenizer,
-                              cfg.tokenize.vocab_size)
+        stage = TokenizeStage(out.temp("tokenizer.model") if tokenizer_file else cfg.tokenize.tokenizer)
         bar = tqdm(total=n, desc="prep: tokenize", unit=" doc", disable=not cfg.progress)
         for ids_list in parallel_map(stage, _spool_texts(spool), workers):
             bar.update(len(ids_list))
@@ -305,9 +303,8 @@ def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
     from jaxllm.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
 
     given = os.path.expanduser(cfg.tokenize.tokenizer)
-    spec = types.SimpleNamespace(tokenizer=given, vocab_size=cfg.tokenize.vocab_size)
     try:
-        tokenizer = load_tokenizer(spec, None if given else documents)
+        tokenizer = load_tokenizer(given, cfg.tokenize.vocab_size, documents)
     except JaxllmError as e:
         raise JaxllmError(str(e).replace("data.vocab_size", "tokenize.vocab_size")
                           .replace("data.tokenizer", "tokenize.tokenizer")) from None
