@@ -101,12 +101,10 @@ def main() -> None:
     import os
 
     if os.path.isdir(os.path.join(args.workdir, "checkpoints")):
-        from jaxllm.data.pipeline import make_eval_iterator
+        from jaxllm.data.pipeline import make_eval_iterator, tokenizer_for
         from jaxllm.load import load_run
         run, params, _ = load_run(args.workdir)
-        from jaxllm.data.tokenizer import load_tokenizer
-
-        batch = next(make_eval_iterator(run.data, load_tokenizer(run.data)))
+        batch = next(make_eval_iterator(run.data, tokenizer_for(run.data)))
         print(json.dumps({f"logits_vs_float_trained_{args.workdir}": logit_difference(
             run.model, params, batch["inputs"][:4])}, indent=1))
     runs = {"full": lora.LoraConfig(r=0),

@@ -17,8 +17,7 @@ import jax
 from jaxllm import sharding as shd
 from jaxllm.config import load_config
 from jaxllm.convert import workdir_to_hf
-from jaxllm.data.pipeline import make_eval_iterator
-from jaxllm.data.tokenizer import load_tokenizer
+from jaxllm.data.pipeline import make_eval_iterator, tokenizer_for
 from jaxllm.load import load_run
 from jaxllm.models.decoder import Decoder
 from jaxllm.train import step as st
@@ -31,7 +30,7 @@ def val_loss(run, params, batches: int) -> float:
     model = Decoder(run.model)
     params = jax.device_put(params, shd.replicated(mesh))
     fn = st.make_eval_step(model, mesh, jax.tree.map(lambda _: shd.replicated(mesh), params))
-    tokenizer = load_tokenizer(run.data)
+    tokenizer = tokenizer_for(run.data)
     return evaluate(fn, params, lambda: make_eval_iterator(run.data, tokenizer), mesh, batches)["loss"]
 
 

@@ -345,15 +345,15 @@ def epochs_to_steps(cfg: ml_collections.ConfigDict, epochs: float, sample: int =
     import numpy as np
 
     from jaxllm.config import build
-    from jaxllm.data.pipeline import DataConfig, _tokenize_fn, split_documents
-    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.data.config import DataConfig
+    from jaxllm.data.pipeline import split_documents, tokenize_fn, tokenizer_for
 
     data = build(DataConfig, cfg.data, "data")
     train_docs, _ = split_documents(data)
     n = len(train_docs)
     rows = n
     if data.packing or data.format == "text":
-        tokenize = _tokenize_fn(data, load_tokenizer(data))
+        tokenize = tokenize_fn(data, tokenizer_for(data))
         picks = np.unique(np.linspace(0, n - 1, min(n, sample)).astype(int))
         lengths = [min(len(next(iter(tokenize(train_docs[int(i)]).values()))), data.block_size + 1) for i in picks]
         rows = math.ceil(n * float(np.mean(lengths)) / (data.block_size + 1))

@@ -19,7 +19,8 @@ from jax.sharding import Mesh
 
 from jaxllm import JaxllmError, hf, tree
 from jaxllm import sharding as shd
-from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxllm.data.pipeline import tokenizer_for
+from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.hf import peft
 from jaxllm.hf.weights import TensorFiles, load_params, read_config
 from jaxllm.models import lora
@@ -136,7 +137,7 @@ def load_run(workdir: str, *, with_frozen: bool = True) -> tuple[Run, Any, dict]
 def load_trained(workdir: str) -> tuple[Decoder, Any, Tokenizer, bool]:
     """(model, params, tokenizer, add_bos) from the latest checkpoint of a training workdir."""
     run, params, frozen = load_run(workdir)
-    return Decoder(run.model), tree.union(params, frozen), load_tokenizer(run.data), run.data.add_bos
+    return Decoder(run.model), tree.union(params, frozen), tokenizer_for(run.data), run.data.add_bos
 
 
 def load_model(source: str, *, dtype: str = "float32", adapter: str = "") -> tuple[Decoder, Any, Tokenizer, bool]:

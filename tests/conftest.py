@@ -17,9 +17,9 @@ def _cache_dir(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tok(tmp_path_factory):
     """The 512-piece tokenizer trained on the embedded corpus, once per session in the session cache."""
-    from jaxllm.data.pipeline import DataConfig
-    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.data.config import DataConfig
+    from jaxllm.data.pipeline import tokenizer_for
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JAXLLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jaxllm-cache"))
-        return load_tokenizer(DataConfig(vocab_size=512))
+        return tokenizer_for(DataConfig(vocab_size=512))

@@ -16,8 +16,9 @@ import tensorflow_datasets as tfds
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from jaxllm import JaxllmError
-from jaxllm.data import corpus, sources, tokenizer as tok_lib
-from jaxllm.data.pipeline import DataConfig, check_splits, make_eval_iterator, make_train_iterator, split_indices
+from jaxllm.data import corpus, tokenizer as tok_lib
+from jaxllm.data.config import DataConfig, make_source
+from jaxllm.data.pipeline import check_splits, make_eval_iterator, make_train_iterator, split_indices, tokenizer_for
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 NUM_DOCS = 60
@@ -90,19 +91,19 @@ def test_tokenizer_round_trip_and_special_ids(tok):
 def test_tokenizer_cache_hit(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
     documents = [_doc(i) for i in range(200)]
-    first = tok_lib.load_tokenizer(DataConfig(vocab_size=300), documents)
+    first = tok_lib.load_tokenizer("", 300, documents)
     assert first.path.startswith(str(tmp_path / "tokenizers")) and os.path.isfile(first.path)
 
     def no_training(*args):
         raise AssertionError("trained again instead of loading the cache")
 
     monkeypatch.setattr(tok_lib, "_train", no_training)
-    second = tok_lib.load_tokenizer(DataConfig(vocab_size=300), documents)
+    second = tok_lib.load_tokenizer("", 300, documents)
     assert second.path == first.path and second.encode(documents[0]) == first.encode(documents[0])
     assert os.listdir(tmp_path / "tokenizers") == [os.path.basename(first.path)]  # no temp files left
     with pytest.raises(AssertionError):  # another vocab size is another model
-        tok_lib.load_tokenizer(DataConfig(vocab_size=301), documents)
-    loaded = tok_lib.load_tokenizer(DataConfig(tokenizer=first.path))
+        tok_lib.load_tokenizer("", 301, documents)
+    loaded = tok_lib.load_tokenizer(first.path)
     assert loaded.encode("doc001 river") == first.encode("doc001 river")
 
 
@@ -145,16 +146,16 @@ def test_text_source_file_and_paragraph(tmp_path):
     (tmp_path / "a.txt").write_text(a_text)
     (tmp_path / "b.txt").write_text("only one")
     glob = str(tmp_path / "*.txt")
-    by_file = sources.make_source(DataConfig(source="text", paths=[glob]))
+    by_file = make_source(DataConfig(source="text", paths=[glob]))
     assert [by_file[i] for i in range(len(by_file))] == [a_text, "only one"]
-    by_para = sources.make_source(DataConfig(source="text", paths=(glob,), text_split="paragraph"))
+    by_para = make_source(DataConfig(source="text", paths=(glob,), text_split="paragraph"))
     assert [by_para[i] for i in range(len(by_para))] == ["first para\nline two", "second para", "only one"]
 
 
 def test_jsonl_source(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"text": "héllo"}\n\n{"text": "world", "n": 1}\n')
-    src = sources.make_source(DataConfig(source="jsonl", paths=(str(path),)))
+    src = make_source(DataConfig(source="jsonl", paths=(str(path),)))
     assert len(src) == 2 and (src[0], src[1]) == ("héllo", "world")
 
 
@@ -164,7 +165,7 @@ def test_array_record_source(tmp_path):
     for record in ["plain text doc", json.dumps({"body": "json doc", "x": 1}), "{not json, but text"]:
         writer.write(record.encode())
     writer.close()
-    src = sources.make_source(DataConfig(source="array_record", paths=(path,), text_field="body"))
+    src = make_source(DataConfig(source="array_record", paths=(path,), text_field="body"))
     assert [src[i] for i in range(len(src))] == ["plain text doc", "json doc", "{not json, but text"]
 
 
@@ -189,13 +190,13 @@ def test_tfds_source_and_pipeline(tmp_path, tok):
     TinyTextDocs(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     cfg = DataConfig(source="tfds", tfds_name="tiny_text_docs", tfds_data_dir=str(tmp_path), text_field="content",
                      block_size=32, batch_size=2)
-    src = sources.make_source(cfg)
+    src = make_source(cfg)
     assert sorted(src[i] for i in range(len(src))) == sorted(_doc(i) for i in range(NUM_DOCS))
     assert next(make_train_iterator(cfg, tok))["inputs"].shape == (2, 32)
     with pytest.raises(JaxllmError, match="no field 'text'.*'content'"):
-        sources.make_source(DataConfig(source="tfds", tfds_name="tiny_text_docs", tfds_data_dir=str(tmp_path)))
+        make_source(DataConfig(source="tfds", tfds_name="tiny_text_docs", tfds_data_dir=str(tmp_path)))
     with pytest.raises(JaxllmError, match="cannot open TFDS dataset 'no_such_set'"):
-        sources.make_source(DataConfig(source="tfds", tfds_name="no_such_set", tfds_data_dir=str(tmp_path)))
+        make_source(DataConfig(source="tfds", tfds_name="no_such_set", tfds_data_dir=str(tmp_path)))
 
 
 # ---------------------------------------------------------------- pipeline
@@ -378,7 +379,7 @@ def test_config_validation():
 def test_bad_inputs_raise_clear_errors(tmp_path, docs_cfg, tok):
     def error(**kwargs) -> str:
         with pytest.raises(JaxllmError) as info:
-            sources.make_source(DataConfig(**kwargs))
+            make_source(DataConfig(**kwargs))
         return str(info.value)
 
     assert "matches no files" in error(source="text", paths=(str(tmp_path / "nope*.txt"),))
@@ -396,7 +397,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, docs_cfg, tok):
     with pytest.raises(JaxllmError, match="batch_size=4 is not divisible by the 3 processes"):
         make_train_iterator(docs_cfg, tok, process_index=0, process_count=3)
     with pytest.raises(JaxllmError, match="tokenizer file .*missing.model' not found"):
-        tok_lib.load_tokenizer(DataConfig(tokenizer=str(tmp_path / "missing.model")))
+        tok_lib.load_tokenizer(str(tmp_path / "missing.model"))
     with pytest.raises(JaxllmError, match="validation split is empty.*raise data.val_fraction"):
         make_eval_iterator(dataclasses.replace(docs_cfg, val_fraction=0.0), tok)
     with pytest.raises(JaxllmError, match="validation split is empty .60 documents"):
@@ -406,7 +407,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, docs_cfg, tok):
         check_splits(dataclasses.replace(docs_cfg, block_size=1024, batch_size=16), tok)
     check_splits(dataclasses.replace(docs_cfg, block_size=1024, batch_size=1), tok)  # one row of a batch of one
     with pytest.raises(JaxllmError, match="vocab_size=270 is too small"):
-        tok_lib.load_tokenizer(DataConfig(vocab_size=270), [_doc(i) for i in range(50)])
+        tok_lib.load_tokenizer("", 270, [_doc(i) for i in range(50)])
 
 
 def test_vocab_size_errors_say_which_way_to_go(tmp_path):
@@ -414,6 +415,6 @@ def test_vocab_size_errors_say_which_way_to_go(tmp_path):
     docs.write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(40)))
     cfg = DataConfig(source="jsonl", paths=(str(docs),), vocab_size=5000)
     with pytest.raises(JaxllmError, match=r"data.vocab_size=5000 is too large for this corpus \(at most \d+\); lower"):
-        tok_lib.load_tokenizer(cfg)
+        tokenizer_for(cfg)
     with pytest.raises(JaxllmError, match=r"data.vocab_size=8 is too small for this corpus .*increase"):
-        tok_lib.load_tokenizer(dataclasses.replace(cfg, vocab_size=8))
+        tokenizer_for(dataclasses.replace(cfg, vocab_size=8))

@@ -29,10 +29,10 @@ FAST = ["--config.train.progress=False", "--config.train.eval_batches=2", "--con
 
 def _base(tmp_path_factory, kind: str) -> str:
     """A tiny random HF model folder with a SentencePiece tokenizer trained on the embedded corpus."""
-    from jaxllm.data.pipeline import DataConfig
-    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.data.config import DataConfig
+    from jaxllm.data.pipeline import tokenizer_for
 
-    tok = load_tokenizer(DataConfig(vocab_size=512))
+    tok = tokenizer_for(DataConfig(vocab_size=512))
     out = str(tmp_path_factory.mktemp(kind))
     common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, initializer_range=0.1,
                   bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)

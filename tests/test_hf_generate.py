@@ -93,17 +93,17 @@ def test_tutorial_example_150_sampled_tokens_wrapped_at_75(tmp_path, capsys):
     import shutil
 
     from jaxllm.cli import run as cli_run
-    from jaxllm.data.pipeline import DataConfig
-    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.data.config import DataConfig
+    from jaxllm.data.pipeline import tokenizer_for
 
     torch.manual_seed(0)
-    tokenizer = load_tokenizer(DataConfig(vocab_size=512))
+    tokenizer = tokenizer_for(DataConfig(vocab_size=512))
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, max_position_embeddings=256, initializer_range=0.2,
                                       bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
     shutil.copy(tokenizer.path, tmp_path / "tokenizer.model")
-    from_folder = load_tokenizer(DataConfig(tokenizer=str(tmp_path)))  # a model folder as the run's tokenizer
+    from_folder = tokenizer_for(DataConfig(tokenizer=str(tmp_path)))  # a model folder as the run's tokenizer
     assert from_folder.encode("def f(x):") == tokenizer.encode("def f(x):")
     argv = ["generate", f"--model={tmp_path}", "--prompt=The meaning of life is", "--max_new_tokens=150",
             "--top_k=50", "--top_p=0.9", "--temperature=1.0", "--seed=1"]

@@ -13,7 +13,8 @@ import pytest
 from jaxllm import JaxllmError
 from jaxllm.config import apply_override, build
 from jaxllm.data import mixture
-from jaxllm.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator, split_documents
+from jaxllm.data.config import DataConfig
+from jaxllm.data.pipeline import make_eval_iterator, make_train_iterator, split_documents
 
 BLOCK, BATCH = 32, 4
 STEP_TOKENS = BATCH * (BLOCK + 1)  # what one step of this process reads

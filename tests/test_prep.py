@@ -455,14 +455,14 @@ def test_a_failed_run_leaves_no_shards(corpus_dir, tmp_path, monkeypatch):
 
 
 def test_training_pipeline_reads_prep_shards(corpus_dir, tmp_path):
-    from jaxllm.data.pipeline import DataConfig, make_train_iterator
-    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.data.config import DataConfig
+    from jaxllm.data.pipeline import make_train_iterator, tokenizer_for
 
     out = tmp_path / "out"
     prepare([str(corpus_dir / "*.jsonl"), str(corpus_dir / "*.txt")], str(out), _cfg())
     cfg = DataConfig(source="array_record", paths=(str(out / "*.array_record"),), text_field="text",
                      tokenizer=str(out / "tokenizer.model"), block_size=32, batch_size=4, val_fraction=0.1)
-    tok = load_tokenizer(cfg)
+    tok = tokenizer_for(cfg)
     it = make_train_iterator(cfg, tok)
     for _ in range(3):
         batch = next(it)

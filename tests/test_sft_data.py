@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxllm import JaxllmError
-from jaxllm.data import corpus, sft, sources, tokenizer as tok_lib
-from jaxllm.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator, split_indices
+from jaxllm.data import corpus, sft
+from jaxllm.data.config import CHAT_TEMPLATES, DataConfig, make_source
+from jaxllm.data.pipeline import make_eval_iterator, make_train_iterator, split_indices, tokenizer_for
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 NUM_ROWS = 40
@@ -182,7 +183,7 @@ def test_guanaco_assistant_mask_is_exact(tmp_path, tok):
     assert tok.decode(ids[0]) == texts[0] and tok.decode(ids[1]) == texts[1]
 
 
-@pytest.mark.parametrize("template", sft.CHAT_TEMPLATES)
+@pytest.mark.parametrize("template", CHAT_TEMPLATES)
 def test_messages_mask_per_template(tok, template):
     pieces = sft.render_messages(CHAT, template)
     ids, mask = _example_ids(tok, pieces)
@@ -296,12 +297,12 @@ def test_parquet_source_rows_formats_and_errors(tmp_path, tok):
     pq.write_table(table.slice(0, 25), folder / "train-00000-of-00002.parquet", row_group_size=4)
     pq.write_table(table.slice(25), folder / "train-00001-of-00002.parquet", row_group_size=4)
     glob = str(folder / "train-*.parquet")
-    src = sources.make_source(DataConfig(source="parquet", paths=(glob,), format="messages"))
+    src = make_source(DataConfig(source="parquet", paths=(glob,), format="messages"))
     assert len(src) == NUM_ROWS
     for i in (39, 0, 26, 3, 24, 25):  # across row groups and files, in any order
         assert src[i]["messages"] == rows[i]["messages"]
     assert pickle.loads(pickle.dumps(src))[7]["messages"] == rows[7]["messages"]
-    text_src = sources.make_source(DataConfig(source="parquet", paths=(glob,)))
+    text_src = make_source(DataConfig(source="parquet", paths=(glob,)))
     assert text_src[30] == _guanaco(30)
     cfg = DataConfig(source="parquet", paths=(glob,), format="messages", block_size=128, batch_size=4,
                      val_fraction=0.25)
@@ -310,28 +311,28 @@ def test_parquet_source_rows_formats_and_errors(tmp_path, tok):
                  _take(make_train_iterator(dataclasses.replace(cfg, source="jsonl", paths=(jsonl,)), tok), 3))
     with pytest.raises(JaxllmError, match=r"train-00000-of-00002.parquet: row 0: no field 'prompt' "
                                           r"\(fields: 'id', 'messages', 'text'\); set data.prompt_field"):
-        sources.make_source(DataConfig(source="parquet", paths=(glob,), format="prompt_completion"))
+        make_source(DataConfig(source="parquet", paths=(glob,), format="prompt_completion"))
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(JaxllmError, match="not a readable Parquet file"):
-        sources.make_source(DataConfig(source="parquet", paths=(str(tmp_path / "bad.parquet"),)))
+        make_source(DataConfig(source="parquet", paths=(str(tmp_path / "bad.parquet"),)))
 
 
 def test_jsonl_dict_rows_and_missing_field_errors(tmp_path):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     path = _write_jsonl(tmp_path / "data.jsonl", [good, good, {"question": "q", "answer": "a"}])
     with pytest.raises(JaxllmError) as info:
-        sources.make_source(DataConfig(source="jsonl", paths=(path,), format="messages"))
+        make_source(DataConfig(source="jsonl", paths=(path,), format="messages"))
     assert str(info.value) == (f"{path}:3: no field 'messages' (fields: 'answer', 'question'); set data.messages_field "
                                "to the field that holds it")
     with pytest.raises(JaxllmError, match=r"data.jsonl:1: no field 'text' \(fields: 'messages'\); set data.text_field"):
-        sources.make_source(DataConfig(source="jsonl", paths=(path,), format="sft_text"))
+        make_source(DataConfig(source="jsonl", paths=(path,), format="sft_text"))
     ok = _write_jsonl(tmp_path / "ok.jsonl", [good, {**good, "extra": 1}])
-    src = sources.make_source(DataConfig(source="jsonl", paths=(ok,), format="messages"))
+    src = make_source(DataConfig(source="jsonl", paths=(ok,), format="messages"))
     assert src[0] == good and src[1]["extra"] == 1  # the whole row
     bad_role = _write_jsonl(tmp_path / "role.jsonl", [good, {"messages": [{"role": "gpt", "content": "x"}]}])
     cfg = DataConfig(source="jsonl", paths=(bad_role,), format="messages", val_fraction=0.0, shuffle=False)
     with pytest.raises(JaxllmError, match=r"role.jsonl:2: message 0 has role 'gpt'"):
-        sft.Examples(sources.make_source(cfg), cfg)[1]
+        sft.Examples(make_source(cfg), cfg)[1]
 
 
 def test_array_record_and_text_sources_in_sft_formats(tmp_path):
@@ -342,12 +343,12 @@ def test_array_record_and_text_sources_in_sft_formats(tmp_path):
     for record in [json.dumps({"prompt": "P", "completion": " C"}), "plain"]:
         writer.write(record.encode())
     writer.close()
-    src = sources.make_source(DataConfig(source="array_record", paths=(path,), format="prompt_completion"))
+    src = make_source(DataConfig(source="array_record", paths=(path,), format="prompt_completion"))
     assert src[0] == {"prompt": "P", "completion": " C"}
     with pytest.raises(JaxllmError, match="record 1: plain text, but data.format needs fields 'prompt', 'completion'"):
         src[1]
     (tmp_path / "a.txt").write_text(_guanaco(2))
-    text_src = sources.make_source(DataConfig(source="text", paths=(str(tmp_path / "a.txt"),), format="sft_text"))
+    text_src = make_source(DataConfig(source="text", paths=(str(tmp_path / "a.txt"),), format="sft_text"))
     assert text_src[0] == {"text": _guanaco(2)}
 
 
@@ -367,19 +368,19 @@ def test_embedded_sft_set():
         assert 30 <= len(a) <= corpus.SFT_MAX_ANSWER_CHARS and "\n" not in a
     for fmt in ("sft_text", "messages", "prompt_completion"):
         cfg = DataConfig(source="embedded_sft", format=fmt)
-        examples = sft.Examples(sources.make_source(cfg), cfg)
+        examples = sft.Examples(make_source(cfg), cfg)
         assert [examples[i] for i in (0, 500, len(records) - 1)] == [
             sft.parse_guanaco(records[i]["text"]) for i in (0, 500, len(records) - 1)]
     for template in ("chatml", "llama2"):
         cfg = DataConfig(source="embedded_sft", format="messages", chat_template=template)
-        assert sum(a for _, a in sft.Examples(sources.make_source(cfg), cfg)[10]) == 1
-    assert sources.make_source(DataConfig(source="embedded_sft"))[0] == records[0]["text"]
+        assert sum(a for _, a in sft.Examples(make_source(cfg), cfg)[10]) == 1
+    assert make_source(DataConfig(source="embedded_sft"))[0] == records[0]["text"]
 
 
 def test_tokenizer_trains_on_rendered_sft_text(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
     cfg = DataConfig(source="embedded_sft", format="messages", chat_template="chatml", vocab_size=400)
-    tok = tok_lib.load_tokenizer(cfg)
+    tok = tokenizer_for(cfg)
     assert len(tok.encode("<|im_start|>assistant\n")) < len("<|im_start|>assistant\n") // 2  # learnt the markers
 
 
@@ -423,7 +424,7 @@ def test_resume_through_orbax(qa_cfg, tok, tmp_path):
 
 
 def test_sft_parts_pickle_for_workers(qa_cfg, tok):
-    examples = sft.Examples(sources.make_source(qa_cfg), qa_cfg)
+    examples = sft.Examples(make_source(qa_cfg), qa_cfg)
     tokenize = sft.Tokenize(tok, add_bos=True, add_eos=True, assistant_only=True, max_tokens=49)
     ex2, tok2 = pickle.loads(pickle.dumps((examples, tokenize)))
     a, b = tokenize(examples[3]), tok2(ex2[3])

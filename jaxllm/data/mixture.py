@@ -31,6 +31,7 @@ import grain
 import numpy as np
 
 from jaxllm import JaxllmError
+from jaxllm.data.hashing import mix64
 
 # `data` keys a mixture entry may set; everything else (tokenizer, format, block and batch) is shared.
 COMPONENT_KEYS = ("source", "paths", "text_field", "text_split", "tfds_name", "tfds_split", "tfds_data_dir",
@@ -183,10 +184,8 @@ class _MixtureIterator(grain.DatasetIterator):
 
 def uniform(seed: int, counter: int) -> float:
     """A uniform [0, 1) number from (seed, counter): splitmix64, platform-independent."""
-    x = (seed * 0x9E3779B97F4A7C15 + counter + 1) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return ((x ^ (x >> 31)) >> 11) / float(1 << 53)
+    x = np.uint64((seed * 0x9E3779B97F4A7C15 + counter + 1) & 0xFFFFFFFFFFFFFFFF)
+    return (int(mix64(x)) >> 11) / float(1 << 53)
 
 
 def stage_of(row: Any, field: str, where: str, num_stages: int) -> int:

@@ -18,10 +18,9 @@ SFT formats (`jaxllm.data.sft`) never cut an example across rows: each is trunca
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -30,8 +29,9 @@ from absl import flags
 
 from jaxllm import JaxllmError
 from jaxllm.data import mixture, sft
-from jaxllm.data.sources import SOURCE_NAMES, make_source, source_rows
-from jaxllm.data.tokenizer import Tokenizer
+from jaxllm.data.config import DataConfig, components, make_source, source_rows
+from jaxllm.data.hashing import mix64
+from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
 
 Batch = dict[str, np.ndarray]
 
@@ -39,99 +39,6 @@ _SPLIT_SALT = 0x6A61786C6C6D  # fixes the train/val split: independent of cfg.se
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)  # tokenize documents ahead
 _PREFETCH_BATCHES = 4
 _PACKING_BINS = 32  # SFT rows first-fit packed together (more bins fill rows better; batches still stream)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """The `data` sub-dict of an experiment config."""
-
-    source: str = "embedded"  # embedded | embedded_sft | text | jsonl | parquet | array_record | tfds
-    paths: tuple[str, ...] = ()  # file globs for text / jsonl / parquet / array_record
-    text_field: str = "text"  # JSON / TFDS / ArrayRecord field holding the document
-    text_split: str = "file"  # text source: "file" (one doc per file) or "paragraph" (blank-line blocks)
-    tfds_name: str = ""
-    tfds_split: str = "train"
-    tfds_data_dir: str = ""
-    tokenizer: str = ""  # SentencePiece .model path; "" trains one on the corpus and caches it
-    vocab_size: int = 2048  # vocab of a tokenizer trained on the corpus
-    block_size: int = 128  # tokens per packed training sequence
-    batch_size: int = 8  # global batch (all processes together)
-    val_fraction: float = 0.05  # documents held out for validation (deterministic split)
-    seed: int = 0
-    shuffle: bool = True
-    shuffle_window: int = 2048  # format text: packed sequences shuffled together, so long docs spread out; 0 = off
-    add_bos: bool = True
-    add_eos: bool = True
-    num_workers: int = 0  # Grain multiprocess prefetch workers; 0 = in the main process
-    format: str = "text"  # text (pretrain) | sft_text (`### Human: q### Assistant: a`) | messages | prompt_completion
-    prompt_field: str = "prompt"  # prompt_completion: the prompt column
-    completion_field: str = "completion"  # prompt_completion: the completion column (appended to the prompt)
-    messages_field: str = "messages"  # messages: the column of [{"role": system|user|assistant, "content": str}]
-    chat_template: str = "guanaco"  # messages rendering: guanaco | chatml | llama2
-    loss_on: str = "auto"  # all | assistant (answers + their EOS) | auto (assistant for prompt_completion, else all)
-    packing: bool = True  # SFT: several whole examples per row (first-fit); False = one example per row, padded
-    # Several sources: {name: {source, paths, <field keys>, weight}}, weight a number or ((step, w), ...);
-    # each entry inherits the keys above it does not set (see jaxllm.data.mixture).
-    mixture: Any = None
-    curriculum_field: str = ""  # integer record field naming a document's stage, e.g. "bucket" (jaxllm prep)
-    curriculum_schedule: tuple = ()  # stage weights over steps: ((step, (w0, w1, ...)), ...), linear between
-
-    def __post_init__(self):
-        paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
-        object.__setattr__(self, "paths", paths)
-        object.__setattr__(self, "mixture", mixture.parse_mixture(self.mixture))
-        if bool(self.curriculum_field) != bool(self.curriculum_schedule):
-            raise JaxllmError("data.curriculum_field and data.curriculum_schedule go together: name the stage field "
-                              "(e.g. 'bucket') and give ((step, (w0, w1, ...)), ...) stage weights")
-        if self.curriculum_schedule:
-            object.__setattr__(self, "curriculum_schedule",
-                               mixture.parse_schedule(self.curriculum_schedule, "data.curriculum_schedule"))
-        if self.source not in SOURCE_NAMES:
-            raise JaxllmError(f"data.source={self.source!r} is not known; use one of {', '.join(SOURCE_NAMES)}")
-        if self.text_split not in ("file", "paragraph"):
-            raise JaxllmError(f"data.text_split={self.text_split!r} is not known; use 'file' or 'paragraph'")
-        for name in ("block_size", "batch_size", "vocab_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise JaxllmError(f"data.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise JaxllmError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        if self.shuffle_window < 0:
-            raise JaxllmError(f"data.shuffle_window must be >= 0, got {self.shuffle_window}")
-        if self.num_workers < 0:
-            raise JaxllmError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        for name, known in (("format", sft.FORMATS), ("chat_template", sft.CHAT_TEMPLATES), ("loss_on", sft.LOSS_ON)):
-            if getattr(self, name) not in known:
-                raise JaxllmError(f"data.{name}={getattr(self, name)!r} is not known; use one of {', '.join(known)}")
-        for name in ("text_field", "prompt_field", "completion_field", "messages_field"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise JaxllmError(f"data.{name} must name a field, got {getattr(self, name)!r}")
-        if not isinstance(self.packing, bool):
-            raise JaxllmError(f"data.packing must be True or False, got {self.packing!r}")
-        if self.format == "text" and self.loss_on == "assistant":
-            raise JaxllmError("data.loss_on='assistant' needs data.format sft_text, messages or prompt_completion")
-        if self.format == "text" and not self.packing:
-            raise JaxllmError("data.packing=False needs an SFT data.format; format 'text' always concatenates docs")
-        if self.format in ("messages", "prompt_completion") and self.source in ("embedded", "text"):
-            raise JaxllmError(f"data.format={self.format!r} needs records with fields, but data.source={self.source!r} "
-                              "gives plain text; use jsonl, parquet, array_record, tfds or embedded_sft")
-        if self.curriculum_field and not self.mixture and self.source in ("embedded", "text"):
-            raise JaxllmError(f"data.curriculum_field={self.curriculum_field!r} needs records with fields, but "
-                              f"data.source={self.source!r} gives plain text; prepare it with `jaxllm prep` (its shards "
-                              "hold a 'bucket' field) and read them with data.source='array_record'")
-        components(self)  # each mixture entry is a valid data config
-
-
-def components(cfg: DataConfig) -> list[tuple[str, DataConfig]]:
-    """(name, data config) of each source `cfg` reads: the mixture's entries, or ("", cfg) alone."""
-    if not cfg.mixture:
-        return [("", cfg)]
-    out = []
-    for c in cfg.mixture:
-        try:
-            out.append((c.name, dataclasses.replace(cfg, mixture=None, **dict(c.overrides))))
-        except JaxllmError as e:
-            raise JaxllmError(f"data.mixture.{c.name}: {e}") from None
-    return out
 
 
 def make_train_iterator(
@@ -166,7 +73,7 @@ def _token_stream(cfg: DataConfig, tokenizer: Tokenizer, train_docs: grain.MapDa
     if cfg.shuffle:
         docs = docs.shuffle(seed=_shuffle_seed(cfg.seed, *salt))
     docs = docs.repeat()  # reshuffles every epoch (upstream shuffle is reseeded per epoch)
-    tokens = docs.map(_tokenize_fn(cfg, tokenizer)).to_iter_dataset(_READ_OPTIONS)
+    tokens = docs.map(tokenize_fn(cfg, tokenizer)).to_iter_dataset(_READ_OPTIONS)
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app they are unparsed
             flags.FLAGS.mark_as_parsed()
@@ -224,7 +131,7 @@ def make_eval_iterator(
         raise JaxllmError(f"the validation split is empty (data.val_fraction={cfg.val_fraction}); evaluation needs "
                           "at least one document: raise data.val_fraction or add data")
     docs = val_docs[process_index::process_count]
-    tokens = docs.map(_tokenize_fn(cfg, tokenizer)).to_iter_dataset(
+    tokens = docs.map(tokenize_fn(cfg, tokenizer)).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     )
     if cfg.format == "text":
@@ -245,7 +152,7 @@ def check_splits(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 
     if cfg.mixture or cfg.curriculum_field:  # each stream repeats on its own; emptiness is checked per stream
         return
     docs, length = train_docs[process_index::process_count], cfg.block_size + 1
-    tokenize, examples, total = _tokenize_fn(cfg, tokenizer), [], 0
+    tokenize, examples, total = tokenize_fn(cfg, tokenizer), [], 0
     for i in range(len(docs)):  # rows hold <= `length` tokens: once a batch's worth is here, it fills a batch
         examples.append(tokenize(docs[i]))
         total += len(examples[-1]["tokens"])
@@ -290,7 +197,7 @@ def split_indices(num_docs: int, val_fraction: float) -> tuple[np.ndarray, np.nd
     if val_fraction > 0 and num_docs >= 2:
         num_val = max(num_val, 1)
     num_val = min(num_val, num_docs - 1) if num_docs else 0
-    order = np.argsort(_mix64(np.arange(num_docs, dtype=np.uint64) ^ np.uint64(_SPLIT_SALT)), kind="stable")
+    order = np.argsort(mix64(np.arange(num_docs, dtype=np.uint64) ^ np.uint64(_SPLIT_SALT)), kind="stable")
     return np.sort(order[num_val:]), np.sort(order[:num_val])
 
 
@@ -300,12 +207,18 @@ def document_texts(cfg: DataConfig) -> Sequence[str]:
     return source if cfg.format == "text" else sft.Texts(source)
 
 
+def tokenizer_for(cfg: DataConfig) -> Tokenizer:
+    """`cfg.tokenizer` (a `.model` file or a model folder), or one trained on `cfg`'s documents (cached)."""
+    return load_tokenizer(cfg.tokenizer, cfg.vocab_size, () if cfg.tokenizer else document_texts(cfg))
+
+
 def _documents(cfg: DataConfig) -> Sequence:
     """The documents of one source (not a mixture)."""
     return make_source(cfg) if cfg.format == "text" else sft.Examples(make_source(cfg), cfg)
 
 
-def _tokenize_fn(cfg: DataConfig, tokenizer: Tokenizer):
+def tokenize_fn(cfg: DataConfig, tokenizer: Tokenizer) -> Callable[[Any], dict[str, np.ndarray]]:
+    """Document (or SFT pieces) -> {"tokens"} (and {"mask"}), as the pipeline tokenizes `cfg`'s source."""
     if cfg.format == "text":
         return _Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)
     return sft.Tokenize(tokenizer, add_bos=cfg.add_bos, add_eos=cfg.add_eos, assistant_only=sft.assistant_only(cfg),
@@ -328,14 +241,6 @@ def _shuffle_seed(seed: int, *salt: Any) -> int:
     epochs (0's second is 1's first); hashing the seed first keeps runs apart (and `salt`, streams)."""
     key = "-".join(map(str, ("jaxllm-shuffle", seed, *salt)))
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer: a well-mixed, platform-independent hash of uint64s."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
 
 
 def _pack_and_batch(tokens: grain.IterDataset, block_size: int, local_batch: int, *, shuffle_window: int = 0,

@@ -10,20 +10,15 @@ encoded as continuations (no SentencePiece dummy-prefix space), so the ids decod
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from jaxllm import JaxllmError
+from jaxllm.data.config import DataConfig
 from jaxllm.data.sources import RowSource
+from jaxllm.data.tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from jaxllm.data.pipeline import DataConfig
-    from jaxllm.data.tokenizer import Tokenizer
-
-FORMATS: tuple[str, ...] = ("text", "sft_text", "messages", "prompt_completion")
-CHAT_TEMPLATES: tuple[str, ...] = ("guanaco", "chatml", "llama2")
-LOSS_ON: tuple[str, ...] = ("auto", "all", "assistant")
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"  # timdettmers/openassistant-guanaco turn markers
 

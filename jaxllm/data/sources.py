@@ -11,21 +11,17 @@ Sources are picklable: Grain ships them to its worker processes.
 from __future__ import annotations
 
 import bisect
-import functools
 import glob
 import json
 import os
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from jaxllm import JaxllmError
 from jaxllm.data.corpus import embedded_documents, embedded_sft_records
-
-if TYPE_CHECKING:
-    from jaxllm.data.pipeline import DataConfig
 
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # one or more blank lines
 
@@ -267,62 +263,6 @@ class TfdsSource(RowSource):
 
     def __repr__(self) -> str:
         return f"TfdsSource({self._name}, {len(self)} examples)"
-
-
-SOURCE_NAMES: tuple[str, ...] = ("embedded", "embedded_sft", "text", "jsonl", "parquet", "array_record", "tfds")
-
-
-def make_source(cfg: DataConfig) -> Sequence[str] | Sequence[dict[str, Any]]:
-    """The rows of `cfg.source`: `str` documents for `cfg.format == "text"`, else dicts holding the
-    format's fields (cached: a JSONL scan runs once, not every eval)."""
-    return _make_source(cfg.source, cfg.paths, row_fields(cfg), cfg.format != "text", cfg.text_split,
-                        cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
-
-
-def source_rows(cfg: DataConfig, fields: Fields) -> RowSource:
-    """Whole rows (dicts) of `cfg.source`, each checked to hold `fields`: for keys besides the text."""
-    return _make_source(cfg.source, cfg.paths, fields, True, cfg.text_split, cfg.tfds_name, cfg.tfds_split,
-                        cfg.tfds_data_dir)
-
-
-def row_fields(cfg: DataConfig) -> Fields:
-    """The fields `cfg.format` reads from each row, with the config keys that name them."""
-    if cfg.format == "messages":
-        return (("messages_field", cfg.messages_field),)
-    if cfg.format == "prompt_completion":
-        return (("prompt_field", cfg.prompt_field), ("completion_field", cfg.completion_field))
-    return (("text_field", cfg.text_field),)
-
-
-@functools.lru_cache(maxsize=4)
-def _make_source(
-    source: str,
-    paths: tuple[str, ...],
-    fields: Fields,
-    whole_row: bool,
-    text_split: str,
-    tfds_name: str,
-    tfds_split: str,
-    tfds_dir: str,
-) -> RowSource:
-    rows = dict(fields=fields, whole_row=whole_row)
-    if source == "embedded":
-        return EmbeddedSource(**rows)
-    if source == "embedded_sft":
-        return EmbeddedSftSource(**rows)
-    if source == "text":
-        return TextSource(paths, text_split, **rows)
-    if source == "jsonl":
-        return JsonlSource(paths, **rows)
-    if source == "parquet":
-        from jaxllm.data.parquet import ParquetSource  # pylint: disable=g-import-not-at-top  (imports pyarrow)
-
-        return ParquetSource(paths, **rows)
-    if source == "array_record":
-        return ArrayRecordSource(paths, **rows)
-    if source == "tfds":
-        return TfdsSource(tfds_name, tfds_split, tfds_dir, **rows)
-    raise JaxllmError(f"data.source={source!r} is not known; use one of {', '.join(SOURCE_NAMES)}")
 
 
 def expand_globs(patterns: Sequence[str], kind: str) -> list[str]:

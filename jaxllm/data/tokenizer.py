@@ -1,4 +1,5 @@
-"""SentencePiece tokenizers: load a `.model` file, or train a small BPE one on the corpus and cache it.
+"""Tokenizers: a SentencePiece `.model` file, a model folder's `tokenizer.json` (Hugging Face) or
+`tokenizer.model`, or a small BPE trained on the corpus and cached.
 
 A trained tokenizer is cached under `$JAXLLM_CACHE_DIR/tokenizers/<fingerprint>.model`, keyed by the
 training text and every training setting, so a second run (or every host of a multi-host job) loads
@@ -12,17 +13,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
 
-from jaxllm import JaxllmError
-
-if TYPE_CHECKING:
-    from jaxllm.data.pipeline import DataConfig
+from jaxllm import JaxllmError, atomic
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -53,7 +50,7 @@ class Tokenizer:
 
     def __init__(self, model_proto: bytes, path: str):
         self.path = path
-        self._proto = model_proto
+        self.proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self._sp_continuation: spm.SentencePieceProcessor | None = None  # built on first use
         self.vocab_size: int = self._sp.get_piece_size()
@@ -87,7 +84,7 @@ class Tokenizer:
             # Protobuf merges a repeated message field into the first and the last scalar wins, so
             # appending `normalizer_spec { add_dummy_prefix: false }` (field 3 { field 3 = 0 }) turns the
             # prefix off without the generated ModelProto class, whose protobuf pin other packages clash with.
-            self._sp_continuation = spm.SentencePieceProcessor(model_proto=self._proto + b"\x1a\x02\x18\x00")
+            self._sp_continuation = spm.SentencePieceProcessor(model_proto=self.proto + b"\x1a\x02\x18\x00")
         return self._sp_continuation.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -95,7 +92,7 @@ class Tokenizer:
         return self._sp.decode([int(i) for i in ids if int(i) != self.pad_id])
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "proto": self._proto}
+        return {"path": self.path, "proto": self.proto}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["proto"], state["path"])
@@ -104,29 +101,63 @@ class Tokenizer:
         return f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
 
 
+class HFTokenizer:
+    """A `tokenizer.json` (the `tokenizers` package): vocab_size, bos_id, eos_id, pad_id (-1 = none),
+    encode (no special tokens added), decode (pad dropped), path; picklable for Grain workers."""
+
+    def __init__(self, tokenizer_json: str, path: str, special: dict[str, str | None]):
+        import tokenizers  # pylint: disable=g-import-not-at-top  (only needed for HF folders)
+
+        self.path, self._json, self._special = path, tokenizer_json, special
+        self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+
+        def token_id(token):
+            found = self._tok.token_to_id(token) if token else None
+            return -1 if found is None else found
+
+        self.bos_id: int = token_id(special.get("bos"))
+        self.eos_id: int = token_id(special.get("eos"))
+        self.pad_id: int = token_id(special.get("pad"))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` continuing earlier text: a tokenizer that prepends a space marker to every
+        encode (Llama's Metaspace) does not here. Encodes after a newline anchor and drops its ids."""
+        anchor = self._tok.encode("\n", add_special_tokens=False).ids
+        ids = self._tok.encode("\n" + text, add_special_tokens=False).ids
+        return ids[len(anchor):] if ids[:len(anchor)] == anchor else self.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id], skip_special_tokens=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"json": self._json, "path": self.path, "special": self._special}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["json"], state["path"], state["special"])
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
+
+
 def cache_dir() -> str:
     """Root of jaxllm's on-disk cache: `$JAXLLM_CACHE_DIR`, default `~/.cache/jaxllm`."""
     return os.path.expanduser(os.environ.get("JAXLLM_CACHE_DIR") or "~/.cache/jaxllm")
 
 
-def load_tokenizer(cfg: DataConfig, documents: Sequence[str] | None = None) -> Tokenizer:
-    """The tokenizer of `cfg`: a SentencePiece `.model` file or a model folder (its `tokenizer.json` or
-    `tokenizer.model`) at `cfg.tokenizer`, or one trained on the corpus (cached).
-
-    `documents` defaults to the documents of `cfg`'s source (SFT examples as the model reads them).
-    """
-    if cfg.tokenizer and os.path.isdir(os.path.expanduser(cfg.tokenizer)):
-        from jaxllm.hf.tokenizer import load_tokenizer_from_folder  # pylint: disable=g-import-not-at-top
-
-        return load_tokenizer_from_folder(os.path.expanduser(cfg.tokenizer), vocab_size=1 << 62)  # run checks
-    if cfg.tokenizer:
-        return Tokenizer.from_file(os.path.expanduser(cfg.tokenizer))
-    if documents is None:
-        from jaxllm.data.pipeline import document_texts  # pylint: disable=g-import-not-at-top
-
-        documents = document_texts(cfg)
+def load_tokenizer(path: str, vocab_size: int = 0, documents: Sequence[str] = ()) -> Tokenizer | HFTokenizer:
+    """The tokenizer at `path`: a SentencePiece `.model` file or a model folder (its `tokenizer.json` or
+    `tokenizer.model`); for path "", a `vocab_size` BPE trained on `documents` (cached)."""
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        return load_tokenizer_from_folder(path, vocab_size=1 << 62)  # run checks
+    if path:
+        return Tokenizer.from_file(path)
     texts = _training_sample(documents)
-    settings = dict(_TRAINER_SETTINGS, vocab_size=cfg.vocab_size)
+    settings = dict(_TRAINER_SETTINGS, vocab_size=vocab_size)
     key = dict(settings, max_sentences=_TRAIN_MAX_SENTENCES, sentencepiece=spm.__version__)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for text in texts:
@@ -136,8 +167,60 @@ def load_tokenizer(cfg: DataConfig, documents: Sequence[str] | None = None) -> T
     if os.path.isfile(path):
         return Tokenizer.from_file(path)
     proto = _train(texts, settings)
-    _write_atomically(path, proto)
+    try:
+        atomic.write(path, proto)
+    except OSError as e:
+        raise JaxllmError(f"cannot write the tokenizer cache {path!r} ({e}); set JAXLLM_CACHE_DIR to a writable "
+                          "folder") from None
     return Tokenizer(proto, path)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise JaxllmError(f"{path} is not valid JSON ({e})") from None
+
+
+def _special_tokens(folder: str) -> dict[str, str | None]:
+    """bos/eos/pad token strings from tokenizer_config.json, else special_tokens_map.json."""
+    out: dict[str, str | None] = {}
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
+        data = _read_json(os.path.join(folder, file))
+        for kind in ("bos", "eos", "pad"):
+            token = data.get(f"{kind}_token")
+            if isinstance(token, dict):
+                token = token.get("content")
+            if token:
+                out[kind] = token
+    return out
+
+
+def load_tokenizer_from_folder(path: str, vocab_size: int | None = None) -> HFTokenizer | Tokenizer:
+    """`tokenizer.json` or SentencePiece `tokenizer.model` of a model folder. A vocab larger than the
+    model's (`vocab_size`, default config.json's) is an error: its ids would index past the embedding."""
+    path = os.path.expanduser(path)
+    json_file, sp_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")
+    if os.path.isfile(json_file):
+        with open(json_file) as f:
+            text = f.read()
+        try:
+            tokenizer: HFTokenizer | Tokenizer = HFTokenizer(text, json_file, _special_tokens(path))
+        except Exception as e:  # tokenizers raises plain Exception on malformed files
+            raise JaxllmError(f"{json_file} is not a tokenizers file ({e})") from None
+    elif os.path.isfile(sp_file):
+        tokenizer = Tokenizer.from_file(sp_file)
+    else:
+        raise JaxllmError(f"{path}: no tokenizer.json or tokenizer.model; copy the model's tokenizer files there")
+    if vocab_size is None:
+        vocab_size = _read_json(os.path.join(path, "config.json")).get("vocab_size")
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise JaxllmError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                          f"{vocab_size}; use the tokenizer the model was trained with")
+    return tokenizer
 
 
 def _training_sample(documents: Sequence[str]) -> list[str]:
@@ -202,24 +285,3 @@ def _train(texts: list[str], settings: dict[str, Any]) -> bytes:
             ) from None
         raise JaxllmError(f"SentencePiece training failed: {msg}") from None
     return model.getvalue()
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    """Writes a temp file in the target folder and renames it over `path` (atomic on POSIX)."""
-    folder = os.path.dirname(path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".model")
-    except OSError as e:
-        raise JaxllmError(f"cannot write the tokenizer cache in {folder!r} ({e}); set JAXLLM_CACHE_DIR "
-                          "to a writable folder") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

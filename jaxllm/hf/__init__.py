@@ -7,8 +7,8 @@
 jaxllm never imports torch; only numpy, safetensors and (for tokenizer.json) tokenizers.
 """
 
+from jaxllm.data.tokenizer import HFTokenizer, load_tokenizer_from_folder
 from jaxllm.hf.config import family, hf_config_from_model, model_config_from_hf
-from jaxllm.hf.tokenizer import HFTokenizer, load_tokenizer_from_folder
 from jaxllm.hf.weights import load_pretrained, save_pretrained
 from jaxllm.hf.peft import load_adapter, save_adapter
 

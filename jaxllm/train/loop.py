@@ -18,8 +18,13 @@ from jax.experimental import multihost_utils
 from jaxllm import JaxllmError, tree
 from jaxllm import sharding as shd
 from jaxllm.config import to_json
-from jaxllm.data.pipeline import check_splits, make_eval_iterator, make_train_iterator
-from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxllm.data.pipeline import (
+    check_splits,
+    make_eval_iterator,
+    make_train_iterator,
+    tokenizer_for,
+)
+from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.distributed import initialize
 from jaxllm.generate import GenerateConfig, generate, wrap
 from jaxllm.hf.peft import load_adapter
@@ -88,7 +93,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _tokenizer(run: Run) -> Tokenizer:
     """The run's tokenizer, checked against the model and the data splits (before any weights load)."""
-    tokenizer = load_tokenizer(run.data)
+    tokenizer = tokenizer_for(run.data)
     if tokenizer.vocab_size > run.model.vocab_size:
         raise JaxllmError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model.vocab_size="
                           f"{run.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")

@@ -10,7 +10,7 @@ import ml_collections
 from jaxllm import JaxllmError
 from jaxllm import sharding as shd
 from jaxllm.config import build, check_sections
-from jaxllm.data.pipeline import DataConfig
+from jaxllm.data.config import DataConfig
 from jaxllm.distributed import DistributedConfig
 from jaxllm.generate import GenerateConfig
 from jaxllm.models import lora

@@ -31,7 +31,6 @@ import os
 import shutil
 import tempfile
 import time
-import types
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -51,7 +50,7 @@ except ImportError:
 from jaxllm.data.prep import core, curriculum
 from jaxllm.data.prep.config import PrepConfig
 from jaxllm.data.prep.dedup import NearDuplicateIndex, near_match
-from jaxllm.data.prep.output import _OUR_FILES, _WRITER_OPTIONS, SHARD_PATTERN, render_report
+from jaxllm.data.prep.output import OUR_FILES, SHARD_PATTERN, WRITER_OPTIONS, render_report
 from jaxllm.data.prep.readers import KINDS, Reader, file_kind, resolve_inputs
 
 _PARTIAL = "stats.partial.json"
@@ -286,17 +285,17 @@ class _StageCounts(beam.CombineFn):
         self.cfg = cfg
 
     def create_accumulator(self):
-        return {name: core._stage(enabled) for name, enabled in _enabled(self.cfg).items()}
+        return core.stage_counts(self.cfg)
 
     def add_input(self, acc, item):
         _, r, verdict = item
-        if core._account(acc, r):
+        if core.account(acc, r):
             reason, candidates = verdict
             if self.cfg.dedup.near and reason != "exact_duplicate":
                 acc["near_dedup"]["notes"]["candidate_pairs_checked"] += candidates
-            if core._count_dedup(acc, r, reason):
+            if core.count_dedup(acc, r, reason):
                 for variant in r.variants:
-                    core._count_variant(acc["augment"], variant)
+                    core.count_variant(acc["augment"], variant)
         return acc
 
     def merge_accumulators(self, accumulators):
@@ -388,7 +387,7 @@ def _train_tokenizer(index: dict, cfg: PrepConfig, sample: list) -> tuple[str, b
     if not n:
         return "", None, False
     name, tokenizer, copy = core.load_prep_tokenizer(cfg, _Sample(n, dict(sample)))
-    return name, (getattr(tokenizer, "_proto", None) if copy else None), copy
+    return name, (tokenizer.proto if copy else None), copy
 
 
 def _tokenizer_of(cfg: PrepConfig, model: tuple[str, bytes | None, bool]):
@@ -397,8 +396,7 @@ def _tokenizer_of(cfg: PrepConfig, model: tuple[str, bytes | None, bool]):
     _, proto, _ = model
     if proto is not None:
         return Tokenizer(proto, "tokenizer.model")
-    return load_tokenizer(types.SimpleNamespace(tokenizer=os.path.expanduser(cfg.tokenize.tokenizer),
-                                                vocab_size=cfg.tokenize.vocab_size))
+    return load_tokenizer(cfg.tokenize.tokenizer, cfg.tokenize.vocab_size)
 
 
 def _order(scores: list, cfg: PrepConfig, tokenize: bool, index: dict, model: tuple) -> dict[str, Any]:
@@ -430,7 +428,7 @@ def _to_shard(item, cfg: PrepConfig):
     row, (rank, score, bucket) = joined["record"][0], joined["rank"][0]
     ids = joined["tokens"][0] if joined["tokens"] else None
     record = core.output_record(cfg, row, score, bucket, ids)
-    return rank // cfg.output.records_per_shard, (rank, record, 0 if ids is None else len(ids), core._nbytes(row["text"]))
+    return rank // cfg.output.records_per_shard, (rank, record, 0 if ids is None else len(ids), core.nbytes(row["text"]))
 
 
 def _write_shard(item, tmp: str, index: dict, cfg: PrepConfig) -> dict[str, Any]:
@@ -443,7 +441,7 @@ def _write_shard(item, tmp: str, index: dict, cfg: PrepConfig) -> dict[str, Any]
     name = SHARD_PATTERN.format(index=shard, count=count)
     with tempfile.TemporaryDirectory() as local:
         path = os.path.join(local, name)
-        writer = array_record_module.ArrayRecordWriter(path, _WRITER_OPTIONS)
+        writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
         for _, record, _, _ in records:
             writer.write(record)
         writer.close()
@@ -455,19 +453,19 @@ def _write_shard(item, tmp: str, index: dict, cfg: PrepConfig) -> dict[str, Any]
 def _finish(_, inputs: list[str], cfg: PrepConfig, out_path: str, tmp: str, stage_counts: dict, input_counts: list,
             model: tuple, scored: dict, shards: list) -> None:
     """stats (as the local runner builds them) and the tokenizer, into the temp folder."""
-    stages = {name: core._stage(enabled) for name, enabled in _enabled(cfg).items()}
+    stages = core.stage_counts(cfg)
     stages.update({k: v for k, v in stage_counts.items() if k not in ("input", "tokenize", "curriculum")})
     reader = Reader(cfg.input)
     for _, counts, unreadable in sorted(input_counts, key=lambda c: c[0]):
         reader.counts.update(counts)
         reader.unreadable += unreadable
-    core._finish_input(stages["input"], reader)
+    core.finish_input(stages["input"], reader)
     name, proto, copy = model
     tok = stages["tokenize"]
-    core._count_all(tok, stages["augment"])
+    core.count_all(tok, stages["augment"])
     if scored["tokens"] is not None:
         tok["notes"].update(tokens=scored["tokens"], tokenizer=name)
-    core._count_all(stages["curriculum"], tok)
+    core.count_all(stages["curriculum"], tok)
     shards = [{k: v for k, v in s.items() if k != "index"} for s in sorted(shards, key=lambda s: s["index"])]
     stats = core.summarize(inputs, stages, cfg, out_path, name, "tokenizer.model" if copy else "", shards,
                            scored["tokens"], np.asarray(scored["length"]), np.asarray(scored["score"]),
@@ -477,11 +475,6 @@ def _finish(_, inputs: list[str], cfg: PrepConfig, out_path: str, tmp: str, stag
     if copy and proto is not None:
         _write_bytes(_join(tmp, "tokenizer.model"), proto)
     _write_bytes(_join(tmp, _PARTIAL), json.dumps(stats, default=str).encode())
-
-
-def _enabled(cfg: PrepConfig) -> dict[str, bool]:
-    return dict(zip(core.STAGES, (True, cfg.clean.enabled, cfg.quality.enabled, cfg.dedup.exact, cfg.dedup.near,
-                                  cfg.augment.enabled, cfg.tokenize.enabled, cfg.curriculum.enabled)))
 
 
 # ------------------------------------------------------------------ files through Beam's FileSystems
@@ -535,7 +528,7 @@ class _Output:
         self.path = path if _is_remote(path) else os.path.abspath(os.path.expanduser(path))
         if not _is_remote(path) and os.path.exists(self.path) and not os.path.isdir(self.path):
             raise JaxllmError(f"--output {path!r} is a file; give a folder")
-        self._old = [m.path for pattern in _OUR_FILES
+        self._old = [m.path for pattern in OUR_FILES
                      for result in FileSystems.match([_join(self.path, pattern)]) for m in result.metadata_list]
         if self._old and not overwrite:
             raise JaxllmError(f"--output {path!r} already holds prep output; pick another folder or pass "

@@ -77,14 +77,9 @@ def _c4_keeps(line: str, cfg: QualityConfig) -> bool:
 def language_identifier():
     """langid.py's bundled model with normalized probabilities (loaded once per process)."""
     global _LANGID  # pylint: disable=global-statement
-    if _LANGID is None:
-        try:
-            from langid.langid import LanguageIdentifier, model  # pylint: disable=g-import-not-at-top
-        except ImportError:
-            from jaxllm import JaxllmError  # pylint: disable=g-import-not-at-top
+    if _LANGID is None:  # QualityConfig checked that langid is installed
+        from langid.langid import LanguageIdentifier, model  # pylint: disable=g-import-not-at-top
 
-            raise JaxllmError("quality.languages needs langid: pip install 'jaxllm[langid]' (or langid), or set "
-                              "quality.languages=()") from None
         _LANGID = LanguageIdentifier.from_modelstring(model, norm_probs=True)
     return _LANGID
 

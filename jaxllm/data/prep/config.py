@@ -70,10 +70,12 @@ class QualityConfig:
         object.__setattr__(self, "languages", languages)
         if not 0.0 <= self.min_language_score <= 1.0:
             raise JaxllmError(f"quality.min_language_score must be in [0, 1], got {self.min_language_score}")
-        if self.languages and self.enabled:
-            from jaxllm.data.prep.clean import language_identifier  # pylint: disable=g-import-not-at-top
-
-            language_identifier()  # fail now, with how to install it, not in a worker
+        if self.languages and self.enabled:  # fail now, with how to install it, not in a worker
+            try:
+                import langid.langid  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+            except ImportError:
+                raise JaxllmError("quality.languages needs langid: pip install 'jaxllm[langid]' (or langid), or set "
+                                  "quality.languages=()") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import time
-import types
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -82,14 +81,14 @@ class DocStage:
 
     def one(self, text: str, source: str, value: float | None) -> Processed:
         cfg = self.cfg
-        size = _nbytes(text)
+        size = nbytes(text)
         if cfg.clean.enabled:
             cleaned, reason = clean(text, cfg.clean)
             if cleaned is None:
                 return Processed(None, source, value, size, 0, "clean", reason, True, 0, None, None, [])
         else:
             cleaned = text
-        changed, clean_size, lines_removed = cleaned != text, _nbytes(cleaned), 0
+        changed, clean_size, lines_removed = cleaned != text, nbytes(cleaned), 0
         if cfg.quality.enabled:
             kept, reason, lines_removed = quality(cleaned, cfg.quality)
             if kept is None:
@@ -103,140 +102,162 @@ class DocStage:
 
 
 class TokenizeStage:
-    """Texts -> int32 token ids (runs in workers; the tokenizer loads once per process)."""
+    """Texts -> int32 token ids (runs in workers; the tokenizer is pickled to each worker once)."""
 
-    def __init__(self, tokenizer: str, vocab_size: int):
-        self.spec = types.SimpleNamespace(tokenizer=tokenizer, vocab_size=vocab_size)
-        self._tokenizer = None
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
-        if self._tokenizer is None:
-            from jaxllm.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-
-            self._tokenizer = load_tokenizer(self.spec)
-        return [np.asarray(self._tokenizer.encode(t), np.int32) for t in texts]
-
-    def __getstate__(self) -> dict:
-        return {"spec": self.spec, "_tokenizer": None}
+        return [np.asarray(self.tokenizer.encode(t), np.int32) for t in texts]
 
 
 def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir, cfg: PrepConfig,
              start: float) -> dict[str, Any]:
-    stages = {name: _stage(enabled) for name, enabled in zip(STAGES, (
-        True, cfg.clean.enabled, cfg.quality.enabled, cfg.dedup.exact, cfg.dedup.near, cfg.augment.enabled,
-        cfg.tokenize.enabled, cfg.curriculum.enabled))}
+    """The three passes of the module docstring, then stats.json and report.md."""
+    stages = stage_counts(cfg)
     workers = cfg.num_workers or os.cpu_count() or 1
-    spool = Spool(out.temp("docs.spool"))
-    chars, values = array.array("q"), array.array("d")
+    kept = _Kept(out.temp("docs.spool"))
+    _read_clean_dedup(resolved, cfg, stages, kept, workers)
+    seconds = {"read_clean_filter_dedup": time.time() - start}
+    count_all(stages["tokenize"], stages["augment"])
+    tokens = _tokenize(cfg, kept.spool, out, workers) if cfg.tokenize.enabled and len(kept.spool) else None
+    if tokens is not None:
+        stages["tokenize"]["notes"].update(tokens=int(sum(tokens.counts)), tokenizer=tokens.name)
+    seconds["tokenize"] = time.time() - start - sum(seconds.values())
+    length = np.asarray(tokens.counts if tokens is not None else kept.chars, np.float64)
+    score, bucket, order = _curriculum(cfg, kept, tokens, length)
+    count_all(stages["curriculum"], stages["tokenize"])
+    shards, files = _write_shards(cfg, out, kept.spool, tokens, score, bucket, order)
+    seconds["score_and_write"] = time.time() - start - sum(seconds.values())
+    kept.spool.close()
+    if tokens is not None:
+        tokens.spool.close()
+    name, file = (tokens.name, tokens.file) if tokens is not None else ("", "")
+    stats = summarize(inputs, stages, cfg, out.path, name, file, shards,
+                      None if tokens is None else int(sum(tokens.counts)), length, score, bucket, start)
+    stats["pass_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    write_outputs(out, stats, files, file)
+    return stats
 
-    def keep(text: str, source: str, value: float | None) -> None:
-        spool.append(json.dumps({"text": text, "source": source, "value": value}, ensure_ascii=False).encode())
-        chars.append(len(text))
-        values.append(math.nan if value is None else value)
 
-    # ---- pass 1: read, clean, filter, dedup, augment
+class _Kept:
+    """The documents pass 1 keeps: JSON records in a spool, and each one's length and field value."""
+
+    def __init__(self, path: str):
+        self.spool, self.chars, self.values = Spool(path), array.array("q"), array.array("d")
+
+    def add(self, text: str, source: str, value: float | None) -> None:
+        self.spool.append(json.dumps({"text": text, "source": source, "value": value}, ensure_ascii=False).encode())
+        self.chars.append(len(text))
+        self.values.append(math.nan if value is None else value)
+
+
+class _Tokens(NamedTuple):
+    """Pass 2's result: tokenizer name and output file ("" if none), each record's ids, their counts, id counts."""
+
+    name: str
+    file: str
+    spool: Spool
+    counts: array.array
+    id_counts: np.ndarray
+
+
+def _read_clean_dedup(resolved: list[tuple[str, str]], cfg: PrepConfig, stages: dict, kept: _Kept,
+                      workers: int) -> None:
+    """Pass 1: read, clean, filter and sign in workers, deduplicate here, augment; the documents kept go
+    to `kept`, the counts to `stages`."""
     reader = Reader(cfg.input, cfg.curriculum.field)
     dedup = Deduplicator(cfg.dedup)
     paraphrase = augment.Paraphraser(cfg.augment) if cfg.augment.enabled and cfg.augment.paraphrase_model else None
     waiting: list[Processed] = []
     aug = stages["augment"]
-
-    def paraphrase_waiting() -> None:
-        for doc, text in zip(waiting, paraphrase([d.text for d in waiting]) if waiting else []):
-            if text:
-                keep(text, f"paraphrase:{doc.source}", doc.value)
-                _count_out(aug, text)
-                aug["notes"]["paraphrases"] += 1
-        waiting.clear()
-
     bar = tqdm(desc="prep: clean, filter, dedup", unit=" doc", disable=not cfg.progress)
     for results in parallel_map(DocStage(cfg), batched(reader.read(resolved), _BATCH), workers):
         bar.update(len(results))
         for r in results:
-            if not _account(stages, r):
+            if not account(stages, r):
                 continue
-            if not _count_dedup(stages, r, dedup.check(r.key, r.sig)):
+            if not count_dedup(stages, r, dedup.check(r.key, r.sig)):
                 continue
-            keep(r.text, r.source, r.value)
+            kept.add(r.text, r.source, r.value)
             for variant in r.variants:
-                keep(variant, f"eda:{r.source}", r.value)
-                _count_variant(aug, variant)
+                kept.add(variant, f"eda:{r.source}", r.value)
+                count_variant(aug, variant)
             if paraphrase is not None and augment.wants_paraphrase(r.text, cfg.augment):
                 waiting.append(r)
                 if len(waiting) == _PARAPHRASE_BATCH:
-                    paraphrase_waiting()
-    if paraphrase is not None:
-        paraphrase_waiting()
+                    _add_paraphrases(paraphrase, waiting, kept, aug)
+                    waiting = []
+    _add_paraphrases(paraphrase, waiting, kept, aug)  # the last, short batch
     bar.close()
-    _finish_input(stages["input"], reader)
+    finish_input(stages["input"], reader)
     if dedup.near is not None:
         stages["near_dedup"]["notes"]["candidate_pairs_checked"] = dedup.near.candidates_checked
 
-    seconds = {"read_clean_filter_dedup": time.time() - start}
-    # ---- pass 2: tokenizer and tokens
-    tok = stages["tokenize"]
-    n = len(spool)
-    _count_all(tok, stages["augment"])
-    tokens_spool, num_tokens, token_counts, tokenizer_file, tokenizer_name = None, None, None, "", ""
-    if cfg.tokenize.enabled and n:
-        tokenizer_name, tokenizer_file = _tokenizer(cfg, spool, out)
-        tokens_spool = Spool(out.temp("tokens.spool"))
-        num_tokens, token_counts = array.array("q"), np.zeros(0, np.int64)
-        stage = TokenizeStage(out.temp("tokenizer.model") if tokenizer_file else cfg.tokenize.tokenizer,
-                              cfg.tokenize.vocab_size)
-        bar = tqdm(total=n, desc="prep: tokenize", unit=" doc", disable=not cfg.progress)
-        for ids_list in parallel_map(stage, _spool_texts(spool), workers):
-            bar.update(len(ids_list))
-            for ids in ids_list:
-                tokens_spool.append(ids.tobytes())
-                num_tokens.append(len(ids))
-            token_counts = _add_counts(token_counts, ids_list)
-        bar.close()
-        tok["notes"].update(tokens=int(sum(num_tokens)), tokenizer=tokenizer_name)
 
-    seconds["tokenize"] = time.time() - start - sum(seconds.values())
-    # ---- pass 3: curriculum and shards
-    length = np.asarray(num_tokens if num_tokens is not None else chars, np.float64)
+def _add_paraphrases(paraphrase: augment.Paraphraser | None, docs: list[Processed], kept: _Kept, aug: dict) -> None:
+    for doc, text in zip(docs, paraphrase([d.text for d in docs]) if docs else []):
+        if text:
+            kept.add(text, f"paraphrase:{doc.source}", doc.value)
+            _count_out(aug, nbytes(text))
+            aug["notes"]["paraphrases"] += 1
+
+
+def _tokenize(cfg: PrepConfig, spool: Spool, out: OutputDir, workers: int) -> _Tokens:
+    """Pass 2: train (or load) the tokenizer on the kept documents, tokenize them in workers."""
+    name, tokenizer, file = _tokenizer(cfg, spool, out)
+    tokens_spool, counts, id_counts = Spool(out.temp("tokens.spool")), array.array("q"), np.zeros(0, np.int64)
+    bar = tqdm(total=len(spool), desc="prep: tokenize", unit=" doc", disable=not cfg.progress)
+    for ids_list in parallel_map(TokenizeStage(tokenizer), _spool_texts(spool), workers):
+        bar.update(len(ids_list))
+        for ids in ids_list:
+            tokens_spool.append(ids.tobytes())
+            counts.append(len(ids))
+        id_counts = _add_counts(id_counts, ids_list)
+    bar.close()
+    return _Tokens(name, file, tokens_spool, counts, id_counts)
+
+
+def _curriculum(cfg: PrepConfig, kept: _Kept, tokens: _Tokens | None,
+                length: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 3's scores: (score, bucket, write order) of the kept records."""
+    n = len(kept.spool)
     rarity = None
-    if tokens_spool is not None and cfg.curriculum.enabled and cfg.curriculum.rarity_weight:
-        log_freq = curriculum.log_frequencies(token_counts)
+    if tokens is not None and cfg.curriculum.enabled and cfg.curriculum.rarity_weight:
+        log_freq = curriculum.log_frequencies(tokens.id_counts)
         rarity = np.asarray([curriculum.rarity(np.frombuffer(b, np.int32), log_freq)
-                             for chunk in _chunks(n) for b in tokens_spool.read(chunk)])
+                             for chunk in _chunks(n) for b in tokens.spool.read(chunk)])
     model_loss = None
     if n and cfg.curriculum.enabled and cfg.curriculum.model_weight:
         scorer = curriculum.ModelLoss(cfg.curriculum.model, cfg.curriculum.model_max_tokens,
                                       cfg.curriculum.model_batch_size)
         bar = tqdm(total=n, desc="prep: reference-model loss", unit=" doc", disable=not cfg.progress)
         model_loss = []
-        for texts in _spool_texts(spool):
+        for texts in _spool_texts(kept.spool):
             model_loss += scorer(texts)
             bar.update(len(texts))
         bar.close()
         model_loss = np.asarray(model_loss)
-    score, bucket, order = curriculum_order(cfg, length, rarity, np.asarray(values, np.float64), model_loss)
-    _count_all(stages["curriculum"], tok)
+    return curriculum_order(cfg, length, rarity, np.asarray(kept.values, np.float64), model_loss)
+
+
+def _write_shards(cfg: PrepConfig, out: OutputDir, spool: Spool, tokens: _Tokens | None, score: np.ndarray,
+                  bucket: np.ndarray, order: np.ndarray) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Pass 3's output: the records in `order` into temp shards; (shard stats, (temp, final) file names)."""
     writer = ShardWriter(out, cfg.output.records_per_shard)
-    bar = tqdm(total=n, desc="prep: write shards", unit=" doc", disable=not cfg.progress)
-    for chunk in _chunks(n, order):
+    bar = tqdm(total=len(spool), desc="prep: write shards", unit=" doc", disable=not cfg.progress)
+    for chunk in _chunks(len(spool), order):
         docs = spool.read(chunk)
-        token_bytes = tokens_spool.read(chunk) if tokens_spool is not None else [None] * len(chunk)
+        token_bytes = tokens.spool.read(chunk) if tokens is not None else [None] * len(chunk)
         for i, doc, tb in zip(chunk, docs, token_bytes):
             row = json.loads(doc)
             ids = np.frombuffer(tb, np.int32) if tb is not None else None
             writer.write(output_record(cfg, row, score[i], bucket[i], ids), tokens=0 if ids is None else len(ids),
-                         text_bytes=_nbytes(row["text"]))
+                         text_bytes=nbytes(row["text"]))
         bar.update(len(chunk))
     bar.close()
     files = writer.finish()
-    seconds["score_and_write"] = time.time() - start - sum(seconds.values())
-    spool.close()
-    if tokens_spool is not None:
-        tokens_spool.close()
-    stats = summarize(inputs, stages, cfg, out.path, tokenizer_name, tokenizer_file, writer.shards,
-                      None if num_tokens is None else int(sum(num_tokens)), length, score, bucket, start)
-    stats["pass_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    write_outputs(out, stats, files, tokenizer_file)
-    return stats
+    return writer.shards, files
 
 
 def curriculum_order(cfg: PrepConfig, length: np.ndarray, rarity: np.ndarray | None, values: np.ndarray,
@@ -290,13 +311,12 @@ def write_outputs(out: OutputDir, stats: dict, files: list[tuple[str, str]], tok
                + [("report.md", "report.md"), ("stats.json", "stats.json")])
 
 
-def _tokenizer(cfg: PrepConfig, spool: Spool, out: OutputDir) -> tuple[str, str]:
-    """(tokenizer name for the stats, temp file name if a .model was written to the output, else "")."""
+def _tokenizer(cfg: PrepConfig, spool: Spool, out: OutputDir) -> tuple[str, Any, str]:
+    """(name for the stats, tokenizer, temp file name if a .model was written to the output, else "")."""
     name, tokenizer, copy = load_prep_tokenizer(cfg, SpoolTexts(spool))
-    if not copy:
-        return name, ""
-    shutil.copyfile(tokenizer.path, out.temp("tokenizer.model"))
-    return name, "tokenizer.model"
+    if copy:
+        shutil.copyfile(tokenizer.path, out.temp("tokenizer.model"))
+    return name, tokenizer, "tokenizer.model" if copy else ""
 
 
 def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
@@ -305,9 +325,8 @@ def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
     from jaxllm.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
 
     given = os.path.expanduser(cfg.tokenize.tokenizer)
-    spec = types.SimpleNamespace(tokenizer=given, vocab_size=cfg.tokenize.vocab_size)
     try:
-        tokenizer = load_tokenizer(spec, None if given else documents)
+        tokenizer = load_tokenizer(given, cfg.tokenize.vocab_size, documents)
     except JaxllmError as e:
         raise JaxllmError(str(e).replace("data.vocab_size", "tokenize.vocab_size")
                           .replace("data.tokenizer", "tokenize.tokenizer")) from None
@@ -319,73 +338,77 @@ def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
 # ------------------------------------------------------------------ counting helpers
 
 
+def stage_counts(cfg: PrepConfig) -> dict[str, dict[str, Any]]:
+    """Empty counts of every stage (`STAGES`), each marked enabled or not by `cfg`."""
+    return {name: _stage(enabled) for name, enabled in zip(STAGES, (
+        True, cfg.clean.enabled, cfg.quality.enabled, cfg.dedup.exact, cfg.dedup.near, cfg.augment.enabled,
+        cfg.tokenize.enabled, cfg.curriculum.enabled))}
+
+
 def _stage(enabled: bool) -> dict[str, Any]:
     return {"enabled": enabled, "docs_in": 0, "docs_out": 0, "bytes_in": 0, "bytes_out": 0,
             "removed": collections.Counter(), "notes": collections.Counter()}
 
 
-def _count_in(stage: dict, text: str, size: int | None = None) -> None:
+def _count_in(stage: dict, size: int) -> None:
     stage["docs_in"] += 1
-    stage["bytes_in"] += _nbytes(text) if size is None else size
+    stage["bytes_in"] += size
 
 
-def _count_out(stage: dict, text: str, size: int | None = None) -> None:
+def _count_out(stage: dict, size: int) -> None:
     stage["docs_out"] += 1
-    stage["bytes_out"] += _nbytes(text) if size is None else size
+    stage["bytes_out"] += size
 
 
-def _count_all(stage: dict, previous: dict) -> None:
+def count_all(stage: dict, previous: dict) -> None:
     stage.update(docs_in=previous["docs_out"], docs_out=previous["docs_out"], bytes_in=previous["bytes_out"],
                  bytes_out=previous["bytes_out"])
 
 
-def _count_dedup(stages: dict, r: Processed, reason: str) -> bool:
+def count_dedup(stages: dict, r: Processed, reason: str) -> bool:
     """Counts a document that reached dedup through the dedup stages (its verdict `reason`) into
     augment; True if it is kept."""
-    size = _nbytes(r.text)
+    size = nbytes(r.text)
     if reason == "exact_duplicate":
         stages["exact_dedup"]["removed"][reason] += 1
         return False
-    _count_out(stages["exact_dedup"], r.text, size)
-    _count_in(stages["near_dedup"], r.text, size)
+    _count_out(stages["exact_dedup"], size)
+    _count_in(stages["near_dedup"], size)
     if reason:
         stages["near_dedup"]["removed"][reason] += 1
         return False
-    _count_out(stages["near_dedup"], r.text, size)
-    _count_in(stages["augment"], r.text, size)
-    _count_out(stages["augment"], r.text, size)
+    _count_out(stages["near_dedup"], size)
+    _count_in(stages["augment"], size)
+    _count_out(stages["augment"], size)
     return True
 
 
-def _count_variant(aug: dict, variant: str) -> None:
-    _count_out(aug, variant)
+def count_variant(aug: dict, variant: str) -> None:
+    _count_out(aug, nbytes(variant))
     aug["notes"]["eda_variants"] += 1
 
 
-def _account(stages: dict, r: Processed) -> bool:
+def account(stages: dict, r: Processed) -> bool:
     """Counts `r` into the clean / quality / exact_dedup stages; True if it reaches dedup."""
     clean_st, quality_st = stages["clean"], stages["quality"]
-    clean_st["docs_in"] += 1
-    clean_st["bytes_in"] += r.bytes_in
+    _count_in(clean_st, r.bytes_in)
     if r.removed_at == "clean":
         clean_st["removed"][r.reason] += 1
         return False
-    clean_st["docs_out"] += 1
-    clean_st["bytes_out"] += r.bytes_clean
+    _count_out(clean_st, r.bytes_clean)
     clean_st["notes"]["changed"] += int(r.changed)
-    quality_st["docs_in"] += 1
-    quality_st["bytes_in"] += r.bytes_clean
+    _count_in(quality_st, r.bytes_clean)
     quality_st["notes"]["lines_removed"] += r.lines_removed
     if r.removed_at == "quality":
         quality_st["removed"][r.reason] += 1
         return False
-    size = _nbytes(r.text)
-    _count_out(quality_st, r.text, size)
-    _count_in(stages["exact_dedup"], r.text, size)
+    size = nbytes(r.text)
+    _count_out(quality_st, size)
+    _count_in(stages["exact_dedup"], size)
     return True
 
 
-def _finish_input(stage: dict, reader: Reader) -> None:
+def finish_input(stage: dict, reader: Reader) -> None:
     counts = reader.counts
     repaired = ("undecodable", "too_long_truncated", "too_long_line")
     removed = {k: v for k, v in reader.problems().items() if k not in repaired and k != "undecodable_dropped"}
@@ -416,7 +439,7 @@ def _add_counts(counts: np.ndarray, ids_list: list[np.ndarray]) -> np.ndarray:
     return counts
 
 
-def _nbytes(text: str) -> int:
+def nbytes(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 

@@ -70,15 +70,15 @@ class ModelLoss:
         import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
         from jaxllm import load  # pylint: disable=g-import-not-at-top
+        from jaxllm.train.step import cross_entropy  # pylint: disable=g-import-not-at-top
 
         self.model, self.params, self.tokenizer, self.add_bos = load.load_model(source)
         self.max_tokens, self.batch_size = max_tokens, batch_size
 
-        def losses(params, tokens_BL, weights_BL):
-            logits = self.model.apply({"params": params}, tokens_BL[:, :-1]).astype(jnp.float32)
-            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens_BL[:, 1:, None], -1)[..., 0]
-            weights = weights_BL[:, 1:]
-            return (nll * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+        def losses(params, tokens_BL, weights_BL):  # per row: training's cross-entropy, mean over the row
+            logits_BLV = self.model.apply({"params": params}, tokens_BL[:, :-1])
+            ce_B, _ = jax.vmap(cross_entropy)(logits_BLV, tokens_BL[:, 1:], weights_BL[:, 1:])
+            return ce_B / jnp.maximum(weights_BL[:, 1:].sum(1), 1.0)
 
         self._losses = jax.jit(losses)
 

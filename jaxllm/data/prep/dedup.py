@@ -22,6 +22,7 @@ import zlib
 
 import numpy as np
 
+from jaxllm.data.hashing import mix64
 from jaxllm.data.prep.config import DedupConfig
 
 _WORDS = re.compile(r"\w+")
@@ -34,14 +35,6 @@ def exact_key(text: str) -> int:
     normalized = " ".join(text.casefold().split())
     return int.from_bytes(hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
                           "little")
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer over uint64s: deterministic on every platform and process."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
 
 
 class MinHasher:

@@ -18,8 +18,8 @@ from typing import Any
 from jaxllm import JaxllmError
 
 SHARD_PATTERN = "data-{index:05d}-of-{count:05d}.array_record"
-_WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access (Grain shuffles) reads one record
-_OUR_FILES = ("data-*-of-*.array_record", "tokenizer.model", "stats.json", "report.md")
+WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access (Grain shuffles) reads one record
+OUR_FILES = ("data-*-of-*.array_record", "tokenizer.model", "stats.json", "report.md")  # an earlier run's, replaced
 
 
 class OutputDir:
@@ -29,7 +29,7 @@ class OutputDir:
         self.path = os.path.abspath(os.path.expanduser(path))
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise JaxllmError(f"--output {path!r} is a file; give a folder")
-        self._old = [p for pattern in _OUR_FILES for p in glob.glob(os.path.join(self.path, pattern))]
+        self._old = [p for pattern in OUR_FILES for p in glob.glob(os.path.join(self.path, pattern))]
         if self._old and not overwrite:
             raise JaxllmError(f"--output {path!r} already holds prep output; pick another folder or pass "
                               "--config.output.overwrite=true")
@@ -68,7 +68,7 @@ class ShardWriter:
         if self._writer is None or self.shards[-1]["records"] == self._per_shard:
             self._close()
             name = f"shard-{len(self.shards):05d}.tmp"
-            self._writer = self._module.ArrayRecordWriter(self._out.temp(name), _WRITER_OPTIONS)
+            self._writer = self._module.ArrayRecordWriter(self._out.temp(name), WRITER_OPTIONS)
             self.shards.append({"tmp": name, "records": 0, "text_bytes": 0, "tokens": 0})
         self._writer.write(record)
         shard = self.shards[-1]
@@ -98,7 +98,7 @@ class Spool:
         from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
         self._module, self.path = array_record_module, path
-        self._writer = array_record_module.ArrayRecordWriter(path, _WRITER_OPTIONS)
+        self._writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
         self._reader = None
         self.count = 0
 
