@@ -26,7 +26,6 @@ from jaxllm.models import lora, quant
 from jaxllm.models.config import ModelConfig, preset
 from jaxllm.models.decoder import Decoder, abstract_params
 from jaxllm.train import step as st
-from jaxllm.train.checkpoint import abstract_with_shardings
 from jaxllm.train.optimizer import OptimConfig, make_optimizer
 
 
@@ -38,12 +37,12 @@ def step_memory(base: ModelConfig, lcfg: lora.LoraConfig, batch: int, seq_len: i
     keep = peft.trainable_fn(lcfg, cfg)
     boxed = st.abstract_state(model, tx, keep)
     shardings = st.state_shardings(boxed, mesh)
-    state = abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+    state = shd.placed(boxed, shardings)
     frozen, frozen_sh = {}, None
     if keep is not None:
         boxed_frozen = tree.partition(abstract_params(model.cfg), keep)[1]
         frozen_sh = shd.shardings_for(boxed_frozen, mesh)
-        frozen = abstract_with_shardings(nn.meta.unbox(boxed_frozen), frozen_sh)
+        frozen = shd.placed(boxed_frozen, frozen_sh)
     tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
     data = dict(inputs=tokens, targets=tokens, positions=tokens, segment_ids=tokens,
                 loss_weights=jax.ShapeDtypeStruct((batch, seq_len), jnp.float32))

@@ -27,7 +27,7 @@ from jaxllm.models import lora
 from jaxllm.models.config import SHAPE_FIELDS, ModelConfig
 from jaxllm.models.decoder import Decoder, abstract_params
 from jaxllm.train import step as st
-from jaxllm.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.program import optimizer
 from jaxllm.train.run import Run, from_config
 
@@ -75,8 +75,7 @@ def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh, *, quantized
     if kind(source) == "hf":
         return load_params(TensorFiles(source), run_cfg, mesh, quantized=quantized)
     boxed = abstract_params(run_cfg)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            shd.unbox(boxed), shd.shardings_for(boxed, mesh))
+    abstract = shd.placed(boxed, shd.shardings_for(boxed, mesh))
     try:
         params = ocp.StandardCheckpointer().restore(os.path.join(source, "params"), abstract)
     except Exception as e:
@@ -128,7 +127,7 @@ def load_run(workdir: str, *, with_frozen: bool = True) -> tuple[Run, Any, dict]
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), dataclasses.replace(run.checkpoint, async_save=False))
     if ckpt.latest_step() is None:
         raise JaxllmError(f"no checkpoint in {workdir}/checkpoints; train first")
-    state = ckpt.restore(abstract_with_shardings(shd.unbox(boxed), st.state_shardings(boxed, mesh)))
+    state = ckpt.restore(shd.placed(boxed, st.state_shardings(boxed, mesh)))
     ckpt.close()
     frozen = load_frozen(run, mesh, trainable)[0] if trainable is not None and with_frozen else {}
     return run, state.params, frozen

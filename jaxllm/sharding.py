@@ -215,6 +215,12 @@ def activate(mesh: Mesh):
         yield
 
 
+def placed(boxed: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of a (possibly boxed) abstract tree, each with its sharding: what `.lower()` and an
+    Orbax restore take."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox(boxed), shardings)
+
+
 def unbox(tree: Any) -> Any:
     """The values of a (possibly `nn.Partitioned`-boxed) pytree, without applying their constraints
     (an abstract tree holds shapes, which a constraint cannot take outside a trace)."""

@@ -6,7 +6,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from jaxllm import JaxllmError
 from jaxllm import sharding as shd
@@ -16,7 +15,6 @@ from jaxllm.train import step as st
 from jaxllm.train.checkpoint import (
     CheckpointConfig,
     Checkpointer,
-    abstract_with_shardings,
 )
 from jaxllm.train.optimizer import OptimConfig, make_optimizer
 
@@ -30,7 +28,7 @@ def _state(mesh_cfg, model_cfg=CFG):
     mesh = shd.make_mesh(mesh_cfg)
     state, shardings = st.init_state(model, tx, mesh, jax.random.key(0))
     boxed = st.abstract_state(model, tx)
-    return state, abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+    return state, shd.placed(boxed, shardings)
 
 
 def test_restore_onto_a_different_mesh(tmp_path):

@@ -201,12 +201,10 @@ def _sharded_run(mesh, tmp_path=None):
 
 
 def test_sharded_equals_unsharded_and_masks_checkpoint(tmp_path):
-    from flax import linen as nn
 
     from jaxllm.train.checkpoint import (
         CheckpointConfig,
         Checkpointer,
-        abstract_with_shardings,
     )
 
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=8, tensor=1))
@@ -228,7 +226,7 @@ def test_sharded_equals_unsharded_and_masks_checkpoint(tmp_path):
 
     ckpt = Checkpointer(str(tmp_path / "ckpt"), CheckpointConfig(async_save=False))
     ckpt.save(3, state)
-    abstract = abstract_with_shardings(nn.meta.unbox(st.abstract_state(model, tx)), shardings)
+    abstract = shd.placed(st.abstract_state(model, tx), shardings)
     restored = ckpt.restore(abstract)
     ckpt.close()
     for a, b in zip(jax.tree.leaves(restored.opt_state[-1]), jax.tree.leaves(state.opt_state[-1])):

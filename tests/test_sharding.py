@@ -27,7 +27,7 @@ def _compiled(mesh_cfg, remat="none"):
     mesh = shd.make_mesh(mesh_cfg, jax.devices()[:4])
     boxed = st.abstract_state(model, tx)
     shardings = st.state_shardings(boxed, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shd.unbox(boxed), shardings)
+    state = shd.placed(boxed, shardings)
     batch = {k: jax.ShapeDtypeStruct((B, L), jnp.float32 if k == "loss_weights" else jnp.int32,
                                      sharding=shd.batch_sharding(mesh))
              for k in ("inputs", "targets", "positions", "segment_ids", "loss_weights")}

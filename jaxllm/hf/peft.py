@@ -93,17 +93,20 @@ def adapter_tensors(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig) -> di
                 b = b.reshape(b.shape[0], -1).T
             out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
             out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b)
+    for group, layered in _saved_groups(cfg, lcfg):
+        for i in (range(cfg.num_layers) if layered else [None]):
+            node = _layer(params, cfg, i) if layered else params
+            leaves = [_np(tree.get(node, p)) for p in group.paths]
+            for hf_name, array in zip(group.hf_names, group.to_hf(*leaves)):
+                out[PREFIX + hf_name.format(i=i)] = np.ascontiguousarray(array, np.float32)
+    return out
+
+
+def _saved_groups(cfg: ModelConfig, lcfg: lora.LoraConfig):
+    """(layout group, whether it is per layer) of each group holding a `modules_to_save` param."""
     saved = save_paths(lcfg, cfg)
     for layered, groups in ((False, global_groups(cfg)), (True, layer_groups(cfg))):
-        for group in groups:
-            if not any((("{i}",) + p if layered else p) in saved for p in group.paths):
-                continue
-            for i in (range(cfg.num_layers) if layered else [None]):
-                node = _layer(params, cfg, i) if layered else params
-                leaves = [_np(tree.get(node, p)) for p in group.paths]
-                for hf_name, array in zip(group.hf_names, group.to_hf(*leaves)):
-                    out[PREFIX + hf_name.format(i=i)] = np.ascontiguousarray(array, np.float32)
-    return out
+        yield from ((g, layered) for g in groups if any((("{i}",) + p if layered else p) in saved for p in g.paths))
 
 
 def adapter_config(cfg: ModelConfig, lcfg: lora.LoraConfig, base_model: str = "") -> dict[str, Any]:
@@ -215,24 +218,18 @@ def _read_layer(read, cfg: ModelConfig, i: int) -> dict:
 
 def _read_saved(read, cfg: ModelConfig, lcfg: lora.LoraConfig) -> dict:
     """The `modules_to_save` params stored in full (PEFT writes them under their plain names)."""
-    saved = save_paths(lcfg, cfg)
     out: dict = {}
-    if not saved:
-        return out
-    for is_layer, groups in ((False, global_groups(cfg)), (True, layer_groups(cfg))):
-        for group in groups:
-            if not any((("{i}",) + p if is_layer else p) in saved for p in group.paths):
-                continue
-            per_layer = []
-            for i in (range(cfg.num_layers) if is_layer else [None]):
-                arrays = [read(PREFIX + n.format(i=i), s) for n, s in zip(group.hf_names, group.hf_shapes)]
-                per_layer.append(group.to_jax(*arrays))
-            for j, p in enumerate(group.paths):
-                if not is_layer:
-                    tree.put(out, p, per_layer[0][j])
-                elif cfg.scan_layers:
-                    tree.put(out, ("layers", *p), np.stack([x[j] for x in per_layer]))
-                else:
-                    for i, x in enumerate(per_layer):
-                        tree.put(out, (f"layers_{i}", *p), x[j])
+    for group, is_layer in _saved_groups(cfg, lcfg):
+        per_layer = []
+        for i in (range(cfg.num_layers) if is_layer else [None]):
+            arrays = [read(PREFIX + n.format(i=i), s) for n, s in zip(group.hf_names, group.hf_shapes)]
+            per_layer.append(group.to_jax(*arrays))
+        for j, p in enumerate(group.paths):
+            if not is_layer:
+                tree.put(out, p, per_layer[0][j])
+            elif cfg.scan_layers:
+                tree.put(out, ("layers", *p), np.stack([x[j] for x in per_layer]))
+            else:
+                for i, x in enumerate(per_layer):
+                    tree.put(out, (f"layers_{i}", *p), x[j])
     return out

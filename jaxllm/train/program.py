@@ -49,10 +49,10 @@ class Program:
     eval_step: Callable  # run(params, batch, frozen) -> (loss sum, weight sum)
 
     def abstract_state(self) -> Any:
-        return _abstract(shd.unbox(self.boxed), self.shardings)
+        return shd.placed(self.boxed, self.shardings)
 
     def abstract_frozen(self) -> Any:
-        return _abstract(shd.unbox(self.frozen_boxed), self.frozen_shardings) if self.frozen_boxed else {}
+        return shd.placed(self.frozen_boxed, self.frozen_shardings) if self.frozen_boxed else {}
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         sharding = shd.batch_sharding(self.mesh)
@@ -69,10 +69,6 @@ class Program:
             if oom is None:
                 raise
             raise oom from None
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
 class OutOfMemory(JaxllmError):
