@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import orbax.checkpoint as ocp
 
@@ -15,22 +14,24 @@ from jaxllm.load import load_trained
 from jaxllm.models import lora
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder
+from jaxllm.train.checkpoint import checkpoint_dir
 
 
 def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: str = "float32") -> ModelConfig:
     """Writes `out_dir/params` (Orbax) and `out_dir/model.json` from a Hugging Face folder."""
-    model, params = hf.load_pretrained(hf_dir, dtype=dtype)
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(os.path.join(out_dir, "params")):
+    out_dir = checkpoint_dir(out_dir)  # Orbax: a local path or gs://
+    if atomic.as_path(os.path.join(out_dir, "params")).exists():
         raise JaxllmError(f"{out_dir}/params already exists; choose another --output")
-    os.makedirs(out_dir, exist_ok=True)
+    model, params = hf.load_pretrained(hf_dir, dtype=dtype)
+    atomic.as_path(out_dir).mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(out_dir, "params"), params)  # Orbax finalises via an atomic rename
+    checkpointer.save(os.path.join(out_dir, "params"), params)  # Orbax finalises atomically (a rename, or a commit marker on gs://)
     checkpointer.wait_until_finished()
-    atomic.write(os.path.join(out_dir, "model.json"), json.dumps(dataclasses.asdict(model.cfg), indent=2))
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.isfile(os.path.join(hf_dir, name)):
-            shutil.copy(os.path.join(hf_dir, name), os.path.join(out_dir, name))
+            atomic.copy(os.path.join(hf_dir, name), os.path.join(out_dir, name))
+    # model.json last: `load.kind` recognises the output by it
+    atomic.write(os.path.join(out_dir, "model.json"), json.dumps(dataclasses.asdict(model.cfg), indent=2))
     return model.cfg
 
 
@@ -43,4 +44,4 @@ def workdir_to_hf(workdir: str, out_dir: str, *, dtype: str = "float32") -> None
         model = Decoder(cfg)
     hf.save_pretrained(model, params, out_dir, dtype=dtype)
     if getattr(tokenizer, "path", "").endswith(".model"):
-        shutil.copy(tokenizer.path, os.path.join(out_dir, "tokenizer.model"))
+        atomic.copy(tokenizer.path, os.path.join(out_dir, "tokenizer.model"))

@@ -14,13 +14,12 @@ import glob
 import json
 import math
 import os
-import shutil
 import sys
 from typing import Any
 
 import ml_collections
 
-from jaxllm import JaxllmError, tree
+from jaxllm import JaxllmError, atomic, tree
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "finetune.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -404,16 +403,16 @@ def _copy_tokenizer(source: str, dest: str) -> None:
         return
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(source, name)):
-            shutil.copy(os.path.join(source, name), os.path.join(dest, name))
+            atomic.copy(os.path.join(source, name), os.path.join(dest, name))
 
 
 def finetune(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     """Trains (or resumes) and exports; returns the final metrics and the written folders."""
-    from jaxllm.train.loop import train, writable_dir
+    from jaxllm.train.loop import train
 
     cfg, workdir = flags_to_config(args, overrides)
     save_dir = args.save_dir or workdir
-    writable_dir(save_dir, "--save_dir")  # before training, not after it
+    atomic.check_writable(save_dir, "--save_dir")  # before training, not after it
     result = train(cfg, workdir)
     if result.get("preempted"):
         return result

@@ -17,7 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from jaxllm import JaxllmError, hf, tree
+from jaxllm import JaxllmError, atomic, hf, tree
 from jaxllm import sharding as shd
 from jaxllm.data.pipeline import tokenizer_for
 from jaxllm.data.tokenizer import Tokenizer
@@ -35,15 +35,17 @@ from jaxllm.train.run import Run, from_config
 def kind(path: str) -> str:
     """What `path` holds: "workdir" (config.json + checkpoints/), "converted" (`jaxllm convert` output:
     model.json + params/), "hf" (config.json, a Hugging Face model folder) or "adapter" (a PEFT adapter)."""
-    has = lambda name: os.path.exists(os.path.join(path, name))  # noqa: E731
-    if has("config.json") and os.path.isdir(os.path.join(path, "checkpoints")):
+    root = atomic.as_path(path)
+    has = lambda name: (root / name).exists()  # noqa: E731
+    if has("config.json") and (root / "checkpoints").is_dir():
         return "workdir"
-    if has("model.json") and os.path.isdir(os.path.join(path, "params")):
+    if has("model.json") and (root / "params").is_dir():
         return "converted"
-    if has("config.json"):
-        return "hf"
-    if has(peft.CONFIG):
-        return "adapter"
+    if has("config.json") or has(peft.CONFIG):
+        if atomic.is_url(path):
+            raise JaxllmError(f"{path!r}: Hugging Face and adapter folders are read from local disk (safetensors "
+                              f"are memory-mapped); copy it down first, e.g. gcloud storage cp -r {path} .")
+        return "hf" if has("config.json") else "adapter"
     raise JaxllmError(f"{path!r} is neither a Hugging Face model folder (config.json + *.safetensors), a "
                       "`jaxllm convert` output (model.json + params/), a jaxllm workdir (config.json + checkpoints/) "
                       "nor a PEFT adapter folder (adapter_config.json)")
@@ -53,8 +55,7 @@ def source_model_config(source: str) -> ModelConfig:
     """The ModelConfig of a Hugging Face folder or a `jaxllm convert` output."""
     what = kind(source)
     if what == "converted":
-        with open(os.path.join(source, "model.json")) as f:
-            return ModelConfig(**json.load(f))
+        return ModelConfig(**json.loads(atomic.as_path(os.path.join(source, "model.json")).read_text()))
     if what == "hf":
         return hf.model_config_from_hf(read_config(source))
     raise JaxllmError(f"init_from {source!r} is a {what}, not a Hugging Face folder or a `jaxllm convert` output")
@@ -114,8 +115,7 @@ def load_run(workdir: str, *, with_frozen: bool = True) -> tuple[Run, Any, dict]
     is False (then {}: exporting an adapter needs only the adapters)."""
     path = os.path.join(workdir, "config.json")
     try:
-        with open(path) as f:
-            cfg = ml_collections.ConfigDict(json.load(f))
+        cfg = ml_collections.ConfigDict(json.loads(atomic.as_path(path).read_text()))
     except (OSError, json.JSONDecodeError) as e:
         raise JaxllmError(f"cannot read {path} ({e}); is {workdir!r} a jaxllm workdir?") from None
     run = parse(cfg)

@@ -11,7 +11,8 @@
 #      jax.distributed.initialize() (JAX finds the other workers through the TPU metadata server).
 #
 # The workdir must be ONE directory every worker sees (checkpoints are written by all hosts together):
-# mount a bucket with gcsfuse (or use Filestore/NFS) on each worker and pass that path.
+# a bucket URL (--workdir=gs://BUCKET/runs/X; the tpu extra brings gcsfs), or a gcsfuse / Filestore / NFS
+# mount on each worker.
 #
 # Environment knobs:
 #   JAXLLM_REMOTE_DIR   where the code goes on the workers (default: jaxllm, relative to the home dir)

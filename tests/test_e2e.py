@@ -107,6 +107,31 @@ def test_early_stopping(tmp_path):
     assert (tmp_path / "checkpoints" / "15").is_dir()
 
 
+def test_object_store_workdir_and_tokenizer_cache(memory_root, tmp_path, monkeypatch):
+    """A run and its resume with the workdir and the tokenizer cache on an object store (memory://
+    standing in for gs://): config.json, metrics.jsonl, TensorBoard events and the tokenizer go there.
+    Orbax's TensorStore writes local files and gs:// only, so here (alone) checkpoints go to a local folder."""
+    from etils import epath
+
+    from jaxllm.train import loop
+
+    orbax = loop.Checkpointer
+    monkeypatch.setattr(loop, "checkpoint_dir", lambda directory: directory)
+    monkeypatch.setattr(loop, "Checkpointer", lambda directory, cfg: orbax(str(tmp_path / "checkpoints"), cfg))
+    monkeypatch.setenv("JAXLLM_CACHE_DIR", memory_root + "/cache")
+    workdir = memory_root + "/run"
+    train(load_config(CONFIG, [*SMALL, "train.steps=6", "generate.max_new_tokens=0"]), workdir)
+    root = epath.Path(workdir)
+    assert sorted(p.name for p in root.iterdir()) == ["config.json", "metrics.jsonl", "tensorboard"]
+    assert json.loads((root / "config.json").read_text())["train"]["steps"] == 6
+    assert [r["step"] for r in read_metrics(workdir) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [p.name.startswith("events.out.tfevents.") for p in (root / "tensorboard").iterdir()] == [True]
+    assert [p.suffix for p in epath.Path(memory_root, "cache", "tokenizers").iterdir()] == [".model"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5", "6"]
+    train(load_config(CONFIG, [*SMALL, "train.steps=8", "generate.max_new_tokens=0"]), workdir)  # resumes at 6
+    assert [r["step"] for r in read_metrics(workdir) if r["split"] == "train"] == list(range(1, 9))
+
+
 @pytest.mark.parametrize("overrides,match", [
     (["model.num_layer=2"], "did you mean 'model.num_layers'"),
     (["data.source=text", "data.paths=['/nonexistent/*.txt']"], "nonexistent"),

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import jax
 import pytest
+from etils import epath
 from tensorboardX.proto import event_pb2
 
 from jaxllm import JaxllmError
@@ -56,11 +57,10 @@ def test_step_metrics_arithmetic():
 def _read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     """A minimal TFRecord reader: u64 length, u32 crc, payload, u32 crc; payloads are Event protos."""
     scalars: dict[str, list[tuple[int, float]]] = {}
-    files = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
+    files = list(epath.Path(logdir).glob("events.out.tfevents.*"))
     assert files, f"no event file under {logdir}"
     for path in files:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = path.read_bytes()
         pos = 0
         while pos < len(data):
             (length,) = struct.unpack("<Q", data[pos:pos + 8])
@@ -129,6 +129,37 @@ def test_resume_drops_records_the_checkpoint_does_not_contain(tmp_path):
         (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
 
 
-def test_url_workdir_is_a_user_error():
-    with pytest.raises(JaxllmError, match="gcsfuse"):
+def test_object_store_workdir(memory_root):
+    """A URL workdir (memory:// standing in for gs://): metrics.jsonl, config.json and TensorBoard events
+    are written there, metrics.jsonl is whole at every forced flush, and resume trims it as locally."""
+    workdir = memory_root
+    with MetricsWriter(workdir, is_primary=True, total_steps=6, progress=False) as writer:
+        writer.write_config({"seed": 1})
+        for step in range(1, 6):
+            writer.write(step, {"loss": float(step)})
+        writer.flush()
+        assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5]
+    root = epath.Path(workdir)
+    assert json.loads((root / "config.json").read_text()) == {"seed": 1}
+    assert _read_scalars(str(root / "tensorboard"))["train/loss"] == [(s, float(s)) for s in range(1, 6)]
+    with MetricsWriter(workdir, is_primary=True, total_steps=6, initial_step=3, progress=False) as writer:
+        writer.write(4, {"loss": 14.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(workdir)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0)]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp objects left behind
+
+
+def test_unknown_scheme_and_missing_filesystem_package_are_user_errors(monkeypatch):
+    with pytest.raises(JaxllmError, match="nosuch:// is not a filesystem"):
+        MetricsWriter("nosuch://bucket/run", is_primary=True, total_steps=1)
+    import fsspec
+
+    from jaxllm import atomic
+
+    def missing(protocol):
+        raise ImportError(protocol)
+
+    monkeypatch.setattr(fsspec, "get_filesystem_class", missing)
+    monkeypatch.setattr(atomic, "_check_backend", atomic._check_backend.__wrapped__)
+    monkeypatch.setattr(atomic.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(JaxllmError, match=r"gs:// paths need the gcsfs package: pip install gcsfs"):
         MetricsWriter("gs://bucket/run", is_primary=True, total_steps=1)

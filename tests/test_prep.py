@@ -337,10 +337,10 @@ def test_eda_augmentation():
 
 
 def test_paraphrase_hook_calls_generate_text(tmp_path, monkeypatch):
-    from jaxllm import generate
+    from jaxllm import generate, load
 
     calls = []
-    monkeypatch.setattr(generate, "load_model", lambda path: calls.append(path) or ("model", "params", "tok", True))
+    monkeypatch.setattr(load, "load_model", lambda path: calls.append(path) or ("model", "params", "tok", True))
 
     def fake_generate_text(model, params, tokenizer, prompts, gen, *, add_bos, batch_size):
         assert (model, tokenizer, add_bos, gen.max_new_tokens) == ("model", "tok", True, 16)
@@ -452,6 +452,46 @@ def test_a_failed_run_leaves_no_shards(corpus_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         prepare([str(corpus_dir / "*.jsonl")], str(out), _cfg())
     assert os.listdir(out) == []  # no shard, no stats.json, no temp folder
+
+
+def test_bucket_output(corpus_dir, tmp_path, memory_root, monkeypatch):
+    """--output on an object store (memory:// standing in for gs://): the local run's files, uploaded
+    stats.json last; overwrite removes the old stats.json first; a failed run uploads nothing."""
+    from etils import epath
+
+    from jaxllm import atomic
+    from jaxllm.data.prep import core
+    from jaxllm.data.prep.output import render_report
+
+    inputs = [str(corpus_dir / "*.jsonl")]
+    local = prepare(inputs, str(tmp_path / "local"), _cfg())
+    uploaded, removed, copy = [], [], atomic.copy
+    monkeypatch.setattr(atomic, "copy", lambda src, dst: (uploaded.append(os.path.basename(dst)), copy(src, dst)))
+    remote = prepare(inputs, memory_root, _cfg())
+    root = epath.Path(memory_root)
+    assert sorted(p.name for p in root.iterdir()) == sorted(os.listdir(tmp_path / "local")) == sorted(uploaded)
+    assert uploaded[-1] == "stats.json" and uploaded[0].endswith(".array_record")
+    for name in ("data-00000-of-00001.array_record", "tokenizer.model"):
+        assert (root / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    stats = json.loads((root / "stats.json").read_text())
+    assert stats["output"] == remote["output"] == local["output"]
+    assert stats["tokenizer"] == memory_root + "/tokenizer.model"
+    assert (root / "report.md").read_text() == render_report(stats)
+    with pytest.raises(JaxllmError, match="already holds prep output"):
+        prepare(inputs, memory_root, _cfg())
+    unlink = type(root).unlink
+    monkeypatch.setattr(type(root), "unlink", lambda self, **kw: (removed.append(self.name), unlink(self, **kw)))
+    prepare(inputs, memory_root, _cfg(output={"overwrite": True, "records_per_shard": 7}, tokenize={"enabled": False}))
+    removed = [name for name in removed if not name.startswith(".jaxllm-write-check")]
+    assert removed[0] == "stats.json" and "tokenizer.model" in removed
+    assert sorted(p.name for p in root.iterdir()) == [f"data-0000{i}-of-00003.array_record" for i in range(3)] + [
+        "report.md", "stats.json"]
+
+    monkeypatch.setattr(core.ShardWriter, "finish", lambda self: (_ for _ in ()).throw(RuntimeError("disk full")))
+    failed = memory_root + "/failed"
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare(inputs, failed, _cfg())
+    assert not epath.Path(failed).exists() or list(epath.Path(failed).iterdir()) == []
 
 
 def test_training_pipeline_reads_prep_shards(corpus_dir, tmp_path):

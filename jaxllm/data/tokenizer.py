@@ -3,8 +3,9 @@
 
 A trained tokenizer is cached under `$JAXLLM_CACHE_DIR/tokenizers/<fingerprint>.model`, keyed by the
 training text and every training setting, so a second run (or every host of a multi-host job) loads
-the same model instead of training again. Files are written atomically (temp file + `os.replace`):
-concurrent trainers and crashes never leave a half-written model behind.
+the same model instead of training again. The cache and `.model` files may be local or on a bucket
+(gs://...); files are written through `jaxllm.atomic` (locally temp file + rename, on a bucket one
+upload): concurrent trainers and crashes never leave a half-written model behind.
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str) -> Tokenizer:
         """Loads a `.model` file; a missing or corrupt file is the user's to fix."""
-        if not os.path.isfile(path):
+        file = atomic.as_path(path)
+        if not file.is_file():
             raise JaxllmError(
                 f"tokenizer file {path!r} not found; set data.tokenizer to an existing SentencePiece "
                 "'.model' file, or to '' to train one on the corpus"
             )
-        with open(path, "rb") as f:
-            proto = f.read()
+        proto = file.read_bytes()
         try:
             return cls(proto, path)
         except RuntimeError as e:
@@ -144,7 +145,7 @@ class HFTokenizer:
 
 
 def cache_dir() -> str:
-    """Root of jaxllm's on-disk cache: `$JAXLLM_CACHE_DIR`, default `~/.cache/jaxllm`."""
+    """Root of jaxllm's cache: `$JAXLLM_CACHE_DIR` (a folder or a bucket URL), default `~/.cache/jaxllm`."""
     return os.path.expanduser(os.environ.get("JAXLLM_CACHE_DIR") or "~/.cache/jaxllm")
 
 
@@ -164,14 +165,14 @@ def load_tokenizer(path: str, vocab_size: int = 0, documents: Sequence[str] = ()
         digest.update(len(text).to_bytes(8, "little"))
         digest.update(text.encode("utf-8", "surrogatepass"))
     path = os.path.join(cache_dir(), "tokenizers", f"{digest.hexdigest()[:32]}.model")
-    if os.path.isfile(path):
+    if atomic.as_path(path).is_file():
         return Tokenizer.from_file(path)
     proto = _train(texts, settings)
     try:
         atomic.write(path, proto)
     except OSError as e:
-        raise JaxllmError(f"cannot write the tokenizer cache {path!r} ({e}); set JAXLLM_CACHE_DIR to a writable "
-                          "folder") from None
+        raise JaxllmError(f"cannot write the tokenizer cache in {os.path.dirname(path)!r} ({e}); set "
+                          "JAXLLM_CACHE_DIR to a writable folder") from None
     return Tokenizer(proto, path)
 
 

@@ -123,11 +123,12 @@ def adapter_config(cfg: ModelConfig, lcfg: lora.LoraConfig, base_model: str = ""
 
 
 def save_adapter(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig, path: str, *, base_model: str = "") -> None:
-    """Writes a PEFT adapter folder atomically (a temporary folder renamed into place)."""
+    """Writes a PEFT adapter folder atomically (`atomic.folder`: renamed into place, or uploaded with
+    adapter_config.json last)."""
     tensors = adapter_tensors(params, cfg, lcfg)
     if jax.process_index() != 0:
         return
-    with atomic.folder(path) as tmp:
+    with atomic.folder(path, last=[CONFIG]) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(adapter_config(cfg, lcfg, base_model), f, indent=2, sort_keys=True)

@@ -226,22 +226,22 @@ def save_pretrained(model: Decoder, params: dict, path: str, *, dtype: str = "fl
                     max_shard_size: int | str = "5GB", overwrite: bool = False,
                     config_updates: dict[str, Any] | None = None) -> None:
     """Writes config.json + safetensors (sharded with an index past `max_shard_size`) that
-    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. Written in a temporary folder
-    beside `path` and renamed into place: a crash never leaves a half-written checkpoint.
-    `config_updates` adds keys to config.json (e.g. bos_token_id / eos_token_id)."""
-    cfg, path = model.cfg, os.path.abspath(os.path.expanduser(path))
+    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. Written through `atomic.folder`:
+    locally renamed into place, so a crash never leaves a half-written checkpoint; on an object store
+    (gs://) uploaded with config.json last. `config_updates` adds keys to config.json (e.g. bos_token_id)."""
+    cfg, path = model.cfg, atomic.location(path)
     params = nn.meta.unbox(params.get("params", params) if len(params) == 1 else params)
     if dtype not in DTYPES:
         raise JaxllmError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
     config = {**hf_config_from_model(cfg, dtype), **(config_updates or {})}
     limit = parse_size(max_shard_size)
-    if os.path.exists(path) and os.listdir(path) and not overwrite:
+    if atomic.as_path(path).exists() and list(atomic.as_path(path).iterdir()) and not overwrite:
         raise JaxllmError(f"{path} exists and is not empty; choose a new folder or pass overwrite=True")
     if jax.process_index() != 0:  # every process joins the gathers in hf_tensors; one writes
         for _ in hf_tensors(cfg, params, DTYPES[dtype]):
             pass
         return
-    with atomic.folder(path) as tmp:
+    with atomic.folder(path, last=["config.json"]) as tmp:
         _finish(tmp, _write_shards(tmp, hf_tensors(cfg, params, DTYPES[dtype]), limit), config)
 
 

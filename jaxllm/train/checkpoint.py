@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from jaxllm import JaxllmError
+from jaxllm import JaxllmError, atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +30,7 @@ class Checkpointer:
     """A `CheckpointManager` whose items are the state (`StandardSave`) and the data iterator."""
 
     def __init__(self, directory: str, cfg: CheckpointConfig):
-        self.directory = os.path.abspath(directory) if "://" not in directory else directory
+        self.directory = checkpoint_dir(directory)
         policies = [pp.LatestN(max(cfg.keep, 1))]
         if cfg.keep_best > 0:
             policies.append(pp.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=cfg.keep_best,
@@ -86,3 +85,13 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def checkpoint_dir(directory: str) -> str:
+    """`directory` as Orbax takes it: a local path made absolute, or a gs:// URL. Orbax's TensorStore
+    writes arrays to local files and gs:// only, so other URLs are refused (callers check before a run)."""
+    if atomic.is_url(directory) and not directory.startswith("gs://"):
+        raise JaxllmError(f"checkpoints in {directory!r}: Orbax writes to local paths (a mounted bucket too) "
+                          "and gs:// only; use one of those for the workdir")
+    return atomic.location(directory)
+

@@ -6,7 +6,6 @@ import dataclasses
 import math
 import os
 import signal
-import tempfile
 import time
 from typing import Any
 
@@ -15,7 +14,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxllm import JaxllmError, tree
+from jaxllm import JaxllmError, atomic, tree
 from jaxllm import sharding as shd
 from jaxllm.config import to_json
 from jaxllm.data.pipeline import (
@@ -32,7 +31,7 @@ from jaxllm.load import load_frozen, load_init_params, parse
 from jaxllm.models import lora
 from jaxllm.plan import explain
 from jaxllm.train import step as st
-from jaxllm.train.checkpoint import Checkpointer
+from jaxllm.train.checkpoint import Checkpointer, checkpoint_dir
 from jaxllm.train.metrics import MetricsWriter, peak_tflops, step_metrics
 from jaxllm.train.program import OutOfMemory, Program
 from jaxllm.train.program import build as build_program
@@ -44,7 +43,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) a training job in `workdir`; returns the final metrics."""
     run = parse(cfg)
     initialize(run.distributed)
-    writable_dir(workdir, "workdir")
+    atomic.check_writable(workdir, "workdir")
+    checkpoint_dir(os.path.join(workdir, "checkpoints"))  # a scheme Orbax cannot write fails here, not after compiling
     if run.data.block_size > run.model.max_seq_len:
         raise JaxllmError(f"data.block_size={run.data.block_size} exceeds model.max_seq_len={run.model.max_seq_len}")
     mesh = shd.make_mesh(run.mesh)
@@ -236,16 +236,6 @@ def evaluate(eval_fn, params, eval_iter_fn, mesh, num_batches: int) -> dict[str,
         ce_sum, weight_sum = ce_sum + float(ce), weight_sum + float(w)
     loss = ce_sum / max(weight_sum, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-
-
-def writable_dir(path: str, what: str) -> None:
-    """Creates folder `path` and checks that files can be written in it: before a run, not after."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path, prefix=".jaxllm-write-check-"):
-            pass
-    except OSError as e:
-        raise JaxllmError(f"{what} {path!r} is not a writable folder ({e.strerror or e}); choose another") from None
 
 
 def _compile_or_explain(program: Program, run: Run):

@@ -1,4 +1,9 @@
-"""Throughput/MFU arithmetic and the metrics writer: metrics.jsonl + TensorBoard + a tqdm bar, on process 0 only."""
+"""Throughput/MFU arithmetic and the metrics writer: metrics.jsonl + TensorBoard + a tqdm bar, on process 0 only.
+
+The workdir may be a local path or a URL (gs://...): files go through `jaxllm.atomic`, TensorBoard's
+event files too (tensorboardX's own gs:// writer would need google-cloud-storage). On an object store
+metrics.jsonl and the event files are rewritten whole every 30 s and at the end (no appends there).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import os
 import sys
 from typing import Any, Mapping
 
-from jaxllm import JaxllmError, atomic
+from jaxllm import atomic
 
 # Dense (no sparsity) bf16 peak TFLOP/s of one chip / GPU, keyed by a readable device name.
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -73,11 +78,10 @@ def _json_value(value: Any) -> Any:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """All records of `workdir/metrics.jsonl`, oldest first ([] when there is none)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = atomic.as_path(os.path.join(workdir, "metrics.jsonl"))
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class MetricsWriter:
@@ -89,22 +93,22 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, *, is_primary: bool, total_steps: int, initial_step: int = 0,
                  progress: bool = True, tensorboard: bool = True):
-        if "://" in workdir:
-            raise JaxllmError(f"workdir {workdir!r} is a URL; metrics need a filesystem path (mount the bucket, "
-                              "e.g. with gcsfuse, and pass the mount point)")
         self.workdir = workdir
         self.is_primary = is_primary
         self._jsonl = self._tb = self._bar = None
         if not is_primary:
             return
-        os.makedirs(workdir, exist_ok=True)
+        atomic.as_path(workdir).mkdir(parents=True, exist_ok=True)
         path = os.path.join(workdir, "metrics.jsonl")
-        if initial_step > 0 and os.path.exists(path):
+        if initial_step > 0 and atomic.as_path(path).exists():
             kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= initial_step]
             atomic.write(path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._jsonl = open(path, "a")
+        self._jsonl = atomic.Appender(path)
         if tensorboard:
             from tensorboardX import SummaryWriter
+
+            if atomic.is_url(workdir):
+                _route_tensorboard(workdir.split("://", 1)[0])
 
             self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"), flush_secs=30,
                                      purge_step=initial_step + 1 if initial_step > 0 else None)
@@ -158,7 +162,7 @@ class MetricsWriter:
 
     def flush(self) -> None:
         if self._jsonl is not None:
-            self._jsonl.flush()
+            self._jsonl.flush(force=True)
         if self._tb is not None:
             self._tb.flush()
 
@@ -177,3 +181,19 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _EventFiles:
+    """tensorboardX's writer factory for a URL scheme: event files through `atomic.Appender`."""
+
+    def open(self, path: str) -> atomic.Appender:
+        return atomic.Appender(path)
+
+    def directory_check(self, path: str) -> None:
+        atomic.as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _route_tensorboard(scheme: str) -> None:
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory(scheme, _EventFiles())

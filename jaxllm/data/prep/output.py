@@ -1,13 +1,15 @@
 """Where prep writes: temporary files while it runs, then shards, tokenizer, stats.json and report.md.
 
-Everything is written under `DIR/.prep-tmp-*` and renamed into `DIR` only at the end, shards first
-and `stats.json` last, so a crash never leaves shards that look complete (a finished run is one with
-a stats.json), and a failed run leaves nothing but is cleaned up.
+Everything is written to a temp folder and moved into DIR only at the end, shards first and
+`stats.json` last (an earlier run's stats.json is removed first), so a crash never leaves shards that
+look complete (a finished run is one with a stats.json), and a failed run leaves nothing but is
+cleaned up. A local DIR holds its temp folder (`DIR/.prep-tmp-*`) and files are renamed in; for a
+bucket (gs://...) the temp folder is local (it needs the output's size on local disk) and files are
+uploaded through `jaxllm.atomic`, each object whole, stats.json last.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -15,7 +17,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from jaxllm import JaxllmError
+from jaxllm import JaxllmError, atomic
 
 SHARD_PATTERN = "data-{index:05d}-of-{count:05d}.array_record"
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access (Grain shuffles) reads one record
@@ -23,16 +25,22 @@ OUR_FILES = ("data-*-of-*.array_record", "tokenizer.model", "stats.json", "repor
 
 
 class OutputDir:
-    """The output folder: temp files while running, `commit` renames them in."""
+    """The output folder: temp files while running, `commit` moves them in."""
 
     def __init__(self, path: str, overwrite: bool):
-        self.path = os.path.abspath(os.path.expanduser(path))
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
+        self.path, self.remote = atomic.location(path), atomic.is_url(path)
+        root = atomic.as_path(self.path)
+        if root.exists() and not root.is_dir():
             raise JaxllmError(f"--output {path!r} is a file; give a folder")
-        self._old = [p for pattern in OUR_FILES for p in glob.glob(os.path.join(self.path, pattern))]
+        old = [os.fspath(p) for pattern in OUR_FILES for p in root.glob(pattern)]
+        self._old = sorted(old, key=lambda p: os.path.basename(p) != "stats.json")  # stats.json goes first
         if self._old and not overwrite:
             raise JaxllmError(f"--output {path!r} already holds prep output; pick another folder or pass "
                               "--config.output.overwrite=true")
+        if self.remote:
+            atomic.check_writable(self.path, "--output")  # before the run, not after it
+            self.tmp = tempfile.mkdtemp(prefix="jaxllm-prep-")
+            return
         try:
             os.makedirs(self.path, exist_ok=True)
             self.tmp = tempfile.mkdtemp(prefix=".prep-tmp-", dir=self.path)
@@ -40,14 +48,18 @@ class OutputDir:
             raise JaxllmError(f"cannot write to --output {path!r} ({e.strerror or e})") from None
 
     def temp(self, name: str) -> str:
+        """A local path in the temp folder."""
         return os.path.join(self.tmp, name)
 
     def commit(self, files: list[tuple[str, str]]) -> None:
-        """Moves (temp name, final name) pairs into the folder, after removing an earlier run's files."""
+        """Moves (temp name, final name) pairs into the folder, in order, after removing an earlier run's files."""
         for old in self._old:
-            os.unlink(old)
+            atomic.as_path(old).unlink(missing_ok=True)
         for tmp_name, final in files:
-            os.replace(self.temp(tmp_name), os.path.join(self.path, final))
+            if self.remote:
+                atomic.copy(self.temp(tmp_name), os.path.join(self.path, final))
+            else:
+                os.replace(self.temp(tmp_name), os.path.join(self.path, final))
         self.discard()
 
     def discard(self) -> None:
