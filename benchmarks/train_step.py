@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--remat", default="none")
     p.add_argument("--attention", default="auto")
-    p.add_argument("--micro_batches", type=int, default=1)
+    p.add_argument("--grad_accum_steps", type=int, default=1)
     p.add_argument("--fsdp", type=int, default=1)
     p.add_argument("--tensor", type=int, default=1)
     args = p.parse_args()
@@ -55,7 +55,7 @@ def main() -> None:
     tx, schedule = make_optimizer(OptimConfig(warmup_steps=10), 1000)
     mesh = shd.make_mesh(shd.MeshConfig(data=-1, fsdp=args.fsdp, tensor=args.tensor))
     state, shardings = st.init_state(model, tx, mesh, jax.random.key(0))
-    fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig(grad_accum_steps=args.micro_batches)),
+    fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig(grad_accum_steps=args.grad_accum_steps)),
                            shardings, mesh)
     rs = np.random.RandomState(0)
     b, length = args.batch, args.seq

@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--max_steps", "--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     a("--warmup_ratio", "--warmup-ratio", type=float, default=None)
     a("--gradient_accumulation", "--gradient_accumulation_steps", "--gradient-accumulation",
-      "--gradient-accumulation-steps", dest="grad_accum", type=int, default=None)
+      "--gradient-accumulation-steps", dest="grad_accum_steps", type=int, default=None)
     a("--optimizer", default=None, help="adamw_torch and the other AdamW variants: AdamW (optim section)")
     a("--scheduler", default=None, choices=("linear", "cosine", "constant", "constant_with_warmup", "rsqrt",
                                             "inverse_sqrt"))
@@ -174,7 +174,7 @@ def _devices(cfg: ml_collections.ConfigDict) -> tuple[str, int]:
 # flags set one config key each, as given
 DIRECT = {"text_column": "data.text_field", "learning_rate": "optim.learning_rate", "max_grad_norm": "optim.grad_clip",
           "weight_decay": "optim.weight_decay", "save_total_limit": "checkpoint.keep", "lora_r": "lora.r",
-          "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "grad_accum": "optim.grad_accum_steps",
+          "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "grad_accum_steps": "optim.grad_accum_steps",
           "seed": "seed"}
 SCHEDULES = {"constant_with_warmup": "constant", "inverse_sqrt": "rsqrt"}
 
@@ -270,8 +270,8 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
 
 def _optimization(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     sets: dict[str, Any] = {}
-    if args.grad_accum and not args.batch_size:  # the config's micro-batch, accumulated
-        sets["data.batch_size"] = cfg.data.batch_size // cfg.optim.grad_accum_steps * args.grad_accum
+X
+        sets["data.batch_size"] = cfg.data.batch_size // cfg.optim.grad_accum_steps * args.grad_accum_steps
     if args.scheduler:
         sets["optim.schedule"] = SCHEDULES.get(args.scheduler, args.scheduler)
     if args.logging_steps and args.logging_steps > 0:
