@@ -60,42 +60,33 @@ class RowSource:
 class EmbeddedSource(RowSource):
     """The corpus shipped with Python (see `jaxllm.data.corpus`)."""
 
+    _load, _noun, _plural = staticmethod(embedded_documents), "embedded document", "documents"
+
     def __init__(self, fields: Fields = RowSource._fields, whole_row: bool = False):
-        self._docs = embedded_documents()
+        self._rows = self._load()
         self._fields, self._whole_row = fields, whole_row
 
     def __len__(self) -> int:
-        return len(self._docs)
+        return len(self._rows)
 
-    def _row(self, index: int) -> str:
-        return self._docs[index]
+    def _row(self, index: int) -> str | dict[str, Any]:
+        return self._rows[index]
 
     def where(self, index: int) -> str:
-        return f"embedded document {index}"
+        return f"{self._noun} {index}"
 
     def __repr__(self) -> str:
-        return f"EmbeddedSource({len(self)} documents)"
+        return f"{type(self).__name__}({len(self)} {self._plural})"
 
 
-class EmbeddedSftSource(RowSource):
+class EmbeddedSftSource(EmbeddedSource):
     """Question/answer records about Python shipped with it, in every SFT format (`jaxllm.data.corpus`)."""
 
+    _load, _noun, _plural = staticmethod(embedded_sft_records), "embedded_sft record", "records"
+
     def __init__(self, fields: Fields = RowSource._fields, whole_row: bool = False):
-        self._records = embedded_sft_records()
-        self._fields, self._whole_row = fields, whole_row
+        super().__init__(fields, whole_row)
         self[0]  # fail now if the format's fields are not the records' (text, messages, prompt, completion)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def _row(self, index: int) -> dict[str, Any]:
-        return self._records[index]
-
-    def where(self, index: int) -> str:
-        return f"embedded_sft record {index}"
-
-    def __repr__(self) -> str:
-        return f"EmbeddedSftSource({len(self)} records)"
 
 
 class TextSource(RowSource):

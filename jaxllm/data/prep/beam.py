@@ -25,6 +25,7 @@ are written under OUTPUT/.prep-tmp-* and renamed in at the end, stats.json last,
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -100,7 +101,7 @@ def _build(p, resolved: list[tuple[str, str]], inputs: list[str], cfg: PrepConfi
     read = (p | "inputs" >> beam.Create(list(enumerate(resolved)))
             | "read" >> beam.ParDo(_Read(cfg)).with_outputs("counts", main="docs"))
     processed = (read.docs | "spread documents" >> beam.Reshuffle()
-                 | "clean, filter, sign" >> beam.ParDo(_Process(cfg)))
+                 | "clean, filter, sign" >> beam.Map(lambda kv, stage: (kv[0], stage.one(*kv[1])), core.DocStage(cfg)))
 
     # ---- dedup: (position, (reason, candidates compared)) for every document that reached it
     reached = processed | "reached dedup" >> beam.Filter(lambda kv: kv[1].removed_at == "")
@@ -115,7 +116,7 @@ def _build(p, resolved: list[tuple[str, str]], inputs: list[str], cfg: PrepConfi
     survivors = (exact | "exact survivors" >> beam.Filter(lambda kv: kv[1][0] == "")
                  | "signatures" >> beam.Map(lambda kv: (kv[0], kv[1][1])))
     if cfg.dedup.near:
-        pairs = (survivors | "band buckets" >> beam.ParDo(_Bands(cfg))
+        pairs = (survivors | "band buckets" >> beam.FlatMap(_band_buckets, NearDuplicateIndex(cfg.dedup))
                  | "group buckets" >> beam.GroupByKey()
                  | "compare with the earliest" >> beam.FlatMap(_compare_with_earliest, cfg.dedup.threshold))
         near = ({"sig": survivors, "pairs": pairs} | "join candidates" >> beam.CoGroupByKey()
@@ -143,9 +144,11 @@ def _build(p, resolved: list[tuple[str, str]], inputs: list[str], cfg: PrepConfi
                                                    if kv[1]["pick"] else [])
                   | "whole sample" >> beam.combiners.ToList())
         model = index | "train tokenizer" >> beam.Map(_train_tokenizer, cfg, pvalue.AsSingleton(sample))
-        tokens = kept | "tokenize" >> beam.ParDo(_Tokenize(cfg), pvalue.AsSingleton(model))
-        counts = (tokens | "token counts" >> beam.Map(lambda kv: np.bincount(kv[1]).astype(np.int64))
-                  | "corpus token counts" >> beam.CombineGlobally(_SumCounts()))
+        tokens = kept | "tokenize" >> beam.Map(lambda kv, model: (kv[0], core.token_ids(model[1], kv[1]["text"])),
+                                               pvalue.AsSingleton(model))
+        counts = (tokens | "token counts" >> beam.Map(lambda kv: np.bincount(kv[1]))
+                  | "corpus token counts" >> beam.CombineGlobally(
+                      lambda counts: functools.reduce(core.add_counts, counts, np.zeros(0, np.int64))))
         lengths = tokens | "token lengths" >> beam.Map(lambda kv: (kv[0], len(kv[1])))
         if cfg.curriculum.enabled and cfg.curriculum.rarity_weight:
             rarity = tokens | "rarity" >> beam.Map(
@@ -193,33 +196,6 @@ class _Read(beam.DoFn):
         yield pvalue.TaggedOutput("counts", (number, dict(reader.counts), reader.unreadable))
 
 
-class _Process(beam.DoFn):
-    def __init__(self, cfg: PrepConfig):
-        self.cfg = cfg
-        self.stage = None
-
-    def setup(self):
-        self.stage = core.DocStage(self.cfg)
-
-    def process(self, item):
-        position, doc = item
-        yield position, self.stage.one(*doc)
-
-
-class _Bands(beam.DoFn):
-    def __init__(self, cfg: PrepConfig):
-        self.cfg = cfg
-        self.index = None
-
-    def setup(self):
-        self.index = NearDuplicateIndex(self.cfg.dedup)
-
-    def process(self, item):
-        position, sig = item
-        for band, key in enumerate(self.index.band_keys(sig)):
-            yield (band, key), (position, sig)
-
-
 class _ModelLoss(beam.DoFn):
     """Batches of (position, record) -> (position, mean loss under the reference model)."""
 
@@ -235,19 +211,14 @@ class _ModelLoss(beam.DoFn):
         yield from zip([position for position, _ in batch], self.scorer([row["text"] for _, row in batch]))
 
 
-class _Tokenize(beam.DoFn):
-    def __init__(self, cfg: PrepConfig):
-        self.cfg = cfg
-        self.tokenizer = None
-
-    def process(self, item, model):
-        if self.tokenizer is None:
-            self.tokenizer = _tokenizer_of(self.cfg, model)
-        position, row = item
-        yield position, np.asarray(self.tokenizer.encode(row["text"]), np.int32)
-
-
 # ------------------------------------------------------------------ dedup steps
+
+
+def _band_buckets(item, index: NearDuplicateIndex):
+    """Near dedup: (position, signature) -> ((band, band key), (position, signature)) for each band."""
+    position, sig = item
+    for band, key in enumerate(index.band_keys(sig)):
+        yield (band, key), (position, sig)
 
 
 def _earliest_of_key(item):
@@ -289,13 +260,10 @@ class _StageCounts(beam.CombineFn):
 
     def add_input(self, acc, item):
         _, r, verdict = item
-        if core.account(acc, r):
-            reason, candidates = verdict
-            if self.cfg.dedup.near and reason != "exact_duplicate":
-                acc["near_dedup"]["notes"]["candidate_pairs_checked"] += candidates
-            if core.count_dedup(acc, r, reason):
-                for variant in r.variants:
-                    core.count_variant(acc["augment"], variant)
+        reason, candidates = verdict or ("", 0)  # no verdict: removed before dedup
+        if self.cfg.dedup.near and not r.removed_at and reason != "exact_duplicate":
+            acc["near_dedup"]["notes"]["candidate_pairs_checked"] += candidates
+        core.count_doc(acc, r, reason)
         return acc
 
     def merge_accumulators(self, accumulators):
@@ -316,38 +284,12 @@ class _StageCounts(beam.CombineFn):
         return acc
 
 
-class _SumCounts(beam.CombineFn):
-    def create_accumulator(self):
-        return np.zeros(0, np.int64)
-
-    def add_input(self, acc, counts):
-        return _add(acc, counts)
-
-    def merge_accumulators(self, accumulators):
-        total = np.zeros(0, np.int64)
-        for acc in accumulators:
-            total = _add(total, acc)
-        return total
-
-    def extract_output(self, acc):
-        return acc
-
-
-def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if len(b) > len(a):
-        a, b = b, a
-    a = a.copy()
-    a[: len(b)] += b
-    return a
-
-
 def _kept_records(item):
     (number, i, _), r, verdict = item
     if r.removed_at or verdict is None or verdict[0]:
         return
-    yield (number, i, 0), {"text": r.text, "source": r.source, "value": r.value}
-    for v, variant in enumerate(r.variants, 1):
-        yield (number, i, v), {"text": variant, "source": f"eda:{r.source}", "value": r.value}
+    for v, row in enumerate(core.kept_rows(r)):
+        yield (number, i, v), row
 
 
 def _index(records: list) -> dict[str, Any]:
@@ -368,35 +310,13 @@ def _sample_positions(index: dict, cfg: PrepConfig):
         yield index["positions"][i], i
 
 
-class _Sample(Sequence):
-    """`n` documents of which only the tokenizer's training sample is held (the sampler reads no other)."""
-
-    def __init__(self, n: int, texts: dict[int, str]):
-        self._n, self._texts = n, texts
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, i: int) -> str:
-        return self._texts[i]
-
-
-def _train_tokenizer(index: dict, cfg: PrepConfig, sample: list) -> tuple[str, bytes | None, bool]:
-    """(name for the stats, SentencePiece model bytes or None for a model folder, copy into the output)."""
-    n = len(index["positions"])
-    if not n:
-        return "", None, False
-    name, tokenizer, copy = core.load_prep_tokenizer(cfg, _Sample(n, dict(sample)))
-    return name, (tokenizer.proto if copy else None), copy
-
-
-def _tokenizer_of(cfg: PrepConfig, model: tuple[str, bytes | None, bool]):
-    from jaxllm.data.tokenizer import Tokenizer, load_tokenizer  # pylint: disable=g-import-not-at-top
-
-    _, proto, _ = model
-    if proto is not None:
-        return Tokenizer(proto, "tokenizer.model")
-    return load_tokenizer(cfg.tokenize.tokenizer, cfg.tokenize.vocab_size)
+def _train_tokenizer(index: dict, cfg: PrepConfig, sample: list) -> tuple[str, Any, bool]:
+    """`core.load_prep_tokenizer` (the tokenizer goes to the workers) over the kept records, of which only
+    the training sample is held: the sampler reads no other."""
+    texts: list[str | None] = [None] * len(index["positions"])
+    for i, text in sample:
+        texts[i] = text
+    return core.load_prep_tokenizer(cfg, texts) if texts else ("", None, False)
 
 
 def _order(scores: list, cfg: PrepConfig, tokenize: bool, index: dict, model: tuple) -> dict[str, Any]:
@@ -460,20 +380,15 @@ def _finish(_, inputs: list[str], cfg: PrepConfig, out_path: str, tmp: str, stag
         reader.counts.update(counts)
         reader.unreadable += unreadable
     core.finish_input(stages["input"], reader)
-    name, proto, copy = model
-    tok = stages["tokenize"]
-    core.count_all(tok, stages["augment"])
-    if scored["tokens"] is not None:
-        tok["notes"].update(tokens=scored["tokens"], tokenizer=name)
-    core.count_all(stages["curriculum"], tok)
+    name, tokenizer, copy = model
     shards = [{k: v for k, v in s.items() if k != "index"} for s in sorted(shards, key=lambda s: s["index"])]
-    stats = core.summarize(inputs, stages, cfg, out_path, name, "tokenizer.model" if copy else "", shards,
-                           scored["tokens"], np.asarray(scored["length"]), np.asarray(scored["score"]),
+    stats = core.summarize(inputs, stages, cfg, out_path, name, copy, shards, scored["tokens"],
+                           np.asarray(scored["length"]), np.asarray(scored["score"]),
                            np.asarray(scored["bucket"], np.int64), time.time())
     stats["runner"] = "beam"
     stats["_tokenizer_file"] = "tokenizer.model" if copy else ""
-    if copy and proto is not None:
-        _write_bytes(_join(tmp, "tokenizer.model"), proto)
+    if copy:
+        _write_bytes(_join(tmp, "tokenizer.model"), tokenizer.proto)
     _write_bytes(_join(tmp, _PARTIAL), json.dumps(stats, default=str).encode())
 
 

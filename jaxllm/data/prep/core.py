@@ -64,9 +64,9 @@ class Processed(NamedTuple):
     reason: str
     changed: bool
     lines_removed: int
-    key: int | None
-    sig: np.ndarray | None
-    variants: list[str]
+    key: int | None = None
+    sig: np.ndarray | None = None
+    variants: Sequence[str] = ()
 
 
 class DocStage:
@@ -85,15 +85,14 @@ class DocStage:
         if cfg.clean.enabled:
             cleaned, reason = clean(text, cfg.clean)
             if cleaned is None:
-                return Processed(None, source, value, size, 0, "clean", reason, True, 0, None, None, [])
+                return Processed(None, source, value, size, 0, "clean", reason, True, 0)
         else:
             cleaned = text
         changed, clean_size, lines_removed = cleaned != text, nbytes(cleaned), 0
         if cfg.quality.enabled:
             kept, reason, lines_removed = quality(cleaned, cfg.quality)
             if kept is None:
-                return Processed(None, source, value, size, clean_size, "quality", reason, changed, lines_removed,
-                                 None, None, [])
+                return Processed(None, source, value, size, clean_size, "quality", reason, changed, lines_removed)
             cleaned = kept
         key = exact_key(cleaned) if cfg.dedup.exact else None
         sig = self.hasher.signature(cleaned) if self.hasher is not None else None
@@ -108,7 +107,12 @@ class TokenizeStage:
         self.tokenizer = tokenizer
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(self.tokenizer.encode(t), np.int32) for t in texts]
+        return [token_ids(self.tokenizer, t) for t in texts]
+
+
+def token_ids(tokenizer: Any, text: str) -> np.ndarray:
+    """One text's ids (both runners tokenize with it)."""
+    return np.asarray(tokenizer.encode(text), np.int32)
 
 
 def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir, cfg: PrepConfig,
@@ -119,24 +123,20 @@ def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir,
     kept = _Kept(out.temp("docs.spool"))
     _read_clean_dedup(resolved, cfg, stages, kept, workers)
     seconds = {"read_clean_filter_dedup": time.time() - start}
-    count_all(stages["tokenize"], stages["augment"])
     tokens = _tokenize(cfg, kept.spool, out, workers) if cfg.tokenize.enabled and len(kept.spool) else None
-    if tokens is not None:
-        stages["tokenize"]["notes"].update(tokens=int(sum(tokens.counts)), tokenizer=tokens.name)
     seconds["tokenize"] = time.time() - start - sum(seconds.values())
     length = np.asarray(tokens.counts if tokens is not None else kept.chars, np.float64)
     score, bucket, order = _curriculum(cfg, kept, tokens, length)
-    count_all(stages["curriculum"], stages["tokenize"])
     shards, files = _write_shards(cfg, out, kept.spool, tokens, score, bucket, order)
     seconds["score_and_write"] = time.time() - start - sum(seconds.values())
     kept.spool.close()
     if tokens is not None:
         tokens.spool.close()
-    name, file = (tokens.name, tokens.file) if tokens is not None else ("", "")
-    stats = summarize(inputs, stages, cfg, out.path, name, file, shards,
+    name, copied = (tokens.name, tokens.copied) if tokens is not None else ("", False)
+    stats = summarize(inputs, stages, cfg, out.path, name, copied, shards,
                       None if tokens is None else int(sum(tokens.counts)), length, score, bucket, start)
     stats["pass_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    write_outputs(out, stats, files, file)
+    write_outputs(out, stats, files, copied)
     return stats
 
 
@@ -146,17 +146,18 @@ class _Kept:
     def __init__(self, path: str):
         self.spool, self.chars, self.values = Spool(path), array.array("q"), array.array("d")
 
-    def add(self, text: str, source: str, value: float | None) -> None:
-        self.spool.append(json.dumps({"text": text, "source": source, "value": value}, ensure_ascii=False).encode())
-        self.chars.append(len(text))
-        self.values.append(math.nan if value is None else value)
+    def add(self, row: dict[str, Any]) -> None:
+        self.spool.append(json.dumps(row, ensure_ascii=False).encode())
+        self.chars.append(len(row["text"]))
+        self.values.append(math.nan if row["value"] is None else row["value"])
 
 
 class _Tokens(NamedTuple):
-    """Pass 2's result: tokenizer name and output file ("" if none), each record's ids, their counts, id counts."""
+    """Pass 2's result: tokenizer name, whether its .model went to the output, each record's ids, their
+    counts, id counts."""
 
     name: str
-    file: str
+    copied: bool
     spool: Spool
     counts: array.array
     id_counts: np.ndarray
@@ -170,25 +171,20 @@ def _read_clean_dedup(resolved: list[tuple[str, str]], cfg: PrepConfig, stages: 
     dedup = Deduplicator(cfg.dedup)
     paraphrase = augment.Paraphraser(cfg.augment) if cfg.augment.enabled and cfg.augment.paraphrase_model else None
     waiting: list[Processed] = []
-    aug = stages["augment"]
     bar = tqdm(desc="prep: clean, filter, dedup", unit=" doc", disable=not cfg.progress)
     for results in parallel_map(DocStage(cfg), batched(reader.read(resolved), _BATCH), workers):
         bar.update(len(results))
         for r in results:
-            if not account(stages, r):
+            if not count_doc(stages, r, "" if r.removed_at else dedup.check(r.key, r.sig)):
                 continue
-            if not count_dedup(stages, r, dedup.check(r.key, r.sig)):
-                continue
-            kept.add(r.text, r.source, r.value)
-            for variant in r.variants:
-                kept.add(variant, f"eda:{r.source}", r.value)
-                count_variant(aug, variant)
+            for row in kept_rows(r):
+                kept.add(row)
             if paraphrase is not None and augment.wants_paraphrase(r.text, cfg.augment):
                 waiting.append(r)
                 if len(waiting) == _PARAPHRASE_BATCH:
-                    _add_paraphrases(paraphrase, waiting, kept, aug)
+                    _add_paraphrases(paraphrase, waiting, kept, stages["augment"])
                     waiting = []
-    _add_paraphrases(paraphrase, waiting, kept, aug)  # the last, short batch
+    _add_paraphrases(paraphrase, waiting, kept, stages["augment"])  # the last, short batch
     bar.close()
     finish_input(stages["input"], reader)
     if dedup.near is not None:
@@ -198,14 +194,16 @@ def _read_clean_dedup(resolved: list[tuple[str, str]], cfg: PrepConfig, stages: 
 def _add_paraphrases(paraphrase: augment.Paraphraser | None, docs: list[Processed], kept: _Kept, aug: dict) -> None:
     for doc, text in zip(docs, paraphrase([d.text for d in docs]) if docs else []):
         if text:
-            kept.add(text, f"paraphrase:{doc.source}", doc.value)
+            kept.add({"text": text, "source": f"paraphrase:{doc.source}", "value": doc.value})
             _count_out(aug, nbytes(text))
             aug["notes"]["paraphrases"] += 1
 
 
 def _tokenize(cfg: PrepConfig, spool: Spool, out: OutputDir, workers: int) -> _Tokens:
     """Pass 2: train (or load) the tokenizer on the kept documents, tokenize them in workers."""
-    name, tokenizer, file = _tokenizer(cfg, spool, out)
+    name, tokenizer, copied = load_prep_tokenizer(cfg, SpoolTexts(spool))
+    if copied:
+        shutil.copyfile(tokenizer.path, out.temp("tokenizer.model"))
     tokens_spool, counts, id_counts = Spool(out.temp("tokens.spool")), array.array("q"), np.zeros(0, np.int64)
     bar = tqdm(total=len(spool), desc="prep: tokenize", unit=" doc", disable=not cfg.progress)
     for ids_list in parallel_map(TokenizeStage(tokenizer), _spool_texts(spool), workers):
@@ -213,9 +211,9 @@ def _tokenize(cfg: PrepConfig, spool: Spool, out: OutputDir, workers: int) -> _T
         for ids in ids_list:
             tokens_spool.append(ids.tobytes())
             counts.append(len(ids))
-        id_counts = _add_counts(id_counts, ids_list)
+        id_counts = add_counts(id_counts, np.bincount(np.concatenate(ids_list)))
     bar.close()
-    return _Tokens(name, file, tokens_spool, counts, id_counts)
+    return _Tokens(name, copied, tokens_spool, counts, id_counts)
 
 
 def _curriculum(cfg: PrepConfig, kept: _Kept, tokens: _Tokens | None,
@@ -269,6 +267,12 @@ def curriculum_order(cfg: PrepConfig, length: np.ndarray, rarity: np.ndarray | N
     return score, bucket, order
 
 
+def kept_rows(r: Processed) -> list[dict[str, Any]]:
+    """The records a document that passed dedup adds: itself, then its EDA variants."""
+    rows = [{"text": r.text, "source": r.source, "value": r.value}]
+    return rows + [{"text": v, "source": f"eda:{r.source}", "value": r.value} for v in r.variants]
+
+
 def output_record(cfg: PrepConfig, row: dict, score: float, bucket: int, ids: np.ndarray | None) -> bytes:
     """One output record: JSON of text, score, bucket, source (and tokens)."""
     record = {"text": row["text"], "score": round(float(score), 6), "bucket": int(bucket), "source": row["source"]}
@@ -278,16 +282,21 @@ def output_record(cfg: PrepConfig, row: dict, score: float, bucket: int, ids: np
 
 
 def summarize(inputs: list[str], stages: dict, cfg: PrepConfig, out_path: str, tokenizer_name: str,
-              tokenizer_file: str, shards: list[dict], tokens: int | None, length: np.ndarray, score: np.ndarray,
+              tokenizer_copied: bool, shards: list[dict], tokens: int | None, length: np.ndarray, score: np.ndarray,
               bucket: np.ndarray, start: float) -> dict[str, Any]:
-    """stats.json: inputs, config, every stage's counts, the shards, buckets and length histogram."""
+    """stats.json: inputs, config, every stage's counts (those of tokenize and curriculum filled in here),
+    the shards, buckets and length histogram."""
+    count_all(stages["tokenize"], stages["augment"])
+    if tokens is not None:
+        stages["tokenize"]["notes"].update(tokens=tokens, tokenizer=tokenizer_name)
+    count_all(stages["curriculum"], stages["tokenize"])
     n = len(length)
     return {
         "inputs": inputs,
         "files": stages["input"]["notes"].pop("inputs", 0),
         "config": cfg.to_dict(),
         "stages": {name: _plain(st) for name, st in stages.items()},
-        "tokenizer": os.path.join(out_path, "tokenizer.model") if tokenizer_file else tokenizer_name,
+        "tokenizer": os.path.join(out_path, "tokenizer.model") if tokenizer_copied else tokenizer_name,
         "output": {
             "records": n,
             "text_bytes": sum(s["text_bytes"] for s in shards),
@@ -302,21 +311,13 @@ def summarize(inputs: list[str], stages: dict, cfg: PrepConfig, out_path: str, t
     }
 
 
-def write_outputs(out: OutputDir, stats: dict, files: list[tuple[str, str]], tokenizer_file: str) -> None:
+def write_outputs(out: OutputDir, stats: dict, files: list[tuple[str, str]], tokenizer_copied: bool) -> None:
     """report.md and stats.json beside the temp shards, then everything renamed in (stats.json last)."""
     with open(out.temp("report.md"), "w") as f:
         f.write(render_report(stats))
     write_json(out.temp("stats.json"), stats)
-    out.commit(files + ([("tokenizer.model", "tokenizer.model")] if tokenizer_file else [])
+    out.commit(files + ([("tokenizer.model", "tokenizer.model")] if tokenizer_copied else [])
                + [("report.md", "report.md"), ("stats.json", "stats.json")])
-
-
-def _tokenizer(cfg: PrepConfig, spool: Spool, out: OutputDir) -> tuple[str, Any, str]:
-    """(name for the stats, tokenizer, temp file name if a .model was written to the output, else "")."""
-    name, tokenizer, copy = load_prep_tokenizer(cfg, SpoolTexts(spool))
-    if copy:
-        shutil.copyfile(tokenizer.path, out.temp("tokenizer.model"))
-    return name, tokenizer, "tokenizer.model" if copy else ""
 
 
 def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
@@ -365,32 +366,11 @@ def count_all(stage: dict, previous: dict) -> None:
                  bytes_out=previous["bytes_out"])
 
 
-def count_dedup(stages: dict, r: Processed, reason: str) -> bool:
-    """Counts a document that reached dedup through the dedup stages (its verdict `reason`) into
-    augment; True if it is kept."""
-    size = nbytes(r.text)
-    if reason == "exact_duplicate":
-        stages["exact_dedup"]["removed"][reason] += 1
-        return False
-    _count_out(stages["exact_dedup"], size)
-    _count_in(stages["near_dedup"], size)
-    if reason:
-        stages["near_dedup"]["removed"][reason] += 1
-        return False
-    _count_out(stages["near_dedup"], size)
-    _count_in(stages["augment"], size)
-    _count_out(stages["augment"], size)
-    return True
-
-
-def count_variant(aug: dict, variant: str) -> None:
-    _count_out(aug, nbytes(variant))
-    aug["notes"]["eda_variants"] += 1
-
-
-def account(stages: dict, r: Processed) -> bool:
-    """Counts `r` into the clean / quality / exact_dedup stages; True if it reaches dedup."""
+def count_doc(stages: dict, r: Processed, reason: str) -> bool:
+    """Counts `r` through the stages clean .. augment, `reason` its dedup verdict ("": kept; not read for a
+    document removed before dedup); True if it is kept."""
     clean_st, quality_st = stages["clean"], stages["quality"]
+    exact_st, near_st, aug = stages["exact_dedup"], stages["near_dedup"], stages["augment"]
     _count_in(clean_st, r.bytes_in)
     if r.removed_at == "clean":
         clean_st["removed"][r.reason] += 1
@@ -404,7 +384,21 @@ def account(stages: dict, r: Processed) -> bool:
         return False
     size = nbytes(r.text)
     _count_out(quality_st, size)
-    _count_in(stages["exact_dedup"], size)
+    _count_in(exact_st, size)
+    if reason == "exact_duplicate":
+        exact_st["removed"][reason] += 1
+        return False
+    _count_out(exact_st, size)
+    _count_in(near_st, size)
+    if reason:
+        near_st["removed"][reason] += 1
+        return False
+    _count_out(near_st, size)
+    _count_in(aug, size)
+    _count_out(aug, size)
+    for variant in r.variants:
+        _count_out(aug, nbytes(variant))
+        aug["notes"]["eda_variants"] += 1
     return True
 
 
@@ -429,14 +423,13 @@ def _plain(stage: dict) -> dict:
     return {k: dict(sorted(v.items())) if isinstance(v, collections.Counter) else v for k, v in stage.items()}
 
 
-def _add_counts(counts: np.ndarray, ids_list: list[np.ndarray]) -> np.ndarray:
-    if not ids_list:
-        return counts
-    batch = np.bincount(np.concatenate(ids_list), minlength=len(counts)) if sum(map(len, ids_list)) else counts * 0
-    if len(batch) > len(counts):
-        counts = np.concatenate([counts, np.zeros(len(batch) - len(counts), np.int64)])
-    counts[: len(batch)] += batch
-    return counts
+def add_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a + b of two id counts, the shorter one padded with zeros (neither is changed)."""
+    if len(b) > len(a):
+        a, b = b, a
+    total = a.copy()
+    total[: len(b)] += b
+    return total
 
 
 def nbytes(text: str) -> int:
