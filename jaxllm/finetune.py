@@ -270,7 +270,7 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
 
 def _optimization(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     sets: dict[str, Any] = {}
-X
+    if args.grad_accum_steps and not args.batch_size:  # the config's micro-batch, accumulated
         sets["data.batch_size"] = cfg.data.batch_size // cfg.optim.grad_accum_steps * args.grad_accum_steps
     if args.scheduler:
         sets["optim.schedule"] = SCHEDULES.get(args.scheduler, args.scheduler)
