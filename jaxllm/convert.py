@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Any
 
 import orbax.checkpoint as ocp
 
@@ -17,7 +18,7 @@ from jaxllm.models.decoder import Decoder
 from jaxllm.train.checkpoint import checkpoint_dir
 
 
-def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: str = "float32") -> ModelConfig:
+def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: Any = "float32") -> ModelConfig:
     """Writes `out_dir/params` (Orbax) and `out_dir/model.json` from a Hugging Face folder."""
     out_dir = checkpoint_dir(out_dir)  # Orbax: a local path or gs://
     if atomic.as_path(os.path.join(out_dir, "params")).exists():
@@ -35,7 +36,7 @@ def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: str = "float32") -> Mo
     return model.cfg
 
 
-def workdir_to_hf(workdir: str, out_dir: str, *, dtype: str = "float32") -> None:
+def workdir_to_hf(workdir: str, out_dir: str, *, dtype: Any = "float32") -> None:
     """A Hugging Face folder (config.json, safetensors, the SentencePiece tokenizer) from a training workdir;
     an adapter run's adapters are merged into its (dequantized) base."""
     model, params, tokenizer, _ = load_trained(workdir)

@@ -359,7 +359,7 @@ def epochs_to_steps(cfg: ml_collections.ConfigDict, epochs: float, sample: int =
     return max(1, math.ceil(epochs * rows / data.batch_size))
 
 
-def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: str = "float32") -> dict[str, str]:
+def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: Any = "float32") -> dict[str, str]:
     """Writes the run's result: `adapter/` (PEFT) or, for full fine-tuning, `model/`; `merged/` if asked."""
     from jaxllm import hf
     from jaxllm.load import load_run

@@ -139,7 +139,7 @@ def load_trained(workdir: str) -> tuple[Decoder, Any, Tokenizer, bool]:
     return Decoder(run.model), tree.union(params, frozen), tokenizer_for(run.data), run.data.add_bos
 
 
-def load_model(source: str, *, dtype: str = "float32", adapter: str = "") -> tuple[Decoder, Any, Tokenizer, bool]:
+def load_model(source: str, *, dtype: Any = "float32", adapter: str = "") -> tuple[Decoder, Any, Tokenizer, bool]:
     """(model, params, tokenizer, add_bos) from a Hugging Face folder (plus a PEFT LoRA `adapter`
     folder) or a jaxllm training workdir."""
     what = kind(source)

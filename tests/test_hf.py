@@ -235,6 +235,34 @@ def test_export_refuses_what_no_hf_architecture_computes(tmp_path):
         hf.save_pretrained(model, params, str(tmp_path / "full"))
 
 
+def test_dtype_as_name_or_numpy_or_jnp_dtype(tmp_path):
+    import jax.numpy as jnp
+
+    from jaxllm import convert, load
+
+    folder = _saved(tmp_path)
+    _tokenizer_files(folder, ["hello", "world"])
+    folder = str(folder)
+    for given in ("float32", jnp.float32, np.float32, np.dtype("float32")):
+        model, params = hf.load_pretrained(folder, dtype=given)
+        assert model.cfg.param_dtype == model.cfg.dtype == "float32"
+    model, params = hf.load_pretrained(folder, dtype=jnp.bfloat16, compute_dtype=np.dtype("float32"))
+    assert (model.cfg.param_dtype, model.cfg.dtype) == ("bfloat16", "float32")
+    assert params["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+    hf.save_pretrained(model, params, str(tmp_path / "back"), dtype=jnp.bfloat16)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert load.load_model(folder, dtype=np.float16)[0].cfg.param_dtype == "float16"
+    assert convert.hf_to_checkpoint(folder, str(tmp_path / "conv"), dtype=jnp.float32).dtype == "float32"
+    json.dumps(ModelConfig(param_dtype=jnp.bfloat16, dtype=np.float32).__dict__)  # workdirs store it as JSON
+    for bad in ("fp8", np.int32, None):
+        with pytest.raises(JaxllmError, match=r"^dtype=.*; choose one of float32, bfloat16, float16"):
+            hf.load_pretrained(folder, dtype=bad)
+    with pytest.raises(JaxllmError, match=r"^compute_dtype=.*int8.*; choose one of"):
+        hf.load_pretrained(folder, compute_dtype=jnp.int8)
+    with pytest.raises(JaxllmError, match=r"^dtype=.*float64.*; choose one of"):
+        hf.save_pretrained(model, params, str(tmp_path / "other"), dtype=np.float64)
+
+
 def _tokenizer_files(folder, words):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -25,7 +25,7 @@ from jaxllm import sharding as shd
 from jaxllm.hf.config import hf_config_from_model, model_config_from_hf
 from jaxllm.hf.layout import Group, global_groups, layer_groups
 from jaxllm.models import lora
-from jaxllm.models.config import DTYPES, ModelConfig
+from jaxllm.models.config import DTYPES, ModelConfig, dtype_name
 from jaxllm.models.decoder import Decoder, abstract_params
 
 INDEX = "model.safetensors.index.json"
@@ -176,15 +176,14 @@ def read_config(folder: str) -> dict[str, Any]:
             raise JaxllmError(f"{path} is not valid JSON ({e})") from None
 
 
-def load_pretrained(path: str, dtype: str = "float32", mesh: Mesh | None = None, *,
-                    compute_dtype: str | None = None, **overrides: Any) -> tuple[Decoder, dict]:
+def load_pretrained(path: str, dtype: Any = "float32", mesh: Mesh | None = None, *,
+                    compute_dtype: Any = None, **overrides: Any) -> tuple[Decoder, dict]:
     """(Decoder, params) from a Hugging Face folder: `dtype` is the param dtype (and the compute dtype
     unless `compute_dtype` is given); `mesh` defaults to one device; `overrides` set other ModelConfig
     fields (scan_layers, attention, remat, dropouts, ...)."""
-    path = os.path.expanduser(path)
-    if dtype not in DTYPES:
-        raise JaxllmError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
-    cfg = model_config_from_hf(read_config(path), param_dtype=dtype, dtype=compute_dtype or dtype, **overrides)
+    path, dtype = os.path.expanduser(path), dtype_name(dtype)
+    compute_dtype = dtype if compute_dtype is None else dtype_name(compute_dtype, "compute_dtype")
+    cfg = model_config_from_hf(read_config(path), param_dtype=dtype, dtype=compute_dtype, **overrides)
     files = TensorFiles(path)
     return Decoder(cfg), load_params(files, cfg, mesh if mesh is not None else _one_device_mesh())
 
@@ -222,7 +221,7 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def save_pretrained(model: Decoder, params: dict, path: str, *, dtype: str = "float32",
+def save_pretrained(model: Decoder, params: dict, path: str, *, dtype: Any = "float32",
                     max_shard_size: int | str = "5GB", overwrite: bool = False,
                     config_updates: dict[str, Any] | None = None) -> None:
     """Writes config.json + safetensors (sharded with an index past `max_shard_size`) that
@@ -231,8 +230,7 @@ def save_pretrained(model: Decoder, params: dict, path: str, *, dtype: str = "fl
     (gs://) uploaded with config.json last. `config_updates` adds keys to config.json (e.g. bos_token_id)."""
     cfg, path = model.cfg, atomic.location(path)
     params = nn.meta.unbox(params.get("params", params) if len(params) == 1 else params)
-    if dtype not in DTYPES:
-        raise JaxllmError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
+    dtype = dtype_name(dtype)
     config = {**hf_config_from_model(cfg, dtype), **(config_updates or {})}
     limit = parse_size(max_shard_size)
     if atomic.as_path(path).exists() and list(atomic.as_path(path).iterdir()) and not overwrite:

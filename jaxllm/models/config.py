@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm import JaxllmError
 from jaxllm.models.families import ADAPTER_TARGETS
@@ -23,6 +24,17 @@ SHAPE_FIELDS = ("vocab_size", "num_layers", "embed_dim", "num_heads", "kv_heads"
                 "tie_embeddings", "norm", "position", "mlp", "parallel_block", "num_block_norms", "use_bias",
                 "embed_norm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_name(value: Any, what: str = "dtype") -> str:
+    """The DTYPES name of `value`: a name ('bfloat16') or a numpy/jnp dtype (jnp.bfloat16, np.float32)."""
+    try:
+        name = np.dtype(value).name
+    except (TypeError, ValueError):
+        name = None
+    if name not in DTYPES:
+        raise JaxllmError(f"{what}={value!r}; choose one of {', '.join(DTYPES)} (or jnp.float32, jnp.bfloat16, ...)")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +57,7 @@ class ModelConfig:
     resid_dropout: float = 0.0
     scan_layers: bool = True
     remat: str = "none"  # none | full | minimal | save_dot_except_mlpwi | ... (REMAT_POLICIES; decoder.py)
-    param_dtype: str = "float32"
+    param_dtype: str = "float32"  # float32 | bfloat16 | float16 (a numpy/jnp dtype is taken by its name)
     dtype: str = "bfloat16"  # compute dtype of matmuls and activations
     sequence_parallel: bool = True  # split the residual stream's length over the tensor mesh axis between
     #                                 blocks (Megatron sequence parallelism); no effect without tensor parallelism
@@ -86,8 +98,7 @@ class ModelConfig:
         if self.attention not in ATTENTION_IMPLS:
             bad(f"attention={self.attention!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
         for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                bad(f"{name}={getattr(self, name)!r}; choose one of {', '.join(DTYPES)}")
+            object.__setattr__(self, name, dtype_name(getattr(self, name), f"model config: {name}"))
         for name, choices in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS)):
             if getattr(self, name) not in choices:
                 bad(f"{name}={getattr(self, name)!r}; choose one of {', '.join(choices)}")
