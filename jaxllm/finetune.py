@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--train", action="store_true", help="accepted for copy-paste: training is what this does")
     a("--model", default="", help="Hugging Face model folder to fine-tune (config.json + safetensors + tokenizer)")
     a("--project_name", "--project-name", "--project", dest="project_name", default="",
-      help="run folder (checkpoints, logs) and default --save_dir")
+      help="run folder: checkpoints, logs (default: --save_dir); also the default --save_dir")
     a("--data_path", "--data-path", default="", help="JSONL / Parquet file, glob or folder (a Hugging Face dataset "
                                                     "download), or 'embedded' for the bundled Python-docs chat set")
     a("--train_split", "--train-split", default=None,
@@ -181,7 +181,8 @@ SCHEDULES = {"constant_with_warmup": "constant", "inverse_sqrt": "rsqrt"}
 
 def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_collections.ConfigDict, str]:
     """(the run's config, workdir) from the autotrain flags on top of the base config file; flags that do
-    not apply here are accepted with a one-line note."""
+    not apply here are accepted with a one-line note. The workdir is --project_name, else --save_dir
+    ('' when neither names one): two jobs never share one by default."""
     from jaxllm.config import apply_override, load_config
 
     cfg = load_config(args.config or DEFAULT_CONFIG)
@@ -192,10 +193,14 @@ def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_
     sets.update(_adapters(args, cfg))
     for item in [f"{k}={v!r}" if isinstance(v, (tuple, list)) else f"{k}={v}" for k, v in sets.items()] + overrides:
         apply_override(cfg, item)
+    workdir = args.project_name or args.save_dir
+    if workdir:
+        from jaxllm.train.run import check_workdir
+
+        check_workdir(workdir, cfg)  # before the devices or the data are touched
     if args.batch_size or args.use_apex or args.flash_attention:
         _device_dependent(args, cfg, overrides)
     _schedule(args, cfg)
-    workdir = args.project_name or os.path.join("runs", "finetune")
     return cfg, workdir
 
 
@@ -410,6 +415,8 @@ def finetune(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     """Trains (or resumes) and exports; returns the final metrics and the written folders."""
     from jaxllm.train.loop import train
 
+    if not (args.project_name or args.save_dir):
+        raise JaxllmError("name the run's folder: --project_name DIR (checkpoints, logs, output) or --save_dir DIR")
     cfg, workdir = flags_to_config(args, overrides)
     save_dir = args.save_dir or workdir
     atomic.check_writable(save_dir, "--save_dir")  # before training, not after it

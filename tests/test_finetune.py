@@ -246,6 +246,39 @@ def test_bad_finetune_input(llama, tmp_path):
         cli.run([*common, "--data_path", str(rows), "--save_dir", str(tmp_path / "file" / "out")])
 
 
+def test_runs_without_project_name_keep_apart(llama, falcon, tmp_path, monkeypatch):
+    """Each job's workdir is its --save_dir; a workdir holding another model's run is refused up front."""
+    from jaxllm import finetune
+    from jaxllm.config import load_config, to_json
+    from jaxllm.train import loop
+
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+    monkeypatch.chdir(tmp_path)
+    common = ["finetune", "--data_path", "embedded", "--max_steps", "1", "--batch_size", "1", "--block_size", "32",
+              "--config.train.eval_batches=1", *FAST]
+    for model, out in ((llama, "out1"), (falcon, "out2")):
+        assert cli.run([*common, "--model", model, "--save_dir", out]) == 0
+        assert json.load(open(tmp_path / out / "config.json"))["checkpoint"]["init_from"] == model
+        assert os.path.isdir(tmp_path / out / "checkpoints" / "1") and os.path.isdir(tmp_path / out / "adapter")
+    assert not os.path.exists(tmp_path / "runs")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+    for module, name in ((loop, "build_program"), (finetune, "epochs_to_steps"), (finetune, "_devices")):
+        monkeypatch.setattr(module, name, no_work)
+    with pytest.raises(JaxllmError, match=rf"^workdir 'out1' holds a run of another model \(init_from: {llama} there, "
+                                          rf"{falcon} here\); resume it with that model, or .*another --workdir"):
+        cli.run([*common, "--model", falcon, "--epochs", "1", "--project_name", "out1"])
+    (tmp_path / "scratch" / "checkpoints" / "3").mkdir(parents=True)  # `jaxllm train` from scratch: the shapes
+    (tmp_path / "scratch" / "config.json").write_text(to_json(load_config(tiny, ["model.num_layers=4"])))
+    from jaxllm.train.run import check_workdir
+    check_workdir("scratch", load_config(tiny, ["model.num_layers=4", "model.dtype=float32"]))
+    with pytest.raises(JaxllmError, match=r"'scratch' holds a run of another model \(num_layers: 4 there, 1 here\)"):
+        loop.train(load_config(tiny, ["model.num_layers=1"]), "scratch")
+    with pytest.raises(JaxllmError, match="name the run's folder: --project_name DIR .* or --save_dir DIR"):
+        cli.run([*common, "--model", llama])
+
+
 def test_pruning_through_the_training_loop(tmp_path):
     """Magnitude pruning as a run option: sparsity reaches its target, and validation is reported."""
     from jaxllm.config import load_config

@@ -36,7 +36,7 @@ from jaxllm.train.metrics import MetricsWriter, peak_tflops, step_metrics
 from jaxllm.train.program import OutOfMemory, Program
 from jaxllm.train.program import build as build_program
 from jaxllm.train.prune import sparsity
-from jaxllm.train.run import Run
+from jaxllm.train.run import Run, check_workdir
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -45,6 +45,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     initialize(run.distributed)
     atomic.check_writable(workdir, "workdir")
     checkpoint_dir(os.path.join(workdir, "checkpoints"))  # a scheme Orbax cannot write fails here, not after compiling
+    check_workdir(workdir, cfg)
     if run.data.block_size > run.model.max_seq_len:
         raise JaxllmError(f"data.block_size={run.data.block_size} exceeds model.max_seq_len={run.model.max_seq_len}")
     mesh = shd.make_mesh(run.mesh)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import ml_collections
 
-from jaxllm import JaxllmError
+from jaxllm import JaxllmError, atomic
 from jaxllm import sharding as shd
 from jaxllm.config import build, check_sections
 from jaxllm.data.config import DataConfig
@@ -96,3 +97,31 @@ def _model_from_init(base: ModelConfig, source: str, section: Any, run_model: Mo
         raise JaxllmError(f"model.{shape_keys[0]} comes from {source}'s config with checkpoint.model_from_init; "
                           "remove it from the model section")
     return dataclasses.replace(base, **{k: getattr(run_model, k) for k in section.keys()})
+
+
+def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+    """Refuses, before any work, a workdir whose checkpoints are another model's run (resuming it would
+    fail on the shapes, or quietly go on training the other model)."""
+    folder = atomic.as_path(workdir)
+    try:
+        saved = ml_collections.ConfigDict(json.loads((folder / "config.json").read_text()))
+        if not any(p.name.isdigit() for p in (folder / "checkpoints").iterdir()):
+            return
+    except (OSError, ValueError):
+        return
+
+    def model(c: ml_collections.ConfigDict) -> dict[str, Any]:  # the source, and the shapes unless taken from it
+        checkpoint = c.get("checkpoint") or {}
+        source = checkpoint.get("init_from") or ""
+        shapes = None if checkpoint.get("model_from_init") else build(ModelConfig, c.get("model"), "model")
+        return {"init_from": atomic.location(source) if source else "none",
+                **({f: getattr(shapes, f) for f in SHAPE_FIELDS} if shapes else {})}
+    try:
+        theirs = model(saved)
+    except JaxllmError:  # a config.json of another jaxllm version: the restore will judge
+        return
+    ours = model(cfg)
+    diffs = [f"{k}: {theirs[k]} there, {ours[k]} here" for k in theirs if theirs[k] != ours.get(k, theirs[k])]
+    if diffs:
+        raise JaxllmError(f"workdir {workdir!r} holds a run of another model ({'; '.join(diffs)}); resume it with "
+                          f"that model, or run this one in another --workdir / --project_name (or delete {workdir!r})")
