@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenize = dict(  # also writes DIR/tokenizer.model for data.tokenizer
         enabled=True,  # False: records without tokens, lengths in characters
         tokenizer="",  # SentencePiece .model or Hugging Face folder; "" trains SentencePiece on the cleaned corpus
-        vocab_size=8000,  # of a trained tokenizer
+        vocab_size=0,  # of a trained tokenizer; 0 = 8000, or the most a small corpus supports (the report says)
         write_tokens=True,  # store the token ids in each record ("tokens")
     )
     c.output = dict(  # DIR/data-XXXXX-of-YYYYY.array_record, stats.json, report.md

@@ -86,6 +86,49 @@ def test_cli_prep(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "o2")
 
 
+def _short_docs(n: int, words: list[str]) -> list[str]:
+    """`n` short documents of random sentences over a few `words`: few pieces for a tokenizer to learn."""
+    rng = np.random.default_rng(0)
+    return [" ".join(" ".join(rng.choice(words, rng.integers(6, 13))).capitalize() + "."
+                     for _ in range(rng.integers(6, 11))) + f" Page {i}.\n" for i in range(n)]
+
+
+def test_default_vocab_is_capped_to_a_small_corpus(tmp_path, capsys):
+    """535 short files support too few pieces for 8000: the default trains the most the corpus supports,
+    rounded down to a multiple of 128, else of 8, and says so; a vocab_size the user set still errs."""
+    import sentencepiece as spm
+
+    from jaxllm.cli import run
+    from jaxllm.data import tokenizer
+
+    (tmp_path / "small").mkdir()
+    for i, doc in enumerate(_short_docs(535, ["river", "stone", "light", "garden", "winter"])):
+        (tmp_path / "small" / f"{i:03d}.txt").write_text(doc)
+    argv = ["prep", f"--input={tmp_path / 'small' / '*.txt'}", "--config.progress=false", "--config.num_workers=1"]
+    with pytest.raises(JaxllmError, match=r"^tokenize.vocab_size=8000 is too large for this corpus \(at most \d+\)"
+                       ) as too_large:
+        run([*argv, f"--output={tmp_path / 'set'}", "--config.tokenize.vocab_size=8000"])
+    with pytest.raises(JaxllmError, match=r"^tokenize.vocab_size=100 is too small .* 100 vs \d+\)") as too_small:
+        run([*argv, f"--output={tmp_path / 'set'}", "--config.tokenize.vocab_size=100"])
+    most = int(re.search(r"at most (\d+)", str(too_large.value))[1])
+    assert most // 128 * 128 < int(re.search(r"vs (\d+)", str(too_small.value))[1]) <= most // 8 * 8
+    capsys.readouterr()
+    assert run([*argv, f"--output={tmp_path / 'out'}"]) == 0
+    pieces = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model")).get_piece_size()
+    assert pieces == most // 8 * 8  # a multiple of 128 would not hold the corpus's characters
+    assert f"jaxllm: note: prep: this corpus supports fewer than 8000 tokenizer pieces; trained {pieces}" in \
+        capsys.readouterr().err
+    assert f"tokenize.tokenizer = trained, {pieces} pieces (capped: the corpus supports fewer than 8000)" in \
+        (tmp_path / "out" / "report.md").read_text()
+    texts = _short_docs(535, ["river", "stone", "light", "garden", "winter", "morning"])
+    settings = dict(tokenizer._TRAINER_SETTINGS, vocab_size=8000)
+    with pytest.raises(JaxllmError, match=r"at most (\d+)") as too_large:
+        tokenizer._train(texts, settings)
+    most = int(re.search(r"at most (\d+)", str(too_large.value))[1])
+    proto = tokenizer._train(texts, settings, capped=True)  # here the multiple of 128 holds them
+    assert spm.SentencePieceProcessor(model_proto=proto).get_piece_size() == most // 128 * 128 > 256
+
+
 # ---------------------------------------------------------------- inputs
 
 

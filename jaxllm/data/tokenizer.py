@@ -41,6 +41,7 @@ _TRAINER_SETTINGS: dict[str, Any] = dict(
     character_coverage=0.9995,
     max_sentence_length=8192,
 )
+DEFAULT_VOCAB_SIZE = 8000  # vocab_size=0 trains this many pieces, or fewer on a corpus that supports fewer
 _TRAIN_MAX_CHARS = 8_000_000  # text read from the source to train on: keeps training to a few seconds
 _TRAIN_MAX_SENTENCES = 300_000  # lines given to the trainer (evenly strided when there are more)
 _SAMPLE_SEED = 0
@@ -151,15 +152,17 @@ def cache_dir() -> str:
 
 def load_tokenizer(path: str, vocab_size: int = 0, documents: Sequence[str] = ()) -> Tokenizer | HFTokenizer:
     """The tokenizer at `path`: a SentencePiece `.model` file or a model folder (its `tokenizer.json` or
-    `tokenizer.model`); for path "", a `vocab_size` BPE trained on `documents` (cached)."""
+    `tokenizer.model`); for path "", a `vocab_size` BPE trained on `documents` (cached; vocab_size 0:
+    DEFAULT_VOCAB_SIZE, or fewer on a corpus that supports fewer)."""
     path = os.path.expanduser(path)
     if os.path.isdir(path):
         return load_tokenizer_from_folder(path, vocab_size=1 << 62)  # run checks
     if path:
         return Tokenizer.from_file(path)
     texts = _training_sample(documents)
-    settings = dict(_TRAINER_SETTINGS, vocab_size=vocab_size)
-    key = dict(settings, max_sentences=_TRAIN_MAX_SENTENCES, sentencepiece=spm.__version__)
+    settings = dict(_TRAINER_SETTINGS, vocab_size=vocab_size or DEFAULT_VOCAB_SIZE)
+    key = dict(settings, max_sentences=_TRAIN_MAX_SENTENCES, sentencepiece=spm.__version__,
+               **({} if vocab_size else {"capped": True}))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for text in texts:
         digest.update(len(text).to_bytes(8, "little"))
@@ -167,7 +170,7 @@ def load_tokenizer(path: str, vocab_size: int = 0, documents: Sequence[str] = ()
     path = os.path.join(cache_dir(), "tokenizers", f"{digest.hexdigest()[:32]}.model")
     if atomic.as_path(path).is_file():
         return Tokenizer.from_file(path)
-    proto = _train(texts, settings)
+    proto = _train(texts, settings, not vocab_size)  # vocab_size 0: capped to the corpus
     try:
         atomic.write(path, proto)
     except OSError as e:
@@ -250,8 +253,10 @@ def training_sample(n: int, length: Callable[[int], int]) -> list[tuple[int, int
     return picks
 
 
-def _train(texts: list[str], settings: dict[str, Any]) -> bytes:
-    """Trains in memory, deterministically; the trainer sees one sentence per non-blank line."""
+def _train(texts: list[str], settings: dict[str, Any], capped: bool = False) -> bytes:
+    """Trains in memory, deterministically; the trainer sees one sentence per non-blank line. `capped`:
+    a vocab_size the corpus cannot fill becomes the most it can, rounded down to a multiple of 128 (for
+    sharding the vocab), else of 8, else unrounded, whichever still holds the corpus's characters."""
     lines = [line for text in texts for line in text.split("\n") if line.strip()]
     if not lines:
         raise JaxllmError("cannot train a tokenizer: the corpus has no non-blank text")
@@ -274,7 +279,12 @@ def _train(texts: list[str], settings: dict[str, Any]) -> bytes:
     except RuntimeError as e:
         msg = str(e)
         if "Vocabulary size too high" in msg:  # "... too high (N). Please set it to a value <= M."
-            limit = msg.rsplit("<= ", 1)[-1].rstrip(". \n")
+            limit = int(msg.rsplit("<= ", 1)[-1].rstrip(". \n"))
+            for size in sorted({limit // 128 * 128, limit // 8 * 8, limit} - {0}) if capped else ():
+                try:
+                    return _train(texts, dict(settings, vocab_size=size))
+                except JaxllmError:  # fewer pieces than the corpus's characters: the next size up
+                    continue
             raise JaxllmError(
                 f"data.vocab_size={settings['vocab_size']} is too large for this corpus (at most {limit}); "
                 "lower data.vocab_size or add text"

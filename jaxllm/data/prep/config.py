@@ -157,11 +157,12 @@ class CurriculumConfig:
 class TokenizeConfig:
     enabled: bool = True
     tokenizer: str = ""
-    vocab_size: int = 8000
+    vocab_size: int = 0
     write_tokens: bool = True
 
     def __post_init__(self):
-        _positive("tokenize.vocab_size", self.vocab_size)
+        if self.vocab_size != 0:
+            _positive("tokenize.vocab_size", self.vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
@@ -323,7 +324,7 @@ def write_outputs(out: OutputDir, stats: dict, files: list[tuple[str, str]], tok
 def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
     """(name for the stats, tokenizer, whether its .model file belongs in the output): the
     `tokenize.tokenizer` .model file (copied out) or model folder (read there), or one trained here."""
-    from jaxllm.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+    from jaxllm.data.tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer  # pylint: disable=g-import-not-at-top
 
     given = os.path.expanduser(cfg.tokenize.tokenizer)
     try:
@@ -333,6 +334,11 @@ def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
                           .replace("data.tokenizer", "tokenize.tokenizer")) from None
     if os.path.isdir(given):
         return given, tokenizer, False  # a model folder's tokenizer (SentencePiece or tokenizer.json)
+    if not given and not cfg.tokenize.vocab_size and tokenizer.vocab_size < DEFAULT_VOCAB_SIZE:
+        print(f"jaxllm: note: prep: this corpus supports fewer than {DEFAULT_VOCAB_SIZE} tokenizer pieces; trained "
+              f"{tokenizer.vocab_size} (set tokenize.vocab_size to choose)", file=sys.stderr)
+        return (f"trained, {tokenizer.vocab_size} pieces (capped: the corpus supports fewer than "
+                f"{DEFAULT_VOCAB_SIZE})"), tokenizer, True
     return (given or "trained"), tokenizer, True
 
 
