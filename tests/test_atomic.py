@@ -122,21 +122,21 @@ def test_checkpoints_accept_only_what_orbax_writes(memory_root, tmp_path):
 
 def test_tokenizer_cache_on_an_object_store(memory_root, monkeypatch, tok):
     from jaxllm.data import tokenizer as tokenizer_lib
-    from jaxllm.data.pipeline import DataConfig
 
+    docs = ["a few words of text"] * 4
     monkeypatch.setenv("JAXLLM_CACHE_DIR", memory_root)
-    monkeypatch.setattr(tokenizer_lib, "_train", lambda texts, settings: tok._proto)  # the session's model
-    first = tokenizer_lib.load_tokenizer(DataConfig(vocab_size=512))
+    monkeypatch.setattr(tokenizer_lib, "_train", lambda texts, settings, capped=False: tok.proto)  # the session's
+    first = tokenizer_lib.load_tokenizer("", 512, docs)
     assert first.path.startswith(memory_root + "/tokenizers/")
-    assert epath.Path(first.path).read_bytes() == tok._proto
+    assert epath.Path(first.path).read_bytes() == tok.proto
 
-    def untrainable(texts, settings):
+    def untrainable(texts, settings, capped=False):
         raise AssertionError("trained again instead of reading the cache")
 
     monkeypatch.setattr(tokenizer_lib, "_train", untrainable)
-    again = tokenizer_lib.load_tokenizer(DataConfig(vocab_size=512))
+    again = tokenizer_lib.load_tokenizer("", 512, docs)
     assert again.path == first.path and again.encode("hello world") == tok.encode("hello world")
-    assert tokenizer_lib.load_tokenizer(DataConfig(tokenizer=first.path, vocab_size=512)).vocab_size == tok.vocab_size
+    assert tokenizer_lib.load_tokenizer(first.path, 512).vocab_size == tok.vocab_size
 
 
 def test_hf_export_and_adapter_on_an_object_store(memory_root, tmp_path):
