@@ -1,17 +1,28 @@
-"""Orbax checkpoints of the train state and the Grain iterator together, so resume is exact."""
+"""Orbax checkpoints of the train state and the global data-order state together, so resume is exact.
+
+The data item is one JSON document for the whole job (`jaxllm.data.lanes`: every row's lane position),
+gathered from all processes at save time and written once, so a checkpoint resumes on any number of
+processes and any mesh.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 from typing import Any
 
-import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxllm import JaxllmError
+from jaxllm.data import lanes
+
+_PER_PROCESS_DATA = re.compile(r"process_(\d+)-of-(\d+)\.json$")  # grain's per-process iterator files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +66,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_iter: Any | None = None, *, val_loss: float | None = None) -> None:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            items["data"] = ocp.args.JsonSave(global_data_state(data_iter.get_state()))
         metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
@@ -66,7 +77,8 @@ class Checkpointer:
             raise JaxllmError(f"no checkpoint in {self.directory}")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            self._refuse_per_process_data(step)
+            items["data"] = ocp.args.JsonRestore()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except JaxllmError:
@@ -75,7 +87,22 @@ class Checkpointer:
             reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise JaxllmError(f"checkpoint {self.directory}/{step} is corrupt or does not match this model "
                               f"({reason}); delete it, or use a fresh --workdir") from e
+        if data_iter is not None:
+            data_iter.set_state(restored["data"])
         return restored["state"]
+
+    def _refuse_per_process_data(self, step: int) -> None:
+        """An older jaxllm saved one data-iterator file per process; this one cannot continue those."""
+        folder = os.path.join(self.directory, str(step), "data")
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        counts = {int(m.group(2)) for m in map(_PER_PROCESS_DATA.search, names) if m}
+        if counts:
+            n = max(counts)
+            raise JaxllmError(
+                f"checkpoint {self.directory}/{step} holds per-process data-iterator state ({n} process "
+                f"file{'s' if n > 1 else ''}, an older jaxllm's format), which this version's global data order "
+                f"cannot continue: resume it with {n} process{'es' if n > 1 else ''} and the jaxllm version that "
+                "wrote it (its checkpoint is intact)")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -87,6 +114,18 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def global_data_state(local: dict[str, Any]) -> dict[str, Any]:
+    """Every process's data state (the lanes of its rows) joined into the job's one state."""
+    if jax.process_count() == 1:
+        return lanes.merge_states([local])
+    payload = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:payload.size] = payload
+    gathered = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return lanes.merge_states([json.loads(bytes(row[:size]).decode()) for row, size in zip(gathered, sizes)])
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

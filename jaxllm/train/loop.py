@@ -20,7 +20,7 @@ from jaxllm import JaxllmError
 from jaxllm import sharding as shd
 from jaxllm.config import build, check_sections, to_json
 from jaxllm.convert import load_init_params
-from jaxllm.data.pipeline import DataConfig, check_splits, make_eval_iterator, make_train_iterator
+from jaxllm.data.pipeline import DataConfig, check_splits, make_eval_iterator, make_train_iterator, padding_like
 from jaxllm.data.tokenizer import load_tokenizer
 from jaxllm.distributed import DistributedConfig, initialize
 from jaxllm.generate import GenerateConfig, generate, wrap
@@ -174,16 +174,18 @@ class _StopFlag:
 
 
 def evaluate(eval_fn, params, eval_iter_fn, mesh, num_batches: int) -> dict[str, float]:
-    """Validation loss over the first `num_batches` batches that every process has."""
+    """Validation loss over the first `num_batches` global batches (a process out of rows feeds padding)."""
     ce_sum, weight_sum = 0.0, 0.0
-    batches = iter(eval_iter_fn())
+    batches, last = iter(eval_iter_fn()), None
     for _ in range(num_batches):
         batch = next(batches, None)
-        if jax.process_count() > 1:  # hosts may hold different numbers of batches: stop together
-            if not bool(np.all(multihost_utils.process_allgather(np.array([batch is not None])))):
+        if jax.process_count() > 1:  # hosts may run out at different batches: go on while any has rows
+            if not bool(np.any(multihost_utils.process_allgather(np.array([batch is not None])))):
                 break
+            batch = padding_like(last) if batch is None else batch
         elif batch is None:
             break
+        last = batch
         ce, w = eval_fn(params, shd.global_batch(batch, mesh))
         ce_sum, weight_sum = ce_sum + float(ce), weight_sum + float(w)
     loss = ce_sum / max(weight_sum, 1.0)
@@ -213,8 +215,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     frozen, saved = {}, {}
     if trainable is not None:
         frozen, saved = load_frozen(run, mesh, trainable)
-    train_iter = make_train_iterator(run.data, tokenizer, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+    rows = shd.process_rows(mesh, run.data.batch_size)  # this process's rows of the global batch
+    train_iter = make_train_iterator(run.data, tokenizer, rows=rows)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint)
     if run.checkpoint.resume and ckpt.latest_step() is not None:
         abstract = abstract_with_shardings(shd.unbox(boxed), shardings)
@@ -230,8 +232,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     start = int(jax.device_get(state.step))
 
     train_step, eval_step = compiled_step, program.eval_step
-    eval_iter_fn = lambda: make_eval_iterator(run.data, tokenizer, process_index=jax.process_index(),  # noqa: E731
-                                              process_count=jax.process_count())
+    eval_iter_fn = lambda: make_eval_iterator(run.data, tokenizer, rows=rows)  # noqa: E731
     flops_per_token = run.model.train_flops_per_token(run.data.block_size)
     peak = peak_tflops(jax.devices()[0])
     tokens_per_step = run.data.batch_size * run.data.block_size
