@@ -86,3 +86,33 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
     assert again.latest_step() == 1
     restored = again.restore(abstract)
     assert int(restored.step) == int(state.step)
+
+
+def test_per_process_data_state_of_an_older_version_says_how_to_resume(tmp_path):
+    """A checkpoint whose data item is grain's per-process iterator files (what jaxllm wrote before the
+    global data order) is refused in one line naming the format and the process count, not as corrupt."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    state, abstract = _state(shd.MeshConfig(data=8))
+    old_iter = iter(grain.MapDataset.range(10).to_iter_dataset())
+    next(old_iter)
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+        manager.save(12, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 data=grain.checkpoint.CheckpointSave(old_iter)))
+        manager.wait_until_finished()
+    os.rename(tmp_path / "ckpt" / "12" / "data" / "process_0-of-1.json",
+              tmp_path / "ckpt" / "12" / "data" / "process_0-of-2.json")  # as two processes wrote it
+    shutil.copy(tmp_path / "ckpt" / "12" / "data" / "process_0-of-2.json",
+                tmp_path / "ckpt" / "12" / "data" / "process_1-of-2.json")
+
+    class Iterator:
+        def set_state(self, state):
+            raise AssertionError("must not be reached")
+
+    with pytest.raises(JaxllmError) as info:
+        Checkpointer(str(tmp_path / "ckpt"), CheckpointConfig()).restore(abstract, Iterator())
+    message = str(info.value)
+    assert "\n" not in message and "corrupt" not in message
+    assert "12 holds per-process data-iterator state (2 process files" in message
+    assert "resume it with 2 processes and the jaxllm version that wrote it" in message
