@@ -266,6 +266,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             state, metrics = train_step(state, batch, frozen)
             window.append(metrics)
             step += 1
+            ckpt.check()  # a background save that failed stops the run now, not at the next save
             writer.advance(step)
             if step % run.train.log_every == 0 or step == run.train.steps:
                 values = _window_mean(jax.device_get(window))
