@@ -88,6 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.generate = dict(prompt="### Human: What does the for statement do?### Assistant:", max_new_tokens=60,
                       temperature=0.7, top_k=50, top_p=0.9, seed=0)
     c.distributed = dict(mode="auto", coordinator_address="", num_processes=0, process_id=-1,
-                         local_device_ids=(), cpu_collectives="gloo", initialization_timeout=300)
+                         local_device_ids=(), cpu_collectives="gloo", initialization_timeout=300,
+                         heartbeat_timeout=100,  # s without a heartbeat before a process counts as lost (others stop)
+                         shutdown_timeout=60)  # s a finishing process waits for the others at exit
     c.prune = dict(sparsity=0.0, scope="global", start_step=0, end_step=0, every=100, targets="kernel")
     return c

@@ -90,7 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.generate = dict(prompt="The for statement", max_new_tokens=60, temperature=0.8, top_k=40, top_p=0.95,
                       seed=0)
     c.distributed = dict(mode="auto", coordinator_address="", num_processes=0, process_id=-1,
-                         local_device_ids=(), cpu_collectives="gloo", initialization_timeout=300)
+                         local_device_ids=(), cpu_collectives="gloo", initialization_timeout=300,
+                         heartbeat_timeout=100,  # s without a heartbeat before a process counts as lost (others stop)
+                         shutdown_timeout=60)  # s a finishing process waits for the others at exit
     c.prune = dict(sparsity=0.0,  # magnitude pruning: fraction of the linear layers' weights zeroed; 0 = off
                    scope="global",  # global (one threshold) | layer (each matrix on its own)
                    start_step=0, end_step=0,  # gradual (cubic schedule) from start to end; end <= start = one-shot

@@ -86,7 +86,18 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a last line cut short: the process was killed while writing it
+                break
+            raise JaxllmError(f"{path}:{i + 1} is not a JSON record; fix or delete that line") from None
+    return records
 
 
 class MetricsWriter:
