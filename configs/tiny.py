@@ -86,7 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1 takes the remaining devices
     c.checkpoint = dict(every=100, keep=2, keep_best=1, async_save=True, resume=True,
-                        init_from="")  # init_from: a Hugging Face folder or `jaxllm convert` output
+                        init_from="",  # init_from: a Hugging Face folder or `jaxllm convert` output
+                        preemption_deadline_s=120.0)  # after SIGTERM: s to write the checkpoint in (0 = no limit)
     c.generate = dict(prompt="The for statement", max_new_tokens=60, temperature=0.8, top_k=40, top_p=0.95,
                       seed=0)
     c.distributed = dict(mode="auto", coordinator_address="", num_processes=0, process_id=-1,

@@ -22,3 +22,74 @@ def test_short_kill_soak_loses_nothing_and_never_hangs(tmp_path):
     assert max(report["survivor_exit_s"]) < 45, report
     for part in ("single", "multi"):
         assert report[part]["all_equal"] and report[part]["losses_compared"] >= 10, report
+
+
+def _wait_records(soak, workdir, procs, n, timeout=400):
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if len(soak._records(workdir)) >= n or any(p.poll() is not None for p in procs):
+            return
+        time.sleep(0.05)
+
+
+def test_sigterm_to_one_process_saves_once_on_every_host_and_exits_zero(tmp_path):
+    """A preemption notice reaching one of two hosts: both checkpoint the same step and exit 0 in time;
+    the run resumes from there (on another host count) with the uninterrupted run's losses."""
+    import signal
+    import time
+
+    soak = kill_soak.Soak(str(tmp_path), 0, 300, 60, [])
+    workdir = str(tmp_path / "run")
+    procs = soak.start(workdir, kill_soak.ENDLESS, 2)
+    _wait_records(soak, workdir, procs, 6)
+    t0 = time.monotonic()
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [0, 0], open(tmp_path / "run0.p0.log").read()[-3000:]
+    assert time.monotonic() - t0 < 120  # checkpoint.preemption_deadline_s
+    log = open(tmp_path / "run0.p0.log").read()
+    stopped = max(r["step"] for r in soak._records(workdir) if r["split"] == "train")
+    assert f"preemption signal: checkpoint saved at step {stopped}; exiting" in log
+    assert str(stopped) in os.listdir(os.path.join(workdir, "checkpoints"))
+    steps = stopped + 4
+    assert soak.finish(workdir, steps, 1) and soak.finish(str(tmp_path / "ref"), steps, 1, keep=False)
+    result = kill_soak.compare(soak._records(workdir), soak._records(str(tmp_path / "ref")))
+    assert result["all_equal"] and result["losses_compared"] >= steps, result
+
+
+def test_a_second_sigterm_exits_at_once(tmp_path):
+    import signal
+    import time
+
+    kill_soak.OPTIONS = kill_soak.OPTIONS + ["train.eval_every=1", "train.eval_batches=200"]  # slow evaluations
+    try:
+        soak = kill_soak.Soak(str(tmp_path), 0, 300, 60, [])
+        procs = soak.start(str(tmp_path / "run"), kill_soak.ENDLESS, 1)
+    finally:
+        kill_soak.OPTIONS = kill_soak.OPTIONS[:-2]
+    _wait_records(soak, str(tmp_path / "run"), procs, 2)
+    procs[0].send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    procs[0].send_signal(signal.SIGTERM)
+    code = procs[0].wait(timeout=30)
+    assert time.monotonic() - t0 < 10 and code == 128 + signal.SIGTERM
+    assert "a second SIGTERM: exiting now, without a checkpoint" in open(tmp_path / "run0.p0.log").read()
+
+
+def test_a_preemption_checkpoint_late_for_its_deadline_exits_without_it():
+    import subprocess
+
+    script = ("import os, signal, time\n"
+              "from jaxllm.train.loop import _StopFlag\n"
+              "stop = _StopFlag(deadline_s=0.5)\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "time.sleep(0.05)\n"
+              "assert stop.requested\n"
+              "time.sleep(30)  # a save that never finishes\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "not written within checkpoint.preemption_deadline_s=0.5; exiting without it" in result.stderr

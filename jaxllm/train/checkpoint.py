@@ -38,8 +38,14 @@ class CheckpointConfig:
     async_save: bool = True  # write in a background thread while training goes on
     resume: bool = True  # continue from the latest checkpoint in the workdir if there is one
     init_from: str = ""  # a fresh run starts from these params: a Hugging Face folder or `jaxllm convert` output
+    preemption_deadline_s: float = 120.0  # after SIGTERM: seconds to write the checkpoint in; 0 = no limit
     model_from_init: bool = False  # take the model's shapes from init_from's config (the model section then
     #                                sets only run switches: dtype, remat, scan_layers, dropout, ...)
+
+    def __post_init__(self):
+        if not isinstance(self.preemption_deadline_s, (int, float)) or self.preemption_deadline_s < 0:
+            raise JaxllmError(f"checkpoint.preemption_deadline_s must be >= 0 seconds (0 = no limit), got "
+                              f"{self.preemption_deadline_s!r}")
 
 
 class Checkpointer:

@@ -7,7 +7,9 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -149,10 +151,17 @@ def fresh_adapter_params(run: Run, model, tx, mesh, trainable, saved: dict) -> A
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT (a preemption notice) asks the loop to checkpoint and exit cleanly."""
+    """SIGTERM / SIGINT (a preemption notice) asks the loop to checkpoint and exit cleanly; every process
+    stops at the same step when any one of them got the signal (`agreed`).
 
-    def __init__(self):
+    The checkpoint must be written within `deadline_s` of the signal, else this process says so and
+    exits (1) without it (the previous checkpoint is intact); a second signal exits at once (128 + signal).
+    """
+
+    def __init__(self, deadline_s: float = 0.0):
         self.requested = False
+        self.deadline_s = deadline_s
+        self._timer: threading.Timer | None = None
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -161,7 +170,15 @@ class _StopFlag:
                 pass
 
     def _handle(self, signum, frame):
+        if self.requested:
+            _exit_now(f"a second {signal.Signals(signum).name}: exiting now, without a checkpoint", 128 + signum)
         self.requested = True
+        if self.deadline_s > 0:
+            self._timer = threading.Timer(self.deadline_s, _exit_now, args=(
+                f"the preemption checkpoint was not written within checkpoint.preemption_deadline_s="
+                f"{self.deadline_s:g}; exiting without it (the previous checkpoint is intact)", 1))
+            self._timer.daemon = True
+            self._timer.start()
 
     def agreed(self) -> bool:
         if jax.process_count() == 1:
@@ -169,8 +186,15 @@ class _StopFlag:
         return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
 
     def restore(self):
+        if self._timer is not None:
+            self._timer.cancel()
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _exit_now(message: str, code: int) -> None:
+    print(f"jaxllm: {message}", file=sys.stderr, flush=True)
+    os._exit(code)
 
 
 def evaluate(eval_fn, params, eval_iter_fn, mesh, num_batches: int) -> dict[str, float]:
@@ -248,7 +272,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                    f"LoRA r={run.lora.r} on {', '.join(run.model.lora_targets)}; base {run.model.quantization}")
     writer.log(f"model: {run.model.num_params():,} params; mesh {dict(mesh.shape)}; "
                f"{jax.device_count()} devices, {jax.process_count()} processes")
-    stop = _StopFlag()
+    stop = _StopFlag(run.checkpoint.preemption_deadline_s)
     best, bad_evals, last_val = float("inf"), 0, None
     final: dict[str, Any] = {}
     step = start
@@ -300,6 +324,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if periodic or evaluate_now or preempted or early or step == run.train.steps:
                 ckpt.save(step, state, train_iter, val_loss=val_loss)
             if preempted:
+                ckpt.wait()  # written before it is called saved (and before the deadline)
                 writer.log(f"preemption signal: checkpoint saved at step {step}; exiting")
                 final["preempted"] = True
                 break
