@@ -202,6 +202,42 @@ def test_tfds_source_and_pipeline(tmp_path, tok):
 
 # ---------------------------------------------------------------- pipeline
 
+def _every_source_kind(tmp_path) -> dict[str, dict]:
+    """The same NUM_DOCS documents as each kind of source (the embedded corpus as itself)."""
+    docs = [_doc(i) for i in range(NUM_DOCS)]
+    (tmp_path / "txt").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "txt" / f"{i:03d}.txt").write_text(d)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": docs}), str(tmp_path / "d.parquet"), row_group_size=7)
+    writer = ArrayRecordWriter(str(tmp_path / "d.array_record"), "group_size:1")
+    for d in docs:
+        writer.write(d.encode())
+    writer.close()
+    TinyTextDocs(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    return {"embedded": dict(source="embedded"), "text": dict(source="text", paths=(str(tmp_path / "txt/*.txt"),)),
+            "jsonl": dict(source="jsonl", paths=(str(tmp_path / "d.jsonl"),)),
+            "parquet": dict(source="parquet", paths=(str(tmp_path / "d.parquet"),)),
+            "array_record": dict(source="array_record", paths=(str(tmp_path / "d.array_record"),)),
+            "tfds": dict(source="tfds", tfds_name="tiny_text_docs", tfds_data_dir=str(tmp_path / "tfds"),
+                         text_field="content")}
+
+
+def test_every_source_kind_gives_the_same_global_batches_on_any_process_count(tmp_path, tok):
+    for kind, keys in _every_source_kind(tmp_path).items():
+        cfg = DataConfig(**keys, block_size=32, batch_size=4, shuffle_window=8)
+        whole = _take(make_train_iterator(cfg, tok), 6)
+        halves = [_take(make_train_iterator(cfg, tok, process_index=p, process_count=2), 6) for p in range(2)]
+        for i in range(6):
+            for key in KEYS:
+                np.testing.assert_array_equal(whole[i][key], np.concatenate([h[i][key] for h in halves]),
+                                              err_msg=f"{kind}, batch {i}, {key}")
+
+
+
 
 def test_batch_format_and_determinism(docs_cfg, tok):
     a = _take(make_train_iterator(docs_cfg, tok), 6)
