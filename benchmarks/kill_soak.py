@@ -11,7 +11,7 @@ counts as a hang and is killed), and the restart takes a random host count (1 pr
 checkpoint is being written or an evaluation runs. Finally each workdir runs to the furthest step seen
 plus a few, and every train and validation loss ever logged (before and after each kill) is compared
 with one uninterrupted run. The report (one JSON line) gives kills, failed restarts, hangs, how long
-survivors took to stop, and whether all the losses are equal.
+survivors took to stop, processes left behind, and whether all the losses are equal.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class Soak:
                         JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(root, "jax-cache"),
                         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
         self.stats = {"kills": 0, "failed_restarts": 0, "hangs": 0, "survivor_exit_s": [],
-                      "survivor_messages": 0, "moments": {}, "finished_before_kill": 0}
+                      "survivor_messages": 0, "moments": {}, "finished_before_kill": 0,
+                      "leftover_processes": 0}
         self.forced: list[str] = []  # moments the next kills take, in order (then random ones)
         self.logged: list[dict] = []  # every record any run wrote, kept before the next run trims them
         self._log_index = 0
@@ -151,7 +152,19 @@ class Soak:
             except subprocess.TimeoutExpired:
                 self.stats["hangs"] += 1
                 self._stop([p])
+        self._count_leftovers(procs)
         self._keep_log(workdir)
+
+    def _count_leftovers(self, procs) -> None:
+        """Processes of a run's groups still alive once its processes ended (workers, helpers): orphans."""
+        time.sleep(0.5)
+        for p in procs:
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                continue
+            self.stats["leftover_processes"] += 1
+            os.killpg(p.pid, signal.SIGKILL)
 
     def finish(self, workdir: str, steps: int, processes: int, keep: bool = True) -> bool:
         procs = self.start(workdir, steps, processes)

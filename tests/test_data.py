@@ -501,3 +501,42 @@ def test_vocab_size_errors_say_which_way_to_go(tmp_path):
         tok_lib.load_tokenizer(cfg)
     with pytest.raises(JaxllmError, match=r"data.vocab_size=8 is too small for this corpus .*increase"):
         tok_lib.load_tokenizer(dataclasses.replace(cfg, vocab_size=8))
+
+
+def test_workers_of_a_killed_process_exit_too(docs_cfg, tok, tmp_path):
+    """SIGKILL of a training process (an OOM kill, a lost host) leaves none of its worker processes behind."""
+    import signal
+    import time
+
+    script = tmp_path / "train_like.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from jaxllm.data.pipeline import DataConfig, make_train_iterator\n"
+        "from jaxllm.data.tokenizer import load_tokenizer\n"
+        "if __name__ == '__main__':\n"
+        f"    cfg = DataConfig(source='jsonl', paths=({docs_cfg.paths[0]!r},), block_size=32, batch_size=4,\n"
+        f"                     tokenizer={tok.path!r}, num_workers=2)\n"
+        "    it = make_train_iterator(cfg, load_tokenizer(cfg))\n"
+        "    next(it)\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        children = []
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        assert len(children) >= 2, children  # the workers (and multiprocessing's resource tracker)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{c}") for c in children):
+            time.sleep(0.2)
+        left = [c for c in children if os.path.exists(f"/proc/{c}")]
+        for c in left:
+            os.kill(c, signal.SIGKILL)
+        assert not left, f"orphaned workers {left}"
+    finally:
+        proc.kill()

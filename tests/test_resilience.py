@@ -14,7 +14,7 @@ import kill_soak  # noqa: E402
 def test_short_kill_soak_loses_nothing_and_never_hangs(tmp_path):
     report = kill_soak.main(["--kills_single=2", "--kills_multi=3", "--multi_moments=steps,save,eval",
                              "--seed=1", f"--workdir={tmp_path}", "--hang_timeout_s=300", "--lost_timeout_s=60"])
-    assert report["hangs"] == 0 and report["failed_restarts"] == 0, report
+    assert report["hangs"] == 0 and report["failed_restarts"] == 0 and report["leftover_processes"] == 0, report
     assert report["kills"] + report["finished_before_kill"] == 5 and report["kills"] >= 4, report
     assert {"save", "eval"} <= set(report["moments"]), report  # a kill while writing and while evaluating
     # survivors of a dead peer stop by themselves, saying why, well within the heartbeat bound

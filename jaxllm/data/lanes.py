@@ -22,6 +22,9 @@ import concurrent.futures as cf
 import dataclasses
 import hashlib
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,6 +109,15 @@ _WORKER_READ: _Read | None = None
 def _init_worker(streams, tokenize) -> None:
     global _WORKER_READ
     _WORKER_READ = _Read(streams, tokenize)
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose training process was killed (no chance to shut the pool down) exits too."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def _read_in_worker(stream: int, position: int) -> Example:
