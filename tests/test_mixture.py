@@ -16,7 +16,6 @@ from jaxllm.data import lanes, mixture
 from jaxllm.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator, split_documents
 
 BLOCK, BATCH = 32, 4
-STEP_TOKENS = BATCH * (BLOCK + 1)  # what one step of this process reads
 
 
 def _doc(tag: str, i: int) -> str:

@@ -9,7 +9,8 @@ depend on the number of processes, devices or workers.
 
 A lane's position is a few integers: how many documents it drew from each stream, the tokens drawn (the
 step a mixture schedule is read at), the document in progress and how far into it. The position at the
-start of the current window is what a checkpoint keeps, for every lane (`State`), so any process count
+start of the current window is what a checkpoint keeps, for every lane (`merge_states` joins the
+processes' `get_state`s), so any process count
 restores it: a process rebuilds the window from there and skips the rows already trained on.
 
 Which stream a lane reads next (a mixture or curriculum) is drawn with a counter-based hash of (seed,
