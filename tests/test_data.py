@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 
-import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -340,7 +339,8 @@ def test_global_batches_do_not_depend_on_the_process_count(docs_cfg, tok, proces
     local = cfg.batch_size // processes
     for p in range(processes):  # process p reads only the global positions of its rows' lanes
         reads = []
-        monkeypatch.setattr(lanes._Read, "__call__", lambda self, s, g, f=lanes._Read.__call__: reads.append(g) or f(self, s, g))
+        monkeypatch.setattr(lanes._Read, "__call__",
+                            lambda self, s, g, f=lanes._Read.__call__, seen=reads: seen.append(g) or f(self, s, g))
         _take(make_train_iterator(cfg, tok, process_index=p, process_count=processes), n)
         monkeypatch.undo()
         assert reads and {g % cfg.batch_size for g in reads} == set(range(p * local, (p + 1) * local))

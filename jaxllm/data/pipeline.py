@@ -27,6 +27,7 @@ from typing import Any
 
 import grain
 import numpy as np
+
 from jaxllm import JaxllmError
 from jaxllm.data import lanes, mixture, sft
 from jaxllm.data.sources import SOURCE_NAMES, make_source, source_rows
