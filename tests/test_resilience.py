@@ -5,6 +5,8 @@ died stops by itself in seconds with a one-line error (benchmarks/kill_soak.py, 
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -34,8 +36,9 @@ def _wait_records(soak, workdir, procs, n, timeout=400):
         time.sleep(0.05)
 
 
-def test_sigterm_to_one_process_saves_once_on_every_host_and_exits_zero(tmp_path):
-    """A preemption notice reaching one of two hosts: both checkpoint the same step and exit 0 in time;
+@pytest.mark.parametrize("notified", [(1,), (0, 1)])
+def test_sigterm_to_one_or_all_processes_saves_once_on_every_host_and_exits_zero(tmp_path, notified):
+    """A preemption notice reaching one or both hosts: both checkpoint the same step and exit 0 in time;
     the run resumes from there (on another host count) with the uninterrupted run's losses."""
     import signal
     import time
@@ -45,7 +48,8 @@ def test_sigterm_to_one_process_saves_once_on_every_host_and_exits_zero(tmp_path
     procs = soak.start(workdir, kill_soak.ENDLESS, 2)
     _wait_records(soak, workdir, procs, 6)
     t0 = time.monotonic()
-    procs[1].send_signal(signal.SIGTERM)
+    for p in notified:
+        procs[p].send_signal(signal.SIGTERM)
     codes = [p.wait(timeout=120) for p in procs]
     assert codes == [0, 0], open(tmp_path / "run0.p0.log").read()[-3000:]
     assert time.monotonic() - t0 < 120  # checkpoint.preemption_deadline_s
@@ -93,3 +97,40 @@ def test_a_preemption_checkpoint_late_for_its_deadline_exits_without_it():
                             env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 1, result.stderr[-2000:]
     assert "not written within checkpoint.preemption_deadline_s=0.5; exiting without it" in result.stderr
+
+
+def test_a_background_save_failing_mid_run_stops_the_run_at_once(tmp_path, monkeypatch):
+    """Disk full while an async checkpoint is written: `train` stops within a step or two with the
+    one-line error, the step is not saved, and the run resumes from the checkpoint before it."""
+    import errno
+
+    from orbax.checkpoint._src.serialization import serialization
+
+    from jaxllm import JaxllmError
+    from jaxllm.config import load_config
+    from jaxllm.train.loop import train
+    from jaxllm.train.metrics import read_metrics
+
+    overrides = [o for o in kill_soak.OPTIONS if not o.startswith(("distributed.", "mesh."))] + [
+        "checkpoint.async_save=true", "mesh.data=-1"]
+    cfg = load_config(os.path.join(ROOT, "configs/tiny.py"), [*overrides, "train.steps=30"])
+    original = serialization.async_serialize_from_host
+
+    async def full_on_second_save(*args, **kwargs):
+        if os.path.isdir(tmp_path / "checkpoints" / "4"):  # the first checkpoint is whole; then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(serialization, "async_serialize_from_host", full_on_second_save)
+    with pytest.raises(JaxllmError) as info:
+        train(cfg, str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message and "failed ([Errno 28] No space left on device); it is not saved" in message
+    failed = int(message.split("/checkpoints/")[1].split(" ")[0])
+    last_step = max(r["step"] for r in read_metrics(str(tmp_path)) if r["split"] == "train")
+    assert failed <= last_step <= failed + 2, (failed, last_step)  # reported at once, not at the next save
+    assert failed == 8 and sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()) == [4]
+    monkeypatch.undo()
+    result = train(load_config(os.path.join(ROOT, "configs/tiny.py"), [*overrides, "train.steps=12"]),
+                   str(tmp_path))
+    assert result["step"] == 12
