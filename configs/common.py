@@ -93,11 +93,14 @@ def get_config() -> ml_collections.ConfigDict:
                   rules=())  # ((logical axis, mesh axes | None), ...) replacing entries of sharding.LOGICAL_RULES
     c.checkpoint = dict(every=100, keep=2, keep_best=1, async_save=True, resume=True,
                         init_from="",  # a Hugging Face folder or `jaxllm convert` output to start from
-                        model_from_init=False)  # the model's shapes from init_from's config.json
+                        model_from_init=False,  # the model's shapes from init_from's config.json
+                        preemption_deadline_s=120.0)  # after SIGTERM: s to write the checkpoint in (0 = no limit)
     c.generate = dict(prompt="The for statement", max_new_tokens=60, temperature=0.8, top_k=40, top_p=0.95,
                       seed=0)
     c.distributed = dict(mode="auto", coordinator_address="", num_processes=0, process_id=-1,
-                         local_device_ids=(), cpu_collectives="gloo", initialization_timeout=300)
+                         local_device_ids=(), cpu_collectives="gloo", initialization_timeout=300,
+                         heartbeat_timeout=100,  # s without a heartbeat before a process counts as lost (others stop)
+                         shutdown_timeout=60)  # s a finishing process waits for the others at exit
     c.lora = dict(
         r=0,  # adapter rank; 0 = no adapters, every parameter trains
         alpha=16.0,  # update scale alpha / r

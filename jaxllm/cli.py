@@ -153,7 +153,14 @@ def run(argv: list[str]) -> int:
     if args.command == "train":
         from jaxllm.train.loop import train
 
-        result = train(cfg, args.workdir or _default_workdir(args.config))
+        from jaxllm.distributed import exit_lost_peer, lost_peer
+
+        try:
+            result = train(cfg, args.workdir or _default_workdir(args.config))
+        except Exception as e:  # another process died: say so and stop now, not after the shutdown barrier
+            if lost_peer(e):
+                exit_lost_peer(e)
+            raise
         summary = {k: v for k, v in result.items() if k != "sample"}
         import jax
 

@@ -43,6 +43,8 @@ class DistributedConfig:
     local_device_ids: tuple[int, ...] = ()  # accelerators this process owns; () = all visible
     cpu_collectives: str = "gloo"  # cross-process collectives on the CPU backend: "gloo" or "mpi"
     initialization_timeout: int = 300  # seconds to wait for every process to join
+    heartbeat_timeout: int = 100  # seconds without a heartbeat before a process counts as lost; the others then stop
+    shutdown_timeout: int = 60  # seconds a finishing process waits for the others at exit
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -50,8 +52,10 @@ class DistributedConfig:
         if self.cpu_collectives not in CPU_COLLECTIVES:
             raise JaxllmError(f"distributed.cpu_collectives={self.cpu_collectives!r}; use one of "
                               f"{', '.join(CPU_COLLECTIVES)}")
-        if self.initialization_timeout <= 0:
-            raise JaxllmError("distributed.initialization_timeout must be a positive number of seconds")
+        for name in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise JaxllmError(f"distributed.{name} must be a positive number of seconds, got "
+                                  f"{getattr(self, name)!r}")
         if self.mode == "explicit":
             _check_explicit(self)
 
@@ -144,7 +148,7 @@ def initialize(cfg: DistributedConfig) -> None:
                 # JAX reads SLURM_* / TPU metadata itself; the CPU backend still uses our collectives choice.
                 jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
                 ids = _slurm_local_device_ids(cfg) if _under_multitask_slurm() else None
-                _join(local_device_ids=ids, initialization_timeout=cfg.initialization_timeout)
+                _join(local_device_ids=ids, **_timeouts(cfg))
             return
         cfg = explicit
     # (explicit fields were validated when the config was built.) Only the CPU client reads this flag;
@@ -153,7 +157,38 @@ def initialize(cfg: DistributedConfig) -> None:
     # "deactivate": explicit means explicit; SLURM/OMPI env vars must not silently rewrite our settings.
     _join(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
           process_id=cfg.process_id, local_device_ids=list(cfg.local_device_ids) or None,
-          cluster_detection_method="deactivate", initialization_timeout=cfg.initialization_timeout)
+          cluster_detection_method="deactivate", **_timeouts(cfg))
+
+
+def _timeouts(cfg: DistributedConfig) -> dict[str, int]:
+    """How long to wait for processes to join, to hear a heartbeat (a process silent longer is lost: the
+    coordination service fails every other's pending barrier and stops it) and for the others at exit."""
+    return dict(initialization_timeout=cfg.initialization_timeout, heartbeat_timeout_seconds=cfg.heartbeat_timeout,
+                shutdown_timeout_seconds=cfg.shutdown_timeout)
+
+
+# Errors a collective or the coordination service raises when another process has gone away.
+_LOST_PEER = ("gloo", "connection reset", "connection closed", "connection refused", "broken pipe", "heartbeat",
+              "unavailable", "deadline_exceeded", "barrier", "coordination service", "socket closed")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` (raised in a multi-process run) says another process has died or been cut off."""
+    if not jax.distributed.is_initialized() or jax.process_count() == 1 or isinstance(error, JaxllmError):
+        return False
+    text = f"{type(error).__name__}: {error}".lower()
+    return isinstance(error, (RuntimeError, ValueError, OSError)) and any(s in text for s in _LOST_PEER)
+
+
+def exit_lost_peer(error: BaseException, code: int = 3) -> None:
+    """Says in one line that another process is gone and ends this one now: a normal exit would wait
+    at the shutdown barrier for the dead process (and then abort)."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    print(f"jaxllm: error: process {jax.process_index()} of {jax.process_count()} lost contact with another "
+          f"process ({first[:300]}); it has died or been cut off, so this one stops too: restart every process "
+          "to resume from the latest checkpoint", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def is_primary() -> bool:

@@ -193,6 +193,16 @@ def check_batch(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
                           f"{shards * grad_accum_steps}")
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> list[int]:
+    """The rows of a global batch of `batch_size` that this process's devices hold, in the order
+    `global_batch` takes its local rows (the data pipeline reads exactly these)."""
+    indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    rows = set()
+    for index in indices.values():
+        rows.update(range(batch_size)[index[0]])
+    return sorted(rows)
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles each process's slice of the batch into global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)

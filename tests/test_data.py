@@ -9,14 +9,13 @@ import re
 import subprocess
 import sys
 
-import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from jaxllm import JaxllmError
-from jaxllm.data import corpus, tokenizer as tok_lib
+from jaxllm.data import corpus, lanes, tokenizer as tok_lib
 from jaxllm.data.config import DataConfig, make_source
 from jaxllm.data.pipeline import check_splits, make_eval_iterator, make_train_iterator, split_indices, tokenizer_for
 
@@ -48,23 +47,25 @@ def _same(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in KEYS)
 
 
-def _token_stream(batches: list[dict]) -> list[int]:
-    """Undoes shift + packing: each row is block[:-1] / block[1:], and blocks are consecutive."""
+def _epoch_batches(tok, doc_ids, rows: int, block_size: int) -> int:
+    """Batches that surely cover one pass over `doc_ids`: lanes share the documents unevenly (a lane of
+    long ones lags), so twice the average, plus slack."""
+    tokens = sum(len(tok.encode(_doc(int(i)))) + 2 for i in doc_ids)
+    return 2 * tokens // (rows * (block_size + 1)) + 3
+
+
+def _lane(batches: list[dict], r: int) -> list[int]:
+    """Undoes shift + packing of lane (row) r: each row is block[:-1] / block[1:], blocks consecutive."""
     out: list[int] = []
     for batch in batches:
-        for inputs, targets in zip(batch["inputs"], batch["targets"]):
-            out.extend(inputs.tolist() + [int(targets[-1])])
+        out.extend(batch["inputs"][r].tolist() + [int(batch["targets"][r, -1])])
     return out
 
 
-def _epoch_batches(tok, doc_ids, rows: int, block_size: int) -> int:
-    """Batches that surely cover one pass over `doc_ids` (plus one batch of slack either side)."""
-    tokens = sum(len(tok.encode(_doc(int(i)))) + 2 for i in doc_ids)
-    return tokens // (rows * (block_size + 1)) + 3
-
-
 def _markers(tok, batches) -> set[int]:
-    return {int(m) for m in re.findall(r"doc(\d{3})", tok.decode(_token_stream(batches)))}
+    """The documents whose markers the rows hold (each lane decoded on its own: rows in stream order)."""
+    return {int(m) for r in range(len(batches[0]["inputs"]))
+            for m in re.findall(r"doc(\d{3})", tok.decode(_lane(batches, r)))}
 
 
 # ---------------------------------------------------------------- corpus and tokenizer
@@ -201,6 +202,42 @@ def test_tfds_source_and_pipeline(tmp_path, tok):
 
 # ---------------------------------------------------------------- pipeline
 
+def _every_source_kind(tmp_path) -> dict[str, dict]:
+    """The same NUM_DOCS documents as each kind of source (the embedded corpus as itself)."""
+    docs = [_doc(i) for i in range(NUM_DOCS)]
+    (tmp_path / "txt").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "txt" / f"{i:03d}.txt").write_text(d)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": docs}), str(tmp_path / "d.parquet"), row_group_size=7)
+    writer = ArrayRecordWriter(str(tmp_path / "d.array_record"), "group_size:1")
+    for d in docs:
+        writer.write(d.encode())
+    writer.close()
+    TinyTextDocs(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    return {"embedded": dict(source="embedded"), "text": dict(source="text", paths=(str(tmp_path / "txt/*.txt"),)),
+            "jsonl": dict(source="jsonl", paths=(str(tmp_path / "d.jsonl"),)),
+            "parquet": dict(source="parquet", paths=(str(tmp_path / "d.parquet"),)),
+            "array_record": dict(source="array_record", paths=(str(tmp_path / "d.array_record"),)),
+            "tfds": dict(source="tfds", tfds_name="tiny_text_docs", tfds_data_dir=str(tmp_path / "tfds"),
+                         text_field="content")}
+
+
+def test_every_source_kind_gives_the_same_global_batches_on_any_process_count(tmp_path, tok):
+    for kind, keys in _every_source_kind(tmp_path).items():
+        cfg = DataConfig(**keys, block_size=32, batch_size=4, shuffle_window=8)
+        whole = _take(make_train_iterator(cfg, tok), 6)
+        halves = [_take(make_train_iterator(cfg, tok, process_index=p, process_count=2), 6) for p in range(2)]
+        for i in range(6):
+            for key in KEYS:
+                np.testing.assert_array_equal(whole[i][key], np.concatenate([h[i][key] for h in halves]),
+                                              err_msg=f"{kind}, batch {i}, {key}")
+
+
+
 
 def test_batch_format_and_determinism(docs_cfg, tok):
     a = _take(make_train_iterator(docs_cfg, tok), 6)
@@ -215,12 +252,14 @@ def test_batch_format_and_determinism(docs_cfg, tok):
 
 
 def test_packing_reproduces_the_documents(docs_cfg, tok):
-    """Unshuffled, the packed stream is exactly BOS + tokens + EOS of each train doc, in order."""
+    """Unshuffled, lane r is exactly BOS + tokens + EOS of train docs r, r + B, r + 2B, ... in order."""
     cfg = dataclasses.replace(docs_cfg, shuffle=False)
     train_idx, _ = split_indices(NUM_DOCS, cfg.val_fraction)
-    want = [t for i in train_idx for t in [tok.bos_id] + tok.encode(_doc(i)) + [tok.eos_id]]
-    got = _token_stream(_take(make_train_iterator(cfg, tok), 12))
-    assert len(got) == 12 * 4 * 33 and got == want[: len(got)]
+    batches = _take(make_train_iterator(cfg, tok), 12)
+    for r in range(cfg.batch_size):
+        want = [t for i in train_idx[r::cfg.batch_size] for t in [tok.bos_id] + tok.encode(_doc(i)) + [tok.eos_id]]
+        got = _lane(batches, r)
+        assert len(got) == 12 * 33 and got == want[: len(got)]
 
 
 @pytest.mark.parametrize("add_bos,add_eos", [(True, True), (False, True)])
@@ -252,19 +291,22 @@ def test_eval_padding_is_masked_and_repeatable(docs_cfg, tok):
     assert all(not (b["segment_ids"] == 0).any() for b in batches[:-1])
 
 
-def test_eval_pads_the_last_batch_and_counts_the_same_tokens(docs_cfg, tok):
-    """A validation split smaller than a batch (12 documents, 64 rows a batch) is evaluated whole: the
-    batch is filled with rows that count nothing; a process without documents gets one such batch."""
+def test_eval_batches_are_global_and_pad_what_runs_out(docs_cfg, tok):
+    """Validation batches are the same on any number of processes; a lane that runs out is padding,
+    and a process without documents gets one all-padding batch."""
     def weight(batches):
         return sum(float(b["loss_weights"].sum()) for b in batches)
 
-    one = list(make_eval_iterator(dataclasses.replace(docs_cfg, batch_size=1), tok))
-    (big,) = list(make_eval_iterator(dataclasses.replace(docs_cfg, batch_size=64), tok))
-    assert big["inputs"].shape == (64, 32) and weight([big]) == weight(one) > 0
-    real = np.any(big["segment_ids"] != 0, axis=1)
-    assert real.sum() == len(one) and not real[len(one):].any()
-    for key in KEYS:
-        np.testing.assert_array_equal(big[key][:len(one)], np.concatenate([b[key] for b in one]))
+    one = list(make_eval_iterator(docs_cfg, tok))
+    shards = [list(make_eval_iterator(docs_cfg, tok, process_index=p, process_count=2)) for p in range(2)]
+    assert weight(one) == weight(shards[0]) + weight(shards[1]) > 0
+    for i, batch in enumerate(one):
+        for key in KEYS:
+            parts = [s[i][key] if i < len(s) else np.zeros_like(s[0][key]) for s in shards]
+            np.testing.assert_array_equal(batch[key], np.concatenate(parts))
+    big = list(make_eval_iterator(dataclasses.replace(docs_cfg, batch_size=64), tok))  # 12 documents, 64 lanes
+    real = np.any(big[0]["segment_ids"] != 0, axis=1)
+    assert big[0]["inputs"].shape == (64, 32) and real[:12].all() and not real[12:].any()
     few = dataclasses.replace(docs_cfg, source="jsonl", val_fraction=0.02)  # 1 validation document, 2 processes
     shards = [list(make_eval_iterator(few, tok, process_index=p, process_count=2)) for p in range(2)]
     assert len(shards[1]) == 1 and weight(shards[1]) == 0 and shards[1][0]["inputs"].shape == (2, 32)
@@ -282,15 +324,33 @@ def test_train_val_split_disjoint(docs_cfg, tok):
     assert _markers(tok, _take(make_train_iterator(docs_cfg, tok), n)) == set(train_idx.tolist())
 
 
-def test_process_shards_are_disjoint_and_cover_train(docs_cfg, tok):
-    train_idx, _ = split_indices(NUM_DOCS, docs_cfg.val_fraction)
-    seen = []
-    for p in range(2):
-        n = _epoch_batches(tok, train_idx[p::2], 2, 32)
-        batches = _take(make_train_iterator(docs_cfg, tok, process_index=p, process_count=2), n)
-        assert batches[0]["inputs"].shape == (2, 32)
-        seen.append(_markers(tok, batches))
-    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(train_idx.tolist())
+@pytest.mark.parametrize("processes", [2, 4])
+def test_global_batches_do_not_depend_on_the_process_count(docs_cfg, tok, processes, monkeypatch):
+    """Each process gets its rows of the very batches one process sees, and reads only their documents:
+    disjoint shares of the training split that together cover it."""
+    cfg = dataclasses.replace(docs_cfg, shuffle_window=8)  # windows of 2 steps: cross several
+    train_idx, _ = split_indices(NUM_DOCS, cfg.val_fraction)
+    n = _epoch_batches(tok, train_idx, 4, 32)
+    whole = _take(make_train_iterator(cfg, tok), n)
+    parts = [_take(make_train_iterator(cfg, tok, process_index=p, process_count=processes), n)
+             for p in range(processes)]
+    for i, batch in enumerate(whole):
+        for key in KEYS:
+            np.testing.assert_array_equal(batch[key], np.concatenate([part[i][key] for part in parts]))
+    local = cfg.batch_size // processes
+    for p in range(processes):  # process p reads only the global positions of its rows' lanes
+        reads = []
+        monkeypatch.setattr(lanes._Read, "__call__",
+                            lambda self, s, g, f=lanes._Read.__call__, seen=reads: seen.append(g) or f(self, s, g))
+        _take(make_train_iterator(cfg, tok, process_index=p, process_count=processes), n)
+        monkeypatch.undo()
+        assert reads and {g % cfg.batch_size for g in reads} == set(range(p * local, (p + 1) * local))
+    plain = _take(make_train_iterator(docs_cfg, tok), n)  # lanes in stream order: their documents decode
+    assert _markers(tok, plain) == set(train_idx.tolist())
+    rows = make_train_iterator(cfg, tok, rows=[3, 0])  # any rows, e.g. a mesh's non-contiguous ones
+    got = _take(rows, 3)
+    for key in KEYS:
+        np.testing.assert_array_equal(got[2][key], whole[2][key][[3, 0]])  # in the order given
 
 
 def test_window_shuffle_permutes_sequences_and_resumes_mid_window(docs_cfg, tok):
@@ -315,7 +375,7 @@ def test_window_shuffle_permutes_sequences_and_resumes_mid_window(docs_cfg, tok)
 def test_resume_from_state(docs_cfg, tok):
     it = make_train_iterator(docs_cfg, tok)
     _take(it, 5)
-    state = json.loads(json.dumps(it.get_state()))  # what grain.checkpoint writes
+    state = json.loads(json.dumps(it.get_state()))  # what the checkpoint writes
     want = _take(it, 3)
     restored = make_train_iterator(docs_cfg, tok)
     restored.set_state(state)
@@ -323,7 +383,6 @@ def test_resume_from_state(docs_cfg, tok):
 
 
 def test_resume_from_fresh_state(docs_cfg, tok):
-    """A state with no packing remainder (grain's JSON tuple bug) must not drop a document."""
     it = make_train_iterator(docs_cfg, tok)
     state = json.loads(json.dumps(it.get_state()))
     restored = make_train_iterator(docs_cfg, tok)
@@ -331,25 +390,50 @@ def test_resume_from_fresh_state(docs_cfg, tok):
     assert _same(_take(it, 3), _take(restored, 3))
 
 
+@pytest.mark.parametrize("skip", [5, 9])  # mid-window, and at a window's start
+def test_a_global_state_resumes_on_another_process_count(docs_cfg, tok, skip):
+    """The merged state of 2 processes restores on 1 and on 4, past several windows, to the same rows."""
+    cfg = dataclasses.replace(docs_cfg, shuffle_window=12)  # 3-step windows
+    pair = [make_train_iterator(cfg, tok, process_index=p, process_count=2) for p in range(2)]
+    for it in pair:
+        _take(it, skip)
+    state = lanes.merge_states([json.loads(json.dumps(it.get_state())) for it in pair])
+    assert state["step"] == skip and sorted(state["lanes"], key=int) == ["0", "1", "2", "3"]
+    assert any(pos != [0, -1, 0, 0] for pos in state["lanes"].values())  # lanes moved on: a real test
+    want = _take(make_train_iterator(cfg, tok), skip + 4)[skip:]
+    one = make_train_iterator(cfg, tok)
+    one.set_state(state)
+    assert _same(want, _take(one, 4))
+    quarters = [make_train_iterator(cfg, tok, process_index=p, process_count=4) for p in range(4)]
+    for it in quarters:
+        it.set_state(state)
+    got = [_take(it, 4) for it in quarters]
+    for i in range(4):
+        for key in KEYS:
+            np.testing.assert_array_equal(want[i][key], np.concatenate([g[i][key] for g in got]))
+    with pytest.raises(JaxllmError, match="saved with data.batch_size=4.*this config has 8"):
+        make_train_iterator(dataclasses.replace(cfg, batch_size=8), tok).set_state(state)
+
+
 def assert_orbax_resume(cfg, tok, path, skip: int, take: int):
-    """An iterator saved with Orbax after `skip` batches restores to give the same next `take` batches."""
-    import orbax.checkpoint as ocp
+    """An iterator saved by the Checkpointer after `skip` batches restores to give the same next `take`."""
+    from jaxllm.train.checkpoint import CheckpointConfig, Checkpointer
 
     it = make_train_iterator(cfg, tok)
     _take(it, skip)
-    with ocp.CheckpointManager(str(path)) as manager:
-        manager.save(skip, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-        manager.wait_until_finished()
+    ckpt = Checkpointer(str(path), CheckpointConfig(async_save=False))
+    ckpt.save(skip, {"w": np.zeros(2, np.float32)}, it)
+    ckpt.close()
     want = _take(it, take)
     restored = make_train_iterator(cfg, tok)
-    with ocp.CheckpointManager(str(path)) as manager:
-        restore = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored))
-        manager.restore(manager.latest_step(), args=restore)
+    ckpt = Checkpointer(str(path), CheckpointConfig())
+    ckpt.restore({"w": np.zeros(2, np.float32)}, restored)
+    ckpt.close()
     assert _same(want, _take(restored, take))
 
 
 def test_resume_through_orbax(docs_cfg, tok, tmp_path):
-    assert_orbax_resume(docs_cfg, tok, tmp_path / "ckpt", 5, 3)
+    assert_orbax_resume(dataclasses.replace(docs_cfg, shuffle_window=8), tok, tmp_path / "ckpt", 5, 3)
 
 
 def test_workers_give_the_same_batches(docs_cfg, tok):
@@ -418,3 +502,42 @@ def test_vocab_size_errors_say_which_way_to_go(tmp_path):
         tokenizer_for(cfg)
     with pytest.raises(JaxllmError, match=r"data.vocab_size=8 is too small for this corpus .*increase"):
         tokenizer_for(dataclasses.replace(cfg, vocab_size=8))
+
+
+def test_workers_of_a_killed_process_exit_too(docs_cfg, tok, tmp_path):
+    """SIGKILL of a training process (an OOM kill, a lost host) leaves none of its worker processes behind."""
+    import signal
+    import time
+
+    script = tmp_path / "train_like.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from jaxllm.data.config import DataConfig\n"
+        "from jaxllm.data.pipeline import make_train_iterator, tokenizer_for\n"
+        "if __name__ == '__main__':\n"
+        f"    cfg = DataConfig(source='jsonl', paths=({docs_cfg.paths[0]!r},), block_size=32, batch_size=4,\n"
+        f"                     tokenizer={tok.path!r}, num_workers=2)\n"
+        "    it = make_train_iterator(cfg, tokenizer_for(cfg))\n"
+        "    next(it)\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        children = []
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        assert len(children) >= 2, children  # the workers (and multiprocessing's resource tracker)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{c}") for c in children):
+            time.sleep(0.2)
+        left = [c for c in children if os.path.exists(f"/proc/{c}")]
+        for c in left:
+            os.kill(c, signal.SIGKILL)
+        assert not left, f"orphaned workers {left}"
+    finally:
+        proc.kill()

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from jaxllm import JaxllmError
-from jaxllm.distributed import DistributedConfig, initialize, launch_local
+from jaxllm.distributed import DistributedConfig, initialize, launch_local, lost_peer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {"PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -110,6 +110,29 @@ def test_bad_mode_and_collectives_are_user_errors():
         DistributedConfig(cpu_collectives="nccl")
 
 
+def test_timeouts_must_be_positive_seconds():
+    for name in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
+        with pytest.raises(JaxllmError, match=f"distributed.{name} must be a positive number of seconds"):
+            DistributedConfig(**{name: 0})
+
+
+def test_explicit_mode_passes_the_heartbeat_and_shutdown_timeouts(joins):
+    initialize(DistributedConfig(mode="explicit", coordinator_address="10.0.0.1:1234", num_processes=2,
+                                 process_id=1, heartbeat_timeout=15, shutdown_timeout=7))
+    assert joins[0]["heartbeat_timeout_seconds"] == 15 and joins[0]["shutdown_timeout_seconds"] == 7
+
+
+def test_lost_peer_errors_are_told_apart_only_in_multi_process_runs(monkeypatch):
+    gloo = RuntimeError("UNKNOWN: Gloo all-reduce failed: [pair.cc:538] Read error: Connection reset by peer")
+    assert not lost_peer(gloo)  # one process: nothing to lose
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert lost_peer(gloo)
+    assert lost_peer(RuntimeError("DEADLINE_EXCEEDED: Barrier timed out. Barrier_id: CheckpointManager:save"))
+    assert not lost_peer(RuntimeError("RESOURCE_EXHAUSTED: out of memory allocating 1.2 GiB"))
+    assert not lost_peer(JaxllmError("data.batch_size=3 is not divisible by the 2 processes"))
+
+
 def test_auto_with_partial_env_is_a_user_error(monkeypatch):
     monkeypatch.setenv("JAXLLM_COORDINATOR_ADDRESS", "127.0.0.1:1234")
     monkeypatch.delenv("JAXLLM_NUM_PROCESSES", raising=False)
@@ -151,14 +174,15 @@ def test_auto_under_slurm_one_task_per_node_uses_every_gpu(joins, monkeypatch):
                  "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}.items():
         monkeypatch.setenv(k, v)
     initialize(DistributedConfig())
-    assert joins == [{"local_device_ids": list(range(8)), "initialization_timeout": 300}]
+    assert joins == [{"local_device_ids": list(range(8)), "initialization_timeout": 300, "heartbeat_timeout_seconds": 100, "shutdown_timeout_seconds": 60}]
 
 
 def test_auto_under_slurm_one_task_per_gpu_lets_jax_pick(joins, monkeypatch):
     for k, v in {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"}.items():
         monkeypatch.setenv(k, v)
-    initialize(DistributedConfig(initialization_timeout=60))
-    assert joins == [{"local_device_ids": None, "initialization_timeout": 60}]
+    initialize(DistributedConfig(initialization_timeout=60, heartbeat_timeout=20, shutdown_timeout=5))
+    assert joins == [{"local_device_ids": None, "initialization_timeout": 60, "heartbeat_timeout_seconds": 20,
+                      "shutdown_timeout_seconds": 5}]
 
 
 @pytest.mark.parametrize("var, value", [("TPU_WORKER_HOSTNAMES", "t-w-0,t-w-1"),
@@ -167,7 +191,7 @@ def test_auto_under_slurm_one_task_per_gpu_lets_jax_pick(joins, monkeypatch):
 def test_auto_on_tpu_pod_lets_jax_detect(joins, monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     initialize(DistributedConfig())
-    assert joins == [{"local_device_ids": None, "initialization_timeout": 300}]
+    assert joins == [{"local_device_ids": None, "initialization_timeout": 300, "heartbeat_timeout_seconds": 100, "shutdown_timeout_seconds": 60}]
 
 
 def test_mode_none_ignores_the_cluster(joins, monkeypatch):

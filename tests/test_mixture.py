@@ -12,12 +12,11 @@ import pytest
 
 from jaxllm import JaxllmError
 from jaxllm.config import apply_override, build
-from jaxllm.data import mixture
+from jaxllm.data import lanes, mixture
 from jaxllm.data.config import DataConfig
 from jaxllm.data.pipeline import make_eval_iterator, make_train_iterator, split_documents
 
 BLOCK, BATCH = 32, 4
-STEP_TOKENS = BATCH * (BLOCK + 1)  # what one step of this process reads
 
 
 def _doc(tag: str, i: int) -> str:
@@ -110,13 +109,13 @@ def test_mixture_resumes_exactly_from_its_state(two_sources, tok):
     cfg = _cfg(mixture=two_sources, shuffle_window=16)
     it = make_train_iterator(cfg, tok)
     [next(it) for _ in range(5)]
-    state = json.loads(json.dumps(it.get_state()))  # what grain.checkpoint writes
+    state = json.loads(json.dumps(it.get_state()))  # what the checkpoint writes
     expected = [next(it) for _ in range(8)]
     restored = make_train_iterator(cfg, tok)
     restored.set_state(state)
     assert _same([next(restored) for _ in range(8)], expected)
     wrong = make_train_iterator(_cfg(mixture={"a": two_sources["a"]}, shuffle_window=16), tok)
-    with pytest.raises(JaxllmError, match="mixes 2 sources or stages, this config 1"):
+    with pytest.raises(JaxllmError, match="saved with data.batch_size=4, 2 source streams.*this config has 4, 1 "):
         wrong.set_state(state)
 
 
@@ -125,6 +124,33 @@ def test_workers_give_the_same_mixed_batches(two_sources, tok):
     expected = [next(make_train_iterator(cfg, tok)) for _ in range(1)]
     it = make_train_iterator(dataclasses.replace(cfg, num_workers=2), tok)
     assert _same([next(it)], expected)
+
+
+@pytest.mark.parametrize("curriculum", [False, True])
+def test_mixed_batches_do_not_depend_on_the_process_count(tmp_path, two_sources, tok, curriculum):
+    """Mixtures and curricula draw per row of the global batch: 1, 2 or 4 processes get the same batches,
+    and a state saved by 2 restores on 4 mid-schedule."""
+    if curriculum:
+        two_sources = {"a": {**two_sources["a"], "paths": (_write(tmp_path / "s.jsonl", "a", 80, bucket=lambda i: i % 2),)},
+                       "b": {**two_sources["b"], "paths": (_write(tmp_path / "t.jsonl", "b", 80, bucket=lambda i: 1),)}}
+    two_sources["a"]["weight"] = ((0, 1.0), (6, 0.2))
+    extra = dict(curriculum_field="bucket", curriculum_schedule=((0, (1, 0)), (4, (0, 1)))) if curriculum else {}
+    cfg = _cfg(mixture=two_sources, shuffle_window=8, **extra)
+    whole = [next(it) for it in [make_train_iterator(cfg, tok)] for _ in range(14)]
+    for processes in (4, 2):
+        parts = [make_train_iterator(cfg, tok, process_index=p, process_count=processes) for p in range(processes)]
+        got = [[next(it) for _ in range(7)] for it in parts]
+        state = lanes.merge_states([json.loads(json.dumps(it.get_state())) for it in parts])  # 2's is kept
+        for i in range(7):
+            for key in whole[i]:
+                np.testing.assert_array_equal(whole[i][key], np.concatenate([g[i][key] for g in got]))
+    quarters = [make_train_iterator(cfg, tok, process_index=p, process_count=4) for p in range(4)]
+    for it in quarters:
+        it.set_state(state)
+    got = [[next(it) for _ in range(7)] for it in quarters]
+    for i in range(7):
+        for key in whole[i]:
+            np.testing.assert_array_equal(whole[7 + i][key], np.concatenate([g[i][key] for g in got]))
 
 
 def test_processes_read_disjoint_documents_of_every_source(two_sources, tok):

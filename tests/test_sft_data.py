@@ -397,15 +397,20 @@ def test_split_and_process_shards(qa_cfg, tok):
     train_idx, val_idx = split_indices(NUM_ROWS, qa_cfg.val_fraction)
     cfg = dataclasses.replace(qa_cfg, batch_size=2)
     assert _tags(tok, list(make_eval_iterator(dataclasses.replace(cfg, batch_size=1), tok))) == set(val_idx.tolist())
-    seen = [_tags(tok, _take(make_train_iterator(cfg, tok, process_index=p, process_count=2), 10)) for p in range(2)]
-    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(train_idx.tolist())
+    whole = _take(make_train_iterator(cfg, tok), 12)
+    halves = [_take(make_train_iterator(cfg, tok, process_index=p, process_count=2), 12) for p in range(2)]
+    for i, batch in enumerate(whole):  # each process gets its row of the one global batch
+        for key in KEYS:
+            np.testing.assert_array_equal(batch[key], np.concatenate([h[i][key] for h in halves]))
+    assert _tags(tok, whole) == set(train_idx.tolist())
     assert not _same(_take(make_train_iterator(qa_cfg, tok), 3),
                      _take(make_train_iterator(dataclasses.replace(qa_cfg, seed=1), tok), 3))
 
 
-@pytest.mark.parametrize("packing,skip", [(True, 0), (True, 5), (True, 9), (False, 4)])
+@pytest.mark.parametrize("packing,skip", [(True, 0), (True, 5), (True, 9), (True, 19), (False, 4)])
 def test_resume_from_state(qa_cfg, tok, packing, skip):
-    """A restored iterator continues with exactly the next batch (states JSON round-tripped)."""
+    """A restored iterator continues with exactly the next batch (states JSON round-tripped), also on
+    another process count (the state is global)."""
     cfg = dataclasses.replace(qa_cfg, packing=packing)
     it = make_train_iterator(cfg, tok)
     _take(it, skip)
@@ -414,6 +419,12 @@ def test_resume_from_state(qa_cfg, tok, packing, skip):
     restored = make_train_iterator(cfg, tok)
     restored.set_state(state)
     assert _same(want, _take(restored, 6))
+    last = make_train_iterator(cfg, tok, process_index=cfg.batch_size - 1, process_count=cfg.batch_size)
+    last.set_state(state)
+    got = _take(last, 6)
+    for i in range(6):
+        for key in KEYS:
+            np.testing.assert_array_equal(got[i][key], want[i][key][-1:])
 
 
 def test_resume_through_orbax(qa_cfg, tok, tmp_path):

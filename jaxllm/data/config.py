@@ -39,7 +39,7 @@ class DataConfig:
     shuffle_window: int = 2048  # format text: packed sequences shuffled together, so long docs spread out; 0 = off
     add_bos: bool = True
     add_eos: bool = True
-    num_workers: int = 0  # Grain multiprocess prefetch workers; 0 = in the main process
+    num_workers: int = 0  # worker processes reading and tokenizing; 0 = threads in the main process
     format: str = "text"  # text (pretrain) | sft_text (`### Human: q### Assistant: a`) | messages | prompt_completion
     prompt_field: str = "prompt"  # prompt_completion: the prompt column
     completion_field: str = "completion"  # prompt_completion: the completion column (appended to the prompt)

@@ -12,11 +12,11 @@ Each draw takes a document from (source c, stage s) with probability proportiona
     w_c(step) * w_s(step) / (sum of w_s'(step) over the stages s' that c has),
 
 so a source's share follows its own weight while any of its stages has weight (a source whose stages
-all have weight 0 waits). Draws use a counter-based hash
-of (seed, draw number): the same sequence on every run and every process, restored from a checkpoint
-with two integers. The step is estimated from the tokens drawn so far (a step takes
-`batch_size * (block_size + 1)` tokens); window shuffling and prefetching put a document a few steps
-before the batch that holds it. Weights count documents, as in Grain's and Hugging Face's mixing.
+all have weight 0 waits). Each row of the global batch (a lane, `jaxllm.data.lanes`) draws on its own,
+with a counter-based hash of (seed, row, draw number): the same sequence on every run and any number of
+processes, restored from a checkpoint with a few integers per row. A row's step is its tokens drawn so
+far / (block_size + 1); window shuffling puts a document up to a window of steps from the batch that
+holds it. Weights count documents, as in Grain's and Hugging Face's mixing.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import grain
 import numpy as np
 
 from jaxllm import JaxllmError
@@ -134,52 +133,6 @@ class Weights:
         totals = np.bincount(self._component, weights=stage_w, minlength=len(self.components))  # per source
         share = np.divide(stage_w, totals[self._component], out=np.zeros(len(stage_w)), where=totals[self._component] > 0)
         return component_w[self._component] * share
-
-
-class MixtureIterDataset(grain.IterDataset):
-    """Interleaves tokenized-example streams (`parents`) by `weights(step)`; see the module doc."""
-
-    def __init__(self, parents: Sequence[grain.IterDataset], weights: Weights, tokens_per_step: int, seed: int):
-        super().__init__(list(parents))
-        self.weights, self.tokens_per_step, self.seed = weights, tokens_per_step, seed
-
-    def __iter__(self) -> grain.DatasetIterator:
-        return _MixtureIterator(self)
-
-    def __str__(self) -> str:
-        return f"MixtureIterDataset({', '.join(self.weights.names)})"
-
-
-class _MixtureIterator(grain.DatasetIterator):
-    def __init__(self, ds: MixtureIterDataset):
-        super().__init__([p.__iter__() for p in ds.parents])
-        self._ds = ds
-        self._draws = 0
-        self._tokens = 0
-        self._counts = [0] * len(ds.parents)
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        ds = self._ds
-        cumulative = np.cumsum(ds.weights(self._tokens / ds.tokens_per_step))
-        leaf = int(np.searchsorted(cumulative, uniform(ds.seed, self._draws) * cumulative[-1], side="right"))
-        leaf = min(leaf, len(cumulative) - 1)
-        example = next(self._parents[leaf])
-        self._draws += 1
-        self._tokens += len(example["tokens"])
-        self._counts[leaf] += 1
-        return example
-
-    def get_state(self) -> dict[str, Any]:
-        return {"draws": self._draws, "tokens": self._tokens, "counts": list(self._counts),
-                "leaves": [p.get_state() for p in self._parents]}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        if len(state["leaves"]) != len(self._parents):
-            raise JaxllmError(f"the checkpoint's data iterator mixes {len(state['leaves'])} sources or stages, this "
-                              f"config {len(self._parents)}; resume with the data.mixture and curriculum it was saved with")
-        self._draws, self._tokens, self._counts = int(state["draws"]), int(state["tokens"]), list(state["counts"])
-        for parent, leaf_state in zip(self._parents, state["leaves"]):
-            parent.set_state(leaf_state)
 
 
 def uniform(seed: int, counter: int) -> float:

@@ -1,34 +1,34 @@
-"""Grain pipelines: documents -> split -> per-process shard -> shuffle -> tokenize -> pack -> shift -> batch.
+"""Grain pipelines: documents -> split -> global data order (lanes) -> tokenize -> pack -> shift -> batch.
 
-Order matters. Each process slices its documents *before* tokenizing, so no host reads another's
-data. Worker processes (`mp_prefetch`) only tokenize; packing and batching run after them in the main
-process, so the batches do not depend on `num_workers` and a checkpoint restores them exactly.
+The sequence of global batches is a function of the config and the step only: row r of every batch is
+lane r's (`jaxllm.data.lanes`), and each process reads only the documents of the lanes of its rows, so
+1 or 64 processes, any mesh and any `num_workers` see the same batches, and the data state a checkpoint
+holds is global (every lane's position: a few integers each).
 
-Packing is `ConcatThenSplitIterDataset`: documents are concatenated and cut into `block_size + 1`
-token blocks, so no token is padding in training and no document is truncated (the embedded corpus
-has 100 KB documents that first-fit packing would cut off at `block_size`). A document cut across
-blocks starts a new segment (positions restart at 0) in the next block; attention never crosses
-segments, so nothing can see the cut-off context anyway.
+Pretraining text is concatenated and cut into `block_size + 1` token rows within a lane, so no token is
+padding in training and no document is truncated (the embedded corpus has 100 KB documents that
+first-fit packing would cut off at `block_size`). A document cut across rows starts a new segment
+(positions restart at 0) in the next row; attention never crosses segments, so nothing can see the
+cut-off context anyway. Each lane shuffles its rows in windows (`data.shuffle_window` rows of the
+global stream shared among the lanes), so a long document's rows spread out.
 
 SFT formats (`jaxllm.data.sft`) never cut an example across rows: each is truncated to
-`block_size + 1` tokens and packed whole by `FirstFitPackIterDataset` (or padded alone in a row,
-`packing=False`); its per-token mask decides which targets count.
+`block_size + 1` tokens and packed whole, first-fit into a few open rows per lane (or padded alone in a
+row, `packing=False`); its per-token mask decides which targets count.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
-from absl import flags
 
 from jaxllm import JaxllmError
-from jaxllm.data import mixture, sft
+from jaxllm.data import lanes, mixture, sft
 from jaxllm.data.config import DataConfig, components, make_source, source_rows
 from jaxllm.data.hashing import mix64
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
@@ -36,54 +36,44 @@ from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
 Batch = dict[str, np.ndarray]
 
 _SPLIT_SALT = 0x6A61786C6C6D  # fixes the train/val split: independent of cfg.seed, so runs compare
-_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)  # tokenize documents ahead
+_READ_THREADS = 2  # threads reading and tokenizing documents ahead (with data.num_workers=0)
 _PREFETCH_BATCHES = 4
-_PACKING_BINS = 32  # SFT rows first-fit packed together (more bins fill rows better; batches still stream)
 
 
-def make_train_iterator(
-    cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1
-) -> grain.DatasetIterator:
-    """Infinite, checkpointable iterator over this process's training batches."""
-    local_batch = _local_batch_size(cfg, process_index, process_count)
-    if cfg.mixture or cfg.curriculum_field:
-        tokens = _mixed_tokens(cfg, tokenizer, process_index, process_count, local_batch)
-    else:
-        train_docs, _ = split_documents(cfg)
-        tokens = _token_stream(cfg, tokenizer, train_docs, process_index, process_count, cfg.num_workers)
-    if cfg.format == "text":
-        batches = _pack_and_batch(tokens, cfg.block_size, local_batch,
-                                  shuffle_window=cfg.shuffle_window if cfg.shuffle else 0,
-                                  seed=_shuffle_seed(cfg.seed + 1))
-    else:  # examples are already shuffled one by one; rows of whole examples need no window shuffle
-        batches = _pack_examples_and_batch(tokens, cfg, local_batch)
+def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,
+                        rows: Sequence[int] | None = None) -> grain.DatasetIterator:
+    """Endless, checkpointable iterator over this process's rows of the global training batches.
+
+    `rows`: the rows of the global batch this process's devices hold (`sharding.process_rows`); by
+    default the `process_index`-th of `process_count` equal contiguous slices. Its state (`get_state`)
+    holds the lanes of these rows; `lanes.merge_states` joins every process's into the global one,
+    which `set_state` accepts on any process count.
+    """
+    rows = _rows(cfg, process_index, process_count, rows)
+    ds = lanes.GlobalOrderDataset(train_plan(cfg, tokenizer), rows, _shift, num_threads=_READ_THREADS,
+                                  num_workers=cfg.num_workers)
     # A background thread builds the next batches while the train step runs (XLA releases the GIL).
-    return iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=_PREFETCH_BATCHES))
+    return iter(grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=_PREFETCH_BATCHES))
 
 
-def _token_stream(cfg: DataConfig, tokenizer: Tokenizer, train_docs: grain.MapDataset, process_index: int,
-                  process_count: int, num_workers: int, *salt: Any) -> grain.IterDataset:
-    """This process's share of `train_docs`, shuffled every epoch, repeated forever, tokenized."""
-    docs = train_docs[process_index::process_count]
-    if len(docs) == 0:
-        what = f"training documents{' of ' + '/'.join(map(str, salt)) if salt else ''}"
-        raise JaxllmError(
-            f"{len(train_docs)} {what} cannot feed {process_count} processes; add data or lower data.val_fraction"
-        )
-    if cfg.shuffle:
-        docs = docs.shuffle(seed=_shuffle_seed(cfg.seed, *salt))
-    docs = docs.repeat()  # reshuffles every epoch (upstream shuffle is reseeded per epoch)
-    tokens = docs.map(tokenize_fn(cfg, tokenizer)).to_iter_dataset(_READ_OPTIONS)
-    if num_workers > 0:
-        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app they are unparsed
-            flags.FLAGS.mark_as_parsed()
-        tokens = tokens.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return tokens
+def train_plan(cfg: DataConfig, tokenizer: Tokenizer) -> lanes.Plan:
+    """The global data order of `cfg`: streams, their weights, packing and windows (see `lanes`)."""
+    streams, weights = _streams(cfg)
+    if cfg.format != "text":  # examples are already shuffled one by one; rows of whole examples need no window
+        window = lanes.sft_window(cfg.packing)
+    else:  # `shuffle_window` rows of the global stream: each lane shuffles its share of them
+        window = max(1, -(-cfg.shuffle_window // cfg.batch_size)) if cfg.shuffle and cfg.shuffle_window > 1 else 1
+    return lanes.Plan(streams=tuple(streams), tokenize=tokenize_fn(cfg, tokenizer), weights=weights,
+                      batch_size=cfg.batch_size, block_size=cfg.block_size, window=window, sft=cfg.format != "text",
+                      packing=cfg.packing, shuffle_seed=_shuffle_seed(cfg.seed + 1) if window > 1 else None,
+                      draw_seed=_shuffle_seed(cfg.seed, "mixture"))
 
 
-def _mixed_tokens(cfg: DataConfig, tokenizer: Tokenizer, process_index: int, process_count: int,
-                  local_batch: int) -> grain.IterDataset:
-    """One token stream per (source, curriculum stage) with documents, drawn by the mixture's weights."""
+def _streams(cfg: DataConfig) -> tuple[list[grain.MapDataset], mixture.Weights | None]:
+    """One endless document stream per (source, curriculum stage) with documents, and their weights."""
+    if not (cfg.mixture or cfg.curriculum_field):
+        train_docs, _ = split_documents(cfg)
+        return [_stream(cfg, train_docs)], None
     stages = cfg.curriculum_schedule or None
     num_stages = len(stages[0][1]) if stages else 1
     streams, leaves, names, schedules = [], [], [], []
@@ -97,13 +87,18 @@ def _mixed_tokens(cfg: DataConfig, tokenizer: Tokenizer, process_index: int, pro
             if len(idx):
                 leaves.append((c, s))
                 names.append("/".join(x for x in (name, f"stage{s}" if stages else "") if x))
-                streams.append((grain.MapDataset.source(_Take(source, idx)), name, s))
-    weights = mixture.Weights(schedules, stages, leaves, names)
-    workers = math.ceil(cfg.num_workers / len(streams)) if cfg.num_workers else 0  # the pool split between streams
-    parents = [_token_stream(cfg, tokenizer, docs, process_index, process_count, workers, name, s)
-               for docs, name, s in streams]
-    return mixture.MixtureIterDataset(parents, weights, tokens_per_step=local_batch * (cfg.block_size + 1),
-                                      seed=_shuffle_seed(cfg.seed, "mixture"))
+                streams.append(_stream(cfg, grain.MapDataset.source(_Take(source, idx)), name, s))
+    return streams, mixture.Weights(schedules, stages, leaves, names)
+
+
+def _stream(cfg: DataConfig, docs: grain.MapDataset, *salt: Any) -> grain.MapDataset:
+    """`docs` shuffled every epoch (seeded by the config alone) and repeated: position -> document."""
+    if len(docs) == 0:
+        raise JaxllmError(f"no training documents{' in ' + '/'.join(map(str, salt)) if salt else ''}; add data "
+                          "or lower data.val_fraction")
+    if cfg.shuffle:
+        docs = docs.shuffle(seed=_shuffle_seed(cfg.seed, *salt))
+    return docs.repeat()  # reshuffles every epoch (upstream shuffle is reseeded per epoch)
 
 
 def curriculum_stages(cfg: DataConfig, indices: np.ndarray, num_stages: int) -> np.ndarray:
@@ -114,62 +109,72 @@ def curriculum_stages(cfg: DataConfig, indices: np.ndarray, num_stages: int) -> 
                        for i in indices], np.int64)
 
 
-def make_eval_iterator(
-    cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1
-) -> grain.DatasetIterator:
-    """One deterministic pass over this process's validation batches (a fresh iterator per call).
+def make_eval_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,
+                       rows: Sequence[int] | None = None) -> Iterator[Batch]:
+    """One deterministic pass over this process's rows of the global validation batches.
 
+    Lane r of the global batch packs validation documents r, r + B, r + 2B, ... (B = data.batch_size),
+    so the batches are the same on any number of processes. Rows of a lane that has run out (and the
+    rest of its last row) are padding (segment 0, loss weight 0), which counts nothing: the split is
+    evaluated whole whatever the batch and block size. A process runs out when its lanes do (at least
+    one batch, all padding if it has no documents); the global pass lasts as long as the longest lane,
+    so a process that ran out feeds padding until every process has (`padding_like`).
     Runs in the main process: evaluation reads a few batches, and worker start-up would cost more.
-    The last (or only) batch is filled up with padding rows (segment 0, loss weight 0) that count
-    nothing, so any non-empty validation split is evaluated whole whatever the batch and block size;
-    a process with no validation documents gets one all-padding batch. Processes may get different
-    numbers of batches; take no more than the smallest process has.
     """
-    local_batch = _local_batch_size(cfg, process_index, process_count)
+    rows = _rows(cfg, process_index, process_count, rows)
     _, val_docs = split_documents(cfg)
     if len(val_docs) == 0:
         raise JaxllmError(f"the validation split is empty (data.val_fraction={cfg.val_fraction}); evaluation needs "
                           "at least one document: raise data.val_fraction or add data")
-    docs = val_docs[process_index::process_count]
-    tokens = docs.map(tokenize_fn(cfg, tokenizer)).to_iter_dataset(
-        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    )
-    if cfg.format == "text":
-        batches = _pack_and_batch(tokens, cfg.block_size, local_batch, pad_last=True)
-    else:
-        batches = _pack_examples_and_batch(tokens, cfg, local_batch, pad_last=True)
-    return iter(batches) if len(docs) else iter([_PadBatch(local_batch, cfg.block_size)(None)])
+    tokenize, n, like = tokenize_fn(cfg, tokenizer), len(val_docs), _packing_of(cfg)
+    per_lane = [lanes.lane_rows(like, (tokenize(val_docs[g]) for g in range(r, n, cfg.batch_size))) for r in rows]
+    return _eval_batches(per_lane, cfg.block_size)
+
+
+def _eval_batches(per_lane: list[Iterator], block_size: int) -> Iterator[Batch]:
+    pad = _shift(lanes.pad_row(block_size + 1))
+    first = True
+    while True:
+        got = [next(lane, None) for lane in per_lane]
+        if all(row is None for row in got) and not first:
+            return
+        first = False
+        shifted = [pad if row is None else _shift(row) for row in got]
+        yield {k: np.stack([row[k] for row in shifted]) for k in pad}
+
+
+def padding_like(batch: Batch) -> Batch:
+    """A batch of `batch`'s shapes that counts nothing (a process out of evaluation rows feeds these)."""
+    return {k: np.zeros_like(v) for k, v in batch.items()}
 
 
 def check_splits(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1) -> None:
     """Refuses, before any model is built, data that cannot train: an empty validation split, or a
-    training split (this process's share) whose one epoch fills fewer rows than one batch."""
-    local_batch = _local_batch_size(cfg, process_index, process_count)
+    training split whose one epoch fills fewer rows than one global batch. (The process arguments are
+    kept for callers; the data order is global, so the answer does not depend on them.)"""
     train_docs, val_docs = split_documents(cfg)
     if len(val_docs) == 0:
         raise JaxllmError(f"the validation split is empty ({len(train_docs)} documents, data.val_fraction="
                           f"{cfg.val_fraction}); evaluation needs at least one: raise data.val_fraction or add data")
     if cfg.mixture or cfg.curriculum_field:  # each stream repeats on its own; emptiness is checked per stream
         return
-    docs, length = train_docs[process_index::process_count], cfg.block_size + 1
-    tokenize, examples, total = tokenize_fn(cfg, tokenizer), [], 0
-    for i in range(len(docs)):  # rows hold <= `length` tokens: once a batch's worth is here, it fills a batch
-        examples.append(tokenize(docs[i]))
+    length, tokenize = cfg.block_size + 1, tokenize_fn(cfg, tokenizer)
+    examples, total = [], 0
+    for i in range(len(train_docs)):  # rows hold <= `length` tokens: once a batch's worth is here, it fills a batch
+        examples.append(tokenize(train_docs[i]))
         total += len(examples[-1]["tokens"])
-        if total >= local_batch * length:
+        if total >= cfg.batch_size * length:
             return
-    if cfg.format == "text":
-        rows = -(-total // length)
-    else:  # as the training stream packs them (an example is never cut across rows)
-        batches = _pack_examples_and_batch(grain.MapDataset.source(examples).to_iter_dataset(), cfg, local_batch,
-                                           pad_last=True)
-        rows = sum(int(np.any(b["segment_ids"] != 0, axis=1).sum()) for b in batches)
-    if rows < local_batch:
-        where = f" per process ({process_count} processes)" if process_count > 1 else ""
+    rows = sum(1 for _ in lanes.lane_rows(_packing_of(cfg), examples))
+    if rows < cfg.batch_size:
         raise JaxllmError(
-            f"the training split is too small for one batch: {len(docs)} documents ({total:,} tokens){where} fill "
-            f"{rows} row(s) of {length} tokens, but one batch needs {local_batch} rows (data.batch_size="
+            f"the training split is too small for one batch: {len(train_docs)} documents ({total:,} tokens) fill "
+            f"{rows} row(s) of {length} tokens, but one batch needs {cfg.batch_size} rows (data.batch_size="
             f"{cfg.batch_size}); add data, or lower data.batch_size or data.block_size={cfg.block_size}")
+
+
+def _packing_of(cfg: DataConfig) -> dict[str, Any]:
+    return {"block_size": cfg.block_size, "sft": cfg.format != "text", "packing": cfg.packing}
 
 
 def split_documents(cfg: DataConfig) -> tuple[grain.MapDataset, grain.MapDataset]:
@@ -207,14 +212,14 @@ def document_texts(cfg: DataConfig) -> Sequence[str]:
     return source if cfg.format == "text" else sft.Texts(source)
 
 
-def tokenizer_for(cfg: DataConfig) -> Tokenizer:
-    """`cfg.tokenizer` (a `.model` file or a model folder), or one trained on `cfg`'s documents (cached)."""
-    return load_tokenizer(cfg.tokenizer, cfg.vocab_size, () if cfg.tokenizer else document_texts(cfg))
-
-
 def _documents(cfg: DataConfig) -> Sequence:
     """The documents of one source (not a mixture)."""
     return make_source(cfg) if cfg.format == "text" else sft.Examples(make_source(cfg), cfg)
+
+
+def tokenizer_for(cfg: DataConfig) -> Tokenizer:
+    """`cfg.tokenizer` (a `.model` file or a model folder), or one trained on `cfg`'s documents (cached)."""
+    return load_tokenizer(cfg.tokenizer, cfg.vocab_size, () if cfg.tokenizer else document_texts(cfg))
 
 
 def tokenize_fn(cfg: DataConfig, tokenizer: Tokenizer) -> Callable[[Any], dict[str, np.ndarray]]:
@@ -225,7 +230,13 @@ def tokenize_fn(cfg: DataConfig, tokenizer: Tokenizer) -> Callable[[Any], dict[s
                         max_tokens=cfg.block_size + 1)
 
 
-def _local_batch_size(cfg: DataConfig, process_index: int, process_count: int) -> int:
+def _rows(cfg: DataConfig, process_index: int, process_count: int, rows: Sequence[int] | None) -> list[int]:
+    """The rows of the global batch this process reads: `rows`, or its equal contiguous slice."""
+    if rows is not None:
+        rows = [int(r) for r in rows]
+        if not rows or any(not 0 <= r < cfg.batch_size for r in rows) or len(set(rows)) != len(rows):
+            raise JaxllmError(f"rows {rows[:8]} are not distinct rows of the data.batch_size={cfg.batch_size} batch")
+        return rows
     if not 0 <= process_index < process_count:
         raise JaxllmError(f"process_index={process_index} is outside [0, process_count={process_count})")
     if cfg.batch_size % process_count:
@@ -233,7 +244,8 @@ def _local_batch_size(cfg: DataConfig, process_index: int, process_count: int) -
             f"data.batch_size={cfg.batch_size} is not divisible by the {process_count} processes; "
             f"use a multiple of {process_count}"
         )
-    return cfg.batch_size // process_count
+    local = cfg.batch_size // process_count
+    return list(range(process_index * local, (process_index + 1) * local))
 
 
 def _shuffle_seed(seed: int, *salt: Any) -> int:
@@ -241,74 +253,6 @@ def _shuffle_seed(seed: int, *salt: Any) -> int:
     epochs (0's second is 1's first); hashing the seed first keeps runs apart (and `salt`, streams)."""
     key = "-".join(map(str, ("jaxllm-shuffle", seed, *salt)))
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
-
-
-def _pack_and_batch(tokens: grain.IterDataset, block_size: int, local_batch: int, *, shuffle_window: int = 0,
-                    seed: int = 0, pad_last: bool = False) -> grain.IterDataset:
-    packed = grain.experimental.ConcatThenSplitIterDataset(tokens, length_struct={"tokens": block_size + 1})
-    sequences = _JsonRestorable(packed).map(_shift)
-    if shuffle_window > 1:  # a long document would otherwise fill many consecutive batches on its own
-        sequences = grain.experimental.WindowShuffleIterDataset(sequences, window_size=shuffle_window, seed=seed)
-    return _batch(sequences, local_batch, block_size, pad_last)
-
-
-def _pack_examples_and_batch(tokens: grain.IterDataset, cfg: DataConfig, local_batch: int, *,
-                             pad_last: bool = False) -> grain.IterDataset:
-    """Whole SFT examples per row: first-fit packed, or one per row (a bin that holds one sequence)."""
-    length = cfg.block_size + 1
-    packed = grain.experimental.FirstFitPackIterDataset(
-        tokens, length_struct={"tokens": length, "mask": length},
-        num_packing_bins=max(local_batch, _PACKING_BINS) if cfg.packing else 1,
-        max_sequences_per_bin=None if cfg.packing else 1, shuffle_bins=False,
-    )
-    return _batch(packed.map(_shift), local_batch, cfg.block_size, pad_last)
-
-
-def _batch(rows: grain.IterDataset, local_batch: int, block_size: int, pad_last: bool) -> grain.IterDataset:
-    """Batches of `local_batch` rows; a short last batch is dropped (training streams are endless) or,
-    with `pad_last`, filled up with padding rows (a finite evaluation pass)."""
-    if not pad_last:
-        return rows.batch(local_batch, drop_remainder=True)
-    return rows.batch(local_batch, drop_remainder=False).map(_PadBatch(local_batch, block_size))
-
-
-class _PadBatch:
-    """A batch filled up to `rows` rows with rows that count nothing: token 0, segment 0, loss weight 0
-    (attention never crosses segments, so they change no real row). None gives a batch of padding."""
-
-    def __init__(self, rows: int, block_size: int):
-        self._rows, self._block_size = rows, block_size
-
-    def __call__(self, batch: Batch | None) -> Batch:
-        if batch is None:
-            batch = {k: np.zeros((0, self._block_size), np.float32 if k == "loss_weights" else np.int32)
-                     for k in ("inputs", "targets", "segment_ids", "positions", "loss_weights")}
-        missing = self._rows - len(batch["inputs"])
-        return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) if missing else v
-                for k, v in batch.items()}
-
-
-class _JsonRestorable(grain.IterDataset):
-    """Makes ConcatThenSplit state survive JSON, as `grain.checkpoint` stores it (grain 0.2.18 bug).
-
-    Its state holds `(-1, -1)` tuples meaning "no remainder"; JSON turns them into lists, which compare
-    unequal, so a restore from a state without a remainder silently drops one document.
-    """
-
-    def __iter__(self) -> grain.DatasetIterator:
-        return _JsonRestorableIterator(self._parent.__iter__())
-
-
-class _JsonRestorableIterator(grain.DatasetIterator):
-    def __next__(self):
-        return next(self._parent)
-
-    def get_state(self) -> dict:
-        return self._parent.get_state()
-
-    def set_state(self, state: dict) -> None:
-        slices = {key: tuple(value) for key, value in state["remainder_slices"].items()}
-        self._parent.set_state({**state, "remainder_slices": slices})
 
 
 class _Take:

@@ -1,15 +1,31 @@
-"""Orbax checkpoints of the train state and the Grain iterator together, so resume is exact."""
+"""Orbax checkpoints of the train state and the global data-order state together, so resume is exact.
+
+The data item is one JSON document for the whole job (`jaxllm.data.lanes`: every row's lane position),
+gathered from all processes at save time and written once, so a checkpoint resumes on any number of
+processes and any mesh.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
 from typing import Any
 
-import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxllm import JaxllmError, atomic
+from jaxllm.data import lanes
+
+_PER_PROCESS_DATA = re.compile(r"process_(\d+)-of-(\d+)\.json$")  # grain's per-process iterator files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,14 +38,26 @@ class CheckpointConfig:
     async_save: bool = True  # write in a background thread while training goes on
     resume: bool = True  # continue from the latest checkpoint in the workdir if there is one
     init_from: str = ""  # a fresh run starts from these params: a Hugging Face folder or `jaxllm convert` output
+    preemption_deadline_s: float = 120.0  # after SIGTERM: seconds to write the checkpoint in; 0 = no limit
     model_from_init: bool = False  # take the model's shapes from init_from's config (the model section then
     #                                sets only run switches: dtype, remat, scan_layers, dropout, ...)
 
+    def __post_init__(self):
+        if not isinstance(self.preemption_deadline_s, (int, float)) or self.preemption_deadline_s < 0:
+            raise JaxllmError(f"checkpoint.preemption_deadline_s must be >= 0 seconds (0 = no limit), got "
+                              f"{self.preemption_deadline_s!r}")
+
 
 class Checkpointer:
-    """A `CheckpointManager` whose items are the state (`StandardSave`) and the data iterator."""
+    """A `CheckpointManager` whose items are the state (`StandardSave`) and the global data state (JSON).
 
-    def __init__(self, directory: str, cfg: CheckpointConfig):
+    Restoring the latest checkpoint falls back past unreadable ones (truncated, missing a file): each
+    is reported in one line, and the newest that reads whole is used. A save that fails (disk full,
+    permission denied, a background writer's error) stops the run at once with a `JaxllmError`; that
+    step is never taken for saved, and the earlier checkpoints are left as they were.
+    """
+
+    def __init__(self, directory: str, cfg: CheckpointConfig, warn: Callable[[str], None] | None = None):
         self.directory = checkpoint_dir(directory)
         policies = [pp.LatestN(max(cfg.keep, 1))]
         if cfg.keep_best > 0:
@@ -42,7 +70,11 @@ class Checkpointer:
             create=True,
         )
         self.cfg = cfg
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.warn = warn or _warn
+        self._pending: int | None = None  # the step an async save is writing
+        self._failed = False
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -51,40 +83,165 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iter: Any | None = None, *, val_loss: float | None = None) -> None:
+        self.check()
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            items["data"] = ocp.args.JsonSave(global_data_state(data_iter.get_state()))
         metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
-
-    def restore(self, abstract_state: Any, data_iter: Any | None = None, step: int | None = None) -> Any:
-        """Restores onto `abstract_state`'s shardings (any mesh) and rewinds `data_iter` in place."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise JaxllmError(f"no checkpoint in {self.directory}")
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except JaxllmError:
-            raise
-        except Exception as e:  # corrupt files, another model's shapes, a missing item
-            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise JaxllmError(f"checkpoint {self.directory}/{step} is corrupt or does not match this model "
-                              f"({reason}); delete it, or use a fresh --workdir") from e
-        return restored["state"]
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        except Exception as e:  # disk full, no permission, ...: the step's folder stays a temporary one
+            self._fail(step, e)
+        self._pending = step if self.cfg.async_save else None
+
+    def check(self) -> None:
+        """Raises now if a background save has finished with an error (call once a step)."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for a background save; raises if it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._fail(step, e)
+
+    def _fail(self, step: int | None, error: BaseException) -> None:
+        self._failed = True
+        kept = ", ".join(map(str, _finished_steps(self.directory))) or "none"
+        errno_ = _errno(error)
+        if errno_ == errno.ENOSPC:
+            fix = "free disk space (or lower checkpoint.keep)"
+        elif errno_ in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"make {self.directory} writable"
+        else:
+            fix = "fix the cause"
+        what = f"{self.directory}/{step}" if step is not None else f"a checkpoint in {self.directory}"
+        raise JaxllmError(f"saving {what} failed ({_reason(error)}); it is not saved, the earlier checkpoints "
+                          f"(steps {kept}) are intact: {fix}, then rerun to resume from the latest") from error
+
+    def restore(self, abstract_state: Any, data_iter: Any | None = None, step: int | None = None) -> Any:
+        """Restores onto `abstract_state`'s shardings (any mesh) and rewinds `data_iter` in place.
+
+        `step` None: the newest checkpoint that reads whole, each unreadable newer one reported with
+        `warn`; a checkpoint of another model or data config stops at once (older ones are no better)."""
+        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if not steps or steps[0] is None:
+            raise JaxllmError(f"no checkpoint in {self.directory}")
+        found = []
+        for i, s in enumerate(steps):
+            if data_iter is not None:
+                self._refuse_per_process_data(s)
+            restored, reason = self._try_restore(s, abstract_state, data_iter)
+            if reason is None:
+                if data_iter is not None:
+                    data_iter.set_state(restored["data"])
+                return restored["state"]
+            found.append(f"step {s}: {reason}")
+            if i + 1 < len(steps):
+                self.warn(f"checkpoint {self.directory}/{s} is unreadable ({reason}); trying step {steps[i + 1]}")
+        raise JaxllmError(f"no checkpoint in {self.directory} can be restored, each is corrupt or incomplete "
+                          f"({'; '.join(found)}); move them away to start over, or use a fresh --workdir")
+
+    def _try_restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> tuple[Any, str | None]:
+        """(restored items, None), or (None, why step is unreadable) as every process agrees."""
+        restored, reason = None, None
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+            saved_shapes = sorted(tuple(m.shape) for m in jax.tree.leaves(saved.tree))
+        except Exception as e:  # a metadata file missing or truncated
+            reason = f"its metadata does not read: {_reason(e)}"
+        else:
+            if saved_shapes != sorted(tuple(a.shape) for a in jax.tree.leaves(abstract_state)):
+                raise JaxllmError(f"checkpoint {self.directory}/{step} does not match this model (its arrays have "
+                                  "other shapes); resume with the model config it was saved with, or use a fresh "
+                                  "--workdir")
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if data_iter is not None:
+                items["data"] = ocp.args.JsonRestore()
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                if data_iter is not None and not isinstance(restored["data"], dict):
+                    reason = "its data state is missing"
+            except Exception as e:  # truncated or missing array files, a missing item
+                reason = _reason(e)
+        if jax.process_count() > 1:  # all resume from the same step, or none does
+            ok = multihost_utils.process_allgather(np.array([reason is None]))
+            if reason is None and not bool(np.all(ok)):
+                reason = "another process cannot read it"
+        return (restored, None) if reason is None else (None, reason)
+    def _refuse_per_process_data(self, step: int) -> None:
+        """An older jaxllm saved one data-iterator file per process; this one cannot continue those."""
+        folder = os.path.join(self.directory, str(step), "data")
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        counts = {int(m.group(2)) for m in map(_PER_PROCESS_DATA.search, names) if m}
+        if counts:
+            n = max(counts)
+            raise JaxllmError(
+                f"checkpoint {self.directory}/{step} holds per-process data-iterator state ({n} process "
+                f"file{'s' if n > 1 else ''}, an older jaxllm's format), which this version's global data order "
+                f"cannot continue: resume it with {n} process{'es' if n > 1 else ''} and the jaxllm version that "
+                "wrote it (its checkpoint is intact)")
 
     def reached_preemption(self, step: int) -> bool:
         """True at the step the TPU/cluster preemption notice syncs on (all hosts agree)."""
         return bool(self.manager.reached_preemption(step))
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for a background save (raising if it failed) and releases the manager."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            if not self._failed:
+                self.manager.close()
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _finished_steps(directory: str) -> list[int]:
+    """Steps whose folders are finished checkpoints (not an interrupted save's temporary folder)."""
+    try:
+        return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    except OSError:
+        return []
+
+
+def _errno(error: BaseException | None) -> int | None:
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno:
+            return error.errno
+        text = str(error)
+        if "No space left" in text:
+            return errno.ENOSPC
+        if "Permission denied" in text:
+            return errno.EACCES
+        if "Read-only file system" in text:
+            return errno.EROFS
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def global_data_state(local: dict[str, Any]) -> dict[str, Any]:
+    """Every process's data state (the lanes of its rows) joined into the job's one state."""
+    if jax.process_count() == 1:
+        return lanes.merge_states([local])
+    payload = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:payload.size] = payload
+    gathered = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return lanes.merge_states([json.loads(bytes(row[:size]).decode()) for row, size in zip(gathered, sizes)])
 
 
 def checkpoint_dir(directory: str) -> str:

@@ -6,6 +6,8 @@ import dataclasses
 import math
 import os
 import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -21,6 +23,7 @@ from jaxllm.data.pipeline import (
     check_splits,
     make_eval_iterator,
     make_train_iterator,
+    padding_like,
     tokenizer_for,
 )
 from jaxllm.data.tokenizer import Tokenizer
@@ -53,8 +56,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     program = build_program(run, mesh)
     train_step = _compile_or_explain(program, run)  # before any data or weights are read
     tokenizer = _tokenizer(run)
-    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = make_train_iterator(run.data, tokenizer, **process)
+    rows = shd.process_rows(mesh, run.data.batch_size)  # this process's rows of the global batch
+    train_iter = make_train_iterator(run.data, tokenizer, rows=rows)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint)
     state, frozen = _initial_state(run, program, ckpt, train_iter)
     start = int(jax.device_get(state.step))
@@ -72,12 +75,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     def validate(step: int, params) -> dict[str, float]:
         ev = evaluate(lambda p, b: program.eval_step(p, b, frozen), params,
-                      lambda: make_eval_iterator(run.data, tokenizer, **process), mesh, run.train.eval_batches)
+                      lambda: make_eval_iterator(run.data, tokenizer, rows=rows), mesh, run.train.eval_batches)
         writer.write(step, ev, prefix="val")
         writer.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.1f}")
         return ev
 
-    stop = _StopFlag()
+    stop = _StopFlag(run.checkpoint.preemption_deadline_s)
     try:
         state, final = _steps(run, train_step, state, frozen, train_iter, mesh, ckpt, writer, validate, stop)
         ckpt.wait()
@@ -137,6 +140,7 @@ def _steps(run: Run, train_step, state, frozen, train_iter, mesh, ckpt: Checkpoi
         state, metrics = train_step(state, shd.global_batch(next(train_iter), mesh), frozen)
         window.append(metrics)
         step += 1
+        ckpt.check()  # a background save that failed stops the run now, not at the next save
         writer.advance(step)
         if step % run.train.log_every == 0 or step == run.train.steps:
             values = _window_mean(jax.device_get(window))
@@ -167,6 +171,7 @@ def _steps(run: Run, train_step, state, frozen, train_iter, mesh, ckpt: Checkpoi
         if periodic or evaluate_now or preempted or early or step == run.train.steps:
             ckpt.save(step, state, train_iter, val_loss=val_loss)
         if preempted:
+            ckpt.wait()  # written before it is called saved (and before the deadline)
             writer.log(f"preemption signal: checkpoint saved at step {step}; exiting")
             final["preempted"] = True
             break
@@ -198,10 +203,17 @@ def fresh_adapter_params(run: Run, program: Program, saved: dict) -> Any:
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT (a preemption notice) asks the loop to checkpoint and exit cleanly."""
+    """SIGTERM / SIGINT (a preemption notice) asks the loop to checkpoint and exit cleanly; every process
+    stops at the same step when any one of them got the signal (`agreed`).
 
-    def __init__(self):
+    The checkpoint must be written within `deadline_s` of the signal, else this process says so and
+    exits (1) without it (the previous checkpoint is intact); a second signal exits at once (128 + signal).
+    """
+
+    def __init__(self, deadline_s: float = 0.0):
         self.requested = False
+        self.deadline_s = deadline_s
+        self._timer: threading.Timer | None = None
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -210,7 +222,15 @@ class _StopFlag:
                 pass
 
     def _handle(self, signum, frame):
+        if self.requested:
+            _exit_now(f"a second {signal.Signals(signum).name}: exiting now, without a checkpoint", 128 + signum)
         self.requested = True
+        if self.deadline_s > 0:
+            self._timer = threading.Timer(self.deadline_s, _exit_now, args=(
+                f"the preemption checkpoint was not written within checkpoint.preemption_deadline_s="
+                f"{self.deadline_s:g}; exiting without it (the previous checkpoint is intact)", 1))
+            self._timer.daemon = True
+            self._timer.start()
 
     def agreed(self) -> bool:
         if jax.process_count() == 1:
@@ -218,21 +238,30 @@ class _StopFlag:
         return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
 
     def restore(self):
+        if self._timer is not None:
+            self._timer.cancel()
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
 
+def _exit_now(message: str, code: int) -> None:
+    print(f"jaxllm: {message}", file=sys.stderr, flush=True)
+    os._exit(code)
+
+
 def evaluate(eval_fn, params, eval_iter_fn, mesh, num_batches: int) -> dict[str, float]:
-    """Validation loss over the first `num_batches` batches that every process has."""
+    """Validation loss over the first `num_batches` global batches (a process out of rows feeds padding)."""
     ce_sum, weight_sum = 0.0, 0.0
-    batches = iter(eval_iter_fn())
+    batches, last = iter(eval_iter_fn()), None
     for _ in range(num_batches):
         batch = next(batches, None)
-        if jax.process_count() > 1:  # hosts may hold different numbers of batches: stop together
-            if not bool(np.all(multihost_utils.process_allgather(np.array([batch is not None])))):
+        if jax.process_count() > 1:  # hosts may run out at different batches: go on while any has rows
+            if not bool(np.any(multihost_utils.process_allgather(np.array([batch is not None])))):
                 break
+            batch = padding_like(last) if batch is None else batch
         elif batch is None:
             break
+        last = batch
         ce, w = eval_fn(params, shd.global_batch(batch, mesh))
         ce_sum, weight_sum = ce_sum + float(ce), weight_sum + float(w)
     loss = ce_sum / max(weight_sum, 1.0)

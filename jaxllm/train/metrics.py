@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, Mapping
 
-from jaxllm import atomic
+from jaxllm import JaxllmError, atomic
 
 # Dense (no sparsity) bf16 peak TFLOP/s of one chip / GPU, keyed by a readable device name.
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -81,7 +81,18 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     path = atomic.as_path(os.path.join(workdir, "metrics.jsonl"))
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a last line cut short: the process was killed while writing it
+                break
+            raise JaxllmError(f"{path}:{i + 1} is not a JSON record; fix or delete that line") from None
+    return records
 
 
 class MetricsWriter:
