@@ -102,13 +102,16 @@ def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], cfg: Ge
 def _decode_fn(model_cfg: ModelConfig, shape: tuple[int, int], cfg: GenerateConfig, eos_id: int, pad_id: int):
     """The jitted prefill + decode loop for one (model, batch shape, sampling) combination, kept so a
     second call with the same shapes reuses the compiled program."""
-    model = Decoder(model_cfg)  # same params as the training model; remat is off for inference
+    # remat is off for inference, and the layers are unrolled: a scanned stack dynamic-slices (copies) every
+    # layer's weights on every token, which doubled the memory traffic of a decode step
+    model = Decoder(dataclasses.replace(model_cfg, scan_layers=False))
     b, p = shape
     total = p + cfg.max_new_tokens
     warp = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
     @jax.jit
     def run(params, tokens_BP, segments_BP, positions_BP, rng):
+        params = unstack_layers(params, model_cfg.num_layers)
         cache = jax.tree.map(jnp.zeros_like, jax.eval_shape(
             lambda: model.init(jax.random.key(0), jnp.zeros((b, total), jnp.int32), decode=True)["cache"]))
         logits_BPV, mutated = model.apply({"params": params, "cache": cache}, tokens_BP, positions_BP, segments_BP,
@@ -133,6 +136,17 @@ def _decode_fn(model_cfg: ModelConfig, shape: tuple[int, int], cfg: GenerateConf
         return out_BN
 
     return run
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """A scanned model's params (one `layers` tree with a leading layer axis) as the unrolled model's
+    (`layers_0` ... `layers_{n-1}`); unrolled params are returned as they are."""
+    if "layers" not in params:
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
 
 
 def generate_text(model: nn.Module, params, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, *,

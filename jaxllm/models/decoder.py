@@ -106,14 +106,17 @@ class Decoder(nn.Module):
         x_BLD = norm(cfg, "norm")(x_BLD)
         if hidden and not self.is_initializing():
             return constrain(x_BLD, ("batch", "length", "embed"))
+        # the head as one 2-D matmul [B*L, D] @ [D, V] (see layers._contract: no transposed activation copies)
+        x_MD = x_BLD.reshape(-1, cfg.embed_dim)
         if cfg.tie_embeddings:
-            logits_BLV = embed.attend(x_BLD)
+            logits_MV = embed.attend(x_MD)
         else:
-            logits_BLV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
-                                  param_dtype=cfg.jnp_param_dtype,
-                                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                                           ("embed", "vocab")),
-                                  name="lm_head")(x_BLD)
+            logits_MV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
+                                 param_dtype=cfg.jnp_param_dtype,
+                                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                                          ("embed", "vocab")),
+                                 name="lm_head")(x_MD)
+        logits_BLV = logits_MV.reshape(*x_BLD.shape[:2], cfg.vocab_size)
         return constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
