@@ -97,8 +97,10 @@ def jax_step(args, model, params, batch, lcfg=None):
     import jax
 
     from jaxllm import sharding as shd
+    from jaxllm.hf.peft import trainable_fn
     from jaxllm.models import lora
-    from jaxllm.models.decoder import Decoder
+    from jaxllm.models.decoder import Decoder, abstract_params
+    from jaxllm.tree import partition
     from jaxllm.train import step as st
     from jaxllm.train.optimizer import OptimConfig, make_optimizer
 
@@ -106,13 +108,13 @@ def jax_step(args, model, params, batch, lcfg=None):
     mesh = shd.make_mesh(shd.MeshConfig(data=-1))
     step_cfg = st.StepConfig(loss_chunk=args.loss_chunk, grad_accum_steps=args.grad_accum_steps)
     if lcfg is None:
-        shardings = st.state_shardings(st.abstract_state(model, tx, args.seq), mesh)
+        shardings = st.state_shardings(st.abstract_state(model, tx), mesh)
         state, frozen, frozen_sh = st.state_from_params(params, tx, shardings), {}, None
     else:
         model = Decoder(lora.apply(lcfg, model.cfg))
-        trainable = lora.trainable_fn(lcfg, model.cfg)
-        state, shardings = st.init_state(model, tx, mesh, jax.random.key(0), args.seq, trainable)
-        frozen_sh = shd.shardings_for(lora.split(st.abstract_params(model), trainable)[1], mesh)
+        trainable = trainable_fn(lcfg, model.cfg)
+        state, shardings = st.init_state(model, tx, mesh, jax.random.key(0), trainable)
+        frozen_sh = shd.shardings_for(partition(abstract_params(model.cfg), trainable)[1], mesh)
         frozen = jax.device_put(params, frozen_sh)
     fn = st.jit_train_step(st.make_train_step(model, tx, schedule, step_cfg), shardings, mesh, frozen_sh)
     gb = shd.global_batch(batch, mesh)
