@@ -161,37 +161,54 @@ def fused_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, implementation: str, bias
 QUERY_CHUNK = 128  # query rows per block of `causal_blockwise_attention`
 
 
+def grouped_attention(q_XRK, k_XKS, v_XSK, mask_XRS, bias_XRS=None):
+    """softmax(q k / sqrt(K)) v as two plain batched matmuls, keys already laid out [..., K, S] and values
+    [..., S, K] (no transposed copy of either on the way); X is any batch shape ([B, H] or [B*H]), R the
+    query rows (the G query heads of a kv head stacked with the query slots), mask and bias broadcast
+    against [*X, R, S]. The numerics of `jax.nn.dot_product_attention(implementation="xla")`: float32
+    logits and softmax, probabilities in the values' dtype."""
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_XRK.dtype == jnp.bfloat16 else None
+    logits_XRS = jnp.matmul(q_XRK, k_XKS, precision=precision, preferred_element_type=jnp.float32)
+    logits_XRS = logits_XRS * jnp.asarray(1.0 / math.sqrt(q_XRK.shape[-1]), jnp.float32)
+    if bias_XRS is not None:
+        logits_XRS = logits_XRS + bias_XRS
+    probs_XRS = jax.nn.softmax(jnp.where(mask_XRS, logits_XRS, NEG_INF), axis=-1).astype(v_XSK.dtype)
+    return jnp.matmul(probs_XRS, v_XSK)
+
+
+def grouped_queries(q_BTNK, num_kv_heads: int):
+    """[B, T, N, K] -> [B, H, G, T, K]: query head n = h * G + g reads kv head h."""
+    b, t, n, kd = q_BTNK.shape
+    return jnp.transpose(q_BTNK.reshape(b, t, num_kv_heads, n // num_kv_heads, kd), (0, 2, 3, 1, 4))
+
+
+def ungrouped(out_BHGTK):
+    """[B, H, G, T, K] -> [B, T, N, K]."""
+    b, h, g, t, kd = out_BHGTK.shape
+    return jnp.transpose(out_BHGTK, (0, 3, 1, 2, 4)).reshape(b, t, h * g, kd)
+
+
 def causal_blockwise_attention(q_BTNK, k_BTHK, v_BTHK, mask_B1TT, bias_BNTT=None, chunk: int = QUERY_CHUNK):
     """XLA attention over causal self-attention (key slot s <= query slot t), `chunk` query rows at a time:
     block i's queries only read the keys up to its last row, so the masked upper triangle is never
-    computed, and each block's logits stay small. Each block is two plain batched matmuls over
-    [B, H, G*C, K] (the G query heads of a kv head stacked as rows). The numerics of
-    `jax.nn.dot_product_attention(implementation="xla")`: float32 logits and softmax, probabilities in
-    the values' dtype. Against that whole-matrix path on XLA:CPU, forward + backward takes a third of
-    the time (batch 8, 256 tokens, 6 heads of 64: 10 ms against 30)."""
-    b, t, n, kd = q_BTNK.shape
-    h = k_BTHK.shape[2]
-    g = n // h
-    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_BTNK.dtype == jnp.bfloat16 else None
-    q_BHGTK = jnp.transpose(q_BTNK.reshape(b, t, h, g, kd), (0, 2, 3, 1, 4))
+    computed, and each block's logits stay small (`grouped_attention` per block). Against
+    `jax.nn.dot_product_attention(implementation="xla")` on XLA:CPU, forward + backward takes a third
+    of the time (batch 8, 256 tokens, 6 heads of 64: 10 ms against 30)."""
+    t = q_BTNK.shape[1]
+    q_BHGTK = grouped_queries(q_BTNK, k_BTHK.shape[2])
     k_BHKT = jnp.transpose(k_BTHK, (0, 2, 3, 1))
     v_BHTK = jnp.transpose(v_BTHK, (0, 2, 1, 3))
-    scale = jnp.asarray(1.0 / math.sqrt(kd), jnp.float32)
+    b, h, g, _, kd = q_BHGTK.shape
     outs = []
     for start in range(0, t, chunk):
         end = min(start + chunk, t)
-        rows = g * (end - start)  # (query head in group, query slot) pairs of this block
-        q_BHRK = q_BHGTK[:, :, :, start:end].reshape(b, h, rows, kd)
-        logits_BHRS = jnp.matmul(q_BHRK, k_BHKT[..., :end], precision=precision,
-                                 preferred_element_type=jnp.float32) * scale
-        if bias_BNTT is not None:
-            logits_BHRS = logits_BHRS + bias_BNTT[:, :, start:end, :end].reshape(b, h, rows, end)
+        rows = g * (end - start)
         mask_B1RS = jnp.broadcast_to(mask_B1TT[:, :, None, start:end, :end], (b, 1, g, end - start, end))
-        logits_BHRS = jnp.where(mask_B1RS.reshape(b, 1, rows, end), logits_BHRS, NEG_INF)
-        probs_BHRS = jax.nn.softmax(logits_BHRS, axis=-1).astype(v_BTHK.dtype)
-        outs.append(jnp.matmul(probs_BHRS, v_BHTK[:, :, :end]).reshape(b, h, g, end - start, kd))
-    out_BHGTK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-    return jnp.transpose(out_BHGTK, (0, 3, 1, 2, 4)).reshape(b, t, n, kd)
+        bias_BHRS = None if bias_BNTT is None else bias_BNTT[:, :, start:end, :end].reshape(b, h, rows, end)
+        out_BHRK = grouped_attention(q_BHGTK[:, :, :, start:end].reshape(b, h, rows, kd), k_BHKT[..., :end],
+                                     v_BHTK[:, :, :end], mask_B1RS.reshape(b, 1, rows, end), bias_BHRS)
+        outs.append(out_BHRK.reshape(b, h, g, end - start, kd))
+    return ungrouped(outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3))
 
 
 def _lora_a_init(fan_in: int):
@@ -367,10 +384,14 @@ class Attention(nn.Module):
         return constrain(out_BLD, residual_axes(cfg), "out_proj")
 
     def _cache_vars(self, k_BSHK, segment_ids_BS):
+        """The cache, laid out for `grouped_attention` with batch and kv heads merged (X = B*H): keys
+        [X, K, S], values [X, S, K]. The attention's matmuls read the very buffers the step updated: with
+        a [B, H, ...] layout and batch 1, XLA duplicated each update to drop the unit dimension, copying
+        every layer's cache several times per token."""
         zeros = lambda shape, dtype: lambda: jnp.zeros(shape, dtype)  # noqa: E731
-        b, s = segment_ids_BS.shape
-        return (self.variable("cache", "cached_key", zeros(k_BSHK.shape, k_BSHK.dtype)),
-                self.variable("cache", "cached_value", zeros(k_BSHK.shape, k_BSHK.dtype)),
+        b, s, h, kd = k_BSHK.shape
+        return (self.variable("cache", "cached_key", zeros((b * h, kd, s), k_BSHK.dtype)),
+                self.variable("cache", "cached_value", zeros((b * h, s, kd), k_BSHK.dtype)),
                 self.variable("cache", "cached_segment", zeros((b, s), jnp.int32)),
                 self.variable("cache", "cached_position", zeros((b, s), jnp.int32)),
                 self.variable("cache", "index", zeros((), jnp.int32)))
@@ -379,21 +400,28 @@ class Attention(nn.Module):
         """Writes this step's T keys/values at the cache index, then attends over the whole buffer:
         slots not yet written are masked by causality (slot order), padding by segment 0."""
         ck, cv, cseg, cpos, index = self._cache_vars(k_BTHK, segment_ids_BT)
-        i, t = index.value, q_BTNK.shape[1]
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BTHK.astype(ck.value.dtype), (0, i, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BTHK.astype(cv.value.dtype), (0, i, 0, 0))
+        i, (b, t, h, kd) = index.value, k_BTHK.shape
+        g = q_BTNK.shape[2] // h
+        ck.value = jax.lax.dynamic_update_slice(
+            ck.value, jnp.transpose(k_BTHK, (0, 2, 3, 1)).reshape(b * h, kd, t).astype(ck.value.dtype), (0, 0, i))
+        cv.value = jax.lax.dynamic_update_slice(
+            cv.value, jnp.transpose(v_BTHK, (0, 2, 1, 3)).reshape(b * h, t, kd).astype(cv.value.dtype), (0, i, 0))
         cseg.value = jax.lax.dynamic_update_slice(cseg.value, segment_ids_BT.astype(jnp.int32), (0, i))
         cpos.value = jax.lax.dynamic_update_slice(cpos.value, positions_BT.astype(jnp.int32), (0, i))
         index.value = i + t
-        s = ck.value.shape[1]
+        s = ck.value.shape[-1]
         causal_TS = (i + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
         mask_B1TS = (causal_TS[None] & (segment_ids_BT[:, :, None] == cseg.value[:, None, :]))[:, None]
         bias_BNTS = alibi_bias(positions_BT, cpos.value, self.cfg.num_heads) if self.cfg.position == "alibi" else None
         if self.cfg.attention == "reference":
-            out_BTNK = reference_attention(q_BTNK, ck.value, cv.value, mask_B1TS, bias_BNTS)
-        else:  # cuDNN's causal mode assumes queries start at slot 0; the explicit mask does not
-            out_BTNK = fused_attention(q_BTNK, ck.value, cv.value, mask_B1TS, "xla", bias_BNTS)
-        return self._out(out_BTNK)
+            k_BSHK = jnp.transpose(ck.value.reshape(b, h, kd, s), (0, 3, 1, 2))
+            v_BSHK = jnp.transpose(cv.value.reshape(b, h, s, kd), (0, 2, 1, 3))
+            return self._out(reference_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, bias_BNTS))
+        q_XRK = grouped_queries(q_BTNK, h).reshape(b * h, g * t, kd)
+        mask_XRS = jnp.broadcast_to(mask_B1TS[:, :, None], (b, h, g, t, s)).reshape(b * h, g * t, s)
+        bias_XRS = None if bias_BNTS is None else bias_BNTS.reshape(b * h, g * t, s)
+        out_XRK = grouped_attention(q_XRK, ck.value, cv.value, mask_XRS, bias_XRS)
+        return self._out(ungrouped(out_XRK.reshape(b, h, g, t, kd)))
 
 
 MLP_AXES = ("batch", "length", "mlp")
