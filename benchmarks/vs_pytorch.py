@@ -3,7 +3,8 @@
     python benchmarks/vs_pytorch.py [--only=train,lora,decode1,decode8] [--repeats=3]
 
 One random Llama (transformers builds it, jaxllm loads the same weights through `jaxllm.hf`), float32,
-default shape vocab 8192, d 384, 6 layers, 6 heads, MLP 1024, untied head. Four comparisons:
+default shape vocab 8192, d 384, 6 layers, 6 heads, MLP 1024, untied head; jaxllm with configs/tiny.py's
+CPU switches (`attention=xla`, unrolled layers, no remat). Four comparisons:
   train    full AdamW step (clip 1.0), batch 8 x 256: jaxllm's jitted train step vs torch eager
   lora     LoRA r 16 on all seven linear layers: jaxllm's adapter step vs PEFT on the same model
   decode1  greedy decoding, batch 1, 32-token prompt, 128 new tokens: `jaxllm.generate.generate`
@@ -45,7 +46,8 @@ def parse() -> argparse.Namespace:
     # jaxllm model switches (ModelConfig fields), to compare settings
     p.add_argument("--attention", default="xla")
     p.add_argument("--remat", default="none")
-    p.add_argument("--scan_layers", type=int, default=1)
+    p.add_argument("--scan_layers", type=int, default=0, help="1 = nn.scan over layers (pods' setting); 0 = unrolled, "
+                   "what configs/tiny.py runs on CPU")
     p.add_argument("--loss_chunk", type=int, default=0)
     p.add_argument("--grad_accum_steps", type=int, default=1, help="jaxllm's optim.grad_accum_steps (same update)")
     return p.parse_args()

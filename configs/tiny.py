@@ -16,7 +16,7 @@ def get_config():
     with c.unlocked():
         c.model.update(
             vocab_size=1024,  # must hold the tokenizer's vocab
-            num_layers=6,
+            num_layers=4,
             embed_dim=256,
             num_heads=8,
             num_kv_heads=4,  # grouped-query attention (2 query heads per KV head)
@@ -26,11 +26,11 @@ def get_config():
             rope_theta=10000.0,
             norm_eps=1e-5,
             tie_embeddings=True,
-            scan_layers=False,  # on CPU the unrolled layers step faster (no stacked activations); 6 compile fast
+            scan_layers=False,  # on CPU the unrolled layers step faster (no stacked activations); 4 compile fast
         )
     c.data.update(source="embedded",  # the Python reference manual + stdlib docstrings (ships with Python)
                   vocab_size=1024, block_size=128, batch_size=16)
     c.optim.update(learning_rate=3e-3, warmup_steps=50)
-    c.train.update(steps=600, log_every=50, eval_every=200, eval_batches=16)
+    c.train.update(steps=900, log_every=100, eval_every=300, eval_batches=16)
     c.generate.update(prompt="The for statement", max_new_tokens=60, temperature=0.7, top_k=40, top_p=0.95)
     return c

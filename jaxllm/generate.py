@@ -20,7 +20,7 @@ from flax import linen as nn
 from jaxllm import JaxllmError
 from jaxllm import sharding as shd
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.decoder import Decoder
+from jaxllm.models.decoder import Decoder, layer_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,7 @@ def _decode_fn(model_cfg: ModelConfig, shape: tuple[int, int], cfg: GenerateConf
 
     @jax.jit
     def run(params, tokens_BP, segments_BP, positions_BP, rng):
-        params = unstack_layers(params, model_cfg.num_layers)
+        params = layer_layout(params, model_cfg.num_layers, scan=False)
         cache = jax.tree.map(jnp.zeros_like, jax.eval_shape(
             lambda: model.init(jax.random.key(0), jnp.zeros((b, total), jnp.int32), decode=True)["cache"]))
         logits_BPV, mutated = model.apply({"params": params, "cache": cache}, tokens_BP, positions_BP, segments_BP,
@@ -138,15 +138,13 @@ def _decode_fn(model_cfg: ModelConfig, shape: tuple[int, int], cfg: GenerateConf
     return run
 
 
-def unstack_layers(params: dict, num_layers: int) -> dict:
-    """A scanned model's params (one `layers` tree with a leading layer axis) as the unrolled model's
-    (`layers_0` ... `layers_{n-1}`); unrolled params are returned as they are."""
-    if "layers" not in params:
-        return params
-    out = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(num_layers):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
-    return out
+def continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text `new_ids` add after the prompt. SentencePiece drops the leading space of a decoded text,
+    so decoding `new_ids` alone glues the first word onto the prompt ("statement" + "in"); decoding
+    prompt and continuation together keeps it."""
+    head = tokenizer.decode(list(prompt_ids))
+    whole = tokenizer.decode(list(prompt_ids) + list(new_ids))
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(new_ids)
 
 
 def generate_text(model: nn.Module, params, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, *,
@@ -164,7 +162,7 @@ def generate_text(model: nn.Module, params, tokenizer, prompts: Sequence[str], c
         chunk = encoded[start: start + batch_size]
         chunk += [chunk[-1]] * (batch_size - len(chunk)) if len(encoded) > batch_size else []  # one shape
         ids = generate(model, params, chunk, cfg, eos_id=tokenizer.eos_id, pad_id=pad_id)
-        out.extend(tokenizer.decode(row) for row in ids[: len(encoded) - start])
+        out.extend(continuation(tokenizer, prompt, row) for prompt, row in zip(chunk, ids[: len(encoded) - start]))
     return out
 
 

@@ -25,7 +25,7 @@ from jaxllm.hf import peft
 from jaxllm.hf.weights import TensorFiles, load_params, read_config
 from jaxllm.models import lora
 from jaxllm.models.config import SHAPE_FIELDS, ModelConfig
-from jaxllm.models.decoder import Decoder, abstract_params
+from jaxllm.models.decoder import Decoder, abstract_params, layer_layout
 from jaxllm.train import step as st
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.program import optimizer
@@ -72,15 +72,22 @@ def _check_compatible(run_cfg: ModelConfig, source_cfg: ModelConfig, source: str
 def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh, *, quantized: ModelConfig | None = None) -> Any:
     """Params for a fresh run from a Hugging Face folder or a `jaxllm convert` output, placed sharded;
     with `quantized`, a Hugging Face base is quantized kernel by kernel as it loads."""
-    _check_compatible(run_cfg, source_model_config(source), source)
+    source_cfg = source_model_config(source)
+    _check_compatible(run_cfg, source_cfg, source)
     if kind(source) == "hf":
         return load_params(TensorFiles(source), run_cfg, mesh, quantized=quantized)
-    boxed = abstract_params(run_cfg)
+    # restored in the layout it was saved in (scanned or unrolled layers), then put in the run's
+    stored_cfg = dataclasses.replace(run_cfg, scan_layers=source_cfg.scan_layers)
+    boxed = abstract_params(stored_cfg)
     abstract = shd.placed(boxed, shd.shardings_for(boxed, mesh))
     try:
         params = ocp.StandardCheckpointer().restore(os.path.join(source, "params"), abstract)
     except Exception as e:
         raise JaxllmError(f"init_from {source}/params is corrupt or incompatible ({str(e)[:200]})") from e
+    if stored_cfg.scan_layers != run_cfg.scan_layers:
+        run_sh = shd.shardings_for(abstract_params(run_cfg), mesh)
+        params = jax.jit(lambda p: layer_layout(p, run_cfg.num_layers, run_cfg.scan_layers), out_shardings=run_sh)(
+            params)
     if quantized is not None:
         params = lora.quantize_params(params, quantized, shd.shardings_for(abstract_params(quantized), mesh),
                                       in_place=True)

@@ -89,6 +89,15 @@ def test_tokenizer_round_trip_and_special_ids(tok):
     assert len(tok.encode("the " * 50)) < 100  # a real subword model, not bytes
 
 
+def test_a_continuation_keeps_the_space_after_its_prompt(tok):
+    from jaxllm.generate import continuation
+
+    prompt_ids = tok.encode("The for statement")
+    new_ids = tok.encode("The for statement is used to iterate")[len(prompt_ids):]  # as a model continues it
+    assert tok.decode(new_ids) == "is used to iterate"  # decoded alone, SentencePiece drops the space
+    assert "The for statement" + continuation(tok, prompt_ids, new_ids) == "The for statement is used to iterate"
+
+
 def test_tokenizer_cache_hit(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
     documents = [_doc(i) for i in range(200)]

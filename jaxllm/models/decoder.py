@@ -126,6 +126,21 @@ def head_DV(params: dict, cfg: ModelConfig) -> jax.Array:
     return w.astype(cfg.jnp_dtype)
 
 
+def layer_layout(params: dict, num_layers: int, scan: bool) -> dict:
+    """`params` in the scanned layout (one `layers` tree with a leading layer axis) or the unrolled one
+    (`layers_0` ... `layers_{n-1}`); params already in that layout are returned as they are."""
+    if scan and "layers" not in params and "layers_0" in params:
+        out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+        out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(num_layers)])
+        return out
+    if not scan and "layers" in params:
+        out = {k: v for k, v in params.items() if k != "layers"}
+        for i in range(num_layers):
+            out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+        return out
+    return params
+
+
 def abstract_params(cfg: ModelConfig) -> dict:
     """Every param's shape and dtype, in logical-axis boxes (`shd.unbox` strips them), allocating nothing."""
     return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])

@@ -28,7 +28,7 @@ from jaxllm.data.pipeline import (
 )
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.distributed import initialize
-from jaxllm.generate import GenerateConfig, generate, wrap
+from jaxllm.generate import GenerateConfig, continuation, generate, wrap
 from jaxllm.hf.peft import load_adapter
 from jaxllm.load import load_frozen, load_init_params, parse
 from jaxllm.models import lora
@@ -296,4 +296,4 @@ def sample(model, params, tokenizer: Tokenizer, gen: GenerateConfig, add_bos: bo
     max_new = min(gen.max_new_tokens, model.cfg.max_seq_len - len(prompt_ids))
     ids = generate(model, params, [prompt_ids], dataclasses.replace(gen, max_new_tokens=max_new),
                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)[0]
-    return tokenizer.decode(ids)
+    return continuation(tokenizer, prompt_ids, ids)
