@@ -11,7 +11,11 @@ TOY = ["--vocab_size=256", "--embed_dim=32", "--num_layers=2", "--num_heads=4", 
 
 
 def _run(script: str, *args: str) -> list[dict]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # one CPU device, as the benchmarks run (the suite's conftest fakes 8 for the sharding tests)
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | dict(JAX_PLATFORMS="cpu")
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
                          text=True, timeout=600, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]

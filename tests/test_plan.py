@@ -15,7 +15,7 @@ from jaxllm.train.program import OutOfMemory
 # A small model whose activations dominate its memory (so every lever shows), on a 4-chip v5p-8.
 SMALL = ["model.num_layers=2", "model.embed_dim=256", "model.num_heads=4", "model.num_kv_heads=2",
          "model.mlp_dim=1024", "model.max_seq_len=1024", "model.dtype=bfloat16", "data.block_size=1024",
-         "data.batch_size=16", "mesh.data=1", "mesh.fsdp=-1"]
+         "data.batch_size=16", "mesh.data=1", "mesh.fsdp=-1", "model.scan_layers=True"]
 
 
 def _plan(*overrides, topology="v5p-8", **kw):
