@@ -86,6 +86,7 @@ def plot(seq_points: list[dict], size_points: list[dict], path: str) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("train tokens/s")
         ax.grid(True, which="both", alpha=0.3)
+        ax.margins(x=0.08, y=0.15)
         twin = ax.twinx()
         twin.plot(x, [p["tflops"] * 1e3 for p in points], "s--", color="tab:orange", label="GFLOP/s")
         twin.set_ylabel("achieved GFLOP/s (model FLOPs)", color="tab:orange")
