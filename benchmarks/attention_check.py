@@ -2,8 +2,8 @@
 
     python benchmarks/attention_check.py [--seq=2048] [--batch=4]
 
-Compares `jax.nn.dot_product_attention` (JAX's pick: cuDNN on GPU when it can, else XLA), the forced
-cuDNN path (GPU only) and the float32 reference, on bf16 inputs with 3 packed documents and padding.
+Compares the model's XLA path (`causal_blockwise_attention`), cuDNN through `jax.nn.dot_product_attention`
+(GPU only) and the float32 reference, on bf16 inputs with 3 packed documents and padding.
 """
 
 from __future__ import annotations

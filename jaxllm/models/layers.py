@@ -133,29 +133,23 @@ def reference_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, bias_BNTS=None, *, dr
     return out_BTHGK.reshape(b, t, n, kd).astype(q_BTNK.dtype)
 
 
-def resolve_attention(implementation: str, dtype) -> str:
-    """"auto" (past the Pallas kernels' lengths) is cuDNN on GPU in half precision (its fused kernels
-    take no float32), else XLA."""
-    if implementation == "auto":
-        half = dtype in (jnp.bfloat16, jnp.float16)
-        return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
-    return implementation
-
-
-def fused_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, implementation: str, bias_BNTS=None):
-    """`jax.nn.dot_product_attention`, cuDNN flash attention on GPU ("auto"/"cudnn") or XLA.
+def fused_attention(q_BTNK, k_BTHK, v_BTHK, mask_B1TT, implementation: str, bias_BNTT=None):
+    """Causal self-attention (key slot s <= query slot t; the mask adds document boundaries and padding):
+    cuDNN flash attention on GPU ("auto" in half precision, or "cudnn"), else XLA in causal blocks
+    (`causal_blockwise_attention`).
 
     cuDNN takes the causal part natively and the document boundaries (plus any ALiBi bias) as one
     additive bias; handing JAX a boolean mask instead makes it fall back to XLA, which materialises
     [B, N, T, S] logits. cuDNN wants the bias in the compute dtype; XLA adds it to float32 logits.
     """
-    implementation = resolve_attention(implementation, q_BTNK.dtype)
+    if implementation == "auto":  # cuDNN's fused kernels take half precision only
+        half = q_BTNK.dtype in (jnp.bfloat16, jnp.float16)
+        implementation = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
     if implementation == "cudnn":
-        bias = jnp.where(mask_B1TS, 0.0 if bias_BNTS is None else bias_BNTS, NEG_INF).astype(q_BTNK.dtype)
-        return jax.nn.dot_product_attention(q_BTNK, k_BSHK, v_BSHK, bias=bias, is_causal=True,
+        bias = jnp.where(mask_B1TT, 0.0 if bias_BNTT is None else bias_BNTT, NEG_INF).astype(q_BTNK.dtype)
+        return jax.nn.dot_product_attention(q_BTNK, k_BTHK, v_BTHK, bias=bias, is_causal=True,
                                             implementation="cudnn")
-    return jax.nn.dot_product_attention(q_BTNK, k_BSHK, v_BSHK, bias=bias_BNTS, mask=mask_B1TS,
-                                        implementation="xla")
+    return causal_blockwise_attention(q_BTNK, k_BTHK, v_BTHK, mask_B1TT, bias_BNTT)
 
 
 QUERY_CHUNK = 128  # query rows per block of `causal_blockwise_attention`
@@ -370,8 +364,6 @@ class Attention(nn.Module):
             rng = self.make_rng("dropout") if use_dropout else None
             out_BLNK = reference_attention(q_BLNK, k_BLHK, v_BLHK, mask_B1LL, bias_BNLL,
                                            dropout_rate=cfg.attn_dropout if use_dropout else 0.0, dropout_rng=rng)
-        elif resolve_attention(cfg.attention, q_BLNK.dtype) == "xla":
-            out_BLNK = causal_blockwise_attention(q_BLNK, k_BLHK, v_BLHK, mask_B1LL, bias_BNLL)
         else:
             out_BLNK = fused_attention(q_BLNK, k_BLHK, v_BLHK, mask_B1LL, cfg.attention, bias_BNLL)
         return self._out(out_BLNK)
