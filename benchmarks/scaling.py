@@ -17,16 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import jax
-import numpy as np
 
-from jaxllm import sharding as shd
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.decoder import Decoder
-from jaxllm.train import step as st
-from jaxllm.train.optimizer import OptimConfig, make_optimizer
+from train_step import measure  # benchmarks/train_step.py (beside this script): the same step, batch and timing
 
 # name -> (embed_dim, num_layers, num_heads); mlp_dim = 8/3 d rounded up to 128
 SIZES = {"1m": (64, 2, 2), "3m": (128, 4, 2), "10m": (256, 6, 4), "30m": (512, 8, 8), "100m": (768, 12, 12)}
@@ -38,33 +33,10 @@ def model_cfg(d: int, layers: int, heads: int, seq: int, mlp: int = 0) -> ModelC
                        dtype="float32", param_dtype="float32", scan_layers=False, remat="none", attention="auto")
 
 
-def measure(cfg: ModelConfig, batch: int, seq: int, steps: int, repeats: int) -> dict:
-    model = Decoder(cfg)
-    tx, schedule = make_optimizer(OptimConfig(learning_rate=3e-4, warmup_steps=0, schedule="constant"), 1000)
-    mesh = shd.make_mesh(shd.MeshConfig(data=-1))
-    state, shardings = st.init_state(model, tx, mesh, jax.random.key(0))
-    fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig()), shardings, mesh)
-    rs = np.random.RandomState(0)
-    ids = rs.randint(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-    gb = shd.global_batch(dict(inputs=ids[:, :-1], targets=ids[:, 1:], segment_ids=np.ones((batch, seq), np.int32),
-                               positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-                               loss_weights=np.ones((batch, seq), np.float32)), mesh)
-    t = time.perf_counter()
-    for _ in range(2):
-        state, m = fn(state, gb)
-    float(m["loss"])
-    warm_s = time.perf_counter() - t
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(steps):
-            state, m = fn(state, gb)
-        float(m["loss"])
-        best = min(best, (time.perf_counter() - t) / steps)
-    tokens = batch * seq
-    return dict(params=cfg.num_params(), batch=batch, seq=seq, step_s=round(best, 4),
-                tokens_per_s=round(tokens / best, 1), compile_and_2_steps_s=round(warm_s, 1),
-                tflops=round(cfg.train_flops_per_token(seq) * tokens / best / 1e12, 4))
+def point(cfg: ModelConfig, batch: int, seq: int, steps: int, repeats: int) -> dict:
+    r = measure(cfg, batch, seq, steps, repeats=repeats)  # one device: TFLOP/s per device is the total
+    return dict(params=r["params"], batch=batch, seq=seq, step_s=r["step_time_s"],
+                tokens_per_s=round(r["tokens_per_s"], 1), compile_s=r["compile_s"], tflops=r["tflops_per_device"])
 
 
 def plot(seq_points: list[dict], size_points: list[dict], path: str) -> None:
@@ -116,15 +88,14 @@ def main() -> None:
     for seq in [int(s) for s in args.seqs.split(",") if s]:
         if args.tokens % seq:
             raise SystemExit(f"--tokens={args.tokens} is not a multiple of sequence length {seq}; pick one that is")
-        point = measure(model_cfg(384, 6, 6, seq, mlp=1024), args.tokens // seq, seq, args.steps, args.repeats)
-        seq_points.append(point)
-        print(json.dumps(dict(sweep="seq", **point)), flush=True)
+        seq_points.append(point(model_cfg(384, 6, 6, seq, mlp=1024), args.tokens // seq, seq, args.steps,
+                                args.repeats))
+        print(json.dumps(dict(sweep="seq", **seq_points[-1])), flush=True)
     for name in [s for s in args.sizes.split(",") if s]:
         if name not in SIZES:
             raise SystemExit(f"--sizes: unknown size {name!r}; choose from {', '.join(SIZES)}")
-        point = measure(model_cfg(*SIZES[name], 256), 8, 256, args.steps, args.repeats)
-        size_points.append(point)
-        print(json.dumps(dict(sweep="size", size=name, **point)), flush=True)
+        size_points.append(point(model_cfg(*SIZES[name], 256), 8, 256, args.steps, args.repeats))
+        print(json.dumps(dict(sweep="size", size=name, **size_points[-1])), flush=True)
     if args.plot:
         plot(seq_points, size_points, args.plot)
         print(json.dumps(dict(plot=args.plot)))
