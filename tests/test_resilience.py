@@ -100,8 +100,8 @@ def test_a_preemption_checkpoint_late_for_its_deadline_exits_without_it():
 
 
 def test_a_background_save_failing_mid_run_stops_the_run_at_once(tmp_path, monkeypatch):
-    """Disk full while an async checkpoint is written: `train` stops within a step or two with the
-    one-line error, the step is not saved, and the run resumes from the checkpoint before it."""
+    """Disk full while an async checkpoint is written: `train` stops at the step after the failed save
+    with the one-line error, the step is not saved, and the run resumes from the checkpoint before it."""
     import errno
     import threading
     import time
@@ -109,8 +109,8 @@ def test_a_background_save_failing_mid_run_stops_the_run_at_once(tmp_path, monke
     from orbax.checkpoint._src.serialization import serialization
 
     from jaxllm import JaxllmError
-    from jaxllm.train.checkpoint import Checkpointer
     from jaxllm.config import load_config
+    from jaxllm.train.checkpoint import Checkpointer
     from jaxllm.train.loop import train
     from jaxllm.train.metrics import read_metrics
 
