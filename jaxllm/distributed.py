@@ -192,8 +192,40 @@ def exit_lost_peer(error: BaseException, code: int = 3) -> None:
 
 
 def is_primary() -> bool:
-    """Process 0 writes metrics, configs and logs; the others stay quiet."""
-    return jax.process_index() == 0
+    """Process 0 writes metrics, configs and logs; the others stay quiet. Before (or without) joining a
+    distributed runtime this process is the only one, and no JAX backend is started to find that out."""
+    if not jax.distributed.is_initialized():
+        return True
+    return _state().process_id == 0
+
+
+def _state():
+    from jax._src import distributed as _distributed  # pylint: disable=g-import-not-at-top
+
+    return _distributed.global_state
+
+
+_agreements = [0]  # every process makes the same calls in the same order, so the n-th key is the same everywhere
+
+
+def broadcast_str(value: str, timeout_s: int = 3600) -> str:
+    """Process 0's `value`, on every process, through the coordination service's key-value store (no
+    device collective: usable before any JAX backend starts). A single process gets its own value."""
+    if not jax.distributed.is_initialized():
+        return value
+    _agreements[0] += 1
+    key, client = f"jaxllm/agree/{_agreements[0]}", _state().client
+    if _state().process_id == 0:
+        client.key_value_set(key, value)
+        return value
+    return client.blocking_key_value_get(key, timeout_s * 1000)
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Waits until every process reaches the barrier `name` (a no-op on a single process)."""
+    if jax.distributed.is_initialized():
+        _agreements[0] += 1
+        _state().client.wait_at_barrier(f"jaxllm/{name}/{_agreements[0]}", timeout_s * 1000)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,7 +1,9 @@
-"""The one place that turns what a user points at into objects: a Hugging Face folder, a `jaxllm convert`
-output, a training workdir or a PEFT adapter folder into model, params and tokenizer; a config into a run.
+"""The one place that turns what a user points at into objects: a Hugging Face folder or Hub id, a
+`jaxllm convert` output, a training workdir or a PEFT adapter (folder or Hub id) into model, params and
+tokenizer; a config into a run (its Hub ids fetched into the Hugging Face cache first).
 
     model, params, tokenizer, add_bos = load_model("path/to/hf_model_or_workdir")
+    model, params, tokenizer, add_bos = load_model("bigscience/bloom-560m")
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from jaxllm import JaxllmError, atomic, hf, tree
 from jaxllm import sharding as shd
 from jaxllm.data.pipeline import tokenizer_for
 from jaxllm.data.tokenizer import Tokenizer
-from jaxllm.hf import peft
+from jaxllm.hf import hub, peft
 from jaxllm.hf.weights import TensorFiles, load_params, read_config
 from jaxllm.models import lora
 from jaxllm.models.config import SHAPE_FIELDS, ModelConfig
@@ -48,7 +50,7 @@ def kind(path: str) -> str:
         return "hf" if has("config.json") else "adapter"
     raise JaxllmError(f"{path!r} is neither a Hugging Face model folder (config.json + *.safetensors), a "
                       "`jaxllm convert` output (model.json + params/), a jaxllm workdir (config.json + checkpoints/) "
-                      "nor a PEFT adapter folder (adapter_config.json)")
+                      "nor a PEFT adapter folder (adapter_config.json); a Hugging Face Hub id is written org/name")
 
 
 def source_model_config(source: str) -> ModelConfig:
@@ -94,9 +96,25 @@ def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh, *, quantized
     return params
 
 
+# config keys that may name a Hugging Face Hub repository, and which of its files they need
+HUB_KEYS = (("checkpoint", "init_from", "model"), ("data", "tokenizer", "tokenizer"), ("lora", "init_adapter", "adapter"))
+
+
+def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `cfg` in which every Hub id (`org/name[@rev]`) a key of HUB_KEYS holds is the local folder
+    of its snapshot in the Hugging Face cache, fetched if needed; local paths are kept as they are."""
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    for section, key, what in HUB_KEYS:
+        value = (out.get(section) or {}).get(key)
+        if isinstance(value, str) and hub.is_hub_id(value):
+            out[section][key] = hub.local(value, what=what)
+    return out
+
+
 def parse(cfg: ml_collections.ConfigDict) -> Run:
-    """The run `cfg` describes, checked; with `checkpoint.model_from_init` the model's shapes come from
-    `init_from`'s config."""
+    """The run `cfg` describes, checked, with its Hub ids resolved to local folders; with
+    `checkpoint.model_from_init` the model's shapes come from `init_from`'s config."""
+    cfg = resolve(cfg)
     section = cfg.get("checkpoint") or {}
     init_model = None
     if section.get("model_from_init") and section.get("init_from"):
@@ -146,9 +164,12 @@ def load_trained(workdir: str) -> tuple[Decoder, Any, Tokenizer, bool]:
     return Decoder(run.model), tree.union(params, frozen), tokenizer_for(run.data), run.data.add_bos
 
 
-def load_model(source: str, *, dtype: Any = "float32", adapter: str = "") -> tuple[Decoder, Any, Tokenizer, bool]:
-    """(model, params, tokenizer, add_bos) from a Hugging Face folder (plus a PEFT LoRA `adapter`
-    folder) or a jaxllm training workdir."""
+def load_model(source: str, *, dtype: Any = "float32", adapter: str = "",
+               revision: str | None = None) -> tuple[Decoder, Any, Tokenizer, bool]:
+    """(model, params, tokenizer, add_bos) from a Hugging Face folder or Hub id (at `revision`, plus a
+    PEFT LoRA `adapter` folder or Hub id) or a jaxllm training workdir."""
+    source = hub.local(source, what="model", revision=revision)
+    adapter = hub.local(adapter, what="adapter") if adapter else adapter
     what = kind(source)
     if what == "workdir":
         if adapter:

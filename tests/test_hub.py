@@ -1,0 +1,185 @@
+"""Hugging Face Hub ids wherever a model, adapter or tokenizer path is taken, through huggingface_hub's own
+resolution code on a cache built here in its layout (HF_HUB_OFFLINE=1: no network)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hubcache import offline, put_repo  # noqa: E402
+
+from jaxllm import JaxllmError  # noqa: E402
+from jaxllm.cli import main as cli_main  # noqa: E402
+from jaxllm.cli import run as cli_run  # noqa: E402
+from jaxllm.hf import hub  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _byte_level_tokenizer(path, vocab_size=300):
+    """A tokenizer.json of BLOOM's kind (byte-level BPE), trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["The meaning of life is a question people ask.", "hi there, how are you?"] * 50
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>",
+                                                                                           "<pad>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+
+
+def _bloom(folder, seed=0):
+    """A tiny random BLOOM as bigscience/bloom-560m ships: model.safetensors, pytorch_model.bin, tokenizer.json."""
+    torch.manual_seed(seed)
+    config = transformers.BloomConfig(vocab_size=320, hidden_size=64, n_layer=2, n_head=4, initializer_range=0.2,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = transformers.BloomForCausalLM(config)
+    model.save_pretrained(folder)  # config.json + model.safetensors
+    torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    _byte_level_tokenizer(os.path.join(folder, "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bloom_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bloom")
+    return _bloom(root / "main", seed=0), _bloom(root / "v1", seed=1)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch, bloom_dirs):
+    """A Hub cache holding bigscience/bloom-560m (main and the tag v1, two different models)."""
+    main, v1 = bloom_dirs
+    home = tmp_path / "hf"
+    files = lambda d: {name: d / name for name in os.listdir(d)}  # noqa: E731
+    commits = {"main": put_repo(home, "bigscience/bloom-560m", files(main)),
+               "v1": put_repo(home, "bigscience/bloom-560m", files(v1), revision="v1", commit="1" * 40)}
+    offline(monkeypatch, home)
+    return home, commits
+
+
+def _generate(argv, capsys):
+    assert cli_run(["generate", "--prompt=hi", "--max_new_tokens=8", "--greedy", "--width=0", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_generate_by_hub_id_equals_the_local_folder(cache, bloom_dirs, capsys):
+    home, commits = cache
+    by_id = _generate(["--model=bigscience/bloom-560m"], capsys)
+    assert by_id == _generate([f"--model={bloom_dirs[0]}"], capsys)
+    assert by_id.startswith("hi") and len(by_id.strip()) > len("hi")
+    # a revision, inline or as a flag, is another model; the commit id works too
+    tagged = _generate(["--model=bigscience/bloom-560m@v1"], capsys)
+    assert tagged == _generate(["--model=bigscience/bloom-560m", "--revision=v1"], capsys)
+    assert tagged == _generate([f"--model=bigscience/bloom-560m@{commits['v1']}"], capsys)
+    assert tagged == _generate([f"--model={bloom_dirs[1]}"], capsys)
+    assert tagged != by_id
+
+
+def test_only_the_needed_files_and_safetensors_first():
+    files = ["config.json", "model.safetensors", "pytorch_model.bin", "flax_model.msgpack", "tokenizer.json",
+             "onnx/model.safetensors", "README.md"]
+    assert hub._patterns("model", files, "o/n") == ["config.json", "tokenizer.json", "model.safetensors"]
+    shards = ["config.json", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json"] + [
+        f"pytorch_model-{i:05d}-of-00015.bin" for i in range(1, 16)]
+    picked = hub._patterns("model", shards, "o/n")
+    assert picked[:3] == ["config.json", "tokenizer.json", "tokenizer_config.json"] and len(picked) == 3 + 16
+    assert hub._patterns("tokenizer", files, "o/n") == ["tokenizer.json", "config.json"]
+    adapter = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"]
+    assert hub._patterns("adapter", adapter, "o/n") == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_local_path_wins_and_ids_are_told_from_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert not hub.is_hub_id("org/name") and hub.local("org/name") == "org/name"
+    assert hub.is_hub_id("bigscience/bloom-560m") and hub.is_hub_id("Riiid/sheep-duck-llama-2-70b-v1.1@main")
+    for path in ("./a/b", "/abs/path", "~/x/y", "gs://bucket/model", "a/b/c", "single", ""):
+        assert not hub.is_hub_id(path), path
+    assert hub.split_id("org/m@v2") == ("org/m", "v2")
+    with pytest.raises(JaxllmError, match="names revision 'v2' but --revision is 'v3'"):
+        hub.split_id("org/m@v2", "v3")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model=bigscience/not-cached"], "bigscience/not-cached is not a local path, and model bigscience/not-cached is "
+                                        "not in the Hugging Face cache"),
+    (["--model=bigscience/bloom-560m@v9"], "model bigscience/bloom-560m at revision 'v9' is not in the Hugging Face "
+                                           "cache"),
+    (["--model=bigscience/bloom-560m", "--adapter=someone/missing-adapter"], "someone/missing-adapter is not a "
+                                                                             "local path"),
+])
+def test_missing_repositories_and_revisions_are_one_line(cache, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["generate", "--prompt=hi", *argv])
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("jaxllm: error:")]  # besides progress bars
+    assert exit_.value.code == 2 and message in line and "HF_HUB_OFFLINE" in line and "Traceback" not in err
+
+
+def test_an_incomplete_cache_is_named(cache, monkeypatch, capsys):
+    home, commits = cache
+    blob = home / "hub" / "models--bigscience--bloom-560m" / "snapshots" / commits["main"] / "model.safetensors"
+    blob.unlink()
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--prompt=hi", "--model=bigscience/bloom-560m"])
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("jaxllm: error:")]
+    assert "the cached copy of bigscience/bloom-560m (commit " in line and "is incomplete: it lacks model.safetensors" in line
+    assert "Traceback" not in err
+
+
+def test_config_keys_resolve_to_cached_snapshots(cache):
+    from jaxllm.config import load_config
+    from jaxllm.load import resolve
+
+    home, commits = cache
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.py"),
+                      ["checkpoint.init_from=bigscience/bloom-560m@v1", "data.tokenizer=bigscience/bloom-560m"])
+    resolved = resolve(cfg)
+    snapshots = home / "hub" / "models--bigscience--bloom-560m" / "snapshots"
+    assert resolved.checkpoint.init_from == str(snapshots / commits["v1"])
+    assert resolved.data.tokenizer == str(snapshots / commits["main"])
+    assert cfg.checkpoint.init_from == "bigscience/bloom-560m@v1"  # the run records the id, not the cache path
+
+
+AGREE = """
+import os, sys
+from jaxllm.distributed import DistributedConfig, initialize
+initialize(DistributedConfig())
+import jax
+from jaxllm.hf import hub
+print("FOLDER", jax.process_index(), os.path.basename(hub.local("org/tiny", what="tokenizer")), flush=True)
+"""
+
+
+def test_every_process_reads_the_commit_process_0_resolved(tmp_path):
+    """Process 1's cache says main is commit B, process 0's says A (as if the branch moved between two
+    hosts' look-ups; each host has its own cache here): both read A."""
+    files = {"config.json": "{}", "tokenizer.json": "{}"}
+    a, b = "a" * 40, "b" * 40
+    for pid, head in ((0, a), (1, b)):
+        home = tmp_path / f"hf{pid}"
+        put_repo(home, "org/tiny", files, commit=a)
+        put_repo(home, "org/tiny", files, commit=b, revision="other")
+        (home / "hub" / "models--org--tiny" / "refs" / "main").write_text(head)
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    wrapper = ("import os, runpy; os.environ['HF_HOME'] = os.environ['HF_HOME_BASE'] + os.environ['JAXLLM_PROCESS_ID']; "
+               f"runpy.run_path({str(script)!r})")
+    env = dict(os.environ, HF_HOME_BASE=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", "import sys, json; from jaxllm.distributed import launch_local; "
+                          "sys.exit(max(launch_local(json.loads(sys.argv[1]), num_processes=2, timeout=120)))",
+                          json.dumps([sys.executable, "-c", wrapper])], env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    folders = sorted(line.split()[-2:] for line in (out.stdout + out.stderr).splitlines() if "FOLDER" in line)
+    assert folders == [["0", a], ["1", a]], out.stdout + out.stderr
