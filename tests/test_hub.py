@@ -183,3 +183,150 @@ def test_every_process_reads_the_commit_process_0_resolved(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     folders = sorted(line.split()[-2:] for line in (out.stdout + out.stderr).splitlines() if "FOLDER" in line)
     assert folders == [["0", a], ["1", a]], out.stdout + out.stderr
+
+
+class _FakeHub:
+    """The read side of the Hub's HTTP API on 127.0.0.1, for huggingface_hub's online code path: repo info,
+    the recursive tree listing and file downloads of the repositories in `repos` ({repo_id: {revision:
+    (commit, {path: bytes})}}); "gated/*" ids answer as gated repositories do. It records each download."""
+
+    def __init__(self, repos):
+        import hashlib
+        import http.server
+        import threading
+
+        self.repos, self.downloads = repos, []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, body=b"", headers=None, head=False):
+                self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def _error(self, status, code, head=False):
+                self._send(status, json.dumps({"error": code}).encode(), {"X-Error-Code": code,
+                                                                          "Content-Type": "application/json"}, head)
+
+            def _find(self, repo, revision):
+                if repo.startswith("gated/"):
+                    return "GatedRepo"
+                if repo not in hub.repos:
+                    return "RepoNotFound"
+                for rev, (commit, files) in hub.repos[repo].items():
+                    if revision in (rev, commit):
+                        return commit, files
+                return "RevisionNotFound"
+
+            def do_GET(self, head=False):  # noqa: N802
+                from urllib.parse import unquote, urlsplit
+
+                path = unquote(urlsplit(self.path).path)
+                parts = path.strip("/").split("/")
+                if parts[:2] == ["api", "models"] and len(parts) == 4:  # repo info at the default branch
+                    parts += ["revision", "main"]
+                if parts[:2] == ["api", "models"] and parts[4] in ("revision", "tree"):
+                    found = self._find("/".join(parts[2:4]), parts[5])
+                    if isinstance(found, str):
+                        status = 401 if found == "GatedRepo" else 404
+                        return self._error(status, found, head)
+                    commit, files = found
+                    if parts[4] == "revision":
+                        body = {"id": "/".join(parts[2:4]), "sha": commit, "private": False,
+                                "siblings": [{"rfilename": name} for name in sorted(files)]}
+                    else:
+                        body = [{"type": "file", "path": name, "size": len(data),
+                                 "oid": hashlib.sha1(data).hexdigest()} for name, data in sorted(files.items())]
+                    return self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
+                if len(parts) > 4 and parts[2] == "resolve":
+                    found = self._find("/".join(parts[:2]), parts[3])
+                    if isinstance(found, str):
+                        return self._error(401 if found == "GatedRepo" else 404, found, head)
+                    commit, files = found
+                    name = "/".join(parts[4:])
+                    if name not in files:
+                        return self._error(404, "EntryNotFound", head)
+                    if not head:
+                        hub.downloads.append(name)
+                    etag = '"' + hashlib.sha1(files[name]).hexdigest() + '"'
+                    return self._send(200, files[name], {"X-Repo-Commit": commit, "ETag": etag}, head)
+                return self._error(404, "NotFound", head)
+
+            def do_HEAD(self):  # noqa: N802
+                self.do_GET(head=True)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def online(tmp_path, monkeypatch, bloom_dirs):
+    """huggingface_hub online, against a fake Hub on 127.0.0.1 holding bigscience/bloom-560m as it ships
+    (safetensors, a pickle, Flax and ONNX weights), with an empty cache."""
+    import huggingface_hub.constants as c
+
+    main = bloom_dirs[0]
+    files = {name: (main / name).read_bytes() for name in os.listdir(main)}
+    files.update({"flax_model.msgpack": b"\0" * 64, "onnx/model.safetensors": b"\0" * 64, "README.md": b"# bloom"})
+    server = _FakeHub({"bigscience/bloom-560m": {"main": ("c" * 40, files)}})
+    home = tmp_path / "hf"
+    for name, value in (("HF_HOME", str(home)), ("HF_HUB_CACHE", str(home / "hub")), ("HF_ENDPOINT", server.url)):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(c, "ENDPOINT", server.url)
+    monkeypatch.setattr(c, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    yield server, home
+    server.close()
+
+
+def test_online_fetches_only_what_the_command_needs(online, bloom_dirs, capsys):
+    server, home = online
+    text = _generate(["--model=bigscience/bloom-560m"], capsys)
+    assert text == _generate([f"--model={bloom_dirs[0]}"], capsys)
+    needed = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]  # not the pickle,
+    assert sorted(server.downloads) == needed  # the Flax or ONNX weights, nor the README
+    snapshot = home / "hub" / "models--bigscience--bloom-560m" / "snapshots" / ("c" * 40)
+    assert sorted(os.listdir(snapshot)) == needed
+    assert (home / "hub" / "models--bigscience--bloom-560m" / "refs" / "main").read_text() == "c" * 40
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model=gated/llama"], "gated/llama is gated: accept its licence on https://huggingface.co/gated/llama "
+                              "(logged in), then set HF_TOKEN"),
+    (["--model=bigscience/bloom-560m@v9"], "bigscience/bloom-560m has no revision 'v9'"),
+    (["--model=bigscience/nothing"], "bigscience/nothing is neither a local path nor a model repository on the "
+                                     "Hugging Face Hub"),
+])
+def test_online_refusals_are_one_line(online, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["generate", "--prompt=hi", *argv])
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("jaxllm: error:")]
+    assert exit_.value.code == 2 and message in line and "Traceback" not in err
+
+
+def test_no_network_is_one_line(online, monkeypatch, capsys):
+    import huggingface_hub.constants as c
+
+    server, _ = online
+    server.close()  # nothing listens there any more
+    monkeypatch.setattr(c, "ENDPOINT", server.url)
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--prompt=hi", "--model=bigscience/bloom-560m"])
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("jaxllm: error:")]
+    assert "cannot fetch model bigscience/bloom-560m from the Hugging Face Hub" in line and "HF_HUB_OFFLINE=1" in line

@@ -93,7 +93,7 @@ def _check_complete(repo_id: str, repo_type: str, commit: str, wanted: list[str]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise JaxllmError(f"the cached copy of {repo_id} (commit {commit[:12]}) is incomplete: it lacks "
-                          f"{', '.join(missing[:3])}{more}; fetch it again with network (huggingface-cli download "
+                          f"{', '.join(missing[:3])}{more}; fetch it again with network (hf download "
                           f"{_cli_flags(repo_type)}{repo_id}) or unset HF_HUB_OFFLINE")
 
 
@@ -191,7 +191,11 @@ def _download(repo_id: str, repo_type: str, commit: str, patterns: Iterable[str]
 
     with _errors(repo_id, repo_type, revision):
         if distributed.is_primary():  # one process fetches into a shared cache first; the others then find it
-            folder = snapshot_download(repo_id, repo_type=repo_type, revision=commit, allow_patterns=list(patterns))
+            # by the revision's name, so that the cache records the branch or tag (refs/) for offline use later
+            folder = snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=list(patterns))
+            if os.path.basename(folder) != commit:
+                raise JaxllmError(f"{repo_id}@{revision or 'main'} moved to a new commit while it was being fetched; "
+                                  "run the command again (or pin a commit with @COMMIT)")
         distributed.barrier(f"hub:{repo_type}:{repo_id}@{commit}")
         if not distributed.is_primary():
             folder = snapshot_download(repo_id, repo_type=repo_type, revision=commit, allow_patterns=list(patterns))
@@ -200,6 +204,10 @@ def _download(repo_id: str, repo_type: str, commit: str, patterns: Iterable[str]
 
 def _cli_flags(repo_type: str) -> str:
     return "--repo-type dataset " if repo_type == "dataset" else ""
+
+
+# the HTTP client packages huggingface_hub has used: their exceptions are network failures
+_HTTP_CLIENTS = ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
 
 
 class _errors:
@@ -228,21 +236,22 @@ class _errors:
                        "private, set HF_TOKEN); check the path or the id")
         elif isinstance(error, errors.IncompleteSnapshotError):
             message = (f"the cached copy of {repo} is incomplete ({str(error).split(': ', 1)[-1].split('. ')[0]}); "
-                       f"fetch it again with network (huggingface-cli download {_cli_flags(self.repo_type)}{repo})")
+                       f"fetch it again with network (hf download {_cli_flags(self.repo_type)}{repo})")
         elif isinstance(error, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)) and _offline():
             rev = f" at revision {self.revision!r}" if self.revision else ""
             message = (f"{repo} is not a local path, and {what} {repo}{rev} is not in the Hugging Face cache "
                        f"({_cache_dir()}) while HF_HUB_OFFLINE=1 "
                        f"forbids downloading it; unset HF_HUB_OFFLINE, or fetch it where there is network "
-                       f"(huggingface-cli download {_cli_flags(self.repo_type)}{repo}) and copy the cache here")
-        elif isinstance(error, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError, OSError)):
-            reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-            message = (f"cannot fetch {what} {repo} from the Hugging Face Hub ({reason}); check the network (and "
-                       "HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use a cache that holds it")
+                       f"(hf download {_cli_flags(self.repo_type)}{repo}) and copy the cache here")
         elif isinstance(error, errors.HfHubHTTPError):
             status = getattr(getattr(error, "response", None), "status_code", "?")
             hint = "; set HF_TOKEN to a token with read access" if status in (401, 403) else ""
             message = f"the Hugging Face Hub refused {what} {repo} (HTTP {status}){hint}"
+        elif isinstance(error, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError, OSError)) or (
+                type(error).__module__.split(".")[0] in _HTTP_CLIENTS):
+            reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+            message = (f"cannot fetch {what} {repo} from the Hugging Face Hub ({reason}); check the network (and "
+                       "HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use a cache that holds it")
         else:
             return False
         raise JaxllmError(message) from None
