@@ -1,10 +1,12 @@
-"""Hugging Face interop: Llama / Falcon / BLOOM config.json + safetensors import and export, tokenizers.
+"""Hugging Face interop: Llama / Falcon / BLOOM config.json + safetensors (or .bin) import, safetensors
+export, tokenizers.
 
     model, params = load_pretrained("path/to/hf_model")          # streamed, directly sharded
     logits_BLV = model.apply({"params": params}, input_ids_BL)
     save_pretrained(model, params, "out/")                        # transformers can load it
 
-jaxllm never imports torch; only numpy, safetensors and (for tokenizer.json) tokenizers.
+jaxllm never imports torch; only numpy, safetensors and (for tokenizer.json) tokenizers. PyTorch .bin files
+are read by `torch_pickle`, which refuses any pickle that would call more than a state dict needs.
 """
 
 from jaxllm.data.tokenizer import HFTokenizer, load_tokenizer_from_folder

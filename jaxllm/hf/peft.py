@@ -1,6 +1,7 @@
-"""LoRA adapters in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors`
-with keys `base_model.model.<module>.lora_A.weight` ([r, in]) and `lora_B.weight` ([out, r]), torch
-layout, so `peft.PeftModel.from_pretrained(base, folder)` loads them with no missing keys; and back.
+"""LoRA adapters in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors` (an
+`adapter_model.bin` is read too) with keys `base_model.model.<module>.lora_A.weight` ([r, in]) and
+`lora_B.weight` ([out, r]), torch layout, so `peft.PeftModel.from_pretrained(base, folder)` loads them
+with no missing keys; and back.
 
 A PEFT adapter on a fused Falcon/BLOOM `query_key_value` is one A and one B over the fused rows;
 jaxllm keeps that A (`qkv_lora_a`) and splits B's rows into q, k and v with the base weight's layout.
@@ -15,17 +16,18 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxllm import JaxllmError, atomic, tree
 from jaxllm import sharding as shd
+from jaxllm.hf.files import open_tensor_file, read_json_object
 from jaxllm.hf.layout import global_groups, join_fused, layer_groups, split_fused
 from jaxllm.models import families, lora
 from jaxllm.models.config import ModelConfig
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+WEIGHTS_BIN = "adapter_model.bin"  # read without running its pickle
 PREFIX = "base_model.model."
 
 
@@ -137,13 +139,11 @@ def save_adapter(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig, path: st
 def read_adapter_config(path: str) -> lora.LoraConfig:
     file = os.path.join(path, CONFIG)
     try:
-        with open(file) as f:
-            c = json.load(f)
+        c = read_json_object(file)
     except OSError:
         raise JaxllmError(f"{file} not found; point at a PEFT adapter folder (adapter_config.json + "
                           f"{WEIGHTS})") from None
-    except json.JSONDecodeError as e:
-        raise JaxllmError(f"{file} is not valid JSON ({e})") from None
+    _check_types(c, file)
     if c.get("peft_type", "LORA") != "LORA":
         raise JaxllmError(f"{file}: peft_type {c.get('peft_type')!r}; jaxllm reads LoRA adapters only")
     for key in ("use_dora", "layers_to_transform"):
@@ -158,6 +158,21 @@ def read_adapter_config(path: str) -> lora.LoraConfig:
                            modules_to_save=tuple(c.get("modules_to_save") or ()), rslora=bool(c.get("use_rslora")))
 
 
+def _check_types(c: dict[str, Any], file: str) -> None:
+    """The keys jaxllm reads, with the types PEFT writes: a hand-edited or foreign file fails here, by name."""
+    r = c.get("r")
+    if type(r) is not int or r <= 0:
+        raise JaxllmError(f"{file}: \"r\" is {r!r}; a LoRA adapter config needs the rank r, a positive integer")
+    for key in ("lora_alpha", "lora_dropout"):
+        if c.get(key) is not None and (type(c[key]) not in (int, float)):
+            raise JaxllmError(f"{file}: \"{key}\" is {c[key]!r}, not a number")
+    for key in ("target_modules", "modules_to_save"):
+        value = c.get(key)
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise JaxllmError(f"{file}: \"{key}\" is {value!r:.80}, not a module name or a list of them")
+
+
 def load_adapter(path: str, cfg: ModelConfig) -> tuple[dict, lora.LoraConfig]:
     """(trainable params in jaxllm's layout, the adapter's LoraConfig) for base model `cfg` (host
     arrays). An adapter made for another base (names or shapes) is a one-line error naming the tensor."""
@@ -165,31 +180,32 @@ def load_adapter(path: str, cfg: ModelConfig) -> tuple[dict, lora.LoraConfig]:
     lcfg = read_adapter_config(path)
     base = lora.base_config(cfg)
     cfg = lora.apply(lcfg, base)
-    file = os.path.join(path, WEIGHTS)
-    if not os.path.isfile(file):
-        raise JaxllmError(f"{file} not found; the adapter folder is incomplete")
-    with safe_open(file, framework="numpy") as f:
-        stored = {name.replace(".default.", "."): name for name in f.keys()}
-        used: set[str] = set()
+    file = next((os.path.join(path, f) for f in (WEIGHTS, WEIGHTS_BIN) if os.path.isfile(os.path.join(path, f))),
+                "")
+    if not file:
+        raise JaxllmError(f"{os.path.join(path, WEIGHTS)} not found (nor {WEIGHTS_BIN}); the adapter folder is "
+                          "incomplete")
+    tensors = open_tensor_file(file)
+    stored = {name.replace(".default.", "."): name for name in tensors.keys()}
+    used: set[str] = set()
 
-        def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
-            if name not in stored:
-                raise JaxllmError(f"{file}: tensor {name!r} is missing; the adapter does not match this base model")
-            array = f.get_tensor(stored[name]).astype(np.float32)
-            if tuple(array.shape) != tuple(shape):
-                raise JaxllmError(f"{file}: tensor {name!r} has shape {tuple(array.shape)} but this base model "
-                                  f"needs {tuple(shape)}; the adapter was made for another base model")
-            used.add(name)
-            return array
+    def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in stored:
+            raise JaxllmError(f"{file}: tensor {name!r} is missing; the adapter does not match this base model")
+        if tuple(tensors.shape(stored[name])) != tuple(shape):
+            raise JaxllmError(f"{file}: tensor {name!r} has shape {tuple(tensors.shape(stored[name]))} but this base "
+                              f"model needs {tuple(shape)}; the adapter was made for another base model")
+        used.add(name)
+        return tensors.read(stored[name]).astype(np.float32)
 
-        layers = [_read_layer(read, cfg, i) for i in range(cfg.num_layers)]
-        params = ({"layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)} if cfg.scan_layers
-                  else {f"layers_{i}": layer for i, layer in enumerate(layers)})
-        params = tree.union(params, _read_saved(read, cfg, lcfg))
-        extra = sorted(set(stored) - used)
-        if extra:
-            raise JaxllmError(f"{file}: tensor {extra[0]!r} matches no module of this base model "
-                              f"({len(extra)} unmatched); the adapter was made for another base model")
+    layers = [_read_layer(read, cfg, i) for i in range(cfg.num_layers)]
+    params = ({"layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)} if cfg.scan_layers
+              else {f"layers_{i}": layer for i, layer in enumerate(layers)})
+    params = tree.union(params, _read_saved(read, cfg, lcfg))
+    extra = sorted(set(stored) - used)
+    if extra:
+        raise JaxllmError(f"{file}: tensor {extra[0]!r} matches no module of this base model "
+                          f"({len(extra)} unmatched); the adapter was made for another base model")
     return params, lcfg
 
 

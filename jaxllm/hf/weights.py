@@ -1,4 +1,5 @@
-"""Streaming safetensors load (straight into sharded device arrays) and sharded, atomic save.
+"""Streaming load of safetensors or .bin weights (straight into sharded device arrays); sharded, atomic
+safetensors save.
 
 Loading never holds the model twice in host memory: tensors are read one at a time (each file is
 opened per read, so no memory map keeps a whole shard resident) and placed on the devices at once;
@@ -11,48 +12,58 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from typing import Any, Iterator
 
 import jax
 import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxllm import JaxllmError, atomic, tree
 from jaxllm import sharding as shd
 from jaxllm.hf.config import hf_config_from_model, model_config_from_hf
+from jaxllm.hf.files import SafetensorsFile, open_tensor_file, read_json_object, read_weight_map
 from jaxllm.hf.layout import Group, global_groups, layer_groups
+from jaxllm.hf.torch_pickle import TorchFile
 from jaxllm.models import lora
 from jaxllm.models.config import DTYPES, ModelConfig, dtype_name
 from jaxllm.models.decoder import Decoder, abstract_params
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
 
 
 class TensorFiles:
-    """Where each tensor of a checkpoint folder lives (one `model.safetensors`, or shards + index)."""
+    """Where each tensor of a checkpoint folder lives: safetensors (`model.safetensors`, or shards +
+    index) or, in a folder without them, `torch.save` files (`pytorch_model.bin`, or shards + index)
+    read without running their pickles. Each file is opened when first read; tensors the layout does
+    not use (rotary `inv_freq` buffers, ...) are never read."""
 
     def __init__(self, folder: str):
         self.folder = folder
-        index = os.path.join(folder, INDEX)
-        if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map", {})
-            self.where = {name: os.path.join(folder, file) for name, file in weight_map.items()}
-            for file in sorted(set(self.where.values())):
-                if not os.path.isfile(file):
-                    raise JaxllmError(f"{file}: shard listed in {index} is missing; download the whole checkpoint")
-        else:
-            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-            if not files:
-                raise JaxllmError(f"{folder}: no {SINGLE} or {INDEX}; jaxllm loads safetensors checkpoints only")
-            self.where = {}
-            for file in files:
-                with safe_open(os.path.join(folder, file), framework="numpy") as f:
-                    self.where.update({name: os.path.join(folder, file) for name in f.keys()})
+        self._files: dict[str, SafetensorsFile | TorchFile] = {}
+        listed = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        safetensors = [f for f in listed if f.endswith(".safetensors")]
+        bins = [f for f in listed if f.startswith("pytorch_model") and f.endswith(".bin")]
+        for index in (INDEX, BIN_INDEX):
+            if os.path.isfile(os.path.join(folder, index)) and (index == INDEX or not safetensors):
+                self.where = read_weight_map(os.path.join(folder, index), folder)
+                return
+        if not safetensors and not bins:
+            raise JaxllmError(f"{folder}: no {SINGLE}, {INDEX}, {BIN_SINGLE} or {BIN_INDEX}; not a Hugging Face "
+                              "model folder with weights")
+        self.where = {}
+        for file in [os.path.join(folder, f) for f in safetensors or bins]:
+            self.where.update({name: file for name in self._file(file).keys()})
+
+    def _file(self, path: str) -> SafetensorsFile | TorchFile:
+        if path not in self._files:
+            self._files[path] = open_tensor_file(path)
+        return self._files[path]
 
     def resolve(self, name: str) -> str:
         """The stored name of `name`; original BLOOM checkpoints drop the "transformer." prefix."""
@@ -64,19 +75,21 @@ class TensorFiles:
         raise JaxllmError(f"{self.folder}: tensor {name!r} is missing from the checkpoint; it does not match "
                           "its config.json (or the download is incomplete)")
 
-    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def read(self, name: str, shape: tuple[int, ...] | None) -> np.ndarray:
+        """Tensor `name` as stored (dtype included), checked to have `shape` unless that is None."""
         stored = self.resolve(name)
         file = self.where[stored]
-        with safe_open(file, framework="numpy") as f:
-            try:
-                array = f.get_tensor(stored)
-            except TypeError as e:  # safetensors < 0.8: no bfloat16 in numpy
-                raise JaxllmError(f"{file}: cannot read tensor {stored!r} ({e}); "
-                                  "pip install -U 'safetensors>=0.8'") from None
-        if tuple(array.shape) != tuple(shape):
-            raise JaxllmError(f"{file}: tensor {stored!r} has shape {tuple(array.shape)} but config.json implies "
-                              f"{tuple(shape)}; the weights and config.json disagree")
-        return array
+        tensors = self._file(file)
+        if stored not in tensors.keys():
+            raise JaxllmError(f"{file}: tensor {stored!r} is missing from this file, though the index lists it here")
+        if shape is not None and tuple(tensors.shape(stored)) != tuple(shape):
+            raise JaxllmError(f"{file}: tensor {stored!r} has shape {tuple(tensors.shape(stored))} but config.json "
+                              f"implies {tuple(shape)}; the weights and config.json disagree")
+        return tensors.read(stored)
+
+    def names(self) -> list[str]:
+        """Every stored tensor name, in the checkpoint's order."""
+        return list(self.where)
 
 
 def _one_device_mesh() -> Mesh:
@@ -168,12 +181,9 @@ def _has(params: dict, path: tuple[str, ...]) -> bool:
 def read_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise JaxllmError(f"{path} not found; point at a Hugging Face model folder (config.json + *.safetensors)")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise JaxllmError(f"{path} is not valid JSON ({e})") from None
+        raise JaxllmError(f"{path} not found; point at a Hugging Face model folder (config.json + safetensors or "
+                          ".bin weights)")
+    return read_json_object(path)
 
 
 def load_pretrained(path: str, dtype: Any = "float32", mesh: Mesh | None = None, *,
@@ -241,6 +251,19 @@ def save_pretrained(model: Decoder, params: dict, path: str, *, dtype: Any = "fl
         return
     with atomic.folder(path, last=["config.json"]) as tmp:
         _finish(tmp, _write_shards(tmp, hf_tensors(cfg, params, DTYPES[dtype]), limit), config)
+
+
+def save_tensors(tensors: Iterator[tuple[str, np.ndarray]], path: str, config: dict[str, Any], *,
+                 max_shard_size: int | str = "5GB", overwrite: bool = False, files: tuple[str, ...] = ()) -> None:
+    """Writes (name, array) pairs as they come into safetensors shards (an index past `max_shard_size`),
+    `config` as config.json and copies of `files`, atomically as `save_pretrained` does."""
+    path, limit = atomic.location(path), parse_size(max_shard_size)
+    if atomic.as_path(path).exists() and list(atomic.as_path(path).iterdir()) and not overwrite:
+        raise JaxllmError(f"{path} exists and is not empty; choose a new folder")
+    with atomic.folder(path, last=["config.json"]) as tmp:
+        for file in files:
+            shutil.copyfile(file, os.path.join(tmp, os.path.basename(file)))
+        _finish(tmp, _write_shards(tmp, tensors, limit), config)
 
 
 def _write_shards(folder: str, tensors: Iterator[tuple[str, np.ndarray]], limit: int) -> list[dict[str, int]]:
