@@ -460,7 +460,7 @@ def test_workers_give_the_same_batches(docs_cfg, tok):
 def test_config_validation():
     assert DataConfig(paths=["a", "b"]).paths == ("a", "b") and DataConfig(paths="a").paths == ("a",)
     for bad, match in [
-        (dict(source="csv"), "data.source='csv' is not known"),
+        (dict(source="xlsx"), "data.source='xlsx' is not known"),
         (dict(block_size=0), "block_size must be a positive"),
         (dict(val_fraction=1.0), r"val_fraction must be in \[0, 1\)"),
         (dict(text_split="line"), "text_split='line'"),
@@ -550,3 +550,42 @@ def test_workers_of_a_killed_process_exit_too(docs_cfg, tok, tmp_path):
         assert not left, f"orphaned workers {left}"
     finally:
         proc.kill()
+
+
+def test_jsonl_line_over_the_cap_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
+    from jaxllm.data import sources
+
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 1000)
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "x" * 980}) + "\n"
+                    + json.dumps({"text": "y" * 5000}) + "\n")
+    with pytest.raises(JaxllmError, match=r"long.jsonl:3: line longer than 1,000 bytes .*split that document"):
+        sources.JsonlSource([str(path)])
+    path.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "x" * 980}) + "\n")
+    assert [len(t) for t in sources.JsonlSource([str(path)])] == [5, 980]
+
+
+@pytest.mark.parametrize("line", ["[" * 100_000, '{"text": ' + "1" * 5000 + "}"])
+def test_jsonl_rows_that_break_the_json_parser_name_their_line(tmp_path, line):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(JaxllmError, match=r"bad.jsonl:2: not valid JSON"):
+        make_source(DataConfig(source="jsonl", paths=(str(path),)))
+
+
+def test_garbage_tokenizer_files_are_one_line_errors(tmp_path):
+    model = tmp_path / "bad.model"
+    model.write_bytes(b"\x00\x01 not a sentencepiece model \xff" * 10)
+    with pytest.raises(JaxllmError, match=r"tokenizer file '.*bad.model' is not a SentencePiece model"):
+        tok_lib.load_tokenizer(str(model))
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes(b'{"version": "1.0", "model": \xff\xfe')
+    with pytest.raises(JaxllmError, match=r"tokenizer.json is not UTF-8 JSON"):
+        tok_lib.load_tokenizer(str(folder))
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"')
+    with pytest.raises(JaxllmError, match=r"tokenizer.json is not a tokenizers file"):
+        tok_lib.load_tokenizer(str(folder))
+    (folder / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(JaxllmError, match=r"tokenizer_config.json holds a JSON list, not an object"):
+        tok_lib.load_tokenizer(str(folder))

@@ -12,7 +12,9 @@ from jaxllm.data import mixture
 from jaxllm.data.sources import (ArrayRecordSource, EmbeddedSftSource, EmbeddedSource, Fields, JsonlSource, RowSource,
                                  TextSource, TfdsSource)
 
-SOURCE_NAMES: tuple[str, ...] = ("embedded", "embedded_sft", "text", "jsonl", "parquet", "array_record", "tfds")
+SOURCE_NAMES: tuple[str, ...] = ("embedded", "embedded_sft", "text", "jsonl", "json", "parquet", "csv", "arrow",
+                                  "array_record", "tfds")
+FILE_SOURCES = frozenset(SOURCE_NAMES) - {"embedded", "embedded_sft", "tfds"}  # sources that read data.paths
 FORMATS: tuple[str, ...] = ("text", "sft_text", "messages", "prompt_completion")
 CHAT_TEMPLATES: tuple[str, ...] = ("guanaco", "chatml", "llama2")
 LOSS_ON: tuple[str, ...] = ("auto", "all", "assistant")
@@ -22,8 +24,14 @@ LOSS_ON: tuple[str, ...] = ("auto", "all", "assistant")
 class DataConfig:
     """The `data` sub-dict of an experiment config."""
 
-    source: str = "embedded"  # embedded | embedded_sft | text | jsonl | parquet | array_record | tfds
-    paths: tuple[str, ...] = ()  # file globs for text / jsonl / parquet / array_record
+    source: str = "embedded"  # embedded | embedded_sft | text | jsonl | json | parquet | csv | arrow | array_record
+    #                           | tfds
+    # file globs of a file source; or a data set (a Hugging Face Hub id org/name[@rev] or a local folder, then
+    # :SPLIT or :CONFIG:SPLIT, default train), replaced by its split's files (`jaxllm.data.splits.resolve_data`)
+    paths: tuple[str, ...] = ()
+    # validation files (data.source's format), or a data set split (default :validation), read instead of
+    # holding out data.val_fraction of the training documents; () = hold out
+    valid_paths: tuple[str, ...] = ()
     text_field: str = "text"  # JSON / TFDS / ArrayRecord field holding the document
     text_split: str = "file"  # text source: "file" (one doc per file) or "paragraph" (blank-line blocks)
     tfds_name: str = ""
@@ -54,8 +62,9 @@ class DataConfig:
     curriculum_schedule: tuple = ()  # stage weights over steps: ((step, (w0, w1, ...)), ...), linear between
 
     def __post_init__(self):
-        paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
-        object.__setattr__(self, "paths", paths)
+        for name in ("paths", "valid_paths"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         object.__setattr__(self, "mixture", mixture.parse_mixture(self.mixture))
         if bool(self.curriculum_field) != bool(self.curriculum_schedule):
             raise JaxllmError("data.curriculum_field and data.curriculum_schedule go together: name the stage field "
@@ -72,6 +81,12 @@ class DataConfig:
                 raise JaxllmError(f"data.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise JaxllmError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.valid_paths and self.mixture:
+            raise JaxllmError("data.valid_paths does not combine with data.mixture (each source holds out "
+                              "data.val_fraction for validation); drop data.valid_paths")
+        if self.valid_paths and self.source not in FILE_SOURCES:
+            raise JaxllmError(f"data.valid_paths needs a source that reads files, not data.source={self.source!r}; "
+                              "set data.source and data.paths, or drop data.valid_paths")
         if self.shuffle_window < 0:
             raise JaxllmError(f"data.shuffle_window must be >= 0, got {self.shuffle_window}")
         if self.num_workers < 0:
@@ -133,7 +148,7 @@ def row_fields(cfg: DataConfig) -> Fields:
     return (("text_field", cfg.text_field),)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _make_source(
     source: str,
     paths: tuple[str, ...],
@@ -157,6 +172,10 @@ def _make_source(
         from jaxllm.data.parquet import ParquetSource  # pylint: disable=g-import-not-at-top  (imports pyarrow)
 
         return ParquetSource(paths, **rows)
+    if source in ("json", "csv", "arrow"):
+        from jaxllm.data import tables  # pylint: disable=g-import-not-at-top  (imports pyarrow)
+
+        return {"json": tables.JsonSource, "csv": tables.CsvSource, "arrow": tables.ArrowSource}[source](paths, **rows)
     if source == "array_record":
         return ArrayRecordSource(paths, **rows)
     if source == "tfds":

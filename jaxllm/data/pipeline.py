@@ -20,6 +20,7 @@ row, `packing=False`); its per-token mask decides which targets count.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -80,7 +81,7 @@ def _streams(cfg: DataConfig) -> tuple[list[grain.MapDataset], mixture.Weights |
     for c, (name, comp) in enumerate(components(cfg)):
         schedules.append(cfg.mixture[c].weight if cfg.mixture else ((0.0, (1.0,)),))
         source = _documents(comp)
-        train_idx, _ = split_indices(len(source), cfg.val_fraction)
+        train_idx, _ = split_indices(len(source), 0.0 if comp.valid_paths else cfg.val_fraction)
         stage = curriculum_stages(comp, train_idx, num_stages) if stages else np.zeros(len(train_idx), np.int64)
         for s in range(num_stages):
             idx = train_idx[stage == s]
@@ -179,10 +180,16 @@ def _packing_of(cfg: DataConfig) -> dict[str, Any]:
 
 def split_documents(cfg: DataConfig) -> tuple[grain.MapDataset, grain.MapDataset]:
     """(train, validation) documents of `cfg`'s sources (`sft` pieces for SFT formats), each source split
-    on its own; the split is fixed for a given corpus size."""
+    on its own; the split is fixed for a given corpus size. With `data.valid_paths`, training reads every
+    document of `data.paths` and validation those files."""
     train, val = [], []
     for name, comp in components(cfg):
         source = _documents(comp)
+        if comp.valid_paths:
+            valid = _documents(dataclasses.replace(comp, paths=comp.valid_paths, valid_paths=()))
+            train.append(source)
+            val.append(valid)
+            continue
         train_idx, val_idx = split_indices(len(source), cfg.val_fraction)
         if len(train_idx) == 0:
             where = f"data.mixture.{name}" if name else "the source"

@@ -1,4 +1,5 @@
-"""Streaming readers of prep inputs: plain text, JSON / JSONL, Parquet and TFDS, one document at a time.
+"""Streaming readers of prep inputs: plain text, JSON / JSONL, Parquet, CSV, Arrow and TFDS, one document at a
+time; a Hugging Face Hub data set (or a local data set folder) with `:SPLIT` stands for that split's files.
 
 Unlike the training sources (`jaxllm.data.sources`), which refuse a bad corpus up front, these count
 what is wrong (an empty file, bytes that are not UTF-8, a row without the text field, a document
@@ -22,21 +23,32 @@ from jaxllm.data.prep.config import InputConfig
 # (text, source, field value): what every reader yields; `field value` feeds the curriculum field score.
 Doc = tuple[str, str, float | None]
 
-KINDS = ("text", "json", "parquet", "tfds")
-_EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet"}
+KINDS = ("text", "json", "parquet", "csv", "arrow", "tfds")
+_EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv",
+               ".arrow": "arrow"}
 
 
 def resolve_inputs(patterns: list[str]) -> list[tuple[str, str]]:
     """(kind, path or `name:split`) of every input, in the order given; files of a glob sorted.
 
-    `tfds:NAME:SPLIT` names a prepared TFDS dataset; `text:`, `json:` or `parquet:` before a glob
-    forces the format; otherwise it follows the extension (`.jsonl`, `.json`, `.parquet`, an optional
-    `.gz`; anything else is text). A folder stands for every file under it.
+    `tfds:NAME:SPLIT` names a prepared TFDS dataset; `text:`, `json:`, `parquet:`, `csv:` or `arrow:`
+    before a glob forces the format; otherwise it follows the extension (`.jsonl`, `.json`, `.parquet`,
+    `.csv`, `.arrow`, an optional `.gz`; anything else is text). A folder stands for every file under it.
+    A Hugging Face Hub data set `org/name[@rev]`, then optionally `:SPLIT` or `:CONFIG:SPLIT` (default
+    train), or a local data set folder with `:SPLIT`, stands for that split's files, found as the
+    `datasets` library finds them (`jaxllm.data.splits`).
     """
+    from jaxllm.data import splits  # pylint: disable=g-import-not-at-top
     if not patterns:
         raise JaxllmError("give at least one input: --input=GLOB (repeatable), or tfds:NAME:SPLIT")
     out: dict[tuple[str, str], None] = {}
     for pattern in patterns:
+        ref = splits.parse_ref(pattern)
+        if ref and (ref[2] or not os.path.isdir(os.path.expanduser(ref[0]))):
+            data_set, config, split = ref
+            for path in splits.split_files(data_set, split or "train", config)[1]:
+                out[(file_kind(path), path)] = None
+            continue
         kind, _, rest = pattern.partition(":")
         if kind == "tfds":
             name, _, split = rest.partition(":")
@@ -164,6 +176,48 @@ class Reader:
             for row in batch.to_pylist():
                 yield from self._row(row, where)
 
+    def _csv(self, f: BinaryIO, where: str) -> Iterator[Doc]:
+        import pyarrow as pa  # pylint: disable=g-import-not-at-top
+        import pyarrow.csv as pacsv  # pylint: disable=g-import-not-at-top
+
+        try:
+            batches = pacsv.open_csv(f, parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                                     convert_options=pacsv.ConvertOptions(column_types={self.cfg.text_field:
+                                                                                        pa.string()}))
+            yield from self._batches(batches, where)
+        except pa.ArrowInvalid:  # not CSV, or malformed from some row on: the rest of the file is skipped
+            self.counts["unreadable_file"] += 1
+
+    def _arrow(self, f: BinaryIO, where: str) -> Iterator[Doc]:
+        import pyarrow as pa  # pylint: disable=g-import-not-at-top
+
+        try:
+            try:
+                batches = pa.ipc.open_stream(f)  # the `datasets` cache's format
+            except pa.ArrowInvalid:
+                f.seek(0)
+                batches = pa.ipc.open_file(f)
+                batches = (batches.get_batch(i) for i in range(batches.num_record_batches))
+            yield from self._batches(batches, where)
+        except pa.ArrowInvalid:
+            self.counts["unreadable_file"] += 1
+
+    def _batches(self, batches: Iterator[Any], where: str) -> Iterator[Doc]:
+        """The rows of Arrow record batches (CSV and Arrow inputs)."""
+        empty = True
+        for batch in batches:
+            names = set(batch.schema.names)
+            if self.cfg.text_field not in names:
+                self.counts["missing_field"] += batch.num_rows
+                empty = empty and batch.num_rows == 0
+                continue
+            columns = [self.cfg.text_field] + ([self.value_field] if self.value_field in names else [])
+            for row in batch.select(columns).to_pylist():
+                empty = False
+                yield from self._row(row, where)
+        if empty:
+            self.counts["empty_file"] += 1
+
     def _tfds(self, name_split: str) -> Iterator[Doc]:
         from jaxllm.data.sources import TfdsSource  # pylint: disable=g-import-not-at-top  (slow import)
 
@@ -232,7 +286,7 @@ class Reader:
             return None
         try:
             return json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # bad JSON, a number past int's digit limit, deep nesting
             self.counts["bad_json"] += 1
             return None
 
