@@ -241,3 +241,32 @@ class Appender:
                 self._file = None
         elif self._remote:
             self.flush(force=True)
+
+
+def missing_root(path: str | os.PathLike) -> str | None:
+    """The outermost folder of local `path` that does not exist yet (creating `path` creates it), or None:
+    `path` exists, or is a URL (an object store has no empty folders to leave behind)."""
+    if is_url(path):
+        return None
+    missing, folder = None, os.fspath(as_path(path))
+    while not os.path.lexists(folder):
+        missing, parent = folder, os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
+def remove_if_empty(path: str | os.PathLike) -> bool:
+    """Removes local folder `path` if it holds no file (only empty folders); True if it did. Folders that
+    gained a file meanwhile stay (an rmdir removes only an empty folder)."""
+    root = os.fspath(as_path(path))
+    for folder, _, files in os.walk(root):
+        if files:
+            return False
+    for folder, _, _ in sorted(os.walk(root), key=lambda entry: -entry[0].count(os.sep)):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return False
+    return True
