@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import os
 from typing import Any, Sequence, TypeVar
 
@@ -32,19 +33,42 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     except JaxllmError:
         raise
     except Exception as e:  # a broken config file is the user's to fix: say where
-        raise JaxllmError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from e
-    if not hasattr(module, "get_config"):
-        raise JaxllmError(f"config file {path!r} has no get_config() function")
+        raise JaxllmError(f"config file {_where(path, e)} failed to load: {_one_line(e)}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise JaxllmError(f"config file {path!r} has no get_config() function; define one that returns a "
+                          "ConfigDict (see configs/tiny.py)")
+    call = f"get_config({arg!r})" if arg else "get_config()"
     try:
-        cfg = ml_collections.ConfigDict(module.get_config(arg) if arg else module.get_config())
+        made = module.get_config(arg) if arg else module.get_config()
     except JaxllmError:
         raise
     except Exception as e:
-        raise JaxllmError(f"{path}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from e
+        raise JaxllmError(f"config file {_where(path, e)}: {call} failed: {_one_line(e)}") from None
+    if not isinstance(made, (dict, ml_collections.ConfigDict)):
+        raise JaxllmError(f"config file {path!r}: {call} returned {type(made).__name__}; return a ConfigDict")
+    cfg = ml_collections.ConfigDict(made)
     for item in overrides:
         apply_override(cfg, item)
     cfg.lock()
     return cfg
+
+
+def _where(path: str, error: BaseException) -> str:
+    """`path` and the line of it where `error` arose (the innermost frame in that file)."""
+    line = None
+    if isinstance(error, SyntaxError) and error.filename and os.path.abspath(error.filename) == os.path.abspath(path):
+        line = error.lineno
+    tb = error.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"{path!r}" + (f" line {line}" if line else "")
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error.msg if isinstance(error, SyntaxError) else error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def _keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -78,6 +102,8 @@ def parse_value(text: str, current: Any, key: str) -> Any:
     except (ValueError, SyntaxError):
         if current is None:
             return text
+        if isinstance(current, (list, tuple)):  # bare words: wandb, or tensorboard,wandb, or org/name:train
+            return type(current)(part.strip() for part in text.split(",") if part.strip())
         raise JaxllmError(f"config key {key!r} expects {type(current).__name__}; got {text!r}") from None
     if current is None:
         return value
@@ -130,6 +156,26 @@ def build(cls: type[T], section: ml_collections.ConfigDict | dict | None, name: 
               and not isinstance(v, type(default))):
             raise JaxllmError(f"config key {name}.{k} expects {type(default).__name__}, got {v!r}")
     return cls(**values)
+
+
+def check_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """A one-line error naming `key` unless `value` is a finite number (an int if `integer`) in the range
+    [low, high] (`low_open` / `high_open`: that end excluded). Frozen config dataclasses call it."""
+    kind = "an integer" if integer else "a finite number"
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high:g}")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or isinstance(value, int))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise JaxllmError(f"{key}={value!r} is out of range: use {kind}{' ' if bounds else ''}{' and '.join(bounds)}")
 
 
 def check_sections(cfg: ml_collections.ConfigDict, allowed: Sequence[str]) -> None:

@@ -19,6 +19,7 @@ from flax import linen as nn
 
 from jaxllm import JaxllmError
 from jaxllm import sharding as shd
+from jaxllm.config import check_number
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder, layer_layout
 
@@ -35,8 +36,11 @@ class GenerateConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 0:
-            raise JaxllmError("generate: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 0")
+        check_number("generate.max_new_tokens", self.max_new_tokens, low=0, integer=True)
+        check_number("generate.temperature", self.temperature, low=0)
+        check_number("generate.top_k", self.top_k, low=0, integer=True)
+        check_number("generate.top_p", self.top_p, low=0, high=1, low_open=True)
+        check_number("generate.seed", self.seed, integer=True)
 
 
 def filter_logits(logits_BV: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -150,6 +154,7 @@ def continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -
 def generate_text(model: nn.Module, params, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, *,
                   add_bos: bool = False, batch_size: int = 8) -> list[str]:
     """Continuations of `prompts`, batched `batch_size` at a time with left padding."""
+    check_number("batch_size", batch_size, low=1, integer=True)
     encoded = []
     for text in prompts:
         ids = tokenizer.encode(text)
@@ -164,6 +169,28 @@ def generate_text(model: nn.Module, params, tokenizer, prompts: Sequence[str], c
         ids = generate(model, params, chunk, cfg, eos_id=tokenizer.eos_id, pad_id=pad_id)
         out.extend(continuation(tokenizer, prompt, row) for prompt, row in zip(chunk, ids[: len(encoded) - start]))
     return out
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 file of prompts, one per line (a line end of \\n or \\r\\n)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise JaxllmError(f"cannot read --prompt_file {path!r}: {e.strerror or e}") from None
+    prompts = []
+    for lineno, line in enumerate(data.split(b"\n"), 1):
+        try:
+            text = line.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as e:
+            raise JaxllmError(f"--prompt_file {path!r} line {lineno} is not UTF-8 text (byte {e.start} of the "
+                              "line); save the file as UTF-8") from None
+        if "\0" in text:
+            raise JaxllmError(f"--prompt_file {path!r} line {lineno} holds a NUL byte: is it a binary file? "
+                              "Give a text file of prompts, one per line")
+        if text.strip():
+            prompts.append(text)
+    return prompts
 
 
 def wrap(text: str, width: int = 75) -> str:

@@ -93,3 +93,47 @@ def test_left_pad_positions_follow_the_attention_mask():
     np.testing.assert_array_equal(tokens, [[1, 2, 3], [0, 0, 4]])
     np.testing.assert_array_equal(segments, [[1, 1, 1], [0, 0, 1]])
     np.testing.assert_array_equal(positions, [[0, 1, 2], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--batch_size=0"], "--batch_size=0 is out of range: use an integer >= 1"),
+    (["--batch_size=-1"], "--batch_size=-1 is out of range"),
+    (["--max_new_tokens=0"], "--max_new_tokens=0 is out of range: use an integer >= 1"),
+    (["--max_new_tokens=-1"], "--max_new_tokens=-1 is out of range"),
+    (["--width=-1"], "--width=-1 is out of range: use an integer >= 0"),
+    (["--top_p=0"], r"generate.top_p=0.0 is out of range: use a finite number > 0 and <= 1"),
+    (["--top_p=2"], "generate.top_p=2.0 is out of range"),
+    (["--temperature=-1"], "generate.temperature=-1.0 is out of range"),
+    (["--temperature=nan"], "generate.temperature=nan is out of range"),
+    (["--top_k=-1"], "generate.top_k=-1 is out of range"),
+])
+def test_generate_flags_out_of_range_fail_before_loading(flags, match):
+    from jaxllm import cli
+
+    with pytest.raises(JaxllmError, match=match):  # the model path does not exist: the flags fail first
+        cli.run(["generate", "--model=/nonexistent/model", "--prompt=hi", *flags])
+
+
+def test_prompt_file_must_be_utf8_text(tmp_path):
+    from jaxllm.generate import read_prompt_file
+
+    good = tmp_path / "good.txt"
+    good.write_bytes("first prompt\r\n\n  \nsecond \u00e9\n".encode())
+    assert read_prompt_file(str(good)) == ["first prompt", "second \u00e9"]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok line\n\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(JaxllmError, match=r"bad.txt' line 2 is not UTF-8 text"):
+        read_prompt_file(str(bad))
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"a\x00b\n")
+    with pytest.raises(JaxllmError, match=r"nul.txt' line 1 holds a NUL byte"):
+        read_prompt_file(str(nul))
+    with pytest.raises(JaxllmError, match="cannot read --prompt_file"):
+        read_prompt_file(str(tmp_path))
+
+
+def test_generate_text_refuses_a_batch_size_below_one():
+    from jaxllm.generate import generate_text
+
+    with pytest.raises(JaxllmError, match="batch_size=0 is out of range"):
+        generate_text(None, None, None, ["x"], GenerateConfig(), batch_size=0)

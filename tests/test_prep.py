@@ -687,3 +687,20 @@ def test_reference_model_loss_orders_the_curriculum(messy_dir, reference_model, 
     _same_output(tmp_path / "local", tmp_path / "beam", local, beam)
     with pytest.raises(JaxllmError, match="curriculum.model_weight needs curriculum.model"):
         _cfg(curriculum=dict(model_weight=1.0))
+
+
+@pytest.mark.parametrize("runner", ["local", "beam"])
+def test_no_usable_record_is_an_error_and_writes_nothing(tmp_path, runner):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"body": "a document under another field"}\n{"body": "another"}\nnot json\n')
+    out = tmp_path / "out"
+    if runner == "local":
+        run = lambda: prepare([str(src)], str(out), _cfg())  # noqa: E731
+    else:
+        from jaxllm.data.prep.beam import prepare_beam
+
+        run = lambda: prepare_beam([str(src)], str(out), _cfg(), options=BEAM_OPTIONS)  # noqa: E731
+    with pytest.raises(JaxllmError, match=r"no usable record in the inputs \(3 documents read; removed: "
+                                          r"bad_json 1, missing_field 2\); nothing was written"):
+        run()
+    assert os.listdir(out) == []  # no stats.json (the mark of a complete output), no shard, no temp folder

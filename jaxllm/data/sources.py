@@ -25,6 +25,11 @@ from jaxllm.data.corpus import embedded_documents, embedded_sft_records
 
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # one or more blank lines
 
+# Longest JSONL line (one document) a source reads, newline included. Tokenizing a document holds about
+# 50 bytes per byte of it (2.6 GB for a 54 MB line), so a longer one is refused, naming file and line:
+# split it into several rows.
+MAX_LINE_BYTES = 16 << 20
+
 # (config key, field name) pairs a row must hold, e.g. (("text_field", "text"),); the key names the fix.
 Fields = tuple[tuple[str, str], ...]
 
@@ -130,7 +135,8 @@ class JsonlSource(RowSource):
     """JSON Lines files; each non-blank line is an object holding the fields the format reads.
 
     Every row is parsed and checked once up front (a bad row fails now, naming file:line); only byte
-    offsets and line numbers are kept, so memory does not grow with the corpus text.
+    offsets and line numbers are kept, so memory does not grow with the corpus text. A line longer than
+    `MAX_LINE_BYTES` is refused without being read whole.
     """
 
     def __init__(self, patterns: Sequence[str], fields: Fields = RowSource._fields, whole_row: bool = False):
@@ -140,8 +146,12 @@ class JsonlSource(RowSource):
         for file_id, path in enumerate(self._files):
             rows = 0
             with open(path, "rb") as f:
-                offset = 0
-                for lineno, line in enumerate(f, 1):
+                offset = lineno = 0
+                while line := f.readline(MAX_LINE_BYTES + 1):
+                    lineno += 1
+                    if len(line) > MAX_LINE_BYTES:
+                        raise JaxllmError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES:,} bytes (the most one "
+                                          "row may hold); split that document into several rows")
                     if line.strip():
                         file_ids.append(file_id)
                         offsets.append(offset)
@@ -161,7 +171,7 @@ class JsonlSource(RowSource):
     def _row(self, index: int) -> Any:
         with open(self._files[self._file_ids[index]], "rb") as f:
             f.seek(int(self._offsets[index]))
-            return _parse_json(f.readline(), self.where(index))
+            return _parse_json(f.readline(MAX_LINE_BYTES + 1), self.where(index))
 
     def where(self, index: int) -> str:
         return f"{self._files[self._file_ids[index]]}:{self._linenos[index]}"
@@ -280,8 +290,8 @@ def _read_text(path: str) -> str:
 def _parse_json(line: bytes, where: str) -> Any:
     try:
         return json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise JaxllmError(f"{where}: not valid JSON ({e}); fix or delete that line") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a number past int's digit limit, deep nesting
+        raise JaxllmError(f"{where}: not valid JSON ({type(e).__name__}: {e}); fix or delete that line") from None
 
 
 def check_fields(row: Any, fields: Fields, where: str) -> Any:

@@ -69,11 +69,18 @@ class Tokenizer:
                 f"tokenizer file {path!r} not found; set data.tokenizer to an existing SentencePiece "
                 "'.model' file, or to '' to train one on the corpus"
             )
-        proto = file.read_bytes()
         try:
-            return cls(proto, path)
+            proto = file.read_bytes()
+        except OSError as e:
+            raise JaxllmError(f"cannot read tokenizer file {path!r} ({e.strerror or e})") from None
+        try:
+            tokenizer = cls(proto, path)
+            tokenizer.encode("a")  # some corrupt protos load, then fail on use ("Model is not initialized")
+            return tokenizer
         except RuntimeError as e:
-            raise JaxllmError(f"tokenizer file {path!r} is not a SentencePiece model ({e})") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise JaxllmError(f"tokenizer file {path!r} is not a SentencePiece model ({first}); point "
+                              "data.tokenizer at a SentencePiece .model file or a model folder") from None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS (the pipeline adds those per config)."""
@@ -180,13 +187,24 @@ def load_tokenizer(path: str, vocab_size: int = 0, documents: Sequence[str] = ()
 
 
 def _read_json(path: str) -> dict[str, Any]:
+    """The JSON object in `path` ({} when there is no such file); anything else there is an error."""
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise JaxllmError(f"{path} is not valid JSON ({e})") from None
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except OSError as e:
+        raise JaxllmError(f"cannot read {path} ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, too deep, a number past int's digit limit
+        raise JaxllmError(f"{path} is not valid JSON ({type(e).__name__}: {e}); restore the file") from None
+    if not isinstance(data, dict):
+        raise JaxllmError(f"{path} holds a JSON {type(data).__name__}, not an object; restore the file")
+    return data
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def _special_tokens(folder: str) -> dict[str, str | None]:
@@ -198,7 +216,7 @@ def _special_tokens(folder: str) -> dict[str, str | None]:
             token = data.get(f"{kind}_token")
             if isinstance(token, dict):
                 token = token.get("content")
-            if token:
+            if token and isinstance(token, str):
                 out[kind] = token
     return out
 
@@ -209,18 +227,30 @@ def load_tokenizer_from_folder(path: str, vocab_size: int | None = None) -> HFTo
     path = os.path.expanduser(path)
     json_file, sp_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")
     if os.path.isfile(json_file):
-        with open(json_file) as f:
-            text = f.read()
         try:
-            tokenizer: HFTokenizer | Tokenizer = HFTokenizer(text, json_file, _special_tokens(path))
+            with open(json_file, "rb") as f:
+                text = f.read().decode("utf-8")
+        except OSError as e:
+            raise JaxllmError(f"cannot read {json_file} ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise JaxllmError(f"{json_file} is not UTF-8 JSON (byte {e.start}); restore the file") from None
+        special = _special_tokens(path)
+        try:
+            tokenizer: HFTokenizer | Tokenizer = HFTokenizer(text, json_file, special)
         except Exception as e:  # tokenizers raises plain Exception on malformed files
-            raise JaxllmError(f"{json_file} is not a tokenizers file ({e})") from None
+            raise JaxllmError(f"{json_file} is not a tokenizers file ({_first_line(e)}); restore the file") from None
+        except BaseException as e:  # a Rust panic inside tokenizers (pyo3's PanicException) on some inputs
+            if type(e).__name__ != "PanicException":
+                raise
+            raise JaxllmError(f"{json_file} is not a tokenizers file ({_first_line(e)}); restore the file") from None
     elif os.path.isfile(sp_file):
         tokenizer = Tokenizer.from_file(sp_file)
     else:
         raise JaxllmError(f"{path}: no tokenizer.json or tokenizer.model; copy the model's tokenizer files there")
     if vocab_size is None:
         vocab_size = _read_json(os.path.join(path, "config.json")).get("vocab_size")
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
+            raise JaxllmError(f"{os.path.join(path, 'config.json')}: vocab_size={vocab_size!r} is not an integer")
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
         raise JaxllmError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                           f"{vocab_size}; use the tokenizer the model was trained with")

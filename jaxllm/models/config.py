@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import JaxllmError
+from jaxllm.config import check_number
 from jaxllm.models.families import ADAPTER_TARGETS
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "minimal", "save_qkv_proj", "save_out_proj",
@@ -87,8 +88,9 @@ class ModelConfig:
             raise JaxllmError(f"model config: {msg}")
 
         for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                bad(f"{name} must be positive, got {getattr(self, name)}")
+            check_number(f"model.{name}", getattr(self, name), low=1, integer=True)
+        for name in ("num_kv_heads", "head_dim", "lora_rank", "quant_block_size"):
+            check_number(f"model.{name}", getattr(self, name), low=0, integer=True)
         if self.head_dim == 0 and self.embed_dim % self.num_heads:
             bad(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; set head_dim")
         if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
@@ -116,11 +118,11 @@ class ModelConfig:
             bad(f"lora_rank={self.lora_rank}; give a positive rank for lora_targets {list(self.lora_targets)}")
         if self.quantization not in QUANTIZATIONS:
             bad(f"quantization={self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            bad(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                bad(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("embed_dropout", "attn_dropout", "resid_dropout", "lora_dropout"):
+            check_number(f"model.{name}", getattr(self, name), low=0, high=1, high_open=True)
+        for name in ("rope_theta", "norm_eps", "lora_alpha"):
+            check_number(f"model.{name}", getattr(self, name), low=0, low_open=True)
+        check_number("model.init_std", self.init_std, low=0)
 
     @property
     def lora_scaling(self) -> float:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxllm import JaxllmError, tree
 from jaxllm import sharding as shd
+from jaxllm.config import check_number
 from jaxllm.models import families, quant
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import abstract_params
@@ -47,15 +48,14 @@ class LoraConfig:
         for name in ("target_modules", "modules_to_save"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
-        if self.r < 0:
-            raise JaxllmError(f"lora.r={self.r} must be >= 0 (0 = full fine-tuning)")
+        check_number("lora.r", self.r, low=0, integer=True)  # 0 = full fine-tuning
+        check_number("lora.alpha", self.alpha, low=0, low_open=True)
         if self.quantization not in quant.QUANTIZATIONS:
             raise JaxllmError(f"lora.quantization={self.quantization!r}; choose one of "
                               f"{', '.join(quant.QUANTIZATIONS)}")
         if self.quantization != "none" and self.r == 0:
             raise JaxllmError("lora.quantization needs adapters: a quantized base is frozen; set lora.r > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise JaxllmError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        check_number("lora.dropout", self.dropout, low=0, high=1, high_open=True)
         quant.check_block_size(self.quant_block_size)
 
 

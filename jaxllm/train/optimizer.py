@@ -9,6 +9,7 @@ import jax
 import optax
 
 from jaxllm import JaxllmError
+from jaxllm.config import check_number
 
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
 NO_DECAY_NAMES = ("scale", "bias", "norm")
@@ -34,9 +35,16 @@ class OptimConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise JaxllmError(f"optim.schedule={self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.learning_rate <= 0 or self.warmup_steps < 0 or self.grad_accum_steps < 1 or self.grad_clip < 0:
-            raise JaxllmError("optim: learning_rate must be > 0, warmup_steps >= 0, grad_accum_steps >= 1, "
-                              "grad_clip >= 0")
+        check_number("optim.learning_rate", self.learning_rate, low=0, low_open=True)
+        for name in ("warmup_steps", "decay_steps"):
+            check_number(f"optim.{name}", getattr(self, name), low=0, integer=True)
+        check_number("optim.grad_accum_steps", self.grad_accum_steps, low=1, integer=True)
+        check_number("optim.end_lr_ratio", self.end_lr_ratio, low=0, high=1)
+        for name in ("b1", "b2"):
+            check_number(f"optim.{name}", getattr(self, name), low=0, high=1, high_open=True)
+        check_number("optim.eps", self.eps, low=0, low_open=True)
+        for name in ("weight_decay", "grad_clip"):
+            check_number(f"optim.{name}", getattr(self, name), low=0)
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

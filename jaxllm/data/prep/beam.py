@@ -81,6 +81,7 @@ def prepare_beam(inputs: Sequence[str], output: str, cfg: PrepConfig | None = No
         except Exception as e:  # a user error inside a worker arrives wrapped in the runner's traceback
             raise _unwrap(e) from None
         stats = json.loads(out.read(_PARTIAL))
+        core.check_not_empty(stats["stages"], stats["output"]["records"])
         stats["seconds"] = round(time.time() - start, 3)
         stats["pass_seconds"] = {"beam_pipeline": stats["seconds"]}
         out.write("report.md", render_report(stats).encode())

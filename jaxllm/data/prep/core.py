@@ -123,6 +123,7 @@ def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir,
     workers = cfg.num_workers or os.cpu_count() or 1
     kept = _Kept(out.temp("docs.spool"))
     _read_clean_dedup(resolved, cfg, stages, kept, workers)
+    check_not_empty(stages, len(kept.spool))
     seconds = {"read_clean_filter_dedup": time.time() - start}
     tokens = _tokenize(cfg, kept.spool, out, workers) if cfg.tokenize.enabled and len(kept.spool) else None
     seconds["tokenize"] = time.time() - start - sum(seconds.values())
@@ -326,7 +327,9 @@ def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
     `tokenize.tokenizer` .model file (copied out) or model folder (read there), or one trained here."""
     from jaxllm.data.tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer  # pylint: disable=g-import-not-at-top
 
-    given = os.path.expanduser(cfg.tokenize.tokenizer)
+    from jaxllm.hf import hub  # pylint: disable=g-import-not-at-top
+
+    given = os.path.expanduser(hub.local(cfg.tokenize.tokenizer, what="tokenizer"))
     try:
         tokenizer = load_tokenizer(given, cfg.tokenize.vocab_size, documents)
     except JaxllmError as e:
@@ -423,6 +426,21 @@ def finish_input(stage: dict, reader: Reader) -> None:
         stage["notes"]["undecodable"] -= counts["undecodable_dropped"]
     if reader.unreadable:
         stage["notes"]["unreadable_files"] = "; ".join(reader.unreadable[:5])
+
+
+def check_not_empty(stages: dict, records: int) -> None:
+    """A run that keeps no record fails (nothing is written): an output without shards would pass for a
+    complete, empty corpus. The error says what each stage removed."""
+    if records:
+        return
+    removed = [f"{k} {v:,}" for st in stages.values() for k, v in dict(st["removed"]).items() if v]
+    unreadable = stages["input"]["notes"].get("unreadable_files")
+    raise JaxllmError(
+        f"no usable record in the inputs ({stages['input']['docs_in']:,} documents read"
+        + (f"; removed: {', '.join(removed)}" if removed else "")
+        + (f"; unreadable: {unreadable}" if unreadable else "")
+        + "); nothing was written. Check --input, input.text_field (the JSON/Parquet field of the text) and "
+          "the clean/quality/dedup settings")
 
 
 def _plain(stage: dict) -> dict:
