@@ -31,7 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.data = dict(
         source="embedded",  # the Python reference manual + stdlib docstrings (ships with Python)
-        paths=(),  # file globs for text / jsonl / array_record sources
+        # file globs of a file source (text | jsonl | json | parquet | csv | arrow | array_record); or a data set:
+        # a Hugging Face Hub id (org/name[@revision]) or a local folder, then :SPLIT or :CONFIG:SPLIT (default
+        # train), whose split's files (found by the `datasets` library's rules) replace it and set data.source
+        paths=(),
+        valid_paths=(),  # validation files, or a data set split (default :validation), instead of val_fraction
         text_field="text",  # field of a JSON / Parquet / TFDS record holding the document
         format="text",  # text (language modelling) | sft_text (a Guanaco "### Human: ...### Assistant: ..." column)
         #                 | messages | prompt_completion
@@ -87,6 +91,11 @@ def get_config() -> ml_collections.ConfigDict:
         z_loss=0.0,
         loss_chunk=0,  # positions per cross-entropy chunk (no [B, L, V] float32 logits); 0 = whole sequence
         progress=True,
+        # experiment trackers fed every metrics.jsonl record (always written), on process 0: tensorboard (event
+        # files in WORKDIR/tensorboard) | wandb (WANDB_PROJECT, else the workdir's name) | mlflow
+        # (MLFLOW_EXPERIMENT_NAME, else the workdir's name); e.g. ("tensorboard", "wandb"); () = metrics.jsonl only
+        trackers=("tensorboard",),
+        mlflow_tracking_uri="",  # "" = MLFLOW_TRACKING_URI, else MLflow's default store
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1,  # -1 takes the remaining devices
                   slice="",  # the Cloud TPU slice a config is sized for: `jaxllm plan`'s default topology

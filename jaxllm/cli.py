@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -44,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                        "ArrayRecord files for data.source=array_record",
                        epilog="Override any config key with --config.section.key=value.")
     p.add_argument("--input", action="append", required=True,
-                   help="glob, folder or tfds:NAME:SPLIT (repeatable); text, .jsonl/.json, .parquet by extension")
+                   help="glob, folder, tfds:NAME:SPLIT, or a data set split: a Hugging Face Hub id org/name[@rev] "
+                        "or a local folder, then :SPLIT or :CONFIG:SPLIT (default train) (repeatable); text, "
+                        ".jsonl/.json, .parquet, .csv, .arrow by extension")
     p.add_argument("--output", required=True, help="folder for the shards, tokenizer.model, stats.json, report.md")
     p.add_argument("--config", default=_PREP_CONFIG, help="configs/prep_default.py form (default: that file)")
     p.add_argument("--runner", default="local",
@@ -69,13 +72,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p = sub.add_parser("convert", help="Hugging Face folder -> jaxllm params checkpoint, or workdir -> Hugging Face")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from_hf", default="", help="a Hugging Face model folder")
+    src.add_argument("--from_hf", default="", help="a Hugging Face model folder or Hub id (org/name[@revision])")
     src.add_argument("--from_workdir", default="", help="a jaxllm training workdir (its latest checkpoint)")
     p.add_argument("--output", required=True, help="folder to write")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (the jaxllm format's params)")
+    p.add_argument("--format", default="jaxllm", choices=("jaxllm", "safetensors"),
+                   help="with --from_hf: jaxllm (Orbax params to train from) or safetensors (a Hugging Face folder: "
+                        "turns pytorch_model*.bin weights into safetensors, tensors as stored)")
+    p = sub.add_parser("push", help="upload a finetune run's export (or a Hugging Face model or PEFT adapter "
+                       "folder) with a model card to a Hugging Face Hub model repository, private by default")
+    p.add_argument("--workdir", required=True, help="a finetune run (its merged/, else adapter/, else model/), its "
+                   "--save_dir, or an export folder (jaxllm convert --from_workdir, a PEFT adapter)")
+    p.add_argument("--repo_id", required=True, help="the repository, ORG/NAME (created if missing)")
+    p.add_argument("--token", default=None, help="a Hub token with write access (default: HF_TOKEN, else the stored "
+                   "login); never printed or written")
+    p.add_argument("--public", action="store_true", help="create the repository public (an existing one keeps its "
+                   "visibility)")
     p = sub.add_parser("generate", help="continue prompts with a Hugging Face model folder or a training workdir")
-    p.add_argument("--model", required=True, help="Hugging Face folder (config.json + safetensors) or jaxllm workdir")
-    p.add_argument("--adapter", default="", help="a PEFT LoRA adapter folder applied to --model")
+    p.add_argument("--model", required=True, help="a Hugging Face Hub id (org/name[@revision]), a Hugging Face "
+                   "folder (config.json + weights) or a jaxllm workdir")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a --model Hub id (default: main)")
+    p.add_argument("--adapter", default="", help="a PEFT LoRA adapter folder or Hub id applied to --model")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt_file", default="", help="a file of prompts, one per line")
     p.add_argument("--max_new_tokens", type=int, default=64)
@@ -101,6 +118,7 @@ def _default_workdir(config_path: str) -> str:
 def run(argv: list[str]) -> int:
     from jaxllm.config import load_config, to_json
 
+    command = ["jaxllm", *argv]  # as typed, for a model card (the token removed there)
     argv, overrides = _split_config_flags(argv)
     args = _parser().parse_args(argv)
     if args.command == "generate":
@@ -108,23 +126,47 @@ def run(argv: list[str]) -> int:
     if args.command in ("finetune", "llm"):
         from jaxllm.finetune import finetune
 
-        result = finetune(args, overrides)
+        result = finetune(args, overrides, command)
         import jax
 
         if jax.process_index() == 0:
-            print(json.dumps({k: v for k, v in result.items() if k != "sample"}, default=str))
+            print(json_line({k: v for k, v in result.items() if k not in ("sample", "push_error")}))
+        if result.get("push_error"):  # trained and exported; the upload alone failed
+            print(f"jaxllm: error: {result['push_error']}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "push":
+        from jaxllm.push import push
+
+        print(json_line(push(args.workdir, args.repo_id, token=args.token, private=not args.public)))
         return 0
     if args.command == "convert":
         from jaxllm import convert
 
         if args.from_hf:
-            convert.hf_to_checkpoint(args.from_hf, args.output, dtype=args.dtype)
+            from jaxllm.hf import hub
+
+            source = hub.local(args.from_hf, what="model")
+            if args.format == "safetensors":
+                if args.dtype != "float32":
+                    raise JaxllmError("--dtype applies to --format=jaxllm; --format=safetensors keeps each "
+                                      "tensor's stored dtype")
+                count = convert.hf_to_safetensors(source, args.output)
+                print(f"wrote Hugging Face model folder {args.output} ({count} tensors in safetensors)")
+                return 0
+            convert.hf_to_checkpoint(source, args.output, dtype=args.dtype)
             print(f"wrote {args.output}/params; train from it with --config.checkpoint.init_from={args.output}")
         else:
+            if args.format != "jaxllm":
+                raise JaxllmError("--format applies to --from_hf; --from_workdir writes a Hugging Face folder")
             convert.workdir_to_hf(args.from_workdir, args.output, dtype=args.dtype)
             print(f"wrote Hugging Face model folder {args.output}")
         return 0
     cfg = load_config(args.config, overrides)
+    if args.command in ("train", "plan"):
+        from jaxllm.train.run import check_complete
+
+        check_complete(cfg, args.config.partition(":")[0])
     if args.command == "config":
         print(to_json(cfg))
         return 0
@@ -165,9 +207,26 @@ def run(argv: list[str]) -> int:
         import jax
 
         if jax.process_index() == 0:
-            print(json.dumps(summary, default=str))
+            print(json_line(summary))
         return 0
     return 2
+
+
+def json_line(value) -> str:
+    """`value` as one line of strict JSON: a non-finite number (a diverged loss) becomes "nan", "inf" or
+    "-inf" as in metrics.jsonl, a NumPy scalar or array its Python value, anything else its str()."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):  # NumPy / JAX scalars and arrays
+            return plain(v.tolist())
+        if isinstance(v, float) and not math.isfinite(v):
+            return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    return json.dumps(plain(value), allow_nan=False)
 
 
 def _plan(args: argparse.Namespace, cfg) -> int:
@@ -179,8 +238,8 @@ def _plan(args: argparse.Namespace, cfg) -> int:
         found = plan.search(cfg, args.topology, args.num_slices, hbm, args.max_compiles,
                             log=(lambda line: None) if args.json else print)
         if args.json:
-            print(json.dumps({**(found["best"] or {"fits": False}), "overrides": found["overrides"],
-                              "tried": found["tried"]}, default=str))
+            print(json_line({**(found["best"] or {"fits": False}), "overrides": found["overrides"],
+                             "tried": found["tried"]}))
         elif found["best"] is None:
             print(f"no setting among the {len(found['tried'])} compiled fits; raise --max_compiles or use more chips")
         else:
@@ -188,26 +247,27 @@ def _plan(args: argparse.Namespace, cfg) -> int:
             print("fastest setting that fits: " + " ".join(f"--config.{o}" for o in found["overrides"]))
         return 0 if found["best"] is not None else 1
     result = plan.plan(cfg, args.topology, args.num_slices, hbm)
-    print(json.dumps(result, default=str) if args.json else plan.table(result))
+    print(json_line(result) if args.json else plan.table(result))
     return 0 if result["fits"] else 1
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from jaxllm.generate import GenerateConfig, generate_text, wrap
+    from jaxllm.config import check_number
+    from jaxllm.generate import GenerateConfig, generate_text, read_prompt_file, wrap
     from jaxllm.load import load_model
 
+    check_number("--max_new_tokens", args.max_new_tokens, low=1, integer=True)
+    check_number("--batch_size", args.batch_size, low=1, integer=True)
+    check_number("--width", args.width, low=0, integer=True)  # 0 = no wrap
     prompts = list(args.prompt)
     if args.prompt_file:
-        try:
-            with open(args.prompt_file) as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            raise JaxllmError(f"cannot read --prompt_file {args.prompt_file!r}: {e.strerror}") from None
+        prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         raise JaxllmError("give a prompt: --prompt=TEXT (repeatable) or --prompt_file=FILE")
     gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    model, params, tokenizer, add_bos = load_model(args.model, dtype=args.dtype, adapter=args.adapter)
+    model, params, tokenizer, add_bos = load_model(args.model, dtype=args.dtype, adapter=args.adapter,
+                                                   revision=args.revision)
     texts = generate_text(model, params, tokenizer, prompts, gen, add_bos=add_bos, batch_size=args.batch_size)
     for prompt, text in zip(prompts, texts):
         print(wrap(prompt + text, args.width) if args.width else prompt + text)
@@ -220,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         code = run(list(sys.argv[1:] if argv is None else argv))
     except JaxllmError as e:
         print(f"jaxllm: error: {e}", file=sys.stderr)
-        code = 2
+        code = getattr(e, "exit_code", 2)  # 1: a failed upload, 2: any other error
     sys.exit(code)
 
 

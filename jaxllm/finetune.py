@@ -4,7 +4,8 @@ Takes the flags of the one-line `autotrain llm --train ...` command (autotrain's
 a flag that does not apply here is accepted with a one-line note saying why), maps them onto the
 ml-collections config of `configs/finetune.py` (or `--config`), runs the one training loop, and exports to
 `--save_dir`: `adapter/` in PEFT's format (or, for full fine-tuning, a Hugging Face model folder) and,
-with `--merge_adapter`, `merged/`, the base with the adapter merged in.
+with `--merge_adapter`, `merged/`, the base with the adapter merged in. `--push_to_hub` then uploads that
+export with a model card (`jaxllm.push`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from jaxllm import JaxllmError, atomic, tree
+from jaxllm.train import trackers
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "finetune.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -31,15 +33,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a = basic.add_argument
     a("--llm", action="store_true", help="accepted for copy-paste (`autotrain train --llm`): this command is that")
     a("--train", action="store_true", help="accepted for copy-paste: training is what this does")
-    a("--model", default="", help="Hugging Face model folder to fine-tune (config.json + safetensors + tokenizer)")
+    a("--model", default="", help="Hugging Face model to fine-tune: a Hub id (org/name[@revision]; fetched into the "
+                                  "Hugging Face cache) or a local folder (config.json + weights + tokenizer)")
+    a("--revision", default=None, help="branch, tag or commit of a --model Hub id (default: main)")
+    a("--tokenizer", default=None, help="the tokenizer, if not --model's: a Hub id, a model folder or a "
+                                        "SentencePiece .model file")
     a("--project_name", "--project-name", "--project", dest="project_name", default="",
       help="run folder: checkpoints, logs (default: --save_dir); also the default --save_dir")
-    a("--data_path", "--data-path", default="", help="JSONL / Parquet file, glob or folder (a Hugging Face dataset "
-                                                    "download), or 'embedded' for the bundled Python-docs chat set")
+    a("--data_path", "--data-path", default="", help="a data set: Hugging Face Hub id (org/name[@revision]; its data "
+      "files fetched into the Hugging Face cache) or local folder; or a JSONL / JSON / Parquet / CSV / Arrow file or "
+      "glob; or 'embedded' for the bundled Python-docs chat set")
     a("--train_split", "--train-split", default=None,
-      help="in a dataset folder, read the files whose names hold this split (default train)")
+      help="the data set's split to train on, or config:split (default train); splits are found as the datasets "
+           "library finds them (e.g. a file named *eval* is the test split)")
     a("--valid_split", "--valid-split", default=None,
-      help="accepted; validation holds out data.val_fraction of the training rows instead (note printed)")
+      help="the data set's split to evaluate on, or config:split (e.g. test); default: hold out data.val_fraction of "
+           "the training rows")
     a("--config", default="", help="base experiment config (default configs/finetune.py); --config.a.b=v sets any key")
     a = p.add_argument_group("Data Processing").add_argument
     a("--text_column", "--text-column", default=None,
@@ -72,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="checkpoint every epoch (epoch), every checkpoint.every steps (steps), or at evaluations and the end")
     a("--save_total_limit", "--save-total-limit", type=int, default=None, help="checkpoints kept (checkpoint.keep)")
     a("--auto_find_batch_size", "--auto-find-batch-size", action="store_true", help="accepted (note printed)")
-    a("--log", default=None, help="accepted: metrics.jsonl and TensorBoard logs are always written")
+    a("--log", default=None, help="experiment tracker: none, tensorboard, wandb or mlflow (train.trackers); "
+                                   "metrics.jsonl is always written")
     a("--distributed_backend", "--distributed-backend", default=None, help="accepted: jaxllm shards over its mesh")
     a("--backend", default=None, help="accepted: jaxllm runs on this machine's (or pod's) devices")
     a("--unsloth", action="store_true", help="accepted (note printed)")
@@ -108,34 +118,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("Output").add_argument
     a("--save_dir", "--save-dir", default="", help="where adapter/ (and merged/) are written; default --project_name")
     a = p.add_argument_group("Hub Integration").add_argument
-    a("--push_to_hub", "--push-to-hub", action="store_true", help="not supported: upload --save_dir yourself")
-    for flag in ("--repo_id", "--username", "--token"):
-        a(flag, flag.replace("_", "-"), default=None, help="accepted: nothing is uploaded")
+    a("--push_to_hub", "--push-to-hub", action="store_true",
+      help="after the export, upload it (merged/, else adapter/, else model/) with a model card to a private Hub "
+           "model repository; a failed upload keeps the outputs, prints the `jaxllm push` command that retries it "
+           "and exits with status 1")
+    a("--repo_id", "--repo-id", default=None, help="with --push_to_hub: the repository, ORG/NAME")
+    a("--username", default=None, help="with --push_to_hub and no --repo_id: push to USERNAME/<project name>")
+    a("--token", default=None, help="with --push_to_hub: a Hub token with write access (default: HF_TOKEN, else "
+                                    "the stored login); never printed or written")
 
 
-def _data_source(path: str, split: str = "train") -> dict[str, Any]:
-    """data.source/paths for a local file, glob or dataset folder (its `split` files when it has them)."""
+def _data_source(path: str, split: str | None = None, valid_split: str | None = None) -> dict[str, Any]:
+    """data.source/paths (and valid_paths) for --data_path: 'embedded', a local file or glob (read whole), or a
+    data set, a local folder or a Hub id (org/name[@rev]), whose --train_split (default train) and --valid_split
+    files `jaxllm.data.splits` picks as the `datasets` library does (`config:split` names a README config or a
+    sub-folder)."""
+    from jaxllm.data import splits
+    from jaxllm.hf import hub
+
     if path in ("embedded", "embedded_sft"):
         return dict(source="embedded_sft", paths=())
     expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded) or hub.is_hub_id(path):
+        if hub.is_hub_id(path):
+            hub.files(path)  # the repository is there (its errors name the id, not a split)
+        out: dict[str, Any] = {}
+        kinds = set()
+        for key, flag, value in (("paths", "--train_split", split or "train"), ("valid_paths", "--valid_split",
+                                                                                 valid_split)):
+            if value:
+                config, _, name = value.rpartition(":")
+                try:
+                    source, out[key] = splits.split_files(path, name, config)
+                except JaxllmError as e:
+                    raise JaxllmError(f"{flag} {value}: {e}") from None
+                kinds.add(source)
+        kinds = {"json"} if kinds == {"json", "jsonl"} else kinds
+        if len(kinds) > 1:
+            raise JaxllmError(f"--train_split {split or 'train'} and --valid_split {valid_split} hold files of two "
+                              f"formats ({', '.join(sorted(kinds))}); pick splits of one format")
+        return {"source": kinds.pop(), **out}
     files = sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else []
-    if os.path.isdir(expanded):
-        for ext in ("parquet", "jsonl", "json"):
-            files = sorted(glob.glob(os.path.join(expanded, "**", f"*{split}*.{ext}"), recursive=True)) or sorted(
-                glob.glob(os.path.join(expanded, "**", f"*.{ext}"), recursive=True))
-            if files:
-                break
-    elif os.path.isfile(expanded):
+    if os.path.isfile(expanded):
         files = [expanded]
     if not files:
-        raise JaxllmError(f"--data_path {path!r} is not a local file, glob or folder with .parquet/.jsonl files; "
-                          "jaxllm does not download: fetch it first (huggingface-cli download --repo-type dataset "
-                          f"{path} --local-dir DIR) and pass DIR")
-    kinds = {os.path.splitext(f)[1] for f in files}
-    if len(kinds) > 1:
-        raise JaxllmError(f"--data_path {path!r} mixes {sorted(kinds)} files; point at one kind")
-    source = "parquet" if ".parquet" in kinds else "jsonl"
-    return dict(source=source, paths=tuple(files))
+        raise JaxllmError(f"--data_path {path!r} is neither a local file, glob or folder nor a Hugging Face Hub data "
+                          "set id (org/name, optionally @revision)")
+    return dict(source=splits.source_of(files, f"--data_path {path!r}"), paths=tuple(files))
 
 
 def note(message: str) -> None:
@@ -146,14 +175,12 @@ def note(message: str) -> None:
 ADAMW = ("adamw", "adamw_torch", "adamw_hf", "adamw_torch_fused", "adamw_apex_fused", "adamw_torch_xla")
 ADAMW_8BIT = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch_4bit")
 NOTES = {  # flag -> why it does not apply here
-    "valid_split": "validation holds out data.val_fraction of the training rows (a fixed split), not a named split",
     "padding": "rows are packed whole examples with the padding at their end; the padding side does not apply",
     "auto_find_batch_size": "XLA compiles one fixed batch shape; set --train_batch_size (and "
                             "--gradient_accumulation) to what fits",
     "distributed_backend": "jaxllm shards over its device mesh (the mesh section), not DDP or DeepSpeed",
     "backend": "jaxllm runs on the devices of this machine (or of every host that runs the command)",
     "unsloth": "Unsloth's kernels are for PyTorch on GPUs; jaxllm compiles its own with XLA",
-    "repo_id": "nothing is uploaded", "username": "nothing is uploaded", "token": "nothing is uploaded",
 }
 
 
@@ -163,12 +190,19 @@ def _devices(cfg: ml_collections.ConfigDict) -> tuple[str, int]:
     import jax
 
     from jaxllm.config import build
-    from jaxllm.distributed import DistributedConfig, initialize
     from jaxllm.sharding import MeshConfig
 
-    initialize(build(DistributedConfig, cfg.distributed, "distributed"))
+    _join_processes(cfg)
     data, fsdp, _ = build(MeshConfig, cfg.mesh, "mesh").shape(jax.device_count())
     return jax.default_backend(), data * fsdp
+
+
+def _join_processes(cfg: ml_collections.ConfigDict) -> None:
+    """Joins the distributed runtime (a no-op on one process or when joined already)."""
+    from jaxllm.config import build
+    from jaxllm.distributed import DistributedConfig, initialize
+
+    initialize(build(DistributedConfig, cfg.distributed, "distributed"))
 
 
 # flags set one config key each, as given
@@ -184,9 +218,12 @@ def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_
     not apply here are accepted with a one-line note. The workdir is --project_name, else --save_dir
     ('' when neither names one): two jobs never share one by default."""
     from jaxllm.config import apply_override, load_config
+    from jaxllm.train.run import check_complete
 
-    cfg = load_config(args.config or DEFAULT_CONFIG)
+    cfg = load_config(args.config or DEFAULT_CONFIG, [o for o in overrides if o.startswith("distributed.")])
+    check_complete(cfg, (args.config or DEFAULT_CONFIG).partition(":")[0])
     _refuse_and_note(args)
+    _join_processes(cfg)  # before any Hub fetch: process 0 picks the commit every process then reads
     sets = {key: getattr(args, flag) for flag, key in DIRECT.items() if getattr(args, flag) is not None}
     sets.update(_model_and_data(args, cfg))
     sets.update(_optimization(args, cfg))
@@ -206,9 +243,9 @@ def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_
 
 def _refuse_and_note(args: argparse.Namespace) -> None:
     """Errors for what cannot run here; notes for flags accepted but without effect."""
-    if args.push_to_hub:
-        raise JaxllmError("--push_to_hub is not supported (no network access assumed); upload --save_dir with "
-                          "`huggingface-cli upload`")
+    hub_flags = [f"--{f}" for f in ("repo_id", "username", "token") if getattr(args, f)]
+    if hub_flags and not args.push_to_hub:  # names only: a token is never printed
+        note(f"{', '.join(hub_flags)} apply with --push_to_hub; nothing is uploaded without it")
     if args.trainer in ("dpo", "orpo", "reward"):
         raise JaxllmError(f"--trainer {args.trainer} is not available; jaxllm trains sft (chat/instruction data) or "
                           "default (causal language modelling)")
@@ -221,9 +258,8 @@ def _refuse_and_note(args: argparse.Namespace) -> None:
         if getattr(args, flag):
             note(f"--{flag} {'' if getattr(args, flag) is True else getattr(args, flag) + ' '}is accepted but does "
                  f"not apply: {why}")
-    if args.log not in (None, "none", "tensorboard"):
-        note(f"--log {args.log} is accepted but does not apply: metrics go to metrics.jsonl and TensorBoard in "
-             "--project_name")
+    if args.log is not None and args.log != "none" and args.log not in trackers.KNOWN:
+        raise JaxllmError(f"--log {args.log} is not a tracker; use none, {', '.join(trackers.KNOWN)}")
     if args.optimizer in ADAMW_8BIT:
         note(f"--optimizer {args.optimizer} is accepted as AdamW: 8-bit and paged states are bitsandbytes' GPU memory "
              "savers; jaxllm keeps float32 AdamW states, sharded like the params")
@@ -234,19 +270,36 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
     sets: dict[str, Any] = {}
     max_len = 0
     if args.model:
-        if not os.path.isfile(os.path.join(os.path.expanduser(args.model), "config.json")):
-            raise JaxllmError(f"--model {args.model!r} is not a Hugging Face model folder (no config.json); "
-                              "download it first (huggingface-cli download MODEL --local-dir DIR)")
+        from jaxllm.hf import hub
         from jaxllm.load import source_model_config
 
-        max_len = source_model_config(os.path.expanduser(args.model)).max_seq_len
-        sets.update({"checkpoint.init_from": args.model, "checkpoint.model_from_init": True,
-                     "data.tokenizer": args.model})
+        model = args.model
+        if hub.is_hub_id(model):  # the id (pinned to --revision) is what the run records; the cache holds the files
+            repo_id, revision = hub.split_id(model, args.revision)
+            model = f"{repo_id}@{revision}" if revision else repo_id
+            folder = hub.local(model, what="model")
+        else:
+            if args.revision:
+                raise JaxllmError(f"--revision {args.revision} applies to a Hub id; --model {args.model!r} is local")
+            folder = os.path.expanduser(model)
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                raise JaxllmError(f"--model {args.model!r} is neither a Hugging Face model folder (no config.json) "
+                                  "nor a Hugging Face Hub id (org/name)")
+        max_len = source_model_config(folder).max_seq_len
+        sets.update({"checkpoint.init_from": model, "checkpoint.model_from_init": True, "data.tokenizer": model})
+    if args.tokenizer:
+        sets["data.tokenizer"] = args.tokenizer
     if args.data_path:
-        sets.update({f"data.{k}": v for k, v in _data_source(args.data_path, args.train_split or "train").items()})
-        if args.train_split and not os.path.isdir(os.path.expanduser(args.data_path)):
-            note(f"--train_split {args.train_split} is accepted but does not apply: --data_path is one file or glob, "
-                 "read whole")
+        sets.update({f"data.{k}": v for k, v in _data_source(args.data_path, args.train_split,
+                                                             args.valid_split).items()})
+        from jaxllm.hf import hub
+
+        if not (os.path.isdir(os.path.expanduser(args.data_path)) or hub.is_hub_id(args.data_path)):
+            for flag, why in (("train_split", "read whole"), ("valid_split", "validation holds out "
+                                                                             "data.val_fraction of its rows")):
+                if getattr(args, flag):
+                    note(f"--{flag} {getattr(args, flag)} is accepted but does not apply: --data_path is one file, "
+                         f"glob or the embedded set (not a data set with splits), {why}")
     if args.trainer in ("default", "clm", "generic"):
         sets["data.format"] = "text"
     if args.chat_template not in (None, "none"):  # autotrain reads the messages from --text_column
@@ -281,6 +334,8 @@ def _optimization(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> d
         sets["optim.schedule"] = SCHEDULES.get(args.scheduler, args.scheduler)
     if args.logging_steps and args.logging_steps > 0:
         sets["train.log_every"] = args.logging_steps
+    if args.log is not None:  # the one tracker named (as autotrain's report_to); metrics.jsonl is always written
+        sets["train.trackers"] = () if args.log == "none" else (args.log,)
     return sets
 
 
@@ -350,9 +405,10 @@ def epochs_to_steps(cfg: ml_collections.ConfigDict, epochs: float, sample: int =
 
     from jaxllm.config import build
     from jaxllm.data.config import DataConfig
+    from jaxllm.load import resolve
     from jaxllm.data.pipeline import split_documents, tokenize_fn, tokenizer_for
 
-    data = build(DataConfig, cfg.data, "data")
+    data = build(DataConfig, resolve(cfg).data, "data")
     train_docs, _ = split_documents(data)
     n = len(train_docs)
     rows = n
@@ -376,7 +432,7 @@ def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: Any = "fl
     extra = {k: v for k, v in _special_ids(source).items()}
     if run.lora.r:
         path = os.path.join(save_dir, "adapter")
-        hf.save_adapter(trainable, run.model, run.lora, path, base_model=os.path.abspath(source) if source else "")
+        hf.save_adapter(trainable, run.model, run.lora, path, base_model=_base_model_name(workdir, source))
         _copy_tokenizer(source, path)
         written["adapter"] = path
         if merge:
@@ -392,6 +448,20 @@ def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: Any = "fl
         _copy_tokenizer(source, path)
         written["model"] = path
     return written
+
+
+def _base_model_name(workdir: str, source: str) -> str:
+    """The adapter's base_model_name_or_path: the Hub id the run started from (as PEFT writes it), else
+    the absolute path of the local folder."""
+    from jaxllm.hf import hub
+
+    try:
+        recorded = json.loads(atomic.as_path(os.path.join(workdir, "config.json")).read_text())["checkpoint"]["init_from"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = ""
+    if isinstance(recorded, str) and hub.is_hub_id(recorded):
+        return hub.split_id(recorded)[0]
+    return os.path.abspath(source) if source else ""
 
 
 def _special_ids(source: str) -> dict[str, Any]:
@@ -411,8 +481,13 @@ def _copy_tokenizer(source: str, dest: str) -> None:
             atomic.copy(os.path.join(source, name), os.path.join(dest, name))
 
 
-def finetune(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    """Trains (or resumes) and exports; returns the final metrics and the written folders."""
+def finetune(args: argparse.Namespace, overrides: list[str], command: list[str] | None = None) -> dict[str, Any]:
+    """Trains (or resumes), exports and, with --push_to_hub, uploads; returns the final metrics, the written
+    folders and `pushed` (or `push_error`: the one-line failure, the outputs kept). `command` is the command
+    line the model card shows (default sys.argv; the token is removed)."""
+    import jax
+
+    from jaxllm import push
     from jaxllm.train.loop import train
 
     if not (args.project_name or args.save_dir):
@@ -420,8 +495,21 @@ def finetune(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     cfg, workdir = flags_to_config(args, overrides)
     save_dir = args.save_dir or workdir
     atomic.check_writable(save_dir, "--save_dir")  # before training, not after it
+    repo_id = None
+    if args.push_to_hub:  # before training: where to and with what token
+        repo_id = push.resolve_repo_id(args.repo_id, args.username, args.project_name or save_dir)
+        push.check_token(args.token)
     result = train(cfg, workdir)
     if result.get("preempted"):
         return result
     result["written"] = export(workdir, save_dir, merge=args.merge_adapter)
+    trackers.log_artifacts(workdir, cfg.train.trackers, result["written"],
+                           mlflow_tracking_uri=cfg.train.mlflow_tracking_uri)
+    if jax.process_index() == 0:
+        push.record_export(workdir, result["written"], command or sys.argv, args.token)
+        if repo_id:
+            try:
+                result["pushed"] = push.push(workdir, repo_id, token=args.token)
+            except push.UploadError as e:
+                result["push_error"] = str(e)
     return result

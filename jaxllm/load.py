@@ -22,8 +22,10 @@ from jax.sharding import Mesh
 from jaxllm import JaxllmError, atomic, hf, tree
 from jaxllm import sharding as shd
 from jaxllm.data.pipeline import tokenizer_for
+from jaxllm.data.splits import parse_ref, resolve_data
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.hf import hub, peft
+from jaxllm.hf.files import read_json_object
 from jaxllm.hf.weights import TensorFiles, load_params, read_config
 from jaxllm.models import lora
 from jaxllm.models.config import SHAPE_FIELDS, ModelConfig
@@ -48,7 +50,7 @@ def kind(path: str) -> str:
             raise JaxllmError(f"{path!r}: Hugging Face and adapter folders are read from local disk (safetensors "
                               f"are memory-mapped); copy it down first, e.g. gcloud storage cp -r {path} .")
         return "hf" if has("config.json") else "adapter"
-    raise JaxllmError(f"{path!r} is neither a Hugging Face model folder (config.json + *.safetensors), a "
+    raise JaxllmError(f"{path!r} is neither a Hugging Face model folder (config.json + weights), a "
                       "`jaxllm convert` output (model.json + params/), a jaxllm workdir (config.json + checkpoints/) "
                       "nor a PEFT adapter folder (adapter_config.json); a Hugging Face Hub id is written org/name")
 
@@ -57,7 +59,13 @@ def source_model_config(source: str) -> ModelConfig:
     """The ModelConfig of a Hugging Face folder or a `jaxllm convert` output."""
     what = kind(source)
     if what == "converted":
-        return ModelConfig(**json.loads(atomic.as_path(os.path.join(source, "model.json")).read_text()))
+        path = os.path.join(source, "model.json")
+        try:
+            fields = json.loads(atomic.as_path(path).read_text())
+            return ModelConfig(**fields)
+        except (ValueError, RecursionError, TypeError) as e:  # not JSON, not an object, unknown or bad fields
+            raise JaxllmError(f"{path} is not a model.json that `jaxllm convert` writes ({str(e)[:200]}); convert "
+                              "the model again") from None
     if what == "hf":
         return hf.model_config_from_hf(read_config(source))
     raise JaxllmError(f"init_from {source!r} is a {what}, not a Hugging Face folder or a `jaxllm convert` output")
@@ -108,7 +116,71 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         value = (out.get(section) or {}).get(key)
         if isinstance(value, str) and hub.is_hub_id(value):
             out[section][key] = hub.local(value, what=what)
+    if out.get("data") is not None:  # data sets named by Hub id or folder (and split) -> their split's files
+        out["data"] = resolve_data(out["data"])
     return out
+
+
+def pin(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """A copy of `cfg` whose Hub ids (keys of HUB_KEYS) name the commit they resolve to, `org/name@<commit>`,
+    so the run's config.json records exactly what it read. A run resuming in `workdir` keeps the commits
+    it started from (a branch that moved since does not change its base model); asking it for another
+    revision of the same repository is refused."""
+    saved = _started_config(workdir)
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    for section, key, what in HUB_KEYS:
+        value = (out.get(section) or {}).get(key)
+        if isinstance(value, str) and hub.is_hub_id(value):
+            out[section][key] = _pinned(value, (saved.get(section) or {}).get(key), what, f"{section}.{key}", workdir)
+    data, before = out.get("data") or {}, saved.get("data") or {}
+    for key in ("paths", "valid_paths"):  # data set ids, with their optional :config:split
+        entries = data.get(key)
+        if isinstance(entries, (tuple, list)) and any(_dataset_id(e) for e in entries):
+            started = before.get(key) if isinstance(before.get(key), (tuple, list)) else ()
+            olds = list(started) if len(started) == len(entries) else [None] * len(entries)
+            out["data"][key] = tuple(_pin_dataset(e, o, workdir) if _dataset_id(e) else e
+                                     for e, o in zip(entries, olds))
+    return out
+
+
+def _dataset_id(entry: Any) -> str:
+    """The Hub data set id `entry` (`org/name[@rev][:config][:split]`) names, else ''."""
+    ref = parse_ref(entry) if isinstance(entry, str) else None
+    return ref[0] if ref and hub.is_hub_id(ref[0]) else ""
+
+
+def _pin_dataset(entry: str, before: Any, workdir: str) -> str:
+    base = _dataset_id(entry)
+    suffix = entry[len(base):]
+    old = _dataset_id(before) if isinstance(before, str) and before.endswith(suffix) else ""
+    return _pinned(base, old or None, "dataset", "data set", workdir) + suffix
+
+
+def _pinned(value: str, before: Any, what: str, key: str, workdir: str) -> str:
+    """`value` (a Hub id) as `org/name@<commit>`: the commit the run in `workdir` started from (`before`)
+    if it names the same repository and `value` asks for no other revision, else the one it resolves to."""
+    repo, revision = hub.split_id(value)
+    if isinstance(before, str) and hub.is_hub_id(before) and hub.split_id(before)[0] == repo:
+        started = hub.split_id(before)[1]
+        if revision in (None, started):
+            return before
+        now = hub.commit(value, what=what)
+        if now != started:
+            raise JaxllmError(f"{workdir} was started from {repo} at commit {started}; {key}={value} is commit "
+                              f"{now}: resume with {repo} (or @{started}), or start a new workdir")
+    return f"{repo}@{hub.commit(value, what=what)}"
+
+
+def _started_config(workdir: str) -> dict[str, Any]:
+    """The config.json of the run `workdir` holds (one with a checkpoint), else {}."""
+    root = atomic.as_path(workdir)
+    try:
+        if not any(p.name.isdigit() for p in (root / "checkpoints").iterdir()):
+            return {}
+        saved = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def parse(cfg: ml_collections.ConfigDict) -> Run:
@@ -141,8 +213,8 @@ def load_run(workdir: str, *, with_frozen: bool = True) -> tuple[Run, Any, dict]
     path = os.path.join(workdir, "config.json")
     try:
         cfg = ml_collections.ConfigDict(json.loads(atomic.as_path(path).read_text()))
-    except (OSError, json.JSONDecodeError) as e:
-        raise JaxllmError(f"cannot read {path} ({e}); is {workdir!r} a jaxllm workdir?") from None
+    except (OSError, ValueError, RecursionError, TypeError, AttributeError) as e:  # missing, not JSON, not an object
+        raise JaxllmError(f"cannot read {path} ({str(e)[:200]}); is {workdir!r} a jaxllm workdir?") from None
     run = parse(cfg)
     model = Decoder(run.model)
     tx = optimizer(run)[0]
@@ -190,10 +262,9 @@ def _adds_bos(folder: str, tokenizer: Tokenizer) -> bool:
     """Whether prompts start with BOS: tokenizer_config.json's add_bos_token, else the SentencePiece
     (Llama) convention of a `tokenizer.model` with a BOS id; byte-level BPE (Falcon, BLOOM) adds none."""
     try:
-        with open(os.path.join(folder, "tokenizer_config.json")) as f:
-            flag = json.load(f).get("add_bos_token")
+        flag = read_json_object(os.path.join(folder, "tokenizer_config.json")).get("add_bos_token")
         if flag is not None:
             return bool(flag) and tokenizer.bos_id >= 0
-    except (OSError, ValueError):
+    except OSError:
         pass
     return tokenizer.bos_id >= 0 and str(getattr(tokenizer, "path", "")).endswith(".model")

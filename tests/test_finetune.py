@@ -88,9 +88,10 @@ def test_autotrain_flags_map_onto_the_config(llama, tmp_path):
                                      "--batch_size", "1", "--block_size", "64", "--lora_r", "0"]), [])
     assert full.lora.r == 0  # --lora_r 0: full fine-tuning
     assert 20 < full.train.steps < 400  # ~1,400 short Q&A examples packed into 64-token rows, 8 a batch
-    with pytest.raises(JaxllmError, match="does not download"):
-        flags_to_config(_args(["--model", llama, "--data_path", "timdettmers/openassistant-guanaco"]), [])
-    with pytest.raises(JaxllmError, match="not a Hugging Face model folder"):
+    with pytest.raises(JaxllmError, match="is neither a local file, glob or folder nor a Hugging Face Hub data set"):
+        flags_to_config(_args(["--model", llama, "--data_path", str(tmp_path / "missing.jsonl")]), [])
+    with pytest.raises(JaxllmError, match="is neither a Hugging Face model folder .no config.json. nor a Hugging Face "
+                                          "Hub id"):
         flags_to_config(_args(["--model", str(tmp_path)]), [])
 
 

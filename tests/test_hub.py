@@ -330,3 +330,47 @@ def test_no_network_is_one_line(online, monkeypatch, capsys):
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if line.startswith("jaxllm: error:")]
     assert "cannot fetch model bigscience/bloom-560m from the Hugging Face Hub" in line and "HF_HUB_OFFLINE=1" in line
+
+
+def _tiny_llama(folder, tok, seed):
+    import shutil
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=64, initializer_range=0.2,
+                                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    shutil.copy(tok.path, os.path.join(folder, "tokenizer.model"))
+    return {name: folder / name for name in os.listdir(folder)}
+
+
+def test_a_resumed_run_keeps_the_commit_it_started_from(tmp_path, monkeypatch, tok):
+    """The run records org/name@<commit>; after the branch moves, a resume reads the same commit, and
+    asking the workdir for the new revision is refused."""
+    from jaxllm.config import load_config
+    from jaxllm.train.loop import train
+
+    home = tmp_path / "hf"
+    first = put_repo(home, "org/tiny-llama", _tiny_llama(tmp_path / "a", tok, 0), commit="a" * 40)
+    offline(monkeypatch, home)
+    overrides = ["checkpoint.init_from=org/tiny-llama", "data.tokenizer=org/tiny-llama", "data.block_size=32",
+                 "data.batch_size=8", "train.eval_every=0", "train.eval_at_start=False", "train.eval_batches=1",
+                 "train.log_every=1", "train.progress=False", "checkpoint.every=2", "checkpoint.async_save=False",
+                 "generate.max_new_tokens=0"]
+    workdir = tmp_path / "run"
+    train(load_config(os.path.join(ROOT, "configs/finetune.py"), [*overrides, "train.steps=2"]), str(workdir))
+    recorded = json.loads((workdir / "config.json").read_text())
+    assert recorded["checkpoint"]["init_from"] == recorded["data"]["tokenizer"] == f"org/tiny-llama@{first}"
+    # main moves to a model of other shapes: resuming from it would fail on them
+    llama = _tiny_llama(tmp_path / "b", tok, 1)
+    config = json.loads(llama["config.json"].read_text())
+    llama["config.json"].write_text(json.dumps({**config, "intermediate_size": 48}))
+    put_repo(home, "org/tiny-llama", llama, commit="b" * 40)
+    result = train(load_config(os.path.join(ROOT, "configs/finetune.py"), [*overrides, "train.steps=4"]), str(workdir))
+    assert result["step"] == 4
+    assert json.loads((workdir / "config.json").read_text())["checkpoint"]["init_from"] == f"org/tiny-llama@{first}"
+    with pytest.raises(JaxllmError, match=f"was started from org/tiny-llama at commit {first}; "
+                                          f"checkpoint.init_from=org/tiny-llama@{'b' * 40} is commit {'b' * 40}"):
+        train(load_config(os.path.join(ROOT, "configs/finetune.py"),
+                          [*overrides, "train.steps=6", f"checkpoint.init_from=org/tiny-llama@{'b' * 40}"]),
+              str(workdir))

@@ -153,3 +153,58 @@ def test_bloom_sampling_example(made, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines[0].startswith("The meaning of life is") and len(lines) >= 3
     assert all(len(line) <= 75 for line in lines) and len(" ".join(lines)) > 150
+
+
+def _sharded_bin(model, folder, shards=3, dtype=None):
+    """`model`'s weights as PyTorch pickles the way the article's 70B model ships them: shards
+    pytorch_model-0000N-of-0000M.bin (fp16) with an index, no safetensors."""
+    state = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in model.state_dict().items()}
+    names = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        torch.save({k: state[k] for k in part}, os.path.join(folder, file))
+        weight_map.update({k: file for k in part})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+
+
+def test_the_article_line_with_its_hub_ids(made, tmp_path, monkeypatch):
+    """The article's second line as printed, model and data by Hub id: the 70B model's repository laid out as
+    it is (fp16 pickle shards, an index, no safetensors) holding a tiny Llama, and the Guanaco data set's two
+    files; the cache is offline. It trains on the train file, evaluates on the eval file with --valid_split
+    test, and writes an adapter PEFT loads onto the transformers model with equal logits."""
+    from hubcache import offline, put_repo
+
+    from jaxllm.load import load_model
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(made / "llama", dtype=torch.float32)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    base.config.save_pretrained(repo)
+    shutil.copy(made / "llama" / "tokenizer.model", repo / "tokenizer.model")
+    _sharded_bin(base, repo, dtype=torch.float16)
+    home = tmp_path / "hf"
+    put_repo(home, "Riiid/sheep-duck-llama-2-70b-v1.1", {name: repo / name for name in os.listdir(repo)})
+    rows = [json.loads(line) for line in open(made / "guanaco.jsonl")]
+    put_repo(home, "timdettmers/openassistant-guanaco", {
+        "openassistant_best_replies_train.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:48]),
+        "openassistant_best_replies_eval.jsonl": "".join(json.dumps(r) + "\n" for r in rows[48:56])},
+        repo_type="dataset")
+    offline(monkeypatch, home)
+    line = AUTOTRAIN_LLM.replace("BASE", "Riiid/sheep-duck-llama-2-70b-v1.1").replace(
+        "DATA.jsonl", "timdettmers/openassistant-guanaco") + " --valid_split test"
+    proc = _run([line], tmp_path)
+    (summary,) = (json.loads(out) for out in proc.stdout.splitlines() if out.startswith('{"'))
+    run = tmp_path / "FineTuning Llama-2"
+    config = json.load(open(run / "config.json"))
+    assert config["checkpoint"]["init_from"].startswith("Riiid/sheep-duck-llama-2-70b-v1.1@")
+    assert config["lora"]["quantization"] == "nf4" and np.isfinite(summary["val_loss"])
+    adapter = json.load(open(run / "adapter" / "adapter_config.json"))
+    assert adapter["base_model_name_or_path"] == "Riiid/sheep-duck-llama-2-70b-v1.1"
+    fp16 = transformers.AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)  # the .bin, as shipped
+    peft_model = peft.PeftModel.from_pretrained(fp16, run / "adapter")
+    _logits_agree(load_model("Riiid/sheep-duck-llama-2-70b-v1.1", adapter=str(run / "adapter"))[:2], peft_model,
+                  transformers.AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32))

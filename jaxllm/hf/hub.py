@@ -52,28 +52,50 @@ def split_id(ref: str, revision: str | None = None) -> tuple[str, str | None]:
     return match.group("repo"), inline or revision or None
 
 
-def local(ref: str, *, what: str = "model", revision: str | None = None) -> str:
+def local(ref: str, *, what: str = "model", revision: str | None = None, only: tuple[str, ...] = ()) -> str:
     """`ref` itself when it is a local path (or a URL), else the cached snapshot folder of the Hub
     repository it names, holding the files `what` needs: "model" (config, weights, tokenizer),
-    "config" (config and tokenizer files), "tokenizer", "adapter" (a PEFT adapter) or "dataset"."""
+    "config" (config and tokenizer files), "tokenizer", "adapter" (a PEFT adapter), "dataset" (its
+    data files and card), "dataset_card" (README.md alone); `only` names the files instead."""
     if not is_hub_id(ref):
         return ref
     repo_id, rev = split_id(ref, revision)
-    return _fetch(repo_id, rev, what)
+    return _fetch(repo_id, rev, what, tuple(only))
 
 
-def _fetch(repo_id: str, revision: str | None, what: str) -> str:
-    return _fetch_into(repo_id, revision, what, _cache_dir(), _offline())
+def files(ref: str, *, what: str = "dataset", revision: str | None = None) -> list[str]:
+    """The file names of the Hub repository `ref` at the commit every process reads (from the Hub, or
+    offline from the cache's record of the download)."""
+    repo_id, rev = split_id(ref, revision)
+    return list(_resolve(repo_id, _repo_type(what), rev, _cache_dir(), _offline())[1])
+
+
+def commit(ref: str, *, what: str = "model", revision: str | None = None) -> str:
+    """The commit id the Hub repository `ref` names (at its revision), the one every process reads."""
+    repo_id, rev = split_id(ref, revision)
+    return _resolve(repo_id, _repo_type(what), rev, _cache_dir(), _offline())[0]
+
+
+def _repo_type(what: str) -> str:
+    return "dataset" if what.startswith("dataset") else "model"
+
+
+def _fetch(repo_id: str, revision: str | None, what: str, only: tuple[str, ...] = ()) -> str:
+    return _fetch_into(repo_id, revision, what, only, _cache_dir(), _offline())
 
 
 @functools.lru_cache(maxsize=None)
-def _fetch_into(repo_id: str, revision: str | None, what: str, cache: str, offline: bool) -> str:
+def _fetch_into(repo_id: str, revision: str | None, what: str, only: tuple[str, ...], cache: str,
+                offline: bool) -> str:
     """Memoised per process and cache, so a run that reads its config several times looks the id up once
     (every process makes the same calls in the same order: the agreement in `_resolve` pairs them)."""
-    del cache, offline  # in the key only
-    repo_type = "dataset" if what == "dataset" else "model"
-    commit, files = _resolve(repo_id, repo_type, revision)
-    patterns = _patterns(what, files, repo_id)
+    repo_type = _repo_type(what)
+    commit, files = _resolve(repo_id, repo_type, revision, cache, offline)
+    if only:
+        absent = [f for f in only if f not in files]
+        if absent:  # a caller's bug: `only` comes from this listing
+            raise AssertionError(f"{repo_id} has no {absent}")
+    patterns = list(only) or _patterns(what, files, repo_id)
     wanted = [f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)]
     if _offline():  # say which files a partial download lacks (huggingface_hub would only say it cannot fetch)
         _check_complete(repo_id, repo_type, commit, wanted, _snapshot_dir(repo_id, repo_type, commit))
@@ -102,6 +124,8 @@ def _patterns(what: str, files: list[str], repo_id: str) -> list[str]:
     has = lambda pattern: any(fnmatch.fnmatch(f, pattern) for f in files)  # noqa: E731
     if what == "dataset":
         return [p for p in DATA_FILES if has(p)]
+    if what == "dataset_card":
+        return ["README.md"] if "README.md" in files else []
     if what == "tokenizer":
         return [p for p in TOKENIZER_FILES + CONFIG_FILES if has(p)]
     if what == "adapter":
@@ -147,11 +171,14 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _resolve(repo_id: str, repo_type: str, revision: str | None) -> tuple[str, list[str]]:
+@functools.lru_cache(maxsize=None)
+def _resolve(repo_id: str, repo_type: str, revision: str | None, cache: str, offline: bool) -> tuple[str, list[str]]:
     """(commit id, file names) of the repository at `revision`: process 0 asks the Hub (or, offline, the
-    cache) and the others take its commit, so that every process reads the same version."""
+    cache) and the others take its commit, so that every process reads the same version (memoised: one
+    look-up per repository and revision in a process)."""
     from jaxllm import distributed
 
+    del cache, offline  # in the key only
     commit = None
     if distributed.is_primary():
         commit = _commit(repo_id, repo_type, revision)

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from jaxllm import JaxllmError, atomic, tree
 from jaxllm import sharding as shd
-from jaxllm.config import to_json
+from jaxllm.config import build, to_json
 from jaxllm.data.pipeline import (
     check_splits,
     make_eval_iterator,
@@ -27,10 +27,10 @@ from jaxllm.data.pipeline import (
     tokenizer_for,
 )
 from jaxllm.data.tokenizer import Tokenizer
-from jaxllm.distributed import initialize
+from jaxllm.distributed import DistributedConfig, initialize
 from jaxllm.generate import GenerateConfig, continuation, generate, wrap
 from jaxllm.hf.peft import load_adapter
-from jaxllm.load import load_frozen, load_init_params, parse
+from jaxllm.load import load_frozen, load_init_params, parse, pin
 from jaxllm.models import lora
 from jaxllm.plan import explain
 from jaxllm.train import step as st
@@ -43,9 +43,21 @@ from jaxllm.train.run import Run, check_workdir
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) a training job in `workdir`; returns the final metrics."""
+    """Runs (or resumes) a training job in `workdir`; returns the final metrics. A run refused before it
+    writes a file (a config error, another model's workdir) leaves no folder it created."""
+    created = atomic.missing_root(workdir)  # the outermost folder the run will create, if any
+    try:
+        return _train(cfg, workdir)
+    except BaseException:
+        if created:
+            atomic.remove_if_empty(created)
+        raise
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    initialize(build(DistributedConfig, cfg.get("distributed"), "distributed"))  # first: Hub ids resolve on process 0
+    cfg = pin(cfg, workdir)  # Hub ids at the commits this run reads (on resume: the ones it started from)
     run = parse(cfg)
-    initialize(run.distributed)
     atomic.check_writable(workdir, "workdir")
     checkpoint_dir(os.path.join(workdir, "checkpoints"))  # a scheme Orbax cannot write fails here, not after compiling
     check_workdir(workdir, cfg)
@@ -62,8 +74,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, frozen = _initial_state(run, program, ckpt, train_iter)
     start = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, is_primary=jax.process_index() == 0, total_steps=run.train.steps,
-                           initial_step=start, progress=run.train.progress)
-    writer.write_config(to_json(cfg))
+                           initial_step=start, progress=run.train.progress,
+                           tensorboard="tensorboard" in run.train.trackers, trackers=run.train.trackers,
+                           mlflow_tracking_uri=run.train.mlflow_tracking_uri)
+    writer.write_config(to_json(cfg))  # and starts the trackers with it
     if start:
         writer.log(f"resumed from {ckpt.directory}/{start}")
     if program.trainable is not None:
@@ -112,7 +126,7 @@ def _initial_state(run: Run, program: Program, ckpt: Checkpointer, train_iter) -
     if program.trainable is not None:
         frozen, saved = load_frozen(run, program.mesh, program.trainable)
     if run.checkpoint.resume and ckpt.latest_step() is not None:
-        return ckpt.restore(program.abstract_state(), train_iter), frozen
+        return ckpt.restore(program.abstract_state(), train_iter, set_aside=True), frozen
     if program.trainable is not None:
         params = fresh_adapter_params(run, program, saved)
         return st.state_from_params(params, program.tx, program.shardings), frozen

@@ -1,4 +1,5 @@
-"""Throughput/MFU arithmetic and the metrics writer: metrics.jsonl + TensorBoard + a tqdm bar, on process 0 only.
+"""Throughput/MFU arithmetic and the metrics writer: metrics.jsonl + TensorBoard + a tqdm bar + the experiment
+trackers (W&B, MLflow: `jaxllm.train.trackers`), on process 0 only.
 
 The workdir may be a local path or a URL (gs://...): files go through `jaxllm.atomic`, TensorBoard's
 event files too (tensorboardX's own gs:// writer would need google-cloud-storage). On an object store
@@ -11,9 +12,11 @@ import json
 import math
 import os
 import sys
-from typing import Any, Mapping
+from collections.abc import Callable
+from typing import Any, Mapping, Sequence
 
-from jaxllm import JaxllmError, atomic
+from jaxllm import atomic
+from jaxllm.train.trackers import Trackers
 
 # Dense (no sparsity) bf16 peak TFLOP/s of one chip / GPU, keyed by a readable device name.
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -76,43 +79,69 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All records of `workdir/metrics.jsonl`, oldest first ([] when there is none)."""
+def read_metrics(workdir: str, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """All records of `workdir/metrics.jsonl`, oldest first ([] when there is none).
+
+    A line that is not a record (not UTF-8, not JSON, not an object with an integer "step": a hand edit,
+    a disk fault) is skipped, all such lines reported in one warning (`warn`, default stderr); a last
+    line cut short without its newline (the process was killed while writing it) is dropped quietly."""
     path = atomic.as_path(os.path.join(workdir, "metrics.jsonl"))
     if not path.exists():
         return []
-    lines = path.read_text().split("\n")
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
+    lines = path.read_bytes().split(b"\n")
+    records, skipped = [], []
+    for i, raw in enumerate(lines):
+        if not raw.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # a last line cut short: the process was killed while writing it
-                break
-            raise JaxllmError(f"{path}:{i + 1} is not a JSON record; fix or delete that line") from None
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            record, why = None, "not UTF-8"
+        except (ValueError, RecursionError):  # not JSON, or past the parser's nesting / digit limits
+            record, why = None, "not JSON"
+        else:
+            step = record.get("step") if isinstance(record, dict) else None
+            why = None if isinstance(step, int) and not isinstance(step, bool) else "not a record with a step"
+        if why is None:
+            records.append(record)
+        elif i < len(lines) - 1:  # (the last piece has no newline after it: a write cut short)
+            skipped.append(f"line {i + 1}: {why}")
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        (warn or _warn)(f"{path}: skipped {len(skipped)} line{'s' if len(skipped) > 1 else ''} that "
+                        f"{'are' if len(skipped) > 1 else 'is'} not a metrics record ({', '.join(skipped[:3])}{more})")
     return records
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class MetricsWriter:
     """Writes metrics to `workdir/metrics.jsonl`, TensorBoard and a progress bar; no-op off process 0.
 
-    On resume (`initial_step` > 0) records after `initial_step` are dropped first: they came from a run
-    the restored checkpoint does not contain, and would otherwise appear twice.
+    On a restart, records after `initial_step` (all of them when the run starts at step 0) are dropped
+    first, by an atomic rewrite that also drops lines that are not records: they came from a run the
+    restored checkpoint does not contain, and would otherwise appear twice.
     """
 
     def __init__(self, workdir: str, *, is_primary: bool, total_steps: int, initial_step: int = 0,
-                 progress: bool = True, tensorboard: bool = True):
+                 progress: bool = True, tensorboard: bool = True, trackers: Sequence[str] = (),
+                 mlflow_tracking_uri: str = ""):
         self.workdir = workdir
         self.is_primary = is_primary
+        self._trackers: Trackers | None = None  # W&B / MLflow (jaxllm.train.trackers): started by write_config
         self._jsonl = self._tb = self._bar = None
         if not is_primary:
             return
         atomic.as_path(workdir).mkdir(parents=True, exist_ok=True)
         path = os.path.join(workdir, "metrics.jsonl")
-        if initial_step > 0 and atomic.as_path(path).exists():
-            kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= initial_step]
+        previous = read_metrics(workdir) if atomic.as_path(path).exists() else None
+        if set(trackers) - {"tensorboard"}:  # given the records before a resume trims them: a continued run has them
+            self._trackers = Trackers(trackers, workdir, previous=previous or [], initial_step=initial_step,
+                                      mlflow_tracking_uri=mlflow_tracking_uri)
+        if previous is not None:
+            kept = [r for r in previous if r["step"] <= initial_step] if initial_step > 0 else []
             atomic.write(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._jsonl = atomic.Appender(path)
         if tensorboard:
@@ -122,7 +151,7 @@ class MetricsWriter:
                 _route_tensorboard(workdir.split("://", 1)[0])
 
             self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"), flush_secs=30,
-                                     purge_step=initial_step + 1 if initial_step > 0 else None)
+                                     purge_step=initial_step + 1)
         if progress:
             from tqdm import tqdm
 
@@ -137,6 +166,8 @@ class MetricsWriter:
         record = {"step": int(step), "split": prefix, **{k: _json_value(v) for k, v in values.items()}}
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
+        if self._trackers is not None:
+            self._trackers.write(record)
         if self._tb is not None:
             for name, value in values.items():
                 if not isinstance(value, str):
@@ -170,6 +201,8 @@ class MetricsWriter:
             return
         text = config if isinstance(config, str) else json.dumps(config, indent=2, sort_keys=True, default=str)
         atomic.write(os.path.join(self.workdir, "config.json"), text if text.endswith("\n") else text + "\n")
+        if self._trackers is not None:
+            self._trackers.start(json.loads(text))
 
     def flush(self) -> None:
         if self._jsonl is not None:
@@ -185,7 +218,9 @@ class MetricsWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
-        self._jsonl = self._tb = self._bar = None
+        if self._trackers is not None:
+            self._trackers.close()
+        self._jsonl = self._tb = self._bar = self._trackers = None
 
     def __enter__(self) -> MetricsWriter:
         return self

@@ -10,18 +10,30 @@ import ml_collections
 
 from jaxllm import JaxllmError, atomic
 from jaxllm import sharding as shd
-from jaxllm.config import build, check_sections
+from jaxllm.config import build, check_number, check_sections
 from jaxllm.data.config import DataConfig
 from jaxllm.distributed import DistributedConfig
 from jaxllm.generate import GenerateConfig
+from jaxllm.hf import hub
 from jaxllm.models import lora
 from jaxllm.models.config import SHAPE_FIELDS, ModelConfig
 from jaxllm.train.checkpoint import CheckpointConfig
 from jaxllm.train.optimizer import OptimConfig
 from jaxllm.train.prune import PruneConfig
+from jaxllm.train.trackers import check as check_trackers
 
 SECTIONS = ("seed", "model", "data", "optim", "train", "mesh", "checkpoint", "generate", "distributed", "lora",
             "prune")
+
+
+def check_complete(cfg: ml_collections.ConfigDict, path: str) -> None:
+    """Refuses a run config file that leaves out sections: their defaults would run unseen (a file with
+    only a `model` section would train the dataclasses' step count on the embedded corpus)."""
+    missing = [s for s in SECTIONS if s not in cfg]
+    if missing:
+        raise JaxllmError(f"config file {path!r} lacks section(s) {', '.join(missing)}; start it from "
+                          "configs/common.py, which declares every section: in get_config(), "
+                          'c = load_config(os.path.join(os.path.dirname(__file__), "common.py")), then change c')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +50,17 @@ class TrainConfig:
     z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
     loss_chunk: int = 0  # positions per cross-entropy chunk (float32 [B, chunk, V] logits at a time); 0 = whole
     progress: bool = True  # tqdm progress bar on process 0
+    trackers: tuple[str, ...] = ("tensorboard",)  # tensorboard | wandb | mlflow (process 0); metrics.jsonl always
+    mlflow_tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, else MLflow's default store
 
     def __post_init__(self):
-        if self.steps <= 0 or self.log_every <= 0 or self.eval_batches <= 0:
-            raise JaxllmError("train: steps, log_every and eval_batches must be positive")
-        if self.loss_chunk < 0:
-            raise JaxllmError(f"train.loss_chunk={self.loss_chunk} must be >= 0 (0 = no chunking)")
+        check_trackers(self.trackers)
+        for name in ("steps", "log_every", "eval_batches"):
+            check_number(f"train.{name}", getattr(self, name), low=1, integer=True)
+        for name in ("eval_every", "early_stop_patience", "loss_chunk"):
+            check_number(f"train.{name}", getattr(self, name), low=0, integer=True)
+        for name in ("early_stop_min_delta", "z_loss"):
+            check_number(f"train.{name}", getattr(self, name), low=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +131,8 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
         checkpoint = c.get("checkpoint") or {}
         source = checkpoint.get("init_from") or ""
         shapes = None if checkpoint.get("model_from_init") else build(ModelConfig, c.get("model"), "model")
+        if hub.is_hub_id(source):  # the commit is checked where the run pins it (jaxllm.load.pin)
+            source = hub.split_id(source)[0]
         return {"init_from": atomic.location(source) if source else "none",
                 **({f: getattr(shapes, f) for f in SHAPE_FIELDS} if shapes else {})}
     try:
