@@ -257,6 +257,19 @@ def missing_root(path: str | os.PathLike) -> str | None:
     return missing
 
 
+@contextlib.contextmanager
+def no_leftovers(*paths: str | os.PathLike) -> Iterator[None]:
+    """A block that may create the folders `paths`: if it raises, the folders it created that hold no file
+    are removed again (a refused run leaves nothing behind); folders that existed before are kept."""
+    created = {root for root in (missing_root(p) for p in paths if p) if root}
+    try:
+        yield
+    except BaseException:
+        for root in created:
+            remove_if_empty(root)
+        raise
+
+
 def remove_if_empty(path: str | os.PathLike) -> bool:
     """Removes local folder `path` if it holds no file (only empty folders); True if it did. Folders that
     gained a file meanwhile stay (an rmdir removes only an empty folder)."""

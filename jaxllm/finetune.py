@@ -485,13 +485,18 @@ def finetune(args: argparse.Namespace, overrides: list[str], command: list[str] 
     """Trains (or resumes), exports and, with --push_to_hub, uploads; returns the final metrics, the written
     folders and `pushed` (or `push_error`: the one-line failure, the outputs kept). `command` is the command
     line the model card shows (default sys.argv; the token is removed)."""
+    if not (args.project_name or args.save_dir):
+        raise JaxllmError("name the run's folder: --project_name DIR (checkpoints, logs, output) or --save_dir DIR")
+    with atomic.no_leftovers(args.project_name, args.save_dir):  # a refused run leaves no folder it made
+        return _finetune(args, overrides, command)
+
+
+def _finetune(args: argparse.Namespace, overrides: list[str], command: list[str] | None) -> dict[str, Any]:
     import jax
 
     from jaxllm import push
     from jaxllm.train.loop import train
 
-    if not (args.project_name or args.save_dir):
-        raise JaxllmError("name the run's folder: --project_name DIR (checkpoints, logs, output) or --save_dir DIR")
     cfg, workdir = flags_to_config(args, overrides)
     save_dir = args.save_dir or workdir
     atomic.check_writable(save_dir, "--save_dir")  # before training, not after it

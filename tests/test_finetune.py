@@ -241,7 +241,7 @@ def test_bad_finetune_input(llama, tmp_path):
     with pytest.raises(JaxllmError, match=r"training split is too small for one batch: 2 documents \([\d,]+ tokens\) "
                                           r"fill 2 row\(s\) of 33 tokens, but one batch needs 8 rows"):
         cli.run([*common, "--data_path", str(rows)])
-    assert not (tmp_path / "r" / "checkpoints").exists()  # refused before the first step
+    assert not (tmp_path / "r").exists()  # refused before the first step: no project folder left behind
     (tmp_path / "file").write_text("")
     with pytest.raises(JaxllmError, match="--save_dir .*file/out' is not a writable folder"):
         cli.run([*common, "--data_path", str(rows), "--save_dir", str(tmp_path / "file" / "out")])

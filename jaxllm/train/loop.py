@@ -45,13 +45,8 @@ from jaxllm.train.run import Run, check_workdir
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) a training job in `workdir`; returns the final metrics. A run refused before it
     writes a file (a config error, another model's workdir) leaves no folder it created."""
-    created = atomic.missing_root(workdir)  # the outermost folder the run will create, if any
-    try:
+    with atomic.no_leftovers(workdir):
         return _train(cfg, workdir)
-    except BaseException:
-        if created:
-            atomic.remove_if_empty(created)
-        raise
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
