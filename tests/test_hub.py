@@ -230,10 +230,14 @@ class _FakeHub:
 
                 path = unquote(urlsplit(self.path).path)
                 parts = path.strip("/").split("/")
+                kind = ""  # a data set's paths: /api/datasets/ORG/NAME/..., /datasets/ORG/NAME/resolve/...
+                if parts[:2] == ["api", "datasets"] or parts[:1] == ["datasets"]:
+                    kind = "datasets/"
+                    parts = ["api", "models", *parts[2:]] if parts[0] == "api" else parts[1:]
                 if parts[:2] == ["api", "models"] and len(parts) == 4:  # repo info at the default branch
                     parts += ["revision", "main"]
                 if parts[:2] == ["api", "models"] and parts[4] in ("revision", "tree"):
-                    found = self._find("/".join(parts[2:4]), parts[5])
+                    found = self._find(kind + "/".join(parts[2:4]), parts[5])
                     if isinstance(found, str):
                         status = 401 if found == "GatedRepo" else 404
                         return self._error(status, found, head)
@@ -246,7 +250,7 @@ class _FakeHub:
                                  "oid": hashlib.sha1(data).hexdigest()} for name, data in sorted(files.items())]
                     return self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
                 if len(parts) > 4 and parts[2] == "resolve":
-                    found = self._find("/".join(parts[:2]), parts[3])
+                    found = self._find(kind + "/".join(parts[:2]), parts[3])
                     if isinstance(found, str):
                         return self._error(401 if found == "GatedRepo" else 404, found, head)
                     commit, files = found
@@ -254,7 +258,7 @@ class _FakeHub:
                     if name not in files:
                         return self._error(404, "EntryNotFound", head)
                     if not head:
-                        hub.downloads.append(name)
+                        hub.downloads.append(kind + name)
                     etag = '"' + hashlib.sha1(files[name]).hexdigest() + '"'
                     return self._send(200, files[name], {"X-Repo-Commit": commit, "ETag": etag}, head)
                 return self._error(404, "NotFound", head)
@@ -280,7 +284,11 @@ def online(tmp_path, monkeypatch, bloom_dirs):
     main = bloom_dirs[0]
     files = {name: (main / name).read_bytes() for name in os.listdir(main)}
     files.update({"flax_model.msgpack": b"\0" * 64, "onnx/model.safetensors": b"\0" * 64, "README.md": b"# bloom"})
-    server = _FakeHub({"bigscience/bloom-560m": {"main": ("c" * 40, files)}})
+    guanaco = {"openassistant_best_replies_train.jsonl": b'{"text": "### Human: hi### Assistant: hello"}\n' * 8,
+               "openassistant_best_replies_eval.jsonl": b'{"text": "### Human: q### Assistant: a"}\n' * 4,
+               "README.md": b"---\nlicense: apache-2.0\n---\n# guanaco"}
+    server = _FakeHub({"bigscience/bloom-560m": {"main": ("c" * 40, files)},
+                       "datasets/timdettmers/openassistant-guanaco": {"main": ("d" * 40, guanaco)}})
     home = tmp_path / "hf"
     for name, value in (("HF_HOME", str(home)), ("HF_HUB_CACHE", str(home / "hub")), ("HF_ENDPOINT", server.url)):
         monkeypatch.setenv(name, value)
@@ -302,6 +310,18 @@ def test_online_fetches_only_what_the_command_needs(online, bloom_dirs, capsys):
     snapshot = home / "hub" / "models--bigscience--bloom-560m" / "snapshots" / ("c" * 40)
     assert sorted(os.listdir(snapshot)) == needed
     assert (home / "hub" / "models--bigscience--bloom-560m" / "refs" / "main").read_text() == "c" * 40
+
+
+def test_online_fetches_only_the_splits_a_run_reads(online):
+    from jaxllm.data.splits import split_files
+
+    server, home = online
+    source, files = split_files("timdettmers/openassistant-guanaco", "test")
+    assert source == "jsonl" and [os.path.basename(f) for f in files] == ["openassistant_best_replies_eval.jsonl"]
+    assert sorted(server.downloads) == ["datasets/README.md", "datasets/openassistant_best_replies_eval.jsonl"]
+    assert open(files[0]).read().count("\n") == 4
+    split_files("timdettmers/openassistant-guanaco", "train")
+    assert "datasets/openassistant_best_replies_train.jsonl" in server.downloads and len(server.downloads) == 3
 
 
 @pytest.mark.parametrize("argv, message", [
