@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from jaxllm import JaxllmError
-from jaxllm.data.sources import Fields, RowSource, check_fields, expand_globs
+from jaxllm.data.sources import FileRows, Fields, RowSource, check_fields, expand_globs
 
 _CACHE_BYTES = 256 << 20  # decoded row groups kept per process: random access reads whole groups
 
 
-class ParquetSource(RowSource):
+class ParquetSource(FileRows):
     """Parquet files, as Hugging Face `datasets` exports them (`data/train-00000-of-00001.parquet`).
 
     Random access by row reads one row group (only the columns the format needs) and keeps recently
@@ -44,9 +44,6 @@ class ParquetSource(RowSource):
         self._len = sum(counts)
         self.__setstate__(self.__dict__)
 
-    def __len__(self) -> int:
-        return self._len
-
     def _row(self, index: int) -> dict[str, Any]:
         file_id, row = self._locate(index)
         group = bisect.bisect_right(self._group_starts[file_id], row) - 1
@@ -68,14 +65,6 @@ class ParquetSource(RowSource):
                 self._cache.popitem(last=False)
         return table
 
-    def _locate(self, index: int) -> tuple[int, int]:
-        file_id = bisect.bisect_right(self._starts, index) - 1
-        return file_id, index - self._starts[file_id]
-
-    def where(self, index: int) -> str:
-        file_id, row = self._locate(index)
-        return f"{self._files[file_id]}: row {row}"
-
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
 
@@ -84,5 +73,3 @@ class ParquetSource(RowSource):
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def __repr__(self) -> str:
-        return f"ParquetSource({len(self._files)} files, {len(self)} rows)"

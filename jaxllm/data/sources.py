@@ -62,6 +62,29 @@ class RowSource:
         return check_fields(_plain(row), self._fields, where)
 
 
+class FileRows(RowSource):
+    """Rows numbered across files: subclasses set `_files`, `_starts` (the global index of each file's
+    first row) and `_len`, and read a row by (file, row in it)."""
+
+    _files: list[str]
+    _starts: list[int]
+    _len: int
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        file_id = bisect.bisect_right(self._starts, index) - 1
+        return file_id, index - self._starts[file_id]
+
+    def where(self, index: int) -> str:
+        file_id, row = self._locate(index)
+        return f"{self._files[file_id]}: row {row}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self._files)} files, {len(self)} rows)"
+
+
 class EmbeddedSource(RowSource):
     """The corpus shipped with Python (see `jaxllm.data.corpus`)."""
 

@@ -9,7 +9,6 @@ row; a CSV or JSON array is read whole once per process, Arrow files are memory-
 
 from __future__ import annotations
 
-import bisect
 import json
 import threading
 from collections.abc import Sequence
@@ -20,10 +19,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from jaxllm import JaxllmError
-from jaxllm.data.sources import Fields, JsonlSource, RowSource, check_fields, expand_globs
+from jaxllm.data.sources import FileRows, Fields, JsonlSource, RowSource, check_fields, expand_globs
 
 
-class _TableSource(RowSource):
+class _TableSource(FileRows):
     """Rows of whole-file Arrow tables (one per file), read lazily in each process that reads them."""
 
     _kind = ""
@@ -51,21 +50,10 @@ class _TableSource(RowSource):
                 self._tables[file_id] = self._read(self._files[file_id])
             return self._tables[file_id]
 
-    def __len__(self) -> int:
-        return self._len
-
-    def _locate(self, index: int) -> tuple[int, int]:
-        file_id = bisect.bisect_right(self._starts, index) - 1
-        return file_id, index - self._starts[file_id]
-
     def _row(self, index: int) -> dict[str, Any]:
         file_id, row = self._locate(index)
         table = self._table(file_id)
         return {name: table.column(name)[row].as_py() for _, name in self._fields}
-
-    def where(self, index: int) -> str:
-        file_id, row = self._locate(index)
-        return f"{self._files[file_id]}: row {row}"
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_tables", "_lock")}
@@ -74,9 +62,6 @@ class _TableSource(RowSource):
         self.__dict__.update(state)
         self._tables: dict[int, pa.Table] = {}
         self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({len(self._files)} files, {len(self)} rows)"
 
 
 class CsvSource(_TableSource):
@@ -110,7 +95,7 @@ class ArrowSource(_TableSource):
                               "data.paths") from None
 
 
-class JsonSource(RowSource):
+class JsonSource(FileRows):
     """`.json` files as `datasets` reads them: a JSON array of objects (held in memory), or JSON lines."""
 
     def __init__(self, patterns: Sequence[str], fields: Fields = RowSource._fields, whole_row: bool = False):
@@ -135,18 +120,12 @@ class JsonSource(RowSource):
             raise JaxllmError(f"JSON file {path!r} holds an empty array; remove it or narrow data.paths")
         return [self._select(row, f"{path}: item {i}") for i, row in enumerate(rows)]
 
-    def __len__(self) -> int:
-        return self._len
-
     def __getitem__(self, index: int) -> str | dict[str, Any]:
-        part = bisect.bisect_right(self._starts, index) - 1
-        return self._parts[part][index - self._starts[part]]
+        part, row = self._locate(index)
+        return self._parts[part][row]
 
     def where(self, index: int) -> str:
-        part = bisect.bisect_right(self._starts, index) - 1
+        part, row = self._locate(index)
         if isinstance(self._parts[part], list):
-            return f"{self._files[part]}: item {index - self._starts[part]}"
-        return self._parts[part].where(index - self._starts[part])
-
-    def __repr__(self) -> str:
-        return f"JsonSource({len(self._files)} files, {len(self)} rows)"
+            return f"{self._files[part]}: item {row}"
+        return self._parts[part].where(row)
