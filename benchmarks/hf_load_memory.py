@@ -1,11 +1,13 @@
 """Peak host memory of `jaxllm.hf.load_pretrained`, as a multiple of the checkpoint's size on disk.
 
 Builds a random float32 Llama with transformers (hidden 1024, 12 layers, vocab 32000: ~0.9 GB), saves it
-sharded (max_shard_size=100MB), then loads it with jaxllm in a fresh process (no torch imported there)
-and reports peak RSS (ru_maxrss) minus the RSS after `import jax`, divided by the bytes on disk.
+sharded (max_shard_size=100MB; with --format=bin as PyTorch pickle shards pytorch_model-*.bin + index, as
+torch.save writes them), then loads it with jaxllm in a fresh process (no torch imported there) and reports
+peak RSS (ru_maxrss) minus the RSS after `import jax`, divided by the bytes on disk.
 The target is < 1.3x: a loader that held the model twice (host copy + device copy) would show ~2x.
 
     python benchmarks/hf_load_memory.py [--workdir /tmp/hf_load_memory] [--scan_layers true|false]
+        [--format safetensors|bin]
 """
 
 from __future__ import annotations
@@ -51,27 +53,62 @@ transformers.LlamaForCausalLM(config).save_pretrained(sys.argv[1], max_shard_siz
 """
 
 
-def build(folder: str) -> None:
-    """In its own process, so this one stays small (its peak RSS would show in the child's ru_maxrss)."""
+# the same model as PyTorch pickle shards of about 100 MB, as older Hub checkpoints ship
+_TO_BIN = r"""
+import json, os, sys, torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+state, shards, current, size = model.state_dict(), [], {}, 0
+for name, tensor in state.items():
+    if current and size + tensor.numel() * 4 > 100e6:
+        shards.append(current)
+        current, size = {}, 0
+    current[name] = tensor.contiguous()
+    size += tensor.numel() * 4
+shards.append(current)
+os.makedirs(sys.argv[2], exist_ok=True)
+model.config.save_pretrained(sys.argv[2])
+weight_map = {}
+for i, shard in enumerate(shards):
+    file = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+    torch.save(shard, os.path.join(sys.argv[2], file))
+    weight_map.update(dict.fromkeys(shard, file))
+with open(os.path.join(sys.argv[2], "pytorch_model.bin.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": sum(t.numel() * 4 for t in state.values())}, "weight_map": weight_map}, f)
+"""
+
+WEIGHTS = {"safetensors": ".safetensors", "bin": ".bin"}
+
+
+def build(folder: str, fmt: str = "safetensors") -> str:
+    """In its own process, so this one stays small (its peak RSS would show in the child's ru_maxrss);
+    returns the folder of the checkpoint in `fmt`."""
     if not os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
         subprocess.run([sys.executable, "-c", _BUILD, folder], check=True, capture_output=True)
+    if fmt == "safetensors":
+        return folder
+    out = folder + "_bin"
+    if not os.path.isfile(os.path.join(out, "pytorch_model.bin.index.json")):
+        subprocess.run([sys.executable, "-c", _TO_BIN, folder, out], check=True, capture_output=True)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/hf_load_memory")
     parser.add_argument("--scan_layers", default="true", choices=["true", "false"])
+    parser.add_argument("--format", default="safetensors", choices=sorted(WEIGHTS))
     args = parser.parse_args()
-    folder = os.path.join(args.workdir, "llama_1024x12")
-    build(folder)
-    disk = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    folder = build(os.path.join(args.workdir, "llama_1024x12"), args.format)
+    ext = WEIGHTS[args.format]
+    disk = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(ext))
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device, as a plain user would have
     out = subprocess.run([sys.executable, "-c", _CHILD, folder, args.scan_layers], env=env, check=True,
                          capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     disk_mb = disk / 2**20
-    shards = len([f for f in os.listdir(folder) if f.endswith(".safetensors")])
-    print(f"checkpoint on disk: {disk_mb:.0f} MiB in {shards} shards; params loaded: {r['params_mb']:.0f} MiB"
+    shards = len([f for f in os.listdir(folder) if f.endswith(ext)])
+    print(f"checkpoint on disk ({args.format}): {disk_mb:.0f} MiB in {shards} shards; params loaded: "
+          f"{r['params_mb']:.0f} MiB"
           f" in {r['load_s']:.1f} s (scan_layers={args.scan_layers})")
     print(f"RSS after import jax: {r['after_jax_mb']:.0f} MiB; after import jaxllm.hf: {r['after_jaxllm_mb']:.0f} MiB;"
           f" peak during load: ru_maxrss {r['peak_mb']:.0f} MiB (VmHWM {r['hwm_mb']:.0f} MiB);"
