@@ -320,3 +320,37 @@ def test_a_run_from_step_0_starts_new_tracker_runs(tmp_path, monkeypatch):
     client = MlflowClient(uri)
     assert [[(m.step, m.value) for m in client.get_metric_history(r, "train/loss")] for r in run_ids] == [
         [(1, 5.0)], [(1, 3.0)]]
+
+
+def test_one_wandb_run_spans_a_preemption_kill_and_resume(tmp_path):
+    """SIGTERM mid-run (a preemption: the run checkpoints and exits), then the same command again: both
+    offline sessions are the one W&B run, and together they hold every step of metrics.jsonl once."""
+    import signal
+    import time
+
+    env, workdir = _env(tmp_path), tmp_path / "killed"
+    argv = [sys.executable, "-m", "jaxllm.cli", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
+            *[f"--config.{o}" for o in (*SMALL, "train.eval_every=0", "checkpoint.every=0", "optim.decay_steps=500",
+                                        "train.trackers=wandb")]]
+    proc = subprocess.Popen([*argv, "--config.train.steps=500"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (workdir / "metrics.jsonl").exists() and len(read_metrics(str(workdir), warn=lambda line: None)) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["preempted"] and 3 <= stopped["step"] < 500
+    end = stopped["step"] + 2
+    _jaxllm(env, *argv[3:], f"--config.train.steps={end}")
+    run_id = (workdir / "wandb_id").read_text().strip()
+    sessions = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
+    assert len(sessions) == 2 and all(d.endswith("-" + run_id) for d in sessions)
+    before, after = (wandb_session(str(tmp_path / "wandb" / d)) for d in sessions)
+    assert before["run"].run_id == after["run"].run_id == run_id
+    assert not set(before["history"]) & set(after["history"])  # no step twice
+    _assert_rows({**before["history"], **after["history"]}, _expected(read_metrics(str(workdir))))
+    assert sorted(after["history"]) == list(range(stopped["step"] + 1, end + 1))
