@@ -102,7 +102,8 @@ def test_a_local_path_wins_and_ids_are_told_from_paths(tmp_path, monkeypatch):
     (tmp_path / "org" / "name").mkdir(parents=True)
     assert not hub.is_hub_id("org/name") and hub.local("org/name") == "org/name"
     assert hub.is_hub_id("bigscience/bloom-560m") and hub.is_hub_id("Riiid/sheep-duck-llama-2-70b-v1.1@main")
-    for path in ("./a/b", "/abs/path", "~/x/y", "gs://bucket/model", "a/b/c", "single", ""):
+    for path in ("./a/b", "/abs/path", "~/x/y", "gs://bucket/model", "a/b/c", "single", "", "prepared/tokenizer.model",
+                 "data/train.jsonl"):
         assert not hub.is_hub_id(path), path
     assert hub.split_id("org/m@v2") == ("org/m", "v2")
     with pytest.raises(JaxllmError, match="names revision 'v2' but --revision is 'v3'"):

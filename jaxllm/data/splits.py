@@ -49,8 +49,6 @@ _LOADERS = {".parquet": "parquet", ".geoparquet": "parquet", ".gpq": "parquet", 
             ".toml": "harbor", ".md": "harbor", ".lance": "lance", ".vortex": "vortex", ".xml": "xml",
             ".tar": "webdataset", ".hdf5": "hdf5", ".h5": "hdf5"}
 _PREFERRED = (".parquet", ".lance", ".vortex", ".arrow", ".jsonl", ".json", ".csv")  # tie-breaks, best last
-_FILE_ENDINGS = (".parquet", ".arrow", ".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".array_record", ".gz",
-                 ".zst", ".zip")
 _EXTENSION_SOURCES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
                       ".csv": "csv"}  # a file named directly
 
@@ -65,8 +63,6 @@ def parse_ref(entry: str) -> tuple[str, str, str] | None:
     if os.path.exists(os.path.expanduser(entry)):
         return (entry, "", "") if os.path.isdir(os.path.expanduser(entry)) else None
     base, *rest = entry.split(":")
-    if base.lower().endswith(_FILE_ENDINGS):  # a missing file, not a repository: its source says so
-        return None
     if len(rest) > 2 or not (os.path.isdir(os.path.expanduser(base)) or hub.is_hub_id(base)):
         return None
     config, split = (rest[0], rest[1]) if len(rest) == 2 else ("", rest[0] if rest else "")

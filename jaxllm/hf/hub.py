@@ -32,9 +32,17 @@ DATA_FILES = ("*.jsonl", "*.json", "*.parquet", "*.csv", "*.arrow", "*.txt", "*.
               "*.txt.gz", "README.md")
 
 
+# a name ending so is a file someone meant to point at (a missing one gets its own error), not a repository
+_FILE_ENDINGS = (".model", ".json", ".jsonl", ".ndjson", ".txt", ".csv", ".tsv", ".parquet", ".arrow", ".safetensors",
+                 ".bin", ".py", ".gz", ".zst", ".zip", ".array_record")
+
+
 def is_hub_id(ref: str) -> bool:
-    """Whether `ref` names a Hub repository: `org/name[@rev]` that is not a path on this machine or a URL."""
-    if not ref or atomic.is_url(ref) or ref.startswith((".", "/", "~")):
+    """Whether `ref` names a Hub repository: `org/name[@rev]` that is not a path on this machine, a file
+    name or a URL."""
+    if not isinstance(ref, str) or not ref or atomic.is_url(ref) or ref.startswith((".", "/", "~")):
+        return False
+    if ref.split("@")[0].lower().endswith(_FILE_ENDINGS):
         return False
     if os.path.exists(os.path.expanduser(ref)) or os.path.exists(os.path.expanduser(ref.split("@")[0])):
         return False
