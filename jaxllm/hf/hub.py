@@ -158,10 +158,6 @@ def _patterns(what: str, files: list[str], repo_id: str) -> list[str]:
     return wanted + weights
 
 
-def _present(folder: str, pattern: str) -> bool:
-    return any(fnmatch.fnmatch(name, pattern) for name in _listing(folder))
-
-
 def _listing(folder: str) -> list[str]:
     """Paths of the files under `folder`, relative, with '/' separators (symlinks into blobs/ followed)."""
     out = []
