@@ -40,3 +40,14 @@ def test_scaling_sweeps_print_a_point_per_setting():
     assert [(p["sweep"], p["seq"], p["batch"]) for p in points] == [("seq", 32, 4), ("seq", 64, 2), ("size", 256, 8)]
     assert all(p["tokens_per_s"] > 0 and p["tflops"] > 0 for p in points)
     assert 0.5e6 < points[-1]["params"] < 2e6  # the "1m" shape
+
+
+def test_jsonl_memory_reads_both_layouts(tmp_path, tok):
+    """At 2 MB no line passes the 16 MiB limit: both layouts read every row (tok: the cached tokenizer)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "jsonl_memory.py"), "--mb=2",
+                          "--long_lines=1", f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("2 MB as 1 lines: peak RSS") and "1 rows" in lines[0]
+    assert lines[1].startswith("2 MB as 200 lines: peak RSS") and "200 rows" in lines[1]
