@@ -20,6 +20,7 @@ import shlex
 from typing import Any, Sequence
 
 from jaxllm import JaxllmError, __version__, atomic
+from jaxllm.hf import hub
 
 EXPORTS = ("merged", "adapter", "model")  # a run's export folders, the one uploaded first
 EXPORT_RECORD = "export.json"  # in a finetune workdir: {"command": ..., "written": {kind: folder}}
@@ -119,7 +120,8 @@ def locate(path: str) -> tuple[str, str | None]:
 
 def _hub_origin(path: str, kind: str = "models") -> tuple[str | None, str | None]:
     """(Hub id, commit) of a path inside a Hugging Face cache snapshot (.../models--ORG--NAME/snapshots/C/),
-    or of a Hub id that is not a local path (its commit when the cache holds it); (None, None) otherwise."""
+    or (Hub id, revision) of a model id as a run records it (`org/name@<commit>`, see jaxllm.load.pin);
+    (None, None) otherwise."""
     if not path:
         return None, None
     parts = os.path.normpath(os.path.expanduser(path)).split(os.sep)
@@ -127,19 +129,9 @@ def _hub_origin(path: str, kind: str = "models") -> tuple[str | None, str | None
         if part.startswith(f"{kind}--") and part.count("--") >= 2:
             commit = parts[i + 2] if len(parts) > i + 2 and parts[i + 1] == "snapshots" else None
             return part[len(kind) + 2:].replace("--", "/"), commit
-    repo_id, _, revision = path.partition("@")  # a run records a Hub id as org/name or org/name@revision
-    if kind != "models" or os.path.exists(os.path.expanduser(path)) or repo_id.count("/") != 1 or "://" in path:
-        return None, None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.utils import validate_repo_id
-
-        validate_repo_id(repo_id)
-        cached = try_to_load_from_cache(repo_id, "config.json", revision=revision or None)
-    except Exception:  # pylint: disable=broad-except
-        return repo_id, revision or None
-    commit = _hub_origin(cached)[1] if isinstance(cached, str) else None
-    return repo_id, commit or revision or None
+    if kind == "models" and hub.is_hub_id(path):
+        return hub.split_id(path)
+    return None, None
 
 
 def _loss(records: list[dict[str, Any]], split: str) -> tuple[int, Any] | None:
