@@ -130,18 +130,13 @@ def test_a_run_sets_each_kind_of_unreadable_checkpoint_aside_and_trains_past_it(
 
 
 def test_two_processes_agree_to_set_a_corrupt_checkpoint_aside(trained, tmp_path, capfd):
-    from jaxllm.distributed import launch_local
+    from runs import launch_from_root
 
     workdir = _copy(trained, tmp_path)
     _damage(workdir / "checkpoints" / "10", "truncated largest file")
     cmd = [sys.executable, "-m", "jaxllm.cli", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
            "--config.train.steps=12"] + [f"--config.{o}" for o in OPTIONS]
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        codes = launch_local(cmd, num_processes=2, devices_per_process=2, timeout=300)
-    finally:
-        os.chdir(cwd)
+    codes = launch_from_root(cmd, num_processes=2, devices_per_process=2, timeout=300)
     captured = capfd.readouterr()
     out = captured.out + captured.err
     assert codes == [0, 0], out[-4000:]

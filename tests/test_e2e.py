@@ -3,10 +3,8 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -15,6 +13,7 @@ from jaxllm.cli import run as cli_run
 from jaxllm.config import load_config
 from jaxllm.train.loop import train
 from jaxllm.train.metrics import read_metrics
+from runs import preempt_when
 
 CONFIG = "configs/tiny.py"
 SMALL = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
@@ -80,13 +79,7 @@ def test_exact_resume_after_the_process_ends(straight, tmp_path):
 def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(straight, tmp_path):
     proc = subprocess.Popen(_cmd(tmp_path, "train.steps=20", "checkpoint.every=0"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if any(s >= 4 for s in _losses(tmp_path)):
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    out, err = preempt_when(proc, lambda: any(s >= 4 for s in _losses(tmp_path)))
     assert proc.returncode == 0, err[-3000:]
     stopped = json.loads(out.strip().splitlines()[-1])
     assert stopped["preempted"] and 4 <= stopped["step"] < 20

@@ -3,10 +3,10 @@
 import os
 import sys
 
-from jaxllm.distributed import launch_local
-from jaxllm.train.metrics import read_metrics
+sys.path.insert(0, os.path.dirname(__file__))
+from runs import launch_from_root  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from jaxllm.train.metrics import read_metrics  # noqa: E402
 SMALL = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
          "model.mlp_dim=128", "model.vocab_size=512", "model.max_seq_len=64", "data.vocab_size=512",
          "data.block_size=32", "data.batch_size=8", "train.log_every=1", "train.eval_every=2",
@@ -17,12 +17,7 @@ SMALL = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model
 def _train(workdir, steps, capsys):
     cmd = [sys.executable, "-m", "jaxllm.cli", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
            f"--config.train.steps={steps}"] + [f"--config.{o}" for o in SMALL]
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        codes = launch_local(cmd, num_processes=2, devices_per_process=2, timeout=400)
-    finally:
-        os.chdir(cwd)
+    codes = launch_from_root(cmd, num_processes=2, devices_per_process=2, timeout=400)
     captured = capsys.readouterr()
     return codes, captured.out + captured.err
 
@@ -54,13 +49,8 @@ def _launch(workdir, steps, processes, devices, mesh, capsys):
     data, fsdp = mesh
     cmd = [sys.executable, "-m", "jaxllm.cli", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
            f"--config.train.steps={steps}", f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}"]
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        codes = launch_local(cmd + [f"--config.{o}" for o in CHAIN], num_processes=processes,
+    codes = launch_from_root(cmd + [f"--config.{o}" for o in CHAIN], num_processes=processes,
                              devices_per_process=devices, timeout=600)
-    finally:
-        os.chdir(cwd)
     captured = capsys.readouterr()
     assert codes == [0] * processes, (captured.out + captured.err)[-4000:]
     return captured.out + captured.err

@@ -325,8 +325,7 @@ def test_a_run_from_step_0_starts_new_tracker_runs(tmp_path, monkeypatch):
 def test_one_wandb_run_spans_a_preemption_kill_and_resume(tmp_path):
     """SIGTERM mid-run (a preemption: the run checkpoints and exits), then the same command again: both
     offline sessions are the one W&B run, and together they hold every step of metrics.jsonl once."""
-    import signal
-    import time
+    from runs import preempt_when
 
     env, workdir = _env(tmp_path), tmp_path / "killed"
     argv = [sys.executable, "-m", "jaxllm.cli", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
@@ -334,13 +333,7 @@ def test_one_wandb_run_spans_a_preemption_kill_and_resume(tmp_path):
                                         "train.trackers=wandb")]]
     proc = subprocess.Popen([*argv, "--config.train.steps=500"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (workdir / "metrics.jsonl").exists() and len(read_metrics(str(workdir), warn=lambda line: None)) >= 3:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    out, err = preempt_when(proc, lambda: len(read_metrics(str(workdir), warn=lambda line: None)) >= 3)
     assert proc.returncode == 0, err[-3000:]
     stopped = json.loads(out.strip().splitlines()[-1])
     assert stopped["preempted"] and 3 <= stopped["step"] < 500
