@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import linen as nn
 from jax.sharding import Mesh
 
 from jaxllm import JaxllmError, atomic, hf, tree
@@ -26,7 +27,7 @@ from jaxllm.data.splits import parse_ref, resolve_data
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.hf import hub, peft
 from jaxllm.hf.files import read_json_object
-from jaxllm.hf.weights import TensorFiles, load_params, read_config
+from jaxllm.hf.weights import TensorFiles, fresh_score, load_params, read_config
 from jaxllm.models import lora
 from jaxllm.models.config import SHAPE_FIELDS, ModelConfig
 from jaxllm.models.decoder import Decoder, abstract_params, layer_layout
@@ -79,21 +80,31 @@ def _check_compatible(run_cfg: ModelConfig, source_cfg: ModelConfig, source: str
                           "set the model section from the source's config.json")
 
 
-def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh, *, quantized: ModelConfig | None = None) -> Any:
+def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh, *, quantized: ModelConfig | None = None,
+                     score_key: jax.Array | None = None) -> Any:
     """Params for a fresh run from a Hugging Face folder or a `jaxllm convert` output, placed sharded;
-    with `quantized`, a Hugging Face base is quantized kernel by kernel as it loads."""
+    with `quantized`, a Hugging Face base is quantized kernel by kernel as it loads. A causal LM starting a
+    score model (run num_labels > 0) gives its base; the score head is drawn fresh from `score_key` (key 0)."""
     source_cfg = source_model_config(source)
     _check_compatible(run_cfg, source_cfg, source)
+    fresh = fresh_score(source_cfg.num_labels, run_cfg.num_labels, source)
+    score_key = (jax.random.key(0) if score_key is None else score_key) if fresh else None
     if kind(source) == "hf":
-        return load_params(TensorFiles(source), run_cfg, mesh, quantized=quantized)
+        return load_params(TensorFiles(source), run_cfg, mesh, quantized=quantized, score_key=score_key)
     # restored in the layout it was saved in (scanned or unrolled layers), then put in the run's
-    stored_cfg = dataclasses.replace(run_cfg, scan_layers=source_cfg.scan_layers)
+    stored_cfg = dataclasses.replace(run_cfg, scan_layers=source_cfg.scan_layers, num_labels=source_cfg.num_labels)
     boxed = abstract_params(stored_cfg)
     abstract = shd.placed(boxed, shd.shardings_for(boxed, mesh))
     try:
         params = ocp.StandardCheckpointer().restore(os.path.join(source, "params"), abstract)
     except Exception as e:
         raise JaxllmError(f"init_from {source}/params is corrupt or incompatible ({str(e)[:200]})") from e
+    if fresh:  # the causal LM's head gives way to a fresh score head
+        params = {k: v for k, v in params.items() if k != "lm_head"}
+        score = shd.unbox(abstract_params(run_cfg))["score"]["kernel"]
+        draw = jax.jit(lambda key: nn.initializers.normal(run_cfg.init_std)(key, score.shape, score.dtype),
+                       out_shardings=shd.shardings_for(abstract_params(run_cfg), mesh)["score"]["kernel"])
+        params["score"] = {"kernel": draw(score_key)}
     if stored_cfg.scan_layers != run_cfg.scan_layers:
         run_sh = shd.shardings_for(abstract_params(run_cfg), mesh)
         params = jax.jit(lambda p: layer_layout(p, run_cfg.num_layers, run_cfg.scan_layers), out_shardings=run_sh)(
@@ -105,7 +116,8 @@ def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh, *, quantized
 
 
 # config keys that may name a Hugging Face Hub repository, and which of its files they need
-HUB_KEYS = (("checkpoint", "init_from", "model"), ("data", "tokenizer", "tokenizer"), ("lora", "init_adapter", "adapter"))
+HUB_KEYS = (("checkpoint", "init_from", "model"), ("data", "tokenizer", "tokenizer"), ("lora", "init_adapter", "adapter"),
+            ("preference", "model_ref", "model"))
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -188,10 +200,28 @@ def parse(cfg: ml_collections.ConfigDict) -> Run:
     `checkpoint.model_from_init` the model's shapes come from `init_from`'s config."""
     cfg = resolve(cfg)
     section = cfg.get("checkpoint") or {}
-    init_model = None
+    init_model = ref_model = None
     if section.get("model_from_init") and section.get("init_from"):
         init_model = source_model_config(section.get("init_from"))
-    return from_config(cfg, init_model)
+    model_ref = (cfg.get("preference") or {}).get("model_ref")
+    if model_ref:
+        ref_model = _workdir_run(model_ref).model if kind(model_ref) == "workdir" else source_model_config(model_ref)
+    return from_config(cfg, init_model, ref_model)
+
+
+def load_reference(run: Run, mesh: Mesh, shardings: Any) -> Any:
+    """`preference.model_ref`'s params, placed with `shardings` (a workdir's: its trained params over its base)."""
+    source = run.preference.model_ref
+    if kind(source) == "workdir":
+        _, params, frozen = load_run(source)
+        params = tree.union(params, frozen)
+    else:
+        params = load_init_params(source, run.ref_model, mesh)
+    cfg = run.ref_model
+    dtypes = jax.tree.map(lambda s: s.dtype, shd.unbox(abstract_params(cfg)))
+    placed = lambda p: jax.tree.map(lambda x, d: x.astype(d), layer_layout(p, cfg.num_layers, cfg.scan_layers),  # noqa: E731
+                                    dtypes)
+    return jax.jit(placed, out_shardings=shardings)(params)
 
 
 def load_frozen(run: Run, mesh: Mesh, trainable: Callable) -> tuple[dict, dict]:
@@ -206,16 +236,21 @@ def load_frozen(run: Run, mesh: Mesh, trainable: Callable) -> tuple[dict, dict]:
     return frozen, saved
 
 
-def load_run(workdir: str, *, with_frozen: bool = True) -> tuple[Run, Any, dict]:
-    """(run, trained params, frozen params) from the latest checkpoint of a training workdir; an adapter
-    run's frozen base is rebuilt from its `init_from` (quantized as it was trained) unless `with_frozen`
-    is False (then {}: exporting an adapter needs only the adapters)."""
+def _workdir_run(workdir: str) -> Run:
+    """The run a training workdir's config.json describes."""
     path = os.path.join(workdir, "config.json")
     try:
         cfg = ml_collections.ConfigDict(json.loads(atomic.as_path(path).read_text()))
     except (OSError, ValueError, RecursionError, TypeError, AttributeError) as e:  # missing, not JSON, not an object
         raise JaxllmError(f"cannot read {path} ({str(e)[:200]}); is {workdir!r} a jaxllm workdir?") from None
-    run = parse(cfg)
+    return parse(cfg)
+
+
+def load_run(workdir: str, *, with_frozen: bool = True) -> tuple[Run, Any, dict]:
+    """(run, trained params, frozen params) from the latest checkpoint of a training workdir; an adapter
+    run's frozen base is rebuilt from its `init_from` (quantized as it was trained) unless `with_frozen`
+    is False (then {}: exporting an adapter needs only the adapters)."""
+    run = _workdir_run(workdir)
     model = Decoder(run.model)
     tx = optimizer(run)[0]
     mesh = shd.make_mesh(shd.MeshConfig(data=-1))

@@ -249,12 +249,14 @@ def plan(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: in
         "per_chip_batch": run.data.batch_size / len(devices), "params": run.model.num_params(),
         "remat": run.model.remat, "grad_accum_steps": run.optim.grad_accum_steps,
         "attention": run.model.attention, "loss_chunk": run.train.loss_chunk,
-        "hbm_capacity_gib": capacity / GiB,
+        "hbm_capacity_gib": capacity / GiB, "objective": run.train.objective,
+        "reference": program.reference.kind if program.reference is not None else None,
     }
     breakdown = {
         "params_gib": _per_device_bytes(state.params, "device") / GiB,
         "opt_state_gib": _per_device_bytes(state.opt_state, "device") / GiB,
         "frozen_base_gib": _per_device_bytes(frozen, "device") / GiB,
+        "reference_gib": _per_device_bytes(program.abstract_ref(), "device") / GiB,  # a DPO reference's own params
         "batch_gib": _per_device_bytes(program.abstract_batch()) / GiB,
         "host_state_gib": _per_device_bytes(state, "pinned_host") / GiB,
     }

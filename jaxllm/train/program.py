@@ -18,12 +18,13 @@ from jaxllm import JaxllmError, tree
 from jaxllm import sharding as shd
 from jaxllm.hf import peft
 from jaxllm.models.decoder import Decoder, abstract_params
+from jaxllm.train import preference as pref
 from jaxllm.train import step as st
 from jaxllm.train.optimizer import make_optimizer
 from jaxllm.train.prune import with_pruning
 
 BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
-                "loss_weights": jnp.float32}
+                "loss_weights": jnp.float32, "ref_logps": jnp.float32}  # ref_logps: precomputed DPO references
 
 
 def optimizer(run) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -45,8 +46,13 @@ class Program:
     mesh: Mesh
     batch_size: int
     seq_len: int
-    train_step: Callable  # run(state, batch, frozen) -> (state, metrics), with .lower(...)
-    eval_step: Callable  # run(params, batch, frozen) -> (loss sum, weight sum)
+    train_step: Callable  # run(state, batch, frozen, ref) -> (state, metrics), with .lower(...)
+    eval_step: Callable  # run(params, batch, frozen, ref) -> metrics with their count (tokens or pairs)
+    reference: pref.Reference | None = None  # a DPO run's reference (None: no reference model)
+    ref_boxed: Any = dataclasses.field(default_factory=dict)  # the step's `ref` input ({}: none)
+    ref_shardings: Any = None
+    batch_fields: tuple[str, ...] = tuple(BATCH_FIELDS)
+    step_cfg: st.StepConfig = st.StepConfig()  # what the steps were made with (`st.make_loss(model, step_cfg)`)
 
     def abstract_state(self) -> Any:
         return shd.placed(self.boxed, self.shardings)
@@ -54,16 +60,20 @@ class Program:
     def abstract_frozen(self) -> Any:
         return shd.placed(self.frozen_boxed, self.frozen_shardings) if self.frozen_boxed else {}
 
+    def abstract_ref(self) -> Any:
+        return shd.placed(self.ref_boxed, self.ref_shardings) if self.ref_boxed else {}
+
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         sharding = shd.batch_sharding(self.mesh)
-        return {k: jax.ShapeDtypeStruct((self.batch_size, self.seq_len), dtype, sharding=sharding)
-                for k, dtype in BATCH_FIELDS.items()}
+        return {k: jax.ShapeDtypeStruct((self.batch_size, self.seq_len), BATCH_FIELDS[k], sharding=sharding)
+                for k in self.batch_fields}
 
     def compile_train_step(self):
         """The train step compiled for the mesh's devices (the executable a run calls). Raises
         `OutOfMemory` when the compiler refuses it for memory."""
         try:
-            return self.train_step.lower(self.abstract_state(), self.abstract_batch(), self.abstract_frozen()).compile()
+            return self.train_step.lower(self.abstract_state(), self.abstract_batch(), self.abstract_frozen(),
+                                         self.abstract_ref()).compile()
         except Exception as e:  # XLA raises its own runtime error type; only memory refusals are ours
             oom = OutOfMemory.parse(str(e))
             if oom is None:
@@ -112,11 +122,40 @@ def build(run, mesh: Mesh) -> Program:
     if trainable is not None:
         frozen_boxed = tree.partition(abstract_params(model.cfg), trainable)[1]
         frozen_sh = shd.shardings_for(frozen_boxed, mesh)
+    reference = reference_of(run, trainable)
+    ref_boxed, ref_sh = {}, None
+    if reference is not None and reference.kind == "start":  # the trainable params as they start
+        ref_boxed, ref_sh = boxed.params, shardings.params
+    elif reference is not None and reference.kind == "model":
+        ref_boxed = abstract_params(run.ref_model)
+        ref_sh = shd.shardings_for(ref_boxed, mesh)
     step_cfg = st.StepConfig(grad_accum_steps=run.optim.grad_accum_steps, z_loss=run.train.z_loss,
                              dropout_seed=run.seed, loss_chunk=run.train.loss_chunk,
-                             host_offload=run.optim.host_offload)
-    train_step = st.jit_train_step(st.make_train_step(model, tx, schedule, step_cfg), shardings, mesh, frozen_sh)
-    eval_step = st.make_eval_step(model, mesh, shardings.params, frozen_sh, loss_chunk=run.train.loss_chunk)
+                             host_offload=run.optim.host_offload, objective=run.train.objective,
+                             preference=run.preference, reference=reference)
+    train_step = st.jit_train_step(st.make_train_step(model, tx, schedule, step_cfg), shardings, mesh, frozen_sh,
+                                   ref_sh)
+    eval_step = st.make_eval_step(model, mesh, shardings.params, frozen_sh, loss_chunk=run.train.loss_chunk,
+                                  cfg=step_cfg, ref_shardings=ref_sh)
+    fields = tuple(k for k in BATCH_FIELDS if k != "ref_logps" or (reference and reference.kind == "batch"))
     return Program(model=model, tx=tx, schedule=schedule, trainable=trainable, boxed=boxed, shardings=shardings,
                    frozen_boxed=frozen_boxed, frozen_shardings=frozen_sh, mesh=mesh, batch_size=run.data.batch_size,
-                   seq_len=run.data.block_size, train_step=train_step, eval_step=eval_step)
+                   seq_len=run.data.block_size, train_step=train_step, eval_step=eval_step, reference=reference,
+                   ref_boxed=ref_boxed, ref_shardings=ref_sh, batch_fields=fields, step_cfg=step_cfg)
+
+
+def reference_of(run, trainable: Callable | None) -> pref.Reference | None:
+    """Where a DPO run's reference log-probs come from (as TRL): precomputed with the data; else
+    `preference.model_ref`; else, for fresh adapters over a frozen base, the base with the adapters
+    switched off; else the trainable params as they were at step 0 (an adapter continued from
+    `lora.init_adapter`, `modules_to_save`, or a full fine-tune's frozen copy of the start)."""
+    if run.train.objective != "dpo":
+        return None
+    if run.preference.precompute_ref_logps:
+        return pref.Reference("batch")
+    if run.preference.model_ref:
+        return pref.Reference("model", Decoder(run.ref_model))
+    if trainable is not None and not run.lora.init_adapter and not run.lora.modules_to_save:
+        plain = dataclasses.replace(run.model, lora_rank=0, lora_targets=(), lora_dropout=0.0)
+        return pref.Reference("base", Decoder(plain))
+    return pref.Reference("start")

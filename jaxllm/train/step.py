@@ -16,6 +16,7 @@ from jaxllm import JaxllmError
 from jaxllm import sharding as shd
 from jaxllm.models.decoder import head_DV
 from jaxllm.models.layers import constrain
+from jaxllm.train import preference as pref
 from jaxllm.tree import partition, union
 
 Batch = dict[str, jax.Array]
@@ -132,30 +133,63 @@ class StepConfig:
     dropout_seed: int = 0
     loss_chunk: int = 0  # positions per cross-entropy chunk; 0 = whole logits
     host_offload: bool = False  # the optimizer state arrives in host memory (see `state_shardings`)
+    objective: str = "lm"  # lm (next-token cross-entropy) | dpo | orpo | reward (jaxllm.train.preference)
+    preference: pref.PreferenceConfig = pref.PreferenceConfig()
+    reference: pref.Reference | None = None  # dpo: where the reference log-probs come from
 
 
 def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _counts(cfg: StepConfig, batch: Batch) -> dict[str, jax.Array]:
+    """What a batch's sums are divided by; a function of the data alone (so known before any micro-batch)."""
+    if cfg.objective == "lm":
+        return {"tokens": jnp.sum(batch["loss_weights"].astype(jnp.float32))}
+    return pref.counts(cfg.objective, batch)
+
+
+def _finish(cfg: StepConfig, sums: dict[str, jax.Array], n: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """A batch's metrics from its sums and counts."""
+    if cfg.objective == "lm":
+        denom = jnp.maximum(n["tokens"], 1.0)
+        return {"loss": sums["ce"] / denom, "z_loss": sums["z"] / denom, "tokens": n["tokens"]}
+    return pref.finish(sums, n)
+
+
+def make_loss(model: nn.Module, cfg: StepConfig) -> Callable:
+    """`loss(params, frozen, ref, batch, n, rng) -> (loss, sums)`: the objective of one (micro-)batch.
+    lm: the unnormalised cross-entropy + z-loss sum (the step divides the gradient by the batch's
+    tokens); preference objectives: the batch loss's share of these rows (already divided by `n`)."""
+
+    def loss(params, frozen, ref, mb: Batch, n, rng):
+        full = union(params, frozen)
+        if cfg.objective == "lm":
+            ce, z, _ = token_loss(model, full, mb, z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk, rng=rng)
+            return ce + z, {"ce": ce, "z": z}
+        ref_BS = None
+        if cfg.objective == "dpo":
+            ref_BS = pref.reference_logps(cfg.reference, model, ref, frozen, mb, cfg.loss_chunk)
+        return pref.batch_loss(cfg.objective, cfg.preference, model, full, mb, n, ref_BS=ref_BS,
+                               loss_chunk=cfg.loss_chunk, rng=rng)
+
+    return loss
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     cfg: StepConfig) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """`train_step(state, batch, frozen) -> (state, metrics)`; pure, to be jitted by `jit_train_step`.
+    """`train_step(state, batch, frozen, ref) -> (state, metrics)`; pure, to be jitted by `jit_train_step`.
     Gradients are taken with respect to `state.params` only; `frozen` (the rest of the model's params,
-    {} for full training) is read, never differentiated."""
+    {} for full training) and `ref` (a DPO reference's params, else {}) are read, never differentiated."""
+    grad_fn = jax.value_and_grad(make_loss(model, cfg), has_aux=True)
 
-    def summed_loss(params, frozen, mb: Batch, rng):
-        ce, z, weight = token_loss(model, union(params, frozen), mb, z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk,
-                                   rng=rng)
-        return ce + z, (ce, z, weight)
-
-    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
-
-    def train_step(state: TrainState, batch: Batch, frozen: Any):
+    def train_step(state: TrainState, batch: Batch, frozen: Any, ref: Any = None):
+        ref = {} if ref is None else ref
         rng = jax.random.fold_in(jax.random.key(cfg.dropout_seed), state.step)
+        n = _counts(cfg, batch)
         m = cfg.grad_accum_steps
         if m == 1:
-            (_, (ce, z, weight)), grads = grad_fn(state.params, frozen, batch, rng)
+            (_, sums), grads = grad_fn(state.params, frozen, ref, batch, n, rng)
         else:
             def split(x):  # micro-batch i takes rows i, i+m, ...: every micro-batch spans all devices
                 b = x.shape[0]
@@ -166,14 +200,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
             def body(carry, inp):
                 mb, i = inp
-                (_, aux), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(rng, i))
+                (_, aux), g = grad_fn(state.params, frozen, ref, mb, n, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, carry, (g, aux)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()),) * 3)
-            (grads, (ce, z, weight)), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(m)))
-        denom = jnp.maximum(weight, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        loss = ce / denom
+            shapes = jax.eval_shape(lambda mb: grad_fn(state.params, frozen, ref, mb, n, rng)[0][1],
+                                    jax.tree.map(lambda x: x[0], micro))
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                                               shapes))
+            (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(m)))
+        if cfg.objective == "lm":
+            denom = jnp.maximum(n["tokens"], 1.0)
+            grads = jax.tree.map(lambda g: g / denom, grads)
+        metrics = _finish(cfg, sums, n)
+        loss = metrics["loss"]
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(grads)
         opt_state = state.opt_state
@@ -187,48 +226,65 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
                                   opt_state=keep(new_opt_state, opt_state),
                                   skipped=state.skipped + (~finite).astype(jnp.int32))
-        metrics = {"loss": loss, "z_loss": z / denom, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "tokens": weight, "skipped": new_state.skipped}
+        metrics.update(grad_norm=grad_norm, lr=schedule(state.step), skipped=new_state.skipped)
         return new_state, metrics
 
     return train_step
 
 
-def jit_train_step(step_fn, shardings: Any, mesh: Mesh, frozen_shardings: Any = None):
+def jit_train_step(step_fn, shardings: Any, mesh: Mesh, frozen_shardings: Any = None, ref_shardings: Any = None):
     """Jits with explicit in/out shardings; the old state is donated (updated in place).
-    `run(state, batch, frozen={})`."""
+    `run(state, batch, frozen={}, ref={})`."""
     batch_sh = shd.batch_sharding(mesh)
-    frozen_sh = {} if frozen_shardings is None else frozen_shardings
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, frozen_sh),
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, _or_empty(frozen_shardings), _or_empty(ref_shardings)),
                      out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0)
-
     return _under_mesh(jitted, mesh)
 
 
-def _under_mesh(jitted, mesh: Mesh):
-    """`run(x, batch, frozen={})`: `jitted` called (or, by `run.lower`, lowered) under the mesh's rules."""
-    def run(x, batch, frozen=None, method=jitted):
-        with shd.activate(mesh):
-            return method(x, batch, {} if frozen is None else frozen)
+def _or_empty(shardings: Any) -> Any:
+    return {} if shardings is None else shardings
 
-    run.lower = lambda x, batch, frozen=None: run(x, batch, frozen, method=jitted.lower)
+
+def _under_mesh(jitted, mesh: Mesh):
+    """`run(x, batch, frozen={}, ref={})`: `jitted` called (or, by `run.lower`, lowered) under the mesh's rules."""
+    def run(x, batch, frozen=None, ref=None, method=jitted):
+        with shd.activate(mesh):
+            return method(x, batch, _or_empty(frozen), _or_empty(ref))
+
+    run.lower = lambda x, batch, frozen=None, ref=None: run(x, batch, frozen, ref, method=jitted.lower)
     return run
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, frozen_shardings: Any = None,
-                   loss_chunk: int = 0):
-    """`eval_step(params, batch, frozen={}) -> (loss_sum, weight_sum)`, deterministic (no dropout)."""
+                   loss_chunk: int = 0, cfg: StepConfig | None = None, ref_shardings: Any = None):
+    """`eval_step(params, batch, frozen={}, ref={}) -> metrics` of one batch, deterministic (no dropout),
+    with the counts they are averages over ("tokens" for lm, "pairs" for preference objectives), so
+    batches combine (`combine_eval`)."""
+    cfg = cfg or StepConfig(loss_chunk=loss_chunk)
+    loss = make_loss(model, dataclasses.replace(cfg, loss_chunk=loss_chunk or cfg.loss_chunk))
 
-    def eval_step(params, batch, frozen):
-        ce, _, weight = token_loss(model, union(params, frozen), batch, loss_chunk=loss_chunk)
-        return ce, weight
+    def eval_step(params, batch, frozen, ref):
+        n = _counts(cfg, batch)
+        _, sums = loss(params, frozen, ref, batch, n, None)
+        return _finish(cfg, sums, n)
 
-    frozen_sh = {} if frozen_shardings is None else frozen_shardings
-    jitted = jax.jit(eval_step, in_shardings=(param_shardings, shd.batch_sharding(mesh), frozen_sh),
+    jitted = jax.jit(eval_step, in_shardings=(param_shardings, shd.batch_sharding(mesh), _or_empty(frozen_shardings),
+                                              _or_empty(ref_shardings)),
                      out_shardings=shd.replicated(mesh))
     return _under_mesh(jitted, mesh)
 
 
+def combine_eval(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Metrics over several batches from their per-batch metrics: each weighted by its count."""
+    if not parts:
+        return {}
+    count = "tokens" if "tokens" in parts[0] else "pairs"
+    total = sum(p[count] for p in parts)
+    out = {k: sum(p[k] * p[count] for p in parts) / max(total, 1.0) for k in parts[0] if k != count}
+    out[count] = total
+    return out
+
+
 __all__ = ["TrainState", "StepConfig", "new_state", "abstract_state", "init_state", "state_from_params",
            "cross_entropy", "chunked_cross_entropy", "token_loss", "make_train_step",
-           "jit_train_step", "make_eval_step"]
+           "jit_train_step", "make_eval_step", "combine_eval", "make_loss"]
