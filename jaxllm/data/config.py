@@ -9,13 +9,14 @@ from typing import Any
 
 from jaxllm import JaxllmError
 from jaxllm.data import mixture
-from jaxllm.data.sources import (ArrayRecordSource, EmbeddedSftSource, EmbeddedSource, Fields, JsonlSource, RowSource,
-                                 TextSource, TfdsSource)
+from jaxllm.data.sources import (ArrayRecordSource, EmbeddedPreferenceSource, EmbeddedSftSource, EmbeddedSource, Fields,
+                                 JsonlSource, RowSource, TextSource, TfdsSource)
 
-SOURCE_NAMES: tuple[str, ...] = ("embedded", "embedded_sft", "text", "jsonl", "json", "parquet", "csv", "arrow",
-                                  "array_record", "tfds")
-FILE_SOURCES = frozenset(SOURCE_NAMES) - {"embedded", "embedded_sft", "tfds"}  # sources that read data.paths
-FORMATS: tuple[str, ...] = ("text", "sft_text", "messages", "prompt_completion")
+SOURCE_NAMES: tuple[str, ...] = ("embedded", "embedded_sft", "embedded_preference", "text", "jsonl", "json", "parquet",
+                                  "csv", "arrow", "array_record", "tfds")
+# sources that read data.paths
+FILE_SOURCES = frozenset(SOURCE_NAMES) - {"embedded", "embedded_sft", "embedded_preference", "tfds"}
+FORMATS: tuple[str, ...] = ("text", "sft_text", "messages", "prompt_completion", "preference")
 CHAT_TEMPLATES: tuple[str, ...] = ("guanaco", "chatml", "llama2")
 LOSS_ON: tuple[str, ...] = ("auto", "all", "assistant")
 
@@ -24,8 +25,8 @@ LOSS_ON: tuple[str, ...] = ("auto", "all", "assistant")
 class DataConfig:
     """The `data` sub-dict of an experiment config."""
 
-    source: str = "embedded"  # embedded | embedded_sft | text | jsonl | json | parquet | csv | arrow | array_record
-    #                           | tfds
+    source: str = "embedded"  # embedded | embedded_sft | embedded_preference | text | jsonl | json | parquet | csv
+    #                           | arrow | array_record | tfds
     # file globs of a file source; or a data set (a Hugging Face Hub id org/name[@rev] or a local folder, then
     # :SPLIT or :CONFIG:SPLIT, default train), replaced by its split's files (`jaxllm.data.splits.resolve_data`)
     paths: tuple[str, ...] = ()
@@ -48,13 +49,18 @@ class DataConfig:
     add_bos: bool = True
     add_eos: bool = True
     num_workers: int = 0  # worker processes reading and tokenizing; 0 = threads in the main process
-    format: str = "text"  # text (pretrain) | sft_text (`### Human: q### Assistant: a`) | messages | prompt_completion
-    prompt_field: str = "prompt"  # prompt_completion: the prompt column
+    # text (pretrain) | sft_text (`### Human: q### Assistant: a`) | messages | prompt_completion | preference (pairs)
+    format: str = "text"
+    prompt_field: str = "prompt"  # prompt_completion, preference: the prompt column (preference: absent = implicit)
     completion_field: str = "completion"  # prompt_completion: the completion column (appended to the prompt)
     messages_field: str = "messages"  # messages: the column of [{"role": system|user|assistant, "content": str}]
     chat_template: str = "guanaco"  # messages rendering: guanaco | chatml | llama2
     loss_on: str = "auto"  # all | assistant (answers + their EOS) | auto (assistant for prompt_completion, else all)
     packing: bool = True  # SFT: several whole examples per row (first-fit); False = one example per row, padded
+    chosen_field: str = "chosen"  # preference: the preferred answer's column (text, or messages ending in it)
+    rejected_field: str = "rejected"  # preference: the dispreferred answer's column
+    max_prompt_length: int = 0  # preference: a prompt keeps its last this many tokens; 0 = no limit
+    max_completion_length: int = 0  # preference: an answer keeps its first this many tokens; 0 = no limit
     # Several sources: {name: {source, paths, <field keys>, weight}}, weight a number or ((step, w), ...);
     # each entry inherits the keys above it does not set (see jaxllm.data.mixture).
     mixture: Any = None
@@ -94,18 +100,30 @@ class DataConfig:
         for name, known in (("format", FORMATS), ("chat_template", CHAT_TEMPLATES), ("loss_on", LOSS_ON)):
             if getattr(self, name) not in known:
                 raise JaxllmError(f"data.{name}={getattr(self, name)!r} is not known; use one of {', '.join(known)}")
-        for name in ("text_field", "prompt_field", "completion_field", "messages_field"):
+        for name in ("text_field", "prompt_field", "completion_field", "messages_field", "chosen_field",
+                     "rejected_field"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise JaxllmError(f"data.{name} must name a field, got {getattr(self, name)!r}")
+        for name in ("max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise JaxllmError(f"data.{name} must be an integer >= 0 (0 = no limit), got {value!r}")
+        if self.format == "preference" and self.loss_on == "all":
+            raise JaxllmError("data.loss_on='all' does not apply to data.format='preference' (its losses read the "
+                              "answers); drop data.loss_on")
+        if self.format == "preference" and self.chosen_field == self.rejected_field:
+            raise JaxllmError(f"data.chosen_field and data.rejected_field both name {self.chosen_field!r}; point "
+                              "them at the two answer columns")
         if not isinstance(self.packing, bool):
             raise JaxllmError(f"data.packing must be True or False, got {self.packing!r}")
         if self.format == "text" and self.loss_on == "assistant":
             raise JaxllmError("data.loss_on='assistant' needs data.format sft_text, messages or prompt_completion")
         if self.format == "text" and not self.packing:
             raise JaxllmError("data.packing=False needs an SFT data.format; format 'text' always concatenates docs")
-        if self.format in ("messages", "prompt_completion") and self.source in ("embedded", "text"):
+        if self.format in ("messages", "prompt_completion", "preference") and self.source in ("embedded", "text"):
             raise JaxllmError(f"data.format={self.format!r} needs records with fields, but data.source={self.source!r} "
-                              "gives plain text; use jsonl, parquet, array_record, tfds or embedded_sft")
+                              "gives plain text; use jsonl, parquet, array_record, tfds, embedded_sft or "
+                              "embedded_preference")
         if self.curriculum_field and not self.mixture and self.source in ("embedded", "text"):
             raise JaxllmError(f"data.curriculum_field={self.curriculum_field!r} needs records with fields, but "
                               f"data.source={self.source!r} gives plain text; prepare it with `jaxllm prep` (its shards "
@@ -128,9 +146,16 @@ def components(cfg: DataConfig) -> list[tuple[str, DataConfig]]:
 
 def make_source(cfg: DataConfig) -> Sequence[str] | Sequence[dict[str, Any]]:
     """The rows of `cfg.source`: `str` documents for `cfg.format == "text"`, else dicts holding the
-    format's fields (cached: a JSONL scan runs once, not every eval)."""
-    return _make_source(cfg.source, cfg.paths, row_fields(cfg), cfg.format != "text", cfg.text_split,
-                        cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
+    format's fields (cached: a JSONL scan runs once, not every eval). Preference rows without the prompt
+    column are read without it: their prompt is the leading part chosen and rejected share (as TRL)."""
+    args = (cfg.source, cfg.paths, row_fields(cfg), cfg.format != "text", cfg.text_split, cfg.tfds_name,
+            cfg.tfds_split, cfg.tfds_data_dir)
+    try:
+        return _make_source(*args)
+    except JaxllmError as e:
+        if cfg.format != "preference" or f"no field {cfg.prompt_field!r}" not in str(e):
+            raise
+    return _make_source(cfg.source, cfg.paths, preference_answers(cfg), *args[3:])
 
 
 def source_rows(cfg: DataConfig, fields: Fields) -> RowSource:
@@ -145,7 +170,13 @@ def row_fields(cfg: DataConfig) -> Fields:
         return (("messages_field", cfg.messages_field),)
     if cfg.format == "prompt_completion":
         return (("prompt_field", cfg.prompt_field), ("completion_field", cfg.completion_field))
+    if cfg.format == "preference":  # make_source reads a source lacking it without it
+        return (("prompt_field", cfg.prompt_field),) + preference_answers(cfg)
     return (("text_field", cfg.text_field),)
+
+
+def preference_answers(cfg: DataConfig) -> Fields:
+    return (("chosen_field", cfg.chosen_field), ("rejected_field", cfg.rejected_field))
 
 
 @functools.lru_cache(maxsize=8)
@@ -164,6 +195,8 @@ def _make_source(
         return EmbeddedSource(**rows)
     if source == "embedded_sft":
         return EmbeddedSftSource(**rows)
+    if source == "embedded_preference":
+        return EmbeddedPreferenceSource(**rows)
     if source == "text":
         return TextSource(paths, text_split, **rows)
     if source == "jsonl":

@@ -14,6 +14,7 @@ import functools
 import importlib
 import inspect
 import os
+import random
 import re
 import sysconfig
 import warnings
@@ -156,6 +157,39 @@ def embedded_sft_records() -> list[dict]:
         }
         for q, a in _qa_pairs()
     ]
+
+
+def embedded_preference_records() -> list[dict]:
+    """The embedded_sft questions as preference pairs (a fresh list each call): `chosen` is the question's
+    own answer, `rejected` the same words in a shuffled order (fixed per question), so a model learns to
+    prefer the well-formed answer (a preference a 3M-parameter model can learn in a few dozen steps;
+    another question's answer, a relevance preference, needs a model that understands the question).
+
+    Each record has `prompt` / `chosen` / `rejected` text (Guanaco: `### Human: q### Assistant:`,
+    ` a`), the conversational `prompt_messages` / `chosen_messages` / `rejected_messages`, and the chosen
+    chat as SFT `text` / `messages` / `completion` (fine-tune on it first, then tune on the preferences).
+    """
+    pairs = _qa_pairs()
+    out = []
+    for i, (q, a) in enumerate(pairs):
+        words = a.split(" ")
+        b = a
+        for attempt in range(8):  # a one-word answer cannot be shuffled: another question's answer then
+            random.Random(f"{i}-{attempt}").shuffle(words)
+            b = " ".join(words)
+            if b != a:
+                break
+        if b == a:
+            b = pairs[(i + len(pairs) // 2) % len(pairs)][1]
+        out.append({
+            "prompt": f"### Human: {q}### Assistant:", "chosen": f" {a}", "rejected": f" {b}",
+            "prompt_messages": [{"role": "user", "content": q}],
+            "chosen_messages": [{"role": "assistant", "content": a}],
+            "rejected_messages": [{"role": "assistant", "content": b}],
+            "text": f"### Human: {q}### Assistant: {a}", "completion": f" {a}",
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+        })
+    return out
 
 
 @functools.cache

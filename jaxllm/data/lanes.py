@@ -35,7 +35,9 @@ import numpy as np
 from jaxllm import JaxllmError
 from jaxllm.data import mixture
 
-Example = dict[str, np.ndarray]  # {"tokens"} (pretraining) or {"tokens", "mask"} (SFT)
+# {"tokens"} (pretraining), {"tokens", "mask"} (SFT), or a preference pair: {"tokens", "mask", "lengths"
+# [n_chosen, n_rejected]} (+ "ref_logps" [2], "doc_index"), two sequences end to end
+Example = dict[str, np.ndarray]
 Row = dict[str, np.ndarray]  # _shift's output: inputs, targets, segment_ids, positions, loss_weights
 
 FORMAT = "jaxllm-global-data-order/1"  # the data state a checkpoint holds
@@ -208,7 +210,8 @@ def text_rows(cursor, length: int, count: int | None, pad_last: bool) -> list[di
 def sft_rows(cursor, length: int, window: int, bins: int, packing: bool) -> list[dict[str, np.ndarray]]:
     """One window of rows of whole examples, first-fit packed into `bins` open rows (one example per row
     without packing); when the window's rows are all open and an example fits none, they are flushed
-    and that example waits for the next window. Fewer rows only where the cursor ends."""
+    and that example waits for the next window. Fewer rows only where the cursor ends. A preference pair
+    fits in the first `length - 1` slots, so each sequence's last token is an input, not only a target."""
     done, open_rows = [], []  # open: [examples, fill]
     while True:
         got = cursor.current()
@@ -219,7 +222,8 @@ def sft_rows(cursor, length: int, window: int, bins: int, packing: bool) -> list
         if n == 0:
             cursor.consume(0)
             continue
-        fit = next((b for b in open_rows if packing and b[1] + n <= length), None)
+        room = length - 1 if "lengths" in example else length
+        fit = next((b for b in open_rows if packing and b[1] + n <= room), None)
         if fit is not None:
             fit[0].append(example)
             fit[1] += n
@@ -232,30 +236,53 @@ def sft_rows(cursor, length: int, window: int, bins: int, packing: bool) -> list
         open_rows.append([[example], n])
         cursor.consume(n)
     done += open_rows
-    return [_row([(e["tokens"], e["mask"]) for e in examples], length) for examples, _ in done]
+    return [_row([seq for e in examples for seq in _sequences(e)], length) for examples, _ in done]
 
 
-def pad_row(length: int) -> dict[str, np.ndarray]:
-    """A row of padding only (segment 0 everywhere: no target counts)."""
-    return _row([], length)
+def _sequences(example: Example) -> list[tuple]:
+    """(tokens, mask, values at the first position) of each sequence of an example: a pair's are two."""
+    if "lengths" not in example:
+        return [(example["tokens"], example["mask"], {})]
+    cut = int(example["lengths"][0])
+    out = []
+    for j, part in enumerate((slice(None, cut), slice(cut, None))):
+        first = {"ref_logps": example["ref_logps"][j]} if "ref_logps" in example else {}
+        if "doc_index" in example:
+            first["doc_index"] = example["doc_index"]
+        out.append((example["tokens"][part], example["mask"][part], first))
+    return out
 
 
-def _row(pieces: Sequence[tuple[np.ndarray, np.ndarray | None]], length: int) -> dict[str, np.ndarray]:
-    """Pieces -> one padded row: tokens, segment ids 1, 2, ... (0 = padding), positions from 0 in each."""
+# Fields a row may carry at each sequence's first position: (dtype, value elsewhere)
+FIRST_POSITION_FIELDS = {"ref_logps": (np.float32, 0), "doc_index": (np.int32, -1)}
+
+
+def pad_row(length: int, fields: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """A row of padding only (segment 0 everywhere: no target counts), with `FIRST_POSITION_FIELDS` `fields`."""
+    return _row([], length, fields)
+
+
+def _row(pieces: Sequence[tuple], length: int, fields: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Pieces (tokens, mask or None[, {field: value at its first position}]) -> one padded row: tokens,
+    segment ids 1, 2, ... (0 = padding), positions from 0 in each."""
     tokens = np.zeros(length, np.int32)
     segments = np.zeros(length, np.int32)
     positions = np.zeros(length, np.int32)
     masks = np.zeros(length, np.int32) if pieces and pieces[0][1] is not None else None
+    fields = set(fields) | {k for piece in pieces[:1] for k in (piece[2] if len(piece) > 2 else {})}
+    row = {"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions}
+    row.update({k: np.full(length, FIRST_POSITION_FIELDS[k][1], FIRST_POSITION_FIELDS[k][0]) for k in fields})
     fill = 0
-    for seg, (ids, mask) in enumerate(pieces, 1):
+    for seg, (ids, mask, *first) in enumerate(pieces, 1):
         n = len(ids)
         tokens[fill:fill + n] = ids
         segments[fill:fill + n] = seg
         positions[fill:fill + n] = np.arange(n)
         if masks is not None:
             masks[fill:fill + n] = mask
+        for key, value in (first[0] if first else {}).items():
+            row[key][fill] = value
         fill += n
-    row = {"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions}
     if masks is not None:
         row["mask"] = masks
     return row

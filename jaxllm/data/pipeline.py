@@ -14,7 +14,8 @@ global stream shared among the lanes), so a long document's rows spread out.
 
 SFT formats (`jaxllm.data.sft`) never cut an example across rows: each is truncated to
 `block_size + 1` tokens and packed whole, first-fit into a few open rows per lane (or padded alone in a
-row, `packing=False`); its per-token mask decides which targets count.
+row, `packing=False`); its per-token mask decides which targets count. A preference pair
+(`jaxllm.data.preference`) is two such sequences, chosen then rejected, packed whole into one row.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import grain
 import numpy as np
 
 from jaxllm import JaxllmError
-from jaxllm.data import lanes, mixture, sft
+from jaxllm.data import lanes, mixture, preference, sft
 from jaxllm.data.config import DataConfig, components, make_source, source_rows
 from jaxllm.data.hashing import mix64
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
@@ -42,24 +43,27 @@ _PREFETCH_BATCHES = 4
 
 
 def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,
-                        rows: Sequence[int] | None = None) -> grain.DatasetIterator:
+                        rows: Sequence[int] | None = None, ref_logps: np.ndarray | None = None
+                        ) -> grain.DatasetIterator:
     """Endless, checkpointable iterator over this process's rows of the global training batches.
 
     `rows`: the rows of the global batch this process's devices hold (`sharding.process_rows`); by
     default the `process_index`-th of `process_count` equal contiguous slices. Its state (`get_state`)
     holds the lanes of these rows; `lanes.merge_states` joins every process's into the global one,
     which `set_state` accepts on any process count.
+    `ref_logps` (preference): float [training documents, 2], each pair's reference log-prob sums (chosen,
+    rejected) by its index in `preference_documents(cfg)[0]`; batches then carry `ref_logps`.
     """
     rows = _rows(cfg, process_index, process_count, rows)
-    ds = lanes.GlobalOrderDataset(train_plan(cfg, tokenizer), rows, _shift, num_threads=_READ_THREADS,
+    ds = lanes.GlobalOrderDataset(train_plan(cfg, tokenizer, ref_logps), rows, _shift, num_threads=_READ_THREADS,
                                   num_workers=cfg.num_workers)
     # A background thread builds the next batches while the train step runs (XLA releases the GIL).
     return iter(grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=_PREFETCH_BATCHES))
 
 
-def train_plan(cfg: DataConfig, tokenizer: Tokenizer) -> lanes.Plan:
+def train_plan(cfg: DataConfig, tokenizer: Tokenizer, ref_logps: np.ndarray | None = None) -> lanes.Plan:
     """The global data order of `cfg`: streams, their weights, packing and windows (see `lanes`)."""
-    streams, weights = _streams(cfg)
+    streams, weights = _streams(cfg, ref_logps)
     if cfg.format != "text":  # examples are already shuffled one by one; rows of whole examples need no window
         window = lanes.sft_window(cfg.packing)
     else:  # `shuffle_window` rows of the global stream: each lane shuffles its share of them
@@ -70,11 +74,15 @@ def train_plan(cfg: DataConfig, tokenizer: Tokenizer) -> lanes.Plan:
                       draw_seed=_shuffle_seed(cfg.seed, "mixture"))
 
 
-def _streams(cfg: DataConfig) -> tuple[list[grain.MapDataset], mixture.Weights | None]:
+def _streams(cfg: DataConfig, ref_logps: np.ndarray | None = None
+             ) -> tuple[list[grain.MapDataset], mixture.Weights | None]:
     """One endless document stream per (source, curriculum stage) with documents, and their weights."""
     if not (cfg.mixture or cfg.curriculum_field):
         train_docs, _ = split_documents(cfg)
-        return [_stream(cfg, train_docs)], None
+        return [_stream(cfg, _attach(cfg, train_docs, ref_logps, "training"))], None
+    if ref_logps is not None:
+        raise JaxllmError("precomputed reference log-probs (preference.precompute_ref_logps) do not combine with "
+                          "data.mixture or data.curriculum_field; drop one")
     stages = cfg.curriculum_schedule or None
     num_stages = len(stages[0][1]) if stages else 1
     streams, leaves, names, schedules = [], [], [], []
@@ -111,7 +119,7 @@ def curriculum_stages(cfg: DataConfig, indices: np.ndarray, num_stages: int) -> 
 
 
 def make_eval_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,
-                       rows: Sequence[int] | None = None) -> Iterator[Batch]:
+                       rows: Sequence[int] | None = None, ref_logps: np.ndarray | None = None) -> Iterator[Batch]:
     """One deterministic pass over this process's rows of the global validation batches.
 
     Lane r of the global batch packs validation documents r, r + B, r + 2B, ... (B = data.batch_size),
@@ -121,19 +129,64 @@ def make_eval_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: 
     one batch, all padding if it has no documents); the global pass lasts as long as the longest lane,
     so a process that ran out feeds padding until every process has (`padding_like`).
     Runs in the main process: evaluation reads a few batches, and worker start-up would cost more.
+    `ref_logps` (preference): as `make_train_iterator`'s, float [validation documents, 2].
     """
-    rows = _rows(cfg, process_index, process_count, rows)
     _, val_docs = split_documents(cfg)
     if len(val_docs) == 0:
         raise JaxllmError(f"the validation split is empty (data.val_fraction={cfg.val_fraction}); evaluation needs "
                           "at least one document: raise data.val_fraction or add data")
-    tokenize, n, like = tokenize_fn(cfg, tokenizer), len(val_docs), _packing_of(cfg)
-    per_lane = [lanes.lane_rows(like, (tokenize(val_docs[g]) for g in range(r, n, cfg.batch_size))) for r in rows]
-    return _eval_batches(per_lane, cfg.block_size)
+    docs = _attach(cfg, val_docs, ref_logps, "validation")
+    return _pass(cfg, tokenizer, docs, _rows(cfg, process_index, process_count, rows),
+                 () if ref_logps is None else ("ref_logps",))
 
 
-def _eval_batches(per_lane: list[Iterator], block_size: int) -> Iterator[Batch]:
-    pad = _shift(lanes.pad_row(block_size + 1))
+def make_reference_iterator(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, process_index: int = 0,
+                            process_count: int = 1, rows: Sequence[int] | None = None) -> Iterator[Batch]:
+    """One pass over a split's preference pairs ("train" or "val"), packed as evaluation packs them, whose
+    batches also carry `doc_index` int32 [B, L]: the pair's index in `preference_documents(cfg)` at each
+    sequence's first input position (read it where positions == 0 and segment_ids > 0; odd segments are
+    chosen), -1 elsewhere. What precomputing reference log-probs reads; the pass covers the split once
+    over all processes' rows, so each process fills the entries of its rows' pairs."""
+    if cfg.format != "preference":
+        raise JaxllmError(f"reference log-probs are computed for preference pairs, not data.format={cfg.format!r}")
+    if split not in ("train", "val"):
+        raise JaxllmError(f"split={split!r}: use 'train' or 'val'")
+    docs = preference_documents(cfg)[split == "val"]
+    return _pass(cfg, tokenizer, preference.Attached(docs, index=True), _rows(cfg, process_index, process_count, rows),
+                 ("doc_index",))
+
+
+def check_pairs(cfg: DataConfig) -> None:
+    """Renders and tokenizes every preference pair of both splits once, so a bad row (a missing column, an
+    answer truncation leaves empty) stops a run in one line before it compiles, not at the step that
+    would read it."""
+    tokenize = tokenize_fn(cfg, tokenizer_for(cfg))
+    for docs in split_documents(cfg):
+        for i in range(len(docs)):
+            tokenize(docs[i])
+
+
+def preference_documents(cfg: DataConfig) -> tuple[Sequence[preference.Pair], Sequence[preference.Pair]]:
+    """(train, validation) preference pairs in split order: a pair's index here is the row of its
+    `ref_logps` entry; `len` of each is the first dimension of that split's `ref_logps` array."""
+    if cfg.format != "preference":
+        raise JaxllmError(f"preference_documents reads data.format='preference', not {cfg.format!r}")
+    if cfg.mixture or cfg.curriculum_field:
+        raise JaxllmError("precomputed reference log-probs (preference.precompute_ref_logps) do not combine with "
+                          "data.mixture or data.curriculum_field; drop one")
+    return split_documents(cfg)
+
+
+def _pass(cfg: DataConfig, tokenizer: Tokenizer, docs: Sequence, rows: list[int], fields: Sequence[str]
+          ) -> Iterator[Batch]:
+    """Lane r packs `docs` r, r + B, r + 2B, ...: one deterministic pass, the same on any process count."""
+    tokenize, n, like = tokenize_fn(cfg, tokenizer), len(docs), _packing_of(cfg)
+    per_lane = [lanes.lane_rows(like, (tokenize(docs[g]) for g in range(r, n, cfg.batch_size))) for r in rows]
+    return _eval_batches(per_lane, cfg.block_size, fields)
+
+
+def _eval_batches(per_lane: list[Iterator], block_size: int, fields: Sequence[str] = ()) -> Iterator[Batch]:
+    pad = _shift(lanes.pad_row(block_size + 1, fields))
     first = True
     while True:
         got = [next(lane, None) for lane in per_lane]
@@ -216,11 +269,15 @@ def split_indices(num_docs: int, val_fraction: float) -> tuple[np.ndarray, np.nd
 def document_texts(cfg: DataConfig) -> Sequence[str]:
     """The text of every document of `cfg`'s source as the model reads it (SFT rows rendered)."""
     source = _Concat([_documents(comp) for _, comp in components(cfg)])
+    if cfg.format == "preference":
+        return preference.Texts(source)
     return source if cfg.format == "text" else sft.Texts(source)
 
 
 def _documents(cfg: DataConfig) -> Sequence:
     """The documents of one source (not a mixture)."""
+    if cfg.format == "preference":
+        return preference.Pairs(make_source(cfg), cfg)
     return make_source(cfg) if cfg.format == "text" else sft.Examples(make_source(cfg), cfg)
 
 
@@ -233,6 +290,10 @@ def tokenize_fn(cfg: DataConfig, tokenizer: Tokenizer) -> Callable[[Any], dict[s
     """Document (or SFT pieces) -> {"tokens"} (and {"mask"}), as the pipeline tokenizes `cfg`'s source."""
     if cfg.format == "text":
         return _Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)
+    if cfg.format == "preference":
+        return preference.Tokenize(tokenizer, add_bos=cfg.add_bos, add_eos=cfg.add_eos,
+                                   max_prompt_length=cfg.max_prompt_length,
+                                   max_completion_length=cfg.max_completion_length, block_size=cfg.block_size)
     return sft.Tokenize(tokenizer, add_bos=cfg.add_bos, add_eos=cfg.add_eos, assistant_only=sft.assistant_only(cfg),
                         max_tokens=cfg.block_size + 1)
 
@@ -276,6 +337,15 @@ class _Take:
         return self._source[int(self._indices[index])]
 
 
+def _attach(cfg: DataConfig, docs: grain.MapDataset, ref_logps: np.ndarray | None, split: str) -> grain.MapDataset:
+    """`docs` with each pair's `ref_logps` entry attached, or `docs` alone."""
+    if ref_logps is None:
+        return docs
+    if cfg.format != "preference":
+        raise JaxllmError(f"ref_logps are reference log-probs of preference pairs, not of data.format={cfg.format!r}")
+    return grain.MapDataset.source(preference.Attached(docs, ref_logps, split))
+
+
 class _Concat:
     """Several random-access sources end to end (one source: itself, so nothing changes)."""
 
@@ -317,10 +387,14 @@ def _shift(packed: dict[str, np.ndarray]) -> Batch:
     same_doc = (segments[1:] == segments[:-1]) & (segments[1:] != 0)
     if "mask" in packed:
         same_doc &= packed["mask"][1:] != 0
-    return {
+    out = {
         "inputs": tokens[:-1].astype(np.int32, copy=False),
         "targets": tokens[1:].astype(np.int32, copy=False),
         "segment_ids": segments[:-1].astype(np.int32, copy=False),
         "positions": packed["tokens_positions"][:-1].astype(np.int32, copy=False),
         "loss_weights": same_doc.astype(np.float32),
     }
+    for key in lanes.FIRST_POSITION_FIELDS:  # preference: a value at each sequence's first input position
+        if key in packed:
+            out[key] = packed[key][:-1]
+    return out

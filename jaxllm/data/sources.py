@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from jaxllm import JaxllmError
-from jaxllm.data.corpus import embedded_documents, embedded_sft_records
+from jaxllm.data.corpus import embedded_documents, embedded_preference_records, embedded_sft_records
 
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # one or more blank lines
 
@@ -32,6 +32,9 @@ MAX_LINE_BYTES = 16 << 20
 
 # (config key, field name) pairs a row must hold, e.g. (("text_field", "text"),); the key names the fix.
 Fields = tuple[tuple[str, str], ...]
+# `jaxllm finetune` flags (autotrain's) that set the preference columns, named where one is missing
+AUTOTRAIN_FLAGS = {"prompt_field": "--prompt_text_column", "chosen_field": "--text_column",
+                   "rejected_field": "--rejected_text_column"}
 
 
 class RowSource:
@@ -115,6 +118,16 @@ class EmbeddedSftSource(EmbeddedSource):
     def __init__(self, fields: Fields = RowSource._fields, whole_row: bool = False):
         super().__init__(fields, whole_row)
         self[0]  # fail now if the format's fields are not the records' (text, messages, prompt, completion)
+
+
+class EmbeddedPreferenceSource(EmbeddedSource):
+    """The embedded_sft questions, each with its own answer (chosen) and another's (rejected)."""
+
+    _load, _noun, _plural = staticmethod(embedded_preference_records), "embedded_preference record", "records"
+
+    def __init__(self, fields: Fields = RowSource._fields, whole_row: bool = False):
+        super().__init__(fields, whole_row)
+        self[0]  # fail now if the format's fields are not the records'
 
 
 class TextSource(RowSource):
@@ -325,7 +338,8 @@ def check_fields(row: Any, fields: Fields, where: str) -> Any:
     for key, field in fields:
         if field not in row:
             keys = ", ".join(map(repr, sorted(row))) or "none"
-            raise JaxllmError(f"{where}: no field {field!r} (fields: {keys}); set data.{key} to the field "
+            flag = f" (finetune: {AUTOTRAIN_FLAGS[key]})" if key in AUTOTRAIN_FLAGS else ""
+            raise JaxllmError(f"{where}: no field {field!r} (fields: {keys}); set data.{key}{flag} to the field "
                               "that holds it")
     return row
 
