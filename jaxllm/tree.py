@@ -47,6 +47,15 @@ def get(tree: dict, path: Path) -> Any:
     return tree
 
 
+def has(tree: dict, path: Path) -> bool:
+    """Whether `tree` has a leaf at `path`."""
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return not isinstance(tree, dict)
+
+
 def put(tree: dict, path: Path, value: Any) -> None:
     """Sets `tree[path]`, creating the dicts on the way."""
     for key in path[:-1]:

@@ -13,6 +13,11 @@ _FALCON_LEGACY_TYPES = {"RefinedWebModel": False, "RefinedWeb": True}  # -> new_
 _FALCON_LEGACY_KEYS = {"n_embed": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
                        "n_head_kv": "num_kv_heads"}
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "falcon": "FalconForCausalLM", "bloom": "BloomForCausalLM"}
+# The transformers class of a score model (num_labels > 0) per family: a `score` Linear(D, num_labels, no bias)
+# on the base model (weights under the causal LM's prefix: model.* for Llama, transformer.* for Falcon/BLOOM)
+# read at the rightmost token that is not pad_token_id. A family missing here has no such class.
+SCORE_ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "falcon": "FalconForSequenceClassification",
+                       "bloom": "BloomForSequenceClassification"}
 
 
 def _bad(msg: str):
@@ -44,11 +49,39 @@ def model_config_from_hf(config_json: dict[str, Any], **overrides: Any) -> Model
     (dtype, scan_layers, attention, ...)."""
     kind = model_type(config_json)
     fields = {"llama": _llama, "falcon": _falcon, "bloom": _bloom}[kind](dict(config_json))
+    fields["num_labels"] = hf_num_labels(config_json)
     fields.update(overrides)
     try:
         return ModelConfig(**fields)
     except JaxllmError as e:
         raise JaxllmError(f"config.json ({kind}): {e}") from None
+
+
+def hf_num_labels(config_json: dict[str, Any]) -> int:
+    """Outputs of the `score` head of a *ForSequenceClassification config.json (its id2label, else its
+    num_labels, else transformers' default 2); 0 for any other architecture (a causal LM)."""
+    architectures = config_json.get("architectures") or []
+    if not (isinstance(architectures, list) and architectures
+            and str(architectures[0]).endswith("ForSequenceClassification")):
+        return 0
+    labels = config_json.get("id2label")
+    n = len(labels) if isinstance(labels, dict) and labels else config_json.get("num_labels", 2)
+    if type(n) is not int or n < 1:
+        _bad(f"num_labels {n!r} of a {architectures[0]} is not a positive integer")
+    return n
+
+
+def score_pad_token_id(pad_id: int | None, eos_id: int | list[int] | None, bos_id: int | None) -> int:
+    """pad_token_id for an exported score model. transformers scores each row at its rightmost token that
+    is not pad_token_id, jaxllm each sequence at its last token (its EOS when data.add_eos): so the pad
+    must never be a sequence's last token, EOS above all. The tokenizer's pad if it is not EOS, else BOS
+    (never last: a sequence has an answer after it), else 0 (1 if 0 is EOS), which is right for sequences
+    that end in EOS."""
+    eos = set(eos_id if isinstance(eos_id, list) else [] if eos_id is None else [eos_id])
+    for candidate in (pad_id, bos_id):
+        if isinstance(candidate, int) and candidate >= 0 and candidate not in eos:
+            return candidate
+    return 1 if 0 in eos else 0
 
 
 def _llama(c: dict[str, Any]) -> dict[str, Any]:
@@ -115,11 +148,22 @@ def falcon_layout(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-    """The config.json transformers needs to rebuild `cfg` (plus architectures and dtype)."""
+    """The config.json transformers needs to rebuild `cfg` (plus architectures and dtype); a score model
+    (num_labels > 0) is the family's *ForSequenceClassification (its pad_token_id is the caller's to add:
+    `score_pad_token_id`)."""
     kind = family(cfg)
-    out: dict[str, Any] = dict(model_type=kind, architectures=[_ARCHITECTURES[kind]], vocab_size=cfg.vocab_size,
+    architecture = _ARCHITECTURES[kind]
+    if cfg.num_labels:
+        if kind not in SCORE_ARCHITECTURES:
+            raise JaxllmError(f"{kind} has no sequence-classification head in transformers; a score model "
+                              f"(model.num_labels={cfg.num_labels}) of this family cannot be exported")
+        architecture = SCORE_ARCHITECTURES[kind]
+    out: dict[str, Any] = dict(model_type=kind, architectures=[architecture], vocab_size=cfg.vocab_size,
                                hidden_size=cfg.embed_dim, tie_word_embeddings=cfg.tie_embeddings,
                                torch_dtype=dtype, dtype=dtype, use_cache=True)
+    if cfg.num_labels:
+        out.update(num_labels=cfg.num_labels, id2label={str(i): f"LABEL_{i}" for i in range(cfg.num_labels)},
+                   label2id={f"LABEL_{i}": i for i in range(cfg.num_labels)})
     rope = dict(rope_theta=cfg.rope_theta, rope_parameters=dict(rope_theta=cfg.rope_theta, rope_type="default"))
     if kind == "llama":
         out.update(intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.num_layers,

@@ -17,6 +17,7 @@ from jaxllm.models.config import ModelConfig
 from jaxllm.models.families import family
 
 Path = tuple[str, ...]
+SCORE = "score.weight"  # a score model's head (HF *ForSequenceClassification)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +139,8 @@ def layer_groups(cfg: ModelConfig) -> list[Group]:
 
 
 def global_groups(cfg: ModelConfig) -> list[Group]:
-    """Groups outside the layers: embedding (and its norm), final norm, untied output head."""
+    """Groups outside the layers: embedding (and its norm), final norm, untied output head or the score
+    head (`score.weight` [num_labels, D] beside the base model, as *ForSequenceClassification keeps it)."""
     v, d = cfg.vocab_size, cfg.embed_dim
     llama = family(cfg) == "llama"
     embed = "model.embed_tokens.weight" if llama else "transformer.word_embeddings.weight"
@@ -146,6 +148,8 @@ def global_groups(cfg: ModelConfig) -> list[Group]:
     if cfg.embed_norm:
         groups += _norm(cfg, "transformer.word_embeddings_layernorm", ("embed_norm",))
     groups += _norm(cfg, "model.norm" if llama else "transformer.ln_f", ("norm",))
-    if not cfg.tie_embeddings:
+    if cfg.num_labels:
+        groups.append(_linear(SCORE, ("score", "kernel"), (d,), (cfg.num_labels,)))
+    elif not cfg.tie_embeddings:
         groups.append(_linear("lm_head.weight", ("lm_head", "kernel"), (d,), (v,)))
     return groups

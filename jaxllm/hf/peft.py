@@ -9,6 +9,7 @@ jaxllm keeps that A (`qkv_lora_a`) and splits B's rows into q, k and v with the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,12 +30,21 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 WEIGHTS_BIN = "adapter_model.bin"  # read without running its pickle
 PREFIX = "base_model.model."
+SEQ_CLS = "SEQ_CLS"  # PEFT's task_type of a *ForSequenceClassification base (its head: `score`)
+_SEQ_CLS_HEADS = ("classifier", "score")  # the heads PEFT adds to modules_to_save for SEQ_CLS
 
 
-def save_paths(lcfg: lora.LoraConfig, cfg: ModelConfig) -> list[tuple[str, ...]]:
-    """Param paths of `modules_to_save` (relative to the layer for layer modules, marked by a leading "{i}")."""
+def saved_modules(lcfg: lora.LoraConfig, cfg: ModelConfig, score: bool = True) -> tuple[str, ...]:
+    """The modules an adapter run trains in full and saves: `lora.modules_to_save`, and a score model's
+    new `score` head (PEFT's task_type SEQ_CLS adds it the same way; `score=False`: not it)."""
+    extra = ("score",) if score and cfg.num_labels and "score" not in lcfg.modules_to_save else ()
+    return (*lcfg.modules_to_save, *extra)
+
+
+def save_paths(lcfg: lora.LoraConfig, cfg: ModelConfig, score: bool = True) -> list[tuple[str, ...]]:
+    """Param paths of the saved modules (relative to the layer for layer modules, marked by a leading "{i}")."""
     paths: list[tuple[str, ...]] = []
-    for module in lcfg.modules_to_save:
+    for module in saved_modules(lcfg, cfg, score):
         found = False
         for groups, layered in ((global_groups(cfg), False), (layer_groups(cfg), True)):
             for group in groups:
@@ -104,21 +114,23 @@ def adapter_tensors(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig) -> di
     return out
 
 
-def _saved_groups(cfg: ModelConfig, lcfg: lora.LoraConfig):
+def _saved_groups(cfg: ModelConfig, lcfg: lora.LoraConfig, score: bool = True):
     """(layout group, whether it is per layer) of each group holding a `modules_to_save` param."""
-    saved = save_paths(lcfg, cfg)
+    saved = save_paths(lcfg, cfg, score)
     for layered, groups in ((False, global_groups(cfg)), (True, layer_groups(cfg))):
         yield from ((g, layered) for g in groups if any((("{i}",) + p if layered else p) in saved for p in g.paths))
 
 
 def adapter_config(cfg: ModelConfig, lcfg: lora.LoraConfig, base_model: str = "") -> dict[str, Any]:
-    """The adapter_config.json PEFT reads: target modules by their Hugging Face names."""
+    """The adapter_config.json PEFT reads: target modules by their Hugging Face names; a score model's
+    adapter is task_type SEQ_CLS (PeftModelForSequenceClassification) with `score` saved in full."""
     modules = families.hf_modules(cfg)
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
+        "peft_type": "LORA", "task_type": SEQ_CLS if cfg.num_labels else "CAUSAL_LM",
+        "base_model_name_or_path": base_model or None,
         "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
         "use_rslora": cfg.lora_rslora, "target_modules": sorted(modules[t].rsplit(".", 1)[1] for t in cfg.lora_targets),
-        "modules_to_save": list(lcfg.modules_to_save) or None, "bias": "none", "fan_in_fan_out": False,
+        "modules_to_save": list(saved_modules(lcfg, cfg)) or None, "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "revision": None,
     }
@@ -136,7 +148,7 @@ def save_adapter(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig, path: st
             json.dump(adapter_config(cfg, lcfg, base_model), f, indent=2, sort_keys=True)
 
 
-def read_adapter_config(path: str) -> lora.LoraConfig:
+def _adapter_json(path: str) -> dict[str, Any]:
     file = os.path.join(path, CONFIG)
     try:
         c = read_json_object(file)
@@ -144,6 +156,14 @@ def read_adapter_config(path: str) -> lora.LoraConfig:
         raise JaxllmError(f"{file} not found; point at a PEFT adapter folder (adapter_config.json + "
                           f"{WEIGHTS})") from None
     _check_types(c, file)
+    return c
+
+
+def read_adapter_config(path: str) -> lora.LoraConfig:
+    """The adapter's LoraConfig; a SEQ_CLS adapter's heads (`score`, PEFT's `classifier`) are left out of
+    modules_to_save: a score model saves its head anyway."""
+    file = os.path.join(path, CONFIG)
+    c = _adapter_json(path)
     if c.get("peft_type", "LORA") != "LORA":
         raise JaxllmError(f"{file}: peft_type {c.get('peft_type')!r}; jaxllm reads LoRA adapters only")
     for key in ("use_dora", "layers_to_transform"):
@@ -152,10 +172,14 @@ def read_adapter_config(path: str) -> lora.LoraConfig:
     if c.get("rank_pattern") or c.get("alpha_pattern"):
         raise JaxllmError(f"{file}: rank_pattern/alpha_pattern are not supported (one r and alpha for all modules)")
     targets = c.get("target_modules") or []
+    saved = c.get("modules_to_save") or ()
+    saved = (saved,) if isinstance(saved, str) else tuple(saved)
+    if c.get("task_type") == SEQ_CLS:
+        saved = tuple(m for m in saved if m not in _SEQ_CLS_HEADS)
     return lora.LoraConfig(r=int(c["r"]), alpha=float(c.get("lora_alpha", 8)),
                            dropout=float(c.get("lora_dropout") or 0),
                            target_modules=(targets,) if isinstance(targets, str) else tuple(targets),
-                           modules_to_save=tuple(c.get("modules_to_save") or ()), rslora=bool(c.get("use_rslora")))
+                           modules_to_save=saved, rslora=bool(c.get("use_rslora")))
 
 
 def _check_types(c: dict[str, Any], file: str) -> None:
@@ -178,7 +202,11 @@ def load_adapter(path: str, cfg: ModelConfig) -> tuple[dict, lora.LoraConfig]:
     arrays). An adapter made for another base (names or shapes) is a one-line error naming the tensor."""
     path = os.path.expanduser(path)
     lcfg = read_adapter_config(path)
+    if _adapter_json(path).get("task_type") == SEQ_CLS and not cfg.num_labels:
+        raise JaxllmError(f"{os.path.join(path, CONFIG)}: a sequence-classification (SEQ_CLS) adapter; load it onto a "
+                          "score model (model.num_labels > 0, a *ForSequenceClassification base)")
     base = lora.base_config(cfg)
+    lcfg = dataclasses.replace(lcfg, target_modules=_layer_targets(lcfg.target_modules, base, path))
     cfg = lora.apply(lcfg, base)
     file = next((os.path.join(path, f) for f in (WEIGHTS, WEIGHTS_BIN) if os.path.isfile(os.path.join(path, f))),
                 "")
@@ -201,12 +229,31 @@ def load_adapter(path: str, cfg: ModelConfig) -> tuple[dict, lora.LoraConfig]:
     layers = [_read_layer(read, cfg, i) for i in range(cfg.num_layers)]
     params = ({"layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)} if cfg.scan_layers
               else {f"layers_{i}": layer for i, layer in enumerate(layers)})
-    params = tree.union(params, _read_saved(read, cfg, lcfg))
+    # a causal-LM adapter continued by a score model has no `score`: the run's fresh head stays
+    params = tree.union(params, _read_saved(read, cfg, lcfg, score=_adapter_json(path).get("task_type") == SEQ_CLS))
     extra = sorted(set(stored) - used)
     if extra:
         raise JaxllmError(f"{file}: tensor {extra[0]!r} matches no module of this base model "
                           f"({len(extra)} unmatched); the adapter was made for another base model")
     return params, lcfg
+
+
+def _layer_targets(targets: tuple[str, ...], cfg: ModelConfig, path: str) -> tuple[str, ...]:
+    """Target module paths (PEFT's "all-linear" is saved as every layer's full paths, e.g.
+    model.layers.0.self_attn.q_proj) as the short names they come to when every layer has the same
+    ones; other targets as they are. PEFT matches a listed name to a module path equal to it or ending in
+    "." + it."""
+    if len(targets) == 1 and re.search(r"[\\^$*+?()\[\]|]", targets[0]) or not any("." in t for t in targets):
+        return targets
+    modules = families.hf_modules(cfg)
+    per_layer = [tuple(ours for ours, module in modules.items()
+                       if any(module.format(i=i) == t or module.format(i=i).endswith("." + t) for t in targets))
+                 for i in range(cfg.num_layers)]
+    if len(set(per_layer)) > 1 or not per_layer[0]:
+        raise JaxllmError(f"{os.path.join(path, CONFIG)}: target_modules {sorted(targets)[:3]}... "
+                          f"{'match no module' if not per_layer[0] else 'differ between layers'}; jaxllm reads "
+                          "adapters with the same modules in every layer")
+    return tuple(modules[ours].rsplit(".", 1)[1] for ours in per_layer[0])
 
 
 def _read_layer(read, cfg: ModelConfig, i: int) -> dict:
@@ -233,10 +280,10 @@ def _read_layer(read, cfg: ModelConfig, i: int) -> dict:
     return {key: value for key, value in layer.items() if value}
 
 
-def _read_saved(read, cfg: ModelConfig, lcfg: lora.LoraConfig) -> dict:
+def _read_saved(read, cfg: ModelConfig, lcfg: lora.LoraConfig, score: bool = True) -> dict:
     """The `modules_to_save` params stored in full (PEFT writes them under their plain names)."""
     out: dict = {}
-    for group, is_layer in _saved_groups(cfg, lcfg):
+    for group, is_layer in _saved_groups(cfg, lcfg, score):
         per_layer = []
         for i in (range(cfg.num_layers) if is_layer else [None]):
             arrays = [read(PREFIX + n.format(i=i), s) for n, s in zip(group.hf_names, group.hf_shapes)]

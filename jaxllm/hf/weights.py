@@ -10,6 +10,7 @@ freed before the next leaf.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,9 +24,9 @@ from safetensors.numpy import save_file
 
 from jaxllm import JaxllmError, atomic, tree
 from jaxllm import sharding as shd
-from jaxllm.hf.config import hf_config_from_model, model_config_from_hf
+from jaxllm.hf.config import hf_config_from_model, hf_num_labels, model_config_from_hf, score_pad_token_id
 from jaxllm.hf.files import SafetensorsFile, open_tensor_file, read_json_object, read_weight_map
-from jaxllm.hf.layout import Group, global_groups, layer_groups
+from jaxllm.hf.layout import SCORE, Group, global_groups, layer_groups
 from jaxllm.hf.torch_pickle import TorchFile
 from jaxllm.models import lora
 from jaxllm.models.config import DTYPES, ModelConfig, dtype_name
@@ -118,10 +119,22 @@ def _converted(group: Group, files: TensorFiles, layer: int | None) -> tuple[np.
     return group.to_jax(*(files.read(n, s) for n, s in zip(names, group.hf_shapes)))
 
 
-def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh, *, quantized: ModelConfig | None = None) -> dict:
+def fresh_score(source_labels: int, num_labels: int, source: str) -> bool:
+    """Whether a model of `num_labels` loads from `source` (whose config has `source_labels`) with a fresh
+    score head: a causal LM (0) starting a score model does; a score model loads only as itself."""
+    if source_labels and source_labels != num_labels:
+        raise JaxllmError(f"{source} is a score model (num_labels={source_labels}, no lm_head); load it with "
+                          f"model.num_labels={source_labels}")
+    return num_labels > 0 and not source_labels
+
+
+def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh, *, quantized: ModelConfig | None = None,
+                score_key: jax.Array | None = None) -> dict:
     """The params of `cfg` from `files`, each leaf placed with its logical-axis sharding on `mesh`.
     With `quantized` (the same model with `quantization` set), each projection kernel is quantized as
-    soon as it is placed and its float copy freed: the float base is never whole in memory."""
+    soon as it is placed and its float copy freed: the float base is never whole in memory. With
+    `score_key` (a causal LM loaded as a score model), the score head is drawn from it, normal(init_std)
+    as the decoder initialises it, and the checkpoint's lm_head is not read."""
     boxed = abstract_params(cfg)
     shardings, abstract = shd.shardings_for(boxed, mesh), shd.unbox(boxed)
     q_shardings = None
@@ -146,6 +159,12 @@ def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh, *, quantized: 
         tree.put(params, path, leaf)
 
     for group in global_groups(cfg):
+        if score_key is not None and group.hf_names == (SCORE,):
+            path = group.paths[0]
+            shape, init = tree.get(abstract, path).shape, nn.initializers.normal(cfg.init_std)
+            draw = jax.jit(lambda key: init(key, shape, dtype), out_shardings=tree.get(shardings, path))
+            tree.put(params, path, draw(score_key))
+            continue
         for path, array in zip(group.paths, _converted(group, files, None)):
             put(path, array)
     for group in layer_groups(cfg):
@@ -187,15 +206,21 @@ def read_config(folder: str) -> dict[str, Any]:
 
 
 def load_pretrained(path: str, dtype: Any = "float32", mesh: Mesh | None = None, *,
-                    compute_dtype: Any = None, **overrides: Any) -> tuple[Decoder, dict]:
+                    compute_dtype: Any = None, score_key: jax.Array | None = None,
+                    **overrides: Any) -> tuple[Decoder, dict]:
     """(Decoder, params) from a Hugging Face folder: `dtype` is the param dtype (and the compute dtype
     unless `compute_dtype` is given); `mesh` defaults to one device; `overrides` set other ModelConfig
-    fields (scan_layers, attention, remat, dropouts, ...)."""
+    fields (scan_layers, attention, remat, dropouts, ...). A *ForSequenceClassification folder gives a
+    score model; `num_labels=1` on a causal LM's folder gives one with a fresh score head (`score_key`,
+    default key 0)."""
     path, dtype = os.path.expanduser(path), dtype_name(dtype)
     compute_dtype = dtype if compute_dtype is None else dtype_name(compute_dtype, "compute_dtype")
-    cfg = model_config_from_hf(read_config(path), param_dtype=dtype, dtype=compute_dtype, **overrides)
+    config = read_config(path)
+    cfg = model_config_from_hf(config, param_dtype=dtype, dtype=compute_dtype, **overrides)
+    fresh = fresh_score(hf_num_labels(config), cfg.num_labels, path)
     files = TensorFiles(path)
-    return Decoder(cfg), load_params(files, cfg, mesh if mesh is not None else _one_device_mesh())
+    key = (jax.random.key(0) if score_key is None else score_key) if fresh else None
+    return Decoder(cfg), load_params(files, cfg, mesh if mesh is not None else _one_device_mesh(), score_key=key)
 
 
 def hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
@@ -237,11 +262,20 @@ def save_pretrained(model: Decoder, params: dict, path: str, *, dtype: Any = "fl
     """Writes config.json + safetensors (sharded with an index past `max_shard_size`) that
     `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. Written through `atomic.folder`:
     locally renamed into place, so a crash never leaves a half-written checkpoint; on an object store
-    (gs://) uploaded with config.json last. `config_updates` adds keys to config.json (e.g. bos_token_id)."""
+    (gs://) uploaded with config.json last. `config_updates` adds keys to config.json (e.g. bos_token_id).
+    A score model (num_labels > 0) is a *ForSequenceClassification whose pad_token_id is never a
+    sequence's last token (`score_pad_token_id` of the pad, EOS and BOS ids in `config_updates`)."""
     cfg, path = model.cfg, atomic.location(path)
     params = nn.meta.unbox(params.get("params", params) if len(params) == 1 else params)
     dtype = dtype_name(dtype)
     config = {**hf_config_from_model(cfg, dtype), **(config_updates or {})}
+    if cfg.num_labels:
+        given = config.get("pad_token_id")
+        config["pad_token_id"] = score_pad_token_id(given, config.get("eos_token_id"), config.get("bos_token_id"))
+        if config["pad_token_id"] != given:
+            logging.warning("score model export: pad_token_id=%s (given: %s); transformers scores each row at its "
+                            "last token that is not pad_token_id, which must be the last token jaxllm scored",
+                            config["pad_token_id"], given)
     limit = parse_size(max_shard_size)
     if atomic.as_path(path).exists() and list(atomic.as_path(path).iterdir()) and not overwrite:
         raise JaxllmError(f"{path} exists and is not empty; choose a new folder or pass overwrite=True")

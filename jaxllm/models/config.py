@@ -52,7 +52,7 @@ class ModelConfig:
     max_seq_len: int = 4096
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    tie_embeddings: bool = False
+    tie_embeddings: bool = False  # lm_head is the token embedding (kept, unused, with num_labels > 0)
     embed_dropout: float = 0.0
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
@@ -64,6 +64,8 @@ class ModelConfig:
     #                                 blocks (Megatron sequence parallelism); no effect without tensor parallelism
     attention: str = "auto"  # auto (cuDNN on GPU, Pallas flash on TPU, else XLA) | xla | cudnn | flash | reference
     init_std: float = 0.02
+    num_labels: int = 0  # > 0: a sequence-score head `score` [D, num_labels] in place of lm_head (Hugging Face
+    #                      *ForSequenceClassification; reward models); 0 = a language model
     # Family switches (defaults = Llama). Falcon: norm=layer, mlp=gelu, parallel_block (7B: one shared
     # norm; 40B/180B: two). BLOOM: norm=layer, position=alibi, mlp=gelu_tanh, use_bias, embed_norm.
     norm: str = "rms"  # rms | layer (LayerNorm with bias)
@@ -89,7 +91,7 @@ class ModelConfig:
 
         for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim", "max_seq_len"):
             check_number(f"model.{name}", getattr(self, name), low=1, integer=True)
-        for name in ("num_kv_heads", "head_dim", "lora_rank", "quant_block_size"):
+        for name in ("num_kv_heads", "head_dim", "lora_rank", "quant_block_size", "num_labels"):
             check_number(f"model.{name}", getattr(self, name), low=0, integer=True)
         if self.head_dim == 0 and self.embed_dim % self.num_heads:
             bad(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; set head_dim")
@@ -154,7 +156,7 @@ class ModelConfig:
     def num_params(self) -> int:
         """Parameter count from shapes (matches the decoder's params; tested against eval_shape)."""
         v, d = self.vocab_size, self.embed_dim
-        head = 0 if self.tie_embeddings else v * d
+        head = d * self.num_labels if self.num_labels else (0 if self.tie_embeddings else v * d)
         embed_norm = self._norm_params() if self.embed_norm else 0
         return v * d + embed_norm + head + self._layer_params() * self.num_layers + self._norm_params()
 
@@ -172,8 +174,10 @@ class ModelConfig:
 
     def train_flops_per_token(self, seq_len: int) -> float:
         """Forward+backward FLOPs per token, PaLM's 6 N + 12 L H K T: N counts every parameter but the
-        input embedding (a lookup, not a matmul); the output head is a matmul whether tied or not."""
-        n = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.embed_dim)
+        input embedding (a lookup, not a matmul); the output head (lm_head or score) is a matmul, a tied
+        one included."""
+        tied_head = self.tie_embeddings and not self.num_labels
+        n = self.num_params() - (0 if tied_head else self.vocab_size * self.embed_dim)
         return 6.0 * n + 12 * self.num_layers * self.num_heads * self.head_size * seq_len
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxllm import JaxllmError
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.layers import MLP, Attention, constrain, norm, residual_axes
 
@@ -65,7 +66,9 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Token ids -> float32 logits; `segment_ids` (0 = padding) and `positions` describe packed documents."""
+    """Token ids -> float32 logits [B, L, V] (or, with `num_labels`, scores [B, L, num_labels] at every
+    position, as HF *ForSequenceClassification before it picks the last token); `segment_ids` (0 =
+    padding) and `positions` describe packed documents."""
 
     cfg: ModelConfig
 
@@ -74,7 +77,7 @@ class Decoder(nn.Module):
                  decode: bool = False, hidden: bool = False):
         """`decode=True` runs against a KV cache (the "cache" collection; see jaxllm.generate).
         `hidden=True` returns the final-norm hidden states [B, L, D] instead of logits (the loss then
-        applies `head_DV` chunk by chunk and never holds [B, L, V] logits)."""
+        applies `head_DV` chunk by chunk and never holds [B, L, V] logits; a reward step `score_DS`)."""
         cfg = self.cfg
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(inputs_BL.shape[1]), inputs_BL.shape)
@@ -108,6 +111,13 @@ class Decoder(nn.Module):
             return constrain(x_BLD, ("batch", "length", "embed"))
         # the head as one 2-D matmul [B*L, D] @ [D, V] (see layers._contract: no transposed activation copies)
         x_MD = x_BLD.reshape(-1, cfg.embed_dim)
+        if cfg.num_labels:  # HF's `score`: Linear(D, num_labels, bias=False), initializer_range normal
+            scores_MS = nn.Dense(cfg.num_labels, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                                          ("embed", None)),
+                                 name="score")(x_MD)
+            scores_BLS = scores_MS.reshape(*x_BLD.shape[:2], cfg.num_labels)
+            return constrain(scores_BLS.astype(jnp.float32), ("batch", "length", None))
         if cfg.tie_embeddings:
             logits_MV = embed.attend(x_MD)
         else:
@@ -122,8 +132,19 @@ class Decoder(nn.Module):
 
 def head_DV(params: dict, cfg: ModelConfig) -> jax.Array:
     """The output projection [D, V] in the compute dtype (the tied embedding, transposed, or lm_head)."""
+    if cfg.num_labels:
+        raise JaxllmError(f"model.num_labels={cfg.num_labels}: a score model has no language-model head; "
+                          "use score_DS (train.objective='reward'), or set model.num_labels=0")
     w = params["embed_tokens"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
     return w.astype(cfg.jnp_dtype)
+
+
+def score_DS(params: dict, cfg: ModelConfig) -> jax.Array:
+    """The sequence-score head [D, num_labels] in the compute dtype (`hidden=True` states @ it = scores)."""
+    if not cfg.num_labels:
+        raise JaxllmError("model.num_labels=0: this model has no score head; set model.num_labels (1 for a "
+                          "reward model)")
+    return params["score"]["kernel"].astype(cfg.jnp_dtype)
 
 
 def layer_layout(params: dict, num_layers: int, scan: bool) -> dict:
