@@ -104,6 +104,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (left padding)")
     p.add_argument("--dtype", default="float32", help="params/compute dtype for a Hugging Face folder")
     p.add_argument("--width", type=int, default=75, help="wrap the output at this many characters; 0 = no wrap")
+    p = sub.add_parser("eval", help="score a model on lm-evaluation-harness tasks (pip install 'jaxllm[eval]'); "
+                       "prints the harness's table")
+    p.add_argument("--model", required=True, help="a Hugging Face Hub id (org/name[@revision]), a Hugging Face "
+                   "folder or a jaxllm workdir")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a --model Hub id (default: main)")
+    p.add_argument("--adapter", default="", help="a PEFT LoRA adapter folder or Hub id applied to --model")
+    p.add_argument("--tasks", required=True, help="comma-separated harness task names (hellaswag,arc_easy), globs "
+                   "(mmlu_*) or task YAML files")
+    p.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--batch_size", type=int, default=8, help="rows scored together (split over the devices)")
+    p.add_argument("--limit", type=float, default=None, help="score the first N documents of each task (< 1: a "
+                   "fraction)")
+    p.add_argument("--include_path", default="", help="a folder of your own task YAML files")
+    p.add_argument("--output_path", default="", help="write the results JSON: a .json file, or a folder (then "
+                   "FOLDER/<model>/results_<time>.json, as lm_eval)")
+    p.add_argument("--seed", default="0,1234,1234,1234", help="python,numpy,torch,few-shot seeds, or one for all")
+    p.add_argument("--dtype", default="float32", help="params/compute dtype for a Hugging Face folder")
     return parser
 
 
@@ -123,6 +140,8 @@ def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command in ("finetune", "llm"):
         from jaxllm.finetune import finetune
 
@@ -272,6 +291,21 @@ def _generate(args: argparse.Namespace) -> int:
     for prompt, text in zip(prompts, texts):
         print(wrap(prompt + text, args.width) if args.width else prompt + text)
         print()
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from jaxllm import evaluate  # without lm-evaluation-harness: the one line that says how to install it
+
+    results = evaluate.evaluate(args.model, args.tasks, adapter=args.adapter, revision=args.revision,
+                                dtype=args.dtype, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                                limit=args.limit, include_path=args.include_path, seed=evaluate.seeds(args.seed))
+    import jax
+
+    if jax.process_index() == 0:
+        if args.output_path:
+            print(f"wrote {evaluate.write_results(results, args.output_path, args.model)}")
+        print(evaluate.table(results))
     return 0
 
 

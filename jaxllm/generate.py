@@ -65,10 +65,12 @@ def sample_token(logits_BV, rng, *, temperature: float, top_k: int, top_p: float
     return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
+             width: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, segment_ids, positions) [B, P]: pads on the left carry segment 0; positions start at 0
-    on each prompt's first real token, as transformers derives them from the attention mask."""
-    width = max(len(p) for p in prompts)
+    on each prompt's first real token, as transformers derives them from the attention mask. P is the
+    longest prompt, or `width` if that is longer."""
+    width = max(width, *(len(p) for p in prompts))
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     segments = np.zeros((len(prompts), width), np.int32)
     for row, p in enumerate(prompts):
@@ -80,11 +82,13 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 
 
 def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, *, eos_id: int,
-             pad_id: int = 0) -> list[list[int]]:
-    """New token ids for each prompt (without the prompt; cut after EOS, which is not returned)."""
+             pad_id: int = 0, width: int = 0) -> list[list[int]]:
+    """New token ids for each prompt (without the prompt; cut after EOS, which is not returned). Prompts
+    are left-padded to `width` tokens when it is longer than the longest: calls with one width share
+    one compiled program."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise JaxllmError("generate: every prompt needs at least one token (add a BOS token to empty prompts)")
-    tokens, segments, positions = left_pad(prompts, pad_id)
+    tokens, segments, positions = left_pad(prompts, pad_id, width)
     total = tokens.shape[1] + cfg.max_new_tokens
     if total > model.cfg.max_seq_len:
         raise JaxllmError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
