@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
         init_std=0.02,
     )
     c.data = dict(
-        source="embedded",  # the Python reference manual + stdlib docstrings (ships with Python)
+        source="embedded",  # the Python reference manual + stdlib docstrings (ships with Python); embedded_sft
+        #                     (Q/A chats about Python) | embedded_preference (those, with another's answer rejected)
         # file globs of a file source (text | jsonl | json | parquet | csv | arrow | array_record); or a data set:
         # a Hugging Face Hub id (org/name[@revision]) or a local folder, then :SPLIT or :CONFIG:SPLIT (default
         # train), whose split's files (found by the `datasets` library's rules) replace it and set data.source
@@ -38,13 +39,18 @@ def get_config() -> ml_collections.ConfigDict:
         valid_paths=(),  # validation files, or a data set split (default :validation), instead of val_fraction
         text_field="text",  # field of a JSON / Parquet / TFDS record holding the document
         format="text",  # text (language modelling) | sft_text (a Guanaco "### Human: ...### Assistant: ..." column)
-        #                 | messages | prompt_completion
-        prompt_field="prompt",  # prompt_completion: the prompt column
+        #                 | messages | prompt_completion | preference (prompt, chosen, rejected: dpo/orpo/reward)
+        prompt_field="prompt",  # prompt_completion, preference: the prompt column (preference: absent = the
+        #                         leading part chosen and rejected share, as TRL)
         completion_field="completion",  # prompt_completion: the completion column
         messages_field="messages",  # messages: the column of [{"role": ..., "content": ...}]
-        chat_template="guanaco",  # messages: guanaco | chatml | llama2
+        chat_template="guanaco",  # messages, and preference rows of messages: guanaco | chatml | llama2
         loss_on="auto",  # all | assistant | auto (assistant for prompt_completion, else all)
-        packing=True,  # SFT: several whole examples per row
+        packing=True,  # SFT, preference: several whole examples (pairs) per row
+        chosen_field="chosen",  # preference: the preferred answer's column (text, or messages ending in it)
+        rejected_field="rejected",  # preference: the dispreferred answer's column
+        max_prompt_length=0,  # preference: a prompt keeps its last this many tokens; 0 = no limit
+        max_completion_length=0,  # preference: each answer keeps its first this many tokens; 0 = no limit
         text_split="file",  # text source: file (one document per file) | paragraph
         tfds_name="",
         tfds_split="train",
@@ -82,10 +88,17 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.train = dict(
         steps=300,
+        objective="lm",  # lm (next-token loss: pretraining, SFT) | dpo | orpo | reward (with data.format=preference)
         log_every=25,
         eval_every=100,
         eval_batches=16,
         eval_at_start=False,  # also evaluate before the first step
+        # lm-evaluation-harness tasks scored at every validation pass, e.g. ("arc_easy", "hellaswag") (needs
+        # jaxllm[eval]); scores go to metrics.jsonl and the trackers as split "tasks"; () = none
+        eval_tasks=(),
+        eval_tasks_limit=0,  # documents per task; 0 = all
+        eval_tasks_fewshot=-1,  # few-shot examples; -1 = each task's default
+        eval_tasks_include_path="",  # a folder of task YAML files (the harness's --include_path)
         early_stop_patience=0,
         early_stop_min_delta=0.0,
         z_loss=0.0,
@@ -121,6 +134,12 @@ def get_config() -> ml_collections.ConfigDict:
         quantization="none",  # none | nf4 (QLoRA) | int8: the frozen base's kernels
         quant_block_size=64,
         init_adapter="",  # a PEFT adapter folder to continue from
+    )
+    c.preference = dict(  # train.objective = dpo | orpo | reward (jaxllm.train.preference)
+        loss_type="sigmoid",  # dpo: sigmoid (DPO) | ipo (IPO)
+        beta=0.1,  # dpo: KL weight beta; orpo: odds-ratio weight lambda
+        model_ref="",  # dpo reference model (HF folder or Hub id, convert output, workdir); "" = the policy at the start
+        precompute_ref_logps=False,  # dpo: reference log-probs computed once before training, kept with the data
     )
     c.prune = dict(sparsity=0.0,  # magnitude pruning: fraction of the linear layers' weights zeroed; 0 = off
                    scope="global",  # global (one threshold) | layer (each matrix on its own)

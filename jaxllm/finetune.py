@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--revision", default=None, help="branch, tag or commit of a --model Hub id (default: main)")
     a("--tokenizer", default=None, help="the tokenizer, if not --model's: a Hub id, a model folder or a "
                                         "SentencePiece .model file")
+    a("--adapter", default=None, help="a PEFT LoRA adapter (folder or Hub id) to continue training, e.g. an SFT "
+                                      "adapter before --trainer dpo (lora.init_adapter; r and targets from it)")
     a("--project_name", "--project-name", "--project", dest="project_name", default="",
       help="run folder: checkpoints, logs (default: --save_dir); also the default --save_dir")
     a("--data_path", "--data-path", default="", help="a data set: Hugging Face Hub id (org/name[@revision]; its data "
@@ -62,9 +64,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--chat_template", "--chat-template", default=None, choices=("none", "chatml", "llama2", "guanaco",
                                                                    "zephyr", "tokenizer"),
       help="render a column of chat messages with this template (data.format=messages)")
+    a("--prompt_text_column", "--prompt-text-column", default=None,
+      help="dpo/orpo/reward: the prompt column (data.prompt_field)")
+    a("--rejected_text_column", "--rejected-text-column", default=None,
+      help="dpo/orpo/reward: the rejected answer column (data.rejected_field); --text_column is the chosen one")
+    a("--max_prompt_length", "--max-prompt-length", type=int, default=None,
+      help="dpo/orpo/reward: a prompt keeps its last this many tokens (data.max_prompt_length)")
+    a("--max_completion_length", "--max-completion-length", type=int, default=None,
+      help="dpo/orpo/reward: an answer keeps its first this many tokens (data.max_completion_length)")
     a = p.add_argument_group("Training Configuration").add_argument
     a("--trainer", default="sft", choices=("sft", "default", "clm", "generic", "dpo", "orpo", "reward"),
-      help="sft: chat/instruction data; default/clm/generic: plain causal LM on the text column")
+      help="sft: chat/instruction data; default/clm/generic: plain causal LM on the text column; dpo, orpo, reward: "
+           "preference pairs (--prompt_text_column, --text_column = chosen, --rejected_text_column)")
     a("--use_apex", "--use-apex", action="store_true",
       help="mixed precision: bf16 compute on TPU/GPU (as --mixed_precision=bf16); float32 on CPU (note printed)")
     a("--mixed_precision", "--mixed-precision", "--mp", dest="mixed_precision", default=None,
@@ -102,6 +113,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--weight_decay", "--weight-decay", type=float, default=None)
     a("--max_grad_norm", "--max-grad-norm", type=float, default=None)
     a("--seed", type=int, default=None)
+    a("--dpo_beta", "--dpo-beta", "--orpo_lambda", "--orpo-lambda", dest="dpo_beta", type=float, default=None,
+      help="dpo: the KL weight beta (default 0.1); orpo: the odds-ratio weight lambda (preference.beta)")
+    a("--model_ref", "--model-ref", default=None,
+      help="dpo: the reference model (Hub id, folder or workdir); default: the model as training starts")
+    a("--precompute_ref_log_probs", "--precompute-ref-log-probs", dest="precompute_ref", action="store_true",
+      help="dpo: compute the reference log-probs once before training and keep them with the data "
+           "(no reference weights in memory while training)")
     a = p.add_argument_group("PEFT/LoRA").add_argument
     a("--use_peft", "--use-peft", "--peft", dest="peft", action="store_true",
       help="train LoRA adapters (the default here; --lora_r 0 trains the whole model)")
@@ -205,8 +223,11 @@ def _join_processes(cfg: ml_collections.ConfigDict) -> None:
     initialize(build(DistributedConfig, cfg.distributed, "distributed"))
 
 
+PREFERENCE_TRAINERS = ("dpo", "orpo", "reward")
 # flags set one config key each, as given
-DIRECT = {"text_column": "data.text_field", "learning_rate": "optim.learning_rate", "max_grad_norm": "optim.grad_clip",
+DIRECT = {"prompt_text_column": "data.prompt_field", "rejected_text_column": "data.rejected_field",
+          "max_prompt_length": "data.max_prompt_length", "max_completion_length": "data.max_completion_length",
+          "dpo_beta": "preference.beta", "model_ref": "preference.model_ref","text_column": "data.text_field", "learning_rate": "optim.learning_rate", "max_grad_norm": "optim.grad_clip",
           "weight_decay": "optim.weight_decay", "save_total_limit": "checkpoint.keep", "lora_r": "lora.r",
           "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "grad_accum_steps": "optim.grad_accum_steps",
           "seed": "seed"}
@@ -246,9 +267,14 @@ def _refuse_and_note(args: argparse.Namespace) -> None:
     hub_flags = [f"--{f}" for f in ("repo_id", "username", "token") if getattr(args, f)]
     if hub_flags and not args.push_to_hub:  # names only: a token is never printed
         note(f"{', '.join(hub_flags)} apply with --push_to_hub; nothing is uploaded without it")
-    if args.trainer in ("dpo", "orpo", "reward"):
-        raise JaxllmError(f"--trainer {args.trainer} is not available; jaxllm trains sft (chat/instruction data) or "
-                          "default (causal language modelling)")
+    preference = args.trainer in PREFERENCE_TRAINERS
+    for flag in ("prompt_text_column", "rejected_text_column", "max_prompt_length", "max_completion_length",
+                 "dpo_beta", "model_ref", "precompute_ref"):
+        if getattr(args, flag) and not preference:
+            raise JaxllmError(f"--{flag} applies to --trainer dpo, orpo or reward, not {args.trainer}")
+    if (args.model_ref or args.precompute_ref) and args.trainer != "dpo":
+        raise JaxllmError(f"--{'model_ref' if args.model_ref else 'precompute_ref_log_probs'} applies to --trainer dpo: "
+                          f"{args.trainer} has no reference model")
     if args.chat_template in ("zephyr", "tokenizer"):
         raise JaxllmError(f"--chat_template {args.chat_template} is not available (jaxllm does not run a tokenizer's "
                           "Jinja template); use chatml, llama2 or guanaco")
@@ -289,6 +315,8 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
         sets.update({"checkpoint.init_from": model, "checkpoint.model_from_init": True, "data.tokenizer": model})
     if args.tokenizer:
         sets["data.tokenizer"] = args.tokenizer
+    if args.adapter:
+        sets.update(_adapter_settings(args.adapter))
     if args.data_path:
         sets.update({f"data.{k}": v for k, v in _data_source(args.data_path, args.train_split,
                                                              args.valid_split).items()})
@@ -302,7 +330,17 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
                          f"glob or the embedded set (not a data set with splits), {why}")
     if args.trainer in ("default", "clm", "generic"):
         sets["data.format"] = "text"
-    if args.chat_template not in (None, "none"):  # autotrain reads the messages from --text_column
+    if args.trainer in PREFERENCE_TRAINERS:  # autotrain: --text_column holds the chosen answers
+        sets.update({"train.objective": args.trainer, "data.format": "preference"})
+        if sets.get("data.source") == "embedded_sft":  # the bundled chat set's answers as preference pairs
+            sets["data.source"] = "embedded_preference"
+        if args.text_column:
+            sets["data.chosen_field"] = args.text_column
+        if args.precompute_ref:
+            sets["preference.precompute_ref_logps"] = True
+        if args.chat_template not in (None, "none"):  # conversational pairs rendered with it
+            sets["data.chat_template"] = args.chat_template
+    elif args.chat_template not in (None, "none"):  # autotrain reads the messages from --text_column
         sets.update({"data.format": "messages", "data.chat_template": args.chat_template,
                      "data.messages_field": args.text_column or "text"})
     if args.add_eos_token:
@@ -324,6 +362,16 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
     if args.seed is not None:
         sets["data.seed"] = args.seed
     return sets
+
+
+def _adapter_settings(adapter: str) -> dict[str, Any]:
+    """lora.init_adapter and the rank, scale and targets the adapter was trained with (PEFT's own file)."""
+    from jaxllm.hf import hub, peft
+
+    lcfg = peft.read_adapter_config(hub.local(adapter, what="adapter"))
+    return {"lora.init_adapter": adapter, "lora.r": lcfg.r, "lora.alpha": lcfg.alpha,
+            "lora.target_modules": tuple(lcfg.target_modules), "lora.rslora": lcfg.rslora,
+            "lora.modules_to_save": tuple(lcfg.modules_to_save)}
 
 
 def _optimization(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> dict[str, Any]:

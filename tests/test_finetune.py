@@ -136,7 +136,7 @@ def test_every_autotrain_spelling_and_flag_is_accepted(llama, tmp_path, capsys):
     assert long.data.block_size == 2048 and "the model's 2048 positions" in capsys.readouterr().err
     for argv, match in ((["--optimizer", "sgd"], "--optimizer sgd is not available"),
                         (["--chat_template", "zephyr"], "--chat_template zephyr is not available"),
-                        (["--trainer", "dpo"], "--trainer dpo is not available")):
+                        (["--trainer", "sft", "--dpo_beta", "0.1"], "--dpo_beta applies to --trainer dpo")):
         with pytest.raises(JaxllmError, match=match):
             flags_to_config(_args(["--model", llama, "--data_path", str(jsonl), *argv]), [])
 

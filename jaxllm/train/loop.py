@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -20,6 +21,7 @@ from jaxllm import JaxllmError, atomic, tree
 from jaxllm import sharding as shd
 from jaxllm.config import build, to_json
 from jaxllm.data.pipeline import (
+    check_pairs,
     check_splits,
     make_eval_iterator,
     make_train_iterator,
@@ -30,7 +32,7 @@ from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.distributed import DistributedConfig, initialize
 from jaxllm.generate import GenerateConfig, continuation, generate, wrap
 from jaxllm.hf.peft import load_adapter
-from jaxllm.load import load_frozen, load_init_params, parse, pin
+from jaxllm.load import load_frozen, load_init_params, load_reference, parse, pin
 from jaxllm.models import lora
 from jaxllm.plan import explain
 from jaxllm.train import step as st
@@ -38,6 +40,9 @@ from jaxllm.train.checkpoint import Checkpointer, checkpoint_dir
 from jaxllm.train.metrics import MetricsWriter, peak_tflops, step_metrics
 from jaxllm.train.program import OutOfMemory, Program
 from jaxllm.train.program import build as build_program
+from jaxllm.train.program import reference_of
+from jaxllm.train import reference as ref_pass
+from jaxllm.models.decoder import abstract_params
 from jaxllm.train.prune import sparsity
 from jaxllm.train.run import Run, check_workdir
 
@@ -58,15 +63,24 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_workdir(workdir, cfg)
     if run.data.block_size > run.model.max_seq_len:
         raise JaxllmError(f"data.block_size={run.data.block_size} exceeds model.max_seq_len={run.model.max_seq_len}")
+    if run.train.eval_tasks:  # an unknown task name (or no harness) stops the run before anything compiles
+        from jaxllm import evaluate as harness
+        harness.resolve_tasks(run.train.eval_tasks, run.train.eval_tasks_include_path)
+    if run.data.format == "preference":  # pairs are few and checked whole: a bad row stops the run before it compiles
+        check_pairs(run.data)
     mesh = shd.make_mesh(run.mesh)
     shd.check_batch(run.data.batch_size, mesh, run.optim.grad_accum_steps)
     program = build_program(run, mesh)
     train_step = _compile_or_explain(program, run)  # before any data or weights are read
     tokenizer = _tokenizer(run)
     rows = shd.process_rows(mesh, run.data.batch_size)  # this process's rows of the global batch
-    train_iter = make_train_iterator(run.data, tokenizer, rows=rows)
+    frozen, saved = load_frozen(run, mesh, program.trainable) if program.trainable is not None else ({}, {})
+    ref_values = {"train": None, "val": None}
+    if program.reference is not None and program.reference.kind == "batch":
+        ref_values = _reference_values(run, program, tokenizer, workdir, rows, frozen, saved)
+    train_iter = make_train_iterator(run.data, tokenizer, rows=rows, ref_logps=ref_values["train"])
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint)
-    state, frozen = _initial_state(run, program, ckpt, train_iter)
+    state, ref = _initial_state(run, program, ckpt, train_iter, frozen, saved)
     start = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, is_primary=jax.process_index() == 0, total_steps=run.train.steps,
                            initial_step=start, progress=run.train.progress,
@@ -83,20 +97,29 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                f"{jax.device_count()} devices, {jax.process_count()} processes")
 
     def validate(step: int, params) -> dict[str, float]:
-        ev = evaluate(lambda p, b: program.eval_step(p, b, frozen), params,
-                      lambda: make_eval_iterator(run.data, tokenizer, rows=rows), mesh, run.train.eval_batches)
+        ev = evaluate(lambda p, b: program.eval_step(p, b, frozen, ref), params,
+                      lambda: make_eval_iterator(run.data, tokenizer, rows=rows, ref_logps=ref_values["val"]), mesh,
+                      run.train.eval_batches)
         writer.write(step, ev, prefix="val")
-        writer.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.1f}")
+        if run.train.eval_tasks:
+            scores = _task_scores(run, program.model, tree.union(params, frozen), tokenizer)
+            writer.write(step, scores, prefix="tasks")
+            writer.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if "perplexity" in ev:
+            writer.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.1f}")
+        else:
+            writer.log(f"step {step}: val loss {ev['loss']:.4f}, reward accuracy {ev['rewards/accuracies']:.3f} "
+                       f"over {ev['pairs']:.0f} pairs")
         return ev
 
     stop = _StopFlag(run.checkpoint.preemption_deadline_s)
     try:
-        state, final = _steps(run, train_step, state, frozen, train_iter, mesh, ckpt, writer, validate, stop)
+        state, final = _steps(run, train_step, state, (frozen, ref), train_iter, mesh, ckpt, writer, validate, stop)
         ckpt.wait()
     finally:
         stop.restore()
         ckpt.close()
-    if run.generate.max_new_tokens and not final.get("preempted"):
+    if run.generate.max_new_tokens and not final.get("preempted") and not run.model.num_labels:
         text = sample(program.model, tree.union(state.params, frozen), tokenizer, run.generate, run.data.add_bos)
         writer.log("sample:\n" + wrap(run.generate.prompt + text))
         final["sample"] = text
@@ -114,27 +137,70 @@ def _tokenizer(run: Run) -> Tokenizer:
     return tokenizer
 
 
-def _initial_state(run: Run, program: Program, ckpt: Checkpointer, train_iter) -> tuple[st.TrainState, dict]:
-    """(state, frozen params): the latest checkpoint (rewinding `train_iter`), else a fresh start from
-    `init_from` or a random init; an adapter run's frozen base comes from `init_from` either way."""
-    frozen, saved = {}, {}
+def _initial_state(run: Run, program: Program, ckpt: Checkpointer, train_iter, frozen: Any,
+                   saved: dict) -> tuple[st.TrainState, Any]:
+    """(state, reference params): the latest checkpoint (rewinding `train_iter`), else a fresh start from
+    `init_from` or a random init (an adapter run's: `saved`, the base's trainable leaves, over the frozen
+    base); a DPO reference that is the starting policy is rebuilt as it started (on resume too)."""
+    kind = program.reference.kind if program.reference is not None else None
+    ref = load_reference(run, program.mesh, program.ref_shardings) if kind == "model" else {}
+    resume = run.checkpoint.resume and ckpt.latest_step() is not None
+    if resume:
+        state = ckpt.restore(program.abstract_state(), train_iter, set_aside=True)
+        if kind == "start":
+            ref = _start_params(run, program, saved)
+        return state, ref
+    params = _start_params(run, program, saved)
+    if kind == "start":  # a copy: the state's params are donated to (updated in place by) the step
+        ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=program.shardings.params)(params)
+    return st.state_from_params(params, program.tx, program.shardings), ref
+
+
+def _task_scores(run: Run, model, params, tokenizer: Tokenizer) -> dict[str, float]:
+    """`train.eval_tasks` scored by lm-evaluation-harness on the run's params (every process takes part in
+    the sharded forward passes; process 0 writes the scores)."""
+    from jaxllm import evaluate as harness
+
+    t = run.train
+    return harness.run_tasks(model, params, tokenizer, t.eval_tasks, num_fewshot=None if t.eval_tasks_fewshot < 0
+                             else t.eval_tasks_fewshot, limit=t.eval_tasks_limit or None,
+                             include_path=t.eval_tasks_include_path, batch_size=run.data.batch_size,
+                             add_bos=run.data.add_bos, seed=run.seed)
+
+
+def _reference_values(run: Run, program: Program, tokenizer: Tokenizer, workdir: str, rows: list[int], frozen: Any,
+                      saved: dict) -> dict[str, np.ndarray]:
+    """Precomputed reference log-probs of every pair (both splits): the workdir's, or one pass of the
+    reference the run would otherwise run at every step (`reference_of` without precomputing)."""
+    def compute():
+        plain = dataclasses.replace(run, preference=dataclasses.replace(run.preference, precompute_ref_logps=False))
+        reference, ref, ref_sh = reference_of(plain, program.trainable), {}, None
+        if reference.kind == "model":
+            ref_sh = shd.shardings_for(abstract_params(run.ref_model), program.mesh)
+            ref = load_reference(run, program.mesh, ref_sh)
+        elif reference.kind == "start":
+            ref, ref_sh = _start_params(run, program, saved), program.shardings.params
+        return ref_pass.compute(run, program, tokenizer, reference, frozen, ref, ref_sh, rows)
+
+    return ref_pass.load_or_compute(run, workdir, compute)
+
+
+def _start_params(run: Run, program: Program, saved: dict) -> Any:
+    """The trainable params a fresh run starts from: adapters (and `modules_to_save`), or the whole model
+    from `init_from` or a random init."""
     if program.trainable is not None:
-        frozen, saved = load_frozen(run, program.mesh, program.trainable)
-    if run.checkpoint.resume and ckpt.latest_step() is not None:
-        return ckpt.restore(program.abstract_state(), train_iter, set_aside=True), frozen
-    if program.trainable is not None:
-        params = fresh_adapter_params(run, program, saved)
-        return st.state_from_params(params, program.tx, program.shardings), frozen
+        return fresh_adapter_params(run, program, saved)
+    if run.checkpoint.init_from:
+        return load_init_params(run.checkpoint.init_from, run.model, program.mesh)
     state, _ = st.init_state(program.model, program.tx, program.mesh, jax.random.key(run.seed),
                              shardings=program.shardings)
-    if run.checkpoint.init_from:
-        state = state.replace(params=load_init_params(run.checkpoint.init_from, run.model, program.mesh))
-    return state, frozen
+    return state.params
 
 
-def _steps(run: Run, train_step, state, frozen, train_iter, mesh, ckpt: Checkpointer, writer: MetricsWriter,
+def _steps(run: Run, train_step, state, inputs, train_iter, mesh, ckpt: Checkpointer, writer: MetricsWriter,
            validate, stop: "_StopFlag") -> tuple[st.TrainState, dict[str, Any]]:
-    """Steps to `train.steps` (or early stopping, or a preemption): logging, validation, checkpoints."""
+    """Steps to `train.steps` (or early stopping, or a preemption): logging, validation, checkpoints.
+    `inputs`: (frozen, ref), the step's read-only params."""
     start = step = int(jax.device_get(state.step))
     flops_per_token = run.model.train_flops_per_token(run.data.block_size)
     peak = peak_tflops(jax.devices()[0])
@@ -146,7 +212,7 @@ def _steps(run: Run, train_step, state, frozen, train_iter, mesh, ckpt: Checkpoi
     if run.train.eval_at_start and start == 0:
         final.update(initial_val_loss=validate(0, state.params)["loss"])
     while step < run.train.steps:
-        state, metrics = train_step(state, shd.global_batch(next(train_iter), mesh), frozen)
+        state, metrics = train_step(state, shd.global_batch(next(train_iter), mesh), *inputs)
         window.append(metrics)
         step += 1
         ckpt.check()  # a background save that failed stops the run now, not at the next save
@@ -168,7 +234,7 @@ def _steps(run: Run, train_step, state, frozen, train_iter, mesh, ckpt: Checkpoi
         if evaluate_now:
             ev = validate(step, state.params)
             val_loss = last_val = ev["loss"]
-            final.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
+            final.update(val_loss=ev["loss"], val_perplexity=ev.get("perplexity"))
             if ev["loss"] < best - run.train.early_stop_min_delta:
                 best, bad_evals = ev["loss"], 0
             else:
@@ -207,7 +273,11 @@ def fresh_adapter_params(run: Run, program: Program, saved: dict) -> Any:
         loaded_adapters, loaded_saved = tree.partition(loaded, lambda path: path[-1] in lora.ADAPTER_LEAVES)
         adapters = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
                                 loaded_adapters, adapters)
-        saved = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), loaded_saved, saved)
+        # the file's saved modules replace the base's; a causal-LM adapter on a score model has no `score`
+        # (its fresh head stays)
+        replaced, kept = tree.partition(saved, lambda path: tree.has(loaded_saved, path))
+        saved = tree.union(kept, jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
+                                              loaded_saved, replaced))
     return tree.union(adapters, saved)
 
 
@@ -259,9 +329,9 @@ def _exit_now(message: str, code: int) -> None:
 
 
 def evaluate(eval_fn, params, eval_iter_fn, mesh, num_batches: int) -> dict[str, float]:
-    """Validation loss over the first `num_batches` global batches (a process out of rows feeds padding)."""
-    ce_sum, weight_sum = 0.0, 0.0
-    batches, last = iter(eval_iter_fn()), None
+    """Validation metrics over the first `num_batches` global batches (a process out of rows feeds padding):
+    the loss (and perplexity) of a language model, or a preference objective's loss and reward metrics."""
+    parts, batches, last = [], iter(eval_iter_fn()), None
     for _ in range(num_batches):
         batch = next(batches, None)
         if jax.process_count() > 1:  # hosts may run out at different batches: go on while any has rows
@@ -271,10 +341,12 @@ def evaluate(eval_fn, params, eval_iter_fn, mesh, num_batches: int) -> dict[str,
         elif batch is None:
             break
         last = batch
-        ce, w = eval_fn(params, shd.global_batch(batch, mesh))
-        ce_sum, weight_sum = ce_sum + float(ce), weight_sum + float(w)
-    loss = ce_sum / max(weight_sum, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        parts.append({k: float(v) for k, v in jax.device_get(eval_fn(params, shd.global_batch(batch, mesh))).items()})
+    out = st.combine_eval(parts) if parts else {"loss": 0.0, "tokens": 0.0}
+    out.pop("z_loss", None)
+    if "tokens" in out:
+        out = {"loss": out["loss"], "perplexity": math.exp(min(out["loss"], 50.0))}
+    return out
 
 
 def _compile_or_explain(program: Program, run: Run):
@@ -287,10 +359,11 @@ def _compile_or_explain(program: Program, run: Run):
 
 
 def _window_mean(window: list[dict]) -> dict[str, float]:
-    """Loss, grad norm and tokens averaged over the logging window (the rest as of its last step)."""
+    """Every step metric averaged over the logging window (lr and skipped as of its last step)."""
     last = {k: float(v) for k, v in window[-1].items()}
-    for key in ("loss", "z_loss", "grad_norm", "tokens"):
-        last[key] = float(np.mean([float(m[key]) for m in window]))
+    for key in last:
+        if key not in ("lr", "skipped"):
+            last[key] = float(np.mean([float(m[key]) for m in window]))
     return last
 
 
