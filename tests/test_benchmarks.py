@@ -51,3 +51,12 @@ def test_jsonl_memory_reads_both_layouts(tmp_path, tok):
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("2 MB as 1 lines: peak RSS") and "1 rows" in lines[0]
     assert lines[1].startswith("2 MB as 200 lines: peak RSS") and "200 rows" in lines[1]
+
+
+def test_preference_step_times_every_objective_on_the_same_rows():
+    lines = _run("preference_step.py", *TOY, "--batch=2", "--seq=32", "--steps=1", "--repeats=1")
+    rows = {r["objective"]: r for r in lines if "objective" in r}
+    assert set(rows) == {"lm", "dpo", "dpo_precomputed", "orpo", "reward"}
+    assert rows["dpo"]["reference"] == "base" and rows["dpo_precomputed"]["reference"] == "batch"  # LoRA r=16
+    assert all(r["step_time_s"] > 0 and r["loss"] == r["loss"] for r in rows.values())
+    assert set(lines[-1]["ratios_to_sft"]) == set(rows)
