@@ -41,7 +41,7 @@ def make_corpus(args: argparse.Namespace, folder: str) -> dict:
     of one group should collapse to one) and the mean word 5-gram Jaccard of the planted pairs and halves."""
     import numpy as np
 
-    from jaxllm.data.prep import synthetic
+    from jaxllm.prep import synthetic
 
     rng = np.random.default_rng([args.seed, 0x646475])
     base = args.seed * 10_000_000
@@ -137,7 +137,7 @@ def peak_rss_mb() -> float:
 def child(side: str, folder: str, overrides: list[str]) -> None:
     if side == "jaxllm":  # imports outside the timed part
         import jaxllm.cli  # noqa: F401
-        import jaxllm.data.prep  # noqa: F401
+        import jaxllm.prep  # noqa: F401
     else:
         import datatrove.pipeline.dedup.minhash  # noqa: F401
         import spacy  # noqa: F401  (datatrove's English word tokenizer imports it on first use)

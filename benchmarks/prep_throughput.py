@@ -29,7 +29,7 @@ def make_corpus(folder: str, megabytes: float, seed: int = 0, file_mb: float = 1
     """JSONL files of generated documents, 5% exact and 5% near copies mixed in."""
     import numpy as np
 
-    from jaxllm.data.prep import synthetic
+    from jaxllm.prep import synthetic
 
     rng = np.random.default_rng(seed)
     paths, f, written, file_bytes, i = [], None, 0, 0, 0
@@ -58,7 +58,7 @@ def run_one(inputs: list[str], workers: int, vocab_size: int) -> dict:
     """One prepare() in this process; throughput and peak memory."""
     import dataclasses
 
-    from jaxllm.data.prep import PrepConfig, prepare
+    from jaxllm.prep import PrepConfig, prepare
 
     cfg = PrepConfig(num_workers=workers, progress=False)
     cfg = dataclasses.replace(cfg, tokenize=dataclasses.replace(cfg.tokenize, vocab_size=vocab_size))
@@ -121,9 +121,9 @@ def dedup_quality(threshold: float | None, seed: int = 0) -> list[dict]:
     """Recall per planted Jaccard band and overall precision of the near-dedup stage."""
     import numpy as np
 
-    from jaxllm.data.prep import synthetic
-    from jaxllm.data.prep.config import DedupConfig
-    from jaxllm.data.prep.dedup import Deduplicator, MinHasher
+    from jaxllm.prep import synthetic
+    from jaxllm.prep.config import DedupConfig
+    from jaxllm.prep.dedup import Deduplicator, MinHasher
 
     rows = []
     cfg = DedupConfig(exact=False, **({} if threshold is None else {"threshold": threshold}))

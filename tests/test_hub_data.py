@@ -20,8 +20,8 @@ from jaxllm.config import build  # noqa: E402
 from jaxllm.data import splits  # noqa: E402
 from jaxllm.data.config import DataConfig, make_source  # noqa: E402
 from jaxllm.data.pipeline import split_documents  # noqa: E402
-from jaxllm.data.prep import synthetic  # noqa: E402
 from jaxllm.finetune import add_arguments, flags_to_config  # noqa: E402
+from jaxllm.prep import synthetic  # noqa: E402
 
 GUANACO = "timdettmers/openassistant-guanaco"
 TRAIN_FILE, EVAL_FILE = "openassistant_best_replies_train.jsonl", "openassistant_best_replies_eval.jsonl"
@@ -119,7 +119,7 @@ def test_autotrain_local_layouts(tmp_path, capsys):
         "a": {"source": "jsonl", "paths": (str(folder / "en" / "train.jsonl"),), "weight": 2.0},
         "b": {"source": "jsonl", "paths": (str(folder / "held.jsonl"),)}}
     assert splits.parse_ref("corpus/missing.jsonl") is None  # a missing file is not taken for a Hub id
-    from jaxllm.data.prep.readers import resolve_inputs
+    from jaxllm.prep.readers import resolve_inputs
 
     assert resolve_inputs([f"{folder}:en:validation", str(folder / "en")]) == [  # a folder alone: all its files
         ("json", str(folder / "en" / "dev.jsonl")), ("json", str(folder / "en" / "train.jsonl"))]

@@ -1,4 +1,4 @@
-"""Tests for jaxllm.data.prep: readers, stages, dedup quality, shards the training pipeline reads, the CLI."""
+"""Tests for jaxllm.prep: readers, stages, dedup quality, shards the training pipeline reads, the CLI."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from jaxllm import JaxllmError
 from jaxllm.config import load_config
-from jaxllm.data.prep import PrepConfig, augment, curriculum, prepare, synthetic
-from jaxllm.data.prep.clean import clean, quality
-from jaxllm.data.prep.config import AugmentConfig, CleanConfig, DedupConfig, InputConfig, QualityConfig
-from jaxllm.data.prep.dedup import Deduplicator, MinHasher, exact_key
-from jaxllm.data.prep.readers import Reader, resolve_inputs
+from jaxllm.prep import PrepConfig, augment, curriculum, prepare, synthetic
+from jaxllm.prep.clean import clean, quality
+from jaxllm.prep.config import AugmentConfig, CleanConfig, DedupConfig, InputConfig, QualityConfig
+from jaxllm.prep.dedup import Deduplicator, MinHasher, exact_key
+from jaxllm.prep.readers import Reader, resolve_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREP_CONFIG = os.path.join(ROOT, "configs", "prep_default.py")
@@ -279,7 +279,7 @@ FRENCH = ("Le matin, la rivière traverse lentement la vallée et les pêcheurs 
 
 
 def test_language_filter(monkeypatch):
-    from jaxllm.data.prep import clean as clean_lib
+    from jaxllm.prep import clean as clean_lib
 
     english = ENGLISH
     assert quality(english, QualityConfig(languages=("en",)))[1] == ""
@@ -352,7 +352,7 @@ def test_default_dedup_removes_near_copies_and_keeps_the_rest(tmp_path):
 
 
 def test_first_index_keeps_the_first_value_across_merges(monkeypatch):
-    from jaxllm.data.prep import dedup
+    from jaxllm.prep import dedup
 
     monkeypatch.setattr(dedup, "_MIN_MERGE", 7)  # merge into the sorted arrays often
     index, reference = dedup.FirstIndex(), {}
@@ -380,7 +380,8 @@ def test_eda_augmentation():
 
 
 def test_paraphrase_hook_calls_generate_text(tmp_path, monkeypatch):
-    from jaxllm import generate, load
+    from jaxllm import load
+    from jaxllm.models import generation as generate
 
     calls = []
     monkeypatch.setattr(load, "load_model", lambda path: calls.append(path) or ("model", "params", "tok", True))
@@ -485,7 +486,7 @@ def test_workers_do_not_change_the_output(corpus_dir, tmp_path):
 
 
 def test_a_failed_run_leaves_no_shards(corpus_dir, tmp_path, monkeypatch):
-    from jaxllm.data.prep import core
+    from jaxllm.prep import core
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -503,8 +504,8 @@ def test_bucket_output(corpus_dir, tmp_path, memory_root, monkeypatch):
     from etils import epath
 
     from jaxllm import atomic
-    from jaxllm.data.prep import core
-    from jaxllm.data.prep.output import render_report
+    from jaxllm.prep import core
+    from jaxllm.prep.output import render_report
 
     inputs = [str(corpus_dir / "*.jsonl")]
     local = prepare(inputs, str(tmp_path / "local"), _cfg())
@@ -599,7 +600,7 @@ def _same_output(local, beam, a: dict, b: dict) -> None:
     dict(tokenize=dict(enabled=False), dedup=dict(exact=False), curriculum=dict(field="level", field_weight=1.0)),
 ], ids=["default", "augment_rarity_shards", "untokenized_field_curriculum"])
 def test_beam_runner_equals_local(messy_dir, tmp_path, sections):
-    from jaxllm.data.prep.beam import prepare_beam
+    from jaxllm.prep.beam import prepare_beam
 
     inputs, cfg = [str(messy_dir / "*.jsonl"), str(messy_dir / "*.txt")], _cfg(**sections)
     local = prepare(inputs, str(tmp_path / "local"), cfg)
@@ -613,7 +614,7 @@ def test_beam_runner_equals_local(messy_dir, tmp_path, sections):
 
 def test_beam_cli_and_errors(corpus_dir, tmp_path, capsys, monkeypatch):
     from jaxllm.cli import run
-    from jaxllm.data.prep import beam
+    from jaxllm.prep import beam
 
     src, out = str(corpus_dir / "*.jsonl"), tmp_path / "out"
     assert run(["prep", f"--input={src}", f"--output={out}", "--runner=DirectRunner",
@@ -669,8 +670,8 @@ def reference_model(corpus_dir, tmp_path_factory):
 
 
 def test_reference_model_loss_orders_the_curriculum(messy_dir, reference_model, tmp_path):
-    from jaxllm.data.prep import curriculum
-    from jaxllm.data.prep.beam import prepare_beam
+    from jaxllm.prep import curriculum
+    from jaxllm.prep.beam import prepare_beam
 
     cfg = _cfg(curriculum=dict(length_weight=0.0, model_weight=1.0, model=reference_model, model_max_tokens=64,
                                model_batch_size=4))
@@ -697,7 +698,7 @@ def test_no_usable_record_is_an_error_and_writes_nothing(tmp_path, runner):
     if runner == "local":
         run = lambda: prepare([str(src)], str(out), _cfg())  # noqa: E731
     else:
-        from jaxllm.data.prep.beam import prepare_beam
+        from jaxllm.prep.beam import prepare_beam
 
         run = lambda: prepare_beam([str(src)], str(out), _cfg(), options=BEAM_OPTIONS)  # noqa: E731
     with pytest.raises(JaxllmError, match=r"no usable record in the inputs \(3 documents read; removed: "

@@ -13,7 +13,7 @@ import hashlib
 import random
 from collections.abc import Sequence
 
-from jaxllm.data.prep.config import AugmentConfig
+from jaxllm.prep.config import AugmentConfig
 
 # Groups of interchangeable words; every word of a group is a synonym of the others.
 _SYNONYM_GROUPS = """
@@ -110,10 +110,12 @@ def wants_paraphrase(text: str, cfg: AugmentConfig) -> bool:
 
 
 class Paraphraser:
-    """Paraphrases with a jaxllm workdir or Hugging Face folder through `jaxllm.generate.generate_text`."""
+    """Paraphrases with a jaxllm workdir or Hugging Face folder through
+    `jaxllm.models.generation.generate_text`."""
 
     def __init__(self, cfg: AugmentConfig, batch_size: int = 8):
-        from jaxllm import generate, load  # pylint: disable=g-import-not-at-top  (imports jax)
+        from jaxllm import load  # pylint: disable=g-import-not-at-top  (imports jax)
+        from jaxllm.models import generation as generate
 
         self._cfg, self._batch_size, self._generate = cfg, batch_size, generate
         self._model, self._params, self._tokenizer, self._add_bos = load.load_model(cfg.paraphrase_model)

@@ -20,7 +20,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import JaxllmError
-from jaxllm.models.flash_alibi import alibi_flash_attention
+from jaxllm.models.attention.flash_alibi import alibi_flash_attention
 
 MIN_BLOCK = 128  # the TPU lane width: both block sizes and the sequence must be multiples of it
 BLOCK_SIZES = (512, 256, 128)  # the largest that divides the sequence is used

@@ -12,7 +12,7 @@ order and shards, the same tokenizer and the same stage counts in stats.json.
   cleaning, quality filters, MinHash signatures, augmentation, tokenization and shard writing.
 - Dedup runs as shuffles. Exact dedup groups by exact key and keeps the earliest document. Near
   dedup groups by (band, band key) and compares each document with its bucket's earliest one: the
-  rule `jaxllm.data.prep.dedup` states, so the verdicts are the local ones.
+  rule `jaxllm.prep.dedup` states, so the verdicts are the local ones.
 - A few steps need the whole corpus: the tokenizer's training sample, the curriculum's percentile
   ranks and the record order. They run on one worker over a few numbers per record (position,
   length, score), never the text.
@@ -48,11 +48,11 @@ try:
 except ImportError:
     raise JaxllmError("the Beam runner needs Apache Beam: pip install 'jaxllm[beam]' (or apache-beam)") from None
 
-from jaxllm.data.prep import core, curriculum
-from jaxllm.data.prep.config import PrepConfig
-from jaxllm.data.prep.dedup import NearDuplicateIndex, near_match
-from jaxllm.data.prep.output import OUR_FILES, SHARD_PATTERN, WRITER_OPTIONS, render_report
-from jaxllm.data.prep.readers import KINDS, Reader, file_kind, resolve_inputs
+from jaxllm.prep import core, curriculum
+from jaxllm.prep.config import PrepConfig
+from jaxllm.prep.dedup import NearDuplicateIndex, near_match
+from jaxllm.prep.output import OUR_FILES, SHARD_PATTERN, WRITER_OPTIONS, render_report
+from jaxllm.prep.readers import KINDS, Reader, file_kind, resolve_inputs
 
 _PARTIAL = "stats.partial.json"
 

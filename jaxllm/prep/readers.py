@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from jaxllm import JaxllmError
-from jaxllm.data.prep.config import InputConfig
+from jaxllm.prep.config import InputConfig
 
 # (text, source, field value): what every reader yields; `field value` feeds the curriculum field score.
 Doc = tuple[str, str, float | None]

@@ -11,7 +11,7 @@ import collections
 import re
 import unicodedata
 
-from jaxllm.data.prep.config import CleanConfig, QualityConfig
+from jaxllm.prep.config import CleanConfig, QualityConfig
 
 # C0/C1 controls but tab, LF, CR; and invisible format characters (zero-width, bidi marks, BOM, soft hyphen).
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")

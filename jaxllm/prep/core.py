@@ -25,13 +25,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxllm import JaxllmError
-from jaxllm.data.prep import augment, curriculum
-from jaxllm.data.prep.clean import clean, quality
-from jaxllm.data.prep.config import PrepConfig
-from jaxllm.data.prep.dedup import Deduplicator, MinHasher, exact_key
-from jaxllm.data.prep.parallel import batched, parallel_map
-from jaxllm.data.prep.output import OutputDir, ShardWriter, Spool, SpoolTexts, length_histogram, render_report, write_json
-from jaxllm.data.prep.readers import Doc, Reader, resolve_inputs
+from jaxllm.prep import augment, curriculum
+from jaxllm.prep.clean import clean, quality
+from jaxllm.prep.config import PrepConfig
+from jaxllm.prep.dedup import Deduplicator, MinHasher, exact_key
+from jaxllm.prep.parallel import batched, parallel_map
+from jaxllm.prep.output import OutputDir, ShardWriter, Spool, SpoolTexts, length_histogram, render_report, write_json
+from jaxllm.prep.readers import Doc, Reader, resolve_inputs
 
 _BATCH = 64  # documents per worker task
 _READ_CHUNK = 512  # spool records read at once

@@ -7,7 +7,7 @@ duplicate when the signatures' estimated Jaccard (the fraction of equal rows) re
 Signatures are computed in worker processes (`signature`); the index lives in the main process and
 holds, per document, its signature and one 12-byte entry per band (about 0.7 KB), never the text.
 
-The rule, in input order, so that a distributed run (`jaxllm.data.prep.beam`) decides the same:
+The rule, in input order, so that a distributed run (`jaxllm.prep.beam`) decides the same:
 - a document whose exact key an earlier document had is an exact duplicate;
 - among the rest, a document is a near duplicate when, in one of its bands, the earliest document
   with the same band key (kept or not) has an estimated Jaccard >= threshold with it. Each document
@@ -23,7 +23,7 @@ import zlib
 import numpy as np
 
 from jaxllm.data.hashing import mix64
-from jaxllm.data.prep.config import DedupConfig
+from jaxllm.prep.config import DedupConfig
 
 _WORDS = re.compile(r"\w+")
 _ROWS_PER_CHUNK = 4096  # shingles hashed at once: bounds the (shingles x permutations) matrix

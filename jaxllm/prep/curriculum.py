@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxllm.data.prep.config import CurriculumConfig
+from jaxllm.prep.config import CurriculumConfig
 
 
 def percentile_ranks(values: np.ndarray) -> np.ndarray:
