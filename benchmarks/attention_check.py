@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.models.layers import attention_mask, fused_attention, reference_attention
+from jaxllm.models.attention.fused import fused_attention
+from jaxllm.models.attention.reference import attention_mask, reference_attention
 
 
 def _packed(batch: int, seq: int, rng: np.random.RandomState):

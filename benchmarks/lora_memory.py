@@ -21,7 +21,6 @@ from flax import linen as nn
 
 from jaxllm import sharding as shd
 from jaxllm import tree
-from jaxllm.hf import peft
 from jaxllm.models import lora, quant
 from jaxllm.models.config import ModelConfig, preset
 from jaxllm.models.decoder import Decoder, abstract_params
@@ -34,7 +33,7 @@ def step_memory(base: ModelConfig, lcfg: lora.LoraConfig, batch: int, seq_len: i
     model = Decoder(cfg)
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     tx, schedule = make_optimizer(OptimConfig(warmup_steps=0), 100)
-    keep = peft.trainable_fn(lcfg, cfg)
+    keep = lora.trainable_fn(lcfg, cfg)
     boxed = st.abstract_state(model, tx, keep)
     shardings = st.state_shardings(boxed, mesh)
     state = shd.placed(boxed, shardings)
@@ -101,7 +100,7 @@ def main() -> None:
 
     if os.path.isdir(os.path.join(args.workdir, "checkpoints")):
         from jaxllm.data.pipeline import make_eval_iterator, tokenizer_for
-        from jaxllm.load import load_run
+        from jaxllm.train.start import load_run
         run, params, _ = load_run(args.workdir)
         batch = next(make_eval_iterator(run.data, tokenizer_for(run.data)))
         print(json.dumps({f"logits_vs_float_trained_{args.workdir}": logit_difference(

@@ -7,7 +7,7 @@ default shape vocab 8192, d 384, 6 layers, 6 heads, MLP 1024, untied head; jaxll
 CPU switches (`attention=xla`, unrolled layers, no remat). Four comparisons:
   train    full AdamW step (clip 1.0), batch 8 x 256: jaxllm's jitted train step vs torch eager
   lora     LoRA r 16 on all seven linear layers: jaxllm's adapter step vs PEFT on the same model
-  decode1  greedy decoding, batch 1, 32-token prompt, 128 new tokens: `jaxllm.generate.generate`
+  decode1  greedy decoding, batch 1, 32-token prompt, 128 new tokens: `jaxllm.models.generation.generate`
            (temperature 0) vs `model.generate(do_sample=False)` with its KV cache
   decode8  the same at batch 8
 The two sides alternate within each repeat (order swapped every repeat); the best repeat of each side
@@ -99,7 +99,6 @@ def jax_step(args, model, params, batch, lcfg=None):
     import jax
 
     from jaxllm import sharding as shd
-    from jaxllm.hf.peft import trainable_fn
     from jaxllm.models import lora
     from jaxllm.models.decoder import Decoder, abstract_params
     from jaxllm.tree import partition
@@ -114,7 +113,7 @@ def jax_step(args, model, params, batch, lcfg=None):
         state, frozen, frozen_sh = st.state_from_params(params, tx, shardings), {}, None
     else:
         model = Decoder(lora.apply(lcfg, model.cfg))
-        trainable = trainable_fn(lcfg, model.cfg)
+        trainable = lora.trainable_fn(lcfg, model.cfg)
         state, shardings = st.init_state(model, tx, mesh, jax.random.key(0), trainable)
         frozen_sh = shd.shardings_for(partition(abstract_params(model.cfg), trainable)[1], mesh)
         frozen = jax.device_put(params, frozen_sh)
@@ -183,7 +182,7 @@ def main() -> None:
     import jax
     import torch
 
-    from jaxllm.generate import GenerateConfig, generate
+    from jaxllm.models.generation import GenerateConfig, generate
     from jaxllm.models.lora import LoraConfig
 
     only = args.only.split(",")

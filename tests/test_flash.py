@@ -13,10 +13,10 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from jaxllm import JaxllmError, sharding
-from jaxllm.models import flash
+from jaxllm.models.attention import flash
+from jaxllm.models.attention.reference import alibi_bias, alibi_slopes, attention_mask, reference_attention
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder
-from jaxllm.models.layers import alibi_bias, alibi_slopes, attention_mask, reference_attention
 
 T = 384  # three 128-token blocks: blocks below, on and above the diagonal
 

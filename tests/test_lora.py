@@ -12,7 +12,6 @@ from flax import linen as nn
 
 from jaxllm import JaxllmError, tree
 from jaxllm import sharding as shd
-from jaxllm.hf import peft
 from jaxllm.models import lora, quant
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder, abstract_params
@@ -35,7 +34,7 @@ def _params(cfg, seed=0):
 def _with_adapters(base_cfg, lcfg, base_params, b_scale=0.0):
     """(lora cfg, trainable, frozen): fresh adapters (B moved by b_scale) on `base_params`."""
     cfg = lora.apply(lcfg, base_cfg)
-    keep = peft.trainable_fn(lcfg, cfg)
+    keep = lora.trainable_fn(lcfg, cfg)
     adapters, _ = tree.partition(_params(cfg, seed=1), lambda p: p[-1] in lora.ADAPTER_LEAVES)
     if b_scale:
         rng = np.random.RandomState(0)
@@ -90,7 +89,7 @@ def test_targets_in_hugging_face_names():
     with pytest.raises(JaxllmError, match="different modules in different layers"):
         lora.resolve_targets(lora.LoraConfig(r=2, target_modules=(r"model\.layers\.0\..*q_proj",)), LLAMA)
     with pytest.raises(JaxllmError, match="no module 'nonsense'"):
-        peft.save_paths(lora.LoraConfig(r=2, modules_to_save=("nonsense",)), LLAMA)
+        lora.save_paths(lora.LoraConfig(r=2, modules_to_save=("nonsense",)), LLAMA)
     with pytest.raises(JaxllmError, match="quantization needs adapters"):
         lora.LoraConfig(r=0, quantization="nf4")
 
@@ -99,7 +98,7 @@ def _train_setup(lcfg, mesh, base=LLAMA):
     cfg = lora.apply(lcfg, base)
     model = Decoder(cfg)
     tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1), 10)
-    keep = peft.trainable_fn(lcfg, cfg)
+    keep = lora.trainable_fn(lcfg, cfg)
     state, shardings = st.init_state(model, tx, mesh, jax.random.key(0), keep)
     base_params = _params(base)
     if cfg.quantization != "none":

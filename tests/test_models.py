@@ -7,9 +7,10 @@ import pytest
 from flax import linen as nn
 
 from jaxllm import JaxllmError
+from jaxllm.models.attention.fused import causal_blockwise_attention
+from jaxllm.models.attention.reference import alibi_bias, attention_mask, reference_attention
 from jaxllm.models.config import PRESETS, ModelConfig, preset
 from jaxllm.models.decoder import Decoder
-from jaxllm.models.layers import alibi_bias, attention_mask, causal_blockwise_attention, reference_attention
 
 TINY = dict(vocab_size=128, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
             max_seq_len=64, dtype="float32")
@@ -173,7 +174,7 @@ def test_falcon_bloom_published_parameter_counts(name, published):
 
 
 def test_alibi_slopes_match_the_papers_formula():
-    from jaxllm.models.layers import alibi_slopes
+    from jaxllm.models.attention.reference import alibi_slopes
     np.testing.assert_allclose(alibi_slopes(8), 2.0 ** -np.arange(1, 9), rtol=1e-7)
     # 12 heads: the 8 slopes of 8 heads, then the odd ones of 16 heads: 2^-0.5, 2^-1.5, ...
     want = np.concatenate([2.0 ** -np.arange(1, 9), 2.0 ** -np.arange(0.5, 4, 1.0)])

@@ -38,7 +38,7 @@ def _trained_adapters(cfg, lcfg, base):
     adapters = jax.tree_util.tree_map_with_path(
         lambda p, v: v + 0.3 * rng.standard_normal(v.shape).astype(np.float32) if p[-1].key == "lora_b" else v,
         adapters)
-    saved, frozen = tree.partition(base, hf.peft.trainable_fn(lcfg, cfg))
+    saved, frozen = tree.partition(base, lora.trainable_fn(lcfg, cfg))
     return tree.union(adapters, jax.tree.map(lambda x: x * 1.1, saved)), frozen
 
 
@@ -92,7 +92,7 @@ def test_qlora_adapters_match_peft_on_the_dequantized_base(tmp_path):
     cfg = lora.apply(lcfg, model.cfg)
     quantized = lora.quantize_params(base, cfg)
     from jaxllm import sharding as shd
-    from jaxllm.load import load_init_params
+    from jaxllm.train.start import load_init_params
 
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=-1, tensor=1))
     streamed = load_init_params(str(tmp_path / "base"), model.cfg, mesh, quantized=cfg)  # quantized as it loads

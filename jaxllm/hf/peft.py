@@ -5,6 +5,7 @@ with no missing keys; and back.
 
 A PEFT adapter on a fused Falcon/BLOOM `query_key_value` is one A and one B over the fused rows;
 jaxllm keeps that A (`qkv_lora_a`) and splits B's rows into q, k and v with the base weight's layout.
+Only the file format lives here: what a LoRA run trains and saves is `jaxllm.models.lora`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,47 +33,6 @@ WEIGHTS_BIN = "adapter_model.bin"  # read without running its pickle
 PREFIX = "base_model.model."
 SEQ_CLS = "SEQ_CLS"  # PEFT's task_type of a *ForSequenceClassification base (its head: `score`)
 _SEQ_CLS_HEADS = ("classifier", "score")  # the heads PEFT adds to modules_to_save for SEQ_CLS
-
-
-def saved_modules(lcfg: lora.LoraConfig, cfg: ModelConfig, score: bool = True) -> tuple[str, ...]:
-    """The modules an adapter run trains in full and saves: `lora.modules_to_save`, and a score model's
-    new `score` head (PEFT's task_type SEQ_CLS adds it the same way; `score=False`: not it)."""
-    extra = ("score",) if score and cfg.num_labels and "score" not in lcfg.modules_to_save else ()
-    return (*lcfg.modules_to_save, *extra)
-
-
-def save_paths(lcfg: lora.LoraConfig, cfg: ModelConfig, score: bool = True) -> list[tuple[str, ...]]:
-    """Param paths of the saved modules (relative to the layer for layer modules, marked by a leading "{i}")."""
-    paths: list[tuple[str, ...]] = []
-    for module in saved_modules(lcfg, cfg, score):
-        found = False
-        for groups, layered in ((global_groups(cfg), False), (layer_groups(cfg), True)):
-            for group in groups:
-                if any(re.search(rf"(^|\.){re.escape(module)}\.(weight|bias)$", n) for n in group.hf_names):
-                    paths += [(("{i}",) if layered else ()) + p for p in group.paths]
-                    found = True
-        if not found:
-            raise JaxllmError(f"lora.modules_to_save: no module {module!r} in this model (e.g. lm_head, "
-                              "embed_tokens, input_layernorm)")
-        quantized = {*families.PROJECTIONS, *(p.rsplit(".", 1)[1] for p in families.hf_modules(cfg).values())}
-        if cfg.quantization != "none" and module in quantized:
-            raise JaxllmError(f"lora.modules_to_save: {module} is quantized and cannot be trained in full")
-    return paths
-
-
-def trainable_fn(lcfg: lora.LoraConfig, cfg: ModelConfig) -> Callable[[tuple[str, ...]], bool] | None:
-    """Predicate on param paths: what a run trains (None = everything, full fine-tuning)."""
-    if not lcfg.r:
-        return None
-    saved = save_paths(lcfg, cfg)
-
-    def trainable(path: tuple[str, ...]) -> bool:
-        if path[-1] in lora.ADAPTER_LEAVES:
-            return True
-        rel = ("{i}", *path[1:]) if path[0] == "layers" or path[0].startswith("layers_") else path
-        return rel in saved
-
-    return trainable
 
 
 def _layer(params: dict, cfg: ModelConfig, i: int) -> dict:
@@ -116,7 +76,7 @@ def adapter_tensors(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig) -> di
 
 def _saved_groups(cfg: ModelConfig, lcfg: lora.LoraConfig, score: bool = True):
     """(layout group, whether it is per layer) of each group holding a `modules_to_save` param."""
-    saved = save_paths(lcfg, cfg, score)
+    saved = lora.save_paths(lcfg, cfg, score)
     for layered, groups in ((False, global_groups(cfg)), (True, layer_groups(cfg))):
         yield from ((g, layered) for g in groups if any((("{i}",) + p if layered else p) in saved for p in g.paths))
 
@@ -130,7 +90,7 @@ def adapter_config(cfg: ModelConfig, lcfg: lora.LoraConfig, base_model: str = ""
         "base_model_name_or_path": base_model or None,
         "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
         "use_rslora": cfg.lora_rslora, "target_modules": sorted(modules[t].rsplit(".", 1)[1] for t in cfg.lora_targets),
-        "modules_to_save": list(saved_modules(lcfg, cfg)) or None, "bias": "none", "fan_in_fan_out": False,
+        "modules_to_save": list(lora.saved_modules(lcfg, cfg)) or None, "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "revision": None,
     }
@@ -257,10 +217,9 @@ def _layer_targets(targets: tuple[str, ...], cfg: ModelConfig, path: str) -> tup
 
 
 def _read_layer(read, cfg: ModelConfig, i: int) -> dict:
-    n, h, k, d, f, r = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.embed_dim, cfg.mlp_dim, cfg.lora_rank
+    n, h, k, d, r = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.embed_dim, cfg.lora_rank
     modules = families.hf_modules(cfg)
-    shapes = {"q_proj": ((d,), (n, k)), "k_proj": ((d,), (h, k)), "v_proj": ((d,), (h, k)), "o_proj": ((n, k), (d,)),
-              "gate_proj": ((d,), (f,)), "up_proj": ((d,), (f,)), "down_proj": ((f,), (d,))}
+    shapes = families.projection_shapes(cfg)
     layer: dict = {"self_attn": {}, "mlp": {}}
     for ours in cfg.lora_targets:
         name = PREFIX + modules[ours].format(i=i)

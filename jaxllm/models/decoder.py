@@ -7,14 +7,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxllm import JaxllmError
+from jaxllm.models.attention.module import Attention
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.layers import MLP, Attention, constrain, norm, residual_axes
+from jaxllm.models.layers import MLP, constrain, norm, residual_axes
 
 _cp = jax.checkpoint_policies
 _QKV = ("query_proj", "key_proj", "value_proj")
 # What the backward pass keeps of a layer's forward (the rest is recomputed), by MaxText's names for the
-# same trade-offs. Names are the tags `constrain(..., name)` puts on activations in layers.py; the
-# "_offloaded" policies keep their activations in host memory (pinned_host) between the passes.
+# same trade-offs. Names are the tags `constrain(..., name)` puts on activations in layers.py and
+# attention/module.py; the "_offloaded" policies keep their activations in host memory (pinned_host)
+# between the passes.
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "save_dots": _cp.checkpoint_dots,
@@ -75,7 +77,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, inputs_BL, positions_BL=None, segment_ids_BL=None, *, deterministic: bool = True,
                  decode: bool = False, hidden: bool = False):
-        """`decode=True` runs against a KV cache (the "cache" collection; see jaxllm.generate).
+        """`decode=True` runs against a KV cache (the "cache" collection; see jaxllm.models.generation).
         `hidden=True` returns the final-norm hidden states [B, L, D] instead of logits (the loss then
         applies `head_DV` chunk by chunk and never holds [B, L, V] logits; a reward step `score_DS`)."""
         cfg = self.cfg
@@ -109,7 +111,7 @@ class Decoder(nn.Module):
         x_BLD = norm(cfg, "norm")(x_BLD)
         if hidden and not self.is_initializing():
             return constrain(x_BLD, ("batch", "length", "embed"))
-        # the head as one 2-D matmul [B*L, D] @ [D, V] (see layers._contract: no transposed activation copies)
+        # the head as one 2-D matmul [B*L, D] @ [D, V] (see quant.contract: no transposed activation copies)
         x_MD = x_BLD.reshape(-1, cfg.embed_dim)
         if cfg.num_labels:  # HF's `score`: Linear(D, num_labels, bias=False), initializer_range normal
             scores_MS = nn.Dense(cfg.num_labels, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,

@@ -1,5 +1,6 @@
-"""LoRA parameter subsets: the `lora` config section, target resolution in Hugging Face module names,
-trainable/frozen splits, a quantized frozen base, and merging adapters into the base and back out.
+"""LoRA in one home: the `lora` config section, target resolution in Hugging Face module names, the
+adapters' down-projection A in the decoder's layers, what a run trains and saves (adapters and
+`modules_to_save` as param paths), a quantized frozen base, and merging adapters into the base and back out.
 
 Params stay one nested dict (the decoder's); adapters are the `lora_a` / `lora_b` leaves of targeted
 projections (`qkv_lora_a` for an A shared by q, k and v, which is what PEFT's adapter on a fused
@@ -12,17 +13,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from jaxllm import JaxllmError, tree
-from jaxllm import sharding as shd
 from jaxllm.config import check_number
 from jaxllm.models import families, quant
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.decoder import abstract_params
 
 ADAPTER_LEAVES = ("lora_a", "lora_b", "qkv_lora_a")
 Path = tuple[str, ...]
@@ -103,6 +103,66 @@ def base_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, lora_rank=0, lora_targets=(), lora_dropout=0.0, quantization="none")
 
 
+def _lora_a_init(fan_in: int):
+    """PEFT's default: kaiming_uniform(a=sqrt(5)) on A [r, fan_in], i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def lora_a_param(module: nn.Module, name: str, in_shape: tuple[int, ...], in_axes: tuple[str, ...]):
+    """A LoRA down-projection [*in, r], always float32 (the trainable adapter's optimizer needs it)."""
+    init = nn.with_logical_partitioning(_lora_a_init(math.prod(in_shape)), (*in_axes, "lora_rank"))
+    return module.param(name, init, (*in_shape, module.cfg.lora_rank), jnp.float32)
+
+
+def lora_down(cfg: ModelConfig, a, x, deterministic: bool, num_in: int):
+    """dropout(x) @ A in the compute dtype: [..., *in] -> [..., r]."""
+    x = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic) if cfg.lora_dropout else x
+    return quant.contract(x, a.astype(cfg.jnp_dtype), num_in)
+
+
+def saved_modules(lcfg: LoraConfig, cfg: ModelConfig, score: bool = True) -> tuple[str, ...]:
+    """The modules an adapter run trains in full and saves: `lora.modules_to_save`, and a score model's
+    new `score` head (PEFT's task_type SEQ_CLS adds it the same way; `score=False`: not it)."""
+    extra = ("score",) if score and cfg.num_labels and "score" not in lcfg.modules_to_save else ()
+    return (*lcfg.modules_to_save, *extra)
+
+
+def save_paths(lcfg: LoraConfig, cfg: ModelConfig, score: bool = True) -> list[tuple[str, ...]]:
+    """Param paths of the saved modules (relative to the layer for layer modules, marked by a leading "{i}")."""
+    paths: list[tuple[str, ...]] = []
+    outer, layer = families.hf_module_params(cfg)
+    for module in saved_modules(lcfg, cfg, score):
+        found = False
+        for params, layered in ((outer, False), (layer, True)):
+            for hf_module, held in params.items():  # `module` names it, or a dotted tail of its path
+                if re.search(rf"(^|\.){re.escape(module)}$", hf_module):
+                    paths += [(("{i}",) if layered else ()) + p for p in held]
+                    found = True
+        if not found:
+            raise JaxllmError(f"lora.modules_to_save: no module {module!r} in this model (e.g. lm_head, "
+                              "embed_tokens, input_layernorm)")
+        quantized = {*families.PROJECTIONS, *(p.rsplit(".", 1)[1] for p in families.hf_modules(cfg).values())}
+        if cfg.quantization != "none" and module in quantized:
+            raise JaxllmError(f"lora.modules_to_save: {module} is quantized and cannot be trained in full")
+    return paths
+
+
+def trainable_fn(lcfg: LoraConfig, cfg: ModelConfig) -> Callable[[tuple[str, ...]], bool] | None:
+    """Predicate on param paths: what a run trains (None = everything, full fine-tuning)."""
+    if not lcfg.r:
+        return None
+    saved = save_paths(lcfg, cfg)
+
+    def trainable(path: tuple[str, ...]) -> bool:
+        if path[-1] in ADAPTER_LEAVES:
+            return True
+        rel = ("{i}", *path[1:]) if path[0] == "layers" or path[0].startswith("layers_") else path
+        return rel in saved
+
+    return trainable
+
+
 def _projections(params: dict):
     """(path, module dict, our projection name) of every attention/MLP projection."""
     def walk(node, path):
@@ -175,10 +235,11 @@ def dequantize_params(params: dict, cfg: ModelConfig, dtype: Any = jnp.float32) 
     if cfg.quantization == "none":
         return params
     out = jax.tree.map(lambda x: x, params)
-    shapes = shd.unbox(abstract_params(base_config(cfg)))
-    for path, module, _ in list(_projections(out)):
+    shapes = families.projection_shapes(cfg)
+    for path, module, name in list(_projections(out)):
         leaves = {k: module.pop(k) for k in quant.leaf_names(cfg.quantization)}
-        shape = tree.get(shapes, (*path, "kernel")).shape
+        in_shape, out_shape = shapes[name]
+        shape = (*(cfg.num_layers,) * _lead(path), *in_shape, *out_shape)
         module["kernel"] = quant.dequantize(leaves, dtype, _fan_in(path, shape)).reshape(shape)
     return out
 
