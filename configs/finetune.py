@@ -15,6 +15,7 @@ from jaxllm.config import load_config
 
 def get_config():
     c = load_config(os.path.join(os.path.dirname(__file__), "common.py"))  # every key, with its meaning
+    c.model.update(dtype="float32")  # faster on CPU; bfloat16 on TPU/GPU (configs/falcon_qlora.py)
     c.lora.update(r=16, alpha=32.0, dropout=0.05)  # r=0: full fine-tuning
     c.data.update(source="embedded_sft",  # embedded_sft (bundled Python-docs Q&A) | jsonl | parquet | tfds | ...
                   format="sft_text", tokenizer="",  # set to the model folder by --model

@@ -58,7 +58,7 @@ def get_config(name: str = "llama2_7b"):
                   batch_size=1024,  # sequences per step (Llama-2: 1024 x 4096 = 4M tokens, as in the paper)
                   val_fraction=0.001, num_workers=8)
     c.optim.update(learning_rate=lr, warmup_steps=2000, eps=1e-5)  # the published peak rate
-    c.train.update(steps=500_000, log_every=10, eval_every=1000,
+    c.train.update(steps=500_000, log_every=10, eval_every=1000, eval_batches=16,
                    loss_chunk=512 if c.model.vocab_size < 100_000 else 256)  # float32 logits [B, chunk, V]
     c.mesh.update(mesh, slice=slice_name)  # one axis -1 takes the remaining devices
     c.checkpoint.update(every=1000, keep=3)

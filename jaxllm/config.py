@@ -158,6 +158,25 @@ def build(cls: type[T], section: ml_collections.ConfigDict | dict | None, name: 
     return cls(**values)
 
 
+def defaults(cls: type, only: Sequence[str] = ()) -> dict[str, Any]:
+    """The field defaults of the config dataclass `cls` (those named in `only`, if given), in field order:
+    what configs/common.py declares, so a default is written once, in the dataclass with its comment."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in only if k not in fields]
+    if unknown:
+        raise JaxllmError(f"{cls.__name__} has no field {unknown[0]!r}")
+    out = {}
+    for name in only or fields:
+        f = fields[name]
+        if f.default is not dataclasses.MISSING:
+            out[name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[name] = f.default_factory()
+        else:
+            raise JaxllmError(f"{cls.__name__}.{name} has no default; a config file must set it")
+    return out
+
+
 def check_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
     """A one-line error naming `key` unless `value` is a finite number (an int if `integer`) in the range
