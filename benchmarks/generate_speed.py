@@ -15,7 +15,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxllm.config import build, load_config
-from jaxllm.generate import GenerateConfig, generate
+from jaxllm.models.generation import GenerateConfig, generate
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder
 

@@ -18,7 +18,7 @@ from jaxllm import sharding as shd
 from jaxllm.config import load_config
 from jaxllm.convert import workdir_to_hf
 from jaxllm.data.pipeline import make_eval_iterator, tokenizer_for
-from jaxllm.load import load_run
+from jaxllm.train.start import load_run
 from jaxllm.models.decoder import Decoder
 from jaxllm.train import step as st
 from jaxllm.train.loop import evaluate, train

@@ -192,7 +192,7 @@ def run(argv: list[str]) -> int:
     if args.command == "plan":
         return _plan(args, cfg)
     if args.command == "prep":
-        from jaxllm.data.prep import PrepConfig, prepare
+        from jaxllm.prep import PrepConfig, prepare
 
         prep_cfg = PrepConfig.from_config(cfg)
         if args.runner == "local":
@@ -202,7 +202,7 @@ def run(argv: list[str]) -> int:
         else:
             import shlex
 
-            from jaxllm.data.prep.beam import prepare_beam
+            from jaxllm.prep.beam import prepare_beam
 
             stats = prepare_beam(args.input, args.output, prep_cfg, runner=args.runner,
                                  options=shlex.split(args.beam_options))
@@ -272,7 +272,7 @@ def _plan(args: argparse.Namespace, cfg) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from jaxllm.config import check_number
-    from jaxllm.generate import GenerateConfig, generate_text, read_prompt_file, wrap
+    from jaxllm.models.generation import GenerateConfig, generate_text, wrap
     from jaxllm.load import load_model
 
     check_number("--max_new_tokens", args.max_new_tokens, low=1, integer=True)
@@ -320,3 +320,25 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 file of prompts, one per line (a line end of \\n or \\r\\n)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise JaxllmError(f"cannot read --prompt_file {path!r}: {e.strerror or e}") from None
+    prompts = []
+    for lineno, line in enumerate(data.split(b"\n"), 1):
+        try:
+            text = line.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as e:
+            raise JaxllmError(f"--prompt_file {path!r} line {lineno} is not UTF-8 text (byte {e.start} of the "
+                              "line); save the file as UTF-8") from None
+        if "\0" in text:
+            raise JaxllmError(f"--prompt_file {path!r} line {lineno} holds a NUL byte: is it a binary file? "
+                              "Give a text file of prompts, one per line")
+        if text.strip():
+            prompts.append(text)
+    return prompts

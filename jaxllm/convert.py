@@ -32,7 +32,7 @@ def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: Any = "float32") -> Mo
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.isfile(os.path.join(hf_dir, name)):
             atomic.copy(os.path.join(hf_dir, name), os.path.join(out_dir, name))
-    # model.json last: `load.kind` recognises the output by it
+    # model.json last: `jaxllm.train.start.kind` recognises the output by it
     atomic.write(os.path.join(out_dir, "model.json"), json.dumps(dataclasses.asdict(model.cfg), indent=2))
     return model.cfg
 

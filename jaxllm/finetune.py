@@ -297,7 +297,7 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
     max_len = 0
     if args.model:
         from jaxllm.hf import hub
-        from jaxllm.load import source_model_config
+        from jaxllm.train.start import source_model_config
 
         model = args.model
         if hub.is_hub_id(model):  # the id (pinned to --revision) is what the run records; the cache holds the files
@@ -453,7 +453,7 @@ def epochs_to_steps(cfg: ml_collections.ConfigDict, epochs: float, sample: int =
 
     from jaxllm.config import build
     from jaxllm.data.config import DataConfig
-    from jaxllm.load import resolve
+    from jaxllm.train.start import resolve
     from jaxllm.data.pipeline import split_documents, tokenize_fn, tokenizer_for
 
     data = build(DataConfig, resolve(cfg).data, "data")
@@ -471,7 +471,7 @@ def epochs_to_steps(cfg: ml_collections.ConfigDict, epochs: float, sample: int =
 def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: Any = "float32") -> dict[str, str]:
     """Writes the run's result: `adapter/` (PEFT) or, for full fine-tuning, `model/`; `merged/` if asked."""
     from jaxllm import hf
-    from jaxllm.load import load_run
+    from jaxllm.train.start import load_run
     from jaxllm.models import lora
     from jaxllm.models.decoder import Decoder
     run, trainable, frozen = load_run(workdir, with_frozen=merge)

@@ -232,7 +232,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: in
          hbm_gib: float | None = None) -> dict[str, Any]:
     """Compiles the step `cfg` would run on the slice and reports its memory per chip; never raises for
     memory (a refused step answers `fits: False` with the amount needed)."""
-    from jaxllm.load import parse
+    from jaxllm.train.start import parse
 
     run = parse(cfg)
     devices = topology_devices(topology, num_slices)
@@ -288,16 +288,6 @@ def plan(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: in
     return out
 
 
-def explain(e: OutOfMemory, program, run) -> str:
-    """The one-line refusal `jaxllm train` gives for a step that does not fit."""
-    need = f"{e.needed / GiB:.1f} GiB" if e.needed else "more memory"
-    cap = f"{e.capacity / GiB:.1f} GiB" if e.capacity else "what it has"
-    return (f"the train step does not fit: it needs {need} per device and a "
-            f"{program.mesh.devices.flat[0].device_kind} has {cap} (mesh {dict(program.mesh.shape)}, remat="
-            f"{run.model.remat}, grad_accum_steps={run.optim.grad_accum_steps}); run `jaxllm plan` with the same "
-            "--config flags and --search for a setting that fits")
-
-
 # ----------------------------------------------------------------------------------------------- search
 
 REMAT_BY_MEMORY = ("none", "minimal", "save_dot_except_mlpwi", "save_dot_with_context_except_mlp",
@@ -346,7 +336,7 @@ def search(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: 
     """The fastest setting (by `estimate`) whose step compiles and fits, trying candidates fastest first
     and skipping those that cannot fit because a setting keeping no more in memory already did not
     (same mesh, a remat policy saving at least as much, no more micro-batches)."""
-    from jaxllm.load import parse
+    from jaxllm.train.start import parse
 
     run = parse(cfg)
     devices = topology_devices(topology, num_slices)

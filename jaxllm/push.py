@@ -120,7 +120,7 @@ def locate(path: str) -> tuple[str, str | None]:
 
 def _hub_origin(path: str, kind: str = "models") -> tuple[str | None, str | None]:
     """(Hub id, commit) of a path inside a Hugging Face cache snapshot (.../models--ORG--NAME/snapshots/C/),
-    or (Hub id, revision) of a model id as a run records it (`org/name@<commit>`, see jaxllm.load.pin);
+    or (Hub id, revision) of a model id as a run records it (`org/name@<commit>`, see jaxllm.train.start.pin);
     (None, None) otherwise."""
     if not path:
         return None, None

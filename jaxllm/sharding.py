@@ -67,9 +67,9 @@ def merged_rules(overrides: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], .
 class MeshConfig:
     """Mesh axis sizes; one of them may be -1 to take the remaining devices."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1  # data parallel (-1: the devices the other axes leave)
+    fsdp: int = 1  # fully sharded data parallel: parameters and optimizer state split over this axis
+    tensor: int = 1  # tensor (model) parallel
     slice: str = ""  # the Cloud TPU slice the config is sized for (e.g. v5p-512): `jaxllm plan`'s default topology
     rules: tuple = ()  # ((logical axis, mesh axes | None), ...) replacing LOGICAL_RULES' entries for this run
 

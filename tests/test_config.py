@@ -11,7 +11,7 @@ import pytest
 from jaxllm import JaxllmError, cli
 from jaxllm.cli import json_line
 from jaxllm.config import build, load_config
-from jaxllm.load import parse
+from jaxllm.train.start import parse
 
 TINY = "configs/tiny.py"
 

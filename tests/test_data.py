@@ -90,7 +90,7 @@ def test_tokenizer_round_trip_and_special_ids(tok):
 
 
 def test_a_continuation_keeps_the_space_after_its_prompt(tok):
-    from jaxllm.generate import continuation
+    from jaxllm.models.generation import continuation
 
     prompt_ids = tok.encode("The for statement")
     new_ids = tok.encode("The for statement is used to iterate")[len(prompt_ids):]  # as a model continues it

@@ -1,4 +1,4 @@
-"""`jaxllm eval` and evaluate.run_tasks against lm-evaluation-harness's own `hf` backend, offline: a tiny
+"""`jaxllm eval` and train.tasks.run_tasks against lm-evaluation-harness's own `hf` backend, offline: a tiny
 random Llama (float32, a byte-level BPE tokenizer that adds BOS as Llama's does) and YAML tasks over
 local JSON-lines files (multiple choice, generate_until with exact_match, loglikelihood_rolling)."""
 
@@ -101,7 +101,7 @@ def setup(tmp_path_factory):
 def _harness(lm, tasks, include, **kwargs):
     import lm_eval
 
-    from jaxllm.evaluate import task_manager
+    from jaxllm.train.tasks import task_manager
 
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager(str(include)), log_samples=True,
                                    bootstrap_iters=0, **kwargs)
@@ -116,7 +116,8 @@ def test_matches_the_harness_hf_backend(setup):
     what the harness's `hf` backend gives on the same model and tasks."""
     from lm_eval.models.huggingface import HFLM
 
-    from jaxllm.evaluate import JaxllmLM, _score_fn
+    from jaxllm.evaluate import JaxllmLM
+    from jaxllm.train.tasks import _score_fn
 
     model, tasks = setup
     names = ["tiny_mc", "tiny_gen", "tiny_ppl"]
@@ -206,7 +207,8 @@ def test_run_tasks_in_process_with_params_on_a_mesh(setup):
     import jax
 
     from jaxllm import sharding as shd
-    from jaxllm.evaluate import JaxllmLM, run_tasks
+    from jaxllm.evaluate import JaxllmLM
+    from jaxllm.train.tasks import run_tasks
     from jaxllm.load import load_model
     from jaxllm.models.decoder import abstract_params
 
@@ -274,7 +276,7 @@ def test_run_tasks_never_imports_torch(setup):
     hf backend and in simple_evaluate's environment report and torch seeding, which run_tasks skips)."""
     model, tasks = setup
     code = ("import sys\n"
-            "from jaxllm.evaluate import run_tasks\n"
+            "from jaxllm.train.tasks import run_tasks\n"
             "from jaxllm.load import load_model\n"
             f"model, params, tokenizer, add_bos = load_model({str(model)!r})\n"
             f"scores = run_tasks(model, params, tokenizer, 'tiny_mc,tiny_gen', include_path={str(tasks)!r}, limit=2)\n"
@@ -291,7 +293,7 @@ def test_training_run_scores_tasks_at_every_validation(setup, tmp_path):
     equal to scoring the saved params afterwards; an unknown task stops the run before it compiles."""
     from jaxllm import JaxllmError
     from jaxllm.config import load_config
-    from jaxllm.evaluate import run_tasks
+    from jaxllm.train.tasks import run_tasks
     from jaxllm.load import load_trained
     from jaxllm.train.loop import train
 

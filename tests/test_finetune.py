@@ -21,7 +21,8 @@ from test_hf import _assert_close, _hf_logits, _jax_logits, _padded_batch  # noq
 
 from jaxllm import JaxllmError, cli  # noqa: E402
 from jaxllm.finetune import add_arguments, flags_to_config  # noqa: E402
-from jaxllm.load import load_run, load_trained  # noqa: E402
+from jaxllm.load import load_trained
+from jaxllm.train.start import load_run  # noqa: E402
 
 FAST = ["--config.train.progress=False", "--config.train.eval_batches=2", "--config.checkpoint.async_save=False",
         "--config.generate.max_new_tokens=0"]

@@ -185,16 +185,16 @@ def _load(kind: str, folder: str, path: str) -> None:
 
         read_metrics(folder, warn=skipped)
     elif kind == "data.jsonl":
-        from jaxllm.data.prep.config import InputConfig
-        from jaxllm.data.prep.readers import Reader
         from jaxllm.data.sources import JsonlSource
+        from jaxllm.prep.config import InputConfig
+        from jaxllm.prep.readers import Reader
 
         list(Reader(InputConfig()).read([("json", path)]))
         source = JsonlSource([path])
         for i in range(len(source)):
             source[i]
     elif kind == "prompts.txt":
-        from jaxllm.generate import read_prompt_file
+        from jaxllm.cli import read_prompt_file
 
         read_prompt_file(path)
     else:

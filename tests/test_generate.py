@@ -7,7 +7,7 @@ import pytest
 from flax import linen as nn
 
 from jaxllm import JaxllmError
-from jaxllm.generate import GenerateConfig, filter_logits, generate, left_pad
+from jaxllm.models.generation import GenerateConfig, filter_logits, generate, left_pad
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder
 
@@ -115,7 +115,7 @@ def test_generate_flags_out_of_range_fail_before_loading(flags, match):
 
 
 def test_prompt_file_must_be_utf8_text(tmp_path):
-    from jaxllm.generate import read_prompt_file
+    from jaxllm.cli import read_prompt_file
 
     good = tmp_path / "good.txt"
     good.write_bytes("first prompt\r\n\n  \nsecond \u00e9\n".encode())
@@ -133,7 +133,7 @@ def test_prompt_file_must_be_utf8_text(tmp_path):
 
 
 def test_generate_text_refuses_a_batch_size_below_one():
-    from jaxllm.generate import generate_text
+    from jaxllm.models.generation import generate_text
 
     with pytest.raises(JaxllmError, match="batch_size=0 is out of range"):
         generate_text(None, None, None, ["x"], GenerateConfig(), batch_size=0)

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from jaxllm import JaxllmError  # noqa: E402
 from jaxllm import hf  # noqa: E402
+from jaxllm.data.tokenizer import load_tokenizer_from_folder  # noqa: E402
 from jaxllm import sharding as shd  # noqa: E402
 from jaxllm.models.config import ModelConfig, preset  # noqa: E402
 
@@ -131,7 +132,7 @@ def test_bfloat16_checkpoint_and_sharded_mesh_load(tmp_path):
 def test_alibi_slopes_match_transformers():
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
-    from jaxllm.models.layers import alibi_slopes
+    from jaxllm.models.attention.reference import alibi_slopes
     for heads in (1, 4, 6, 12, 16, 112):
         theirs = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), heads, torch.float32)[:, 0, 1].numpy()
         np.testing.assert_allclose(alibi_slopes(heads), theirs, rtol=1e-6)
@@ -278,7 +279,7 @@ def _tokenizer_files(folder, words):
 def test_tokenizer_from_folder(tmp_path):
     folder = _saved(tmp_path)
     theirs = _tokenizer_files(folder, ["hello", "world", "jax"])
-    ours = hf.load_tokenizer_from_folder(str(folder))
+    ours = load_tokenizer_from_folder(str(folder))
     assert (ours.vocab_size, ours.pad_id, ours.bos_id, ours.eos_id) == (7, 0, 1, 2)
     text = "hello jax world"
     assert ours.encode(text) == theirs.encode(text, add_special_tokens=False) == [4, 6, 5]
@@ -286,7 +287,7 @@ def test_tokenizer_from_folder(tmp_path):
     assert pickle.loads(pickle.dumps(ours)).encode(text) == [4, 6, 5]  # Grain workers pickle it
     _tokenizer_files(folder, [f"w{i}" for i in range(VOCAB)])  # 105 tokens > the model's 101
     with pytest.raises(JaxllmError, match=r"tokenizer.json has 105 tokens but the model's vocab_size is 101"):
-        hf.load_tokenizer_from_folder(str(folder))
+        load_tokenizer_from_folder(str(folder))
 
 
 def test_sentencepiece_tokenizer_from_folder(tmp_path):
@@ -294,7 +295,7 @@ def test_sentencepiece_tokenizer_from_folder(tmp_path):
 
     spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world", "jax and flax", "the quick fox"] * 20),
                                    model_prefix=str(tmp_path / "tokenizer"), vocab_size=24, minloglevel=2)
-    tok = hf.load_tokenizer_from_folder(str(tmp_path), vocab_size=32)
+    tok = load_tokenizer_from_folder(str(tmp_path), vocab_size=32)
     assert tok.vocab_size == 24 and tok.decode(tok.encode("hello world")) == "hello world"
     with pytest.raises(JaxllmError, match="has 24 tokens but the model's vocab_size is 16"):
-        hf.load_tokenizer_from_folder(str(tmp_path), vocab_size=16)
+        load_tokenizer_from_folder(str(tmp_path), vocab_size=16)

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from jaxllm import hf
-from jaxllm.generate import GenerateConfig, generate
+from jaxllm.models.generation import GenerateConfig, generate
 
 COMMON = dict(vocab_size=211, hidden_size=64, num_hidden_layers=2, initializer_range=0.2)
 FAMILIES = {
@@ -42,7 +42,8 @@ def test_convert_init_from_train_and_export_back(tmp_path):
 
     from jaxllm.cli import run as cli_run
     from jaxllm.config import load_config
-    from jaxllm.load import load_init_params, load_trained
+    from jaxllm.load import load_trained
+    from jaxllm.train.start import load_init_params
     from jaxllm.models.config import ModelConfig
     from jaxllm.models.decoder import layer_layout
     from jaxllm.sharding import MeshConfig, make_mesh

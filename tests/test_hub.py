@@ -140,7 +140,7 @@ def test_an_incomplete_cache_is_named(cache, monkeypatch, capsys):
 
 def test_config_keys_resolve_to_cached_snapshots(cache):
     from jaxllm.config import load_config
-    from jaxllm.load import resolve
+    from jaxllm.train.start import resolve
 
     home, commits = cache
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.py"),

@@ -1,5 +1,5 @@
-"""The package's module graph: no import cycles (counting imports inside functions), and every module
-imports on its own."""
+"""The package's module graph: imports point down the layers (counting imports inside functions), no
+import cycles, and every module imports on its own."""
 
 import ast
 import pathlib
@@ -75,6 +75,37 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# The layers, lowest first (a module belongs to the layer of its longest prefix here); every module not
+# named is a command (load, plan, convert, evaluate, finetune, push, prep/, cli), above them all. A module
+# may import its own layer and those below, never one above.
+LAYERS = (("jaxllm", "jaxllm.config", "jaxllm.sharding", "jaxllm.tree", "jaxllm.atomic", "jaxllm.distributed"),
+          ("jaxllm.models",), ("jaxllm.hf",), ("jaxllm.data",), ("jaxllm.train",))
+
+
+def layer(module: str) -> int:
+    found = len(LAYERS)
+    for i, names in enumerate(LAYERS):
+        if any(module == n or (n != "jaxllm" and module.startswith(n + ".")) for n in names):
+            found = i
+    return found
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{a} -> {b}" for a, deps in sorted(graph.items()) for b in sorted(deps) if layer(b) > layer(a)]
+
+
+def test_imports_point_down_the_layers():
+    up = upward_imports(import_graph())
+    assert not up, "imports up the layers (models < hf < data < train < commands): " + "; ".join(up)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer("jaxllm.tree") == 0 and layer("jaxllm.models.lora") == 1 and layer("jaxllm.train.loop") == 4
+    assert layer("jaxllm.cli") == layer("jaxllm.prep.core") == layer("jaxllm.load") == 5
+    graph = {"jaxllm.train.loop": {"jaxllm.plan", "jaxllm.data.lanes"}, "jaxllm.hf.peft": {"jaxllm.models.lora"}}
+    assert upward_imports(graph) == ["jaxllm.train.loop -> jaxllm.plan"]
+
+
 def test_no_import_cycles():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
@@ -84,8 +115,8 @@ def test_the_cycle_check_sees_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     graph = import_graph()
-    assert "jaxllm.models.decoder" in graph["jaxllm.models.lora"]  # a top-level import
-    assert "jaxllm.load" in graph["jaxllm.data.prep.curriculum"]  # an import inside a method
+    assert "jaxllm.models.attention.module" in graph["jaxllm.models.decoder"]  # a top-level import
+    assert "jaxllm.load" in graph["jaxllm.prep.curriculum"]  # an import inside a method
 
 
 def test_every_module_imports_alone():

@@ -23,7 +23,7 @@ from trl_reference import make_adapter  # noqa: E402
 from jaxllm import JaxllmError, cli  # noqa: E402
 from jaxllm import plan as pl  # noqa: E402
 from jaxllm.config import load_config  # noqa: E402
-from jaxllm.load import load_run  # noqa: E402
+from jaxllm.train.start import load_run  # noqa: E402
 
 WORDS = ("the function returns a list of values from the module and the class defines a method for each object "
          "in the file when the loop runs over items").split()

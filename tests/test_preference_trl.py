@@ -1,7 +1,7 @@
 """jaxllm's preference objectives against TRL 1.16's own trainers (tests/trl_reference.py), float32 on CPU.
 
 For tiny random Llama, Falcon and BLOOM folders and the same three rows, a jaxllm run is built the way
-`jaxllm train` builds it (configs/common.py + overrides -> `load.parse` -> `program.build` ->
+`jaxllm train` builds it (configs/common.py + overrides -> `train.start.parse` -> `program.build` ->
 `loop._initial_state`, the first batch of `pipeline.make_train_iterator`), and its first step's loss and
 gradients (`jax.value_and_grad(step.make_loss(...))`) are compared with one TRL training step on the same rows
 as one batch: the token ids and answer masks, the batch loss, every per-pair value (policy and reference
@@ -45,7 +45,7 @@ from jaxllm.config import load_config  # noqa: E402
 from jaxllm.data.pipeline import make_train_iterator, tokenizer_for  # noqa: E402
 from jaxllm.hf.peft import adapter_tensors  # noqa: E402
 from jaxllm.hf.weights import hf_tensors  # noqa: E402
-from jaxllm.load import load_frozen, parse  # noqa: E402
+from jaxllm.train.start import load_frozen, parse  # noqa: E402
 from jaxllm.train import loop  # noqa: E402
 from jaxllm.train import preference as pref  # noqa: E402
 from jaxllm.train import program as prog  # noqa: E402

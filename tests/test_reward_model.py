@@ -138,7 +138,7 @@ def test_import_export_and_peft_parity(family, tmp_path):
     # a LoRA score model: adapter -> PEFT on the exported base (score trained in full, saved with it)
     lcfg = LORA
     lora_cfg = lora.apply(lcfg, cfg)
-    trainable_fn = hf.peft.trainable_fn(lcfg, lora_cfg)
+    trainable_fn = lora.trainable_fn(lcfg, lora_cfg)
     assert trainable_fn(("score", "kernel")) and not trainable_fn(("embed_tokens", "embedding"))
     trainable, frozen = _trained_adapters(lora_cfg, lcfg, moved)  # B and the score moved away from the init
     assert [k for k in trainable if k not in frozen] == ["score"]
@@ -211,7 +211,7 @@ def test_causal_lm_starts_a_score_model(family, tmp_path):
 
     # the run's path: load_init_params, from the folder and from a `jaxllm convert` output
     from jaxllm.convert import hf_to_checkpoint
-    from jaxllm.load import load_init_params, source_model_config
+    from jaxllm.train.start import load_init_params, source_model_config
 
     hf_to_checkpoint(str(tmp_path / "causal"), str(tmp_path / "converted"))
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
@@ -223,7 +223,7 @@ def test_causal_lm_starts_a_score_model(family, tmp_path):
                                       np.asarray(lm_params["embed_tokens"]["embedding"]))
         assert np.asarray(loaded["score"]["kernel"]).std() > 0.01
         # an adapter run's split: the fresh score is trained, the base frozen
-        saved, _ = tree.partition(loaded, hf.peft.trainable_fn(LORA, lora.apply(LORA, run_cfg)))
+        saved, _ = tree.partition(loaded, lora.trainable_fn(LORA, lora.apply(LORA, run_cfg)))
         assert list(saved) == ["score"]
 
 

@@ -70,7 +70,7 @@ def test_generation_under_a_training_mesh_is_constrained_and_the_same():
     of an unsharded run."""
     from flax import linen as nn
 
-    from jaxllm.generate import GenerateConfig, _decode_fn, generate
+    from jaxllm.models.generation import GenerateConfig, _decode_fn, generate
 
     model = Decoder(CFG)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])

@@ -236,7 +236,7 @@ def test_unknown_tracker_names_are_refused_in_one_line():
     import argparse
 
     from jaxllm.finetune import add_arguments, flags_to_config
-    from jaxllm.load import parse
+    from jaxllm.train.start import parse
 
     cfg = load_config(os.path.join(ROOT, "configs/tiny.py"), ["train.trackers=('tensorboard','wandbb')"])
     with pytest.raises(JaxllmError) as info:

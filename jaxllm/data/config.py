@@ -25,47 +25,55 @@ LOSS_ON: tuple[str, ...] = ("auto", "all", "assistant")
 class DataConfig:
     """The `data` sub-dict of an experiment config."""
 
-    source: str = "embedded"  # embedded | embedded_sft | embedded_preference | text | jsonl | json | parquet | csv
-    #                           | arrow | array_record | tfds
+    # embedded (the Python reference manual + stdlib docstrings; ships with Python) | embedded_sft (Q/A chats
+    # about Python) | embedded_preference (those, with another's answer rejected) | text | jsonl | json | parquet
+    # | csv | arrow | array_record | tfds
+    source: str = "embedded"
     # file globs of a file source; or a data set (a Hugging Face Hub id org/name[@rev] or a local folder, then
-    # :SPLIT or :CONFIG:SPLIT, default train), replaced by its split's files (`jaxllm.data.splits.resolve_data`)
+    # :SPLIT or :CONFIG:SPLIT, default train), replaced by its split's files (found by the `datasets` library's
+    # rules; `jaxllm.data.splits.resolve_data`), which also set data.source
     paths: tuple[str, ...] = ()
     # validation files (data.source's format), or a data set split (default :validation), read instead of
     # holding out data.val_fraction of the training documents; () = hold out
     valid_paths: tuple[str, ...] = ()
-    text_field: str = "text"  # JSON / TFDS / ArrayRecord field holding the document
+    text_field: str = "text"  # JSON / Parquet / TFDS / ArrayRecord field holding the document
     text_split: str = "file"  # text source: "file" (one doc per file) or "paragraph" (blank-line blocks)
-    tfds_name: str = ""
-    tfds_split: str = "train"
-    tfds_data_dir: str = ""
+    tfds_name: str = ""  # tfds source: the TensorFlow Datasets name
+    tfds_split: str = "train"  # tfds source: the split read
+    tfds_data_dir: str = ""  # tfds source: where the data set was prepared; "" = TFDS's default (never downloads)
     tokenizer: str = ""  # SentencePiece .model path; "" trains one on the corpus and caches it
     vocab_size: int = 2048  # vocab of a tokenizer trained on the corpus
     block_size: int = 128  # tokens per packed training sequence
-    batch_size: int = 8  # global batch (all processes together)
+    batch_size: int = 8  # global batch in sequences (all processes together)
     val_fraction: float = 0.05  # documents held out for validation (deterministic split)
-    seed: int = 0
+    seed: int = 0  # of the document order, the row shuffle and the mixture's draws (not of the validation split)
     shuffle: bool = True
     shuffle_window: int = 2048  # format text: packed sequences shuffled together, so long docs spread out; 0 = off
     add_bos: bool = True
     add_eos: bool = True
     num_workers: int = 0  # worker processes reading and tokenizing; 0 = threads in the main process
-    # text (pretrain) | sft_text (`### Human: q### Assistant: a`) | messages | prompt_completion | preference (pairs)
+    # text (language modelling) | sft_text (a Guanaco `### Human: q### Assistant: a` column) | messages
+    # | prompt_completion | preference (prompt, chosen, rejected: train.objective dpo / orpo / reward)
     format: str = "text"
-    prompt_field: str = "prompt"  # prompt_completion, preference: the prompt column (preference: absent = implicit)
+    prompt_field: str = "prompt"  # prompt_completion, preference: the prompt column (preference: absent = the
+    #                               leading part chosen and rejected share, as TRL)
     completion_field: str = "completion"  # prompt_completion: the completion column (appended to the prompt)
     messages_field: str = "messages"  # messages: the column of [{"role": system|user|assistant, "content": str}]
-    chat_template: str = "guanaco"  # messages rendering: guanaco | chatml | llama2
+    chat_template: str = "guanaco"  # messages, and preference rows of messages: guanaco | chatml | llama2
     loss_on: str = "auto"  # all | assistant (answers + their EOS) | auto (assistant for prompt_completion, else all)
-    packing: bool = True  # SFT: several whole examples per row (first-fit); False = one example per row, padded
+    packing: bool = True  # SFT, preference: several whole examples (pairs) per row (first-fit); False = one per row
     chosen_field: str = "chosen"  # preference: the preferred answer's column (text, or messages ending in it)
     rejected_field: str = "rejected"  # preference: the dispreferred answer's column
     max_prompt_length: int = 0  # preference: a prompt keeps its last this many tokens; 0 = no limit
     max_completion_length: int = 0  # preference: an answer keeps its first this many tokens; 0 = no limit
     # Several sources: {name: {source, paths, <field keys>, weight}}, weight a number or ((step, w), ...);
-    # each entry inherits the keys above it does not set (see jaxllm.data.mixture).
+    # each entry inherits the keys above it does not set (see jaxllm.data.mixture). E.g. {"web": dict(
+    # source="array_record", paths=("web/*.array_record",), weight=3.0), "code": dict(..., weight=((0, 0.0),
+    # (10_000, 1.0)))}
     mixture: Any = None
     curriculum_field: str = ""  # integer record field naming a document's stage, e.g. "bucket" (jaxllm prep)
-    curriculum_schedule: tuple = ()  # stage weights over steps: ((step, (w0, w1, ...)), ...), linear between
+    # stage weights over steps: ((step, (w0, w1, ...)), ...), linear between; e.g. ((0, (1, 0)), (5000, (0.5, 0.5)))
+    curriculum_schedule: tuple = ()
 
     def __post_init__(self):
         for name in ("paths", "valid_paths"):

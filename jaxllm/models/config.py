@@ -56,14 +56,14 @@ class ModelConfig:
     embed_dropout: float = 0.0
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
-    scan_layers: bool = True
+    scan_layers: bool = True  # nn.scan over layers: one layer compiled, L times faster compiles
     remat: str = "none"  # none | full | minimal | save_dot_except_mlpwi | ... (REMAT_POLICIES; decoder.py)
     param_dtype: str = "float32"  # float32 | bfloat16 | float16 (a numpy/jnp dtype is taken by its name)
-    dtype: str = "bfloat16"  # compute dtype of matmuls and activations
+    dtype: str = "bfloat16"  # compute dtype of matmuls and activations: bfloat16 on TPU/GPU; float32 is faster on CPU
     sequence_parallel: bool = True  # split the residual stream's length over the tensor mesh axis between
     #                                 blocks (Megatron sequence parallelism); no effect without tensor parallelism
     attention: str = "auto"  # auto (cuDNN on GPU, Pallas flash on TPU, else XLA) | xla | cudnn | flash | reference
-    init_std: float = 0.02
+    init_std: float = 0.02  # standard deviation of the normal initial embeddings and kernels
     num_labels: int = 0  # > 0: a sequence-score head `score` [D, num_labels] in place of lm_head (Hugging Face
     #                      *ForSequenceClassification; reward models); 0 = a language model
     # Family switches (defaults = Llama). Falcon: norm=layer, mlp=gelu, parallel_block (7B: one shared

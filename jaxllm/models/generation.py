@@ -175,27 +175,5 @@ def generate_text(model: nn.Module, params, tokenizer, prompts: Sequence[str], c
     return out
 
 
-def read_prompt_file(path: str) -> list[str]:
-    """The non-blank lines of a UTF-8 file of prompts, one per line (a line end of \\n or \\r\\n)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise JaxllmError(f"cannot read --prompt_file {path!r}: {e.strerror or e}") from None
-    prompts = []
-    for lineno, line in enumerate(data.split(b"\n"), 1):
-        try:
-            text = line.decode("utf-8").removesuffix("\r")
-        except UnicodeDecodeError as e:
-            raise JaxllmError(f"--prompt_file {path!r} line {lineno} is not UTF-8 text (byte {e.start} of the "
-                              "line); save the file as UTF-8") from None
-        if "\0" in text:
-            raise JaxllmError(f"--prompt_file {path!r} line {lineno} holds a NUL byte: is it a binary file? "
-                              "Give a text file of prompts, one per line")
-        if text.strip():
-            prompts.append(text)
-    return prompts
-
-
 def wrap(text: str, width: int = 75) -> str:
     return "\n".join(textwrap.fill(p, width) if p.strip() else "" for p in text.split("\n"))

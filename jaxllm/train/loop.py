@@ -30,11 +30,10 @@ from jaxllm.data.pipeline import (
 )
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.distributed import DistributedConfig, initialize
-from jaxllm.generate import GenerateConfig, continuation, generate, wrap
+from jaxllm.models.generation import GenerateConfig, continuation, generate, wrap
 from jaxllm.hf.peft import load_adapter
-from jaxllm.load import load_frozen, load_init_params, load_reference, parse, pin
+from jaxllm.train.start import load_frozen, load_init_params, load_reference, parse, pin
 from jaxllm.models import lora
-from jaxllm.plan import explain
 from jaxllm.train import step as st
 from jaxllm.train.checkpoint import Checkpointer, checkpoint_dir
 from jaxllm.train.metrics import MetricsWriter, peak_tflops, step_metrics
@@ -64,8 +63,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if run.data.block_size > run.model.max_seq_len:
         raise JaxllmError(f"data.block_size={run.data.block_size} exceeds model.max_seq_len={run.model.max_seq_len}")
     if run.train.eval_tasks:  # an unknown task name (or no harness) stops the run before anything compiles
-        from jaxllm import evaluate as harness
-        harness.resolve_tasks(run.train.eval_tasks, run.train.eval_tasks_include_path)
+        from jaxllm.train import tasks
+        tasks.resolve_tasks(run.train.eval_tasks, run.train.eval_tasks_include_path)
     if run.data.format == "preference":  # pairs are few and checked whole: a bad row stops the run before it compiles
         check_pairs(run.data)
     mesh = shd.make_mesh(run.mesh)
@@ -159,10 +158,10 @@ def _initial_state(run: Run, program: Program, ckpt: Checkpointer, train_iter, f
 def _task_scores(run: Run, model, params, tokenizer: Tokenizer) -> dict[str, float]:
     """`train.eval_tasks` scored by lm-evaluation-harness on the run's params (every process takes part in
     the sharded forward passes; process 0 writes the scores)."""
-    from jaxllm import evaluate as harness
+    from jaxllm.train import tasks  # lm-evaluation-harness, an optional extra: imported only when asked for
 
     t = run.train
-    return harness.run_tasks(model, params, tokenizer, t.eval_tasks, num_fewshot=None if t.eval_tasks_fewshot < 0
+    return tasks.run_tasks(model, params, tokenizer, t.eval_tasks, num_fewshot=None if t.eval_tasks_fewshot < 0
                              else t.eval_tasks_fewshot, limit=t.eval_tasks_limit or None,
                              include_path=t.eval_tasks_include_path, batch_size=run.data.batch_size,
                              add_bos=run.data.add_bos, seed=run.seed)
@@ -355,7 +354,7 @@ def _compile_or_explain(program: Program, run: Run):
     try:
         return program.compile_train_step()
     except OutOfMemory as e:
-        raise JaxllmError(explain(e, program, run)) from None
+        raise JaxllmError(e.refusal(program, run)) from None
 
 
 def _window_mean(window: list[dict]) -> dict[str, float]:

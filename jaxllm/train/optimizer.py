@@ -21,7 +21,7 @@ class OptimConfig:
 
     learning_rate: float = 3e-4  # peak learning rate
     schedule: str = "cosine"  # cosine | linear | constant | rsqrt (each after a linear warmup)
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to the peak
     decay_steps: int = 0  # steps of the decay phase end; 0 = the run's total steps
     end_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine, linear)
     b1: float = 0.9

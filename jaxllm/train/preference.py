@@ -36,7 +36,8 @@ class PreferenceConfig:
 
     loss_type: str = "sigmoid"  # dpo: sigmoid (DPO) | ipo (IPO, per-token averaged log-ratios as TRL)
     beta: float = 0.1  # dpo: the KL weight beta; orpo: the odds-ratio weight lambda (TRL's beta)
-    model_ref: str = ""  # dpo: the reference model (any model jaxllm loads); "" = the policy at the start
+    model_ref: str = ""  # dpo: the reference model (any model jaxllm loads: a Hugging Face folder or Hub id,
+    #                      `jaxllm convert` output, a workdir); "" = the policy at the start
     precompute_ref_logps: bool = False  # dpo: reference log-probs computed once before training, kept with the data
 
     def __post_init__(self):

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from jaxllm import JaxllmError, tree
 from jaxllm import sharding as shd
-from jaxllm.hf import peft
+from jaxllm.models import lora
 from jaxllm.models.decoder import Decoder, abstract_params
 from jaxllm.train import preference as pref
 from jaxllm.train import step as st
@@ -106,6 +106,16 @@ class OutOfMemory(JaxllmError):
         return cls(first, needed, capacity)
 
 
+    def refusal(self, program: "Program", run) -> str:
+        """The one-line refusal `jaxllm train` gives for a step that does not fit."""
+        need = f"{self.needed / 2**30:.1f} GiB" if self.needed else "more memory"
+        cap = f"{self.capacity / 2**30:.1f} GiB" if self.capacity else "what it has"
+        return (f"the train step does not fit: it needs {need} per device and a "
+                f"{program.mesh.devices.flat[0].device_kind} has {cap} (mesh {dict(program.mesh.shape)}, remat="
+                f"{run.model.remat}, grad_accum_steps={run.optim.grad_accum_steps}); run `jaxllm plan` with the "
+                "same --config flags and --search for a setting that fits")
+
+
 def _bytes(number: str, unit: str) -> float:
     scale = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit[0]]
     return float(number) * scale
@@ -115,7 +125,7 @@ def build(run, mesh: Mesh) -> Program:
     """The run's model, optimizer, state layout and jitted steps on `mesh` (nothing is allocated)."""
     model = Decoder(run.model)
     tx, schedule = optimizer(run)
-    trainable = peft.trainable_fn(run.lora, run.model)
+    trainable = lora.trainable_fn(run.lora, run.model)
     boxed = st.abstract_state(model, tx, trainable)
     shardings = st.state_shardings(boxed, mesh, offload_opt_state=run.optim.host_offload)
     frozen_boxed, frozen_sh = {}, None

@@ -28,12 +28,13 @@ _INF_BITS = 0x7F800000  # bit pattern of float32 +inf: bisection's upper end
 class PruneConfig:
     """`build(PruneConfig, cfg.prune, "prune")`."""
 
-    sparsity: float = 0.0  # target fraction of the targeted weights set to zero; 0 = pruning off
+    sparsity: float = 0.0  # magnitude pruning: target fraction of the targeted weights set to zero; 0 = off
     scope: str = "global"  # global: one threshold over all targets | layer: each matrix (each scanned layer) alone
     start_step: int = 0  # first pruning step (the one-shot step when end_step <= start_step)
     end_step: int = 0  # gradual pruning (cubic schedule of Zhu & Gupta 2017) reaches `sparsity` here
     every: int = 100  # steps between mask updates during the gradual phase
-    targets: str = "kernel"  # regex fullmatched against a leaf's path "a/b/c" or a trailing part ("b/c", "c")
+    targets: str = "kernel"  # regex fullmatched against a leaf's path "a/b/c" or a trailing part ("b/c", "c");
+    #                          kernel = the linear layers' matrices
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:

@@ -13,7 +13,7 @@ from jaxllm import sharding as shd
 from jaxllm.config import build, check_number, check_sections
 from jaxllm.data.config import DataConfig
 from jaxllm.distributed import DistributedConfig
-from jaxllm.generate import GenerateConfig
+from jaxllm.models.generation import GenerateConfig
 from jaxllm.hf import hub
 from jaxllm.models import lora
 from jaxllm.models.config import SHAPE_FIELDS, ModelConfig
@@ -58,7 +58,10 @@ class TrainConfig:
     z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
     loss_chunk: int = 0  # positions per cross-entropy chunk (float32 [B, chunk, V] logits at a time); 0 = whole
     progress: bool = True  # tqdm progress bar on process 0
-    trackers: tuple[str, ...] = ("tensorboard",)  # tensorboard | wandb | mlflow (process 0); metrics.jsonl always
+    # experiment trackers fed every metrics.jsonl record (always written), on process 0: tensorboard (event
+    # files in WORKDIR/tensorboard) | wandb (WANDB_PROJECT, else the workdir's name) | mlflow
+    # (MLFLOW_EXPERIMENT_NAME, else the workdir's name); e.g. ("tensorboard", "wandb"); () = metrics.jsonl only
+    trackers: tuple[str, ...] = ("tensorboard",)
     mlflow_tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, else MLflow's default store
 
     def __post_init__(self):
@@ -93,14 +96,14 @@ class Run:
     lora: lora.LoraConfig
     prune: PruneConfig
     preference: pref.PreferenceConfig = pref.PreferenceConfig()
-    ref_model: ModelConfig | None = None  # preference.model_ref's model (jaxllm.load.parse reads its config)
+    ref_model: ModelConfig | None = None  # preference.model_ref's model (jaxllm.train.start.parse reads its config)
 
 
 def from_config(cfg: ml_collections.ConfigDict, init_model: ModelConfig | None = None,
                 ref_model: ModelConfig | None = None) -> Run:
     """The run's parts, checked. With `checkpoint.model_from_init`, `init_model` (the config of `init_from`,
-    read by `jaxllm.load.parse`) gives the model's shapes; the run's model section sets only the rest.
-    `ref_model`: the config of `preference.model_ref` (read by `jaxllm.load.parse`)."""
+    read by `jaxllm.train.start.parse`) gives the model's shapes; the run's model section sets only the rest.
+    `ref_model`: the config of `preference.model_ref` (read by `jaxllm.train.start.parse`)."""
     check_sections(cfg, SECTIONS)
     checkpoint = build(CheckpointConfig, cfg.get("checkpoint"), "checkpoint")
     model = build(ModelConfig, cfg.get("model"), "model")
@@ -191,7 +194,7 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
         checkpoint = c.get("checkpoint") or {}
         source = checkpoint.get("init_from") or ""
         shapes = None if checkpoint.get("model_from_init") else build(ModelConfig, c.get("model"), "model")
-        if hub.is_hub_id(source):  # the commit is checked where the run pins it (jaxllm.load.pin)
+        if hub.is_hub_id(source):  # the commit is checked where the run pins it (jaxllm.train.start.pin)
             source = hub.split_id(source)[0]
         return {"init_from": atomic.location(source) if source else "none",
                 **({f: getattr(shapes, f) for f in SHAPE_FIELDS} if shapes else {})}

@@ -1,26 +1,24 @@
-"""Benchmark evaluation with lm-evaluation-harness: `jaxllm eval`, and task scores inside a training run.
+"""Benchmark tasks scored in-process with lm-evaluation-harness: `HarnessLM`, the harness's model
+interface over a model jaxllm holds (a training run's params, wherever they are), and `run_tasks`, what
+`train.eval_tasks` calls at every validation. (`jaxllm eval`, loading a model by path or Hub id, is
+`jaxllm.evaluate`.)
 
-`JaxllmLM` is the harness's model interface over any model jaxllm loads ("jaxllm" in its registry).
 Tokenization, truncation, rolling windows, greedy flags and stop strings follow the harness's own `hf`
 backend (HFLM), so a model scores what it scores there. Requests are scored in fixed shapes: one request
 per row, right-padded to the next power of two of its length (capped at the context), `batch_size` rows
 at a time split over the mesh's batch axes, so a whole benchmark compiles a handful of programs.
 
-    results = evaluate("meta-llama/Llama-2-7b-hf", "hellaswag,arc_easy", num_fewshot=0, limit=100)
-    print(table(results))
     scores = run_tasks(model, params, tokenizer, ["arc_easy"], limit=50)  # {"arc_easy/acc": 0.41, ...}
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import glob
 import json
 import numbers
 import os
-import re
 from typing import Any, Sequence
 
 import jax
@@ -29,19 +27,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from jaxllm import JaxllmError, atomic
+from jaxllm import JaxllmError
 from jaxllm import sharding as shd
 from jaxllm.config import check_number
-from jaxllm.generate import GenerateConfig, generate
+from jaxllm.models.generation import GenerateConfig, generate
 from jaxllm.models.decoder import Decoder
 
 try:  # the optional `eval` extra. jaxllm never imports torch; simple_evaluate does when it is installed (its
     # environment report and torch seed), which `jaxllm eval` accepts and run_tasks avoids
-    import lm_eval
     from lm_eval import evaluator
     from lm_eval import utils as lm_utils
     from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import get_model, register_model
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
     from lm_eval.tasks import TaskManager
 except ImportError as e:
@@ -57,10 +53,10 @@ def bucket(n: int, cap: int) -> int:
     return min(max(MIN_WIDTH, 1 << max(n - 1, 0).bit_length()), max(cap, n))
 
 
-class JaxllmLM(TemplateLM):
-    """lm-evaluation-harness model over a jaxllm model: `JaxllmLM(pretrained=PATH_OR_HUB_ID)` (anything
-    `jaxllm.load.load_model` loads, with `adapter`, `revision`, `dtype`), or already loaded objects
-    (`model`, `params`, `tokenizer`, `add_bos`: a training run's, params left where they are)."""
+class HarnessLM(TemplateLM):
+    """lm-evaluation-harness model over loaded objects (`model`, `params`, `tokenizer`, `add_bos`: a training
+    run's, params left where they are); `pretrained` / `adapter` / `revision` / `dtype` only name them in
+    the results (`jaxllm.evaluate.JaxllmLM` loads them from a path)."""
 
     def __init__(self, pretrained: str = "", adapter: str = "", revision: str | None = None, dtype: str = "float32",
                  batch_size: int | str = 8, max_length: int = 0, max_gen_toks: int = 256, seed: int = 0, *,
@@ -71,17 +67,8 @@ class JaxllmLM(TemplateLM):
         if isinstance(batch_size, str) and not batch_size.isdigit():
             raise JaxllmError(f"batch_size={batch_size!r}: give a number of rows (jaxllm pads every batch to it)")
         check_number("batch_size", int(batch_size), low=1, integer=True)
-        if pretrained:
-            if model is not None:
-                raise JaxllmError("JaxllmLM: give pretrained=PATH or model/params/tokenizer, not both")
-            from jaxllm.load import load_model  # pylint: disable=g-import-not-at-top  (the commands layer)
-
-            model, params, tokenizer, loaded_bos = load_model(pretrained, dtype=dtype, adapter=adapter,
-                                                              revision=revision)
-            add_bos = loaded_bos if add_bos is None else add_bos
         if model is None or params is None or tokenizer is None:
-            raise JaxllmError("JaxllmLM needs pretrained=PATH (a model folder, Hub id or workdir) or model, params "
-                              "and tokenizer")
+            raise JaxllmError("HarnessLM needs model, params and tokenizer (a path or Hub id: jaxllm.evaluate.JaxllmLM)")
         if getattr(model.cfg, "num_labels", 0):
             raise JaxllmError(f"the model has a score head (num_labels={model.cfg.num_labels}), no language-model "
                               "head: benchmarks score token probabilities")
@@ -193,7 +180,7 @@ class JaxllmLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Continuations (jaxllm.generate's KV-cache decoding) cut at the first stop string; greedy unless
+        """Continuations (jaxllm.models.generation's KV-cache decoding) cut at the first stop string; greedy unless
         the task samples (do_sample with temperature, top_k, top_p)."""
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
@@ -226,14 +213,6 @@ class JaxllmLM(TemplateLM):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
-
-
-try:  # lm_eval --model jaxllm, simple_evaluate(model="jaxllm", ...) once this module is imported
-    register_model("jaxllm")(JaxllmLM)
-except ValueError:  # "already registered": by this module imported before (a reload) it is fine, else not
-    first = get_model("jaxllm")
-    if (first.__module__, first.__qualname__) != (__name__, "JaxllmLM"):
-        raise
 
 
 def _placed(params: Any) -> tuple[Any, Mesh]:
@@ -292,36 +271,6 @@ def resolve_tasks(tasks: str | Sequence[str], include_path: str = "") -> list[An
     return resolved
 
 
-def evaluate(model: str | JaxllmLM, tasks: str | Sequence[str], *, adapter: str = "", revision: str | None = None,
-             dtype: str = "float32", num_fewshot: int | None = None, batch_size: int = 8,
-             limit: int | float | None = None, include_path: str = "", seed: Sequence[int] = (0, 1234, 1234, 1234),
-             bootstrap_iters: int = 100000) -> dict:
-    """lm_eval.simple_evaluate's results for `model` (a path or Hub id, or a JaxllmLM) on `tasks`; the tasks
-    are checked before the model loads. `seed`: (python, numpy, torch, few-shot) as the harness's --seed."""
-    names = resolve_tasks(tasks, include_path)
-    if limit is not None:
-        check_number("limit", limit, low=0, low_open=True)
-        limit = int(limit) if limit >= 1 and float(limit).is_integer() else limit  # N documents, or a fraction < 1
-    lm = model if isinstance(model, JaxllmLM) else JaxllmLM(model, adapter=adapter, revision=revision, dtype=dtype,
-                                                            batch_size=batch_size, seed=seed[0])
-    return lm_eval.simple_evaluate(model=lm, model_args=lm.get_model_info(), tasks=names, num_fewshot=num_fewshot,
-                                   batch_size=lm.batch_size, limit=limit, task_manager=task_manager(include_path),
-                                   log_samples=False, bootstrap_iters=bootstrap_iters, random_seed=seed[0],
-                                   numpy_random_seed=seed[1], torch_random_seed=seed[2], fewshot_random_seed=seed[3])
-
-
-def seeds(text: str) -> tuple[int, int, int, int]:
-    """--seed as the harness's CLI takes it: one integer for all four seeds, or python,numpy,torch,few-shot."""
-    parts = text.split(",")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) not in (1, 4):
-        raise JaxllmError(f"--seed={text!r}: give one integer, or four (python,numpy,torch,few-shot)")
-    return values * 4 if len(values) == 1 else values
-
-
 def run_tasks(model: Decoder, params: Any, tokenizer: Any, tasks: str | Sequence[str], *,
               num_fewshot: int | None = None, limit: int | float | None = None, include_path: str = "",
               batch_size: int = 8, add_bos: bool = True, seed: int = 1234) -> dict[str, float]:
@@ -330,7 +279,7 @@ def run_tasks(model: Decoder, params: Any, tokenizer: Any, tasks: str | Sequence
     stderrs). Runs the harness's `evaluate` on tasks set up as simple_evaluate does (few-shot count and
     seed), without simple_evaluate's environment report, which imports torch and probes the GPUs."""
     names = resolve_tasks(tasks, include_path)
-    lm = JaxllmLM(model=model, params=params, tokenizer=tokenizer, add_bos=add_bos, batch_size=batch_size)
+    lm = HarnessLM(model=model, params=params, tokenizer=tokenizer, add_bos=add_bos, batch_size=batch_size)
     loaded = task_manager(include_path).load(names)
     for task in loaded["tasks"].values():
         if num_fewshot is not None and task.get_config("num_fewshot") != 0:  # a task fixed at 0 stays 0
@@ -354,21 +303,3 @@ def flat_metrics(results: dict) -> dict[str, float]:
     return out
 
 
-def table(results: dict) -> str:
-    """The harness's own results table (and its groups table when there are groups)."""
-    text = lm_utils.make_table(results)
-    return text + ("\n" + lm_utils.make_table(results, "groups") if results.get("groups") else "")
-
-
-def write_results(results: dict, output_path: str, model: str) -> str:
-    """The results JSON as the harness's CLI writes it (indent 2, its encoder for odd values), atomically:
-    a path ending in .json is the file; else the file is `<output_path>/<model>/results_<time>.json` (the
-    model's name with / -> __, as the harness). Returns the path written."""
-    path = output_path
-    if not output_path.endswith(".json"):
-        stamp = datetime.datetime.now().isoformat().replace(":", "-")
-        name = re.sub(r"[\"<>:/|\\?*\[\]]+", "__", model.rstrip("/")) or "model"
-        path = os.path.join(output_path, name, f"results_{stamp}.json")
-    atomic.as_path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic.write(path, json.dumps(results, indent=2, default=lm_utils.handle_non_serializable, ensure_ascii=False))
-    return path
