@@ -24,7 +24,7 @@ def _packed(batch: int, seq: int, rng: np.random.RandomState):
     seg = np.zeros((batch, seq), np.int32)
     for r in range(batch):
         cuts = np.sort(rng.choice(np.arange(1, seq - 8), 2, replace=False))
-        seg[r, :cuts[0]], seg[r, cuts[0]:cuts[1]], seg[r, cuts[1]:seq - 8] = 1, 2, 3  # last 8: padding (0)
+        seg[r, : cuts[0]], seg[r, cuts[0] : cuts[1]], seg[r, cuts[1] : seq - 8] = 1, 2, 3  # last 8: padding (0)
     return seg
 
 

@@ -32,8 +32,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREP_CONFIG = os.path.join(ROOT, "configs", "prep_default.py")
-DEDUP_ONLY = ["clean.enabled=False", "quality.enabled=False", "augment.enabled=False", "tokenize.enabled=False",
-              "curriculum.enabled=False", "num_workers=1", "progress=False"]
+DEDUP_ONLY = [
+    "clean.enabled=False",
+    "quality.enabled=False",
+    "augment.enabled=False",
+    "tokenize.enabled=False",
+    "curriculum.enabled=False",
+    "num_workers=1",
+    "progress=False",
+]
 
 
 def make_corpus(args: argparse.Namespace, folder: str) -> dict:
@@ -56,8 +63,9 @@ def make_corpus(args: argparse.Namespace, folder: str) -> dict:
     halves = []
     for i in range(args.halves):
         fresh = synthetic.document(base + 6_000_000 + i, args.words - half, args.words - half + 1)
-        halves.append((originals[i % args.groups], " ".join(originals[i % args.groups].split(" ")[:half]
-                                                          + fresh.split(" "))))
+        halves.append(
+            (originals[i % args.groups], " ".join(originals[i % args.groups].split(" ")[:half] + fresh.split(" ")))
+        )
         docs.append((halves[-1][1], "half_overlap", -1))
     docs = [docs[i] for i in rng.permutation(len(docs))]
     if len({text for text, _, _ in docs}) != len(docs):
@@ -66,9 +74,12 @@ def make_corpus(args: argparse.Namespace, folder: str) -> dict:
     with open(os.path.join(folder, "corpus", "part-0000.jsonl"), "w") as f:
         for i, (text, _, _) in enumerate(docs):
             f.write(json.dumps({"id": str(i), "text": text}) + "\n")
-    return {"kind": [k for _, k, _ in docs], "group": [g for _, _, g in docs],
-            "pair_jaccard": float(np.mean([synthetic.jaccard(a, b) for a, b in zip(originals, copies)])),
-            "half_jaccard": float(np.mean([synthetic.jaccard(a, b) for a, b in halves])) if halves else None}
+    return {
+        "kind": [k for _, k, _ in docs],
+        "group": [g for _, _, g in docs],
+        "pair_jaccard": float(np.mean([synthetic.jaccard(a, b) for a, b in zip(originals, copies)])),
+        "half_jaccard": float(np.mean([synthetic.jaccard(a, b) for a, b in halves])) if halves else None,
+    }
 
 
 def run_jaxllm(folder: str, overrides: list[str]) -> list[str]:
@@ -82,8 +93,10 @@ def run_jaxllm(folder: str, overrides: list[str]) -> list[str]:
     inputs = os.path.join(folder, "corpus", "*.jsonl")
     out = os.path.join(folder, "jaxllm_out")
     with contextlib.redirect_stdout(sys.stderr):
-        run(["prep", f"--input={inputs}", f"--output={out}", f"--config={PREP_CONFIG}"]
-            + [f"--config.{o}" for o in DEDUP_ONLY + overrides])
+        run(
+            ["prep", f"--input={inputs}", f"--output={out}", f"--config={PREP_CONFIG}"]
+            + [f"--config.{o}" for o in DEDUP_ONLY + overrides]
+        )
     kept_texts = set()
     for name in sorted(os.listdir(out)):
         if name.endswith(".array_record"):
@@ -98,8 +111,13 @@ def run_datatrove(folder: str) -> list[str]:
     """datatrove's four MinHash stages as FineWeb runs them (signatures, buckets, clusters, filter), in this
     process; returns the ids of the documents kept."""
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                                  MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
@@ -108,11 +126,19 @@ def run_datatrove(folder: str) -> list[str]:
     corpus, work = os.path.join(folder, "corpus"), os.path.join(folder, "datatrove")
     stages = [
         ([JsonlReader(corpus), MinhashDedupSignature(output_folder=f"{work}/signatures", config=cfg)], 1),
-        ([MinhashDedupBuckets(input_folder=f"{work}/signatures", output_folder=f"{work}/buckets", config=cfg)],
-         cfg.num_buckets),
+        (
+            [MinhashDedupBuckets(input_folder=f"{work}/signatures", output_folder=f"{work}/buckets", config=cfg)],
+            cfg.num_buckets,
+        ),
         ([MinhashDedupCluster(input_folder=f"{work}/buckets", output_folder=f"{work}/remove_ids", config=cfg)], 1),
-        ([JsonlReader(corpus), MinhashDedupFilter(input_folder=f"{work}/remove_ids"),
-          JsonlWriter(f"{work}/kept", compression=None)], 1),
+        (
+            [
+                JsonlReader(corpus),
+                MinhashDedupFilter(input_folder=f"{work}/remove_ids"),
+                JsonlWriter(f"{work}/kept", compression=None),
+            ],
+            1,
+        ),
     ]
     for i, (pipeline, tasks) in enumerate(stages):
         LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=1, logging_dir=f"{work}/logs/{i}").run()
@@ -160,10 +186,16 @@ def score(corpus: dict, kept_ids: list[str]) -> dict:
     by_kind = {}
     for kind, r in zip(corpus["kind"], removed):
         by_kind[kind] = by_kind.get(kind, 0) + r
-    return {"recall": round(right / max(1, wanted), 3), "precision": round(right / total, 3) if total else 1.0,
-            "removed": total, "pairs_collapsed": right, "pairs": wanted,
-            "pairs_fully_removed": sum(all(rs) for rs in per_group.values()),
-            "unrelated_removed": by_kind.get("unrelated", 0), "halves_removed": by_kind.get("half_overlap", 0)}
+    return {
+        "recall": round(right / max(1, wanted), 3),
+        "precision": round(right / total, 3) if total else 1.0,
+        "removed": total,
+        "pairs_collapsed": right,
+        "pairs": wanted,
+        "pairs_fully_removed": sum(all(rs) for rs in per_group.values()),
+        "unrelated_removed": by_kind.get("unrelated", 0),
+        "halves_removed": by_kind.get("half_overlap", 0),
+    }
 
 
 def main() -> None:
@@ -174,8 +206,12 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=120, help="words per document")
     parser.add_argument("--replaced", type=int, default=3, help="words replaced in each near copy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jaxllm", action="append", default=[],
-                        help="config override for jaxllm's side, e.g. dedup.threshold=0.8 (repeatable)")
+    parser.add_argument(
+        "--jaxllm",
+        action="append",
+        default=[],
+        help="config override for jaxllm's side, e.g. dedup.threshold=0.8 (repeatable)",
+    )
     parser.add_argument("--sides", default="jaxllm,datatrove")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)  # JSON: one side, this process
     args = parser.parse_args()
@@ -186,23 +222,48 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         corpus = make_corpus(args, folder)
         n = len(corpus["kind"])
-        print(json.dumps({"corpus": {"docs": n, "originals": args.groups, "near_copies": args.groups,
-                                     "unrelated": args.unrelated, "halves": args.halves, "words": args.words,
-                                     "replaced": args.replaced,
-                                     "pair_jaccard_mean": round(corpus["pair_jaccard"], 3),
-                                     "half_jaccard_mean": corpus["half_jaccard"] and round(corpus["half_jaccard"], 3)}}))
+        print(
+            json.dumps(
+                {
+                    "corpus": {
+                        "docs": n,
+                        "originals": args.groups,
+                        "near_copies": args.groups,
+                        "unrelated": args.unrelated,
+                        "halves": args.halves,
+                        "words": args.words,
+                        "replaced": args.replaced,
+                        "pair_jaccard_mean": round(corpus["pair_jaccard"], 3),
+                        "half_jaccard_mean": corpus["half_jaccard"] and round(corpus["half_jaccard"], 3),
+                    }
+                }
+            )
+        )
         for side in args.sides.split(","):
             job = json.dumps({"side": side, "folder": folder, "overrides": args.jaxllm if side == "jaxllm" else []})
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={job}"],
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), f"--child={job}"], capture_output=True, text=True
+            )
             if done.returncode:
                 sys.exit(f"{side}: failed\n{done.stderr[-3000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            settings = ("14 buckets x 8 hashes, 5-grams, no verification" if side == "datatrove"
-                        else " ".join(args.jaxllm) or "defaults")
-            print(json.dumps({"side": side, "settings": settings, **score(corpus, result["kept"]),
-                              "seconds": round(result["seconds"], 2), "docs_per_s": round(n / result["seconds"], 1),
-                              "peak_rss_mb": round(result["peak_rss_mb"], 1)}))
+            settings = (
+                "14 buckets x 8 hashes, 5-grams, no verification"
+                if side == "datatrove"
+                else " ".join(args.jaxllm) or "defaults"
+            )
+            print(
+                json.dumps(
+                    {
+                        "side": side,
+                        "settings": settings,
+                        **score(corpus, result["kept"]),
+                        "seconds": round(result["seconds"], 2),
+                        "docs_per_s": round(n / result["seconds"], 1),
+                        "peak_rss_mb": round(result["peak_rss_mb"], 1),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -31,14 +31,22 @@ from jaxllm.models.decoder import DecoderLayer  # noqa: E402
 def tpu_devices(topology: str) -> list:
     dims = tuple(int(x) for x in topology.split(":")[1].split("x"))
     bounds = tuple(min(d, 2) for d in dims[:2]) + (1,)
-    return topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="megacore",
-                                        chips_per_host_bounds=bounds, num_slices=1,
-                                        wrap=tuple(d >= 4 for d in dims)).devices
+    return topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=topology,
+        chip_config_name="megacore",
+        chips_per_host_bounds=bounds,
+        num_slices=1,
+        wrap=tuple(d >= 4 for d in dims),
+    ).devices
 
 
 def _unbox(tree):
-    return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
-                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
 
 
 def layer_memory(cfg: ModelConfig, mesh, batch: int, seq: int) -> dict[str, float]:
@@ -47,10 +55,19 @@ def layer_memory(cfg: ModelConfig, mesh, batch: int, seq: int) -> dict[str, floa
     x = jax.ShapeDtypeStruct((batch, seq, cfg.embed_dim), cfg.jnp_dtype)
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     with jax.set_mesh(mesh), shd.axis_rules():
-        boxed = jax.eval_shape(lambda: layer.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype),
-                                                  jnp.ones(ids.shape, jnp.int32), jnp.zeros(ids.shape, jnp.int32)))
-        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              _unbox(boxed), shd.shardings_for(boxed, mesh))
+        boxed = jax.eval_shape(
+            lambda: layer.init(
+                jax.random.key(0),
+                jnp.zeros(x.shape, x.dtype),
+                jnp.ones(ids.shape, jnp.int32),
+                jnp.zeros(ids.shape, jnp.int32),
+            )
+        )
+        params = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            _unbox(boxed),
+            shd.shardings_for(boxed, mesh),
+        )
         batch_sh = shd.batch_sharding(mesh)
         x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh)
         ids = jax.ShapeDtypeStruct(ids.shape, ids.dtype, sharding=batch_sh)
@@ -60,8 +77,11 @@ def layer_memory(cfg: ModelConfig, mesh, batch: int, seq: int) -> dict[str, floa
 
         stats = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x, ids, ids).compile().memory_analysis()
     mib = 2**20
-    return {"temp": stats.temp_size_in_bytes / mib, "args": stats.argument_size_in_bytes / mib,
-            "out": stats.output_size_in_bytes / mib}
+    return {
+        "temp": stats.temp_size_in_bytes / mib,
+        "args": stats.argument_size_in_bytes / mib,
+        "out": stats.output_size_in_bytes / mib,
+    }
 
 
 def main() -> None:
@@ -76,14 +96,19 @@ def main() -> None:
     devices = tpu_devices(args.topology)
     mesh = shd.make_mesh(shd.MeshConfig(data=-1, fsdp=args.fsdp, tensor=args.tensor), devices)
     batch = args.batch_per_chip * shd.batch_shards(mesh)
-    print(f"{args.preset} layer fwd+bwd, seq {args.seq}, global batch {batch}, {len(devices)} x "
-          f"{devices[0].device_kind}, mesh {dict(mesh.shape)}; MiB per chip")
+    print(
+        f"{args.preset} layer fwd+bwd, seq {args.seq}, global batch {batch}, {len(devices)} x "
+        f"{devices[0].device_kind}, mesh {dict(mesh.shape)}; MiB per chip"
+    )
     for attention in ("xla", "flash"):
-        cfg = ModelConfig(**preset(args.preset, max_seq_len=args.seq, attention=attention, dtype="bfloat16",
-                                   param_dtype="float32"))
+        cfg = ModelConfig(
+            **preset(args.preset, max_seq_len=args.seq, attention=attention, dtype="bfloat16", param_dtype="float32")
+        )
         m = layer_memory(cfg, mesh, batch, args.seq)
-        print(f"  attention={attention:5s}  temporaries {m['temp']:9.1f}  arguments {m['args']:8.1f}  "
-              f"outputs {m['out']:8.1f}")
+        print(
+            f"  attention={attention:5s}  temporaries {m['temp']:9.1f}  arguments {m['args']:8.1f}  "
+            f"outputs {m['out']:8.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Decode speed of the KV-cache generation loop (after compilation), for a model config file.
 
-    python benchmarks/generate_speed.py [--config=configs/tiny.py] [--batch=1] [--new_tokens=128]
+python benchmarks/generate_speed.py [--config=configs/tiny.py] [--batch=1] [--new_tokens=128]
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 from flax import linen as nn
 
 from jaxllm.config import build, load_config
-from jaxllm.models.generation import GenerateConfig, generate
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder
+from jaxllm.models.generation import GenerateConfig, generate
 
 
 def main() -> None:
@@ -38,9 +38,19 @@ def main() -> None:
     t = time.perf_counter()
     generate(model, params, prompts, gen, eos_id=-1)
     dt = time.perf_counter() - t
-    print(json.dumps(dict(device=jax.devices()[0].device_kind, params=cfg.num_params(), batch=args.batch,
-                          new_tokens=args.new_tokens, first_call_s=round(first_s, 2), decode_s=round(dt, 3),
-                          tokens_per_s=round(args.batch * args.new_tokens / dt, 1))))
+    print(
+        json.dumps(
+            dict(
+                device=jax.devices()[0].device_kind,
+                params=cfg.num_params(),
+                batch=args.batch,
+                new_tokens=args.new_tokens,
+                first_call_s=round(first_s, 2),
+                decode_s=round(dt, 3),
+                tokens_per_s=round(args.batch * args.new_tokens / dt, 1),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -102,21 +102,28 @@ def main() -> None:
     ext = WEIGHTS[args.format]
     disk = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(ext))
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device, as a plain user would have
-    out = subprocess.run([sys.executable, "-c", _CHILD, folder, args.scan_layers], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, folder, args.scan_layers], env=env, check=True, capture_output=True, text=True
+    ).stdout
     r = json.loads(out.strip().splitlines()[-1])
     disk_mb = disk / 2**20
     shards = len([f for f in os.listdir(folder) if f.endswith(ext)])
-    print(f"checkpoint on disk ({args.format}): {disk_mb:.0f} MiB in {shards} shards; params loaded: "
-          f"{r['params_mb']:.0f} MiB"
-          f" in {r['load_s']:.1f} s (scan_layers={args.scan_layers})")
-    print(f"RSS after import jax: {r['after_jax_mb']:.0f} MiB; after import jaxllm.hf: {r['after_jaxllm_mb']:.0f} MiB;"
-          f" peak during load: ru_maxrss {r['peak_mb']:.0f} MiB (VmHWM {r['hwm_mb']:.0f} MiB);"
-          f" after load: {r['final_rss_mb']:.0f} MiB")
-    print(f"peak - after-jax = {r['peak_mb'] - r['after_jax_mb']:.0f} MiB = "
-          f"{(r['peak_mb'] - r['after_jax_mb']) / disk_mb:.2f}x the checkpoint "
-          f"({(r['peak_mb'] - r['after_jaxllm_mb']) / disk_mb:.2f}x counting from after import jaxllm.hf);"
-          " target < 1.3x")
+    print(
+        f"checkpoint on disk ({args.format}): {disk_mb:.0f} MiB in {shards} shards; params loaded: "
+        f"{r['params_mb']:.0f} MiB"
+        f" in {r['load_s']:.1f} s (scan_layers={args.scan_layers})"
+    )
+    print(
+        f"RSS after import jax: {r['after_jax_mb']:.0f} MiB; after import jaxllm.hf: {r['after_jaxllm_mb']:.0f} MiB;"
+        f" peak during load: ru_maxrss {r['peak_mb']:.0f} MiB (VmHWM {r['hwm_mb']:.0f} MiB);"
+        f" after load: {r['final_rss_mb']:.0f} MiB"
+    )
+    print(
+        f"peak - after-jax = {r['peak_mb'] - r['after_jax_mb']:.0f} MiB = "
+        f"{(r['peak_mb'] - r['after_jax_mb']) / disk_mb:.2f}x the checkpoint "
+        f"({(r['peak_mb'] - r['after_jaxllm_mb']) / disk_mb:.2f}x counting from after import jaxllm.hf);"
+        " target < 1.3x"
+    )
 
 
 if __name__ == "__main__":

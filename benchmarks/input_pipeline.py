@@ -26,9 +26,13 @@ CASES = {
     "text": dict(source="embedded", block_size=128, batch_size=16, vocab_size=1024),
     "text_workers": dict(source="embedded", block_size=128, batch_size=16, vocab_size=1024, num_workers=2),
     "sft": dict(source="embedded_sft", format="sft_text", block_size=128, batch_size=16, vocab_size=1024),
-    "mixture": dict(source="embedded", block_size=128, batch_size=16, vocab_size=1024,
-                    mixture={"docs": dict(source="embedded", weight=3.0),
-                             "qa": dict(source="embedded_sft", weight=1.0)}),
+    "mixture": dict(
+        source="embedded",
+        block_size=128,
+        batch_size=16,
+        vocab_size=1024,
+        mixture={"docs": dict(source="embedded", weight=3.0), "qa": dict(source="embedded_sft", weight=1.0)},
+    ),
 }
 
 
@@ -67,9 +71,18 @@ def run_case(name: str, batches: int, warmup: int, processes: int) -> list[dict]
         for _ in range(batches):
             tokens += int(next(it)["inputs"].size)
         t2 = time.perf_counter()
-        out.append(dict(case=name, processes=processes, process=p, first_batches_s=round(t1 - t0, 2),
-                        batches_per_s=round(batches / (t2 - t1), 1), tokens_per_s=round(tokens / (t2 - t1)),
-                        chars_read=counter["chars"], workers=cfg.num_workers))
+        out.append(
+            dict(
+                case=name,
+                processes=processes,
+                process=p,
+                first_batches_s=round(t1 - t0, 2),
+                batches_per_s=round(batches / (t2 - t1), 1),
+                tokens_per_s=round(tokens / (t2 - t1)),
+                chars_read=counter["chars"],
+                workers=cfg.num_workers,
+            )
+        )
         close = getattr(it, "close", None)
         if close:
             close()

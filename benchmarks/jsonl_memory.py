@@ -62,8 +62,11 @@ def main() -> None:
         path = os.path.join(args.workdir, f"{name}.jsonl")
         if not os.path.isfile(path):
             _corpus(path, args.mb, lines)
-        out = subprocess.run([sys.executable, "-c", _CHILD, path, tokenizer], capture_output=True, text=True,
-                             check=True).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run([sys.executable, "-c", _CHILD, path, tokenizer], capture_output=True, text=True, check=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         print(f"{args.mb} MB as {lines:,} lines: {out}")
 
 

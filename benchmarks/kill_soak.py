@@ -33,12 +33,31 @@ sys.path.insert(0, ROOT)
 
 from jaxllm.distributed import _child_env, free_port  # noqa: E402
 
-OPTIONS = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
-           "model.mlp_dim=128", "model.vocab_size=512", "model.max_seq_len=64", "data.vocab_size=512",
-           "data.block_size=32", "data.batch_size=8", "data.shuffle_window=40", "train.log_every=1",
-           "train.eval_every=8", "train.eval_batches=4", "train.progress=false", "checkpoint.every=4",
-           "checkpoint.keep=2", "optim.warmup_steps=5", "optim.decay_steps=200", "generate.max_new_tokens=0",
-           "mesh.data=2", "distributed.heartbeat_timeout=10", "distributed.shutdown_timeout=10"]
+OPTIONS = [
+    "model.num_layers=2",
+    "model.embed_dim=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.mlp_dim=128",
+    "model.vocab_size=512",
+    "model.max_seq_len=64",
+    "data.vocab_size=512",
+    "data.block_size=32",
+    "data.batch_size=8",
+    "data.shuffle_window=40",
+    "train.log_every=1",
+    "train.eval_every=8",
+    "train.eval_batches=4",
+    "train.progress=false",
+    "checkpoint.every=4",
+    "checkpoint.keep=2",
+    "optim.warmup_steps=5",
+    "optim.decay_steps=200",
+    "generate.max_new_tokens=0",
+    "mesh.data=2",
+    "distributed.heartbeat_timeout=10",
+    "distributed.shutdown_timeout=10",
+]
 ENDLESS = 100_000  # train.steps of a run that is going to be killed (the schedule does not depend on it)
 
 
@@ -46,19 +65,37 @@ class Soak:
     def __init__(self, root: str, seed: int, hang_timeout_s: float, lost_timeout_s: float, moments: list[str]):
         self.root, self.rng = root, random.Random(seed)
         self.hang_timeout_s, self.lost_timeout_s, self.moments = hang_timeout_s, lost_timeout_s, moments
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-                        JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(root, "jax-cache"),
-                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-        self.stats = {"kills": 0, "failed_restarts": 0, "hangs": 0, "survivor_exit_s": [],
-                      "survivor_messages": 0, "moments": {}, "finished_before_kill": 0,
-                      "leftover_processes": 0}
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+            JAX_PLATFORMS="cpu",
+            JAX_COMPILATION_CACHE_DIR=os.path.join(root, "jax-cache"),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        )
+        self.stats = {
+            "kills": 0,
+            "failed_restarts": 0,
+            "hangs": 0,
+            "survivor_exit_s": [],
+            "survivor_messages": 0,
+            "moments": {},
+            "finished_before_kill": 0,
+            "leftover_processes": 0,
+        }
         self.forced: list[str] = []  # moments the next kills take, in order (then random ones)
         self.logged: list[dict] = []  # every record any run wrote, kept before the next run trims them
         self._log_index = 0
 
     def start(self, workdir: str, steps: int, processes: int) -> list[subprocess.Popen]:
-        cmd = [sys.executable, "-m", "jaxllm.cli", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
-               f"--config.train.steps={steps}"] + [f"--config.{o}" for o in OPTIONS]
+        cmd = [
+            sys.executable,
+            "-m",
+            "jaxllm.cli",
+            "train",
+            "--config=configs/tiny.py",
+            f"--workdir={workdir}",
+            f"--config.train.steps={steps}",
+        ] + [f"--config.{o}" for o in OPTIONS]
         port, procs = free_port(), []
         for p in range(processes):
             if processes == 1:
@@ -66,8 +103,17 @@ class Soak:
             else:
                 env = _child_env(self.env, p, processes, 2 // processes, port)
             log = open(os.path.join(self.root, f"run{self._log_index}.p{p}.log"), "w")
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
         self._log_index += 1
         return procs
 
@@ -102,10 +148,19 @@ class Soak:
                 return moment
             if moment == "steps" and progressed_at is not None and now - progressed_at >= delay:
                 return moment
-            if moment == "save" and progressed_at is not None and glob.glob(os.path.join(ckpt, "*.orbax-checkpoint-tmp*")):
+            if (
+                moment == "save"
+                and progressed_at is not None
+                and glob.glob(os.path.join(ckpt, "*.orbax-checkpoint-tmp*"))
+            ):
                 return moment
-            if (moment == "eval" and records and records[-1].get("split") == "train"
-                    and records[-1]["step"] % 8 == 0 and progressed_at is not None):
+            if (
+                moment == "eval"
+                and records
+                and records[-1].get("split") == "train"
+                and records[-1]["step"] % 8 == 0
+                and progressed_at is not None
+            ):
                 return moment
             if now - last_progress > self.hang_timeout_s:
                 self.stats["hangs"] += 1
@@ -191,8 +246,12 @@ def compare(logged: list[dict], reference: list[dict]) -> dict:
             missing += 1
             continue
         diffs.append(abs(r["loss"] - ref[key]) / max(abs(ref[key]), 1e-12))
-    return {"losses_compared": len(diffs), "not_in_reference": missing,
-            "max_rel_diff": max(diffs) if diffs else None, "all_equal": bool(diffs) and max(diffs) <= 1e-6}
+    return {
+        "losses_compared": len(diffs),
+        "not_in_reference": missing,
+        "max_rel_diff": max(diffs) if diffs else None,
+        "all_equal": bool(diffs) and max(diffs) <= 1e-6,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -200,8 +259,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kills_single", type=int, default=20)
     parser.add_argument("--kills_multi", type=int, default=10)
     parser.add_argument("--moments", default="save,eval", help="besides start/steps: save, eval (comma-separated)")
-    parser.add_argument("--multi_moments", default="", help="moments of the first two-process kills, in order, "
-                        "e.g. steps,save,eval (those restart on 2 processes; then random moments and counts)")
+    parser.add_argument(
+        "--multi_moments",
+        default="",
+        help="moments of the first two-process kills, in order, "
+        "e.g. steps,save,eval (those restart on 2 processes; then random moments and counts)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hang_timeout_s", type=float, default=240.0, help="no progress this long = a hang")
     parser.add_argument("--lost_timeout_s", type=float, default=120.0, help="a survivor must stop within this")
@@ -237,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     result = main()
-    ok = result["hangs"] == 0 and result["failed_restarts"] == 0 and all(
-        result[k]["all_equal"] for k in ("single", "multi") if k in result)
+    ok = (
+        result["hangs"] == 0
+        and result["failed_restarts"] == 0
+        and all(result[k]["all_equal"] for k in ("single", "multi") if k in result)
+    )
     sys.exit(0 if ok else 1)

@@ -43,16 +43,26 @@ def step_memory(base: ModelConfig, lcfg: lora.LoraConfig, batch: int, seq_len: i
         frozen_sh = shd.shardings_for(boxed_frozen, mesh)
         frozen = shd.placed(boxed_frozen, frozen_sh)
     tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-    data = dict(inputs=tokens, targets=tokens, positions=tokens, segment_ids=tokens,
-                loss_weights=jax.ShapeDtypeStruct((batch, seq_len), jnp.float32))
+    data = dict(
+        inputs=tokens,
+        targets=tokens,
+        positions=tokens,
+        segment_ids=tokens,
+        loss_weights=jax.ShapeDtypeStruct((batch, seq_len), jnp.float32),
+    )
     fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig()), shardings, mesh, frozen_sh)
     stats = fn.lower(state, data, frozen).compile().memory_analysis()
-    total = (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
-             - stats.alias_size_in_bytes)
+    total = (
+        stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+    )
     params = jax.tree.leaves(nn.meta.unbox(boxed.params))
     opt = [x for x in jax.tree.leaves(nn.meta.unbox(boxed.opt_state)) if x.ndim]
-    return {"step_GiB": total / 2**30, "frozen_GiB": tree.nbytes(frozen) / 2**30 if frozen else 0.0,
-            "trainable_params": sum(x.size for x in params), "optimizer_state_params": sum(x.size for x in opt)}
+    return {
+        "step_GiB": total / 2**30,
+        "frozen_GiB": tree.nbytes(frozen) / 2**30 if frozen else 0.0,
+        "trainable_params": sum(x.size for x in params),
+        "optimizer_state_params": sum(x.size for x in opt),
+    }
 
 
 def quantization_error(size: int = 4096) -> dict[str, float]:
@@ -88,30 +98,50 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--r", type=int, default=64)
-    p.add_argument("--workdir", default="runs/tiny", help="a trained jaxllm workdir for the logit comparison "
-                   "(the main job's output); skipped if missing")
+    p.add_argument(
+        "--workdir",
+        default="runs/tiny",
+        help="a trained jaxllm workdir for the logit comparison (the main job's output); skipped if missing",
+    )
     args = p.parse_args()
     base = ModelConfig(**preset(args.preset, dtype="bfloat16", param_dtype="bfloat16", remat="full"))
     print(json.dumps({"quantization": quantization_error()}, indent=1))
     small = ModelConfig(vocab_size=4096, num_layers=4, embed_dim=512, num_heads=8, mlp_dim=1408, dtype="float32")
-    print(json.dumps({"logits_vs_float_random_init_%dM" % (small.num_params() // 10**6): logit_difference(small)},
-                     indent=1))
+    print(
+        json.dumps({f"logits_vs_float_random_init_{small.num_params() // 10**6}M": logit_difference(small)}, indent=1)
+    )
     import os
 
     if os.path.isdir(os.path.join(args.workdir, "checkpoints")):
         from jaxllm.data.pipeline import make_eval_iterator, tokenizer_for
         from jaxllm.train.start import load_run
+
         run, params, _ = load_run(args.workdir)
         batch = next(make_eval_iterator(run.data, tokenizer_for(run.data)))
-        print(json.dumps({f"logits_vs_float_trained_{args.workdir}": logit_difference(
-            run.model, params, batch["inputs"][:4])}, indent=1))
-    runs = {"full": lora.LoraConfig(r=0),
-            "lora": lora.LoraConfig(r=args.r, alpha=16.0, target_modules=("all-linear",)),
-            "qlora_nf4": lora.LoraConfig(r=args.r, alpha=16.0, target_modules=("all-linear",), quantization="nf4")}
+        print(
+            json.dumps(
+                {f"logits_vs_float_trained_{args.workdir}": logit_difference(run.model, params, batch["inputs"][:4])},
+                indent=1,
+            )
+        )
+    runs = {
+        "full": lora.LoraConfig(r=0),
+        "lora": lora.LoraConfig(r=args.r, alpha=16.0, target_modules=("all-linear",)),
+        "qlora_nf4": lora.LoraConfig(r=args.r, alpha=16.0, target_modules=("all-linear",), quantization="nf4"),
+    }
     for name, lcfg in runs.items():
         result = step_memory(base, lcfg, args.batch, args.seq_len)
-        print(json.dumps({"preset": args.preset, "run": name, "seq_len": args.seq_len, "batch": args.batch,
-                          **{k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}}))
+        print(
+            json.dumps(
+                {
+                    "preset": args.preset,
+                    "run": name,
+                    "seq_len": args.seq_len,
+                    "batch": args.batch,
+                    **{k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()},
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -24,10 +24,21 @@ from jaxllm.plan import plan
 
 # MaxText's compiled figure for the same model, slice and per-chip batch (GiB per chip), where measured.
 MAXTEXT = {"llama2_70b": 76.6, "llama2_7b": 44.6}
-PRETRAIN = ("llama2_7b", "llama2_13b", "llama2_70b", "falcon_7b", "falcon_40b", "falcon_180b", "bloom_560m",
-            "bloom_7b1", "bloom_176b")
-FINETUNE = {"llama2_70b_qlora": ("configs/llama2_70b_qlora.py", "llama2_70b"),
-            "falcon_180b_qlora": ("configs/falcon_qlora.py", "falcon_180b")}
+PRETRAIN = (
+    "llama2_7b",
+    "llama2_13b",
+    "llama2_70b",
+    "falcon_7b",
+    "falcon_40b",
+    "falcon_180b",
+    "bloom_560m",
+    "bloom_7b1",
+    "bloom_176b",
+)
+FINETUNE = {
+    "llama2_70b_qlora": ("configs/llama2_70b_qlora.py", "llama2_70b"),
+    "falcon_180b_qlora": ("configs/falcon_qlora.py", "falcon_180b"),
+}
 
 
 def _hf_folder(root: str, name: str) -> str:
@@ -45,13 +56,23 @@ _FEW = ["data.batch_size=128", "model.remat=save_dot_except_mlp"]
 LEVERS = [
     ("flash attention (Splash), Llama-2-70B", "llama2_70b", _70B, _70B + ["model.attention=xla"], None),
     ("chunked cross-entropy (256 positions), BLOOM-7B1", "bloom_7b1", [], ["train.loss_chunk=0"], None),
-    ("sequence parallelism, Llama-2-70B fsdp=32 tensor=8", "llama2_70b", _TP, _TP + ["model.sequence_parallel=False"],
-     None),
+    (
+        "sequence parallelism, Llama-2-70B fsdp=32 tensor=8",
+        "llama2_70b",
+        _TP,
+        _TP + ["model.sequence_parallel=False"],
+        None,
+    ),
     ("queries offloaded to host vs MaxText's save_dot_except_mlpwi, Llama-2-70B", "llama2_70b", [], _70B, None),
     ("save_dot_except_mlpwi vs MaxText's minimal, Llama-2-7B", "llama2_7b", [], ["model.remat=minimal"], None),
     ("full remat vs save_dot_except_mlpwi, Llama-2-70B", "llama2_70b", ["model.remat=full"], _70B, None),
-    ("optimizer state in host memory, Llama-2-70B on v5p-128, 2 sequences per chip", "llama2_70b",
-     _FEW + ["optim.host_offload=True"], _FEW, "v5p-128"),
+    (
+        "optimizer state in host memory, Llama-2-70B on v5p-128, 2 sequences per chip",
+        "llama2_70b",
+        _FEW + ["optim.host_offload=True"],
+        _FEW,
+        "v5p-128",
+    ),
 ]
 
 
@@ -81,14 +102,18 @@ def main(names: list[str]) -> None:
                 cfg = load_config(f"configs/pretrain.py:{name}")
             r = plan(cfg, cfg.mesh.slice)
             est = r.get("estimate") or {}
-            rows.append(f"| {name} | {r['topology']} | {' '.join(f'{k}={v}' for k, v in r['mesh'].items())} | "
-                        f"{r['remat']} | {r['global_batch']} x {r['seq_len']} ({r['per_chip_batch']:g}/chip"
-                        f"{', accum ' + str(r['grad_accum_steps']) if r['grad_accum_steps'] > 1 else ''}) | "
-                        f"{'yes' if r['fits'] else 'NO'} | {r['hbm_per_chip_gib']:.1f} | {r['headroom_gib']:.1f} | "
-                        f"{r['compile_s']:.0f} | {MAXTEXT.get(name, '')} | {100 * est.get('mfu_bound', 0):.0f}% |")
+            rows.append(
+                f"| {name} | {r['topology']} | {' '.join(f'{k}={v}' for k, v in r['mesh'].items())} | "
+                f"{r['remat']} | {r['global_batch']} x {r['seq_len']} ({r['per_chip_batch']:g}/chip"
+                f"{', accum ' + str(r['grad_accum_steps']) if r['grad_accum_steps'] > 1 else ''}) | "
+                f"{'yes' if r['fits'] else 'NO'} | {r['hbm_per_chip_gib']:.1f} | {r['headroom_gib']:.1f} | "
+                f"{r['compile_s']:.0f} | {MAXTEXT.get(name, '')} | {100 * est.get('mfu_bound', 0):.0f}% |"
+            )
             print(rows[-1], flush=True)
-    print("\n| config | slice | mesh | remat | batch x seq | fits | HBM/chip (GiB) | headroom (GiB) | compile (s) "
-          "| MaxText (GiB) | MFU bound |")
+    print(
+        "\n| config | slice | mesh | remat | batch x seq | fits | HBM/chip (GiB) | headroom (GiB) | compile (s) "
+        "| MaxText (GiB) | MFU bound |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

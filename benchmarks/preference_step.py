@@ -38,15 +38,16 @@ def pair_rows(vocab: int, batch: int, seq: int, pair_len: int, seed: int = 0) ->
     for j in range((seq - 1) // pair_len):
         for k in range(2):
             start = j * pair_len + k * half
-            segments[:, start:start + half] = 2 * j + k + 1
-            positions[:, start:start + half] = np.arange(half)
-            weights[:, start + 3 * half // 4 - 1:start + half - 1] = 1.0
+            segments[:, start : start + half] = 2 * j + k + 1
+            positions[:, start : start + half] = np.arange(half)
+            weights[:, start + 3 * half // 4 - 1 : start + half - 1] = 1.0
     targets = np.roll(inputs, -1, axis=1)
     return dict(inputs=inputs, targets=targets, segment_ids=segments, positions=positions, loss_weights=weights)
 
 
-def measure(cfg: ml_collections.ConfigDict, objective: str, batch: dict, steps: int, repeats: int,
-            precompute: bool = False) -> dict:
+def measure(
+    cfg: ml_collections.ConfigDict, objective: str, batch: dict, steps: int, repeats: int, precompute: bool = False
+) -> dict:
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.train.objective = objective
     cfg.data.format = "preference" if objective != "lm" else "sft_text"
@@ -55,9 +56,12 @@ def measure(cfg: ml_collections.ConfigDict, objective: str, batch: dict, steps: 
     run = from_config(cfg)
     mesh = shd.make_mesh(run.mesh)
     program = build(run, mesh)
-    init = lambda tree, sh: jax.jit(lambda: jax.tree.map(  # noqa: E731
-        lambda s: (0.02 * jax.random.normal(jax.random.key(0), s.shape)).astype(s.dtype), shd.unbox(tree)),
-        out_shardings=sh)()
+    init = lambda tree, sh: jax.jit(
+        lambda: jax.tree.map(  # noqa: E731
+            lambda s: (0.02 * jax.random.normal(jax.random.key(0), s.shape)).astype(s.dtype), shd.unbox(tree)
+        ),
+        out_shardings=sh,
+    )()
     params = init(program.boxed.params, program.shardings.params)
     state = st.state_from_params(params, program.tx, program.shardings)
     frozen = init(program.frozen_boxed, program.frozen_shardings) if program.frozen_boxed else {}
@@ -83,9 +87,14 @@ def measure(cfg: ml_collections.ConfigDict, objective: str, batch: dict, steps: 
         dt = min(dt, (time.perf_counter() - t) / steps)
     mem = compiled.memory_analysis()
     name = objective + ("_precomputed" if precompute else "")
-    return dict(objective=name, step_time_s=round(dt, 4), compile_s=round(compile_s, 1), loss=float(m["loss"]),
-                reference=program.reference.kind if program.reference else None,
-                temp_gib=round(mem.temp_size_in_bytes / 2**30, 3) if mem else None)
+    return dict(
+        objective=name,
+        step_time_s=round(dt, 4),
+        compile_s=round(compile_s, 1),
+        loss=float(m["loss"]),
+        reference=program.reference.kind if program.reference else None,
+        temp_gib=round(mem.temp_size_in_bytes / 2**30, 3) if mem else None,
+    )
 
 
 def main() -> None:
@@ -104,18 +113,37 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args()
-    overrides = [f"model.vocab_size={a.vocab_size}", f"model.embed_dim={a.embed_dim}", f"model.num_layers={a.num_layers}",
-                 f"model.num_heads={a.num_heads}", f"model.num_kv_heads={a.num_kv_heads}", f"model.mlp_dim={a.mlp_dim}",
-                 f"model.max_seq_len={a.seq}", f"model.dtype={a.dtype}", f"data.block_size={a.seq}",
-                 f"data.batch_size={a.batch}", f"lora.r={a.lora_r}", "mesh.data=-1", "checkpoint.init_from="]
+    overrides = [
+        f"model.vocab_size={a.vocab_size}",
+        f"model.embed_dim={a.embed_dim}",
+        f"model.num_layers={a.num_layers}",
+        f"model.num_heads={a.num_heads}",
+        f"model.num_kv_heads={a.num_kv_heads}",
+        f"model.mlp_dim={a.mlp_dim}",
+        f"model.max_seq_len={a.seq}",
+        f"model.dtype={a.dtype}",
+        f"data.block_size={a.seq}",
+        f"data.batch_size={a.batch}",
+        f"lora.r={a.lora_r}",
+        "mesh.data=-1",
+        "checkpoint.init_from=",
+    ]
     cfg = load_config("configs/tiny.py", overrides)  # random weights: the step's time does not depend on them
     batch = pair_rows(a.vocab_size, a.batch, a.seq, a.pair_len or a.seq // 2)
     results = {}
     for objective, pre in (("lm", False), ("dpo", False), ("dpo", True), ("orpo", False), ("reward", False)):
         r = measure(cfg, objective, batch, a.steps, a.repeats, precompute=pre)
         results[r["objective"]] = r
-        print(json.dumps({**r, "params": from_config(cfg).model.num_params(), "devices": jax.device_count(),
-                          "device": jax.devices()[0].device_kind}))
+        print(
+            json.dumps(
+                {
+                    **r,
+                    "params": from_config(cfg).model.num_params(),
+                    "devices": jax.device_count(),
+                    "device": jax.devices()[0].device_kind,
+                }
+            )
+        )
     sft = results["lm"]["step_time_s"]
     print(json.dumps({"ratios_to_sft": {k: round(v["step_time_s"] / sft, 3) for k, v in results.items()}}))
 

@@ -73,10 +73,15 @@ def run_one(inputs: list[str], workers: int, vocab_size: int) -> dict:
     mb_in = stats["stages"]["input"]["bytes_out"] / 1e6
     docs_in = stats["stages"]["input"]["docs_out"]
     return {
-        "mb_in": round(mb_in, 2), "docs_in": docs_in, "records_out": stats["output"]["records"],
-        "tokens_out": stats["output"]["tokens"], "seconds": round(seconds, 2),
-        "mb_per_s": round(mb_in / seconds, 2), "docs_per_s": round(docs_in / seconds, 1),
-        "pass_seconds": stats["pass_seconds"], "workers": workers,
+        "mb_in": round(mb_in, 2),
+        "docs_in": docs_in,
+        "records_out": stats["output"]["records"],
+        "tokens_out": stats["output"]["tokens"],
+        "seconds": round(seconds, 2),
+        "mb_per_s": round(mb_in / seconds, 2),
+        "docs_per_s": round(docs_in / seconds, 1),
+        "pass_seconds": stats["pass_seconds"],
+        "workers": workers,
         "removed": {name: st["removed"] for name, st in stats["stages"].items() if st["removed"]},
         "peak_rss_main_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_rss_largest_worker_mb": round(sampler.peak_kb / 1024, 1),
@@ -131,15 +136,24 @@ def dedup_quality(threshold: float | None, seed: int = 0) -> list[dict]:
         docs, _, jac = synthetic.planted_duplicates(300, 200, 0, seed=seed, duplicate_jaccard=(lo, hi))
         hasher, dedup = MinHasher(cfg), Deduplicator(cfg)
         dropped = np.array([dedup.check(None, hasher.signature(d)) != "" for d in docs])
-        rows.append({"jaccard": f"{lo:.2f}-{hi:.2f}", "dropped_fraction": round(float(dropped[300:].mean()), 3),
-                     "sources_dropped": int(dropped[:300].sum())})
+        rows.append(
+            {
+                "jaccard": f"{lo:.2f}-{hi:.2f}",
+                "dropped_fraction": round(float(dropped[300:].mean()), 3),
+                "sources_dropped": int(dropped[:300].sum()),
+            }
+        )
     docs, is_dup, _ = synthetic.planted_duplicates(500, 250, 250, seed=seed)
     hasher, dedup = MinHasher(cfg), Deduplicator(cfg)
     dropped = np.array([dedup.check(None, hasher.signature(d)) != "" for d in docs])
     is_dup = np.array(is_dup)
-    rows.append({"jaccard": "dups 0.85-1 vs related 0.2-0.6",
-                 "recall": round(float((dropped & is_dup).sum() / is_dup.sum()), 3),
-                 "precision": round(float((dropped & is_dup).sum() / max(1, dropped.sum())), 3)})
+    rows.append(
+        {
+            "jaccard": "dups 0.85-1 vs related 0.2-0.6",
+            "recall": round(float((dropped & is_dup).sum() / is_dup.sum()), 3),
+            "precision": round(float((dropped & is_dup).sum() / max(1, dropped.sum())), 3),
+        }
+    )
     return rows
 
 
@@ -162,8 +176,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             inputs = what if isinstance(what, list) else make_corpus(folder, what)
             child = json.dumps({"inputs": inputs, "workers": args.workers, "vocab_size": args.vocab_size})
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={child}"],
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), f"--child={child}"], capture_output=True, text=True
+            )
             if done.returncode:
                 sys.exit(f"{label}: failed\n{done.stderr[-3000:]}")
             print(json.dumps({"corpus": label, **json.loads(done.stdout.strip().splitlines()[-1])}))

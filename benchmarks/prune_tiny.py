@@ -18,11 +18,11 @@ from jaxllm import sharding as shd
 from jaxllm.config import load_config
 from jaxllm.convert import workdir_to_hf
 from jaxllm.data.pipeline import make_eval_iterator, tokenizer_for
-from jaxllm.train.start import load_run
 from jaxllm.models.decoder import Decoder
 from jaxllm.train import step as st
 from jaxllm.train.loop import evaluate, train
 from jaxllm.train.prune import PruneConfig, prune_now, sparsity
+from jaxllm.train.start import load_run
 
 
 def val_loss(run, params, batches: int) -> float:
@@ -46,22 +46,42 @@ def main() -> None:
     before = val_loss(run, params, args.eval_batches)
     pruned, _ = prune_now(params, cfg)
     after = val_loss(run, pruned, args.eval_batches)
-    print(json.dumps({"val_loss_before": before, "val_loss_one_shot": after,
-                      "sparsity_one_shot": float(sparsity(pruned, cfg))}))
+    print(
+        json.dumps(
+            {"val_loss_before": before, "val_loss_one_shot": after, "sparsity_one_shot": float(sparsity(pruned, cfg))}
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = os.path.join(tmp, "hf")
         workdir_to_hf(args.workdir, hf_dir)
-        for name, schedule in (("one_shot", dict(start_step=0, end_step=0)),
-                               ("gradual", dict(start_step=0, end_step=args.steps // 2, every=5))):
-            overrides = [f"train.steps={args.steps}", "train.eval_every=0", f"train.eval_batches={args.eval_batches}",
-                         "train.progress=False", "generate.max_new_tokens=0", "optim.warmup_steps=0",
-                         "optim.learning_rate=1e-3", f"checkpoint.init_from={hf_dir}",
-                         f"prune.sparsity={args.sparsity}",
-                         *[f"prune.{k}={v}" for k, v in schedule.items()]]
+        for name, schedule in (
+            ("one_shot", dict(start_step=0, end_step=0)),
+            ("gradual", dict(start_step=0, end_step=args.steps // 2, every=5)),
+        ):
+            overrides = [
+                f"train.steps={args.steps}",
+                "train.eval_every=0",
+                f"train.eval_batches={args.eval_batches}",
+                "train.progress=False",
+                "generate.max_new_tokens=0",
+                "optim.warmup_steps=0",
+                "optim.learning_rate=1e-3",
+                f"checkpoint.init_from={hf_dir}",
+                f"prune.sparsity={args.sparsity}",
+                *[f"prune.{k}={v}" for k, v in schedule.items()],
+            ]
             result = train(load_config("configs/tiny.py", overrides), os.path.join(tmp, name))
             _, tuned, _ = load_run(os.path.join(tmp, name))
-            print(json.dumps({"schedule": name, "steps": args.steps, "val_loss_after_finetune": result["val_loss"],
-                              "sparsity": float(sparsity(tuned, cfg))}))
+            print(
+                json.dumps(
+                    {
+                        "schedule": name,
+                        "steps": args.steps,
+                        "val_loss_after_finetune": result["val_loss"],
+                        "sparsity": float(sparsity(tuned, cfg)),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

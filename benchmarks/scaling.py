@@ -19,24 +19,43 @@ import json
 import os
 
 import jax
+from train_step import measure  # benchmarks/train_step.py (beside this script): the same step, batch and timing
 
 from jaxllm.models.config import ModelConfig
-from train_step import measure  # benchmarks/train_step.py (beside this script): the same step, batch and timing
 
 # name -> (embed_dim, num_layers, num_heads); mlp_dim = 8/3 d rounded up to 128
 SIZES = {"1m": (64, 2, 2), "3m": (128, 4, 2), "10m": (256, 6, 4), "30m": (512, 8, 8), "100m": (768, 12, 12)}
 
 
 def model_cfg(d: int, layers: int, heads: int, seq: int, mlp: int = 0) -> ModelConfig:
-    return ModelConfig(vocab_size=8192, embed_dim=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
-                       mlp_dim=mlp or -(-8 * d // 3 // 128) * 128, max_seq_len=max(seq, 256), tie_embeddings=False,
-                       dtype="float32", param_dtype="float32", scan_layers=False, remat="none", attention="auto")
+    return ModelConfig(
+        vocab_size=8192,
+        embed_dim=d,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        mlp_dim=mlp or -(-8 * d // 3 // 128) * 128,
+        max_seq_len=max(seq, 256),
+        tie_embeddings=False,
+        dtype="float32",
+        param_dtype="float32",
+        scan_layers=False,
+        remat="none",
+        attention="auto",
+    )
 
 
 def point(cfg: ModelConfig, batch: int, seq: int, steps: int, repeats: int) -> dict:
     r = measure(cfg, batch, seq, steps, repeats=repeats)  # one device: TFLOP/s per device is the total
-    return dict(params=r["params"], batch=batch, seq=seq, step_s=r["step_time_s"],
-                tokens_per_s=round(r["tokens_per_s"], 1), compile_s=r["compile_s"], tflops=r["tflops_per_device"])
+    return dict(
+        params=r["params"],
+        batch=batch,
+        seq=seq,
+        step_s=r["step_time_s"],
+        tokens_per_s=round(r["tokens_per_s"], 1),
+        compile_s=r["compile_s"],
+        tflops=r["tflops_per_device"],
+    )
 
 
 def plot(seq_points: list[dict], size_points: list[dict], path: str) -> None:
@@ -46,8 +65,10 @@ def plot(seq_points: list[dict], size_points: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, points, key, label in ((axes[0], seq_points, "seq", "sequence length (tokens per step fixed)"),
-                                   (axes[1], size_points, "params", "parameters (batch 8 x 256)")):
+    for ax, points, key, label in (
+        (axes[0], seq_points, "seq", "sequence length (tokens per step fixed)"),
+        (axes[1], size_points, "params", "parameters (batch 8 x 256)"),
+    ):
         if not points:
             ax.set_visible(False)
             continue
@@ -64,8 +85,14 @@ def plot(seq_points: list[dict], size_points: list[dict], path: str) -> None:
         twin.set_ylabel("achieved GFLOP/s (model FLOPs)", color="tab:orange")
         twin.set_ylim(bottom=0)
         for p in points:
-            ax.annotate(f"{p['tokens_per_s']:,.0f}", (p[key], p["tokens_per_s"]), textcoords="offset points",
-                        xytext=(0, 6), ha="center", fontsize=8)
+            ax.annotate(
+                f"{p['tokens_per_s']:,.0f}",
+                (p[key], p["tokens_per_s"]),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=8,
+            )
     fig.suptitle(f"jaxllm train step, float32, {jax.devices()[0].device_kind}, {os.cpu_count()} cores")
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -82,14 +109,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "results", "scaling.png"))
     args = p.parse_args()
-    print(json.dumps(dict(device=jax.devices()[0].device_kind, cpus=os.cpu_count(), load=os.getloadavg()[0],
-                          jax=jax.__version__)), flush=True)
+    print(
+        json.dumps(
+            dict(device=jax.devices()[0].device_kind, cpus=os.cpu_count(), load=os.getloadavg()[0], jax=jax.__version__)
+        ),
+        flush=True,
+    )
     seq_points, size_points = [], []
     for seq in [int(s) for s in args.seqs.split(",") if s]:
         if args.tokens % seq:
             raise SystemExit(f"--tokens={args.tokens} is not a multiple of sequence length {seq}; pick one that is")
-        seq_points.append(point(model_cfg(384, 6, 6, seq, mlp=1024), args.tokens // seq, seq, args.steps,
-                                args.repeats))
+        seq_points.append(point(model_cfg(384, 6, 6, seq, mlp=1024), args.tokens // seq, seq, args.steps, args.repeats))
         print(json.dumps(dict(sweep="seq", **seq_points[-1])), flush=True)
     for name in [s for s in args.sizes.split(",") if s]:
         if name not in SIZES:

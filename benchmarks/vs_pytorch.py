@@ -46,8 +46,12 @@ def parse() -> argparse.Namespace:
     # jaxllm model switches (ModelConfig fields), to compare settings
     p.add_argument("--attention", default="xla")
     p.add_argument("--remat", default="none")
-    p.add_argument("--scan_layers", type=int, default=0, help="1 = nn.scan over layers (pods' setting); 0 = unrolled, "
-                   "what configs/tiny.py runs on CPU")
+    p.add_argument(
+        "--scan_layers",
+        type=int,
+        default=0,
+        help="1 = nn.scan over layers (pods' setting); 0 = unrolled, what configs/tiny.py runs on CPU",
+    )
     p.add_argument("--loss_chunk", type=int, default=0)
     p.add_argument("--grad_accum_steps", type=int, default=1, help="jaxllm's optim.grad_accum_steps (same update)")
     return p.parse_args()
@@ -59,10 +63,16 @@ def hf_model(args, folder: str):
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.embed_dim, intermediate_size=args.mlp_dim,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads or args.num_heads, max_position_embeddings=max(2048, args.seq),
-        tie_word_embeddings=False, rms_norm_eps=1e-5)
+        vocab_size=args.vocab_size,
+        hidden_size=args.embed_dim,
+        intermediate_size=args.mlp_dim,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads or args.num_heads,
+        max_position_embeddings=max(2048, args.seq),
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
     model = transformers.LlamaForCausalLM(cfg).float()
     model.save_pretrained(folder)
     model.generation_config.eos_token_id = None  # decode all new tokens (jaxllm: eos_id=-1)
@@ -73,8 +83,9 @@ def hf_model(args, folder: str):
 def jax_model(args, folder: str):
     from jaxllm import hf
 
-    return hf.load_pretrained(folder, dtype="float32", attention=args.attention, remat=args.remat,
-                              scan_layers=bool(args.scan_layers))
+    return hf.load_pretrained(
+        folder, dtype="float32", attention=args.attention, remat=args.remat, scan_layers=bool(args.scan_layers)
+    )
 
 
 def torch_step(model, params, x, y):
@@ -101,9 +112,9 @@ def jax_step(args, model, params, batch, lcfg=None):
     from jaxllm import sharding as shd
     from jaxllm.models import lora
     from jaxllm.models.decoder import Decoder, abstract_params
-    from jaxllm.tree import partition
     from jaxllm.train import step as st
     from jaxllm.train.optimizer import OptimConfig, make_optimizer
+    from jaxllm.tree import partition
 
     tx, schedule = make_optimizer(OptimConfig(learning_rate=3e-4, warmup_steps=0, schedule="constant"), 1000)
     mesh = shd.make_mesh(shd.MeshConfig(data=-1))
@@ -164,7 +175,7 @@ def compare(name: str, sides: dict, tokens: int, n: int, repeats: int) -> dict:
     best = {k: float("inf") for k in sides}
     order = list(sides)
     for r in range(repeats):
-        for k in (order if r % 2 == 0 else order[::-1]):
+        for k in order if r % 2 == 0 else order[::-1]:
             time.sleep(0.2)  # let the other side's worker threads go idle
             s = timed(sides[k], n)
             best[k] = min(best[k], s)
@@ -189,25 +200,42 @@ def main() -> None:
     folder = tempfile.mkdtemp(prefix="vs_pytorch_")
     hf = hf_model(args, folder)
     model, params = jax_model(args, folder)
-    print(json.dumps(dict(torch=torch.__version__, torch_threads=torch.get_num_threads(), jax=jax.__version__,
-                          device=jax.devices()[0].device_kind, cpus=os.cpu_count(), load=os.getloadavg()[0],
-                          params=model.cfg.num_params(), jaxllm_cfg={k: getattr(model.cfg, k) for k in (
-                              "attention", "remat", "scan_layers", "dtype")},
-                          loss_chunk=args.loss_chunk, grad_accum_steps=args.grad_accum_steps)))
+    print(
+        json.dumps(
+            dict(
+                torch=torch.__version__,
+                torch_threads=torch.get_num_threads(),
+                jax=jax.__version__,
+                device=jax.devices()[0].device_kind,
+                cpus=os.cpu_count(),
+                load=os.getloadavg()[0],
+                params=model.cfg.num_params(),
+                jaxllm_cfg={k: getattr(model.cfg, k) for k in ("attention", "remat", "scan_layers", "dtype")},
+                loss_chunk=args.loss_chunk,
+                grad_accum_steps=args.grad_accum_steps,
+            )
+        )
+    )
     rs = np.random.RandomState(0)
     b, length = args.batch, args.seq
     inputs = rs.randint(0, args.vocab_size, (b, length)).astype(np.int32)
     targets = rs.randint(0, args.vocab_size, (b, length)).astype(np.int32)
-    batch = dict(inputs=inputs, targets=targets, segment_ids=np.ones((b, length), np.int32),
-                 positions=np.tile(np.arange(length, dtype=np.int32), (b, 1)),
-                 loss_weights=np.ones((b, length), np.float32))
+    batch = dict(
+        inputs=inputs,
+        targets=targets,
+        segment_ids=np.ones((b, length), np.int32),
+        positions=np.tile(np.arange(length, dtype=np.int32), (b, 1)),
+        loss_weights=np.ones((b, length), np.float32),
+    )
     x, y = torch.from_numpy(inputs.astype(np.int64)), torch.from_numpy(targets.astype(np.int64))
     results = []
 
     if "train" in only:
         tm = hf_model(args, tempfile.mkdtemp(prefix="vs_pytorch_train_")).train()  # same seed: same weights
-        sides = dict(jaxllm=jax_step(args, model, params, batch),
-                     **torch_sides(args, torch_step(tm, list(tm.parameters()), x, y)))
+        sides = dict(
+            jaxllm=jax_step(args, model, params, batch),
+            **torch_sides(args, torch_step(tm, list(tm.parameters()), x, y)),
+        )
         print(json.dumps(dict(what="train", first_loss={k: round(f(), 4) for k, f in sides.items()})))
         results.append(compare("train", sides, b * length, args.steps, args.repeats))
         del sides, tm
@@ -217,12 +245,14 @@ def main() -> None:
 
         targets_hf = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         base = hf_model(args, tempfile.mkdtemp(prefix="vs_pytorch_lora_"))  # same seed: same weights
-        pm = peft.get_peft_model(base, peft.LoraConfig(r=args.lora_r, lora_alpha=16, lora_dropout=0.0,
-                                                       target_modules=targets_hf)).train()
+        pm = peft.get_peft_model(
+            base, peft.LoraConfig(r=args.lora_r, lora_alpha=16, lora_dropout=0.0, target_modules=targets_hf)
+        ).train()
         lcfg = LoraConfig(r=args.lora_r, alpha=16.0, target_modules=tuple(targets_hf))
         trainable = [p for p in pm.parameters() if p.requires_grad]
-        sides = dict(jaxllm=jax_step(args, model, params, batch, lcfg),
-                     **torch_sides(args, torch_step(pm, trainable, x, y)))
+        sides = dict(
+            jaxllm=jax_step(args, model, params, batch, lcfg), **torch_sides(args, torch_step(pm, trainable, x, y))
+        )
         print(json.dumps(dict(what="lora", first_loss={k: round(f(), 4) for k, f in sides.items()})))
         results.append(compare("lora", sides, b * length, args.steps, args.repeats))
         del sides, pm, base
@@ -241,12 +271,16 @@ def main() -> None:
 
         def th():
             with torch.inference_mode():
-                o = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
-            out["torch"] = o[:, args.prompt_len:].tolist()
+                o = hf.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                )
+            out["torch"] = o[:, args.prompt_len :].tolist()
 
-        results.append(compare(what, dict(jaxllm=jx, **torch_sides(args, th)), db * args.new_tokens, 1,
-                               args.repeats))
+        results.append(compare(what, dict(jaxllm=jx, **torch_sides(args, th)), db * args.new_tokens, 1, args.repeats))
         same = np.mean(np.asarray(out["jaxllm"]) == np.asarray(out["torch"]))
         print(json.dumps(dict(what=what, greedy_tokens_equal=round(float(same), 3))))
 

@@ -19,8 +19,8 @@ import ml_collections
 from jaxllm.config import defaults
 from jaxllm.data.config import DataConfig
 from jaxllm.distributed import DistributedConfig
-from jaxllm.models.generation import GenerateConfig
 from jaxllm.models.config import ModelConfig
+from jaxllm.models.generation import GenerateConfig
 from jaxllm.models.lora import LoraConfig
 from jaxllm.sharding import MeshConfig
 from jaxllm.train.checkpoint import CheckpointConfig
@@ -33,8 +33,18 @@ from jaxllm.train.run import TrainConfig
 # num_kv_heads, head_dim, mlp_dim, max_seq_len, rope_theta, norm_eps, tie_embeddings, the family switches, ...)
 # come from each config, or from init_from's config.json with checkpoint.model_from_init (which refuses
 # shape keys in the model section); the lora_* and quantization fields come from the lora section.
-MODEL_RUN_SWITCHES = ("embed_dropout", "attn_dropout", "resid_dropout", "scan_layers", "remat", "sequence_parallel",
-                      "param_dtype", "dtype", "attention", "init_std")
+MODEL_RUN_SWITCHES = (
+    "embed_dropout",
+    "attn_dropout",
+    "resid_dropout",
+    "scan_layers",
+    "remat",
+    "sequence_parallel",
+    "param_dtype",
+    "dtype",
+    "attention",
+    "init_std",
+)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -22,11 +22,17 @@ from jaxllm.config import load_config
 def get_config():
     c = load_config(os.path.join(os.path.dirname(__file__), "finetune.py"))  # the keys and defaults
     c.model.update(dtype="bfloat16", param_dtype="bfloat16", remat="full")
-    c.lora.update(r=64, alpha=16.0, dropout=0.1, quantization="nf4",
-                  target_modules=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"))
+    c.lora.update(
+        r=64,
+        alpha=16.0,
+        dropout=0.1,
+        quantization="nf4",
+        target_modules=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    )
     c.data.update(source="parquet", format="sft_text", text_field="text", block_size=512, batch_size=16)
-    c.optim.update(learning_rate=2e-4, schedule="constant", warmup_steps=15, grad_clip=0.3, grad_accum_steps=4,
-                   weight_decay=0.0)
+    c.optim.update(
+        learning_rate=2e-4, schedule="constant", warmup_steps=15, grad_clip=0.3, grad_accum_steps=4, weight_decay=0.0
+    )
     c.train.update(steps=500, eval_every=100)
     c.checkpoint.update(every=100)
     c.mesh.update(data=1, fsdp=-1, tensor=1, slice="v5p-8")

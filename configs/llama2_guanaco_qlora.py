@@ -15,10 +15,18 @@ def get_config():
     c = load_config(os.path.join(os.path.dirname(__file__), "finetune.py"))  # the keys and defaults
     c.model.update(dtype="bfloat16", param_dtype="bfloat16", remat="full")
     c.lora.update(r=64, alpha=16.0, dropout=0.05, quantization="nf4", target_modules=("all-linear",))
-    c.data.update(source="parquet", format="sft_text", text_field="text", loss_on="assistant", block_size=512,
-                  batch_size=16)
-    c.optim.update(learning_rate=2e-4, schedule="constant", warmup_steps=56, b2=0.999, grad_clip=0.3,
-                   grad_accum_steps=1, weight_decay=0.0)
+    c.data.update(
+        source="parquet", format="sft_text", text_field="text", loss_on="assistant", block_size=512, batch_size=16
+    )
+    c.optim.update(
+        learning_rate=2e-4,
+        schedule="constant",
+        warmup_steps=56,
+        b2=0.999,
+        grad_clip=0.3,
+        grad_accum_steps=1,
+        weight_decay=0.0,
+    )
     c.train.update(steps=1875, eval_every=200)
     c.checkpoint.update(every=200)
     return c

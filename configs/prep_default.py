@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
         text_split="file",  # plain text: "file" (one document per file) or "paragraph" (blank-line blocks)
         text_field="text",  # JSON / Parquet / TFDS field holding the document
         tfds_data_dir="",  # where `tfds:name:split` inputs were prepared ("" = TFDS default); never downloads
-        decode_errors="replace",  # bytes that are not UTF-8: replace (U+FFFD) | ignore (drop the bytes) | skip (drop the doc)
+        decode_errors="replace",  # non-UTF-8 bytes: replace (U+FFFD) | ignore (drop the bytes) | skip (drop the doc)
         max_doc_bytes=8_000_000,  # a bigger document (or JSON line) is cut (text) or dropped (JSON): memory stays flat
         too_long="truncate",  # plain text over max_doc_bytes: truncate (at the last line end before the cap) | skip
     )
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
         enabled=True,  # Unicode normalization, control characters, whitespace, length limits
         unicode="NFC",  # NFC | NFKC | none
         strip_control=True,  # drop control and format characters (zero-width, BOM), keep newline and tab
-        whitespace="lines",  # none | lines (CRLF->LF, strip line ends, <=1 blank line in a row) | all (also collapse spaces)
+        whitespace="lines",  # none | lines (CRLF->LF, strip line ends, <=1 blank line in a row) | all (+ spaces)
         min_chars=1,  # shorter cleaned documents are dropped
         max_chars=0,  # longer cleaned documents are dropped; 0 = no limit
     )

@@ -49,17 +49,35 @@ def get_config(name: str = "llama2_7b"):
     slice_name, mesh, remat, lr = MODELS[name]
     c = load_config(os.path.join(os.path.dirname(__file__), "common.py"))  # every key, with its meaning
     with c.unlocked():  # the published shapes; bf16 compute, float32 master weights
-        c.model.update(preset(name, scan_layers=True, remat=remat, dtype="bfloat16", param_dtype="float32",
-                              attention="auto", sequence_parallel=True))
-    c.data.update(source="array_record", paths=(),  # file globs of the corpus
-                  tokenizer="",  # the model's tokenizer.model; "" trains one on the corpus
-                  vocab_size=c.model.vocab_size,  # of a tokenizer trained on the corpus
-                  block_size=c.model.max_seq_len,  # the published context length
-                  batch_size=1024,  # sequences per step (Llama-2: 1024 x 4096 = 4M tokens, as in the paper)
-                  val_fraction=0.001, num_workers=8)
+        c.model.update(
+            preset(
+                name,
+                scan_layers=True,
+                remat=remat,
+                dtype="bfloat16",
+                param_dtype="float32",
+                attention="auto",
+                sequence_parallel=True,
+            )
+        )
+    c.data.update(
+        source="array_record",
+        paths=(),  # file globs of the corpus
+        tokenizer="",  # the model's tokenizer.model; "" trains one on the corpus
+        vocab_size=c.model.vocab_size,  # of a tokenizer trained on the corpus
+        block_size=c.model.max_seq_len,  # the published context length
+        batch_size=1024,  # sequences per step (Llama-2: 1024 x 4096 = 4M tokens, as in the paper)
+        val_fraction=0.001,
+        num_workers=8,
+    )
     c.optim.update(learning_rate=lr, warmup_steps=2000, eps=1e-5)  # the published peak rate
-    c.train.update(steps=500_000, log_every=10, eval_every=1000, eval_batches=16,
-                   loss_chunk=512 if c.model.vocab_size < 100_000 else 256)  # float32 logits [B, chunk, V]
+    c.train.update(
+        steps=500_000,
+        log_every=10,
+        eval_every=1000,
+        eval_batches=16,
+        loss_chunk=512 if c.model.vocab_size < 100_000 else 256,
+    )  # float32 logits [B, chunk, V]
     c.mesh.update(mesh, slice=slice_name)  # one axis -1 takes the remaining devices
     c.checkpoint.update(every=1000, keep=3)
     c.generate.update(prompt="The meaning of life is", max_new_tokens=64, temperature=0.7, top_k=50, top_p=0.9)

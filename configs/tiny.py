@@ -29,8 +29,12 @@ def get_config():
             scan_layers=False,  # on CPU the unrolled layers step faster (no stacked activations); 4 compile fast
             dtype="float32",  # float32 compute is faster than bfloat16 on CPU
         )
-    c.data.update(source="embedded",  # the Python reference manual + stdlib docstrings (ships with Python)
-                  vocab_size=1024, block_size=128, batch_size=16)
+    c.data.update(
+        source="embedded",  # the Python reference manual + stdlib docstrings (ships with Python)
+        vocab_size=1024,
+        block_size=128,
+        batch_size=16,
+    )
     c.optim.update(learning_rate=3e-3, warmup_steps=50)
     c.train.update(steps=900, log_every=100, eval_every=300, eval_batches=16)
     c.generate.update(prompt="The for statement", max_new_tokens=60, temperature=0.7, top_k=40, top_p=0.95)

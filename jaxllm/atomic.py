@@ -65,8 +65,9 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     try:
         result = epath.Path(text)
     except KeyError:
-        raise JaxllmError(f"{text!r}: {scheme}:// is not a filesystem jaxllm can write to; use a local path, "
-                          "gs://, s3:// or az://") from None
+        raise JaxllmError(
+            f"{text!r}: {scheme}:// is not a filesystem jaxllm can write to; use a local path, gs://, s3:// or az://"
+        ) from None
     _check_backend(scheme)
     return result
 
@@ -81,8 +82,10 @@ def _check_backend(scheme: str) -> None:
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError:
-        raise JaxllmError(f"{scheme}:// paths need the {package} package: pip install {package}"
-                          + (" (or 'jaxllm[gcs]')" if scheme == "gs" else "")) from None
+        raise JaxllmError(
+            f"{scheme}:// paths need the {package} package: pip install {package}"
+            + (" (or 'jaxllm[gcs]')" if scheme == "gs" else "")
+        ) from None
 
 
 def write(path: str | os.PathLike, data: str | bytes) -> None:

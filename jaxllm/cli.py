@@ -21,7 +21,7 @@ def _split_config_flags(argv: list[str]) -> tuple[list[str], list[str]]:
                 if i + 1 >= len(argv):
                     raise JaxllmError(f"{arg} needs a value: {arg}=VALUE")
                 arg, i = f"{arg}={argv[i + 1]}", i + 1
-            overrides.append(arg[len("--config."):])
+            overrides.append(arg[len("--config.") :])
         else:
             rest.append(arg)
         i += 1
@@ -31,40 +31,69 @@ def _split_config_flags(argv: list[str]) -> tuple[list[str], list[str]]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxllm", description="Train and fine-tune decoder LLMs with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train (or resume) a model from a config file",
-                       epilog="Override any config key with --config.section.key=value.")
+    p = sub.add_parser(
+        "train",
+        help="train (or resume) a model from a config file",
+        epilog="Override any config key with --config.section.key=value.",
+    )
     p.add_argument("--config", required=True, help="configs/<name>.py (optionally :arg)")
     p.add_argument("--workdir", default="", help="checkpoints, metrics and logs (default runs/<config name>)")
     from jaxllm.finetune import add_arguments
 
-    p = sub.add_parser("finetune", aliases=["llm"], help="fine-tune a Hugging Face model folder (LoRA, QLoRA or "
-                       "full) with autotrain-style flags; writes a PEFT adapter (and a merged model)",
-                       epilog="Override any config key with --config.section.key=value.")
+    p = sub.add_parser(
+        "finetune",
+        aliases=["llm"],
+        help="fine-tune a Hugging Face model folder (LoRA, QLoRA or "
+        "full) with autotrain-style flags; writes a PEFT adapter (and a merged model)",
+        epilog="Override any config key with --config.section.key=value.",
+    )
     add_arguments(p)
-    p = sub.add_parser("prep", help="clean, filter, deduplicate, augment, tokenize and shard a corpus into "
-                       "ArrayRecord files for data.source=array_record",
-                       epilog="Override any config key with --config.section.key=value.")
-    p.add_argument("--input", action="append", required=True,
-                   help="glob, folder, tfds:NAME:SPLIT, or a data set split: a Hugging Face Hub id org/name[@rev] "
-                        "or a local folder, then :SPLIT or :CONFIG:SPLIT (default train) (repeatable); text, "
-                        ".jsonl/.json, .parquet, .csv, .arrow by extension")
+    p = sub.add_parser(
+        "prep",
+        help="clean, filter, deduplicate, augment, tokenize and shard a corpus into "
+        "ArrayRecord files for data.source=array_record",
+        epilog="Override any config key with --config.section.key=value.",
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        help="glob, folder, tfds:NAME:SPLIT, or a data set split: a Hugging Face Hub id org/name[@rev] "
+        "or a local folder, then :SPLIT or :CONFIG:SPLIT (default train) (repeatable); text, "
+        ".jsonl/.json, .parquet, .csv, .arrow by extension",
+    )
     p.add_argument("--output", required=True, help="folder for the shards, tokenizer.model, stats.json, report.md")
     p.add_argument("--config", default=_PREP_CONFIG, help="configs/prep_default.py form (default: that file)")
-    p.add_argument("--runner", default="local",
-                   help="local (every core of this machine) or an Apache Beam runner: DirectRunner, DataflowRunner, "
-                        "FlinkRunner, SparkRunner, ... (pip install 'jaxllm[beam]')")
-    p.add_argument("--beam_options", default="",
-                   help="Beam pipeline flags in one string, e.g. '--project=P --region=R --temp_location=gs://B/tmp'")
-    p = sub.add_parser("plan", help="compile a run's train step for a Cloud TPU slice (no TPU needed) or the local "
-                       "devices: does it fit, memory per chip, where it goes; --search finds a setting that fits",
-                       epilog="Override any config key with --config.section.key=value, as for train.")
+    p.add_argument(
+        "--runner",
+        default="local",
+        help="local (every core of this machine) or an Apache Beam runner: DirectRunner, DataflowRunner, "
+        "FlinkRunner, SparkRunner, ... (pip install 'jaxllm[beam]')",
+    )
+    p.add_argument(
+        "--beam_options",
+        default="",
+        help="Beam pipeline flags in one string, e.g. '--project=P --region=R --temp_location=gs://B/tmp'",
+    )
+    p = sub.add_parser(
+        "plan",
+        help="compile a run's train step for a Cloud TPU slice (no TPU needed) or the local "
+        "devices: does it fit, memory per chip, where it goes; --search finds a setting that fits",
+        epilog="Override any config key with --config.section.key=value, as for train.",
+    )
     p.add_argument("--config", required=True, help="configs/<name>.py (optionally :arg), as for train")
-    p.add_argument("--topology", default="",
-                   help="a Cloud TPU slice (v4-32, v5p-512, v5e-256, v6e-64, ...) or local (this machine's devices); "
-                        "default: the config's mesh.slice, else local")
+    p.add_argument(
+        "--topology",
+        default="",
+        help="a Cloud TPU slice (v4-32, v5p-512, v5e-256, v6e-64, ...) or local (this machine's devices); "
+        "default: the config's mesh.slice, else local",
+    )
     p.add_argument("--num_slices", type=int, default=1, help="TPU slices joined over DCN (the data axis spans them)")
-    p.add_argument("--search", action="store_true",
-                   help="try meshes, remat policies and grad_accum_steps; print the overrides of the fastest that fits")
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="try meshes, remat policies and grad_accum_steps; print the overrides of the fastest that fits",
+    )
     p.add_argument("--max_compiles", type=int, default=8, help="with --search: compile at most this many settings")
     p.add_argument("--hbm_gib", type=float, default=0.0, help="memory per device to plan for (default: what it has)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
@@ -76,21 +105,40 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--from_workdir", default="", help="a jaxllm training workdir (its latest checkpoint)")
     p.add_argument("--output", required=True, help="folder to write")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (the jaxllm format's params)")
-    p.add_argument("--format", default="jaxllm", choices=("jaxllm", "safetensors"),
-                   help="with --from_hf: jaxllm (Orbax params to train from) or safetensors (a Hugging Face folder: "
-                        "turns pytorch_model*.bin weights into safetensors, tensors as stored)")
-    p = sub.add_parser("push", help="upload a finetune run's export (or a Hugging Face model or PEFT adapter "
-                       "folder) with a model card to a Hugging Face Hub model repository, private by default")
-    p.add_argument("--workdir", required=True, help="a finetune run (its merged/, else adapter/, else model/), its "
-                   "--save_dir, or an export folder (jaxllm convert --from_workdir, a PEFT adapter)")
+    p.add_argument(
+        "--format",
+        default="jaxllm",
+        choices=("jaxllm", "safetensors"),
+        help="with --from_hf: jaxllm (Orbax params to train from) or safetensors (a Hugging Face folder: "
+        "turns pytorch_model*.bin weights into safetensors, tensors as stored)",
+    )
+    p = sub.add_parser(
+        "push",
+        help="upload a finetune run's export (or a Hugging Face model or PEFT adapter "
+        "folder) with a model card to a Hugging Face Hub model repository, private by default",
+    )
+    p.add_argument(
+        "--workdir",
+        required=True,
+        help="a finetune run (its merged/, else adapter/, else model/), its "
+        "--save_dir, or an export folder (jaxllm convert --from_workdir, a PEFT adapter)",
+    )
     p.add_argument("--repo_id", required=True, help="the repository, ORG/NAME (created if missing)")
-    p.add_argument("--token", default=None, help="a Hub token with write access (default: HF_TOKEN, else the stored "
-                   "login); never printed or written")
-    p.add_argument("--public", action="store_true", help="create the repository public (an existing one keeps its "
-                   "visibility)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="a Hub token with write access (default: HF_TOKEN, else the stored login); never printed or written",
+    )
+    p.add_argument(
+        "--public", action="store_true", help="create the repository public (an existing one keeps its visibility)"
+    )
     p = sub.add_parser("generate", help="continue prompts with a Hugging Face model folder or a training workdir")
-    p.add_argument("--model", required=True, help="a Hugging Face Hub id (org/name[@revision]), a Hugging Face "
-                   "folder (config.json + weights) or a jaxllm workdir")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a Hugging Face Hub id (org/name[@revision]), a Hugging Face "
+        "folder (config.json + weights) or a jaxllm workdir",
+    )
     p.add_argument("--revision", default=None, help="branch, tag or commit of a --model Hub id (default: main)")
     p.add_argument("--adapter", default="", help="a PEFT LoRA adapter folder or Hub id applied to --model")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -104,21 +152,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (left padding)")
     p.add_argument("--dtype", default="float32", help="params/compute dtype for a Hugging Face folder")
     p.add_argument("--width", type=int, default=75, help="wrap the output at this many characters; 0 = no wrap")
-    p = sub.add_parser("eval", help="score a model on lm-evaluation-harness tasks (pip install 'jaxllm[eval]'); "
-                       "prints the harness's table")
-    p.add_argument("--model", required=True, help="a Hugging Face Hub id (org/name[@revision]), a Hugging Face "
-                   "folder or a jaxllm workdir")
+    p = sub.add_parser(
+        "eval",
+        help="score a model on lm-evaluation-harness tasks (pip install 'jaxllm[eval]'); prints the harness's table",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a Hugging Face Hub id (org/name[@revision]), a Hugging Face folder or a jaxllm workdir",
+    )
     p.add_argument("--revision", default=None, help="branch, tag or commit of a --model Hub id (default: main)")
     p.add_argument("--adapter", default="", help="a PEFT LoRA adapter folder or Hub id applied to --model")
-    p.add_argument("--tasks", required=True, help="comma-separated harness task names (hellaswag,arc_easy), globs "
-                   "(mmlu_*) or task YAML files")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated harness task names (hellaswag,arc_easy), globs (mmlu_*) or task YAML files",
+    )
     p.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     p.add_argument("--batch_size", type=int, default=8, help="rows scored together (split over the devices)")
-    p.add_argument("--limit", type=float, default=None, help="score the first N documents of each task (< 1: a "
-                   "fraction)")
+    p.add_argument(
+        "--limit", type=float, default=None, help="score the first N documents of each task (< 1: a fraction)"
+    )
     p.add_argument("--include_path", default="", help="a folder of your own task YAML files")
-    p.add_argument("--output_path", default="", help="write the results JSON: a .json file, or a folder (then "
-                   "FOLDER/<model>/results_<time>.json, as lm_eval)")
+    p.add_argument(
+        "--output_path",
+        default="",
+        help="write the results JSON: a .json file, or a folder (then FOLDER/<model>/results_<time>.json, as lm_eval)",
+    )
     p.add_argument("--seed", default="0,1234,1234,1234", help="python,numpy,torch,few-shot seeds, or one for all")
     p.add_argument("--dtype", default="float32", help="params/compute dtype for a Hugging Face folder")
     return parser
@@ -168,8 +228,9 @@ def run(argv: list[str]) -> int:
             source = hub.local(args.from_hf, what="model")
             if args.format == "safetensors":
                 if args.dtype != "float32":
-                    raise JaxllmError("--dtype applies to --format=jaxllm; --format=safetensors keeps each "
-                                      "tensor's stored dtype")
+                    raise JaxllmError(
+                        "--dtype applies to --format=jaxllm; --format=safetensors keeps each tensor's stored dtype"
+                    )
                 count = convert.hf_to_safetensors(source, args.output)
                 print(f"wrote Hugging Face model folder {args.output} ({count} tensors in safetensors)")
                 return 0
@@ -204,17 +265,26 @@ def run(argv: list[str]) -> int:
 
             from jaxllm.prep.beam import prepare_beam
 
-            stats = prepare_beam(args.input, args.output, prep_cfg, runner=args.runner,
-                                 options=shlex.split(args.beam_options))
+            stats = prepare_beam(
+                args.input, args.output, prep_cfg, runner=args.runner, options=shlex.split(args.beam_options)
+            )
         out = stats["output"]
         folder = args.output if "://" in args.output else os.path.abspath(args.output)
-        print(json.dumps({"output": folder, "records": out["records"], "tokens": out["tokens"],
-                          "shards": len(out["shards"]), "report": os.path.join(folder, "report.md")}))
+        print(
+            json.dumps(
+                {
+                    "output": folder,
+                    "records": out["records"],
+                    "tokens": out["tokens"],
+                    "shards": len(out["shards"]),
+                    "report": os.path.join(folder, "report.md"),
+                }
+            )
+        )
         return 0
     if args.command == "train":
-        from jaxllm.train.loop import train
-
         from jaxllm.distributed import exit_lost_peer, lost_peer
+        from jaxllm.train.loop import train
 
         try:
             result = train(cfg, args.workdir or _default_workdir(args.config))
@@ -234,6 +304,7 @@ def run(argv: list[str]) -> int:
 def json_line(value) -> str:
     """`value` as one line of strict JSON: a non-finite number (a diverged loss) becomes "nan", "inf" or
     "-inf" as in metrics.jsonl, a NumPy scalar or array its Python value, anything else its str()."""
+
     def plain(v):
         if isinstance(v, dict):
             return {str(k): plain(x) for k, x in v.items()}
@@ -254,11 +325,15 @@ def _plan(args: argparse.Namespace, cfg) -> int:
     hbm = args.hbm_gib or None
     args.topology = args.topology or cfg.get("mesh", {}).get("slice", "") or "local"
     if args.search:
-        found = plan.search(cfg, args.topology, args.num_slices, hbm, args.max_compiles,
-                            log=(lambda line: None) if args.json else print)
+        found = plan.search(
+            cfg, args.topology, args.num_slices, hbm, args.max_compiles, log=(lambda line: None) if args.json else print
+        )
         if args.json:
-            print(json_line({**(found["best"] or {"fits": False}), "overrides": found["overrides"],
-                             "tried": found["tried"]}))
+            print(
+                json_line(
+                    {**(found["best"] or {"fits": False}), "overrides": found["overrides"], "tried": found["tried"]}
+                )
+            )
         elif found["best"] is None:
             print(f"no setting among the {len(found['tried'])} compiled fits; raise --max_compiles or use more chips")
         else:
@@ -272,8 +347,8 @@ def _plan(args: argparse.Namespace, cfg) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from jaxllm.config import check_number
-    from jaxllm.models.generation import GenerateConfig, generate_text, wrap
     from jaxllm.load import load_model
+    from jaxllm.models.generation import GenerateConfig, generate_text, wrap
 
     check_number("--max_new_tokens", args.max_new_tokens, low=1, integer=True)
     check_number("--batch_size", args.batch_size, low=1, integer=True)
@@ -283,10 +358,16 @@ def _generate(args: argparse.Namespace) -> int:
         prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         raise JaxllmError("give a prompt: --prompt=TEXT (repeatable) or --prompt_file=FILE")
-    gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    model, params, tokenizer, add_bos = load_model(args.model, dtype=args.dtype, adapter=args.adapter,
-                                                   revision=args.revision)
+    gen = GenerateConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    model, params, tokenizer, add_bos = load_model(
+        args.model, dtype=args.dtype, adapter=args.adapter, revision=args.revision
+    )
     texts = generate_text(model, params, tokenizer, prompts, gen, add_bos=add_bos, batch_size=args.batch_size)
     for prompt, text in zip(prompts, texts):
         print(wrap(prompt + text, args.width) if args.width else prompt + text)
@@ -297,9 +378,18 @@ def _generate(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from jaxllm import evaluate  # without lm-evaluation-harness: the one line that says how to install it
 
-    results = evaluate.evaluate(args.model, args.tasks, adapter=args.adapter, revision=args.revision,
-                                dtype=args.dtype, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                                limit=args.limit, include_path=args.include_path, seed=evaluate.seeds(args.seed))
+    results = evaluate.evaluate(
+        args.model,
+        args.tasks,
+        adapter=args.adapter,
+        revision=args.revision,
+        dtype=args.dtype,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        include_path=args.include_path,
+        seed=evaluate.seeds(args.seed),
+    )
     import jax
 
     if jax.process_index() == 0:
@@ -334,11 +424,15 @@ def read_prompt_file(path: str) -> list[str]:
         try:
             text = line.decode("utf-8").removesuffix("\r")
         except UnicodeDecodeError as e:
-            raise JaxllmError(f"--prompt_file {path!r} line {lineno} is not UTF-8 text (byte {e.start} of the "
-                              "line); save the file as UTF-8") from None
+            raise JaxllmError(
+                f"--prompt_file {path!r} line {lineno} is not UTF-8 text (byte {e.start} of the "
+                "line); save the file as UTF-8"
+            ) from None
         if "\0" in text:
-            raise JaxllmError(f"--prompt_file {path!r} line {lineno} holds a NUL byte: is it a binary file? "
-                              "Give a text file of prompts, one per line")
+            raise JaxllmError(
+                f"--prompt_file {path!r} line {lineno} holds a NUL byte: is it a binary file? "
+                "Give a text file of prompts, one per line"
+            )
         if text.strip():
             prompts.append(text)
     return prompts

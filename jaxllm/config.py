@@ -12,7 +12,8 @@ import importlib.util
 import json
 import math
 import os
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import ml_collections
 
@@ -35,8 +36,10 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     except Exception as e:  # a broken config file is the user's to fix: say where
         raise JaxllmError(f"config file {_where(path, e)} failed to load: {_one_line(e)}") from None
     if not callable(getattr(module, "get_config", None)):
-        raise JaxllmError(f"config file {path!r} has no get_config() function; define one that returns a "
-                          "ConfigDict (see configs/tiny.py)")
+        raise JaxllmError(
+            f"config file {path!r} has no get_config() function; define one that returns a "
+            "ConfigDict (see configs/tiny.py)"
+        )
     call = f"get_config({arg!r})" if arg else "get_config()"
     try:
         made = module.get_config(arg) if arg else module.get_config()
@@ -152,8 +155,12 @@ def build(cls: type[T], section: ml_collections.ConfigDict | dict | None, name: 
             values[k] = tuple(v)
         elif isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
             values[k] = float(v)
-        elif (default is not dataclasses.MISSING and default is not None and v is not None
-              and not isinstance(v, type(default))):
+        elif (
+            default is not dataclasses.MISSING
+            and default is not None
+            and v is not None
+            and not isinstance(v, type(default))
+        ):
             raise JaxllmError(f"config key {name}.{k} expects {type(default).__name__}, got {v!r}")
     return cls(**values)
 
@@ -177,8 +184,16 @@ def defaults(cls: type, only: Sequence[str] = ()) -> dict[str, Any]:
     return out
 
 
-def check_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+def check_number(
+    key: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
     """A one-line error naming `key` unless `value` is a finite number (an int if `integer`) in the range
     [low, high] (`low_open` / `high_open`: that end excluded). Frozen config dataclasses call it."""
     kind = "an integer" if integer else "a finite number"

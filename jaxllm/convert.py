@@ -27,7 +27,9 @@ def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: Any = "float32") -> Mo
     model, params = hf.load_pretrained(hf_dir, dtype=dtype)
     atomic.as_path(out_dir).mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(out_dir, "params"), params)  # Orbax finalises atomically (a rename, or a commit marker on gs://)
+    checkpointer.save(
+        os.path.join(out_dir, "params"), params
+    )  # Orbax finalises atomically (a rename, or a commit marker on gs://)
     checkpointer.wait_until_finished()
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.isfile(os.path.join(hf_dir, name)):
@@ -37,8 +39,16 @@ def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: Any = "float32") -> Mo
     return model.cfg
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
 
 
 def hf_to_safetensors(hf_dir: str, out_dir: str, *, max_shard_size: int | str = "5GB") -> int:

@@ -14,7 +14,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import IO
 
 import jax
 
@@ -50,12 +51,14 @@ class DistributedConfig:
         if self.mode not in MODES:
             raise JaxllmError(f"distributed.mode={self.mode!r} is not one of {', '.join(MODES)}")
         if self.cpu_collectives not in CPU_COLLECTIVES:
-            raise JaxllmError(f"distributed.cpu_collectives={self.cpu_collectives!r}; use one of "
-                              f"{', '.join(CPU_COLLECTIVES)}")
+            raise JaxllmError(
+                f"distributed.cpu_collectives={self.cpu_collectives!r}; use one of {', '.join(CPU_COLLECTIVES)}"
+            )
         for name in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise JaxllmError(f"distributed.{name} must be a positive number of seconds, got "
-                                  f"{getattr(self, name)!r}")
+                raise JaxllmError(
+                    f"distributed.{name} must be a positive number of seconds, got {getattr(self, name)!r}"
+                )
         if self.mode == "explicit":
             _check_explicit(self)
 
@@ -63,13 +66,17 @@ class DistributedConfig:
 def _check_explicit(cfg: DistributedConfig) -> None:
     host, _, port = cfg.coordinator_address.rpartition(":")
     if not host or not port.isdigit():
-        raise JaxllmError(f"distributed.coordinator_address={cfg.coordinator_address!r} must be host:port "
-                          "of process 0 in explicit mode, e.g. --config.distributed.coordinator_address=10.0.0.1:1234")
+        raise JaxllmError(
+            f"distributed.coordinator_address={cfg.coordinator_address!r} must be host:port "
+            "of process 0 in explicit mode, e.g. --config.distributed.coordinator_address=10.0.0.1:1234"
+        )
     if cfg.num_processes < 1:
         raise JaxllmError("explicit distributed mode needs --config.distributed.num_processes=N (N >= 1)")
     if not 0 <= cfg.process_id < cfg.num_processes:
-        raise JaxllmError(f"distributed.process_id={cfg.process_id} must be in [0, {cfg.num_processes}); "
-                          "set --config.distributed.process_id for each process")
+        raise JaxllmError(
+            f"distributed.process_id={cfg.process_id} must be in [0, {cfg.num_processes}); "
+            "set --config.distributed.process_id for each process"
+        )
 
 
 def _env_int(name: str) -> int:
@@ -93,9 +100,14 @@ def config_from_env(base: DistributedConfig) -> DistributedConfig | None:
         local_ids = tuple(int(i) for i in ids.split(",") if i.strip())
     except ValueError:
         raise JaxllmError(f"{ENV_LOCAL_DEVICE_IDS}={ids!r} must be comma-separated integers") from None
-    return dataclasses.replace(base, mode="explicit", coordinator_address=os.environ[ENV_COORDINATOR],
-                               num_processes=_env_int(ENV_NUM_PROCESSES), process_id=_env_int(ENV_PROCESS_ID),
-                               local_device_ids=local_ids or base.local_device_ids)
+    return dataclasses.replace(
+        base,
+        mode="explicit",
+        coordinator_address=os.environ[ENV_COORDINATOR],
+        num_processes=_env_int(ENV_NUM_PROCESSES),
+        process_id=_env_int(ENV_PROCESS_ID),
+        local_device_ids=local_ids or base.local_device_ids,
+    )
 
 
 def _under_multitask_slurm() -> bool:
@@ -132,8 +144,9 @@ def _join(**kwargs) -> None:
         jax.distributed.initialize(**kwargs)
     except RuntimeError as e:
         if "must be called before" in str(e):
-            raise JaxllmError("jaxllm.distributed.initialize ran after JAX was already used (e.g. jax.devices()); "
-                              "call it first") from e
+            raise JaxllmError(
+                "jaxllm.distributed.initialize ran after JAX was already used (e.g. jax.devices()); call it first"
+            ) from e
         raise
 
 
@@ -155,21 +168,40 @@ def initialize(cfg: DistributedConfig) -> None:
     # gloo is JAX 0.10's default, but set it so "mpi" takes effect and the choice is visible here.
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
     # "deactivate": explicit means explicit; SLURM/OMPI env vars must not silently rewrite our settings.
-    _join(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
-          process_id=cfg.process_id, local_device_ids=list(cfg.local_device_ids) or None,
-          cluster_detection_method="deactivate", **_timeouts(cfg))
+    _join(
+        coordinator_address=cfg.coordinator_address,
+        num_processes=cfg.num_processes,
+        process_id=cfg.process_id,
+        local_device_ids=list(cfg.local_device_ids) or None,
+        cluster_detection_method="deactivate",
+        **_timeouts(cfg),
+    )
 
 
 def _timeouts(cfg: DistributedConfig) -> dict[str, int]:
     """How long to wait for processes to join, to hear a heartbeat (a process silent longer is lost: the
     coordination service fails every other's pending barrier and stops it) and for the others at exit."""
-    return dict(initialization_timeout=cfg.initialization_timeout, heartbeat_timeout_seconds=cfg.heartbeat_timeout,
-                shutdown_timeout_seconds=cfg.shutdown_timeout)
+    return dict(
+        initialization_timeout=cfg.initialization_timeout,
+        heartbeat_timeout_seconds=cfg.heartbeat_timeout,
+        shutdown_timeout_seconds=cfg.shutdown_timeout,
+    )
 
 
 # Errors a collective or the coordination service raises when another process has gone away.
-_LOST_PEER = ("gloo", "connection reset", "connection closed", "connection refused", "broken pipe", "heartbeat",
-              "unavailable", "deadline_exceeded", "barrier", "coordination service", "socket closed")
+_LOST_PEER = (
+    "gloo",
+    "connection reset",
+    "connection closed",
+    "connection refused",
+    "broken pipe",
+    "heartbeat",
+    "unavailable",
+    "deadline_exceeded",
+    "barrier",
+    "coordination service",
+    "socket closed",
+)
 
 
 def lost_peer(error: BaseException) -> bool:
@@ -184,9 +216,13 @@ def exit_lost_peer(error: BaseException, code: int = 3) -> None:
     """Says in one line that another process is gone and ends this one now: a normal exit would wait
     at the shutdown barrier for the dead process (and then abort)."""
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    print(f"jaxllm: error: process {jax.process_index()} of {jax.process_count()} lost contact with another "
-          f"process ({first[:300]}); it has died or been cut off, so this one stops too: restart every process "
-          "to resume from the latest checkpoint", file=sys.stderr, flush=True)
+    print(
+        f"jaxllm: error: process {jax.process_index()} of {jax.process_count()} lost contact with another "
+        f"process ({first[:300]}); it has died or been cut off, so this one stops too: restart every process "
+        "to resume from the latest checkpoint",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.stdout.flush()
     os._exit(code)
 
@@ -235,16 +271,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _child_env(base: Mapping[str, str], process_id: int, num_processes: int, devices_per_process: int,
-               port: int) -> dict[str, str]:
+def _child_env(
+    base: Mapping[str, str], process_id: int, num_processes: int, devices_per_process: int, port: int
+) -> dict[str, str]:
     env = dict(base)
-    env.update({ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(num_processes),
-                ENV_PROCESS_ID: str(process_id)})
+    env.update(
+        {ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(num_processes), ENV_PROCESS_ID: str(process_id)}
+    )
     if not env.get("JAX_PLATFORMS"):  # a laptop rehearsal by default; JAX_PLATFORMS=cuda splits local GPUs
         env["JAX_PLATFORMS"] = "cpu"
     if env["JAX_PLATFORMS"].split(",")[0].strip() == "cpu":
-        flags = [f for f in env.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]
+        flags = [
+            f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+        ]
         env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
     else:  # one host's accelerators split between the processes
         first = process_id * devices_per_process
@@ -283,9 +322,15 @@ def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
             p.wait()
 
 
-def launch_local(command: list[str], num_processes: int, devices_per_process: int = 1, port: int = 0,
-                 env: dict[str, str] | None = None, timeout: float | None = None,
-                 grace_s: float = 5.0) -> list[int]:
+def launch_local(
+    command: list[str],
+    num_processes: int,
+    devices_per_process: int = 1,
+    port: int = 0,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    grace_s: float = 5.0,
+) -> list[int]:
     """Runs `command` as N cooperating JAX processes on this machine; returns their exit codes.
 
     Each child gets JAXLLM_* env vars that `initialize` (mode "auto") turns into a 127.0.0.1 cluster.
@@ -302,9 +347,14 @@ def launch_local(command: list[str], num_processes: int, devices_per_process: in
     pumps: list[threading.Thread] = []
     try:
         for pid in range(num_processes):
-            proc = subprocess.Popen(command, env=_child_env(base, pid, num_processes, devices_per_process, port),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)  # own process group: killing it takes grandchildren
+            proc = subprocess.Popen(
+                command,
+                env=_child_env(base, pid, num_processes, devices_per_process, port),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # own process group: killing it takes grandchildren
             procs.append(proc)
             for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
                 pump = threading.Thread(target=_pump, args=(stream, f"[p{pid}] ", lock, out), daemon=True)

@@ -15,36 +15,51 @@ import datetime
 import json
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
+
+import lm_eval  # noqa: E402 (jaxllm.train.tasks has said how to install it when it is missing)
+from lm_eval.api.registry import get_model, register_model  # noqa: E402
 
 from jaxllm import JaxllmError, atomic
 from jaxllm.config import check_number
 from jaxllm.load import load_model
 from jaxllm.train.tasks import HarnessLM, lm_utils, resolve_tasks, task_manager
 
-import lm_eval  # noqa: E402 (jaxllm.train.tasks has said how to install it when it is missing)
-from lm_eval.api.registry import get_model, register_model  # noqa: E402
-
 
 class JaxllmLM(HarnessLM):
     """`JaxllmLM(pretrained=PATH_OR_HUB_ID)`: anything `jaxllm.load.load_model` loads (with `adapter`,
     `revision`, `dtype`), or already loaded objects as `HarnessLM` takes them."""
 
-    def __init__(self, pretrained: str = "", adapter: str = "", revision: str | None = None, dtype: str = "float32",
-                 batch_size: int | str = 8, max_length: int = 0, max_gen_toks: int = 256, seed: int = 0, *,
-                 add_bos: bool | None = None, **objects: Any):
+    def __init__(
+        self,
+        pretrained: str = "",
+        adapter: str = "",
+        revision: str | None = None,
+        dtype: str = "float32",
+        batch_size: int | str = 8,
+        max_length: int = 0,
+        max_gen_toks: int = 256,
+        seed: int = 0,
+        *,
+        add_bos: bool | None = None,
+        **objects: Any,
+    ):
         if pretrained:
             if objects.get("model") is not None:
                 raise JaxllmError("JaxllmLM: give pretrained=PATH or model/params/tokenizer, not both")
-            model, params, tokenizer, loaded_bos = load_model(pretrained, dtype=dtype, adapter=adapter,
-                                                              revision=revision)
+            model, params, tokenizer, loaded_bos = load_model(
+                pretrained, dtype=dtype, adapter=adapter, revision=revision
+            )
             objects.update(model=model, params=params, tokenizer=tokenizer)
             add_bos = loaded_bos if add_bos is None else add_bos
         elif objects.get("model") is None:
-            raise JaxllmError("JaxllmLM needs pretrained=PATH (a model folder, Hub id or workdir) or model, params "
-                              "and tokenizer")
-        super().__init__(pretrained, adapter, revision, dtype, batch_size, max_length, max_gen_toks, seed,
-                         add_bos=add_bos, **objects)
+            raise JaxllmError(
+                "JaxllmLM needs pretrained=PATH (a model folder, Hub id or workdir) or model, params and tokenizer"
+            )
+        super().__init__(
+            pretrained, adapter, revision, dtype, batch_size, max_length, max_gen_toks, seed, add_bos=add_bos, **objects
+        )
 
 
 try:  # lm_eval --model jaxllm, simple_evaluate(model="jaxllm", ...) once this module is imported
@@ -55,22 +70,46 @@ except ValueError:  # "already registered": by this module imported before (a re
         raise
 
 
-def evaluate(model: str | HarnessLM, tasks: str | Sequence[str], *, adapter: str = "", revision: str | None = None,
-             dtype: str = "float32", num_fewshot: int | None = None, batch_size: int = 8,
-             limit: int | float | None = None, include_path: str = "", seed: Sequence[int] = (0, 1234, 1234, 1234),
-             bootstrap_iters: int = 100000) -> dict:
+def evaluate(
+    model: str | HarnessLM,
+    tasks: str | Sequence[str],
+    *,
+    adapter: str = "",
+    revision: str | None = None,
+    dtype: str = "float32",
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    limit: int | float | None = None,
+    include_path: str = "",
+    seed: Sequence[int] = (0, 1234, 1234, 1234),
+    bootstrap_iters: int = 100000,
+) -> dict:
     """lm_eval.simple_evaluate's results for `model` (a path or Hub id, or a JaxllmLM) on `tasks`; the tasks
     are checked before the model loads. `seed`: (python, numpy, torch, few-shot) as the harness's --seed."""
     names = resolve_tasks(tasks, include_path)
     if limit is not None:
         check_number("limit", limit, low=0, low_open=True)
         limit = int(limit) if limit >= 1 and float(limit).is_integer() else limit  # N documents, or a fraction < 1
-    lm = model if isinstance(model, HarnessLM) else JaxllmLM(model, adapter=adapter, revision=revision, dtype=dtype,
-                                                            batch_size=batch_size, seed=seed[0])
-    return lm_eval.simple_evaluate(model=lm, model_args=lm.get_model_info(), tasks=names, num_fewshot=num_fewshot,
-                                   batch_size=lm.batch_size, limit=limit, task_manager=task_manager(include_path),
-                                   log_samples=False, bootstrap_iters=bootstrap_iters, random_seed=seed[0],
-                                   numpy_random_seed=seed[1], torch_random_seed=seed[2], fewshot_random_seed=seed[3])
+    lm = (
+        model
+        if isinstance(model, HarnessLM)
+        else JaxllmLM(model, adapter=adapter, revision=revision, dtype=dtype, batch_size=batch_size, seed=seed[0])
+    )
+    return lm_eval.simple_evaluate(
+        model=lm,
+        model_args=lm.get_model_info(),
+        tasks=names,
+        num_fewshot=num_fewshot,
+        batch_size=lm.batch_size,
+        limit=limit,
+        task_manager=task_manager(include_path),
+        log_samples=False,
+        bootstrap_iters=bootstrap_iters,
+        random_seed=seed[0],
+        numpy_random_seed=seed[1],
+        torch_random_seed=seed[2],
+        fewshot_random_seed=seed[3],
+    )
 
 
 def seeds(text: str) -> tuple[int, int, int, int]:

@@ -33,117 +33,279 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a = basic.add_argument
     a("--llm", action="store_true", help="accepted for copy-paste (`autotrain train --llm`): this command is that")
     a("--train", action="store_true", help="accepted for copy-paste: training is what this does")
-    a("--model", default="", help="Hugging Face model to fine-tune: a Hub id (org/name[@revision]; fetched into the "
-                                  "Hugging Face cache) or a local folder (config.json + weights + tokenizer)")
+    a(
+        "--model",
+        default="",
+        help="Hugging Face model to fine-tune: a Hub id (org/name[@revision]; fetched into the "
+        "Hugging Face cache) or a local folder (config.json + weights + tokenizer)",
+    )
     a("--revision", default=None, help="branch, tag or commit of a --model Hub id (default: main)")
-    a("--tokenizer", default=None, help="the tokenizer, if not --model's: a Hub id, a model folder or a "
-                                        "SentencePiece .model file")
-    a("--adapter", default=None, help="a PEFT LoRA adapter (folder or Hub id) to continue training, e.g. an SFT "
-                                      "adapter before --trainer dpo (lora.init_adapter; r and targets from it)")
-    a("--project_name", "--project-name", "--project", dest="project_name", default="",
-      help="run folder: checkpoints, logs (default: --save_dir); also the default --save_dir")
-    a("--data_path", "--data-path", default="", help="a data set: Hugging Face Hub id (org/name[@revision]; its data "
-      "files fetched into the Hugging Face cache) or local folder; or a JSONL / JSON / Parquet / CSV / Arrow file or "
-      "glob; or 'embedded' for the bundled Python-docs chat set")
-    a("--train_split", "--train-split", default=None,
-      help="the data set's split to train on, or config:split (default train); splits are found as the datasets "
-           "library finds them (e.g. a file named *eval* is the test split)")
-    a("--valid_split", "--valid-split", default=None,
-      help="the data set's split to evaluate on, or config:split (e.g. test); default: hold out data.val_fraction of "
-           "the training rows")
+    a(
+        "--tokenizer",
+        default=None,
+        help="the tokenizer, if not --model's: a Hub id, a model folder or a SentencePiece .model file",
+    )
+    a(
+        "--adapter",
+        default=None,
+        help="a PEFT LoRA adapter (folder or Hub id) to continue training, e.g. an SFT "
+        "adapter before --trainer dpo (lora.init_adapter; r and targets from it)",
+    )
+    a(
+        "--project_name",
+        "--project-name",
+        "--project",
+        dest="project_name",
+        default="",
+        help="run folder: checkpoints, logs (default: --save_dir); also the default --save_dir",
+    )
+    a(
+        "--data_path",
+        "--data-path",
+        default="",
+        help="a data set: Hugging Face Hub id (org/name[@revision]; its data "
+        "files fetched into the Hugging Face cache) or local folder; or a JSONL / JSON / Parquet / CSV / Arrow file or "
+        "glob; or 'embedded' for the bundled Python-docs chat set",
+    )
+    a(
+        "--train_split",
+        "--train-split",
+        default=None,
+        help="the data set's split to train on, or config:split (default train); splits are found as the datasets "
+        "library finds them (e.g. a file named *eval* is the test split)",
+    )
+    a(
+        "--valid_split",
+        "--valid-split",
+        default=None,
+        help="the data set's split to evaluate on, or config:split (e.g. test); default: hold out data.val_fraction of "
+        "the training rows",
+    )
     a("--config", default="", help="base experiment config (default configs/finetune.py); --config.a.b=v sets any key")
     a = p.add_argument_group("Data Processing").add_argument
-    a("--text_column", "--text-column", default=None,
-      help="the column holding each conversation (Guanaco '### Human: ...'; chat messages with --chat_template)")
+    a(
+        "--text_column",
+        "--text-column",
+        default=None,
+        help="the column holding each conversation (Guanaco '### Human: ...'; chat messages with --chat_template)",
+    )
     a("--add_eos_token", "--add-eos-token", action="store_true", help="end every example with EOS (data.add_eos)")
-    a("--model_max_length", "--model-max-length", "--max-len", "--max-length", dest="model_max_length", type=int,
-      default=None, help="truncate examples to this many tokens")
+    a(
+        "--model_max_length",
+        "--model-max-length",
+        "--max-len",
+        "--max-length",
+        dest="model_max_length",
+        type=int,
+        default=None,
+        help="truncate examples to this many tokens",
+    )
     a("--block_size", "--block-size", type=int, default=None, help="packed row length (-1 = model_max_length)")
-    a("--padding", choices=("left", "right"), default=None, help="accepted; rows are packed, so padding side does "
-                                                                 "not apply (note printed)")
-    a("--chat_template", "--chat-template", default=None, choices=("none", "chatml", "llama2", "guanaco",
-                                                                   "zephyr", "tokenizer"),
-      help="render a column of chat messages with this template (data.format=messages)")
-    a("--prompt_text_column", "--prompt-text-column", default=None,
-      help="dpo/orpo/reward: the prompt column (data.prompt_field)")
-    a("--rejected_text_column", "--rejected-text-column", default=None,
-      help="dpo/orpo/reward: the rejected answer column (data.rejected_field); --text_column is the chosen one")
-    a("--max_prompt_length", "--max-prompt-length", type=int, default=None,
-      help="dpo/orpo/reward: a prompt keeps its last this many tokens (data.max_prompt_length)")
-    a("--max_completion_length", "--max-completion-length", type=int, default=None,
-      help="dpo/orpo/reward: an answer keeps its first this many tokens (data.max_completion_length)")
+    a(
+        "--padding",
+        choices=("left", "right"),
+        default=None,
+        help="accepted; rows are packed, so padding side does not apply (note printed)",
+    )
+    a(
+        "--chat_template",
+        "--chat-template",
+        default=None,
+        choices=("none", "chatml", "llama2", "guanaco", "zephyr", "tokenizer"),
+        help="render a column of chat messages with this template (data.format=messages)",
+    )
+    a(
+        "--prompt_text_column",
+        "--prompt-text-column",
+        default=None,
+        help="dpo/orpo/reward: the prompt column (data.prompt_field)",
+    )
+    a(
+        "--rejected_text_column",
+        "--rejected-text-column",
+        default=None,
+        help="dpo/orpo/reward: the rejected answer column (data.rejected_field); --text_column is the chosen one",
+    )
+    a(
+        "--max_prompt_length",
+        "--max-prompt-length",
+        type=int,
+        default=None,
+        help="dpo/orpo/reward: a prompt keeps its last this many tokens (data.max_prompt_length)",
+    )
+    a(
+        "--max_completion_length",
+        "--max-completion-length",
+        type=int,
+        default=None,
+        help="dpo/orpo/reward: an answer keeps its first this many tokens (data.max_completion_length)",
+    )
     a = p.add_argument_group("Training Configuration").add_argument
-    a("--trainer", default="sft", choices=("sft", "default", "clm", "generic", "dpo", "orpo", "reward"),
-      help="sft: chat/instruction data; default/clm/generic: plain causal LM on the text column; dpo, orpo, reward: "
-           "preference pairs (--prompt_text_column, --text_column = chosen, --rejected_text_column)")
-    a("--use_apex", "--use-apex", action="store_true",
-      help="mixed precision: bf16 compute on TPU/GPU (as --mixed_precision=bf16); float32 on CPU (note printed)")
-    a("--mixed_precision", "--mixed-precision", "--mp", dest="mixed_precision", default=None,
-      choices=("bf16", "fp16", "no", "none"))
+    a(
+        "--trainer",
+        default="sft",
+        choices=("sft", "default", "clm", "generic", "dpo", "orpo", "reward"),
+        help="sft: chat/instruction data; default/clm/generic: plain causal LM on the text column; dpo, orpo, reward: "
+        "preference pairs (--prompt_text_column, --text_column = chosen, --rejected_text_column)",
+    )
+    a(
+        "--use_apex",
+        "--use-apex",
+        action="store_true",
+        help="mixed precision: bf16 compute on TPU/GPU (as --mixed_precision=bf16); float32 on CPU (note printed)",
+    )
+    a(
+        "--mixed_precision",
+        "--mixed-precision",
+        "--mp",
+        dest="mixed_precision",
+        default=None,
+        choices=("bf16", "fp16", "no", "none"),
+    )
     a("--fp16", action="store_true", help="same as --mixed_precision=fp16")
-    a("--use_flash_attention_2", "--use-flash-attention-2", "--use-fa2", dest="flash_attention", action="store_true",
-      help="model.attention=auto: cuDNN flash attention on GPU, XLA elsewhere")
-    a("--disable_gradient_checkpointing", "--disable-gradient-checkpointing", "--disable-gc", dest="no_remat",
-      action="store_true", help="model.remat=none (keep activations: faster, more memory)")
+    a(
+        "--use_flash_attention_2",
+        "--use-flash-attention-2",
+        "--use-fa2",
+        dest="flash_attention",
+        action="store_true",
+        help="model.attention=auto: cuDNN flash attention on GPU, XLA elsewhere",
+    )
+    a(
+        "--disable_gradient_checkpointing",
+        "--disable-gradient-checkpointing",
+        "--disable-gc",
+        dest="no_remat",
+        action="store_true",
+        help="model.remat=none (keep activations: faster, more memory)",
+    )
     a("--logging_steps", "--logging-steps", type=int, default=None, help="steps between metric lines (-1 = config)")
-    a("--eval_strategy", "--eval-strategy", "--evaluation_strategy", "--evaluation-strategy", dest="eval_strategy",
-      default=None, choices=("epoch", "steps", "no"), help="evaluate every epoch, every --logging_steps, or at the end")
-    a("--save_strategy", "--save-strategy", default=None, choices=("epoch", "steps", "no"),
-      help="checkpoint every epoch (epoch), every checkpoint.every steps (steps), or at evaluations and the end")
+    a(
+        "--eval_strategy",
+        "--eval-strategy",
+        "--evaluation_strategy",
+        "--evaluation-strategy",
+        dest="eval_strategy",
+        default=None,
+        choices=("epoch", "steps", "no"),
+        help="evaluate every epoch, every --logging_steps, or at the end",
+    )
+    a(
+        "--save_strategy",
+        "--save-strategy",
+        default=None,
+        choices=("epoch", "steps", "no"),
+        help="checkpoint every epoch (epoch), every checkpoint.every steps (steps), or at evaluations and the end",
+    )
     a("--save_total_limit", "--save-total-limit", type=int, default=None, help="checkpoints kept (checkpoint.keep)")
     a("--auto_find_batch_size", "--auto-find-batch-size", action="store_true", help="accepted (note printed)")
-    a("--log", default=None, help="experiment tracker: none, tensorboard, wandb or mlflow (train.trackers); "
-                                   "metrics.jsonl is always written")
+    a(
+        "--log",
+        default=None,
+        help="experiment tracker: none, tensorboard, wandb or mlflow (train.trackers); metrics.jsonl is always written",
+    )
     a("--distributed_backend", "--distributed-backend", default=None, help="accepted: jaxllm shards over its mesh")
     a("--backend", default=None, help="accepted: jaxllm runs on this machine's (or pod's) devices")
     a("--unsloth", action="store_true", help="accepted (note printed)")
     a = p.add_argument_group("Training Hyperparameters").add_argument
     a("--learning_rate", "--learning-rate", "--lr", dest="learning_rate", type=float, default=None)
     a("--num_train_epochs", "--num-train-epochs", "--epochs", dest="epochs", type=float, default=None)
-    a("--train_batch_size", "--train-batch-size", "--batch_size", "--batch-size", dest="batch_size", type=int,
-      default=None, help="sequences per device (per data/fsdp mesh shard, as autotrain's per-device batch); the "
-                         "global batch is this x those devices x --gradient_accumulation")
+    a(
+        "--train_batch_size",
+        "--train-batch-size",
+        "--batch_size",
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=None,
+        help="sequences per device (per data/fsdp mesh shard, as autotrain's per-device batch); the "
+        "global batch is this x those devices x --gradient_accumulation",
+    )
     a("--max_steps", "--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     a("--warmup_ratio", "--warmup-ratio", type=float, default=None)
-    a("--gradient_accumulation", "--gradient_accumulation_steps", "--gradient-accumulation",
-      "--gradient-accumulation-steps", dest="grad_accum_steps", type=int, default=None)
+    a(
+        "--gradient_accumulation",
+        "--gradient_accumulation_steps",
+        "--gradient-accumulation",
+        "--gradient-accumulation-steps",
+        dest="grad_accum_steps",
+        type=int,
+        default=None,
+    )
     a("--optimizer", default=None, help="adamw_torch and the other AdamW variants: AdamW (optim section)")
-    a("--scheduler", default=None, choices=("linear", "cosine", "constant", "constant_with_warmup", "rsqrt",
-                                            "inverse_sqrt"))
+    a(
+        "--scheduler",
+        default=None,
+        choices=("linear", "cosine", "constant", "constant_with_warmup", "rsqrt", "inverse_sqrt"),
+    )
     a("--weight_decay", "--weight-decay", type=float, default=None)
     a("--max_grad_norm", "--max-grad-norm", type=float, default=None)
     a("--seed", type=int, default=None)
-    a("--dpo_beta", "--dpo-beta", "--orpo_lambda", "--orpo-lambda", dest="dpo_beta", type=float, default=None,
-      help="dpo: the KL weight beta (default 0.1); orpo: the odds-ratio weight lambda (preference.beta)")
-    a("--model_ref", "--model-ref", default=None,
-      help="dpo: the reference model (Hub id, folder or workdir); default: the model as training starts")
-    a("--precompute_ref_log_probs", "--precompute-ref-log-probs", dest="precompute_ref", action="store_true",
-      help="dpo: compute the reference log-probs once before training and keep them with the data "
-           "(no reference weights in memory while training)")
+    a(
+        "--dpo_beta",
+        "--dpo-beta",
+        "--orpo_lambda",
+        "--orpo-lambda",
+        dest="dpo_beta",
+        type=float,
+        default=None,
+        help="dpo: the KL weight beta (default 0.1); orpo: the odds-ratio weight lambda (preference.beta)",
+    )
+    a(
+        "--model_ref",
+        "--model-ref",
+        default=None,
+        help="dpo: the reference model (Hub id, folder or workdir); default: the model as training starts",
+    )
+    a(
+        "--precompute_ref_log_probs",
+        "--precompute-ref-log-probs",
+        dest="precompute_ref",
+        action="store_true",
+        help="dpo: compute the reference log-probs once before training and keep them with the data "
+        "(no reference weights in memory while training)",
+    )
     a = p.add_argument_group("PEFT/LoRA").add_argument
-    a("--use_peft", "--use-peft", "--peft", dest="peft", action="store_true",
-      help="train LoRA adapters (the default here; --lora_r 0 trains the whole model)")
+    a(
+        "--use_peft",
+        "--use-peft",
+        "--peft",
+        dest="peft",
+        action="store_true",
+        help="train LoRA adapters (the default here; --lora_r 0 trains the whole model)",
+    )
     a("--use_int4", "--use-int4", dest="int4", action="store_true", help="QLoRA: NF4 base (--quantization int4)")
     a("--use_int8", "--use-int8", dest="int8", action="store_true", help="int8 base (--quantization int8)")
     a("--quantization", default=None, choices=("int4", "nf4", "int8", "none"))
     a("--lora_r", "--lora-r", type=int, default=None, help="adapter rank (default 16); 0 = full fine-tuning")
     a("--lora_alpha", "--lora-alpha", type=float, default=None)
     a("--lora_dropout", "--lora-dropout", type=float, default=None)
-    a("--target_modules", "--target-modules", default=None, help="comma-separated module names, all-linear, or a "
-                                                                  "regex")
-    a("--merge_adapter", "--merge-adapter", action="store_true",
-      help="also write merged/: the base with the adapter merged in")
+    a("--target_modules", "--target-modules", default=None, help="comma-separated module names, all-linear, or a regex")
+    a(
+        "--merge_adapter",
+        "--merge-adapter",
+        action="store_true",
+        help="also write merged/: the base with the adapter merged in",
+    )
     a = p.add_argument_group("Output").add_argument
     a("--save_dir", "--save-dir", default="", help="where adapter/ (and merged/) are written; default --project_name")
     a = p.add_argument_group("Hub Integration").add_argument
-    a("--push_to_hub", "--push-to-hub", action="store_true",
-      help="after the export, upload it (merged/, else adapter/, else model/) with a model card to a private Hub "
-           "model repository; a failed upload keeps the outputs, prints the `jaxllm push` command that retries it "
-           "and exits with status 1")
+    a(
+        "--push_to_hub",
+        "--push-to-hub",
+        action="store_true",
+        help="after the export, upload it (merged/, else adapter/, else model/) with a model card to a private Hub "
+        "model repository; a failed upload keeps the outputs, prints the `jaxllm push` command that retries it "
+        "and exits with status 1",
+    )
     a("--repo_id", "--repo-id", default=None, help="with --push_to_hub: the repository, ORG/NAME")
     a("--username", default=None, help="with --push_to_hub and no --repo_id: push to USERNAME/<project name>")
-    a("--token", default=None, help="with --push_to_hub: a Hub token with write access (default: HF_TOKEN, else "
-                                    "the stored login); never printed or written")
+    a(
+        "--token",
+        default=None,
+        help="with --push_to_hub: a Hub token with write access (default: HF_TOKEN, else "
+        "the stored login); never printed or written",
+    )
 
 
 def _data_source(path: str, split: str | None = None, valid_split: str | None = None) -> dict[str, Any]:
@@ -162,8 +324,10 @@ def _data_source(path: str, split: str | None = None, valid_split: str | None = 
             hub.files(path)  # the repository is there (its errors name the id, not a split)
         out: dict[str, Any] = {}
         kinds = set()
-        for key, flag, value in (("paths", "--train_split", split or "train"), ("valid_paths", "--valid_split",
-                                                                                 valid_split)):
+        for key, flag, value in (
+            ("paths", "--train_split", split or "train"),
+            ("valid_paths", "--valid_split", valid_split),
+        ):
             if value:
                 config, _, name = value.rpartition(":")
                 try:
@@ -173,15 +337,19 @@ def _data_source(path: str, split: str | None = None, valid_split: str | None = 
                 kinds.add(source)
         kinds = {"json"} if kinds == {"json", "jsonl"} else kinds
         if len(kinds) > 1:
-            raise JaxllmError(f"--train_split {split or 'train'} and --valid_split {valid_split} hold files of two "
-                              f"formats ({', '.join(sorted(kinds))}); pick splits of one format")
+            raise JaxllmError(
+                f"--train_split {split or 'train'} and --valid_split {valid_split} hold files of two "
+                f"formats ({', '.join(sorted(kinds))}); pick splits of one format"
+            )
         return {"source": kinds.pop(), **out}
     files = sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else []
     if os.path.isfile(expanded):
         files = [expanded]
     if not files:
-        raise JaxllmError(f"--data_path {path!r} is neither a local file, glob or folder nor a Hugging Face Hub data "
-                          "set id (org/name, optionally @revision)")
+        raise JaxllmError(
+            f"--data_path {path!r} is neither a local file, glob or folder nor a Hugging Face Hub data "
+            "set id (org/name, optionally @revision)"
+        )
     return dict(source=splits.source_of(files, f"--data_path {path!r}"), paths=tuple(files))
 
 
@@ -195,7 +363,7 @@ ADAMW_8BIT = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_3
 NOTES = {  # flag -> why it does not apply here
     "padding": "rows are packed whole examples with the padding at their end; the padding side does not apply",
     "auto_find_batch_size": "XLA compiles one fixed batch shape; set --train_batch_size (and "
-                            "--gradient_accumulation) to what fits",
+    "--gradient_accumulation) to what fits",
     "distributed_backend": "jaxllm shards over its device mesh (the mesh section), not DDP or DeepSpeed",
     "backend": "jaxllm runs on the devices of this machine (or of every host that runs the command)",
     "unsloth": "Unsloth's kernels are for PyTorch on GPUs; jaxllm compiles its own with XLA",
@@ -225,12 +393,24 @@ def _join_processes(cfg: ml_collections.ConfigDict) -> None:
 
 PREFERENCE_TRAINERS = ("dpo", "orpo", "reward")
 # flags set one config key each, as given
-DIRECT = {"prompt_text_column": "data.prompt_field", "rejected_text_column": "data.rejected_field",
-          "max_prompt_length": "data.max_prompt_length", "max_completion_length": "data.max_completion_length",
-          "dpo_beta": "preference.beta", "model_ref": "preference.model_ref","text_column": "data.text_field", "learning_rate": "optim.learning_rate", "max_grad_norm": "optim.grad_clip",
-          "weight_decay": "optim.weight_decay", "save_total_limit": "checkpoint.keep", "lora_r": "lora.r",
-          "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "grad_accum_steps": "optim.grad_accum_steps",
-          "seed": "seed"}
+DIRECT = {
+    "prompt_text_column": "data.prompt_field",
+    "rejected_text_column": "data.rejected_field",
+    "max_prompt_length": "data.max_prompt_length",
+    "max_completion_length": "data.max_completion_length",
+    "dpo_beta": "preference.beta",
+    "model_ref": "preference.model_ref",
+    "text_column": "data.text_field",
+    "learning_rate": "optim.learning_rate",
+    "max_grad_norm": "optim.grad_clip",
+    "weight_decay": "optim.weight_decay",
+    "save_total_limit": "checkpoint.keep",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "grad_accum_steps": "optim.grad_accum_steps",
+    "seed": "seed",
+}
 SCHEDULES = {"constant_with_warmup": "constant", "inverse_sqrt": "rsqrt"}
 
 
@@ -268,27 +448,42 @@ def _refuse_and_note(args: argparse.Namespace) -> None:
     if hub_flags and not args.push_to_hub:  # names only: a token is never printed
         note(f"{', '.join(hub_flags)} apply with --push_to_hub; nothing is uploaded without it")
     preference = args.trainer in PREFERENCE_TRAINERS
-    for flag in ("prompt_text_column", "rejected_text_column", "max_prompt_length", "max_completion_length",
-                 "dpo_beta", "model_ref", "precompute_ref"):
+    for flag in (
+        "prompt_text_column",
+        "rejected_text_column",
+        "max_prompt_length",
+        "max_completion_length",
+        "dpo_beta",
+        "model_ref",
+        "precompute_ref",
+    ):
         if getattr(args, flag) and not preference:
             raise JaxllmError(f"--{flag} applies to --trainer dpo, orpo or reward, not {args.trainer}")
     if (args.model_ref or args.precompute_ref) and args.trainer != "dpo":
-        raise JaxllmError(f"--{'model_ref' if args.model_ref else 'precompute_ref_log_probs'} applies to --trainer dpo: "
-                          f"{args.trainer} has no reference model")
+        raise JaxllmError(
+            f"--{'model_ref' if args.model_ref else 'precompute_ref_log_probs'} applies to --trainer dpo: "
+            f"{args.trainer} has no reference model"
+        )
     if args.chat_template in ("zephyr", "tokenizer"):
-        raise JaxllmError(f"--chat_template {args.chat_template} is not available (jaxllm does not run a tokenizer's "
-                          "Jinja template); use chatml, llama2 or guanaco")
+        raise JaxllmError(
+            f"--chat_template {args.chat_template} is not available (jaxllm does not run a tokenizer's "
+            "Jinja template); use chatml, llama2 or guanaco"
+        )
     if args.optimizer and args.optimizer not in ADAMW and args.optimizer not in ADAMW_8BIT:
         raise JaxllmError(f"--optimizer {args.optimizer} is not available; jaxllm trains with AdamW (adamw_torch)")
     for flag, why in NOTES.items():
         if getattr(args, flag):
-            note(f"--{flag} {'' if getattr(args, flag) is True else getattr(args, flag) + ' '}is accepted but does "
-                 f"not apply: {why}")
+            note(
+                f"--{flag} {'' if getattr(args, flag) is True else getattr(args, flag) + ' '}is accepted but does "
+                f"not apply: {why}"
+            )
     if args.log is not None and args.log != "none" and args.log not in trackers.KNOWN:
         raise JaxllmError(f"--log {args.log} is not a tracker; use none, {', '.join(trackers.KNOWN)}")
     if args.optimizer in ADAMW_8BIT:
-        note(f"--optimizer {args.optimizer} is accepted as AdamW: 8-bit and paged states are bitsandbytes' GPU memory "
-             "savers; jaxllm keeps float32 AdamW states, sharded like the params")
+        note(
+            f"--optimizer {args.optimizer} is accepted as AdamW: 8-bit and paged states are bitsandbytes' GPU memory "
+            "savers; jaxllm keeps float32 AdamW states, sharded like the params"
+        )
 
 
 def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -309,8 +504,10 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
                 raise JaxllmError(f"--revision {args.revision} applies to a Hub id; --model {args.model!r} is local")
             folder = os.path.expanduser(model)
             if not os.path.isfile(os.path.join(folder, "config.json")):
-                raise JaxllmError(f"--model {args.model!r} is neither a Hugging Face model folder (no config.json) "
-                                  "nor a Hugging Face Hub id (org/name)")
+                raise JaxllmError(
+                    f"--model {args.model!r} is neither a Hugging Face model folder (no config.json) "
+                    "nor a Hugging Face Hub id (org/name)"
+                )
         max_len = source_model_config(folder).max_seq_len
         sets.update({"checkpoint.init_from": model, "checkpoint.model_from_init": True, "data.tokenizer": model})
     if args.tokenizer:
@@ -318,16 +515,21 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
     if args.adapter:
         sets.update(_adapter_settings(args.adapter))
     if args.data_path:
-        sets.update({f"data.{k}": v for k, v in _data_source(args.data_path, args.train_split,
-                                                             args.valid_split).items()})
+        sets.update(
+            {f"data.{k}": v for k, v in _data_source(args.data_path, args.train_split, args.valid_split).items()}
+        )
         from jaxllm.hf import hub
 
         if not (os.path.isdir(os.path.expanduser(args.data_path)) or hub.is_hub_id(args.data_path)):
-            for flag, why in (("train_split", "read whole"), ("valid_split", "validation holds out "
-                                                                             "data.val_fraction of its rows")):
+            for flag, why in (
+                ("train_split", "read whole"),
+                ("valid_split", "validation holds out data.val_fraction of its rows"),
+            ):
                 if getattr(args, flag):
-                    note(f"--{flag} {getattr(args, flag)} is accepted but does not apply: --data_path is one file, "
-                         f"glob or the embedded set (not a data set with splits), {why}")
+                    note(
+                        f"--{flag} {getattr(args, flag)} is accepted but does not apply: --data_path is one file, "
+                        f"glob or the embedded set (not a data set with splits), {why}"
+                    )
     if args.trainer in ("default", "clm", "generic"):
         sets["data.format"] = "text"
     if args.trainer in PREFERENCE_TRAINERS:  # autotrain: --text_column holds the chosen answers
@@ -341,16 +543,23 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
         if args.chat_template not in (None, "none"):  # conversational pairs rendered with it
             sets["data.chat_template"] = args.chat_template
     elif args.chat_template not in (None, "none"):  # autotrain reads the messages from --text_column
-        sets.update({"data.format": "messages", "data.chat_template": args.chat_template,
-                     "data.messages_field": args.text_column or "text"})
+        sets.update(
+            {
+                "data.format": "messages",
+                "data.chat_template": args.chat_template,
+                "data.messages_field": args.text_column or "text",
+            }
+        )
     if args.add_eos_token:
         sets["data.add_eos"] = True
     length = args.block_size if args.block_size not in (None, -1) else args.model_max_length
     if args.block_size and args.model_max_length and args.block_size > 0:
         length = min(args.block_size, args.model_max_length)
     if length and max_len and length > max_len:
-        note(f"rows of {length} tokens would pass the model's {max_len} positions (max_position_embeddings); "
-             f"using {max_len}")
+        note(
+            f"rows of {length} tokens would pass the model's {max_len} positions (max_position_embeddings); "
+            f"using {max_len}"
+        )
         length = max_len
     if length:
         sets["data.block_size"] = length
@@ -369,9 +578,14 @@ def _adapter_settings(adapter: str) -> dict[str, Any]:
     from jaxllm.hf import hub, peft
 
     lcfg = peft.read_adapter_config(hub.local(adapter, what="adapter"))
-    return {"lora.init_adapter": adapter, "lora.r": lcfg.r, "lora.alpha": lcfg.alpha,
-            "lora.target_modules": tuple(lcfg.target_modules), "lora.rslora": lcfg.rslora,
-            "lora.modules_to_save": tuple(lcfg.modules_to_save)}
+    return {
+        "lora.init_adapter": adapter,
+        "lora.r": lcfg.r,
+        "lora.alpha": lcfg.alpha,
+        "lora.target_modules": tuple(lcfg.target_modules),
+        "lora.rslora": lcfg.rslora,
+        "lora.modules_to_save": tuple(lcfg.modules_to_save),
+    }
 
 
 def _optimization(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -391,11 +605,14 @@ def _adapters(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> dict[
     sets: dict[str, Any] = {}
     if args.peft and args.lora_r is None and cfg.lora.r == 0:
         sets["lora.r"] = 16
-    quantization = "nf4" if args.int4 else "int8" if args.int8 else {"int4": "nf4"}.get(args.quantization,
-                                                                                       args.quantization)
+    quantization = (
+        "nf4" if args.int4 else "int8" if args.int8 else {"int4": "nf4"}.get(args.quantization, args.quantization)
+    )
     if not args.peft and args.lora_r is None and quantization in (None, "none") and cfg.lora.r:
-        note(f"no --use_peft: jaxllm finetune trains LoRA adapters (r={cfg.lora.r}) by default and writes a PEFT "
-             "adapter; --lora_r 0 fine-tunes every weight instead")
+        note(
+            f"no --use_peft: jaxllm finetune trains LoRA adapters (r={cfg.lora.r}) by default and writes a PEFT "
+            "adapter; --lora_r 0 fine-tunes every weight instead"
+        )
     if quantization:
         sets["lora.quantization"] = quantization
     if args.target_modules:
@@ -453,8 +670,8 @@ def epochs_to_steps(cfg: ml_collections.ConfigDict, epochs: float, sample: int =
 
     from jaxllm.config import build
     from jaxllm.data.config import DataConfig
-    from jaxllm.train.start import resolve
     from jaxllm.data.pipeline import split_documents, tokenize_fn, tokenizer_for
+    from jaxllm.train.start import resolve
 
     data = build(DataConfig, resolve(cfg).data, "data")
     train_docs, _ = split_documents(data)
@@ -471,9 +688,10 @@ def epochs_to_steps(cfg: ml_collections.ConfigDict, epochs: float, sample: int =
 def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: Any = "float32") -> dict[str, str]:
     """Writes the run's result: `adapter/` (PEFT) or, for full fine-tuning, `model/`; `merged/` if asked."""
     from jaxllm import hf
-    from jaxllm.train.start import load_run
     from jaxllm.models import lora
     from jaxllm.models.decoder import Decoder
+    from jaxllm.train.start import load_run
+
     run, trainable, frozen = load_run(workdir, with_frozen=merge)
     written: dict[str, str] = {}
     source = run.checkpoint.init_from
@@ -491,8 +709,9 @@ def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: Any = "fl
             written["merged"] = path
     else:
         path = os.path.join(save_dir, "model")
-        hf.save_pretrained(Decoder(run.model), tree.union(trainable, frozen), path, dtype=dtype, overwrite=True,
-                           config_updates=extra)
+        hf.save_pretrained(
+            Decoder(run.model), tree.union(trainable, frozen), path, dtype=dtype, overwrite=True, config_updates=extra
+        )
         _copy_tokenizer(source, path)
         written["model"] = path
     return written
@@ -504,7 +723,9 @@ def _base_model_name(workdir: str, source: str) -> str:
     from jaxllm.hf import hub
 
     try:
-        recorded = json.loads(atomic.as_path(os.path.join(workdir, "config.json")).read_text())["checkpoint"]["init_from"]
+        recorded = json.loads(atomic.as_path(os.path.join(workdir, "config.json")).read_text())["checkpoint"][
+            "init_from"
+        ]
     except (OSError, ValueError, KeyError, TypeError):
         recorded = ""
     if isinstance(recorded, str) and hub.is_hub_id(recorded):
@@ -556,8 +777,9 @@ def _finetune(args: argparse.Namespace, overrides: list[str], command: list[str]
     if result.get("preempted"):
         return result
     result["written"] = export(workdir, save_dir, merge=args.merge_adapter)
-    trackers.log_artifacts(workdir, cfg.train.trackers, result["written"],
-                           mlflow_tracking_uri=cfg.train.mlflow_tracking_uri)
+    trackers.log_artifacts(
+        workdir, cfg.train.trackers, result["written"], mlflow_tracking_uri=cfg.train.mlflow_tracking_uri
+    )
     if jax.process_index() == 0:
         push.record_export(workdir, result["written"], command or sys.argv, args.token)
         if repo_id:

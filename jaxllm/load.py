@@ -30,8 +30,9 @@ def load_trained(workdir: str) -> tuple[Decoder, Any, Tokenizer, bool]:
     return Decoder(run.model), tree.union(params, frozen), tokenizer_for(run.data), run.data.add_bos
 
 
-def load_model(source: str, *, dtype: Any = "float32", adapter: str = "",
-               revision: str | None = None) -> tuple[Decoder, Any, Tokenizer, bool]:
+def load_model(
+    source: str, *, dtype: Any = "float32", adapter: str = "", revision: str | None = None
+) -> tuple[Decoder, Any, Tokenizer, bool]:
     """(model, params, tokenizer, add_bos) from a Hugging Face folder or Hub id (at `revision`, plus a
     PEFT LoRA `adapter` folder or Hub id) or a jaxllm training workdir."""
     source = hub.local(source, what="model", revision=revision)

@@ -11,7 +11,8 @@ import functools
 import math
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -62,16 +63,19 @@ def slice_shape(chips: int, dims: int) -> tuple[int, ...]:
 
 
 def parse_slice(name: str) -> tuple[Chip, int, str]:
-    """"v5p-512" -> (chip, number of chips, libtpu topology string)."""
+    """ "v5p-512" -> (chip, number of chips, libtpu topology string)."""
     family, _, count = name.lower().partition("-")
     family = ALIASES.get(family, family)
     if family not in CHIPS or not count.isdigit() or int(count) <= 0:
-        raise JaxllmError(f"--topology={name!r}: use a Cloud TPU slice name like v4-32, v5p-512, v5e-256, v6e-64 "
-                          "(or local for this machine's devices)")
+        raise JaxllmError(
+            f"--topology={name!r}: use a Cloud TPU slice name like v4-32, v5p-512, v5e-256, v6e-64 "
+            "(or local for this machine's devices)"
+        )
     chip = CHIPS[family]
     if int(count) % chip.cores_per_chip:
-        raise JaxllmError(f"--topology={name!r}: {family} slice names count TensorCores, a multiple of "
-                          f"{chip.cores_per_chip}")
+        raise JaxllmError(
+            f"--topology={name!r}: {family} slice names count TensorCores, a multiple of {chip.cores_per_chip}"
+        )
     chips = int(count) // chip.cores_per_chip
     try:
         shape = slice_shape(chips, chip.dims)
@@ -93,7 +97,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
     return list(_tpu_devices(topo, chip.chip_config, chips, num_slices))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tpu_devices(topo: str, chip_config: str, chips: int, num_slices: int) -> tuple[jax.Device, ...]:
     # Compiling needs no TPU: let libtpu load beside another process using it (a test worker, a run on
     # this TPU VM), and keep its start-up warnings about the missing TPU hosts quiet.
@@ -102,8 +106,10 @@ def _tpu_devices(topo: str, chip_config: str, chips: int, num_slices: int) -> tu
     try:
         import libtpu  # noqa: F401
     except ImportError:
-        raise JaxllmError(f"compiling for a TPU slice needs libtpu: pip install 'jax[tpu]=={jax.__version__}' "
-                          "(or pip install -e '.[tpu]')") from None
+        raise JaxllmError(
+            f"compiling for a TPU slice needs libtpu: pip install 'jax[tpu]=={jax.__version__}' "
+            "(or pip install -e '.[tpu]')"
+        ) from None
     from jax.experimental import topologies
 
     dims = [int(d) for d in topo.split(":")[1].split("x")]
@@ -112,9 +118,14 @@ def _tpu_devices(topo: str, chip_config: str, chips: int, num_slices: int) -> tu
     else:  # v5e / v6e: only a full 16x16 pod wraps around
         wrap = tuple(d == 16 for d in dims)
     bounds = (2, 2, 1) if chips >= 4 else (1, 1, 1)
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo, chip_config_name=chip_config,
-                                        chips_per_host_bounds=bounds, num_slices=num_slices,
-                                        wrap=wrap + (False,) * (3 - len(wrap)))
+    desc = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=topo,
+        chip_config_name=chip_config,
+        chips_per_host_bounds=bounds,
+        num_slices=num_slices,
+        wrap=wrap + (False,) * (3 - len(wrap)),
+    )
     return tuple(desc.devices)
 
 
@@ -130,11 +141,12 @@ def hbm_capacity(devices: Sequence[jax.Device]) -> float:
     return float(stats.get("bytes_limit", 0.0)) or float("inf")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tpu_capacity(devices: tuple[jax.Device, ...]) -> float:
     """Asks the compiler: a program that cannot fit is refused with the chip's available HBM."""
     import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(np.asarray(devices), ("x",))
     too_big = jax.ShapeDtypeStruct((2**20, 2**20), jnp.float32, sharding=NamedSharding(mesh, P()))
@@ -172,15 +184,25 @@ def estimate(run, mesh_shape: dict[str, int], chips: int, devices: Sequence[jax.
     seq, batch = run.data.block_size, run.data.batch_size
     tokens_per_chip = batch * seq / chips
     mlp_mats = 3 if m.mlp == "swiglu" else 2
-    fwd = {"qkv": 2 * d * (n + 2 * h) * k, "o": 2 * n * k * d, "mlpwi": 2 * (mlp_mats - 1) * d * f,
-           "mlpwo": 2 * f * d, "core": 4 * n * k * seq / 2}  # per token per layer; causal halves attention
+    fwd = {
+        "qkv": 2 * d * (n + 2 * h) * k,
+        "o": 2 * n * k * d,
+        "mlpwi": 2 * (mlp_mats - 1) * d * f,
+        "mlpwo": 2 * f * d,
+        "core": 4 * n * k * seq / 2,
+    }  # per token per layer; causal halves attention
     saved, offloaded = REMAT_KEEPS[m.remat]
     recomputed = [x for x in fwd if x not in saved + offloaded]
     head = 2 * d * m.vocab_size
     useful = tokens_per_chip * (3 * (lyr * sum(fwd.values()) + head))
     flops = useful + tokens_per_chip * lyr * sum(fwd[x] for x in recomputed)
-    act_bytes = {"q": 2 * n * k, "qkv": 2 * (n + 2 * h) * k, "o": 2 * d, "mlpwi": 2 * (mlp_mats - 1) * f,
-                 "mlpwo": 2 * d}
+    act_bytes = {
+        "q": 2 * n * k,
+        "qkv": 2 * (n + 2 * h) * k,
+        "o": 2 * d,
+        "mlpwi": 2 * (mlp_mats - 1) * f,
+        "mlpwo": 2 * d,
+    }
     host_s = 2 * lyr * tokens_per_chip * sum(act_bytes[x] for x in offloaded) / HOST_BYTES_S  # out and back in
     peak = (peak_tflops(devices[0]) or 100.0) * 1e12
     compute_s = flops / peak
@@ -199,22 +221,39 @@ def estimate(run, mesh_shape: dict[str, int], chips: int, devices: Sequence[jax.
     data_ici = data // slices
     data_bytes = 2 * grad_shard * (data_ici - 1) / max(data_ici, 1)
     dcn_s = 2 * grad_shard * (slices - 1) / slices / dcn if slices > 1 else 0.0
-    exposed = (max(0.0, fsdp_bytes / ici - compute_s) + tensor_bytes / ici + data_bytes / ici + dcn_s
-               + max(0.0, host_s - compute_s))
+    exposed = (
+        max(0.0, fsdp_bytes / ici - compute_s)
+        + tensor_bytes / ici
+        + data_bytes / ici
+        + dcn_s
+        + max(0.0, host_s - compute_s)
+    )
     step_s = compute_s + exposed
-    return {"step_s": step_s, "compute_s": compute_s, "exposed_transfers_s": exposed, "mfu_bound": useful / peak / step_s,
-            "tokens_per_s": batch * seq / step_s}
+    return {
+        "step_s": step_s,
+        "compute_s": compute_s,
+        "exposed_transfers_s": exposed,
+        "mfu_bound": useful / peak / step_s,
+        "tokens_per_s": batch * seq / step_s,
+    }
 
 
 # What each remat policy keeps of a layer's forward for the backward pass: (in device memory, in host
 # memory); the rest of the layer's matmuls are recomputed ("core": attention itself).
 _DOTS = ("qkv", "o", "mlpwi", "mlpwo")
 REMAT_KEEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "none": (_DOTS + ("core",), ()), "save_dots": (_DOTS, ()), "save_dots_no_batch": (_DOTS, ()),
-    "minimal": (_DOTS, ()), "minimal_offloaded": ((), _DOTS), "save_qkv_proj": (("qkv",), ()),
-    "save_out_proj": (("o",), ()), "save_dot_except_mlp": (("qkv", "o"), ()),
-    "save_dot_except_mlpwi": (("qkv", "o", "mlpwo"), ()), "save_dot_with_context_except_mlp": (("qkv", "o", "core"), ()),
-    "qkv_proj_offloaded": ((), ("qkv",)), "save_dot_except_mlpwi_q_offloaded": (("qkv", "o", "mlpwo"), ("q",)),
+    "none": (_DOTS + ("core",), ()),
+    "save_dots": (_DOTS, ()),
+    "save_dots_no_batch": (_DOTS, ()),
+    "minimal": (_DOTS, ()),
+    "minimal_offloaded": ((), _DOTS),
+    "save_qkv_proj": (("qkv",), ()),
+    "save_out_proj": (("o",), ()),
+    "save_dot_except_mlp": (("qkv", "o"), ()),
+    "save_dot_except_mlpwi": (("qkv", "o", "mlpwo"), ()),
+    "save_dot_with_context_except_mlp": (("qkv", "o", "core"), ()),
+    "qkv_proj_offloaded": ((), ("qkv",)),
+    "save_dot_except_mlpwi_q_offloaded": (("qkv", "o", "mlpwo"), ("q",)),
     "full": ((), ()),
 }
 HOST_BYTES_S = 1e10  # device <-> host memory per chip, a rough figure for offloaded activations
@@ -228,8 +267,9 @@ def _chip_of(device) -> Chip | None:
     return None
 
 
-def plan(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: int = 1,
-         hbm_gib: float | None = None) -> dict[str, Any]:
+def plan(
+    cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: int = 1, hbm_gib: float | None = None
+) -> dict[str, Any]:
     """Compiles the step `cfg` would run on the slice and reports its memory per chip; never raises for
     memory (a refused step answers `fits: False` with the amount needed)."""
     from jaxllm.train.start import parse
@@ -244,12 +284,19 @@ def plan(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: in
     mesh_shape = {a: int(mesh.shape[a]) for a in shd.MESH_AXES}
     out: dict[str, Any] = {
         "topology": topology if num_slices == 1 else f"{num_slices}x {topology}",
-        "device_kind": devices[0].device_kind, "chips": len(devices), "mesh": mesh_shape,
-        "global_batch": run.data.batch_size, "seq_len": run.data.block_size,
-        "per_chip_batch": run.data.batch_size / len(devices), "params": run.model.num_params(),
-        "remat": run.model.remat, "grad_accum_steps": run.optim.grad_accum_steps,
-        "attention": run.model.attention, "loss_chunk": run.train.loss_chunk,
-        "hbm_capacity_gib": capacity / GiB, "objective": run.train.objective,
+        "device_kind": devices[0].device_kind,
+        "chips": len(devices),
+        "mesh": mesh_shape,
+        "global_batch": run.data.batch_size,
+        "seq_len": run.data.block_size,
+        "per_chip_batch": run.data.batch_size / len(devices),
+        "params": run.model.num_params(),
+        "remat": run.model.remat,
+        "grad_accum_steps": run.optim.grad_accum_steps,
+        "attention": run.model.attention,
+        "loss_chunk": run.train.loss_chunk,
+        "hbm_capacity_gib": capacity / GiB,
+        "objective": run.train.objective,
         "reference": program.reference.kind if program.reference is not None else None,
     }
     breakdown = {
@@ -264,14 +311,20 @@ def plan(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: in
     try:
         compiled = program.compile_train_step()
     except jax.errors.JaxRuntimeError as e:
-        raise JaxllmError(f"the compiler refused the step for {out['topology']}: {str(e).strip().splitlines()[0]}"
-                          ) from None
+        raise JaxllmError(
+            f"the compiler refused the step for {out['topology']}: {str(e).strip().splitlines()[0]}"
+        ) from None
     except OutOfMemory as e:
         out["compile_s"] = time.perf_counter() - t0
         args = sum(v for k, v in breakdown.items() if k != "host_state_gib")
         needed = (e.needed / GiB + (args if "temporaries" in str(e) else 0.0)) if e.needed else None
-        out.update(fits=False, hbm_per_chip_gib=needed, headroom_gib=None if needed is None else capacity / GiB - needed,
-                   breakdown=breakdown, compiler=str(e))
+        out.update(
+            fits=False,
+            hbm_per_chip_gib=needed,
+            headroom_gib=None if needed is None else capacity / GiB - needed,
+            breakdown=breakdown,
+            compiler=str(e),
+        )
         if e.capacity:
             out["hbm_capacity_gib"] = e.capacity / GiB
         out["estimate"] = estimate(run, mesh_shape, len(devices), devices)
@@ -279,19 +332,33 @@ def plan(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: in
     out["compile_s"] = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    breakdown.update(temporaries_gib=mem.temp_size_in_bytes / GiB,
-                     outputs_not_aliased_gib=(mem.output_size_in_bytes - mem.alias_size_in_bytes) / GiB,
-                     host_temporaries_gib=getattr(mem, "host_temp_size_in_bytes", 0) / GiB)
+    breakdown.update(
+        temporaries_gib=mem.temp_size_in_bytes / GiB,
+        outputs_not_aliased_gib=(mem.output_size_in_bytes - mem.alias_size_in_bytes) / GiB,
+        host_temporaries_gib=getattr(mem, "host_temp_size_in_bytes", 0) / GiB,
+    )
     out["host_arguments_gib"] = getattr(mem, "host_argument_size_in_bytes", 0) / GiB
-    out.update(fits=total <= capacity, hbm_per_chip_gib=total / GiB, headroom_gib=(capacity - total) / GiB,
-               breakdown=breakdown, estimate=estimate(run, mesh_shape, len(devices), devices))
+    out.update(
+        fits=total <= capacity,
+        hbm_per_chip_gib=total / GiB,
+        headroom_gib=(capacity - total) / GiB,
+        breakdown=breakdown,
+        estimate=estimate(run, mesh_shape, len(devices), devices),
+    )
     return out
 
 
 # ----------------------------------------------------------------------------------------------- search
 
-REMAT_BY_MEMORY = ("none", "minimal", "save_dot_except_mlpwi", "save_dot_with_context_except_mlp",
-                   "save_dot_except_mlp", "save_qkv_proj", "full")  # most saved first
+REMAT_BY_MEMORY = (
+    "none",
+    "minimal",
+    "save_dot_except_mlpwi",
+    "save_dot_with_context_except_mlp",
+    "save_dot_except_mlp",
+    "save_qkv_proj",
+    "full",
+)  # most saved first
 
 
 def candidates(run, chips: int, num_slices: int = 1) -> list[dict[str, Any]]:
@@ -312,16 +379,22 @@ def candidates(run, chips: int, num_slices: int = 1) -> list[dict[str, Any]]:
                     if batch % accum or per_device < 1 or per_device != int(per_device):
                         continue
                     for remat in REMAT_BY_MEMORY:
-                        out.append(dict(mesh=dict(data=data, fsdp=fsdp, tensor=tensor), remat=remat,
-                                        grad_accum_steps=accum))
+                        out.append(
+                            dict(mesh=dict(data=data, fsdp=fsdp, tensor=tensor), remat=remat, grad_accum_steps=accum)
+                        )
             data *= 2
     return out
 
 
 def overrides(c: dict[str, Any]) -> list[str]:
     mesh = c["mesh"]
-    return [f"mesh.data={mesh['data']}", f"mesh.fsdp={mesh['fsdp']}", f"mesh.tensor={mesh['tensor']}",
-            f"model.remat={c['remat']}", f"optim.grad_accum_steps={c['grad_accum_steps']}"]
+    return [
+        f"mesh.data={mesh['data']}",
+        f"mesh.fsdp={mesh['fsdp']}",
+        f"mesh.tensor={mesh['tensor']}",
+        f"model.remat={c['remat']}",
+        f"optim.grad_accum_steps={c['grad_accum_steps']}",
+    ]
 
 
 def _with(cfg: ml_collections.ConfigDict, items: list[str]) -> ml_collections.ConfigDict:
@@ -331,8 +404,14 @@ def _with(cfg: ml_collections.ConfigDict, items: list[str]) -> ml_collections.Co
     return out
 
 
-def search(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: int = 1,
-           hbm_gib: float | None = None, max_compiles: int = 8, log=print) -> dict[str, Any]:
+def search(
+    cfg: ml_collections.ConfigDict,
+    topology: str = "local",
+    num_slices: int = 1,
+    hbm_gib: float | None = None,
+    max_compiles: int = 8,
+    log=print,
+) -> dict[str, Any]:
     """The fastest setting (by `estimate`) whose step compiles and fits, trying candidates fastest first
     and skipping those that cannot fit because a setting keeping no more in memory already did not
     (same mesh, a remat policy saving at least as much, no more micro-batches)."""
@@ -353,10 +432,18 @@ def search(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: 
         if any(_dominated(c, f) for f in failed):
             continue
         result = plan(_with(cfg, overrides(c)), topology, num_slices, hbm_gib)
-        tried.append({"overrides": overrides(c), "fits": result["fits"], "hbm_per_chip_gib": result["hbm_per_chip_gib"],
-                      "estimated_step_s": step_s})
-        log(f"  {' '.join(overrides(c))}: {_gib(result['hbm_per_chip_gib'])} per chip, "
-            f"{'fits' if result['fits'] else 'does not fit'} (estimated {step_s:.2f} s/step)")
+        tried.append(
+            {
+                "overrides": overrides(c),
+                "fits": result["fits"],
+                "hbm_per_chip_gib": result["hbm_per_chip_gib"],
+                "estimated_step_s": step_s,
+            }
+        )
+        log(
+            f"  {' '.join(overrides(c))}: {_gib(result['hbm_per_chip_gib'])} per chip, "
+            f"{'fits' if result['fits'] else 'does not fit'} (estimated {step_s:.2f} s/step)"
+        )
         if result["fits"]:
             return {"best": result, "overrides": overrides(c), "tried": tried}
         failed.append(c)
@@ -365,8 +452,11 @@ def search(cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: 
 
 def _dominated(c: dict[str, Any], failed: dict[str, Any]) -> bool:
     """`c` keeps at least as much in memory as a setting that did not fit."""
-    return (c["mesh"] == failed["mesh"] and c["grad_accum_steps"] <= failed["grad_accum_steps"]
-            and REMAT_BY_MEMORY.index(c["remat"]) <= REMAT_BY_MEMORY.index(failed["remat"]))
+    return (
+        c["mesh"] == failed["mesh"]
+        and c["grad_accum_steps"] <= failed["grad_accum_steps"]
+        and REMAT_BY_MEMORY.index(c["remat"]) <= REMAT_BY_MEMORY.index(failed["remat"])
+    )
 
 
 def _gib(x: float | None) -> str:
@@ -380,23 +470,40 @@ def table(result: dict[str, Any]) -> str:
     rows = [
         ("topology", f"{result['topology']} ({result['chips']} x {result['device_kind']})"),
         ("mesh", " ".join(f"{k}={v}" for k, v in result["mesh"].items())),
-        ("batch", f"{result['global_batch']} x {result['seq_len']} tokens ({result['per_chip_batch']:g} sequences "
-                  f"per chip), grad_accum_steps={result['grad_accum_steps']}"),
-        ("model", f"{result['params']:,} params, remat={result['remat']}, attention={result['attention']}, "
-                  f"loss_chunk={result['loss_chunk']}"),
-        ("fits", f"{'yes' if result['fits'] else 'NO'}: {_gib(result['hbm_per_chip_gib'])} of "
-                 f"{result['hbm_capacity_gib']:.1f} GiB per chip"),
+        (
+            "batch",
+            f"{result['global_batch']} x {result['seq_len']} tokens ({result['per_chip_batch']:g} sequences "
+            f"per chip), grad_accum_steps={result['grad_accum_steps']}",
+        ),
+        (
+            "model",
+            f"{result['params']:,} params, remat={result['remat']}, attention={result['attention']}, "
+            f"loss_chunk={result['loss_chunk']}",
+        ),
+        (
+            "fits",
+            f"{'yes' if result['fits'] else 'NO'}: {_gib(result['hbm_per_chip_gib'])} of "
+            f"{result['hbm_capacity_gib']:.1f} GiB per chip",
+        ),
         ("  params", _gib(b["params_gib"])),
-        ("  optimizer state", _gib(b["opt_state_gib"]) + (f" (+{b['host_state_gib']:.1f} GiB in host memory)"
-                                                          if b["host_state_gib"] else "")),
+        (
+            "  optimizer state",
+            _gib(b["opt_state_gib"])
+            + (f" (+{b['host_state_gib']:.1f} GiB in host memory)" if b["host_state_gib"] else ""),
+        ),
         ("  frozen base", _gib(b["frozen_base_gib"])),
         ("  batch", _gib(b["batch_gib"])),
         ("  activations, gradients, temporaries", _gib(b.get("temporaries_gib"))),
         ("compile", f"{result['compile_s']:.0f} s"),
     ]
     if est:
-        rows.append(("estimate", f">= {est['step_s']:.2f} s/step, MFU <= {100 * est['mfu_bound']:.0f}% (analytic bound: "
-                                 "FLOPs at peak plus exposed collectives)"))
+        rows.append(
+            (
+                "estimate",
+                f">= {est['step_s']:.2f} s/step, MFU <= {100 * est['mfu_bound']:.0f}% (analytic bound: "
+                "FLOPs at peak plus exposed collectives)",
+            )
+        )
     if not result["fits"] and "compiler" in result:
         rows.append(("compiler", result["compiler"][:300]))
     width = max(len(k) for k, _ in rows)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from jaxllm import JaxllmError, __version__, atomic
 from jaxllm.hf import hub
@@ -38,14 +39,18 @@ def resolve_repo_id(repo_id: str | None, username: str | None, project: str) -> 
 
     if not repo_id:
         if not username:
-            raise JaxllmError("--push_to_hub needs the repository: --repo_id ORG/NAME, or --username NAME to push to "
-                              "NAME/<project name>")
+            raise JaxllmError(
+                "--push_to_hub needs the repository: --repo_id ORG/NAME, or --username NAME to push to "
+                "NAME/<project name>"
+            )
         repo_id = f"{username}/{os.path.basename(os.path.normpath(project))}"
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise JaxllmError(f"--repo_id {repo_id!r} is not a Hub repository name; use ORG/NAME: letters, digits, "
-                          "'-', '_' and '.', at most 96 characters, no '--' or '..'") from None
+        raise JaxllmError(
+            f"--repo_id {repo_id!r} is not a Hub repository name; use ORG/NAME: letters, digits, "
+            "'-', '_' and '.', at most 96 characters, no '--' or '..'"
+        ) from None
     if repo_id.count("/") != 1:
         raise JaxllmError(f"--repo_id {repo_id!r}: give the owner too, as ORG/NAME (or USER/NAME)")
     return repo_id
@@ -62,8 +67,10 @@ def check_token(token: str | None) -> None:
     except Exception:  # e.g. an OIDC exchange configured but failing
         found = None
     if not found:
-        raise JaxllmError("pushing to the Hub needs a token with write access: --token TOKEN, the HF_TOKEN "
-                          "environment variable, or `hf auth login`")
+        raise JaxllmError(
+            "pushing to the Hub needs a token with write access: --token TOKEN, the HF_TOKEN "
+            "environment variable, or `hf auth login`"
+        )
 
 
 def redact(argv: Sequence[str], token: str | None = None) -> list[str]:
@@ -89,8 +96,9 @@ def _is_run(path: str) -> bool:
 
 def _is_export(path: str) -> bool:
     p = atomic.as_path(path)
-    return (p / "adapter_config.json").exists() or ((p / "config.json").exists() and (
-        any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()))
+    return (p / "adapter_config.json").exists() or (
+        (p / "config.json").exists() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists())
+    )
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -103,8 +111,10 @@ def _read_json(path: str) -> dict[str, Any]:
 def locate(path: str) -> tuple[str, str | None]:
     """(the folder to upload, the finetune run it came from or None) for a run, a --save_dir or an export."""
     if not atomic.as_path(path).is_dir():
-        raise JaxllmError(f"--workdir {path!r} is not a folder; point at a finetune run, its --save_dir, or a "
-                          "Hugging Face model or PEFT adapter folder")
+        raise JaxllmError(
+            f"--workdir {path!r} is not a folder; point at a finetune run, its --save_dir, or a "
+            "Hugging Face model or PEFT adapter folder"
+        )
     if _is_export(path):
         parent = os.path.dirname(os.path.normpath(path))
         return path, parent if parent and _is_run(parent) else None
@@ -114,8 +124,10 @@ def locate(path: str) -> tuple[str, str | None]:
         folder = written.get(kind) if written else os.path.join(path, kind)
         if folder and _is_export(folder):
             return folder, run
-    raise JaxllmError(f"{path!r} holds no exported model (adapter/, merged/ or model/, or adapter_config.json / "
-                      "config.json + safetensors); export a run first: jaxllm convert --from_workdir RUN --output DIR")
+    raise JaxllmError(
+        f"{path!r} holds no exported model (adapter/, merged/ or model/, or adapter_config.json / "
+        "config.json + safetensors); export a run first: jaxllm convert --from_workdir RUN --output DIR"
+    )
 
 
 def _hub_origin(path: str, kind: str = "models") -> tuple[str | None, str | None]:
@@ -128,7 +140,7 @@ def _hub_origin(path: str, kind: str = "models") -> tuple[str | None, str | None
     for i, part in enumerate(parts):
         if part.startswith(f"{kind}--") and part.count("--") >= 2:
             commit = parts[i + 2] if len(parts) > i + 2 and parts[i + 1] == "snapshots" else None
-            return part[len(kind) + 2:].replace("--", "/"), commit
+            return part[len(kind) + 2 :].replace("--", "/"), commit
     if kind == "models" and hub.is_hub_id(path):
         return hub.split_id(path)
     return None, None
@@ -177,13 +189,26 @@ def model_card(folder: str, repo_id: str, *, run: str | None = None, command: Se
     base_id, commit = _hub_origin(source)
     data_lines, data_ids = _data_lines(cfg.get("data", {})) if cfg else ([], [])
     lora = cfg.get("lora", {})
-    tags = ["jaxllm", "text-generation"] + (["lora", "peft"] if adapter else []) + (
-        [f"{lora.get('quantization')}"] if adapter and lora.get("quantization", "none") != "none" else [])
-    meta = ModelCardData(base_model=base_id, library_name="peft" if adapter else "transformers", tags=tags,
-                         datasets=data_ids or None, pipeline_tag="text-generation").to_yaml()
+    tags = (
+        ["jaxllm", "text-generation"]
+        + (["lora", "peft"] if adapter else [])
+        + ([f"{lora.get('quantization')}"] if adapter and lora.get("quantization", "none") != "none" else [])
+    )
+    meta = ModelCardData(
+        base_model=base_id,
+        library_name="peft" if adapter else "transformers",
+        tags=tags,
+        datasets=data_ids or None,
+        pipeline_tag="text-generation",
+    ).to_yaml()
     what = "LoRA adapter (PEFT format)" if adapter else "model"
-    lines = [f"---\n{meta}\n---", f"# {repo_id.split('/')[-1]}", "",
-             f"A {what} fine-tuned with jaxllm {__version__} (JAX/Flax).", ""]
+    lines = [
+        f"---\n{meta}\n---",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"A {what} fine-tuned with jaxllm {__version__} (JAX/Flax).",
+        "",
+    ]
     if source:
         base = f"[`{base_id}`](https://huggingface.co/{base_id})" if base_id else f"`{source}` (a local folder)"
         lines.append(f"- Base model: {base}" + (f", revision `{commit}`" if commit else ""))
@@ -191,45 +216,72 @@ def model_card(folder: str, repo_id: str, *, run: str | None = None, command: Se
     if run:
         records = read_metrics(run)
         steps = max((r.get("step", 0) for r in records), default=0)
-        lines.append(f"- Steps: {steps}" + (f" of {cfg['train']['steps']}" if cfg.get("train", {}).get("steps")
-                                            and cfg["train"]["steps"] != steps else ""))
+        lines.append(
+            f"- Steps: {steps}"
+            + (
+                f" of {cfg['train']['steps']}"
+                if cfg.get("train", {}).get("steps") and cfg["train"]["steps"] != steps
+                else ""
+            )
+        )
         for split, name in (("train", "Final train loss"), ("val", "Final validation loss")):
             if (found := _loss(records, split)) is not None:
                 lines.append(f"- {name}: {_fmt(found[1])} (step {found[0]})")
     if adapter and lora:
-        lines.append(f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
-                     f"target modules {', '.join(lora.get('target_modules') or ())}, "
-                     f"base quantization {lora.get('quantization', 'none')}")
+        lines.append(
+            f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
+            f"target modules {', '.join(lora.get('target_modules') or ())}, "
+            f"base quantization {lora.get('quantization', 'none')}"
+        )
     optim, data = cfg.get("optim", {}), cfg.get("data", {})
     if optim:
-        lines.append(f"- Optimizer: AdamW, learning rate {optim.get('learning_rate')}, schedule "
-                     f"{optim.get('schedule')}, {data.get('batch_size')} rows of {data.get('block_size')} tokens "
-                     f"a step")
+        lines.append(
+            f"- Optimizer: AdamW, learning rate {optim.get('learning_rate')}, schedule "
+            f"{optim.get('schedule')}, {data.get('batch_size')} rows of {data.get('block_size')} tokens "
+            f"a step"
+        )
     if command:
         lines += ["", "Trained with:", "", "```bash", shlex.join(command), "```"]
-    lines += ["", "## Use it", "", "The repository may be private: log in first (`hf auth login`) or pass `token=`.",
-              "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    lines += [
+        "",
+        "## Use it",
+        "",
+        "The repository may be private: log in first (`hf auth login`) or pass `token=`.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    ]
     if adapter:
         base_ref = base_id or "BASE_MODEL"  # the Hub id (or local folder) of the base model
-        lines += ["from peft import PeftModel", "",
-                  f'base = AutoModelForCausalLM.from_pretrained("{base_ref}")',
-                  f'model = PeftModel.from_pretrained(base, "{repo_id}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{base_ref}")', "```"]
+        lines += [
+            "from peft import PeftModel",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base_ref}")',
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{base_ref}")',
+            "```",
+        ]
         if not base_id:
             lines += ["", f"`BASE_MODEL`: the base model it was trained on{f' (`{source}`)' if source else ''}."]
     else:
-        lines += ["", f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
+        lines += [
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def retry_command(path: str, repo_id: str, private: bool = True) -> str:
-    return shlex.join(["jaxllm", "push", f"--workdir={path}", f"--repo_id={repo_id}"] + ([] if private else
-                                                                                         ["--public"]))
+    return shlex.join(
+        ["jaxllm", "push", f"--workdir={path}", f"--repo_id={repo_id}"] + ([] if private else ["--public"])
+    )
 
 
 def _files(folder: str) -> list[str]:
     """The folder's files (relative, sorted), without hidden ones (.git, temp files)."""
+
     def walk(d, prefix: str) -> list[str]:
         out = []
         for p in d.iterdir():
@@ -241,8 +293,16 @@ def _files(folder: str) -> list[str]:
     return sorted(walk(atomic.as_path(folder), ""))
 
 
-def push(path: str, repo_id: str, *, token: str | None = None, private: bool = True, run: str | None = None,
-         command: Sequence[str] | None = None, retry_path: str | None = None) -> dict[str, str]:
+def push(
+    path: str,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = True,
+    run: str | None = None,
+    command: Sequence[str] | None = None,
+    retry_path: str | None = None,
+) -> dict[str, str]:
     """Uploads the export at `path` (see the module doc) to model repository `repo_id`, created private
     unless `private=False` (an existing one keeps its visibility), in one commit with its model card.
     Returns {repo_id, url, commit, folder}; an upload that fails raises UploadError, one line."""
@@ -254,22 +314,29 @@ def push(path: str, repo_id: str, *, token: str | None = None, private: bool = T
     run = run or found_run
     names = _files(folder)
     own_card = "README.md" in names and not run
-    card = None if own_card else model_card(folder, repo_id, run=run,
-                                            command=redact(command, token) if command else None)
-    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=_source(folder, name))
-           for name in names if own_card or name != "README.md"]
+    card = (
+        None if own_card else model_card(folder, repo_id, run=run, command=redact(command, token) if command else None)
+    )
+    ops = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=_source(folder, name))
+        for name in names
+        if own_card or name != "README.md"
+    ]
     if card is not None:
         ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     # HF_ENDPOINT read now, not at huggingface_hub's import: a private Hub or a mirror set after it loaded
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token, library_name="jaxllm",
-                library_version=__version__)
+    api = HfApi(
+        endpoint=os.environ.get("HF_ENDPOINT") or None, token=token, library_name="jaxllm", library_version=__version__
+    )
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.create_commit(repo_id, ops, commit_message=f"Upload {os.path.basename(os.path.normpath(folder))} "
-                                 "with jaxllm")
+        info = api.create_commit(
+            repo_id, ops, commit_message=f"Upload {os.path.basename(os.path.normpath(folder))} with jaxllm"
+        )
     except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
-        raise UploadError(_failure(e, repo_id, retry_command(retry_path or path, repo_id, private), token,
-                                   folder)) from None
+        raise UploadError(
+            _failure(e, repo_id, retry_command(retry_path or path, repo_id, private), token, folder)
+        ) from None
     return {"repo_id": repo_id, "url": str(url), "commit": info.oid, "folder": atomic.location(folder)}
 
 
@@ -292,15 +359,24 @@ def _failure(e: BaseException, repo_id: str, retry: str, token: str | None, fold
     for secret in secrets:
         reason = reason.replace(secret, "***")
     status = getattr(getattr(e, "response", None), "status_code", None)
-    hint = {401: " (is the token valid? `hf auth login` or --token)",
-            403: " (does the token have write access to this namespace?)"}.get(status, "")
-    return (f"upload to the Hub repository {repo_id} failed: {type(e).__name__}: {reason}{hint}; nothing local "
-            f"was changed ({atomic.location(folder)} is kept); retry with: {retry}")
+    hint = {
+        401: " (is the token valid? `hf auth login` or --token)",
+        403: " (does the token have write access to this namespace?)",
+    }.get(status, "")
+    return (
+        f"upload to the Hub repository {repo_id} failed: {type(e).__name__}: {reason}{hint}; nothing local "
+        f"was changed ({atomic.location(folder)} is kept); retry with: {retry}"
+    )
 
 
 def record_export(workdir: str, written: dict[str, str], command: Sequence[str], token: str | None) -> None:
     """Writes workdir/export.json: the command line (token removed) and the folders the run exported, for
     the model card of a later `jaxllm push --workdir=WORKDIR`."""
-    atomic.write(os.path.join(workdir, EXPORT_RECORD), json.dumps(
-        {"command": redact(command, token), "written": {k: atomic.location(v) for k, v in written.items()}},
-        indent=2) + "\n")
+    atomic.write(
+        os.path.join(workdir, EXPORT_RECORD),
+        json.dumps(
+            {"command": redact(command, token), "written": {k: atomic.location(v) for k, v in written.items()}},
+            indent=2,
+        )
+        + "\n",
+    )

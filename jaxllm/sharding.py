@@ -6,13 +6,15 @@ import contextlib
 import dataclasses
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import linen as nn
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm import JaxllmError
 
@@ -54,8 +56,10 @@ def merged_rules(overrides: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], .
     merged = dict(LOGICAL_RULES)
     for item in overrides:
         if len(item) != 2 or item[0] not in merged:
-            raise JaxllmError(f"mesh.rules: {tuple(item)!r} is not (logical axis, mesh axes) with a logical axis "
-                              f"among {', '.join(merged)}")
+            raise JaxllmError(
+                f"mesh.rules: {tuple(item)!r} is not (logical axis, mesh axes) with a logical axis "
+                f"among {', '.join(merged)}"
+            )
         axes = item[1] if item[1] is None or isinstance(item[1], str) else tuple(item[1])
         if any(a not in MESH_AXES for a in ((axes,) if isinstance(axes, str) else axes or ())):
             raise JaxllmError(f"mesh.rules: {item[0]} -> {axes!r}; mesh axes are {', '.join(MESH_AXES)} (or None)")
@@ -86,12 +90,16 @@ class MeshConfig:
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if num_devices % known:
-                raise JaxllmError(f"mesh {self._text()} does not divide the {num_devices} devices; "
-                                  f"make the fixed axes' product ({known}) divide {num_devices}")
+                raise JaxllmError(
+                    f"mesh {self._text()} does not divide the {num_devices} devices; "
+                    f"make the fixed axes' product ({known}) divide {num_devices}"
+                )
             sizes[sizes.index(-1)] = num_devices // known
         if math.prod(sizes) != num_devices:
-            raise JaxllmError(f"mesh {self._text()} has {math.prod(sizes)} devices but {num_devices} are "
-                              "available; set one axis to -1 or make the product equal the device count")
+            raise JaxllmError(
+                f"mesh {self._text()} has {math.prod(sizes)} devices but {num_devices} are "
+                "available; set one axis to -1 or make the product equal the device count"
+            )
         return tuple(sizes)
 
     def _text(self) -> str:
@@ -106,10 +114,13 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices > 1:  # several TPU slices joined over the data-center network: the data axis spans them
         if shape[0] % slices:
-            raise JaxllmError(f"mesh {cfg._text()} (data={shape[0]}) must put the data axis across the {slices} "
-                              f"slices: make mesh.data a multiple of {slices}")
-        grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices,
-                                                    allow_split_physical_axes=True)
+            raise JaxllmError(
+                f"mesh {cfg._text()} (data={shape[0]}) must put the data axis across the {slices} "
+                f"slices: make mesh.data a multiple of {slices}"
+            )
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (shape[0] // slices, *shape[1:]), (slices, 1, 1), devices, allow_split_physical_axes=True
+        )
         return Mesh(grid, MESH_AXES)
     try:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
@@ -131,8 +142,7 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Any, name: str | None) -> P:
         size = math.prod(mesh.shape[a] for a in group)
         if group and dim % size:
             if name is not None:
-                logging.warning("%s: dim %d not divisible by mesh axes %s (%d); replicating it", name, dim, group,
-                                size)
+                logging.warning("%s: dim %d not divisible by mesh axes %s (%d); replicating it", name, dim, group, size)
             fitted.append(None)
         else:
             fitted.append(axes)
@@ -169,8 +179,7 @@ def shardings_for(abstract_tree: Any, mesh: Mesh) -> Any:
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec), _rules) if spec else P()
         return NamedSharding(mesh, _fit_spec(mesh_spec, leaf.shape, mesh, jax.tree_util.keystr(path)))
 
-    return jax.tree_util.tree_map_with_path(one, logical, unboxed,
-                                            is_leaf=lambda x: isinstance(x, P) or x is None)
+    return jax.tree_util.tree_map_with_path(one, logical, unboxed, is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -188,9 +197,11 @@ def batch_shards(mesh: Mesh) -> int:
 def check_batch(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
     shards = batch_shards(mesh)
     if batch_size % grad_accum_steps or (batch_size // grad_accum_steps) % shards:
-        raise JaxllmError(f"batch size {batch_size} split into {grad_accum_steps} micro-batches does not divide "
-                          f"the data axes (data*fsdp={shards}); make batch_size a multiple of "
-                          f"{shards * grad_accum_steps}")
+        raise JaxllmError(
+            f"batch size {batch_size} split into {grad_accum_steps} micro-batches does not divide "
+            f"the data axes (data*fsdp={shards}); make batch_size a multiple of "
+            f"{shards * grad_accum_steps}"
+        )
 
 
 def process_rows(mesh: Mesh, batch_size: int) -> list[int]:
@@ -234,8 +245,11 @@ def placed(boxed: Any, shardings: Any) -> Any:
 def unbox(tree: Any) -> Any:
     """The values of a (possibly `nn.Partitioned`-boxed) pytree, without applying their constraints
     (an abstract tree holds shapes, which a constraint cannot take outside a trace)."""
-    return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
-                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
 
 
 def to_host(leaf: jax.Array) -> np.ndarray:

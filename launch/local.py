@@ -33,8 +33,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=None, help="seconds before all processes are stopped")
     args = parser.parse_args(argv[:split])
     try:
-        codes = launch_local(argv[split + 1:], args.num_processes, args.devices_per_process, port=args.port,
-                             timeout=args.timeout)
+        codes = launch_local(
+            argv[split + 1 :], args.num_processes, args.devices_per_process, port=args.port, timeout=args.timeout
+        )
     except JaxllmError as e:
         print(f"launch/local.py: error: {e}", file=sys.stderr)
         return 2

@@ -48,7 +48,7 @@ def memory_root():
             def __new__(cls, *parts):
                 full = "/".join(os.fspath(p) for p in parts)
                 if full.startswith("memory://"):
-                    full = "/memory/" + full[len("memory://"):]
+                    full = "/memory/" + full[len("memory://") :]
                 return super().__new__(cls, full)
 
             @property

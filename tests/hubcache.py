@@ -13,14 +13,22 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 FileContent = bytes | str | os.PathLike
 
 
-def put_repo(hf_home: str | os.PathLike, repo_id: str, files: Mapping[str, FileContent], *, repo_type: str = "model",
-             revision: str = "main", commit: str | None = None, tree: bool = True) -> str:
+def put_repo(
+    hf_home: str | os.PathLike,
+    repo_id: str,
+    files: Mapping[str, FileContent],
+    *,
+    repo_type: str = "model",
+    revision: str = "main",
+    commit: str | None = None,
+    tree: bool = True,
+) -> str:
     """Writes `files` (name -> bytes, text or a local file/folder to copy) as the snapshot of `repo_id` at
     `revision`; returns the commit id (40 hex digits, derived from the content unless given). With `tree`,
     also the commit's file listing (`trees/<commit>.json`), as `snapshot_download` keeps it."""
@@ -45,8 +53,14 @@ def put_repo(hf_home: str | os.PathLike, repo_id: str, files: Mapping[str, FileC
         else:
             shutil.copyfile(content, target)
     if tree:
-        listing = {str(p.relative_to(snapshot)): {"size": p.stat().st_size, "blob_id": hashlib.sha1(p.read_bytes())
-                                                  .hexdigest()} for p in sorted(snapshot.rglob("*")) if p.is_file()}
+        listing = {
+            str(p.relative_to(snapshot)): {
+                "size": p.stat().st_size,
+                "blob_id": hashlib.sha1(p.read_bytes()).hexdigest(),
+            }
+            for p in sorted(snapshot.rglob("*"))
+            if p.is_file()
+        }
         (repo / "trees").mkdir(exist_ok=True)
         (repo / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": listing}))
     (repo / "refs").mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from jaxllm.distributed import launch_local
 
@@ -19,8 +19,7 @@ def launch_from_root(cmd: list[str], num_processes: int, devices_per_process: in
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        return launch_local(cmd, num_processes=num_processes, devices_per_process=devices_per_process,
-                            timeout=timeout)
+        return launch_local(cmd, num_processes=num_processes, devices_per_process=devices_per_process, timeout=timeout)
     finally:
         os.chdir(cwd)
 

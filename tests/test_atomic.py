@@ -146,8 +146,9 @@ def test_hf_export_and_adapter_on_an_object_store(memory_root, tmp_path):
     from jaxllm.models.config import ModelConfig
     from jaxllm.models.decoder import Decoder
 
-    cfg = ModelConfig(vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=32,
-                      max_seq_len=16)
+    cfg = ModelConfig(
+        vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=32, max_seq_len=16
+    )
     params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
     hf.save_pretrained(Decoder(cfg), params, str(tmp_path / "local"), max_shard_size="10KB")
     remote = memory_root + "/model"
@@ -165,5 +166,8 @@ def test_hf_export_and_adapter_on_an_object_store(memory_root, tmp_path):
     hf.save_adapter(trainable, adapted, lcfg, memory_root + "/adapter")
     for name in os.listdir(tmp_path / "adapter"):
         assert epath.Path(memory_root, "adapter", name).read_bytes() == (tmp_path / "adapter" / name).read_bytes()
-    assert sorted(os.listdir(tmp_path / "adapter")) == _names(memory_root + "/adapter") == [
-        "adapter_config.json", "adapter_model.safetensors"]
+    assert (
+        sorted(os.listdir(tmp_path / "adapter"))
+        == _names(memory_root + "/adapter")
+        == ["adapter_config.json", "adapter_model.safetensors"]
+    )

@@ -16,15 +16,30 @@ def _run(script: str, *args: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | dict(JAX_PLATFORMS="cpu")
     if flags:
         env["XLA_FLAGS"] = " ".join(flags)
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
-                         text=True, timeout=600, env=env, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 def test_vs_pytorch_runs_both_sides_on_the_same_model():
-    lines = _run("vs_pytorch.py", *TOY, "--batch=2", "--seq=32", "--prompt_len=4", "--new_tokens=8", "--repeats=1",
-                 "--steps=1", "--torch_threads=1")
+    lines = _run(
+        "vs_pytorch.py",
+        *TOY,
+        "--batch=2",
+        "--seq=32",
+        "--prompt_len=4",
+        "--new_tokens=8",
+        "--repeats=1",
+        "--steps=1",
+        "--torch_threads=1",
+    )
     first = {r["what"]: r["first_loss"] for r in lines if "first_loss" in r}
     for what in ("train", "lora"):  # the same weights and batch: the same loss before any update
         assert abs(first[what]["jaxllm"] - first[what]["torch_1t"]) < 1e-3, first
@@ -44,9 +59,19 @@ def test_scaling_sweeps_print_a_point_per_setting():
 
 def test_jsonl_memory_reads_both_layouts(tmp_path, tok):
     """At 2 MB no line passes the 16 MiB limit: both layouts read every row (tok: the cached tokenizer)."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "jsonl_memory.py"), "--mb=2",
-                          "--long_lines=1", f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=600,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "jsonl_memory.py"),
+            "--mb=2",
+            "--long_lines=1",
+            f"--workdir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("2 MB as 1 lines: peak RSS") and "1 rows" in lines[0]

@@ -18,8 +18,7 @@ from jaxllm.train.checkpoint import (
 )
 from jaxllm.train.optimizer import OptimConfig, make_optimizer
 
-CFG = ModelConfig(vocab_size=128, num_layers=2, embed_dim=32, num_heads=8, mlp_dim=64, max_seq_len=32,
-                  dtype="float32")
+CFG = ModelConfig(vocab_size=128, num_layers=2, embed_dim=32, num_heads=8, mlp_dim=64, max_seq_len=32, dtype="float32")
 
 
 def _state(mesh_cfg, model_cfg=CFG):
@@ -100,13 +99,19 @@ def test_per_process_data_state_of_an_older_version_says_how_to_resume(tmp_path)
     old_iter = iter(grain.MapDataset.range(10).to_iter_dataset())
     next(old_iter)
     with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
-        manager.save(12, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 data=grain.checkpoint.CheckpointSave(old_iter)))
+        manager.save(
+            12,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(old_iter)),
+        )
         manager.wait_until_finished()
-    os.rename(tmp_path / "ckpt" / "12" / "data" / "process_0-of-1.json",
-              tmp_path / "ckpt" / "12" / "data" / "process_0-of-2.json")  # as two processes wrote it
-    shutil.copy(tmp_path / "ckpt" / "12" / "data" / "process_0-of-2.json",
-                tmp_path / "ckpt" / "12" / "data" / "process_1-of-2.json")
+    os.rename(
+        tmp_path / "ckpt" / "12" / "data" / "process_0-of-1.json",
+        tmp_path / "ckpt" / "12" / "data" / "process_0-of-2.json",
+    )  # as two processes wrote it
+    shutil.copy(
+        tmp_path / "ckpt" / "12" / "data" / "process_0-of-2.json",
+        tmp_path / "ckpt" / "12" / "data" / "process_1-of-2.json",
+    )
 
     class Iterator:
         def set_state(self, state):
@@ -127,8 +132,14 @@ class _Data:
         self.step, self.restored = step, None
 
     def get_state(self):
-        return {"format": "jaxllm-global-data-order/1", "step": self.step, "window": 1, "streams": 1,
-                "batch_size": 1, "lanes": {"0": [self.step, -1, 0, 0]}}
+        return {
+            "format": "jaxllm-global-data-order/1",
+            "step": self.step,
+            "window": 1,
+            "streams": 1,
+            "batch_size": 1,
+            "lanes": {"0": [self.step, -1, 0, 0]},
+        }
 
     def set_state(self, state):
         self.restored = state
@@ -166,8 +177,9 @@ def _break(step_dir, how):
                 os.remove(path)
 
 
-@pytest.mark.parametrize("how", ["truncated array file", "missing data state", "truncated metadata",
-                                 "missing array files"])
+@pytest.mark.parametrize(
+    "how", ["truncated array file", "missing data state", "truncated metadata", "missing array files"]
+)
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_newest_good_one(tmp_path, how):
     abstract = _steps_saved(tmp_path / "ckpt", [4, 8, 12])
     _break(tmp_path / "ckpt" / "12", how)
@@ -176,7 +188,9 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_newest_good_one(tmp_p
     restored = ckpt.restore(abstract, data)
     assert float(restored["w"][0]) == 8.0 and data.restored["step"] == 8
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
-    assert warnings[0].startswith(f"checkpoint {tmp_path / 'ckpt'}/12 is unreadable (") and "trying step 8" in warnings[0]
+    assert (
+        warnings[0].startswith(f"checkpoint {tmp_path / 'ckpt'}/12 is unreadable (") and "trying step 8" in warnings[0]
+    )
 
 
 def test_when_no_checkpoint_is_good_the_error_says_what_it_found(tmp_path):
@@ -193,8 +207,9 @@ def test_when_no_checkpoint_is_good_the_error_says_what_it_found(tmp_path):
 
 @pytest.mark.parametrize("async_save", [False, True])
 @pytest.mark.parametrize("error,fix", [(28, "free disk space"), (13, "writable")])
-def test_a_failing_save_is_reported_at_once_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, async_save,
-                                                                          error, fix):
+def test_a_failing_save_is_reported_at_once_and_keeps_earlier_checkpoints(
+    tmp_path, monkeypatch, async_save, error, fix
+):
     """Disk full or permission denied while writing arrays (in the background with async saves): the
     run hears of it at once, the step is not taken for saved, and the checkpoints before it restore."""
     import time

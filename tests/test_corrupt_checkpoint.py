@@ -19,11 +19,28 @@ from jaxllm.train.loop import train
 from jaxllm.train.metrics import MetricsWriter, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPTIONS = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
-           "model.mlp_dim=128", "model.vocab_size=512", "model.max_seq_len=64", "data.vocab_size=512",
-           "data.block_size=32", "data.batch_size=8", "train.log_every=1", "train.eval_every=0",
-           "train.eval_batches=2", "train.progress=false", "checkpoint.every=2", "checkpoint.keep=5",
-           "optim.warmup_steps=2", "optim.decay_steps=20", "generate.max_new_tokens=0", "mesh.data=-1"]
+OPTIONS = [
+    "model.num_layers=2",
+    "model.embed_dim=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.mlp_dim=128",
+    "model.vocab_size=512",
+    "model.max_seq_len=64",
+    "data.vocab_size=512",
+    "data.block_size=32",
+    "data.batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=2",
+    "train.progress=false",
+    "checkpoint.every=2",
+    "checkpoint.keep=5",
+    "optim.warmup_steps=2",
+    "optim.decay_steps=20",
+    "generate.max_new_tokens=0",
+    "mesh.data=-1",
+]
 DAMAGES = {10: "truncated largest file", 8: "_METADATA deleted", 6: "random bytes", 4: "data state damaged"}
 
 
@@ -75,8 +92,11 @@ def _set_aside(workdir, output, resumed):
     moved = {}
     for line in output.splitlines():
         if "is unreadable" in line:
-            found = re.fullmatch(rf"(?:\[p0\] )?warning: checkpoint {re.escape(str(workdir))}/checkpoints/(\d+) "
-                                 rf"is unreadable \((.+)\); moved it to (\S+), resuming from step {resumed}", line)
+            found = re.fullmatch(
+                rf"(?:\[p0\] )?warning: checkpoint {re.escape(str(workdir))}/checkpoints/(\d+) "
+                rf"is unreadable \((.+)\); moved it to (\S+), resuming from step {resumed}",
+                line,
+            )
             assert found, line
             assert "TensorStore" not in line and "bound method" not in line and len(line) < 500, line
             step, target = int(found.group(1)), found.group(3)
@@ -104,8 +124,7 @@ def _check_trained_past(workdir, final, corrupt):
     assert logged == list(range(1, final + 1)), logged
 
 
-def test_a_run_sets_each_kind_of_unreadable_checkpoint_aside_and_trains_past_it(trained, tmp_path, capfd,
-                                                                               caplog):
+def test_a_run_sets_each_kind_of_unreadable_checkpoint_aside_and_trains_past_it(trained, tmp_path, capfd, caplog):
     """Steps 10, 8, 6, 4 each damaged another way: each is set aside in one line, the run resumes from
     step 2, saves those steps anew and finishes. metrics.jsonl also holds lines that are not records
     and records of the steps after 2: one warning, and each step is logged once in the end."""
@@ -113,8 +132,13 @@ def test_a_run_sets_each_kind_of_unreadable_checkpoint_aside_and_trains_past_it(
     for step, how in DAMAGES.items():
         _damage(workdir / "checkpoints" / str(step), how)
     with open(workdir / "metrics.jsonl", "ab") as f:
-        f.write(b'\xff\xfe{"step": 3}\n' + b"not json\n" + b"42\n" + b'{"step": 11, "split": "train", "stale": 1}\n'
-                + b'{"step": 12, "spl')  # (a last line cut short: dropped quietly)
+        f.write(
+            b'\xff\xfe{"step": 3}\n'
+            + b"not json\n"
+            + b"42\n"
+            + b'{"step": 11, "split": "train", "stale": 1}\n'
+            + b'{"step": 12, "spl'
+        )  # (a last line cut short: dropped quietly)
     capfd.readouterr()
     assert train(_config(12), str(workdir))["step"] == 12
     err = capfd.readouterr().err
@@ -134,8 +158,15 @@ def test_two_processes_agree_to_set_a_corrupt_checkpoint_aside(trained, tmp_path
 
     workdir = _copy(trained, tmp_path)
     _damage(workdir / "checkpoints" / "10", "truncated largest file")
-    cmd = [sys.executable, "-m", "jaxllm.cli", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
-           "--config.train.steps=12"] + [f"--config.{o}" for o in OPTIONS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxllm.cli",
+        "train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.train.steps=12",
+    ] + [f"--config.{o}" for o in OPTIONS]
     codes = launch_from_root(cmd, num_processes=2, devices_per_process=2, timeout=300)
     captured = capfd.readouterr()
     out = captured.out + captured.err
@@ -149,17 +180,33 @@ def test_a_failed_save_prints_one_line_and_leaves_no_temporary_folder(trained, t
     """The disk is full when step 12 is written (in the background): one line on stderr naming the
     checkpoints that are intact and the debug log; Orbax's tracebacks are in that log, not on stderr."""
     workdir = _copy(trained, tmp_path)
-    script = ("import errno, sys\n"
-              "from orbax.checkpoint._src.serialization import serialization\n"
-              "async def full(*args, **kwargs):\n"
-              "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-              "serialization.async_serialize_from_host = full\n"
-              "from jaxllm.cli import main\n"
-              "main(sys.argv[1:])\n")
-    cmd = [sys.executable, "-c", script, "train", "--config=configs/tiny.py", f"--workdir={workdir}",
-           "--config.train.steps=14", "--config.checkpoint.async_save=true"] + [f"--config.{o}" for o in OPTIONS]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+    script = (
+        "import errno, sys\n"
+        "from orbax.checkpoint._src.serialization import serialization\n"
+        "async def full(*args, **kwargs):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "serialization.async_serialize_from_host = full\n"
+        "from jaxllm.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        script,
+        "train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.train.steps=14",
+        "--config.checkpoint.async_save=true",
+    ] + [f"--config.{o}" for o in OPTIONS]
+    result = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr[-5000:]  # no Orbax traceback, no absl error lines
@@ -174,8 +221,9 @@ def test_a_failed_save_prints_one_line_and_leaves_no_temporary_folder(trained, t
 
 def test_a_restart_from_step_0_starts_a_fresh_log(tmp_path):
     def run(steps, initial_step):
-        with MetricsWriter(str(tmp_path), is_primary=True, total_steps=4, initial_step=initial_step,
-                           progress=False, tensorboard=False) as writer:
+        with MetricsWriter(
+            str(tmp_path), is_primary=True, total_steps=4, initial_step=initial_step, progress=False, tensorboard=False
+        ) as writer:
             for step in steps:
                 writer.write(step, {"loss": float(step)})
 

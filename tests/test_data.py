@@ -15,7 +15,8 @@ import tensorflow_datasets as tfds
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from jaxllm import JaxllmError
-from jaxllm.data import corpus, lanes, tokenizer as tok_lib
+from jaxllm.data import corpus, lanes
+from jaxllm.data import tokenizer as tok_lib
 from jaxllm.data.config import DataConfig, make_source
 from jaxllm.data.pipeline import check_splits, make_eval_iterator, make_train_iterator, split_indices, tokenizer_for
 
@@ -35,8 +36,9 @@ def docs_cfg(tmp_path) -> DataConfig:
     """NUM_DOCS documents, each starting with a unique 'docNNN' marker, in a JSONL file."""
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": _doc(i), "id": i}) + "\n" for i in range(NUM_DOCS)))
-    return DataConfig(source="jsonl", paths=(str(path),), block_size=32, batch_size=4, val_fraction=0.2,
-                      shuffle_window=0)  # batches in stream order, so tests can undo the packing
+    return DataConfig(
+        source="jsonl", paths=(str(path),), block_size=32, batch_size=4, val_fraction=0.2, shuffle_window=0
+    )  # batches in stream order, so tests can undo the packing
 
 
 def _take(it, n: int) -> list[dict[str, np.ndarray]]:
@@ -64,8 +66,11 @@ def _lane(batches: list[dict], r: int) -> list[int]:
 
 def _markers(tok, batches) -> set[int]:
     """The documents whose markers the rows hold (each lane decoded on its own: rows in stream order)."""
-    return {int(m) for r in range(len(batches[0]["inputs"]))
-            for m in re.findall(r"doc(\d{3})", tok.decode(_lane(batches, r)))}
+    return {
+        int(m)
+        for r in range(len(batches[0]["inputs"]))
+        for m in re.findall(r"doc(\d{3})", tok.decode(_lane(batches, r)))
+    }
 
 
 # ---------------------------------------------------------------- corpus and tokenizer
@@ -93,7 +98,7 @@ def test_a_continuation_keeps_the_space_after_its_prompt(tok):
     from jaxllm.models.generation import continuation
 
     prompt_ids = tok.encode("The for statement")
-    new_ids = tok.encode("The for statement is used to iterate")[len(prompt_ids):]  # as a model continues it
+    new_ids = tok.encode("The for statement is used to iterate")[len(prompt_ids) :]  # as a model continues it
     assert tok.decode(new_ids) == "is used to iterate"  # decoded alone, SentencePiece drops the space
     assert "The for statement" + continuation(tok, prompt_ids, new_ids) == "The for statement is used to iterate"
 
@@ -134,8 +139,9 @@ def test_tokenizer_training_is_deterministic_across_processes():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     digests = [
-        subprocess.run([sys.executable, "-c", _TRAIN_IN_SUBPROCESS], env=env, capture_output=True, text=True,
-                       check=True).stdout
+        subprocess.run(
+            [sys.executable, "-c", _TRAIN_IN_SUBPROCESS], env=env, capture_output=True, text=True, check=True
+        ).stdout
         for _ in range(2)
     ]
     assert digests[0] == digests[1] and len(digests[0].strip()) == 64
@@ -198,8 +204,14 @@ class TinyTextDocs(tfds.core.GeneratorBasedBuilder):
 
 def test_tfds_source_and_pipeline(tmp_path, tok):
     TinyTextDocs(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-    cfg = DataConfig(source="tfds", tfds_name="tiny_text_docs", tfds_data_dir=str(tmp_path), text_field="content",
-                     block_size=32, batch_size=2)
+    cfg = DataConfig(
+        source="tfds",
+        tfds_name="tiny_text_docs",
+        tfds_data_dir=str(tmp_path),
+        text_field="content",
+        block_size=32,
+        batch_size=2,
+    )
     src = make_source(cfg)
     assert sorted(src[i] for i in range(len(src))) == sorted(_doc(i) for i in range(NUM_DOCS))
     assert next(make_train_iterator(cfg, tok))["inputs"].shape == (2, 32)
@@ -210,6 +222,7 @@ def test_tfds_source_and_pipeline(tmp_path, tok):
 
 
 # ---------------------------------------------------------------- pipeline
+
 
 def _every_source_kind(tmp_path) -> dict[str, dict]:
     """The same NUM_DOCS documents as each kind of source (the embedded corpus as itself)."""
@@ -227,12 +240,16 @@ def _every_source_kind(tmp_path) -> dict[str, dict]:
         writer.write(d.encode())
     writer.close()
     TinyTextDocs(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
-    return {"embedded": dict(source="embedded"), "text": dict(source="text", paths=(str(tmp_path / "txt/*.txt"),)),
-            "jsonl": dict(source="jsonl", paths=(str(tmp_path / "d.jsonl"),)),
-            "parquet": dict(source="parquet", paths=(str(tmp_path / "d.parquet"),)),
-            "array_record": dict(source="array_record", paths=(str(tmp_path / "d.array_record"),)),
-            "tfds": dict(source="tfds", tfds_name="tiny_text_docs", tfds_data_dir=str(tmp_path / "tfds"),
-                         text_field="content")}
+    return {
+        "embedded": dict(source="embedded"),
+        "text": dict(source="text", paths=(str(tmp_path / "txt/*.txt"),)),
+        "jsonl": dict(source="jsonl", paths=(str(tmp_path / "d.jsonl"),)),
+        "parquet": dict(source="parquet", paths=(str(tmp_path / "d.parquet"),)),
+        "array_record": dict(source="array_record", paths=(str(tmp_path / "d.array_record"),)),
+        "tfds": dict(
+            source="tfds", tfds_name="tiny_text_docs", tfds_data_dir=str(tmp_path / "tfds"), text_field="content"
+        ),
+    }
 
 
 def test_every_source_kind_gives_the_same_global_batches_on_any_process_count(tmp_path, tok):
@@ -242,10 +259,9 @@ def test_every_source_kind_gives_the_same_global_batches_on_any_process_count(tm
         halves = [_take(make_train_iterator(cfg, tok, process_index=p, process_count=2), 6) for p in range(2)]
         for i in range(6):
             for key in KEYS:
-                np.testing.assert_array_equal(whole[i][key], np.concatenate([h[i][key] for h in halves]),
-                                              err_msg=f"{kind}, batch {i}, {key}")
-
-
+                np.testing.assert_array_equal(
+                    whole[i][key], np.concatenate([h[i][key] for h in halves]), err_msg=f"{kind}, batch {i}, {key}"
+                )
 
 
 def test_batch_format_and_determinism(docs_cfg, tok):
@@ -266,7 +282,7 @@ def test_packing_reproduces_the_documents(docs_cfg, tok):
     train_idx, _ = split_indices(NUM_DOCS, cfg.val_fraction)
     batches = _take(make_train_iterator(cfg, tok), 12)
     for r in range(cfg.batch_size):
-        want = [t for i in train_idx[r::cfg.batch_size] for t in [tok.bos_id] + tok.encode(_doc(i)) + [tok.eos_id]]
+        want = [t for i in train_idx[r :: cfg.batch_size] for t in [tok.bos_id] + tok.encode(_doc(i)) + [tok.eos_id]]
         got = _lane(batches, r)
         assert len(got) == 12 * 33 and got == want[: len(got)]
 
@@ -303,6 +319,7 @@ def test_eval_padding_is_masked_and_repeatable(docs_cfg, tok):
 def test_eval_batches_are_global_and_pad_what_runs_out(docs_cfg, tok):
     """Validation batches are the same on any number of processes; a lane that runs out is padding,
     and a process without documents gets one all-padding batch."""
+
     def weight(batches):
         return sum(float(b["loss_weights"].sum()) for b in batches)
 
@@ -341,16 +358,20 @@ def test_global_batches_do_not_depend_on_the_process_count(docs_cfg, tok, proces
     train_idx, _ = split_indices(NUM_DOCS, cfg.val_fraction)
     n = _epoch_batches(tok, train_idx, 4, 32)
     whole = _take(make_train_iterator(cfg, tok), n)
-    parts = [_take(make_train_iterator(cfg, tok, process_index=p, process_count=processes), n)
-             for p in range(processes)]
+    parts = [
+        _take(make_train_iterator(cfg, tok, process_index=p, process_count=processes), n) for p in range(processes)
+    ]
     for i, batch in enumerate(whole):
         for key in KEYS:
             np.testing.assert_array_equal(batch[key], np.concatenate([part[i][key] for part in parts]))
     local = cfg.batch_size // processes
     for p in range(processes):  # process p reads only the global positions of its rows' lanes
         reads = []
-        monkeypatch.setattr(lanes._Read, "__call__",
-                            lambda self, s, g, f=lanes._Read.__call__, seen=reads: seen.append(g) or f(self, s, g))
+        monkeypatch.setattr(
+            lanes._Read,
+            "__call__",
+            lambda self, s, g, f=lanes._Read.__call__, seen=reads: seen.append(g) or f(self, s, g),
+        )
         _take(make_train_iterator(cfg, tok, process_index=p, process_count=processes), n)
         monkeypatch.undo()
         assert reads and {g % cfg.batch_size for g in reads} == set(range(p * local, (p + 1) * local))
@@ -495,8 +516,11 @@ def test_bad_inputs_raise_clear_errors(tmp_path, docs_cfg, tok):
         make_eval_iterator(dataclasses.replace(docs_cfg, val_fraction=0.0), tok)
     with pytest.raises(JaxllmError, match="validation split is empty .60 documents"):
         check_splits(dataclasses.replace(docs_cfg, val_fraction=0.0), tok)
-    with pytest.raises(JaxllmError, match=r"too small for one batch: 48 documents \([\d,]+ tokens\) fill \d+ "
-                                          r"row\(s\) of 1025 tokens, but one batch needs 16 rows \(data.batch_size=16\)"):
+    with pytest.raises(
+        JaxllmError,
+        match=r"too small for one batch: 48 documents \([\d,]+ tokens\) fill \d+ "
+        r"row\(s\) of 1025 tokens, but one batch needs 16 rows \(data.batch_size=16\)",
+    ):
         check_splits(dataclasses.replace(docs_cfg, block_size=1024, batch_size=16), tok)
     check_splits(dataclasses.replace(docs_cfg, block_size=1024, batch_size=1), tok)  # one row of a batch of one
     with pytest.raises(JaxllmError, match="vocab_size=270 is too small"):
@@ -529,9 +553,15 @@ def test_workers_of_a_killed_process_exit_too(docs_cfg, tok, tmp_path):
         "    it = make_train_iterator(cfg, tokenizer_for(cfg))\n"
         "    next(it)\n"
         "    print('ready', flush=True)\n"
-        "    time.sleep(600)\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))},
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         children = []
@@ -557,8 +587,14 @@ def test_jsonl_line_over_the_cap_is_refused_without_reading_it_whole(tmp_path, m
 
     monkeypatch.setattr(sources, "MAX_LINE_BYTES", 1000)
     path = tmp_path / "long.jsonl"
-    path.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "x" * 980}) + "\n"
-                    + json.dumps({"text": "y" * 5000}) + "\n")
+    path.write_text(
+        json.dumps({"text": "short"})
+        + "\n"
+        + json.dumps({"text": "x" * 980})
+        + "\n"
+        + json.dumps({"text": "y" * 5000})
+        + "\n"
+    )
     with pytest.raises(JaxllmError, match=r"long.jsonl:3: line longer than 1,000 bytes .*split that document"):
         sources.JsonlSource([str(path)])
     path.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "x" * 980}) + "\n")

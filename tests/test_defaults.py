@@ -24,17 +24,50 @@ from jaxllm.train.run import SECTIONS, TrainConfig, check_complete, from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = os.path.join(ROOT, "configs", "common.py")
-CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "mesh": MeshConfig,
-           "checkpoint": CheckpointConfig, "generate": GenerateConfig, "distributed": DistributedConfig,
-           "lora": LoraConfig, "preference": PreferenceConfig, "prune": PruneConfig}
+CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "mesh": MeshConfig,
+    "checkpoint": CheckpointConfig,
+    "generate": GenerateConfig,
+    "distributed": DistributedConfig,
+    "lora": LoraConfig,
+    "preference": PreferenceConfig,
+    "prune": PruneConfig,
+}
 # ModelConfig fields the model section of common.py leaves out: the shapes and family switches (each config
 # sets them, or checkpoint.model_from_init reads them from init_from, refusing them in the section) and what
 # the lora section sets. A new ModelConfig field must be placed here or in common.MODEL_RUN_SWITCHES.
-MODEL_NOT_RUN_SWITCHES = {"vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                          "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings", "num_labels", "norm", "position",
-                          "mlp", "parallel_block", "num_block_norms", "use_bias", "embed_norm", "lora_rank",
-                          "lora_alpha", "lora_dropout", "lora_targets", "lora_rslora", "quantization",
-                          "quant_block_size"}
+MODEL_NOT_RUN_SWITCHES = {
+    "vocab_size",
+    "num_layers",
+    "embed_dim",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "mlp_dim",
+    "max_seq_len",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+    "num_labels",
+    "norm",
+    "position",
+    "mlp",
+    "parallel_block",
+    "num_block_norms",
+    "use_bias",
+    "embed_norm",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "lora_rslora",
+    "quantization",
+    "quant_block_size",
+}
 
 
 def _default(field: dataclasses.Field):

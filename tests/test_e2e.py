@@ -7,26 +7,44 @@ import subprocess
 import sys
 
 import pytest
+from runs import preempt_when
 
 from jaxllm import JaxllmError
 from jaxllm.cli import run as cli_run
 from jaxllm.config import load_config
 from jaxllm.train.loop import train
 from jaxllm.train.metrics import read_metrics
-from runs import preempt_when
 
 CONFIG = "configs/tiny.py"
-SMALL = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
-         "model.mlp_dim=128", "model.vocab_size=512", "model.max_seq_len=64", "model.resid_dropout=0.1",
-         "data.vocab_size=512", "data.block_size=32", "data.batch_size=8", "optim.learning_rate=3e-3",
-         "optim.warmup_steps=5", "optim.decay_steps=20", "train.log_every=1", "train.eval_every=10",
-         "train.eval_batches=2", "train.progress=false", "checkpoint.every=5", "generate.max_new_tokens=8"]
+SMALL = [
+    "model.num_layers=2",
+    "model.embed_dim=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.mlp_dim=128",
+    "model.vocab_size=512",
+    "model.max_seq_len=64",
+    "model.resid_dropout=0.1",
+    "data.vocab_size=512",
+    "data.block_size=32",
+    "data.batch_size=8",
+    "optim.learning_rate=3e-3",
+    "optim.warmup_steps=5",
+    "optim.decay_steps=20",
+    "train.log_every=1",
+    "train.eval_every=10",
+    "train.eval_batches=2",
+    "train.progress=false",
+    "checkpoint.every=5",
+    "generate.max_new_tokens=8",
+]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cmd(workdir, *overrides):
     return [sys.executable, "-m", "jaxllm.cli", "train", f"--config={CONFIG}", f"--workdir={workdir}"] + [
-        f"--config.{o}" for o in (*SMALL, *overrides)]
+        f"--config.{o}" for o in (*SMALL, *overrides)
+    ]
 
 
 def _losses(workdir):
@@ -77,8 +95,13 @@ def test_exact_resume_after_the_process_ends(straight, tmp_path):
 
 
 def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(straight, tmp_path):
-    proc = subprocess.Popen(_cmd(tmp_path, "train.steps=20", "checkpoint.every=0"), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cmd(tmp_path, "train.steps=20", "checkpoint.every=0"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = preempt_when(proc, lambda: any(s >= 4 for s in _losses(tmp_path)))
     assert proc.returncode == 0, err[-3000:]
     stopped = json.loads(out.strip().splitlines()[-1])
@@ -93,8 +116,17 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(straight, tmp_pat
 
 
 def test_early_stopping(tmp_path):
-    cfg = load_config(CONFIG, [*SMALL, "train.steps=40", "train.eval_every=5", "train.early_stop_patience=2",
-                               "train.early_stop_min_delta=100.0", "generate.max_new_tokens=0"])
+    cfg = load_config(
+        CONFIG,
+        [
+            *SMALL,
+            "train.steps=40",
+            "train.eval_every=5",
+            "train.early_stop_patience=2",
+            "train.early_stop_min_delta=100.0",
+            "generate.max_new_tokens=0",
+        ],
+    )
     result = train(cfg, str(tmp_path))
     assert result["early_stopped"] and result["step"] == 15  # first eval sets best; two more fail to beat it
     assert (tmp_path / "checkpoints" / "15").is_dir()
@@ -125,13 +157,16 @@ def test_object_store_workdir_and_tokenizer_cache(memory_root, tmp_path, monkeyp
     assert [r["step"] for r in read_metrics(workdir) if r["split"] == "train"] == list(range(1, 9))
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["model.num_layer=2"], "did you mean 'model.num_layers'"),
-    (["data.source=text", "data.paths=['/nonexistent/*.txt']"], "nonexistent"),
-    (["model.vocab_size=100"], "model.vocab_size"),
-    (["mesh.tensor=3"], "does not divide"),
-    (["data.batch_size=12"], "multiple of 8"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["model.num_layer=2"], "did you mean 'model.num_layers'"),
+        (["data.source=text", "data.paths=['/nonexistent/*.txt']"], "nonexistent"),
+        (["model.vocab_size=100"], "model.vocab_size"),
+        (["mesh.tensor=3"], "does not divide"),
+        (["data.batch_size=12"], "multiple of 8"),
+    ],
+)
 def test_user_errors_are_one_clear_line(tmp_path, overrides, match):
     argv = ["train", f"--config={CONFIG}", f"--workdir={tmp_path}"] + [f"--config.{o}" for o in (*SMALL, *overrides)]
     with pytest.raises(JaxllmError, match=match) as info:
@@ -148,8 +183,15 @@ def test_cli_prints_one_line_error_and_exit_code(tmp_path):
 
 def test_generate_command_from_a_workdir(straight, capsys):
     workdir, _ = straight
-    argv = ["generate", f"--model={workdir}", "--prompt=The for statement", "--prompt=x", "--greedy",
-            "--max_new_tokens=6", "--width=0"]
+    argv = [
+        "generate",
+        f"--model={workdir}",
+        "--prompt=The for statement",
+        "--prompt=x",
+        "--greedy",
+        "--max_new_tokens=6",
+        "--width=0",
+    ]
     assert cli_run(argv) == 0
     first = capsys.readouterr().out
     assert cli_run(argv) == 0

@@ -33,10 +33,18 @@ def _packed(batch: int, t: int):
     return jnp.asarray(segments), jnp.asarray(positions)
 
 
-@pytest.mark.parametrize("kv_heads,alibi,dtype", [
-    (2, False, "float32"), (1, False, "float32"), (2, False, "bfloat16"),
-    (4, True, "float32"), (2, True, "float32"), (4, True, "bfloat16")],
-    ids=["gqa", "mqa", "gqa-bf16", "alibi", "alibi-gqa", "alibi-bf16"])
+@pytest.mark.parametrize(
+    "kv_heads,alibi,dtype",
+    [
+        (2, False, "float32"),
+        (1, False, "float32"),
+        (2, False, "bfloat16"),
+        (4, True, "float32"),
+        (2, True, "float32"),
+        (4, True, "bfloat16"),
+    ],
+    ids=["gqa", "mqa", "gqa-bf16", "alibi", "alibi-gqa", "alibi-bf16"],
+)
 def test_kernels_match_reference(kv_heads, alibi, dtype):
     b, n, k = 2, 4, 64
     segments, positions = _packed(b, T)
@@ -66,11 +74,19 @@ def test_kernels_match_reference(kv_heads, alibi, dtype):
 
 
 def _tiny(position: str, attention: str, **kw):
-    fields = dict(vocab_size=128, num_layers=1, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
-                  max_seq_len=256, dtype="float32", attention=attention)
+    fields = dict(
+        vocab_size=128,
+        num_layers=1,
+        embed_dim=64,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=128,
+        max_seq_len=256,
+        dtype="float32",
+        attention=attention,
+    )
     if position == "alibi":
-        fields.update(position="alibi", norm="layer", mlp="gelu_tanh", use_bias=True, embed_norm=True,
-                      num_kv_heads=4)
+        fields.update(position="alibi", norm="layer", mlp="gelu_tanh", use_bias=True, embed_norm=True, num_kv_heads=4)
     return ModelConfig(**{**fields, **kw})
 
 
@@ -103,16 +119,23 @@ def test_decoder_on_a_mesh_matches_xla(position, kv_heads):
         np.testing.assert_allclose(got, exp, atol=2e-5 * max(1.0, float(jnp.abs(exp).max())))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tpu_devices():
     """Four v5p chips from libtpu's topology description: a TPU compiler without a TPU. libtpu is a
     test dependency; its absence fails these tests rather than skipping them."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes may hold libtpu's lock file
     from jax.experimental import topologies
 
-    return tuple(topologies.get_topology_desc(platform="tpu", topology_name="v5:2x2x1", chip_config_name="megacore",
-                                              chips_per_host_bounds=(2, 2, 1), num_slices=1,
-                                              wrap=(False, False, False)).devices)
+    return tuple(
+        topologies.get_topology_desc(
+            platform="tpu",
+            topology_name="v5:2x2x1",
+            chip_config_name="megacore",
+            chips_per_host_bounds=(2, 2, 1),
+            num_slices=1,
+            wrap=(False, False, False),
+        ).devices
+    )
 
 
 def test_auto_takes_flash_when_the_mesh_is_tpu():
@@ -127,16 +150,22 @@ def test_auto_takes_flash_when_the_mesh_is_tpu():
 
 
 def _unbox(tree):
-    return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
-                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
 
 
 def _compiled_step_text(cfg, seq: int) -> str:
     """HLO of a decoder forward+backward compiled for 4 v5p chips (fsdp=2, tensor=2)."""
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2, tensor=2), tpu_devices())
     abstract = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, seq), jnp.int32))["params"])
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          _unbox(abstract), sharding.shardings_for(abstract, mesh))
+    params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        _unbox(abstract),
+        sharding.shardings_for(abstract, mesh),
+    )
     batch = jax.ShapeDtypeStruct((4, seq), jnp.int32, sharding=sharding.batch_sharding(mesh))
     with jax.set_mesh(mesh), sharding.axis_rules():
         compiled = jax.jit(functools.partial(_loss_and_grads, cfg)).lower(params, batch, batch, batch).compile()
@@ -145,7 +174,7 @@ def _compiled_step_text(cfg, seq: int) -> str:
 
 @pytest.mark.parametrize("position,kernel", [("rope", "splash_mha_fwd"), ("alibi", "alibi_flash_fwd")])
 def test_tpu_compile_runs_the_pallas_kernel(position, kernel):
-    """"auto" under a TPU mesh compiles to Mosaic custom calls; XLA's path holds [.., T, T] logits."""
+    """ "auto" under a TPU mesh compiles to Mosaic custom calls; XLA's path holds [.., T, T] logits."""
     seq = 256
     square = re.compile(rf"\[[0-9,]*{seq},{seq}\]")
     text = _compiled_step_text(_tiny(position, "auto", dtype="bfloat16"), seq)

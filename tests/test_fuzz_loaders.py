@@ -36,14 +36,17 @@ def _model_folder(folder: str) -> None:
     from jaxllm.hf.config import hf_config_from_model
     from jaxllm.models.config import ModelConfig
 
-    cfg = ModelConfig(vocab_size=32, num_layers=1, embed_dim=8, num_heads=2, mlp_dim=16, max_seq_len=16,
-                      dtype="float32")
+    cfg = ModelConfig(
+        vocab_size=32, num_layers=1, embed_dim=8, num_heads=2, mlp_dim=16, max_seq_len=16, dtype="float32"
+    )
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config_from_model(cfg, "float32"), f)
     rng = np.random.default_rng(0)
-    tensors = {"model.embed_tokens.weight": rng.normal(size=(32, 8)).astype(np.float32),
-               "model.norm.weight": np.ones(8, np.float32),
-               "lm_head.weight": rng.normal(size=(32, 8)).astype(np.float16)}
+    tensors = {
+        "model.embed_tokens.weight": rng.normal(size=(32, 8)).astype(np.float32),
+        "model.norm.weight": np.ones(8, np.float32),
+        "lm_head.weight": rng.normal(size=(32, 8)).astype(np.float16),
+    }
     save_file(tensors, os.path.join(folder, "model.safetensors"))
     torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, os.path.join(folder, "pytorch_model.bin"))
 
@@ -62,23 +65,40 @@ def _seeds(root: str) -> dict[str, tuple[str, bytes]]:
         with open(os.path.join(folder, name), "rb") as f:
             return f.read()
 
-    index = {"metadata": {"total_size": 0}, "weight_map": {"model.embed_tokens.weight": "model.safetensors",
-                                                            "model.norm.weight": "model.safetensors",
-                                                            "lm_head.weight": "model.safetensors"}}
-    adapter = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "base", "r": 4,
-               "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "bias": "none",
-               "use_rslora": False, "modules_to_save": None}  # as PEFT writes it
+    index = {
+        "metadata": {"total_size": 0},
+        "weight_map": {
+            "model.embed_tokens.weight": "model.safetensors",
+            "model.norm.weight": "model.safetensors",
+            "lm_head.weight": "model.safetensors",
+        },
+    }
+    adapter = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "base",
+        "r": 4,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "use_rslora": False,
+        "modules_to_save": None,
+    }  # as PEFT writes it
     tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     text = ["the quick brown fox jumps over the lazy dog", "hello world, jax and flax"] * 20
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"]))
     sp_model = os.path.join(root, "sp")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text * 5), model_prefix=sp_model, vocab_size=40,
-                                   model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text * 5), model_prefix=sp_model, vocab_size=40, model_type="bpe", minloglevel=2
+    )
     with open(sp_model + ".model", "rb") as f:
         sp_bytes = f.read()
-    metrics = "".join(json.dumps(r) + "\n" for r in [{"step": 1, "loss": 3.5}, {"step": 2, "loss": "nan"},
-                                                       {"step": 2, "val_loss": 3.1}])
+    metrics = "".join(
+        json.dumps(r) + "\n"
+        for r in [{"step": 1, "loss": 3.5}, {"step": 2, "loss": "nan"}, {"step": 2, "val_loss": 3.1}]
+    )
     jsonl = "".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(text[:6]))
     return {
         "config.json": ("config.json", read("config.json")),
@@ -97,7 +117,7 @@ def _seeds(root: str) -> dict[str, tuple[str, bytes]]:
 # ------------------------------------------------------------------ mutations
 
 
-_ODD_VALUES = [None, -1, 0, 1e308, -1e308, 2 ** 70, "", "x", "../../etc/passwd", [], {}, [1, "a"], True, 3.5]
+_ODD_VALUES = [None, -1, 0, 1e308, -1e308, 2**70, "", "x", "../../etc/passwd", [], {}, [1, "a"], True, 3.5]
 
 
 def _mutate_json_value(data: bytes, rng: random.Random) -> bytes:
@@ -202,7 +222,8 @@ def _load(kind: str, folder: str, path: str) -> None:
 
 
 def _run_case(kind: str, folder: str, path: str) -> str:
-    """"ok", "error" (a JaxllmError) or the traceback of anything else."""
+    """ "ok", "error" (a JaxllmError) or the traceback of anything else."""
+
     def alarm(*_):
         raise _Timeout()
 
@@ -241,19 +262,33 @@ def test_valid_seed_files_load(seeds, tmp_path):
 def _folder_for(seeds: dict, kind: str, folder: str) -> None:
     """A folder holding the valid files `kind` is read with (a model folder's other files)."""
     os.makedirs(folder, exist_ok=True)
-    companions = {"model.safetensors": ["config.json"],
-                  "model.safetensors.index.json": ["config.json", "model.safetensors"],
-                  "pytorch_model.bin": ["config.json"],
-                  "tokenizer.json": []}.get(kind, [])
+    companions = {
+        "model.safetensors": ["config.json"],
+        "model.safetensors.index.json": ["config.json", "model.safetensors"],
+        "pytorch_model.bin": ["config.json"],
+        "tokenizer.json": [],
+    }.get(kind, [])
     for other in companions:
         name, data = seeds[other]
         with open(os.path.join(folder, name), "wb") as f:
             f.write(data)
 
 
-@pytest.mark.parametrize("kind", [
-    "config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_config.json",
-    "tokenizer.json", "tokenizer.model", "metrics.jsonl", "data.jsonl", "prompts.txt"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "metrics.jsonl",
+        "data.jsonl",
+        "prompts.txt",
+    ],
+)
 def test_mutated_files_load_or_fail_in_one_line(seeds, tmp_path, kind):
     name, data = seeds[kind]
     rng = random.Random(f"{SEED}-{kind}")

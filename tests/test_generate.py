@@ -7,18 +7,34 @@ import pytest
 from flax import linen as nn
 
 from jaxllm import JaxllmError
-from jaxllm.models.generation import GenerateConfig, filter_logits, generate, left_pad
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder
+from jaxllm.models.generation import GenerateConfig, filter_logits, generate, left_pad
 
-BASE = dict(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=48,
-            dtype="float32", init_std=0.3)
+BASE = dict(
+    vocab_size=97,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=64,
+    max_seq_len=48,
+    dtype="float32",
+    init_std=0.3,
+)
 FAMILIES = {
     "llama_scan": dict(),
     "llama_tied_loop": dict(tie_embeddings=True, scan_layers=False, num_kv_heads=1, remat="full"),
     "falcon_parallel": dict(norm="layer", mlp="gelu", parallel_block=True, num_block_norms=1, num_kv_heads=1),
-    "bloom_alibi": dict(norm="layer", position="alibi", mlp="gelu_tanh", use_bias=True, embed_norm=True,
-                        tie_embeddings=True, num_kv_heads=0),
+    "bloom_alibi": dict(
+        norm="layer",
+        position="alibi",
+        mlp="gelu_tanh",
+        use_bias=True,
+        embed_norm=True,
+        tie_embeddings=True,
+        num_kv_heads=0,
+    ),
 }
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [11, 3], [60, 61, 62, 63]]
 
@@ -31,7 +47,7 @@ def _greedy_without_cache(model, params, prompt, n):
     buf[0, : len(prompt)] = prompt
     for cur in range(len(prompt), len(prompt) + n):
         buf[0, cur] = int(jnp.argmax(forward(params, buf)[0, cur - 1]))
-    return buf[0, len(prompt):].tolist()
+    return buf[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -95,18 +111,21 @@ def test_left_pad_positions_follow_the_attention_mask():
     np.testing.assert_array_equal(positions, [[0, 1, 2], [0, 0, 0]])
 
 
-@pytest.mark.parametrize("flags,match", [
-    (["--batch_size=0"], "--batch_size=0 is out of range: use an integer >= 1"),
-    (["--batch_size=-1"], "--batch_size=-1 is out of range"),
-    (["--max_new_tokens=0"], "--max_new_tokens=0 is out of range: use an integer >= 1"),
-    (["--max_new_tokens=-1"], "--max_new_tokens=-1 is out of range"),
-    (["--width=-1"], "--width=-1 is out of range: use an integer >= 0"),
-    (["--top_p=0"], r"generate.top_p=0.0 is out of range: use a finite number > 0 and <= 1"),
-    (["--top_p=2"], "generate.top_p=2.0 is out of range"),
-    (["--temperature=-1"], "generate.temperature=-1.0 is out of range"),
-    (["--temperature=nan"], "generate.temperature=nan is out of range"),
-    (["--top_k=-1"], "generate.top_k=-1 is out of range"),
-])
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--batch_size=0"], "--batch_size=0 is out of range: use an integer >= 1"),
+        (["--batch_size=-1"], "--batch_size=-1 is out of range"),
+        (["--max_new_tokens=0"], "--max_new_tokens=0 is out of range: use an integer >= 1"),
+        (["--max_new_tokens=-1"], "--max_new_tokens=-1 is out of range"),
+        (["--width=-1"], "--width=-1 is out of range: use an integer >= 0"),
+        (["--top_p=0"], r"generate.top_p=0.0 is out of range: use a finite number > 0 and <= 1"),
+        (["--top_p=2"], "generate.top_p=2.0 is out of range"),
+        (["--temperature=-1"], "generate.temperature=-1.0 is out of range"),
+        (["--temperature=nan"], "generate.temperature=nan is out of range"),
+        (["--top_k=-1"], "generate.top_k=-1 is out of range"),
+    ],
+)
 def test_generate_flags_out_of_range_fail_before_loading(flags, match):
     from jaxllm import cli
 

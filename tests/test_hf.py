@@ -12,10 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxllm import JaxllmError  # noqa: E402
-from jaxllm import hf  # noqa: E402
-from jaxllm.data.tokenizer import load_tokenizer_from_folder  # noqa: E402
+from jaxllm import JaxllmError, hf  # noqa: E402
 from jaxllm import sharding as shd  # noqa: E402
+from jaxllm.data.tokenizer import load_tokenizer_from_folder  # noqa: E402
 from jaxllm.models.config import ModelConfig, preset  # noqa: E402
 
 VOCAB = 101
@@ -23,16 +22,40 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, initializer
 VARIANTS = {
     "llama_mha": ("llama", dict(intermediate_size=80, num_attention_heads=4, num_key_value_heads=4)),
     "llama_gqa": ("llama", dict(intermediate_size=80, num_attention_heads=6, num_key_value_heads=2)),
-    "llama_tied": ("llama", dict(intermediate_size=80, num_attention_heads=4, num_key_value_heads=2,
-                                 tie_word_embeddings=True)),
-    "llama_theta": ("llama", dict(intermediate_size=80, num_attention_heads=4, num_key_value_heads=2,
-                                  rope_theta=500000.0, attention_bias=True, mlp_bias=True)),
-    "falcon_mq": ("falcon", dict(num_attention_heads=4, new_decoder_architecture=False, multi_query=True,
-                                 parallel_attn=True, bias=False, alibi=False)),
-    "falcon_grouped": ("falcon", dict(num_attention_heads=6, num_kv_heads=2, new_decoder_architecture=True,
-                                      bias=True, ffn_hidden_size=96)),
-    "falcon_sequential": ("falcon", dict(num_attention_heads=4, new_decoder_architecture=False,
-                                         multi_query=False, parallel_attn=False, bias=True)),
+    "llama_tied": (
+        "llama",
+        dict(intermediate_size=80, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    "llama_theta": (
+        "llama",
+        dict(
+            intermediate_size=80,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=500000.0,
+            attention_bias=True,
+            mlp_bias=True,
+        ),
+    ),
+    "falcon_mq": (
+        "falcon",
+        dict(
+            num_attention_heads=4,
+            new_decoder_architecture=False,
+            multi_query=True,
+            parallel_attn=True,
+            bias=False,
+            alibi=False,
+        ),
+    ),
+    "falcon_grouped": (
+        "falcon",
+        dict(num_attention_heads=6, num_kv_heads=2, new_decoder_architecture=True, bias=True, ffn_hidden_size=96),
+    ),
+    "falcon_sequential": (
+        "falcon",
+        dict(num_attention_heads=4, new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True),
+    ),
     "bloom": ("bloom", dict(n_head=6)),  # 6 heads: ALiBi slopes of a non-power-of-2 head count
 }
 CONFIGS = {"llama": transformers.LlamaConfig, "falcon": transformers.FalconConfig, "bloom": transformers.BloomConfig}
@@ -125,29 +148,69 @@ def test_bfloat16_checkpoint_and_sharded_mesh_load(tmp_path):
     hf.save_pretrained(model16, params16, str(tmp_path / "back"), dtype="bfloat16")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
     assert back.dtype == torch.bfloat16
-    np.testing.assert_array_equal(back.state_dict()["lm_head.weight"].float().numpy(),
-                                  theirs_model.state_dict()["lm_head.weight"].float().numpy())
+    np.testing.assert_array_equal(
+        back.state_dict()["lm_head.weight"].float().numpy(), theirs_model.state_dict()["lm_head.weight"].float().numpy()
+    )
 
 
 def test_alibi_slopes_match_transformers():
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
     from jaxllm.models.attention.reference import alibi_slopes
+
     for heads in (1, 4, 6, 12, 16, 112):
         theirs = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), heads, torch.float32)[:, 0, 1].numpy()
         np.testing.assert_allclose(alibi_slopes(heads), theirs, rtol=1e-6)
 
 
 _PRESET_HF = {
-    "llama2_70b": ("llama", dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                 num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096,
-                                 rms_norm_eps=1e-5)),
-    "falcon_7b": ("falcon", dict(vocab_size=65024, hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
-                                 multi_query=True, parallel_attn=True, bias=False)),
-    "falcon_40b": ("falcon", dict(vocab_size=65024, hidden_size=8192, num_hidden_layers=60, num_attention_heads=128,
-                                  num_kv_heads=8, new_decoder_architecture=True)),
-    "falcon_180b": ("falcon", dict(vocab_size=65024, hidden_size=14848, num_hidden_layers=80,
-                                   num_attention_heads=232, num_kv_heads=8, new_decoder_architecture=True)),
+    "llama2_70b": (
+        "llama",
+        dict(
+            vocab_size=32000,
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+        ),
+    ),
+    "falcon_7b": (
+        "falcon",
+        dict(
+            vocab_size=65024,
+            hidden_size=4544,
+            num_hidden_layers=32,
+            num_attention_heads=71,
+            multi_query=True,
+            parallel_attn=True,
+            bias=False,
+        ),
+    ),
+    "falcon_40b": (
+        "falcon",
+        dict(
+            vocab_size=65024,
+            hidden_size=8192,
+            num_hidden_layers=60,
+            num_attention_heads=128,
+            num_kv_heads=8,
+            new_decoder_architecture=True,
+        ),
+    ),
+    "falcon_180b": (
+        "falcon",
+        dict(
+            vocab_size=65024,
+            hidden_size=14848,
+            num_hidden_layers=80,
+            num_attention_heads=232,
+            num_kv_heads=8,
+            new_decoder_architecture=True,
+        ),
+    ),
     "bloom_560m": ("bloom", dict(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)),
     "bloom_7b1": ("bloom", dict(vocab_size=250880, hidden_size=4096, n_layer=30, n_head=32)),
     "bloom_176b": ("bloom", dict(vocab_size=250880, hidden_size=14336, n_layer=70, n_head=112)),
@@ -168,11 +231,28 @@ def test_presets_are_the_published_models(name):
 
 
 def test_falcon_legacy_config_names():
-    rw7b = dict(model_type="RefinedWebModel", vocab_size=65024, n_embed=4544, n_layer=32, n_head=71,
-                multi_query=True, parallel_attn=True, bias=False, layer_norm_epsilon=1e-5)
+    rw7b = dict(
+        model_type="RefinedWebModel",
+        vocab_size=65024,
+        n_embed=4544,
+        n_layer=32,
+        n_head=71,
+        multi_query=True,
+        parallel_attn=True,
+        bias=False,
+        layer_norm_epsilon=1e-5,
+    )
     assert hf.model_config_from_hf(rw7b) == ModelConfig(**preset("falcon_7b"))
-    rw40b = dict(model_type="RefinedWeb", vocab_size=65024, n_embed=8192, n_layer=60, n_head=128, n_head_kv=8,
-                 parallel_attn=True, bias=False)
+    rw40b = dict(
+        model_type="RefinedWeb",
+        vocab_size=65024,
+        n_embed=8192,
+        n_layer=60,
+        n_head=128,
+        n_head_kv=8,
+        parallel_attn=True,
+        bias=False,
+    )
     assert hf.model_config_from_hf(rw40b) == ModelConfig(**preset("falcon_40b"))
 
 
@@ -213,8 +293,11 @@ def test_missing_tensor_and_shape_mismatch(tmp_path):
     file = folder / "model.safetensors"
     tensors = load_file(file)
     _edit_config(folder, intermediate_size=96)
-    with pytest.raises(JaxllmError, match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has "
-                                          r"shape \(80, 48\) but config.json implies \(96, 48\)"):
+    with pytest.raises(
+        JaxllmError,
+        match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has "
+        r"shape \(80, 48\) but config.json implies \(96, 48\)",
+    ):
         hf.load_pretrained(str(folder))
     _edit_config(folder, intermediate_size=80)
     del tensors["model.layers.1.self_attn.v_proj.weight"]
@@ -270,8 +353,9 @@ def _tokenizer_files(folder, words):
     vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.save_pretrained(folder)
     return fast
 
@@ -293,8 +377,12 @@ def test_tokenizer_from_folder(tmp_path):
 def test_sentencepiece_tokenizer_from_folder(tmp_path):
     import sentencepiece as spm
 
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world", "jax and flax", "the quick fox"] * 20),
-                                   model_prefix=str(tmp_path / "tokenizer"), vocab_size=24, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["hello world", "jax and flax", "the quick fox"] * 20),
+        model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=24,
+        minloglevel=2,
+    )
     tok = load_tokenizer_from_folder(str(tmp_path), vocab_size=32)
     assert tok.vocab_size == 24 and tok.decode(tok.encode("hello world")) == "hello world"
     with pytest.raises(JaxllmError, match="has 24 tokens but the model's vocab_size is 16"):

@@ -30,17 +30,30 @@ def _byte_level_tokenizer(path, vocab_size=300):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     text = ["The meaning of life is a question people ask.", "hi there, how are you?"] * 50
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>",
-                                                                                           "<pad>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        text,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.save(str(path))
 
 
 def _bloom(folder, seed=0):
     """A tiny random BLOOM as bigscience/bloom-560m ships: model.safetensors, pytorch_model.bin, tokenizer.json."""
     torch.manual_seed(seed)
-    config = transformers.BloomConfig(vocab_size=320, hidden_size=64, n_layer=2, n_head=4, initializer_range=0.2,
-                                      bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    config = transformers.BloomConfig(
+        vocab_size=320,
+        hidden_size=64,
+        n_layer=2,
+        n_head=4,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     model = transformers.BloomForCausalLM(config)
     model.save_pretrained(folder)  # config.json + model.safetensors
     torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
@@ -60,8 +73,10 @@ def cache(tmp_path, monkeypatch, bloom_dirs):
     main, v1 = bloom_dirs
     home = tmp_path / "hf"
     files = lambda d: {name: d / name for name in os.listdir(d)}  # noqa: E731
-    commits = {"main": put_repo(home, "bigscience/bloom-560m", files(main)),
-               "v1": put_repo(home, "bigscience/bloom-560m", files(v1), revision="v1", commit="1" * 40)}
+    commits = {
+        "main": put_repo(home, "bigscience/bloom-560m", files(main)),
+        "v1": put_repo(home, "bigscience/bloom-560m", files(v1), revision="v1", commit="1" * 40),
+    }
     offline(monkeypatch, home)
     return home, commits
 
@@ -85,11 +100,19 @@ def test_generate_by_hub_id_equals_the_local_folder(cache, bloom_dirs, capsys):
 
 
 def test_only_the_needed_files_and_safetensors_first():
-    files = ["config.json", "model.safetensors", "pytorch_model.bin", "flax_model.msgpack", "tokenizer.json",
-             "onnx/model.safetensors", "README.md"]
+    files = [
+        "config.json",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "flax_model.msgpack",
+        "tokenizer.json",
+        "onnx/model.safetensors",
+        "README.md",
+    ]
     assert hub._patterns("model", files, "o/n") == ["config.json", "tokenizer.json", "model.safetensors"]
     shards = ["config.json", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json"] + [
-        f"pytorch_model-{i:05d}-of-00015.bin" for i in range(1, 16)]
+        f"pytorch_model-{i:05d}-of-00015.bin" for i in range(1, 16)
+    ]
     picked = hub._patterns("model", shards, "o/n")
     assert picked[:3] == ["config.json", "tokenizer.json", "tokenizer_config.json"] and len(picked) == 3 + 16
     assert hub._patterns("tokenizer", files, "o/n") == ["tokenizer.json", "config.json"]
@@ -102,22 +125,41 @@ def test_a_local_path_wins_and_ids_are_told_from_paths(tmp_path, monkeypatch):
     (tmp_path / "org" / "name").mkdir(parents=True)
     assert not hub.is_hub_id("org/name") and hub.local("org/name") == "org/name"
     assert hub.is_hub_id("bigscience/bloom-560m") and hub.is_hub_id("Riiid/sheep-duck-llama-2-70b-v1.1@main")
-    for path in ("./a/b", "/abs/path", "~/x/y", "gs://bucket/model", "a/b/c", "single", "", "prepared/tokenizer.model",
-                 "data/train.jsonl"):
+    for path in (
+        "./a/b",
+        "/abs/path",
+        "~/x/y",
+        "gs://bucket/model",
+        "a/b/c",
+        "single",
+        "",
+        "prepared/tokenizer.model",
+        "data/train.jsonl",
+    ):
         assert not hub.is_hub_id(path), path
     assert hub.split_id("org/m@v2") == ("org/m", "v2")
     with pytest.raises(JaxllmError, match="names revision 'v2' but --revision is 'v3'"):
         hub.split_id("org/m@v2", "v3")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model=bigscience/not-cached"], "bigscience/not-cached is not a local path, and model bigscience/not-cached is "
-                                        "not in the Hugging Face cache"),
-    (["--model=bigscience/bloom-560m@v9"], "model bigscience/bloom-560m at revision 'v9' is not in the Hugging Face "
-                                           "cache"),
-    (["--model=bigscience/bloom-560m", "--adapter=someone/missing-adapter"], "someone/missing-adapter is not a "
-                                                                             "local path"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--model=bigscience/not-cached"],
+            "bigscience/not-cached is not a local path, and model bigscience/not-cached is "
+            "not in the Hugging Face cache",
+        ),
+        (
+            ["--model=bigscience/bloom-560m@v9"],
+            "model bigscience/bloom-560m at revision 'v9' is not in the Hugging Face cache",
+        ),
+        (
+            ["--model=bigscience/bloom-560m", "--adapter=someone/missing-adapter"],
+            "someone/missing-adapter is not a local path",
+        ),
+    ],
+)
 def test_missing_repositories_and_revisions_are_one_line(cache, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["generate", "--prompt=hi", *argv])
@@ -134,7 +176,10 @@ def test_an_incomplete_cache_is_named(cache, monkeypatch, capsys):
         cli_main(["generate", "--prompt=hi", "--model=bigscience/bloom-560m"])
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if line.startswith("jaxllm: error:")]
-    assert "the cached copy of bigscience/bloom-560m (commit " in line and "is incomplete: it lacks model.safetensors" in line
+    assert (
+        "the cached copy of bigscience/bloom-560m (commit " in line
+        and "is incomplete: it lacks model.safetensors" in line
+    )
     assert "Traceback" not in err
 
 
@@ -143,8 +188,10 @@ def test_config_keys_resolve_to_cached_snapshots(cache):
     from jaxllm.train.start import resolve
 
     home, commits = cache
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.py"),
-                      ["checkpoint.init_from=bigscience/bloom-560m@v1", "data.tokenizer=bigscience/bloom-560m"])
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "tiny.py"),
+        ["checkpoint.init_from=bigscience/bloom-560m@v1", "data.tokenizer=bigscience/bloom-560m"],
+    )
     resolved = resolve(cfg)
     snapshots = home / "hub" / "models--bigscience--bloom-560m" / "snapshots"
     assert resolved.checkpoint.init_from == str(snapshots / commits["v1"])
@@ -174,13 +221,24 @@ def test_every_process_reads_the_commit_process_0_resolved(tmp_path):
         (home / "hub" / "models--org--tiny" / "refs" / "main").write_text(head)
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
-    wrapper = ("import os, runpy; os.environ['HF_HOME'] = os.environ['HF_HOME_BASE'] + os.environ['JAXLLM_PROCESS_ID']; "
-               f"runpy.run_path({str(script)!r})")
+    wrapper = (
+        "import os, runpy; os.environ['HF_HOME'] = os.environ['HF_HOME_BASE'] + os.environ['JAXLLM_PROCESS_ID']; "
+        f"runpy.run_path({str(script)!r})"
+    )
     env = dict(os.environ, HF_HOME_BASE=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", "import sys, json; from jaxllm.distributed import launch_local; "
-                          "sys.exit(max(launch_local(json.loads(sys.argv[1]), num_processes=2, timeout=120)))",
-                          json.dumps([sys.executable, "-c", wrapper])], env=env, capture_output=True, text=True,
-                         timeout=180)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, json; from jaxllm.distributed import launch_local; "
+            "sys.exit(max(launch_local(json.loads(sys.argv[1]), num_processes=2, timeout=120)))",
+            json.dumps([sys.executable, "-c", wrapper]),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     folders = sorted(line.split()[-2:] for line in (out.stdout + out.stderr).splitlines() if "FOLDER" in line)
     assert folders == [["0", a], ["1", a]], out.stdout + out.stderr
@@ -213,8 +271,12 @@ class _FakeHub:
                     self.wfile.write(body)
 
             def _error(self, status, code, head=False):
-                self._send(status, json.dumps({"error": code}).encode(), {"X-Error-Code": code,
-                                                                          "Content-Type": "application/json"}, head)
+                self._send(
+                    status,
+                    json.dumps({"error": code}).encode(),
+                    {"X-Error-Code": code, "Content-Type": "application/json"},
+                    head,
+                )
 
             def _find(self, repo, revision):
                 if repo.startswith("gated/"):
@@ -244,11 +306,17 @@ class _FakeHub:
                         return self._error(status, found, head)
                     commit, files = found
                     if parts[4] == "revision":
-                        body = {"id": "/".join(parts[2:4]), "sha": commit, "private": False,
-                                "siblings": [{"rfilename": name} for name in sorted(files)]}
+                        body = {
+                            "id": "/".join(parts[2:4]),
+                            "sha": commit,
+                            "private": False,
+                            "siblings": [{"rfilename": name} for name in sorted(files)],
+                        }
                     else:
-                        body = [{"type": "file", "path": name, "size": len(data),
-                                 "oid": hashlib.sha1(data).hexdigest()} for name, data in sorted(files.items())]
+                        body = [
+                            {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                            for name, data in sorted(files.items())
+                        ]
                     return self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
                 if len(parts) > 4 and parts[2] == "resolve":
                     found = self._find(kind + "/".join(parts[:2]), parts[3])
@@ -285,11 +353,17 @@ def online(tmp_path, monkeypatch, bloom_dirs):
     main = bloom_dirs[0]
     files = {name: (main / name).read_bytes() for name in os.listdir(main)}
     files.update({"flax_model.msgpack": b"\0" * 64, "onnx/model.safetensors": b"\0" * 64, "README.md": b"# bloom"})
-    guanaco = {"openassistant_best_replies_train.jsonl": b'{"text": "### Human: hi### Assistant: hello"}\n' * 8,
-               "openassistant_best_replies_eval.jsonl": b'{"text": "### Human: q### Assistant: a"}\n' * 4,
-               "README.md": b"---\nlicense: apache-2.0\n---\n# guanaco"}
-    server = _FakeHub({"bigscience/bloom-560m": {"main": ("c" * 40, files)},
-                       "datasets/timdettmers/openassistant-guanaco": {"main": ("d" * 40, guanaco)}})
+    guanaco = {
+        "openassistant_best_replies_train.jsonl": b'{"text": "### Human: hi### Assistant: hello"}\n' * 8,
+        "openassistant_best_replies_eval.jsonl": b'{"text": "### Human: q### Assistant: a"}\n' * 4,
+        "README.md": b"---\nlicense: apache-2.0\n---\n# guanaco",
+    }
+    server = _FakeHub(
+        {
+            "bigscience/bloom-560m": {"main": ("c" * 40, files)},
+            "datasets/timdettmers/openassistant-guanaco": {"main": ("d" * 40, guanaco)},
+        }
+    )
     home = tmp_path / "hf"
     for name, value in (("HF_HOME", str(home)), ("HF_HUB_CACHE", str(home / "hub")), ("HF_ENDPOINT", server.url)):
         monkeypatch.setenv(name, value)
@@ -325,13 +399,21 @@ def test_online_fetches_only_the_splits_a_run_reads(online):
     assert "datasets/openassistant_best_replies_train.jsonl" in server.downloads and len(server.downloads) == 3
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model=gated/llama"], "gated/llama is gated: accept its licence on https://huggingface.co/gated/llama "
-                              "(logged in), then set HF_TOKEN"),
-    (["--model=bigscience/bloom-560m@v9"], "bigscience/bloom-560m has no revision 'v9'"),
-    (["--model=bigscience/nothing"], "bigscience/nothing is neither a local path nor a model repository on the "
-                                     "Hugging Face Hub"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--model=gated/llama"],
+            "gated/llama is gated: accept its licence on https://huggingface.co/gated/llama "
+            "(logged in), then set HF_TOKEN",
+        ),
+        (["--model=bigscience/bloom-560m@v9"], "bigscience/bloom-560m has no revision 'v9'"),
+        (
+            ["--model=bigscience/nothing"],
+            "bigscience/nothing is neither a local path nor a model repository on the Hugging Face Hub",
+        ),
+    ],
+)
 def test_online_refusals_are_one_line(online, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["generate", "--prompt=hi", *argv])
@@ -357,9 +439,17 @@ def _tiny_llama(folder, tok, seed):
     import shutil
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=64, initializer_range=0.2,
-                                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     shutil.copy(tok.path, os.path.join(folder, "tokenizer.model"))
     return {name: folder / name for name in os.listdir(folder)}
@@ -374,10 +464,20 @@ def test_a_resumed_run_keeps_the_commit_it_started_from(tmp_path, monkeypatch, t
     home = tmp_path / "hf"
     first = put_repo(home, "org/tiny-llama", _tiny_llama(tmp_path / "a", tok, 0), commit="a" * 40)
     offline(monkeypatch, home)
-    overrides = ["checkpoint.init_from=org/tiny-llama", "data.tokenizer=org/tiny-llama", "data.block_size=32",
-                 "data.batch_size=8", "train.eval_every=0", "train.eval_at_start=False", "train.eval_batches=1",
-                 "train.log_every=1", "train.progress=False", "checkpoint.every=2", "checkpoint.async_save=False",
-                 "generate.max_new_tokens=0"]
+    overrides = [
+        "checkpoint.init_from=org/tiny-llama",
+        "data.tokenizer=org/tiny-llama",
+        "data.block_size=32",
+        "data.batch_size=8",
+        "train.eval_every=0",
+        "train.eval_at_start=False",
+        "train.eval_batches=1",
+        "train.log_every=1",
+        "train.progress=False",
+        "checkpoint.every=2",
+        "checkpoint.async_save=False",
+        "generate.max_new_tokens=0",
+    ]
     workdir = tmp_path / "run"
     train(load_config(os.path.join(ROOT, "configs/finetune.py"), [*overrides, "train.steps=2"]), str(workdir))
     recorded = json.loads((workdir / "config.json").read_text())
@@ -390,8 +490,15 @@ def test_a_resumed_run_keeps_the_commit_it_started_from(tmp_path, monkeypatch, t
     result = train(load_config(os.path.join(ROOT, "configs/finetune.py"), [*overrides, "train.steps=4"]), str(workdir))
     assert result["step"] == 4
     assert json.loads((workdir / "config.json").read_text())["checkpoint"]["init_from"] == f"org/tiny-llama@{first}"
-    with pytest.raises(JaxllmError, match=f"was started from org/tiny-llama at commit {first}; "
-                                          f"checkpoint.init_from=org/tiny-llama@{'b' * 40} is commit {'b' * 40}"):
-        train(load_config(os.path.join(ROOT, "configs/finetune.py"),
-                          [*overrides, "train.steps=6", f"checkpoint.init_from=org/tiny-llama@{'b' * 40}"]),
-              str(workdir))
+    with pytest.raises(
+        JaxllmError,
+        match=f"was started from org/tiny-llama at commit {first}; "
+        f"checkpoint.init_from=org/tiny-llama@{'b' * 40} is commit {'b' * 40}",
+    ):
+        train(
+            load_config(
+                os.path.join(ROOT, "configs/finetune.py"),
+                [*overrides, "train.steps=6", f"checkpoint.init_from=org/tiny-llama@{'b' * 40}"],
+            ),
+            str(workdir),
+        )

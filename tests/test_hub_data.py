@@ -39,9 +39,16 @@ def _jsonl(texts: list[str]) -> str:
 def guanaco_hub(tmp_path, monkeypatch):
     """The guanaco repository's layout (its two file names, a few dozen rows) in an offline Hub cache."""
     hf_home = tmp_path / "hf"
-    commit = put_repo(hf_home, GUANACO, {TRAIN_FILE: _jsonl(_turns("train", 40)), EVAL_FILE: _jsonl(_turns("eval", 12)),
-                                         "README.md": "---\nlicense: apache-2.0\n---\n# guanaco\n"},
-                      repo_type="dataset")
+    commit = put_repo(
+        hf_home,
+        GUANACO,
+        {
+            TRAIN_FILE: _jsonl(_turns("train", 40)),
+            EVAL_FILE: _jsonl(_turns("eval", 12)),
+            "README.md": "---\nlicense: apache-2.0\n---\n# guanaco\n",
+        },
+        repo_type="dataset",
+    )
     offline(monkeypatch, hf_home)
     return commit
 
@@ -74,8 +81,12 @@ def test_guanaco_by_hub_id_trains_on_train_and_evaluates_on_the_eval_file(guanac
     assert sorted(train + val) == sorted(train_rows) and len(val) == round(40 * cfg.data.val_fraction)
 
     # the run config `jaxllm train` reads: ids (a commit pinned, config:split) resolved where it is parsed
-    data = {"source": "embedded", "paths": (f"{GUANACO}@{guanaco_hub}",), "valid_paths": (f"{GUANACO}:default:test",),
-            "format": "text"}
+    data = {
+        "source": "embedded",
+        "paths": (f"{GUANACO}@{guanaco_hub}",),
+        "valid_paths": (f"{GUANACO}:default:test",),
+        "format": "text",
+    }
     resolved = splits.resolve_data(data)
     assert resolved["source"] == "jsonl" and resolved["paths"] == cfg.data.paths
     assert _documents(data) == (train_rows, eval_rows)
@@ -88,8 +99,10 @@ def test_missing_data_set_and_missing_split_are_one_line_each(guanaco_hub):
     assert "\n" not in str(e.value) and "nobody/no-such-set" in str(e.value) and "HF_HUB_OFFLINE" in str(e.value)
     with pytest.raises(JaxllmError) as e:
         flags_to_config(_args(["--data_path", GUANACO, "--valid_split", "validation"]), [])
-    assert str(e.value) == (f"--valid_split validation: data set '{GUANACO}' has no split 'validation'; its splits: "
-                            "train, test; name one of them")
+    assert str(e.value) == (
+        f"--valid_split validation: data set '{GUANACO}' has no split 'validation'; its splits: "
+        "train, test; name one of them"
+    )
     with pytest.raises(JaxllmError, match=r"^data set .* has no split 'dev'; its splits: train, test; name one"):
         splits.resolve_data({"paths": (GUANACO,), "valid_paths": (f"{GUANACO}:dev",)})
 
@@ -108,32 +121,60 @@ def test_autotrain_local_layouts(tmp_path, capsys):
     cfg, _ = flags_to_config(_args(["--data_path", str(folder), "--train_split", "mydata", "--trainer", "default"]), [])
     assert (cfg.data.source, cfg.data.paths) == ("csv", (str(folder / "mydata.csv"),))
     assert sorted(sum(_documents(cfg.data), [])) == sorted(rows)
-    cfg, _ = flags_to_config(_args(["--data_path", str(folder), "--train_split", "en:train", "--valid_split",
-                                    "en:validation", "--trainer", "default"]), [])
+    cfg, _ = flags_to_config(
+        _args(
+            [
+                "--data_path",
+                str(folder),
+                "--train_split",
+                "en:train",
+                "--valid_split",
+                "en:validation",
+                "--trainer",
+                "default",
+            ]
+        ),
+        [],
+    )
     assert _documents(cfg.data) == (rows[2:], rows[:1])
     with pytest.raises(JaxllmError, match=r"^--train_split fr:train: data set .* has no config 'fr'"):
         flags_to_config(_args(["--data_path", str(folder), "--train_split", "fr:train"]), [])
-    mixture = splits.resolve_data({"mixture": {"a": {"paths": (f"{folder}:en:train",), "weight": 2.0},
-                                               "b": {"source": "jsonl", "paths": (str(folder / "held.jsonl"),)}}})
+    mixture = splits.resolve_data(
+        {
+            "mixture": {
+                "a": {"paths": (f"{folder}:en:train",), "weight": 2.0},
+                "b": {"source": "jsonl", "paths": (str(folder / "held.jsonl"),)},
+            }
+        }
+    )
     assert mixture["mixture"] == {
         "a": {"source": "jsonl", "paths": (str(folder / "en" / "train.jsonl"),), "weight": 2.0},
-        "b": {"source": "jsonl", "paths": (str(folder / "held.jsonl"),)}}
+        "b": {"source": "jsonl", "paths": (str(folder / "held.jsonl"),)},
+    }
     assert splits.parse_ref("corpus/missing.jsonl") is None  # a missing file is not taken for a Hub id
     from jaxllm.prep.readers import resolve_inputs
 
     assert resolve_inputs([f"{folder}:en:validation", str(folder / "en")]) == [  # a folder alone: all its files
-        ("json", str(folder / "en" / "dev.jsonl")), ("json", str(folder / "en" / "train.jsonl"))]
+        ("json", str(folder / "en" / "dev.jsonl")),
+        ("json", str(folder / "en" / "train.jsonl")),
+    ]
     single, _ = flags_to_config(_args(["--data_path", str(folder / "held.jsonl"), "--valid_split", "test"]), [])
-    assert single.data.paths == (str(folder / "held.jsonl"),) and "--valid_split test is accepted" in \
-        capsys.readouterr().err
+    assert (
+        single.data.paths == (str(folder / "held.jsonl"),)
+        and "--valid_split test is accepted" in capsys.readouterr().err
+    )
 
 
 def test_valid_paths_need_one_file_source():
     with pytest.raises(JaxllmError, match=r"^data.valid_paths needs a source that reads files, not data.source='emb"):
         DataConfig(valid_paths=("v.jsonl",))
     with pytest.raises(JaxllmError, match="^data.valid_paths does not combine with data.mixture"):
-        DataConfig(source="jsonl", paths=("a.jsonl",), valid_paths=("v.jsonl",),
-                   mixture={"a": {"paths": ("a.jsonl",)}, "b": {"paths": ("b.jsonl",)}})
+        DataConfig(
+            source="jsonl",
+            paths=("a.jsonl",),
+            valid_paths=("v.jsonl",),
+            mixture={"a": {"paths": ("a.jsonl",)}, "b": {"paths": ("b.jsonl",)}},
+        )
     assert DataConfig(source="csv", paths="a.csv", valid_paths="v.csv").valid_paths == ("v.csv",)
 
 
@@ -155,20 +196,36 @@ configs:
 """
 LAYOUTS = {
     "csv_pair": ["train.csv", "test.csv"],
-    "parquet_shards": ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
-                       "data/validation-00000-of-00001.parquet", "data/test-00000-of-00001.parquet",
-                       "data/extra-00000-of-00001.parquet"],
+    "parquet_shards": [
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+        "data/validation-00000-of-00001.parquet",
+        "data/test-00000-of-00001.parquet",
+        "data/extra-00000-of-00001.parquet",
+    ],
     "guanaco": [TRAIN_FILE, EVAL_FILE],
     "dev_word": ["train.jsonl", "dev.jsonl", "develop.jsonl"],
     "folders": ["train/a.jsonl", "train/b.jsonl", "validation/c.jsonl", "nested/test-set/d.jsonl"],
     "digits_and_words": ["train_0.csv", "train_1.csv", "test_0.csv", "my-training-set.csv", "evaluation.csv"],
     "no_keywords": ["mytrain.jsonl", "trainee.jsonl", "notes.txt", "sub/x.jsonl"],
-    "hidden_and_metadata": ["data.jsonl", ".hidden/train.jsonl", "__pycache__/test.jsonl", "dataset_info.json",
-                            "config.json"],
+    "hidden_and_metadata": [
+        "data.jsonl",
+        ".hidden/train.jsonl",
+        "__pycache__/test.jsonl",
+        "dataset_info.json",
+        "config.json",
+    ],
     "save_to_disk": ["data-00000-of-00001.arrow", "state.json", "dataset_info.json"],
     "mixed_formats": ["train.jsonl", "train.json", "train.txt", "test.jsonl", "test.csv"],
-    "readme_configs": ["README.md", "main/a.jsonl", "main/b.jsonl", "held/c.jsonl", "other/x.csv", "fr/train.jsonl",
-                       "fr/test.jsonl"],
+    "readme_configs": [
+        "README.md",
+        "main/a.jsonl",
+        "main/b.jsonl",
+        "held/c.jsonl",
+        "other/x.csv",
+        "fr/train.jsonl",
+        "fr/test.jsonl",
+    ],
 }
 
 
@@ -183,8 +240,10 @@ def _theirs(folder, config: str | None) -> dict[str, list[str]]:
     from datasets import load_dataset_builder
 
     files = load_dataset_builder(str(folder), name=config).config.data_files
-    return {str(split): sorted({os.path.relpath(f, folder).replace(os.sep, "/") for f in found})
-            for split, found in files.items()}
+    return {
+        str(split): sorted({os.path.relpath(f, folder).replace(os.sep, "/") for f in found})
+        for split, found in files.items()
+    }
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -194,7 +253,7 @@ def test_split_rules_equal_the_datasets_library(layout, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / layout
     _make(folder, LAYOUTS[layout])
-    for config in ([None, "other", "fr"] if layout == "readme_configs" else [None]):
+    for config in [None, "other", "fr"] if layout == "readme_configs" else [None]:
         ours = splits.data_files(str(folder), config or "")
         assert ours == _theirs(folder, config), (layout, config)
         assert list(ours) == list(_theirs(folder, config))  # the same order of splits too
@@ -202,10 +261,12 @@ def test_split_rules_equal_the_datasets_library(layout, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- CSV, Arrow and JSON sources
 
-ROWS = [{"text": "plain", "prompt": "p0", "completion": "c0"},
-        {"text": 'a "quoted", comma\nand a second line', "prompt": "p1", "completion": "c1"},
-        {"text": "123", "prompt": "3.5", "completion": "true"},  # text that looks like a number stays text
-        {"text": "caf\u00e9 \u2014 \u65e5\u672c", "prompt": "p3", "completion": "c3"}]
+ROWS = [
+    {"text": "plain", "prompt": "p0", "completion": "c0"},
+    {"text": 'a "quoted", comma\nand a second line', "prompt": "p1", "completion": "c1"},
+    {"text": "123", "prompt": "3.5", "completion": "true"},  # text that looks like a number stays text
+    {"text": "caf\u00e9 \u2014 \u65e5\u672c", "prompt": "p3", "completion": "c3"},
+]
 
 
 def test_csv_arrow_and_json_read_the_rows_jsonl_holds(tmp_path):
@@ -223,8 +284,10 @@ def test_csv_arrow_and_json_read_the_rows_jsonl_holds(tmp_path):
     ds.save_to_disk(str(tmp_path / "saved"))  # its cache format: data-00000-of-00001.arrow (IPC stream)
     cases = {"csv": ["datasets.csv"], "arrow": ["stream.arrow", "file.arrow"], "json": ["array.json", "rows.jsonl"]}
     for fmt in ("text", "prompt_completion"):
-        rows = lambda source: [source[i] if fmt == "text" else (source[i]["prompt"], source[i]["completion"])  # noqa
-                               for i in range(len(source))]
+        rows = lambda source: [
+            source[i] if fmt == "text" else (source[i]["prompt"], source[i]["completion"])  # noqa
+            for i in range(len(source))
+        ]
         want = rows(make_source(DataConfig(source="jsonl", paths=(str(tmp_path / "rows.jsonl"),), format=fmt)))
         assert len(want) == len(ROWS)
         for source, names in cases.items():
@@ -235,8 +298,13 @@ def test_csv_arrow_and_json_read_the_rows_jsonl_holds(tmp_path):
         assert saved["source"] == "arrow" and len(saved["paths"]) == 1
         assert rows(make_source(build(DataConfig, saved, "data"))) == want
     # whatever `datasets` reads from the CSV is what the CSV source reads
-    theirs = datasets.load_dataset("csv", data_files=str(tmp_path / "datasets.csv"), split="train",
-                                   cache_dir=str(tmp_path / "cache"), features=ds.features)
+    theirs = datasets.load_dataset(
+        "csv",
+        data_files=str(tmp_path / "datasets.csv"),
+        split="train",
+        cache_dir=str(tmp_path / "cache"),
+        features=ds.features,
+    )
     assert [r["text"] for r in theirs] == [r["text"] for r in ROWS]
     with pytest.raises(JaxllmError, match=r"^.*datasets\.csv: row 0: no field 'body'"):
         make_source(DataConfig(source="csv", paths=(str(tmp_path / "datasets.csv"),), text_field="body"))
@@ -246,8 +314,15 @@ def test_csv_arrow_and_json_read_the_rows_jsonl_holds(tmp_path):
     (tmp_path / "mixed" / "a.csv").write_text("text\nx\n")
     (tmp_path / "mixed" / "b.parquet").write_text("x")
     with pytest.raises(JaxllmError, match=r"^data.paths mixes arrow, csv, parquet files; give files of one format$"):
-        splits.resolve_data({"paths": (str(tmp_path / "mixed" / "a.csv"), str(tmp_path / "mixed" / "b.parquet"),
-                                       str(tmp_path / "saved"))})
+        splits.resolve_data(
+            {
+                "paths": (
+                    str(tmp_path / "mixed" / "a.csv"),
+                    str(tmp_path / "mixed" / "b.parquet"),
+                    str(tmp_path / "saved"),
+                )
+            }
+        )
 
 
 # ---------------------------------------------------------------- jaxllm prep
@@ -257,8 +332,19 @@ def test_prep_reads_a_split_of_a_cached_hub_data_set(guanaco_hub, tmp_path, caps
     from jaxllm.cli import run
 
     out = tmp_path / "out"
-    assert run(["prep", f"--input={GUANACO}:test", f"--output={out}", "--config.progress=false",
-                "--config.num_workers=1", "--config.tokenize.enabled=false"]) == 0
+    assert (
+        run(
+            [
+                "prep",
+                f"--input={GUANACO}:test",
+                f"--output={out}",
+                "--config.progress=false",
+                "--config.num_workers=1",
+                "--config.tokenize.enabled=false",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     stats = json.load(open(out / "stats.json"))
     assert stats["files"] == 1 and stats["stages"]["input"]["docs_out"] == 12

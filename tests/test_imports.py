@@ -62,7 +62,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -78,8 +78,13 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # The layers, lowest first (a module belongs to the layer of its longest prefix here); every module not
 # named is a command (load, plan, convert, evaluate, finetune, push, prep/, cli), above them all. A module
 # may import its own layer and those below, never one above.
-LAYERS = (("jaxllm", "jaxllm.config", "jaxllm.sharding", "jaxllm.tree", "jaxllm.atomic", "jaxllm.distributed"),
-          ("jaxllm.models",), ("jaxllm.hf",), ("jaxllm.data",), ("jaxllm.train",))
+LAYERS = (
+    ("jaxllm", "jaxllm.config", "jaxllm.sharding", "jaxllm.tree", "jaxllm.atomic", "jaxllm.distributed"),
+    ("jaxllm.models",),
+    ("jaxllm.hf",),
+    ("jaxllm.data",),
+    ("jaxllm.train",),
+)
 
 
 def layer(module: str) -> int:
@@ -134,7 +139,13 @@ def test_every_module_imports_alone():
         "    except Exception as e:\n"
         "        failed.append(f'{name}: {type(e).__name__}: {e}')\n"
         "print('\\n'.join(failed))\n"
-        "sys.exit(1 if failed else 0)\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+        "sys.exit(1 if failed else 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]

@@ -18,15 +18,32 @@ from jaxllm.models.decoder import Decoder, abstract_params
 from jaxllm.train import step as st
 from jaxllm.train.optimizer import OptimConfig, make_optimizer
 
-LLAMA = ModelConfig(vocab_size=128, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
-                    dtype="float32", max_seq_len=32)
+LLAMA = ModelConfig(
+    vocab_size=128,
+    num_layers=2,
+    embed_dim=64,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=128,
+    dtype="float32",
+    max_seq_len=32,
+)
 FALCON = dataclasses.replace(LLAMA, norm="layer", mlp="gelu", parallel_block=True, tie_embeddings=True)
-BLOOM = dataclasses.replace(LLAMA, num_kv_heads=4, norm="layer", position="alibi", mlp="gelu_tanh", use_bias=True,
-                            embed_norm=True, tie_embeddings=True, mlp_dim=256)
+BLOOM = dataclasses.replace(
+    LLAMA,
+    num_kv_heads=4,
+    norm="layer",
+    position="alibi",
+    mlp="gelu_tanh",
+    use_bias=True,
+    embed_norm=True,
+    tie_embeddings=True,
+    mlp_dim=256,
+)
 TOKENS = np.random.RandomState(0).randint(0, 128, (2, 16)).astype(np.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params(cfg, seed=0):
     return nn.meta.unbox(jax.jit(Decoder(cfg).init)(jax.random.key(seed), TOKENS)["params"])
 
@@ -39,8 +56,9 @@ def _with_adapters(base_cfg, lcfg, base_params, b_scale=0.0):
     if b_scale:
         rng = np.random.RandomState(0)
         adapters = jax.tree_util.tree_map_with_path(
-            lambda p, v: v + b_scale * rng.standard_normal(v.shape).astype(np.float32)
-            if p[-1].key == "lora_b" else v, adapters)
+            lambda p, v: v + b_scale * rng.standard_normal(v.shape).astype(np.float32) if p[-1].key == "lora_b" else v,
+            adapters,
+        )
     saved, frozen = tree.partition(base_params, keep)
     return cfg, tree.union(adapters, saved), frozen
 
@@ -49,8 +67,11 @@ def _logits(cfg, params):
     return np.asarray(jax.jit(Decoder(cfg).apply)({"params": params}, TOKENS))
 
 
-@pytest.mark.parametrize("base", [LLAMA, FALCON, BLOOM, dataclasses.replace(LLAMA, scan_layers=False)],
-                         ids=["llama", "falcon", "bloom", "llama_noscan"])
+@pytest.mark.parametrize(
+    "base",
+    [LLAMA, FALCON, BLOOM, dataclasses.replace(LLAMA, scan_layers=False)],
+    ids=["llama", "falcon", "bloom", "llama_noscan"],
+)
 def test_fresh_adapters_reproduce_the_base_and_merge_exactly(base):
     params = _params(base)
     lcfg = lora.LoraConfig(r=4, alpha=8.0, target_modules=("all-linear",))
@@ -59,14 +80,15 @@ def test_fresh_adapters_reproduce_the_base_and_merge_exactly(base):
     a_leaves = [v for p, v in jax.tree_util.tree_leaves_with_path(trainable) if p[-1].key.endswith("lora_a")]
     assert a_leaves
     for a in a_leaves:  # PEFT's kaiming-uniform(a=sqrt(5)) on A: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        bound = 1 / np.sqrt(np.prod(a.shape[1 if base.scan_layers else 0:-1]))
+        bound = 1 / np.sqrt(np.prod(a.shape[1 if base.scan_layers else 0 : -1]))
         assert bound / 2 < float(np.abs(a).max()) <= bound
     cfg, trainable, frozen = _with_adapters(base, lcfg, params, b_scale=0.2)
     tuned = _logits(cfg, tree.union(trainable, frozen))
     assert np.abs(tuned - _logits(base, params)).max() > 0.05  # the adapters do something
     merged_cfg, merged = lora.merge_adapters(tree.union(trainable, frozen), cfg)
-    assert merged_cfg.lora_rank == 0 and not any("lora" in jax.tree_util.keystr(p)
-                                                  for p, _ in jax.tree_util.tree_leaves_with_path(merged))
+    assert merged_cfg.lora_rank == 0 and not any(
+        "lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(merged)
+    )
     np.testing.assert_allclose(_logits(merged_cfg, merged), tuned, atol=2e-5)
     back = lora.unmerge_adapters(merged, tree.partition(trainable, lambda p: p[-1] in lora.ADAPTER_LEAVES)[0], cfg)
     for ours, orig in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
@@ -77,9 +99,15 @@ def test_targets_in_hugging_face_names():
     pair = lora.LoraConfig(r=2, target_modules=("v_proj", "q_proj"))
     assert lora.resolve_targets(pair, LLAMA) == ("q_proj", "v_proj")  # canonical order
     assert lora.resolve_targets(lora.LoraConfig(r=2, target_modules=("all-linear",)), FALCON) == (
-        "qkv", "o_proj", "up_proj", "down_proj")
-    assert lora.resolve_targets(lora.LoraConfig(r=2, target_modules=("query_key_value", "dense_4h_to_h")),
-                                BLOOM) == ("qkv", "down_proj")
+        "qkv",
+        "o_proj",
+        "up_proj",
+        "down_proj",
+    )
+    assert lora.resolve_targets(lora.LoraConfig(r=2, target_modules=("query_key_value", "dense_4h_to_h")), BLOOM) == (
+        "qkv",
+        "down_proj",
+    )
     regex = lora.LoraConfig(r=2, target_modules=(r".*\.(q_proj|down_proj)",))
     assert lora.resolve_targets(regex, LLAMA) == ("q_proj", "down_proj")
     with pytest.raises(JaxllmError, match="unknown module 'q_proj'.*query_key_value"):
@@ -105,8 +133,11 @@ def _train_setup(lcfg, mesh, base=LLAMA):
         base_params = lora.quantize_params(base_params, cfg)
     saved, frozen = tree.partition(base_params, keep)
     frozen_sh = shd.shardings_for(tree.partition(abstract_params(model.cfg), keep)[1], mesh) if keep else None
-    params = tree.union(tree.partition(state.params, lambda p: p[-1] in lora.ADAPTER_LEAVES)[0], saved) if keep \
+    params = (
+        tree.union(tree.partition(state.params, lambda p: p[-1] in lora.ADAPTER_LEAVES)[0], saved)
+        if keep
         else state.params
+    )
     state = st.state_from_params(params, tx, shardings)
     step = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig()), shardings, mesh, frozen_sh)
     return cfg, state, frozen, step
@@ -115,8 +146,13 @@ def _train_setup(lcfg, mesh, base=LLAMA):
 def _batch(mesh):
     rng = np.random.RandomState(1)
     tokens = rng.randint(0, 128, (8, 17)).astype(np.int32)
-    batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=np.tile(np.arange(16), (8, 1)),
-                 segment_ids=np.ones((8, 16), np.int32), loss_weights=np.ones((8, 16), np.float32))
+    batch = dict(
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        positions=np.tile(np.arange(16), (8, 1)),
+        segment_ids=np.ones((8, 16), np.int32),
+        loss_weights=np.ones((8, 16), np.float32),
+    )
     return shd.global_batch(batch, mesh)
 
 
@@ -146,8 +182,9 @@ def _step_bytes(lcfg, base):
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     _, state, frozen, step = _train_setup(lcfg, mesh, base)
     stats = step.lower(state, _batch(mesh), frozen).compile().memory_analysis()
-    return stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes - \
-        stats.alias_size_in_bytes
+    return (
+        stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+    )
 
 
 def test_lora_step_needs_far_less_memory_than_full_fine_tuning():
@@ -224,8 +261,11 @@ def test_quantized_base_logits_and_layer_norms():
     int8 = _logits(int8_cfg, int8_params)
     assert 0 < np.sqrt(np.mean((int8 - ref) ** 2)) / ref.std() < min(0.02, rel_rms)
     dequantized = lora.dequantize_params(quantized, cfg)
-    np.testing.assert_allclose(_logits(FALCON, dequantized), _logits(cfg, tree.union(
-        _with_adapters(FALCON, lcfg, params)[1], quantized)), atol=1e-5)
+    np.testing.assert_allclose(
+        _logits(FALCON, dequantized),
+        _logits(cfg, tree.union(_with_adapters(FALCON, lcfg, params)[1], quantized)),
+        atol=1e-5,
+    )
     odd_blocks = dataclasses.replace(cfg, quant_block_size=48)  # 64 and 128 inputs: padded to 96 and 144
     quantized = lora.quantize_params(params, odd_blocks)
     assert quantized["layers"]["mlp"]["down_proj"]["kernel_nf4"].shape == (2, 144 // 2, 64)  # [layers, rows, out]

@@ -18,22 +18,25 @@ from jaxllm import JaxllmError
 from jaxllm.train.metrics import MetricsWriter, peak_tflops, read_metrics, step_metrics
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("TPU v4", 275.0),
-    ("TPU v5 lite", 197.0),
-    ("TPU v5e", 197.0),
-    ("TPU v5p", 459.0),
-    ("TPU v5", 459.0),
-    ("TPU v6 lite", 918.0),
-    ("TPU v6e", 918.0),
-    ("NVIDIA A100-SXM4-80GB", 312.0),
-    ("NVIDIA A100 80GB PCIe", 312.0),
-    ("NVIDIA H100 80GB HBM3", 989.0),
-    ("NVIDIA H100 PCIe", 756.0),
-    ("nvidia h100-pcie", 756.0),
-    ("NVIDIA H200", 989.0),
-    ("Some Future Chip", None),
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("TPU v4", 275.0),
+        ("TPU v5 lite", 197.0),
+        ("TPU v5e", 197.0),
+        ("TPU v5p", 459.0),
+        ("TPU v5", 459.0),
+        ("TPU v6 lite", 918.0),
+        ("TPU v6e", 918.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A100 80GB PCIe", 312.0),
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("nvidia h100-pcie", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("Some Future Chip", None),
+    ],
+)
 def test_peak_tflops_matches_device_kind(kind, expected):
     assert peak_tflops(SimpleNamespace(platform="gpu", device_kind=kind)) == expected
     assert peak_tflops(kind) == expected
@@ -63,8 +66,8 @@ def _read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
         data = path.read_bytes()
         pos = 0
         while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            payload = data[pos + 12:pos + 12 + length]
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            payload = data[pos + 12 : pos + 12 + length]
             assert len(payload) == length, "truncated record"
             pos += 12 + length + 4
             event = event_pb2.Event.FromString(payload)
@@ -126,7 +129,13 @@ def test_resume_drops_records_the_checkpoint_does_not_contain(tmp_path):
         for step in range(4, 7):
             writer.write(step, {"loss": 10.0 + step})
     assert [(r["step"], r["loss"]) for r in read_metrics(workdir)] == [
-        (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 14.0),
+        (5, 15.0),
+        (6, 16.0),
+    ]
 
 
 def test_object_store_workdir(memory_root):

@@ -33,8 +33,10 @@ def _write(path, tag: str, n: int, bucket=None) -> str:
 
 @pytest.fixture
 def two_sources(tmp_path) -> dict:
-    return {"a": {"source": "jsonl", "paths": (_write(tmp_path / "a.jsonl", "a", 80),), "weight": 3.0},
-            "b": {"source": "jsonl", "paths": (_write(tmp_path / "b.jsonl", "b", 80),), "weight": 1.0}}
+    return {
+        "a": {"source": "jsonl", "paths": (_write(tmp_path / "a.jsonl", "a", 80),), "weight": 3.0},
+        "b": {"source": "jsonl", "paths": (_write(tmp_path / "b.jsonl", "b", 80),), "weight": 1.0},
+    }
 
 
 def _cfg(**kw) -> DataConfig:
@@ -74,7 +76,9 @@ def test_a_weight_schedule_switches_sources_at_the_step(two_sources, tok):
     it = make_train_iterator(_cfg(mixture=two_sources), tok)
     per_step = [set(_tags(tok, next(it))) for _ in range(16)]
     assert all(tags <= {"a"} for tags in per_step[:5]) and set().union(*per_step[:5]) == {"a"}, per_step
-    assert all(tags <= {"b"} for tags in per_step[8:]) and set().union(*per_step[8:]) == {"b"}, per_step  # a document drawn at step 5.9 may reach step 7
+    assert all(tags <= {"b"} for tags in per_step[8:]) and set().union(*per_step[8:]) == {"b"}, (
+        per_step
+    )  # a document drawn at step 5.9 may reach step 7
 
 
 def test_curriculum_schedule_follows_the_stages(tmp_path, tok):
@@ -89,8 +93,10 @@ def test_curriculum_schedule_follows_the_stages(tmp_path, tok):
 
 def test_curriculum_over_a_mixture_keeps_each_source_share(tmp_path, tok):
     """b holds stage 1 only: it waits while stage 1 has no weight, then takes its whole share from it."""
-    mix = {"a": {"source": "jsonl", "paths": (_write(tmp_path / "a.jsonl", "a", 80, bucket=lambda i: i % 2),)},
-           "b": {"source": "jsonl", "paths": (_write(tmp_path / "b.jsonl", "b", 80, bucket=lambda i: 1),)}}
+    mix = {
+        "a": {"source": "jsonl", "paths": (_write(tmp_path / "a.jsonl", "a", 80, bucket=lambda i: i % 2),)},
+        "b": {"source": "jsonl", "paths": (_write(tmp_path / "b.jsonl", "b", 80, bucket=lambda i: 1),)},
+    }
     cfg = _cfg(mixture=mix, curriculum_field="bucket", curriculum_schedule=((0, (1, 0)), (10, (1, 0)), (11, (1, 1))))
     it = make_train_iterator(cfg, tok)
     early = "\n".join(_text(tok, next(it)) for _ in range(10))
@@ -131,8 +137,10 @@ def test_mixed_batches_do_not_depend_on_the_process_count(tmp_path, two_sources,
     """Mixtures and curricula draw per row of the global batch: 1, 2 or 4 processes get the same batches,
     and a state saved by 2 restores on 4 mid-schedule."""
     if curriculum:
-        two_sources = {"a": {**two_sources["a"], "paths": (_write(tmp_path / "s.jsonl", "a", 80, bucket=lambda i: i % 2),)},
-                       "b": {**two_sources["b"], "paths": (_write(tmp_path / "t.jsonl", "b", 80, bucket=lambda i: 1),)}}
+        two_sources = {
+            "a": {**two_sources["a"], "paths": (_write(tmp_path / "s.jsonl", "a", 80, bucket=lambda i: i % 2),)},
+            "b": {**two_sources["b"], "paths": (_write(tmp_path / "t.jsonl", "b", 80, bucket=lambda i: 1),)},
+        }
     two_sources["a"]["weight"] = ((0, 1.0), (6, 0.2))
     extra = dict(curriculum_field="bucket", curriculum_schedule=((0, (1, 0)), (4, (0, 1)))) if curriculum else {}
     cfg = _cfg(mixture=two_sources, shuffle_window=8, **extra)
@@ -183,8 +191,9 @@ def test_schedules_interpolate_linearly():
 
 
 def test_mixture_from_a_config_file_and_the_command_line(two_sources):
-    cfg = ml_collections.ConfigDict({"data": {"source": "embedded", "mixture": None, "curriculum_field": "",
-                                              "curriculum_schedule": ()}})
+    cfg = ml_collections.ConfigDict(
+        {"data": {"source": "embedded", "mixture": None, "curriculum_field": "", "curriculum_schedule": ()}}
+    )
     apply_override(cfg, f"--config.data.mixture={two_sources!r}")
     apply_override(cfg, "--config.data.mixture.b.weight=2")
     data = build(DataConfig, cfg.data, "data")
@@ -194,17 +203,28 @@ def test_mixture_from_a_config_file_and_the_command_line(two_sources):
         build(DataConfig, cfg.data, "data")
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"mixture": {"a": {"sorce": "jsonl"}}}, r"unknown key data.mixture.a.sorce; did you mean data.mixture.a.source"),
-    ({"mixture": {"a": {"weight": -1}}}, "finite and >= 0"),
-    ({"mixture": {"a": {"weight": ((5, 1), (2, 1))}}}, "increasing"),
-    ({"mixture": {"a": {"source": "nope"}}}, r"data.mixture.a: data.source='nope' is not known"),
-    ({"mixture": ["a"]}, "must be a dict"),
-    ({"curriculum_field": "bucket"}, "go together"),
-    ({"curriculum_field": "bucket", "curriculum_schedule": ((0, (1, 0)), (5, (1,)))}, "every point needs 2 weights"),
-    ({"curriculum_field": "bucket", "curriculum_schedule": ((0, (1, 0)),), "source": "text", "paths": ("x",)},
-     "needs records with fields"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (
+            {"mixture": {"a": {"sorce": "jsonl"}}},
+            r"unknown key data.mixture.a.sorce; did you mean data.mixture.a.source",
+        ),
+        ({"mixture": {"a": {"weight": -1}}}, "finite and >= 0"),
+        ({"mixture": {"a": {"weight": ((5, 1), (2, 1))}}}, "increasing"),
+        ({"mixture": {"a": {"source": "nope"}}}, r"data.mixture.a: data.source='nope' is not known"),
+        ({"mixture": ["a"]}, "must be a dict"),
+        ({"curriculum_field": "bucket"}, "go together"),
+        (
+            {"curriculum_field": "bucket", "curriculum_schedule": ((0, (1, 0)), (5, (1,)))},
+            "every point needs 2 weights",
+        ),
+        (
+            {"curriculum_field": "bucket", "curriculum_schedule": ((0, (1, 0)),), "source": "text", "paths": ("x",)},
+            "needs records with fields",
+        ),
+    ],
+)
 def test_bad_mixture_configs_fail_clearly(kw, match):
     with pytest.raises(JaxllmError, match=match):
         _cfg(**kw)
@@ -219,7 +239,8 @@ def test_bad_curriculum_data_fails_clearly(tmp_path, tok):
     with pytest.raises(JaxllmError, match=r"no field 'level'.*set data.curriculum_field"):
         make_train_iterator(cfg, tok)
     only_zero = _write(tmp_path / "z.jsonl", "z", 40, bucket=lambda i: 0)
-    cfg = _cfg(source="jsonl", paths=(only_zero,), curriculum_field="bucket",
-               curriculum_schedule=((0, (1, 0)), (10, (0, 1))))
+    cfg = _cfg(
+        source="jsonl", paths=(only_zero,), curriculum_field="bucket", curriculum_schedule=((0, (1, 0)), (10, (0, 1)))
+    )
     with pytest.raises(JaxllmError, match="at step 10 every weighted source or curriculum stage is empty"):
         make_train_iterator(cfg, tok)

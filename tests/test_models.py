@@ -12,16 +12,18 @@ from jaxllm.models.attention.reference import alibi_bias, attention_mask, refere
 from jaxllm.models.config import PRESETS, ModelConfig, preset
 from jaxllm.models.decoder import Decoder
 
-TINY = dict(vocab_size=128, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
-            max_seq_len=64, dtype="float32")
+TINY = dict(
+    vocab_size=128, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=64, dtype="float32"
+)
 
 
 def _params(cfg, seq=16):
     return nn.meta.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, seq), jnp.int32))["params"])
 
 
-@pytest.mark.parametrize("name,published", [
-    ("llama2_7b", 6_738_415_616), ("llama2_13b", 13_015_864_320), ("llama2_70b", 68_976_648_192)])
+@pytest.mark.parametrize(
+    "name,published", [("llama2_7b", 6_738_415_616), ("llama2_13b", 13_015_864_320), ("llama2_70b", 68_976_648_192)]
+)
 def test_published_parameter_counts(name, published):
     cfg = ModelConfig(**preset(name))
     shapes = jax.eval_shape(lambda: _params(cfg, 8))  # shapes only, nothing allocated
@@ -132,9 +134,16 @@ def test_mqa_gqa_and_tied_embeddings_shapes():
         assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(num_heads=3), "not divisible"), (dict(num_kv_heads=3), "multiple of num_kv_heads"),
-    (dict(remat="some"), "remat"), (dict(dtype="fp8"), "dtype"), (dict(attention="splash"), "attention")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(num_heads=3), "not divisible"),
+        (dict(num_kv_heads=3), "multiple of num_kv_heads"),
+        (dict(remat="some"), "remat"),
+        (dict(dtype="fp8"), "dtype"),
+        (dict(attention="splash"), "attention"),
+    ],
+)
 def test_bad_model_config(bad, match):
     with pytest.raises(JaxllmError, match=match):
         ModelConfig(**{**TINY, **bad})
@@ -152,18 +161,37 @@ def test_train_flops_per_token_counts_every_matmul():
 
 # --- Falcon and BLOOM switches on the same decoder ---------------------------------------------------
 
-FALCON_TINY = dict(TINY, norm="layer", mlp="gelu", parallel_block=True, num_block_norms=1, num_kv_heads=1,
-                   tie_embeddings=True)
+FALCON_TINY = dict(
+    TINY, norm="layer", mlp="gelu", parallel_block=True, num_block_norms=1, num_kv_heads=1, tie_embeddings=True
+)
 FALCON40_TINY = dict(FALCON_TINY, num_kv_heads=2, num_block_norms=2, use_bias=True)
-BLOOM_TINY = dict(TINY, num_heads=6, num_kv_heads=0, embed_dim=48, norm="layer", position="alibi",
-                  mlp="gelu_tanh", use_bias=True, embed_norm=True, tie_embeddings=True)
+BLOOM_TINY = dict(
+    TINY,
+    num_heads=6,
+    num_kv_heads=0,
+    embed_dim=48,
+    norm="layer",
+    position="alibi",
+    mlp="gelu_tanh",
+    use_bias=True,
+    embed_norm=True,
+    tie_embeddings=True,
+)
 
 
-@pytest.mark.parametrize("name,published", [
-    # Hugging Face parameter counts of tiiuae/falcon-{7b,40b,180B} and bigscience/bloom-{560m,7b1}, bloom
-    # (tied heads counted once); tests/test_hf.py rebuilds each with transformers on the meta device.
-    ("falcon_7b", 6_921_720_704), ("falcon_40b", 41_303_293_952), ("falcon_180b", 178_557_088_768),
-    ("bloom_560m", 559_214_592), ("bloom_7b1", 7_069_016_064), ("bloom_176b", 176_247_271_424)])
+@pytest.mark.parametrize(
+    "name,published",
+    [
+        # Hugging Face parameter counts of tiiuae/falcon-{7b,40b,180B} and bigscience/bloom-{560m,7b1}, bloom
+        # (tied heads counted once); tests/test_hf.py rebuilds each with transformers on the meta device.
+        ("falcon_7b", 6_921_720_704),
+        ("falcon_40b", 41_303_293_952),
+        ("falcon_180b", 178_557_088_768),
+        ("bloom_560m", 559_214_592),
+        ("bloom_7b1", 7_069_016_064),
+        ("bloom_176b", 176_247_271_424),
+    ],
+)
 def test_falcon_bloom_published_parameter_counts(name, published):
     cfg = ModelConfig(**preset(name))
     shapes = jax.eval_shape(lambda: _params(cfg, 8))
@@ -175,6 +203,7 @@ def test_falcon_bloom_published_parameter_counts(name, published):
 
 def test_alibi_slopes_match_the_papers_formula():
     from jaxllm.models.attention.reference import alibi_slopes
+
     np.testing.assert_allclose(alibi_slopes(8), 2.0 ** -np.arange(1, 9), rtol=1e-7)
     # 12 heads: the 8 slopes of 8 heads, then the odd ones of 16 heads: 2^-0.5, 2^-1.5, ...
     want = np.concatenate([2.0 ** -np.arange(1, 9), 2.0 ** -np.arange(0.5, 4, 1.0)])
@@ -235,9 +264,16 @@ def test_alibi_depends_on_relative_positions_only():
     assert float(jnp.max(jnp.abs(apply({"params": params}, x, pos) - apply({"params": params}, x, shuffled)))) > 1e-3
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(norm="batch"), "norm="), (dict(position="learned"), "position="), (dict(mlp="relu"), "mlp="),
-    (dict(num_block_norms=1), "num_block_norms"), (dict(num_block_norms=3, parallel_block=True), "num_block_norms")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(norm="batch"), "norm="),
+        (dict(position="learned"), "position="),
+        (dict(mlp="relu"), "mlp="),
+        (dict(num_block_norms=1), "num_block_norms"),
+        (dict(num_block_norms=3, parallel_block=True), "num_block_norms"),
+    ],
+)
 def test_bad_family_switches(bad, match):
     with pytest.raises(JaxllmError, match=match):
         ModelConfig(**{**TINY, **bad})

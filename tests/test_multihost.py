@@ -7,16 +7,40 @@ sys.path.insert(0, os.path.dirname(__file__))
 from runs import launch_from_root  # noqa: E402
 
 from jaxllm.train.metrics import read_metrics  # noqa: E402
-SMALL = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
-         "model.mlp_dim=128", "model.vocab_size=512", "model.max_seq_len=64", "data.vocab_size=512",
-         "data.block_size=32", "data.batch_size=8", "train.log_every=1", "train.eval_every=2",
-         "train.eval_batches=2", "train.progress=false", "checkpoint.every=2", "optim.decay_steps=6",
-         "mesh.data=2", "mesh.fsdp=2", "generate.max_new_tokens=4"]
+
+SMALL = [
+    "model.num_layers=2",
+    "model.embed_dim=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.mlp_dim=128",
+    "model.vocab_size=512",
+    "model.max_seq_len=64",
+    "data.vocab_size=512",
+    "data.block_size=32",
+    "data.batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.eval_batches=2",
+    "train.progress=false",
+    "checkpoint.every=2",
+    "optim.decay_steps=6",
+    "mesh.data=2",
+    "mesh.fsdp=2",
+    "generate.max_new_tokens=4",
+]
 
 
 def _train(workdir, steps, capsys):
-    cmd = [sys.executable, "-m", "jaxllm.cli", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
-           f"--config.train.steps={steps}"] + [f"--config.{o}" for o in SMALL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxllm.cli",
+        "train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.train.steps={steps}",
+    ] + [f"--config.{o}" for o in SMALL]
     codes = launch_from_root(cmd, num_processes=2, devices_per_process=2, timeout=400)
     captured = capsys.readouterr()
     return codes, captured.out + captured.err
@@ -38,19 +62,45 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, capsys):
     assert all(r["loss"] == r["loss"] for r in records)  # finite, not nan
 
 
-CHAIN = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
-         "model.mlp_dim=128", "model.vocab_size=512", "model.max_seq_len=64", "data.vocab_size=512",
-         "data.block_size=32", "data.batch_size=8", "data.shuffle_window=24", "train.log_every=1",
-         "train.eval_every=0", "train.eval_batches=2", "train.progress=false", "checkpoint.every=2",
-         "checkpoint.async_save=false", "optim.decay_steps=10", "generate.max_new_tokens=0"]
+CHAIN = [
+    "model.num_layers=2",
+    "model.embed_dim=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.mlp_dim=128",
+    "model.vocab_size=512",
+    "model.max_seq_len=64",
+    "data.vocab_size=512",
+    "data.block_size=32",
+    "data.batch_size=8",
+    "data.shuffle_window=24",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=2",
+    "train.progress=false",
+    "checkpoint.every=2",
+    "checkpoint.async_save=false",
+    "optim.decay_steps=10",
+    "generate.max_new_tokens=0",
+]
 
 
 def _launch(workdir, steps, processes, devices, mesh, capsys):
     data, fsdp = mesh
-    cmd = [sys.executable, "-m", "jaxllm.cli", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
-           f"--config.train.steps={steps}", f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}"]
-    codes = launch_from_root(cmd + [f"--config.{o}" for o in CHAIN], num_processes=processes,
-                             devices_per_process=devices, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxllm.cli",
+        "train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.train.steps={steps}",
+        f"--config.mesh.data={data}",
+        f"--config.mesh.fsdp={fsdp}",
+    ]
+    codes = launch_from_root(
+        cmd + [f"--config.{o}" for o in CHAIN], num_processes=processes, devices_per_process=devices, timeout=600
+    )
     captured = capsys.readouterr()
     assert codes == [0] * processes, (captured.out + captured.err)[-4000:]
     return captured.out + captured.err

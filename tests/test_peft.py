@@ -36,8 +36,8 @@ def _trained_adapters(cfg, lcfg, base):
     adapters, _ = tree.partition(fresh, lambda p: p[-1] in lora.ADAPTER_LEAVES)
     rng = np.random.RandomState(0)
     adapters = jax.tree_util.tree_map_with_path(
-        lambda p, v: v + 0.3 * rng.standard_normal(v.shape).astype(np.float32) if p[-1].key == "lora_b" else v,
-        adapters)
+        lambda p, v: v + 0.3 * rng.standard_normal(v.shape).astype(np.float32) if p[-1].key == "lora_b" else v, adapters
+    )
     saved, frozen = tree.partition(base, lora.trainable_fn(lcfg, cfg))
     return tree.union(adapters, jax.tree.map(lambda x: x * 1.1, saved)), frozen
 
@@ -97,8 +97,9 @@ def test_qlora_adapters_match_peft_on_the_dequantized_base(tmp_path):
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=-1, tensor=1))
     streamed = load_init_params(str(tmp_path / "base"), model.cfg, mesh, quantized=cfg)  # quantized as it loads
     assert jax.tree.structure(streamed) == jax.tree.structure(quantized)
-    for a, b in zip(jax.tree.leaves(lora.dequantize_params(streamed, cfg)),
-                    jax.tree.leaves(lora.dequantize_params(quantized, cfg))):  # up to reduction order
+    for a, b in zip(
+        jax.tree.leaves(lora.dequantize_params(streamed, cfg)), jax.tree.leaves(lora.dequantize_params(quantized, cfg))
+    ):  # up to reduction order
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     trainable, frozen = _trained_adapters(cfg, lcfg, quantized)
     ids, mask, positions = _padded_batch()

@@ -13,19 +13,40 @@ from jaxllm.config import load_config
 from jaxllm.train.program import OutOfMemory
 
 # A small model whose activations dominate its memory (so every lever shows), on a 4-chip v5p-8.
-SMALL = ["model.num_layers=2", "model.embed_dim=256", "model.num_heads=4", "model.num_kv_heads=2",
-         "model.mlp_dim=1024", "model.max_seq_len=1024", "model.dtype=bfloat16", "data.block_size=1024",
-         "data.batch_size=16", "mesh.data=1", "mesh.fsdp=-1", "model.scan_layers=True"]
+SMALL = [
+    "model.num_layers=2",
+    "model.embed_dim=256",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.mlp_dim=1024",
+    "model.max_seq_len=1024",
+    "model.dtype=bfloat16",
+    "data.block_size=1024",
+    "data.batch_size=16",
+    "mesh.data=1",
+    "mesh.fsdp=-1",
+    "model.scan_layers=True",
+]
 
 
 def _plan(*overrides, topology="v5p-8", **kw):
     return pl.plan(load_config("configs/tiny.py", SMALL + list(overrides)), topology, **kw)
 
 
-@pytest.mark.parametrize("name, chips, topo", [
-    ("v5p-512", 256, "v5:4x8x8"), ("v5p-8", 4, "v5:2x2x1"), ("v4-32", 16, "v4:2x2x4"), ("v4-128", 64, "v4:4x4x4"),
-    ("v5e-256", 256, "v5e:16x16"), ("v5litepod-16", 16, "v5e:4x4"), ("v6e-64", 64, "v6e:8x8"), ("v6e-8", 8, "v6e:2x4"),
-    ("v5p-2048", 1024, "v5:8x8x16")])
+@pytest.mark.parametrize(
+    "name, chips, topo",
+    [
+        ("v5p-512", 256, "v5:4x8x8"),
+        ("v5p-8", 4, "v5:2x2x1"),
+        ("v4-32", 16, "v4:2x2x4"),
+        ("v4-128", 64, "v4:4x4x4"),
+        ("v5e-256", 256, "v5e:16x16"),
+        ("v5litepod-16", 16, "v5e:4x4"),
+        ("v6e-64", 64, "v6e:8x8"),
+        ("v6e-8", 8, "v6e:2x4"),
+        ("v5p-2048", 1024, "v5:8x8x16"),
+    ],
+)
 def test_slice_names(name, chips, topo):
     _, n, t = pl.parse_slice(name)
     assert (n, t) == (chips, topo)
@@ -38,8 +59,10 @@ def test_bad_slice_names_are_one_line_errors(name):
 
 
 def test_the_compilers_refusal_is_read():
-    text = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (512.00G) "
-            "exceeds available HBM (95.74G).\nmore")
+    text = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (512.00G) "
+        "exceeds available HBM (95.74G).\nmore"
+    )
     oom = OutOfMemory.parse(text)
     assert oom.needed == 512 * 2**30 and oom.capacity == pytest.approx(95.74 * 2**30)
     assert OutOfMemory.parse("INVALID_ARGUMENT: something else") is None
@@ -79,8 +102,15 @@ def test_chunked_loss_drops_the_logits():
 def test_sequence_parallel_splits_the_residual_stream_over_tensor():
     """Full remat keeps each layer's input: [16, 1024, 1024] per device, a quarter of it with the
     length split over tensor=4."""
-    wide = ("model.num_layers=8", "model.embed_dim=1024", "model.num_heads=8", "model.num_kv_heads=8",
-            "mesh.fsdp=1", "mesh.tensor=4", "model.remat=full")
+    wide = (
+        "model.num_layers=8",
+        "model.embed_dim=1024",
+        "model.num_heads=8",
+        "model.num_kv_heads=8",
+        "mesh.fsdp=1",
+        "mesh.tensor=4",
+        "model.remat=full",
+    )
     on, off = _plan(*wide), _plan(*wide, "model.sequence_parallel=False")
     saved = off["breakdown"]["temporaries_gib"] - on["breakdown"]["temporaries_gib"]
     assert saved > 0.75 * 8 * 16 * 1024 * 1024 * 2 * 0.75 / 2**30
@@ -106,8 +136,18 @@ def test_cli_json(capsys):
         main(["plan", "--config=configs/tiny.py", "--topology=v5p-8", "--json"] + [f"--config.{o}" for o in SMALL])
     assert e.value.code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("fits", "hbm_per_chip_gib", "hbm_capacity_gib", "chips", "mesh", "global_batch", "seq_len", "params",
-                "compile_s", "breakdown"):
+    for key in (
+        "fits",
+        "hbm_per_chip_gib",
+        "hbm_capacity_gib",
+        "chips",
+        "mesh",
+        "global_batch",
+        "seq_len",
+        "params",
+        "compile_s",
+        "breakdown",
+    ):
         assert key in out
 
 
@@ -119,8 +159,11 @@ def test_search_on_local_devices_finds_a_setting_that_fits():
     assert found["best"] is not None and found["best"]["fits"]
     assert found["best"]["hbm_per_chip_gib"] <= budget
     assert found["tried"][-1]["fits"] and not any(t["fits"] for t in found["tried"][:-1])
-    again = pl.plan(load_config("configs/tiny.py", SMALL[:-3] + ["data.batch_size=16", "model.dtype=float32"]
-                                + found["overrides"]), "local", hbm_gib=budget)
+    again = pl.plan(
+        load_config("configs/tiny.py", SMALL[:-3] + ["data.batch_size=16", "model.dtype=float32"] + found["overrides"]),
+        "local",
+        hbm_gib=budget,
+    )
     assert again["fits"]
 
 
@@ -132,8 +175,10 @@ def test_train_stops_before_reading_data_when_the_step_does_not_fit(tmp_path, mo
         raise OutOfMemory("RESOURCE_EXHAUSTED: out of memory", 300 * 2**30, 95.74 * 2**30)
 
     monkeypatch.setattr(program.Program, "compile_train_step", refuse)
-    cfg = load_config("configs/tiny.py", ["data.source=text", f"data.paths=('{tmp_path}/missing/*.txt',)",
-                                          f"data.tokenizer={tmp_path}/missing.model"])
+    cfg = load_config(
+        "configs/tiny.py",
+        ["data.source=text", f"data.paths=('{tmp_path}/missing/*.txt',)", f"data.tokenizer={tmp_path}/missing.model"],
+    )
     with pytest.raises(JaxllmError, match=r"does not fit: it needs 300.0 GiB .*jaxllm plan"):
         train(cfg, str(tmp_path / "run"))
 
@@ -161,12 +206,23 @@ def test_a_qlora_step_compiles_for_a_tpu_slice(tmp_path):
     from jaxllm.hf.config import hf_config_from_model
     from jaxllm.models.config import ModelConfig
 
-    shapes = ModelConfig(vocab_size=512, num_layers=2, embed_dim=128, num_heads=4, num_kv_heads=2, mlp_dim=96,
-                         max_seq_len=512)
+    shapes = ModelConfig(
+        vocab_size=512, num_layers=2, embed_dim=128, num_heads=4, num_kv_heads=2, mlp_dim=96, max_seq_len=512
+    )
     (tmp_path / "config.json").write_text(json.dumps(hf_config_from_model(shapes, "bfloat16")))
-    cfg = load_config("configs/finetune.py", [f"checkpoint.init_from={tmp_path}", "lora.quantization=nf4", "lora.r=8",
-                                              "data.block_size=512", "data.batch_size=8", "mesh.data=1",
-                                              "mesh.fsdp=-1", "model.dtype=bfloat16"])
+    cfg = load_config(
+        "configs/finetune.py",
+        [
+            f"checkpoint.init_from={tmp_path}",
+            "lora.quantization=nf4",
+            "lora.r=8",
+            "data.block_size=512",
+            "data.batch_size=8",
+            "mesh.data=1",
+            "mesh.fsdp=-1",
+            "model.dtype=bfloat16",
+        ],
+    )
     result = pl.plan(cfg, "v5p-8")
     assert result["fits"] and result["params"] == shapes.num_params()
     b = result["breakdown"]

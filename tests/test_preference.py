@@ -16,8 +16,17 @@ from jaxllm.train import preference as pref
 from jaxllm.train import step as st
 from jaxllm.train.optimizer import OptimConfig, make_optimizer
 
-CFG = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
-                  max_seq_len=64, dtype="float32")
+CFG = ModelConfig(
+    vocab_size=64,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=64,
+    max_seq_len=64,
+    dtype="float32",
+)
 L = 32
 PREF = pref.PreferenceConfig(beta=0.3)
 
@@ -39,11 +48,11 @@ def _rows(pairs, per_row, rows):
         for s, answer in ((2 * j + 1, chosen), (2 * j + 2, rejected)):
             seq = prompt + answer
             n = len(seq)
-            b["inputs"][r, fill:fill + n] = seq
-            b["targets"][r, fill:fill + n - 1] = seq[1:]
-            b["segment_ids"][r, fill:fill + n] = s
-            b["positions"][r, fill:fill + n] = np.arange(n)
-            b["loss_weights"][r, fill + len(prompt) - 1:fill + n - 1] = 1.0
+            b["inputs"][r, fill : fill + n] = seq
+            b["targets"][r, fill : fill + n - 1] = seq[1:]
+            b["segment_ids"][r, fill : fill + n] = s
+            b["positions"][r, fill : fill + n] = np.arange(n)
+            b["loss_weights"][r, fill + len(prompt) - 1 : fill + n - 1] = 1.0
             fill += n
     return b
 
@@ -114,7 +123,9 @@ def test_orpo_and_reward_losses_equal_one_sequence_at_a_time():
     loss, sums = pref.batch_loss("reward", PREF, rmodel, rparams, batch, pref.counts("reward", batch))
     want = []
     for prompt, chosen, rejected in pairs:
-        score = [float(rmodel.apply({"params": rparams}, jnp.asarray([prompt + a]))[0, -1, 0]) for a in (chosen, rejected)]
+        score = [
+            float(rmodel.apply({"params": rparams}, jnp.asarray([prompt + a]))[0, -1, 0]) for a in (chosen, rejected)
+        ]
         want.append(np.log1p(np.exp(-(score[0] - score[1]))))
     np.testing.assert_allclose(float(loss), np.mean(want), rtol=1e-5)
 
@@ -128,8 +139,12 @@ def _train(objective, batch, *, micro=1, mesh_cfg=shd.MeshConfig(), devices=None
     reference = pref.Reference("start") if objective == "dpo" else None
     step_cfg = st.StepConfig(grad_accum_steps=micro, objective=objective, preference=PREF, reference=reference)
     ref = jax.device_put(_params(1), shardings.params) if objective == "dpo" else {}
-    fn = st.jit_train_step(st.make_train_step(model, tx, schedule, step_cfg), shardings, mesh,
-                           ref_shardings=shardings.params if objective == "dpo" else None)
+    fn = st.jit_train_step(
+        st.make_train_step(model, tx, schedule, step_cfg),
+        shardings,
+        mesh,
+        ref_shardings=shardings.params if objective == "dpo" else None,
+    )
     history = []
     for _ in range(steps):
         state, m = fn(state, shd.global_batch(batch, mesh), {}, ref)
@@ -137,14 +152,17 @@ def _train(objective, batch, *, micro=1, mesh_cfg=shd.MeshConfig(), devices=None
     return history, jax.device_get(state.params)
 
 
-@pytest.mark.parametrize("objective, variants", [("dpo", ("packed", "micro", "mesh")), ("orpo", ("packed", "micro")),
-                                                  ("reward", ("mesh",))])
+@pytest.mark.parametrize(
+    "objective, variants", [("dpo", ("packed", "micro", "mesh")), ("orpo", ("packed", "micro")), ("reward", ("mesh",))]
+)
 def test_packing_meshes_and_accumulation_change_nothing(objective, variants):
     pairs = _pairs(8, seed=7)
     one = _train(objective, _rows(pairs, 1, 8), devices=jax.devices()[:1])
-    hows = {"packed": dict(batch=_rows(pairs, 2, 8)),  # two pairs per row, and 4 empty rows
-            "micro": dict(batch=_rows(pairs, 1, 8), micro=2),
-            "mesh": dict(batch=_rows(pairs, 1, 8), mesh_cfg=shd.MeshConfig(data=2, fsdp=2, tensor=2))}
+    hows = {
+        "packed": dict(batch=_rows(pairs, 2, 8)),  # two pairs per row, and 4 empty rows
+        "micro": dict(batch=_rows(pairs, 1, 8), micro=2),
+        "mesh": dict(batch=_rows(pairs, 1, 8), mesh_cfg=shd.MeshConfig(data=2, fsdp=2, tensor=2)),
+    }
     for how in (hows[v] for v in variants):
         history, params = _train(objective, **how)
         for got, want in zip(history, one[0]):
@@ -158,13 +176,16 @@ def test_packing_meshes_and_accumulation_change_nothing(objective, variants):
 def test_fresh_adapters_reference_is_the_base_with_adapters_off():
     """`base` (no copy of any weight) gives what `start` gives with a copy of the zero-B adapters."""
     from jaxllm.models import lora
+
     lcfg = lora.LoraConfig(r=4, target_modules=("q_proj", "v_proj"))
     cfg = lora.apply(lcfg, CFG)
     model = Decoder(cfg)
     params = jax.device_get(nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
     params = jax.tree_util.tree_map_with_path(  # a trained adapter: B no longer zero
-        lambda p, x: x + 0.05 if p[-1].key == "lora_b" else x, params)
+        lambda p, x: x + 0.05 if p[-1].key == "lora_b" else x, params
+    )
     from jaxllm.tree import partition
+
     trainable, frozen = partition(params, lambda path: path[-1] in lora.ADAPTER_LEAVES)
     batch = {k: jnp.asarray(v) for k, v in _rows(_pairs(4), 2, 2).items()}
     zero = jax.tree.map(jnp.zeros_like, trainable)

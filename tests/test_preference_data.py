@@ -16,13 +16,22 @@ import pytest
 from jaxllm import JaxllmError
 from jaxllm.data import corpus, preference
 from jaxllm.data.config import DataConfig, make_source
-from jaxllm.data.pipeline import (check_splits, make_eval_iterator, make_reference_iterator, make_train_iterator,
-                                  preference_documents, tokenize_fn, tokenizer_for)
+from jaxllm.data.pipeline import (
+    check_splits,
+    make_eval_iterator,
+    make_reference_iterator,
+    make_train_iterator,
+    preference_documents,
+    tokenize_fn,
+    tokenizer_for,
+)
 from jaxllm.data.tokenizer import load_tokenizer
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
-CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 WORDS = "the sky is blue green red sea sun in a of what color where you are not ok yes no".split()
 
 
@@ -35,11 +44,16 @@ def _save_hf_tokenizer(folder, model, pre_tokenizer=None, train_text=()):
     tok.pre_tokenizer = pre_tokenizer
     if train_text:
         alphabet = sorted(set("".join(train_text)))
-        tok.train_from_iterator(train_text, trainers.BpeTrainer(
-            vocab_size=400, special_tokens=["<pad>", "<unk>", "<s>", "</s>"], initial_alphabet=alphabet))
+        tok.train_from_iterator(
+            train_text,
+            trainers.BpeTrainer(
+                vocab_size=400, special_tokens=["<pad>", "<unk>", "<s>", "</s>"], initial_alphabet=alphabet
+            ),
+        )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                 unk_token="<unk>")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     hf.chat_template = CHATML
     hf.save_pretrained(str(folder))
     return hf
@@ -80,8 +94,10 @@ def _trl(hf, rows, max_length=None):
     ds = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=hf), Dataset.from_list(rows), hf, args, "t")
     batch = DataCollatorForPreference(pad_token_id=hf.pad_token_id, max_length=max_length)(list(ds))
     n = batch["attention_mask"].sum(1).tolist()
-    return ([ids[:k] for ids, k in zip(batch["input_ids"].tolist(), n)],
-            [m[:k] for m, k in zip(batch["completion_mask"].tolist(), n)])
+    return (
+        [ids[:k] for ids, k in zip(batch["input_ids"].tolist(), n)],
+        [m[:k] for m, k in zip(batch["completion_mask"].tolist(), n)],
+    )
 
 
 def _ours(tok, rows, cfg):
@@ -98,10 +114,12 @@ def _ours(tok, rows, cfg):
     return seqs[0] + seqs[1], masks[0] + masks[1]
 
 
-PLAIN = [dict(prompt="the sky is", chosen=" blue", rejected=" green"),
-         dict(prompt="what color is the s", chosen="ky?", rejected="un"),  # merges across the boundary
-         dict(prompt="where are you", chosen=" in the sea</s>", rejected=" not ok"),  # already ends with EOS
-         dict(prompt="yes", chosen=" no no no the sun is red", rejected=" ok")]
+PLAIN = [
+    dict(prompt="the sky is", chosen=" blue", rejected=" green"),
+    dict(prompt="what color is the s", chosen="ky?", rejected="un"),  # merges across the boundary
+    dict(prompt="where are you", chosen=" in the sea</s>", rejected=" not ok"),  # already ends with EOS
+    dict(prompt="yes", chosen=" no no no the sun is red", rejected=" ok"),
+]
 
 
 def test_tokenization_equals_trl(bpe):
@@ -130,12 +148,18 @@ def test_long_pairs_keep_half_a_block_each_as_trl_keep_start(bpe):
 def test_conversational_rows_equal_trl_with_the_same_template(bpe):
     hf, tok = bpe
     system = {"role": "system", "content": "you are ok"}
-    rows = [dict(prompt=[system, {"role": "user", "content": "what color is the sky"}],
-                 chosen=[{"role": "assistant", "content": "blue"}],
-                 rejected=[{"role": "assistant", "content": "the sea is green"}]),
-            dict(prompt=[{"role": "user", "content": "where is the sun"}],
-                 chosen=[{"role": "assistant", "content": "in the sky"}],
-                 rejected=[{"role": "assistant", "content": "no"}])]
+    rows = [
+        dict(
+            prompt=[system, {"role": "user", "content": "what color is the sky"}],
+            chosen=[{"role": "assistant", "content": "blue"}],
+            rejected=[{"role": "assistant", "content": "the sea is green"}],
+        ),
+        dict(
+            prompt=[{"role": "user", "content": "where is the sun"}],
+            chosen=[{"role": "assistant", "content": "in the sky"}],
+            rejected=[{"role": "assistant", "content": "no"}],
+        ),
+    ]
     cfg = DataConfig(source="jsonl", format="preference", chat_template="chatml", block_size=512, add_eos=False)
     assert _ours(tok, rows, cfg) == _trl(hf, rows)
     # Without a prompt column (TRL's implicit prompt): whole chats, the shared leading messages are the prompt.
@@ -151,14 +175,21 @@ def test_implicit_prompt_is_trls_extract_prompt():
     from trl import extract_prompt
 
     user = {"role": "user", "content": "hi"}
-    cases = [dict(chosen="The sky is blue.", rejected="The sky is green."),
-             dict(chosen="abc", rejected="abcd"), dict(chosen="x y", rejected="x z"),
-             dict(chosen=[user, {"role": "assistant", "content": "a"}], rejected=[user, {"role": "assistant",
-                                                                                         "content": "b"}])]
+    cases = [
+        dict(chosen="The sky is blue.", rejected="The sky is green."),
+        dict(chosen="abc", rejected="abcd"),
+        dict(chosen="x y", rejected="x z"),
+        dict(
+            chosen=[user, {"role": "assistant", "content": "a"}], rejected=[user, {"role": "assistant", "content": "b"}]
+        ),
+    ]
     for case in cases:
         want = extract_prompt(case)
         assert preference.extract_prompt(case["chosen"], case["rejected"]) == (
-            want["prompt"], want["chosen"], want["rejected"])
+            want["prompt"],
+            want["chosen"],
+            want["rejected"],
+        )
     cfg = DataConfig(source="jsonl", format="preference")
     pair = preference.render_pair(cases[0], cfg, "row 0")
     assert pair.prompt == ("The sky is",) and pair.prompt_chosen == ("The sky is blue.",)
@@ -167,19 +198,27 @@ def test_implicit_prompt_is_trls_extract_prompt():
 def test_chat_templates_mixed_forms_and_turn_breaks(tmp_path, tok):
     cfg = DataConfig(source="jsonl", format="preference", chat_template="guanaco")
     # A text prompt with message answers is the user's turn; a text answer is the assistant's.
-    pair = preference.render_pair(dict(prompt="q?", chosen=[{"role": "assistant", "content": "yes"}],
-                                       rejected="no"), cfg, "r")
-    assert pair[:3] == (("### Human: q?### Assistant:",), ("### Human: q?### Assistant: yes",),
-                        ("### Human: q?### Assistant: no",))
-    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": "bye"}]
-    pair = preference.render_pair(dict(prompt=chat, chosen="ciao", rejected="no"),
-                                  dataclasses.replace(cfg, chat_template="llama2"), "r")
+    pair = preference.render_pair(
+        dict(prompt="q?", chosen=[{"role": "assistant", "content": "yes"}], rejected="no"), cfg, "r"
+    )
+    assert pair[:3] == (
+        ("### Human: q?### Assistant:",),
+        ("### Human: q?### Assistant: yes",),
+        ("### Human: q?### Assistant: no",),
+    )
+    chat = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+    ]
+    pair = preference.render_pair(
+        dict(prompt=chat, chosen="ciao", rejected="no"), dataclasses.replace(cfg, chat_template="llama2"), "r"
+    )
     assert pair.prompt == ("[INST] hi [/INST] hello", "[INST] bye [/INST]")  # Llama-2's "</s><s>" between turns
     assert pair.prompt_chosen == ("[INST] hi [/INST] hello", "[INST] bye [/INST] ciao")
     ids = tokenize_fn(dataclasses.replace(cfg, chat_template="llama2"), tok)(pair)["tokens"].tolist()
     first = [tok.bos_id] + tok.encode("[INST] hi [/INST] hello") + [tok.eos_id, tok.bos_id]
-    assert ids[:len(first)] == first
+    assert ids[: len(first)] == first
     with pytest.raises(JaxllmError, match="field 'chosen' must end with the assistant's message"):
         preference.render_pair(dict(prompt="q", chosen=chat, rejected="no"), cfg, "r")
 
@@ -202,15 +241,28 @@ WEIGHTS = [0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0]  # targets that ar
 
 @pytest.fixture
 def words_cfg(tmp_path, words):
-    return DataConfig(source="jsonl", paths=(_write_jsonl(tmp_path / "p.jsonl", ROWS),), format="preference",
-                      tokenizer=words, block_size=17, batch_size=1, val_fraction=0.0, shuffle=False)
+    return DataConfig(
+        source="jsonl",
+        paths=(_write_jsonl(tmp_path / "p.jsonl", ROWS),),
+        format="preference",
+        tokenizer=words,
+        block_size=17,
+        batch_size=1,
+        val_fraction=0.0,
+        shuffle=False,
+    )
 
 
 def test_row_layout_by_hand(words_cfg, words):
     tok = load_tokenizer(words)
     batch = next(make_train_iterator(words_cfg, tok))
-    want = dict(inputs=TOKENS[:-1], targets=TOKENS[1:], segment_ids=SEGMENTS[:-1], positions=POSITIONS[:-1],
-                loss_weights=WEIGHTS)
+    want = dict(
+        inputs=TOKENS[:-1],
+        targets=TOKENS[1:],
+        segment_ids=SEGMENTS[:-1],
+        positions=POSITIONS[:-1],
+        loss_weights=WEIGHTS,
+    )
     assert {k: batch[k][0].tolist() for k in KEYS} == want
     assert batch["loss_weights"].dtype == np.float32 and batch["inputs"].dtype == np.int32
     ref = np.asarray([[-1.5, -2.5], [-3.5, -4.5]], np.float32)
@@ -238,8 +290,11 @@ def test_truncation_and_empty_answers(words_cfg, words):
 
     assert run(block_size=64) == ([2, 4, 5, 4, 6, 4, 5, 5, 5, 3], [2, 4, 5, 4, 6, 4, 6, 3], [0] * 6 + [1] * 4)
     # The prompt keeps its last tokens (BOS too goes), each answer its first (EOS too).
-    assert run(block_size=64, max_prompt_length=2, max_completion_length=2) == ([6, 4, 5, 5], [6, 4, 6, 3],
-                                                                                 [0, 0, 1, 1])
+    assert run(block_size=64, max_prompt_length=2, max_completion_length=2) == (
+        [6, 4, 5, 5],
+        [6, 4, 6, 3],
+        [0, 0, 1, 1],
+    )
     # A pair longer than block_size keeps block_size // 2 tokens of each sequence.
     assert run(block_size=16) == ([2, 4, 5, 4, 6, 4, 5, 5], [2, 4, 5, 4, 6, 4, 6, 3], [0] * 6 + [1] * 2)
     with pytest.raises(JaxllmError) as info:
@@ -252,8 +307,9 @@ def test_truncation_and_empty_answers(words_cfg, words):
         tokenize_fn(dataclasses.replace(words_cfg, add_eos=False), tok)(empty)
     assert tokenize_fn(words_cfg, tok)(empty)["tokens"].tolist()[:3] == [2, 4, 3]  # EOS alone is an answer
     # In a run, the row is named by file and line.
-    path = _write_jsonl(pathlib.Path(words_cfg.paths[0] + ".long.jsonl"),
-                        ROWS + [dict(prompt="q " * 20, chosen="a", rejected="b")])
+    path = _write_jsonl(
+        pathlib.Path(words_cfg.paths[0] + ".long.jsonl"), ROWS + [dict(prompt="q " * 20, chosen="a", rejected="b")]
+    )
     cfg = dataclasses.replace(words_cfg, paths=(path,))
     with pytest.raises(JaxllmError, match=r"long.jsonl:3: the chosen answer has no tokens left"):
         it = make_train_iterator(cfg, tok)
@@ -262,20 +318,27 @@ def test_truncation_and_empty_answers(words_cfg, words):
 
 
 def test_missing_columns_are_one_line_errors(tmp_path):
-    path = _write_jsonl(tmp_path / "d.jsonl", [dict(prompt="p", chosen="a", rejected="b"),
-                                               dict(prompt="p", chosen="a")])
+    path = _write_jsonl(
+        tmp_path / "d.jsonl", [dict(prompt="p", chosen="a", rejected="b"), dict(prompt="p", chosen="a")]
+    )
     cfg = DataConfig(source="jsonl", paths=(path,), format="preference")
     with pytest.raises(JaxllmError) as info:
         make_source(cfg)
-    assert str(info.value) == (f"{path}:2: no field 'rejected' (fields: 'chosen', 'prompt'); set data.rejected_field "
-                               "(finetune: --rejected_text_column) to the field that holds it")
+    assert str(info.value) == (
+        f"{path}:2: no field 'rejected' (fields: 'chosen', 'prompt'); set data.rejected_field "
+        "(finetune: --rejected_text_column) to the field that holds it"
+    )
     path = _write_jsonl(tmp_path / "e.jsonl", [dict(question="p", good="a", rejected="b")])
-    with pytest.raises(JaxllmError, match=r"e.jsonl:1: no field 'chosen' .*set data.chosen_field \(finetune: "
-                                          r"--text_column\)"):
+    with pytest.raises(
+        JaxllmError,
+        match=r"e.jsonl:1: no field 'chosen' .*set data.chosen_field \(finetune: "
+        r"--text_column\)",
+    ):
         make_source(dataclasses.replace(cfg, paths=(path,)))
     # No prompt column: the shared start of the answers is the prompt; none shared names the prompt's keys.
-    path = _write_jsonl(tmp_path / "f.jsonl", [dict(chosen="Q: x A: y", rejected="Q: x A: z"),
-                                               dict(chosen="y", rejected="z")])
+    path = _write_jsonl(
+        tmp_path / "f.jsonl", [dict(chosen="Q: x A: y", rejected="Q: x A: z"), dict(chosen="y", rejected="z")]
+    )
     cfg = dataclasses.replace(cfg, paths=(path,), val_fraction=0.0, shuffle=False)
     pairs = preference_documents(cfg)[0]
     assert pairs[0][:3] == (("Q: x A:",), ("Q: x A: y",), ("Q: x A: z",))
@@ -292,8 +355,9 @@ def test_parquet_without_a_prompt_column(tmp_path, bpe):
     hf, tok = bpe
     rows = [dict(chosen="the sky is blue", rejected="the sky is red") for _ in range(6)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
-    cfg = DataConfig(source="parquet", paths=(str(tmp_path / "train.parquet"),), format="preference",
-                     block_size=64, val_fraction=0.0)
+    cfg = DataConfig(
+        source="parquet", paths=(str(tmp_path / "train.parquet"),), format="preference", block_size=64, val_fraction=0.0
+    )
     pairs = preference_documents(cfg)[0]
     assert _ours(tok, [rows[0]], cfg) == _trl(hf, rows[:1])
     assert pairs[5].prompt == ("the sky is",)
@@ -305,11 +369,22 @@ def test_parquet_without_a_prompt_column(tmp_path, bpe):
 @pytest.fixture
 def pref_cfg(tmp_path):
     rng = np.random.default_rng(0)
-    rows = [dict(prompt=f"q{i:03d} " + " ".join(rng.choice(WORDS, rng.integers(1, 6))) + "?",
-                 chosen=f" a{i:03d} " + " ".join(rng.choice(WORDS, rng.integers(0, 8))),
-                 rejected=f" b{i:03d} " + " ".join(rng.choice(WORDS, rng.integers(0, 8)))) for i in range(48)]
-    return DataConfig(source="jsonl", paths=(_write_jsonl(tmp_path / "pairs.jsonl", rows),), format="preference",
-                      block_size=96, batch_size=4, val_fraction=0.25)
+    rows = [
+        dict(
+            prompt=f"q{i:03d} " + " ".join(rng.choice(WORDS, rng.integers(1, 6))) + "?",
+            chosen=f" a{i:03d} " + " ".join(rng.choice(WORDS, rng.integers(0, 8))),
+            rejected=f" b{i:03d} " + " ".join(rng.choice(WORDS, rng.integers(0, 8))),
+        )
+        for i in range(48)
+    ]
+    return DataConfig(
+        source="jsonl",
+        paths=(_write_jsonl(tmp_path / "pairs.jsonl", rows),),
+        format="preference",
+        block_size=96,
+        batch_size=4,
+        val_fraction=0.25,
+    )
 
 
 def _sequences(batches):
@@ -324,7 +399,7 @@ def _sequences(batches):
 
 def _pair_ids(cfg, tok, docs):
     examples = [tokenize_fn(cfg, tok)(docs[i]) for i in range(len(docs))]
-    return [(e["tokens"][:e["lengths"][0]].tolist(), e["tokens"][e["lengths"][0]:].tolist()) for e in examples]
+    return [(e["tokens"][: e["lengths"][0]].tolist(), e["tokens"][e["lengths"][0] :].tolist()) for e in examples]
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -349,7 +424,8 @@ def test_train_and_eval_rows_hold_whole_pairs(pref_cfg, tok, packing):
     evals = list(make_eval_iterator(cfg, tok))
     seqs = _sequences(evals)
     assert sorted((tuple(c), tuple(r)) for (_, c), (_, r) in zip(seqs[::2], seqs[1::2])) == sorted(
-        (tuple(c), tuple(r)) for c, r in _pair_ids(cfg, tok, val))
+        (tuple(c), tuple(r)) for c, r in _pair_ids(cfg, tok, val)
+    )
     assert set(evals[0]) == set(KEYS)
 
 
@@ -385,8 +461,11 @@ def test_reference_pass_fills_ref_logps_by_document(pref_cfg, tok):
                     ref[doc, which] = batch["inputs"][b][seg == seg[t]].sum()  # a stand-in "log-prob sum"
                     seen.append((doc, which))
         assert sorted(seen) == [(d, w) for d in range(n) for w in (0, 1)]
-        batches = ([next(it) for it in [make_train_iterator(pref_cfg, tok, ref_logps=ref)] for _ in range(9)]
-                   if split == "train" else list(make_eval_iterator(pref_cfg, tok, ref_logps=ref)))
+        batches = (
+            [next(it) for it in [make_train_iterator(pref_cfg, tok, ref_logps=ref)] for _ in range(9)]
+            if split == "train"
+            else list(make_eval_iterator(pref_cfg, tok, ref_logps=ref))
+        )
         for batch in batches:
             starts = (batch["positions"] == 0) & (batch["segment_ids"] > 0)
             assert (batch["ref_logps"][~starts] == 0).all() and starts.any()
@@ -415,8 +494,9 @@ def test_embedded_preference_set(tok):
     assert all(r["rejected"] != r["chosen"] for r in records) and np.mean(shuffled) > 0.99  # the words reordered
     cfg = DataConfig(source="embedded_preference", format="preference", block_size=256, batch_size=4)
     pairs = preference_documents(cfg)[0]
-    conversational = dataclasses.replace(cfg, prompt_field="prompt_messages", chosen_field="chosen_messages",
-                                         rejected_field="rejected_messages")
+    conversational = dataclasses.replace(
+        cfg, prompt_field="prompt_messages", chosen_field="chosen_messages", rejected_field="rejected_messages"
+    )
     assert [pairs[i][:3] for i in (0, 99)] == [preference_documents(conversational)[0][i][:3] for i in (0, 99)]
     check_splits(cfg, tok)
     batch = next(make_train_iterator(cfg, tok))
@@ -427,8 +507,15 @@ def test_embedded_preference_set(tok):
 
 def test_tokenizer_trains_on_the_rendered_pairs(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
-    cfg = DataConfig(source="embedded_preference", format="preference", chat_template="chatml", vocab_size=400,
-                     prompt_field="prompt_messages", chosen_field="chosen_messages", rejected_field="rejected_messages")
+    cfg = DataConfig(
+        source="embedded_preference",
+        format="preference",
+        chat_template="chatml",
+        vocab_size=400,
+        prompt_field="prompt_messages",
+        chosen_field="chosen_messages",
+        rejected_field="rejected_messages",
+    )
     assert len(tokenizer_for(cfg).encode("<|im_start|>assistant\n")) < 8  # learnt the template's markers
 
 
@@ -445,7 +532,11 @@ def test_config_validation():
             DataConfig(**bad)
     cfg = DataConfig(source="embedded_preference", format="preference")
     assert (cfg.chosen_field, cfg.rejected_field, cfg.max_prompt_length, cfg.max_completion_length) == (
-        "chosen", "rejected", 0, 0)
+        "chosen",
+        "rejected",
+        0,
+        0,
+    )
     from jaxllm.config import load_config
 
     data = load_config("configs/common.py").data

@@ -45,12 +45,12 @@ from jaxllm.config import load_config  # noqa: E402
 from jaxllm.data.pipeline import make_train_iterator, tokenizer_for  # noqa: E402
 from jaxllm.hf.peft import adapter_tensors  # noqa: E402
 from jaxllm.hf.weights import hf_tensors  # noqa: E402
-from jaxllm.train.start import load_frozen, parse  # noqa: E402
 from jaxllm.train import loop  # noqa: E402
 from jaxllm.train import preference as pref  # noqa: E402
 from jaxllm.train import program as prog  # noqa: E402
 from jaxllm.train import step as st  # noqa: E402
 from jaxllm.train.checkpoint import Checkpointer  # noqa: E402
+from jaxllm.train.start import load_frozen, parse  # noqa: E402
 from jaxllm.tree import union  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -79,8 +79,11 @@ def folders(tmp_path_factory):
         out[f"tok_{kind}"] = R.make_tokenizer(root / f"tok_{kind}", kind)
     for family in FAMILIES:
         model = R.make_model(root / family, family, seed=0)
-        out[family] = dict(model=model, tok=out[f"tok_{TOKENIZER[family]}"],
-                           adapter=R.make_adapter(root / f"{family}_adapter", model, family))
+        out[family] = dict(
+            model=model,
+            tok=out[f"tok_{TOKENIZER[family]}"],
+            adapter=R.make_adapter(root / f"{family}_adapter", model, family),
+        )
     out["falcon"]["other"] = R.make_model(root / "falcon_other", "falcon", seed=1)
     return out
 
@@ -89,17 +92,36 @@ def folders(tmp_path_factory):
 # the jaxllm side
 
 
-def _config(folders, family: str, objective: str, *, add_bos: bool, adapter: bool = True, model_ref: str = "",
-            loss_type: str = "sigmoid", beta: float = 0.1):
+def _config(
+    folders,
+    family: str,
+    objective: str,
+    *,
+    add_bos: bool,
+    adapter: bool = True,
+    model_ref: str = "",
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+):
     f = folders[family]
     cfg = load_config(os.path.join(ROOT, "configs", "common.py"))
     cfg.seed = 0
     cfg.checkpoint.init_from = f["model"]
     cfg.checkpoint.model_from_init = True
     cfg.checkpoint.resume = False
-    cfg.data.update(source="jsonl", paths=(folders["rows"],), valid_paths=(folders["rows"],), tokenizer=f["tok"],
-                    format="preference", batch_size=len(ROWS), block_size=BLOCK, packing=False, shuffle=False,
-                    add_bos=add_bos, add_eos=True)
+    cfg.data.update(
+        source="jsonl",
+        paths=(folders["rows"],),
+        valid_paths=(folders["rows"],),
+        tokenizer=f["tok"],
+        format="preference",
+        batch_size=len(ROWS),
+        block_size=BLOCK,
+        packing=False,
+        shuffle=False,
+        add_bos=add_bos,
+        add_eos=True,
+    )
     cfg.model.dtype = "float32"
     cfg.model.param_dtype = "float32"
     cfg.train.objective = objective
@@ -153,8 +175,7 @@ def jaxllm_step(cfg, workdir: str, score_weight: np.ndarray | None = None) -> di
             policy_BS, tokens_BS = pref.answer_logps(logps_BL, batch)
             out.update(token_logps=logps_BL, policy=pref.pairs(policy_BS), tokens=pref.pairs(tokens_BS))
             if run.train.objective == "dpo":
-                ref_BS = pref.reference_logps(program.reference, program.model, ref, frozen, batch,
-                                              cfg_step.loss_chunk)
+                ref_BS = pref.reference_logps(program.reference, program.model, ref, frozen, batch, cfg_step.loss_chunk)
                 out["reference"] = pref.pairs(ref_BS)
     out = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(out))
     for k in ("scores", "policy", "tokens", "reference"):  # [B, P] -> [B]: each row's one pair
@@ -200,8 +221,9 @@ def check_tokens(ours: dict, chosen_ids, rejected_ids, chosen_mask=None, rejecte
 
 
 def close(ours, theirs, what: str, rtol: float = RTOL, atol: float = 0.0) -> None:
-    np.testing.assert_allclose(np.asarray(ours, np.float64), np.asarray(theirs, np.float64), rtol=rtol, atol=atol,
-                               err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(ours, np.float64), np.asarray(theirs, np.float64), rtol=rtol, atol=atol, err_msg=what
+    )
 
 
 def check_grads(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], what: str) -> None:
@@ -219,14 +241,28 @@ def check_metrics(ours: dict[str, float], theirs: dict[str, float], names: dict[
         close(ours[mine], theirs[trl_name], f"{what}: metric {mine} (TRL {trl_name})", atol=1e-6)
 
 
-DPO_NAMES = {k: k for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                            "logps/chosen", "logps/rejected")}
+DPO_NAMES = {
+    k: k
+    for k in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    )
+}
 
 
 def check_dpo(ours: dict, theirs: dict, what: str) -> None:
     assert theirs["rows"] == list(range(len(ROWS)))  # TRL's row order is the file's (so is jaxllm's unshuffled)
-    check_tokens(ours, theirs["chosen_input_ids"], theirs["rejected_input_ids"], theirs["chosen_completion_mask"],
-                 theirs["rejected_completion_mask"])
+    check_tokens(
+        ours,
+        theirs["chosen_input_ids"],
+        theirs["rejected_input_ids"],
+        theirs["chosen_completion_mask"],
+        theirs["rejected_completion_mask"],
+    )
     (pc, pr), (rc, rr), (nc, nr) = ours["policy"], ours["reference"], ours["tokens"]
     close(pc, theirs["chosen_logps"], f"{what}: policy chosen log-probs")
     close(pr, theirs["rejected_logps"], f"{what}: policy rejected log-probs")
@@ -312,8 +348,9 @@ def test_ipo(folders, tmp_path):
     f = folders["bloom"]
     cfg = _config(folders, "bloom", "dpo", add_bos=False, model_ref=f["model"], loss_type="ipo", beta=0.5)
     ours = jaxllm_step(cfg, str(tmp_path))
-    theirs = R.dpo_reference(f["model"], f["tok"], ROWS, adapter_dir=f["adapter"], ref_model_dir=f["model"],
-                             loss_type="ipo", beta=0.5)
+    theirs = R.dpo_reference(
+        f["model"], f["tok"], ROWS, adapter_dir=f["adapter"], ref_model_dir=f["model"], loss_type="ipo", beta=0.5
+    )
     assert (np.asarray(ours["tokens"][0]) != np.asarray(ours["tokens"][1])).any()  # length normalisation matters
     check_dpo(ours, theirs, "IPO bloom lora_ref_model")
 
@@ -331,8 +368,13 @@ def test_orpo_adapter(folders, family, tmp_path):
     theirs = R.orpo_reference(f["model"], f["tok"], ROWS, adapter_dir=f["adapter"], beta=lam)
     what = f"ORPO {family}"
     assert theirs["rows"] == list(range(len(ROWS)))
-    check_tokens(ours, theirs["chosen_input_ids"], theirs["rejected_input_ids"], theirs["chosen_labels_mask"],
-                 theirs["rejected_labels_mask"])
+    check_tokens(
+        ours,
+        theirs["chosen_input_ids"],
+        theirs["rejected_input_ids"],
+        theirs["chosen_labels_mask"],
+        theirs["rejected_labels_mask"],
+    )
     (pc, pr), (nc, nr) = ours["policy"], ours["tokens"]
     close(nc, theirs["chosen_ntokens"], f"{what}: chosen answer tokens")
     close(nr, theirs["rejected_ntokens"], f"{what}: rejected answer tokens")
@@ -348,8 +390,12 @@ def test_orpo_adapter(folders, family, tmp_path):
     close(m["nll_loss"], theirs["nll_loss"], f"{what}: NLL (prompt tokens included, token mean over the batch)")
     close(ours["loss"], theirs["loss"], f"{what}: batch loss")
     close(m["loss"], theirs["loss"], f"{what}: logged loss")
-    check_metrics(m, theirs["metrics"], {k: k for k in R.ORPO_METRICS if k not in ("logits/chosen", "logits/rejected")
-                                         and k in theirs["metrics"]}, what)
+    check_metrics(
+        m,
+        theirs["metrics"],
+        {k: k for k in R.ORPO_METRICS if k not in ("logits/chosen", "logits/rejected") and k in theirs["metrics"]},
+        what,
+    )
     check_grads(ours["grads"], theirs["grads"], what)
 
 
@@ -380,8 +426,10 @@ def check_reward(folders, family: str, cfg, theirs: dict, workdir: str, score_we
     assert ours["run"].model.num_labels == 1
     assert theirs["rows"] == list(range(len(ROWS)))
     check_tokens(ours, theirs["chosen_input_ids"], theirs["rejected_input_ids"])
-    for ids, pos in zip(theirs["chosen_input_ids"] + theirs["rejected_input_ids"],
-                        theirs["score_positions_chosen"] + theirs["score_positions_rejected"]):
+    for ids, pos in zip(
+        theirs["chosen_input_ids"] + theirs["rejected_input_ids"],
+        theirs["score_positions_chosen"] + theirs["score_positions_rejected"],
+    ):
         assert pos == len(ids) - 1 and ids[pos] == theirs["eos_token_id"]  # TRL scores the last token, as jaxllm
     sc, sr = ours["scores"]
     close(sc, theirs["chosen_scores"], f"{what}: chosen scores", atol=1e-6)
@@ -389,10 +437,15 @@ def check_reward(folders, family: str, cfg, theirs: dict, workdir: str, score_we
     close(np.log1p(np.exp(-(sc - sr))), theirs["per_example_loss"], f"{what}: per-pair loss", atol=1e-7)
     close(ours["loss"], theirs["loss"], f"{what}: batch loss")
     close(ours["metrics"]["loss"], theirs["loss"], f"{what}: logged loss")
-    check_metrics(ours["metrics"], theirs["metrics"], {"rewards/accuracies": "accuracy", "rewards/margins": "margin"},
-                  what)
-    close(ours["metrics"]["rewards/chosen"], float(np.mean(theirs["chosen_scores"])), f"{what}: mean chosen score",
-          atol=1e-6)
+    check_metrics(
+        ours["metrics"], theirs["metrics"], {"rewards/accuracies": "accuracy", "rewards/margins": "margin"}, what
+    )
+    close(
+        ours["metrics"]["rewards/chosen"],
+        float(np.mean(theirs["chosen_scores"])),
+        f"{what}: mean chosen score",
+        atol=1e-6,
+    )
     assert "base_model.model.score.weight" in theirs["grads"]
     check_grads(ours["grads"], theirs["grads"], what)
 

@@ -31,8 +31,9 @@ def _cfg(**sections) -> PrepConfig:
     base = PrepConfig(num_workers=1, progress=False)
     changes = {"tokenize": dataclasses.replace(base.tokenize, vocab_size=320)}
     for name, value in sections.items():
-        changes[name] = dataclasses.replace(changes.get(name, getattr(base, name)), **value) if isinstance(value, dict) \
-            else value
+        changes[name] = (
+            dataclasses.replace(changes.get(name, getattr(base, name)), **value) if isinstance(value, dict) else value
+        )
     return dataclasses.replace(base, **changes)
 
 
@@ -58,8 +59,11 @@ def test_default_config_builds_and_rejects_unknown_keys():
     assert cfg == PrepConfig()  # the file and the dataclass defaults agree
     with open(PREP_CONFIG) as f:
         body = f.read().split("def get_config", 1)[1]
-    keys = [line for line in body.splitlines() if re.match(r"\s+(c\.)?\w+ = |\s+\w+=", line)
-            and not line.strip().startswith("c = ")]
+    keys = [
+        line
+        for line in body.splitlines()
+        if re.match(r"\s+(c\.)?\w+ = |\s+\w+=", line) and not line.strip().startswith("c = ")
+    ]
     assert len(keys) > 50 and [k for k in keys if "#" not in k] == []  # every key says what it does
     with pytest.raises(JaxllmError, match="unknown config key 'dedup.treshold'; did you mean 'dedup.threshold'"):
         load_config(PREP_CONFIG, ["dedup.treshold=0.5"])
@@ -76,8 +80,20 @@ def test_cli_prep(tmp_path, capsys):
 
     src = _write_jsonl(tmp_path / "docs.jsonl", [synthetic.document(i) for i in range(30)])
     out = tmp_path / "out"
-    assert run(["prep", f"--input={src}", f"--output={out}", "--config.progress=false",
-                "--config.num_workers=1", "--config.tokenize.vocab_size=300", "--config.curriculum.num_buckets=2"]) == 0
+    assert (
+        run(
+            [
+                "prep",
+                f"--input={src}",
+                f"--output={out}",
+                "--config.progress=false",
+                "--config.num_workers=1",
+                "--config.tokenize.vocab_size=300",
+                "--config.curriculum.num_buckets=2",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["records"] == 30 and summary["shards"] == 1 and os.path.isfile(summary["report"])
     assert {r["bucket"] for r in _records(out)} == {0, 1}
@@ -89,8 +105,13 @@ def test_cli_prep(tmp_path, capsys):
 def _short_docs(n: int, words: list[str]) -> list[str]:
     """`n` short documents of random sentences over a few `words`: few pieces for a tokenizer to learn."""
     rng = np.random.default_rng(0)
-    return [" ".join(" ".join(rng.choice(words, rng.integers(6, 13))).capitalize() + "."
-                     for _ in range(rng.integers(6, 11))) + f" Page {i}.\n" for i in range(n)]
+    return [
+        " ".join(
+            " ".join(rng.choice(words, rng.integers(6, 13))).capitalize() + "." for _ in range(rng.integers(6, 11))
+        )
+        + f" Page {i}.\n"
+        for i in range(n)
+    ]
 
 
 def test_default_vocab_is_capped_to_a_small_corpus(tmp_path, capsys):
@@ -105,8 +126,9 @@ def test_default_vocab_is_capped_to_a_small_corpus(tmp_path, capsys):
     for i, doc in enumerate(_short_docs(535, ["river", "stone", "light", "garden", "winter"])):
         (tmp_path / "small" / f"{i:03d}.txt").write_text(doc)
     argv = ["prep", f"--input={tmp_path / 'small' / '*.txt'}", "--config.progress=false", "--config.num_workers=1"]
-    with pytest.raises(JaxllmError, match=r"^tokenize.vocab_size=8000 is too large for this corpus \(at most \d+\)"
-                       ) as too_large:
+    with pytest.raises(
+        JaxllmError, match=r"^tokenize.vocab_size=8000 is too large for this corpus \(at most \d+\)"
+    ) as too_large:
         run([*argv, f"--output={tmp_path / 'set'}", "--config.tokenize.vocab_size=8000"])
     with pytest.raises(JaxllmError, match=r"^tokenize.vocab_size=100 is too small .* 100 vs \d+\)") as too_small:
         run([*argv, f"--output={tmp_path / 'set'}", "--config.tokenize.vocab_size=100"])
@@ -116,10 +138,14 @@ def test_default_vocab_is_capped_to_a_small_corpus(tmp_path, capsys):
     assert run([*argv, f"--output={tmp_path / 'out'}"]) == 0
     pieces = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model")).get_piece_size()
     assert pieces == most // 8 * 8  # a multiple of 128 would not hold the corpus's characters
-    assert f"jaxllm: note: prep: this corpus supports fewer than 8000 tokenizer pieces; trained {pieces}" in \
-        capsys.readouterr().err
-    assert f"tokenize.tokenizer = trained, {pieces} pieces (capped: the corpus supports fewer than 8000)" in \
-        (tmp_path / "out" / "report.md").read_text()
+    assert (
+        f"jaxllm: note: prep: this corpus supports fewer than 8000 tokenizer pieces; trained {pieces}"
+        in capsys.readouterr().err
+    )
+    assert (
+        f"tokenize.tokenizer = trained, {pieces} pieces (capped: the corpus supports fewer than 8000)"
+        in (tmp_path / "out" / "report.md").read_text()
+    )
     texts = _short_docs(535, ["river", "stone", "light", "garden", "winter", "morning"])
     settings = dict(tokenizer._TRAINER_SETTINGS, vocab_size=8000)
     with pytest.raises(JaxllmError, match=r"at most (\d+)") as too_large:
@@ -138,9 +164,17 @@ def test_inputs_of_every_kind_and_bad_input_is_counted(tmp_path):
     (tmp_path / "b.txt").write_bytes(good[1].encode() + b" caf\xe9 \xff")  # latin-1 and a stray byte
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.txt").write_text("  \n\n ")
-    (tmp_path / "c.jsonl").write_text(json.dumps({"text": good[2]}) + "\n\n" + '{"body": "no text field"}\n'
-                                      + "{not json\n" + json.dumps({"text": 5}) + "\n" + '["a list"]\n'
-                                      + json.dumps({"text": "x" * 5000}) + "\n")
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"text": good[2]})
+        + "\n\n"
+        + '{"body": "no text field"}\n'
+        + "{not json\n"
+        + json.dumps({"text": 5})
+        + "\n"
+        + '["a list"]\n'
+        + json.dumps({"text": "x" * 5000})
+        + "\n"
+    )
     (tmp_path / "d.json").write_text(json.dumps([{"text": good[3]}, {"text": good[4]}]))
     with gzip.open(tmp_path / "e.jsonl.gz", "wt") as f:
         f.write(json.dumps({"text": good[5]}) + "\n")
@@ -151,8 +185,16 @@ def test_inputs_of_every_kind_and_bad_input_is_counted(tmp_path):
     assert good[0] in texts and good[2] in texts and good[3] in texts and good[5] in texts
     assert any(t.startswith(good[1]) and t.endswith("caf\ufffd \ufffd") for t in texts)
     assert "y" * 4096 in texts  # cut at the cap (no line end to cut at)
-    assert reader.problems() == {"bad_json": 1, "empty_file": 2, "missing_field": 1, "not_an_object": 1,
-                                 "not_text": 1, "too_long_dropped": 1, "too_long_truncated": 1, "undecodable": 1}
+    assert reader.problems() == {
+        "bad_json": 1,
+        "empty_file": 2,
+        "missing_field": 1,
+        "not_an_object": 1,
+        "not_text": 1,
+        "too_long_dropped": 1,
+        "too_long_truncated": 1,
+        "undecodable": 1,
+    }
 
     skip = Reader(InputConfig(decode_errors="skip", too_long="skip", max_doc_bytes=4096))
     texts = [d[0] for d in skip.read(resolve_inputs([str(tmp_path / "*.txt")]))]
@@ -165,7 +207,9 @@ def test_inputs_of_every_kind_and_bad_input_is_counted(tmp_path):
     with pytest.raises(JaxllmError, match="tfds:NAME:SPLIT"):
         resolve_inputs(["tfds:"])
     assert resolve_inputs(["tfds:my_set", f"json:{tmp_path / 'a.txt'}", str(tmp_path)])[:2] == [
-        ("tfds", "my_set:train"), ("json", str(tmp_path / "a.txt"))]
+        ("tfds", "my_set:train"),
+        ("json", str(tmp_path / "a.txt")),
+    ]
 
 
 def test_paragraphs_long_lines_and_whole_pipeline_never_crashes(tmp_path):
@@ -177,9 +221,15 @@ def test_paragraphs_long_lines_and_whole_pipeline_never_crashes(tmp_path):
     assert reader.counts["too_long_truncated"] == 1
     # Bad input of every kind through prepare: counted in stats, never an exception.
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": "\xff\xfe"}\n{"nope": 1}\n{oops\n\n')
-    stats = prepare([str(tmp_path / "*")], str(tmp_path / "out"),
-                    _cfg(input=dict(text_split="paragraph", max_doc_bytes=1000), quality=dict(enabled=False),
-                         tokenize=dict(enabled=False)))
+    stats = prepare(
+        [str(tmp_path / "*")],
+        str(tmp_path / "out"),
+        _cfg(
+            input=dict(text_split="paragraph", max_doc_bytes=1000),
+            quality=dict(enabled=False),
+            tokenize=dict(enabled=False),
+        ),
+    )
     assert stats["stages"]["input"]["removed"] == {"bad_json": 1, "missing_field": 1}
     assert stats["stages"]["input"]["notes"]["undecodable"] == 1
     assert stats["output"]["records"] == 4 and stats["output"]["tokens"] is None
@@ -191,15 +241,18 @@ def test_parquet_and_tfds_inputs(tmp_path):
     import tensorflow_datasets as tfds
 
     docs = [synthetic.document(i) for i in range(8)]
-    pq.write_table(pa.table({"content": docs[:5], "level": [5, 4, 3, 2, 1]}), tmp_path / "train-0.parquet",
-                   row_group_size=2)
+    pq.write_table(
+        pa.table({"content": docs[:5], "level": [5, 4, 3, 2, 1]}), tmp_path / "train-0.parquet", row_group_size=2
+    )
     pq.write_table(pa.table({"other": ["x"]}), tmp_path / "nofield.parquet")
 
     class PrepTinyDocs(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"content": tfds.features.Text()}))
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict({"content": tfds.features.Text()})
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
@@ -209,8 +262,11 @@ def test_parquet_and_tfds_inputs(tmp_path):
                 yield i, {"content": d}
 
     PrepTinyDocs(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
-    cfg = _cfg(input=dict(text_field="content", tfds_data_dir=str(tmp_path / "tfds")), tokenize=dict(enabled=False),
-               curriculum=dict(length_weight=0.0, field_weight=1.0, field="level", num_buckets=5))
+    cfg = _cfg(
+        input=dict(text_field="content", tfds_data_dir=str(tmp_path / "tfds")),
+        tokenize=dict(enabled=False),
+        curriculum=dict(length_weight=0.0, field_weight=1.0, field="level", num_buckets=5),
+    )
     stats = prepare([str(tmp_path / "*.parquet"), "tfds:prep_tiny_docs:train"], str(tmp_path / "out"), cfg)
     assert stats["stages"]["input"]["removed"] == {"missing_field": 1}
     records = _records(tmp_path / "out")
@@ -236,22 +292,38 @@ def test_clean_normalizes_and_filters():
     assert clean("long" * 10, CleanConfig(max_chars=10)) == (None, "too_long")
 
 
-@pytest.mark.parametrize("text,reason", [
-    ("word " * 10, "too_few_words"),
-    ("a b c de " * 20, "mean_word_length_low"),
-    ("extraordinarily " * 60, "mean_word_length_high"),
-    ("# heading words here\n" * 30, "symbol_word_ratio"),
-    ("\n".join(f"- bullet item number {i} here" for i in range(30)), "bullet_lines"),
-    ("\n".join(f"trailing line {synthetic.VOCAB[i]} words more..." if i % 2 else f"plain line {synthetic.VOCAB[i]} "
-               "good words" for i in range(40)), "ellipsis_lines"),
-    (" ".join(f"{i} 3.5 7x9 1990" if i % 2 else f"word{synthetic.VOCAB[i]}" for i in range(60)), "non_alpha_words"),
-    ("\n".join(["the same line repeats itself here"] * 10 + [f"unique {w} line {w} text" for w in synthetic.VOCAB[:12]]),
-     "duplicate_lines"),
-    ((("turn the handle ") * 30) + " ".join(synthetic.VOCAB[:30]), "top_2gram_fraction"),
-])
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("word " * 10, "too_few_words"),
+        ("a b c de " * 20, "mean_word_length_low"),
+        ("extraordinarily " * 60, "mean_word_length_high"),
+        ("# heading words here\n" * 30, "symbol_word_ratio"),
+        ("\n".join(f"- bullet item number {i} here" for i in range(30)), "bullet_lines"),
+        (
+            "\n".join(
+                f"trailing line {synthetic.VOCAB[i]} words more..."
+                if i % 2
+                else f"plain line {synthetic.VOCAB[i]} good words"
+                for i in range(40)
+            ),
+            "ellipsis_lines",
+        ),
+        (" ".join(f"{i} 3.5 7x9 1990" if i % 2 else f"word{synthetic.VOCAB[i]}" for i in range(60)), "non_alpha_words"),
+        (
+            "\n".join(
+                ["the same line repeats itself here"] * 10 + [f"unique {w} line {w} text" for w in synthetic.VOCAB[:12]]
+            ),
+            "duplicate_lines",
+        ),
+        ((("turn the handle ") * 30) + " ".join(synthetic.VOCAB[:30]), "top_2gram_fraction"),
+    ],
+)
 def test_each_gopher_rule_fires(text, reason):
-    cfg = QualityConfig(max_duplicate_line_fraction=0.3 if reason == "duplicate_lines" else 0.0,
-                        top_ngram_max_fractions=(0.2, 0.18, 0.16) if reason.startswith("top_") else ())
+    cfg = QualityConfig(
+        max_duplicate_line_fraction=0.3 if reason == "duplicate_lines" else 0.0,
+        top_ngram_max_fractions=(0.2, 0.18, 0.16) if reason.startswith("top_") else (),
+    )
     assert quality(text, cfg)[:2] == (None, reason)
     assert quality(synthetic.document(3), QualityConfig())[1] == ""  # generated prose passes every rule
 
@@ -268,14 +340,18 @@ def test_c4_rules():
     assert quality(doc + "\nx = {1}.", QualityConfig(c4_curly_bracket=True))[1] == "c4_curly_bracket"
 
 
-ENGLISH = ("In the morning the river moves slowly through the valley while the fishermen wait on the bank. "
-           "Children walk to school talking about their plans for the holidays, the bakers open their doors, "
-           "and the smell of warm bread spreads through the narrow streets of the village. Later the market "
-           "fills with people, neighbours share the news, and everyone prepares the midday meal with care.")
-FRENCH = ("Le matin, la rivière traverse lentement la vallée et les pêcheurs attendent sur la rive. Les enfants "
-          "marchent vers l'école en parlant de leurs projets pour les vacances, tandis que les boulangers ouvrent "
-          "leurs portes et que l'odeur du pain chaud se répand dans les rues étroites du village. Plus tard, le "
-          "marché s'anime, les voisins échangent des nouvelles et chacun prépare le repas de midi avec soin.")
+ENGLISH = (
+    "In the morning the river moves slowly through the valley while the fishermen wait on the bank. "
+    "Children walk to school talking about their plans for the holidays, the bakers open their doors, "
+    "and the smell of warm bread spreads through the narrow streets of the village. Later the market "
+    "fills with people, neighbours share the news, and everyone prepares the midday meal with care."
+)
+FRENCH = (
+    "Le matin, la rivière traverse lentement la vallée et les pêcheurs attendent sur la rive. Les enfants "
+    "marchent vers l'école en parlant de leurs projets pour les vacances, tandis que les boulangers ouvrent "
+    "leurs portes et que l'odeur du pain chaud se répand dans les rues étroites du village. Plus tard, le "
+    "marché s'anime, les voisins échangent des nouvelles et chacun prépare le repas de midi avec soin."
+)
 
 
 def test_language_filter(monkeypatch):
@@ -339,8 +415,10 @@ def test_default_dedup_removes_near_copies_and_keeps_the_rest(tmp_path):
     originals = [synthetic.document(100 + i, 120, 121) for i in range(40)]
     copies = [synthetic.edit(d, 3 / 120, rng) for d in originals]
     unrelated = [synthetic.document(500 + i, 120, 121) for i in range(40)]
-    halves = [" ".join(d.split(" ")[:60] + synthetic.document(900 + i, 60, 61).split(" "))
-              for i, d in enumerate(originals[:20])]
+    halves = [
+        " ".join(d.split(" ")[:60] + synthetic.document(900 + i, 60, 61).split(" "))
+        for i, d in enumerate(originals[:20])
+    ]
     must_stay = originals + unrelated + halves
     src = _write_jsonl(tmp_path / "d.jsonl", originals + unrelated + halves + copies)
     stats = prepare([src], str(tmp_path / "out"), _cfg(tokenize=dict(enabled=False)))
@@ -376,7 +454,9 @@ def test_eda_augmentation():
     only_syn = augment.variants(text, dataclasses.replace(cfg, ops=("synonym",), copies=1, rate=0.5))[0]
     changed = [(a, b) for a, b in zip(text.split(), only_syn.split()) if a != b]
     assert changed and all(augment._bare(b) in augment.SYNONYMS[augment._bare(a)] for a, b in changed)
-    assert len(augment.variants(text, dataclasses.replace(cfg, ops=("delete",), copies=1))[0].split()) < len(text.split())
+    assert len(augment.variants(text, dataclasses.replace(cfg, ops=("delete",), copies=1))[0].split()) < len(
+        text.split()
+    )
 
 
 def test_paraphrase_hook_calls_generate_text(tmp_path, monkeypatch):
@@ -393,8 +473,16 @@ def test_paraphrase_hook_calls_generate_text(tmp_path, monkeypatch):
     monkeypatch.setattr(generate, "generate_text", fake_generate_text)
     docs = [synthetic.document(i) for i in range(10)]
     src = _write_jsonl(tmp_path / "d.jsonl", docs)
-    cfg = _cfg(augment=dict(enabled=True, ops=(), paraphrase_model=str(tmp_path / "model"),
-                            paraphrase_max_new_tokens=16, paraphrase_fraction=0.5), tokenize=dict(enabled=False))
+    cfg = _cfg(
+        augment=dict(
+            enabled=True,
+            ops=(),
+            paraphrase_model=str(tmp_path / "model"),
+            paraphrase_max_new_tokens=16,
+            paraphrase_fraction=0.5,
+        ),
+        tokenize=dict(enabled=False),
+    )
     stats = prepare([src], str(tmp_path / "out"), cfg)
     paraphrased = [r for r in _records(tmp_path / "out") if r["source"].startswith("paraphrase:")]
     n = sum(augment.wants_paraphrase(d, cfg.augment) for d in docs)
@@ -457,15 +545,21 @@ def test_prepare_end_to_end(corpus_dir, tmp_path):
         assert needle in report
     with pytest.raises(JaxllmError, match="already holds prep output"):
         prepare([str(corpus_dir / "*.jsonl")], str(out), _cfg())
-    prepare([str(corpus_dir / "*.jsonl")], str(out), _cfg(output=dict(overwrite=True, records_per_shard=7),
-                                                          tokenize=dict(enabled=False)))
+    prepare(
+        [str(corpus_dir / "*.jsonl")],
+        str(out),
+        _cfg(output=dict(overwrite=True, records_per_shard=7), tokenize=dict(enabled=False)),
+    )
     names = sorted(os.listdir(out))
     assert names == [f"data-0000{i}-of-00003.array_record" for i in range(3)] + ["report.md", "stats.json"]
 
 
 def test_rarity_curriculum_input_order_and_augmented_records(corpus_dir, tmp_path):
-    cfg = _cfg(curriculum=dict(length_weight=0.0, rarity_weight=1.0, order="input", num_buckets=3),
-               augment=dict(enabled=True, copies=1, rate=0.1), tokenize=dict(write_tokens=False))
+    cfg = _cfg(
+        curriculum=dict(length_weight=0.0, rarity_weight=1.0, order="input", num_buckets=3),
+        augment=dict(enabled=True, copies=1, rate=0.1),
+        tokenize=dict(write_tokens=False),
+    )
     stats = prepare([str(corpus_dir / "*.jsonl")], str(tmp_path / "out"), cfg)
     records = _records(tmp_path / "out")
     assert "tokens" not in records[0] and len(records) == 2 * 20 == stats["output"]["records"]
@@ -529,7 +623,9 @@ def test_bucket_output(corpus_dir, tmp_path, memory_root, monkeypatch):
     removed = [name for name in removed if not name.startswith(".jaxllm-write-check")]
     assert removed[0] == "stats.json" and "tokenizer.model" in removed
     assert sorted(p.name for p in root.iterdir()) == [f"data-0000{i}-of-00003.array_record" for i in range(3)] + [
-        "report.md", "stats.json"]
+        "report.md",
+        "stats.json",
+    ]
 
     monkeypatch.setattr(core.ShardWriter, "finish", lambda self: (_ for _ in ()).throw(RuntimeError("disk full")))
     failed = memory_root + "/failed"
@@ -544,8 +640,15 @@ def test_training_pipeline_reads_prep_shards(corpus_dir, tmp_path):
 
     out = tmp_path / "out"
     prepare([str(corpus_dir / "*.jsonl"), str(corpus_dir / "*.txt")], str(out), _cfg())
-    cfg = DataConfig(source="array_record", paths=(str(out / "*.array_record"),), text_field="text",
-                     tokenizer=str(out / "tokenizer.model"), block_size=32, batch_size=4, val_fraction=0.1)
+    cfg = DataConfig(
+        source="array_record",
+        paths=(str(out / "*.array_record"),),
+        text_field="text",
+        tokenizer=str(out / "tokenizer.model"),
+        block_size=32,
+        batch_size=4,
+        val_fraction=0.1,
+    )
     tok = tokenizer_for(cfg)
     it = make_train_iterator(cfg, tok)
     for _ in range(3):
@@ -557,8 +660,9 @@ def test_training_pipeline_reads_prep_shards(corpus_dir, tmp_path):
     # A curriculum over prep's buckets: with all weight on bucket 0, training reads its records alone.
     records = _records(out)
     easy = [f",{','.join(map(str, r['tokens']))}," for r in records if r["bucket"] == 0]
-    it = make_train_iterator(dataclasses.replace(cfg, curriculum_field="bucket",
-                                                 curriculum_schedule=((0, (1, 0, 0, 0)),)), tok)
+    it = make_train_iterator(
+        dataclasses.replace(cfg, curriculum_field="bucket", curriculum_schedule=((0, (1, 0, 0, 0)),)), tok
+    )
     special = {tok.bos_id, tok.eos_id}
     for _ in range(4):
         batch = next(it)
@@ -593,12 +697,19 @@ def _same_output(local, beam, a: dict, b: dict) -> None:
         assert (local / "tokenizer.model").read_bytes() == (beam / "tokenizer.model").read_bytes()
 
 
-@pytest.mark.parametrize("sections", [
-    {},
-    dict(augment=dict(enabled=True, copies=2, rate=0.1), output=dict(records_per_shard=7),
-         curriculum=dict(length_weight=0.0, rarity_weight=1.0, order="input", num_buckets=3)),
-    dict(tokenize=dict(enabled=False), dedup=dict(exact=False), curriculum=dict(field="level", field_weight=1.0)),
-], ids=["default", "augment_rarity_shards", "untokenized_field_curriculum"])
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {},
+        dict(
+            augment=dict(enabled=True, copies=2, rate=0.1),
+            output=dict(records_per_shard=7),
+            curriculum=dict(length_weight=0.0, rarity_weight=1.0, order="input", num_buckets=3),
+        ),
+        dict(tokenize=dict(enabled=False), dedup=dict(exact=False), curriculum=dict(field="level", field_weight=1.0)),
+    ],
+    ids=["default", "augment_rarity_shards", "untokenized_field_curriculum"],
+)
 def test_beam_runner_equals_local(messy_dir, tmp_path, sections):
     from jaxllm.prep.beam import prepare_beam
 
@@ -617,9 +728,20 @@ def test_beam_cli_and_errors(corpus_dir, tmp_path, capsys, monkeypatch):
     from jaxllm.prep import beam
 
     src, out = str(corpus_dir / "*.jsonl"), tmp_path / "out"
-    assert run(["prep", f"--input={src}", f"--output={out}", "--runner=DirectRunner",
-                f"--beam_options={' '.join(BEAM_OPTIONS)}", "--config.tokenize.vocab_size=320",
-                "--config.progress=false"]) == 0
+    assert (
+        run(
+            [
+                "prep",
+                f"--input={src}",
+                f"--output={out}",
+                "--runner=DirectRunner",
+                f"--beam_options={' '.join(BEAM_OPTIONS)}",
+                "--config.tokenize.vocab_size=320",
+                "--config.progress=false",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["records"] == 20 and json.loads((out / "stats.json").read_text())["runner"] == "beam"
     with pytest.raises(JaxllmError, match="already holds prep output"):
@@ -660,8 +782,17 @@ def reference_model(corpus_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     out = folder / "prepared"
     prepare([str(corpus_dir / "*.jsonl")], str(out), _cfg())
-    cfg = ModelConfig(vocab_size=320, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
-                      max_seq_len=80, dtype="float32", init_std=0.3)
+    cfg = ModelConfig(
+        vocab_size=320,
+        num_layers=2,
+        embed_dim=32,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=64,
+        max_seq_len=80,
+        dtype="float32",
+        init_std=0.3,
+    )
     model = Decoder(cfg)
     params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     hf.save_pretrained(model, params, str(folder / "model"))
@@ -673,8 +804,11 @@ def test_reference_model_loss_orders_the_curriculum(messy_dir, reference_model, 
     from jaxllm.prep import curriculum
     from jaxllm.prep.beam import prepare_beam
 
-    cfg = _cfg(curriculum=dict(length_weight=0.0, model_weight=1.0, model=reference_model, model_max_tokens=64,
-                               model_batch_size=4))
+    cfg = _cfg(
+        curriculum=dict(
+            length_weight=0.0, model_weight=1.0, model=reference_model, model_max_tokens=64, model_batch_size=4
+        )
+    )
     inputs = [str(messy_dir / "*.jsonl"), str(messy_dir / "*.txt")]
     local = prepare(inputs, str(tmp_path / "local"), cfg)
     records = _records(tmp_path / "local")
@@ -701,7 +835,10 @@ def test_no_usable_record_is_an_error_and_writes_nothing(tmp_path, runner):
         from jaxllm.prep.beam import prepare_beam
 
         run = lambda: prepare_beam([str(src)], str(out), _cfg(), options=BEAM_OPTIONS)  # noqa: E731
-    with pytest.raises(JaxllmError, match=r"no usable record in the inputs \(3 documents read; removed: "
-                                          r"bad_json 1, missing_field 2\); nothing was written"):
+    with pytest.raises(
+        JaxllmError,
+        match=r"no usable record in the inputs \(3 documents read; removed: "
+        r"bad_json 1, missing_field 2\); nothing was written",
+    ):
         run()
     assert os.listdir(out) == []  # no stats.json (the mark of a complete output), no shard, no temp folder

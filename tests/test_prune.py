@@ -16,16 +16,19 @@ from jaxllm.train import prune as pr
 from jaxllm.train import step as st
 from jaxllm.train.optimizer import OptimConfig, make_optimizer
 
-CFG = ModelConfig(vocab_size=64, num_layers=2, embed_dim=16, num_heads=2, mlp_dim=32, max_seq_len=16,
-                  dtype="float32")
+CFG = ModelConfig(vocab_size=64, num_layers=2, embed_dim=16, num_heads=2, mlp_dim=32, max_seq_len=16, dtype="float32")
 L = 8
 
 
 def _tree(seed=0, scale=1.0):
     rs = np.random.RandomState(seed)
     n = lambda *s: jnp.asarray(rs.randn(*s).astype(np.float32) * scale)  # noqa: E731
-    return {"a": {"kernel": n(8, 16)}, "b": {"proj": {"kernel": n(3, 50, 7)}}, "norm": {"scale": n(16)},
-            "embed": {"embedding": n(10, 4)}}
+    return {
+        "a": {"kernel": n(8, 16)},
+        "b": {"proj": {"kernel": n(3, 50, 7)}},
+        "norm": {"scale": n(16)},
+        "embed": {"embedding": n(10, 4)},
+    }
 
 
 def _targeted(tree):
@@ -39,7 +42,7 @@ def _smallest_mask(values, k):
     pruned[np.argsort(flat, kind="stable")[:k]] = True
     out, start = [], 0
     for v in values:
-        out.append(pruned[start:start + v.size].reshape(v.shape))
+        out.append(pruned[start : start + v.size].reshape(v.shape))
         start += v.size
     return out
 
@@ -76,15 +79,19 @@ def test_one_shot_global_zeroes_exactly_the_smallest(target):
 def test_layer_scope_prunes_each_matrix_and_each_scanned_slice():
     rs = np.random.RandomState(0)
     stacked = rs.randn(3, 8, 16).astype(np.float32) * np.array([100.0, 1.0, 0.01], np.float32)[:, None, None]
-    params = {"layers": {"mlp": {"kernel": jnp.asarray(stacked)}},
-              "lm_head": {"kernel": jnp.asarray(rs.randn(8, 12).astype(np.float32))}}
+    params = {
+        "layers": {"mlp": {"kernel": jnp.asarray(stacked)}},
+        "lm_head": {"kernel": jnp.asarray(rs.randn(8, 12).astype(np.float32))},
+    }
     cfg = pr.PruneConfig(sparsity=0.75, scope="layer")
     pruned, _ = pr.prune_now(params, cfg)
     for i in range(3):
-        np.testing.assert_array_equal(np.asarray(pruned["layers"]["mlp"]["kernel"][i]) == 0,
-                                      _smallest_mask([stacked[i]], 96)[0])
-    np.testing.assert_array_equal(np.asarray(pruned["lm_head"]["kernel"]) == 0,
-                                  _smallest_mask([params["lm_head"]["kernel"]], 72)[0])
+        np.testing.assert_array_equal(
+            np.asarray(pruned["layers"]["mlp"]["kernel"][i]) == 0, _smallest_mask([stacked[i]], 96)[0]
+        )
+    np.testing.assert_array_equal(
+        np.asarray(pruned["lm_head"]["kernel"]) == 0, _smallest_mask([params["lm_head"]["kernel"]], 72)[0]
+    )
     # a global threshold would have spared the large layer and emptied the small one
     glob, _ = pr.prune_now(params, pr.PruneConfig(sparsity=0.75))
     zeros = np.mean(np.asarray(glob["layers"]["mlp"]["kernel"]) == 0, axis=(1, 2))
@@ -106,8 +113,9 @@ def test_cubic_schedule():
     steps = jnp.array([0, 9, 10, 35, 60, 85, 110, 500])
     want = [0, 0, 0, 0.8 * (1 - 0.75**3), 0.8 * (1 - 0.5**3), 0.8 * (1 - 0.25**3), 0.8, 0.8]
     np.testing.assert_allclose(pr.sparsity_at(cfg, steps), want, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(pr.is_prune_step(cfg, jnp.arange(130)),
-                                  np.isin(np.arange(130), [10, 35, 60, 85, 110]))
+    np.testing.assert_array_equal(
+        pr.is_prune_step(cfg, jnp.arange(130)), np.isin(np.arange(130), [10, 35, 60, 85, 110])
+    )
     uneven = pr.PruneConfig(sparsity=0.8, start_step=0, end_step=50, every=20)
     assert np.flatnonzero(pr.is_prune_step(uneven, jnp.arange(60))).tolist() == [0, 20, 40, 50]
     one_shot = pr.PruneConfig(sparsity=0.5, start_step=7)
@@ -123,8 +131,9 @@ def _train(params, tx, steps, seed=0):
     history = []
     for key in keys:
         leaves, treedef = jax.tree.flatten(params)
-        grads = treedef.unflatten([jax.random.normal(k, x.shape) for k, x in
-                                   zip(jax.random.split(key, len(leaves)), leaves)])
+        grads = treedef.unflatten(
+            [jax.random.normal(k, x.shape) for k, x in zip(jax.random.split(key, len(leaves)), leaves)]
+        )
         updates, state = update(grads, state, params)
         params = optax.apply_updates(params, updates)
         history.append((params, state[-1].masks))  # pruning: the last state
@@ -169,9 +178,11 @@ def test_gradual_masks_only_grow_and_reach_the_target():
 
 def test_targets_select_only_the_intended_leaves():
     params = jax.jit(Decoder(CFG).init)(jax.random.key(0), jnp.zeros((1, L), jnp.int32))["params"]
-    for regex, hit in [("kernel", lambda names: names[-1] == "kernel"),
-                       ("mlp/.*", lambda names: "mlp" in names),
-                       ("self_attn/(q|k)_proj/kernel", lambda names: names[-2] in ("q_proj", "k_proj"))]:
+    for regex, hit in [
+        ("kernel", lambda names: names[-1] == "kernel"),
+        ("mlp/.*", lambda names: "mlp" in names),
+        ("self_attn/(q|k)_proj/kernel", lambda names: names[-2] in ("q_proj", "k_proj")),
+    ]:
         pruned, masks = pr.prune_now(params, pr.PruneConfig(sparsity=0.5, targets=regex))
         flat_m = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
         for (path, m), before, after in zip(flat_m, jax.tree.leaves(params), jax.tree.leaves(pruned)):
@@ -193,9 +204,13 @@ def _sharded_run(mesh, tmp_path=None):
     fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig()), shardings, mesh)
     rs = np.random.RandomState(0)
     for _ in range(3):
-        batch = dict(inputs=rs.randint(0, 64, (8, L)).astype(np.int32),
-                     targets=rs.randint(0, 64, (8, L)).astype(np.int32), segment_ids=np.ones((8, L), np.int32),
-                     positions=np.tile(np.arange(L, dtype=np.int32), (8, 1)), loss_weights=np.ones((8, L), np.float32))
+        batch = dict(
+            inputs=rs.randint(0, 64, (8, L)).astype(np.int32),
+            targets=rs.randint(0, 64, (8, L)).astype(np.int32),
+            segment_ids=np.ones((8, L), np.int32),
+            positions=np.tile(np.arange(L, dtype=np.int32), (8, 1)),
+            loss_weights=np.ones((8, L), np.float32),
+        )
         state, _ = fn(state, shd.global_batch(batch, mesh))
     return state, shardings, model, tx
 
@@ -234,11 +249,19 @@ def test_sharded_equals_unsharded_and_masks_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("values, key", [
-    (dict(sparsity=1.0), "prune.sparsity"), (dict(sparsity=-0.1), "prune.sparsity"),
-    (dict(scope="row"), "prune.scope"), (dict(every=0), "prune.every"), (dict(start_step=-1), "prune.start_step"),
-    (dict(targets="(kernel"), "prune.targets"), (dict(sparsty=0.5), "prune.sparsity"),
-    (dict(sparsity="half"), "prune.sparsity")])
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        (dict(sparsity=1.0), "prune.sparsity"),
+        (dict(sparsity=-0.1), "prune.sparsity"),
+        (dict(scope="row"), "prune.scope"),
+        (dict(every=0), "prune.every"),
+        (dict(start_step=-1), "prune.start_step"),
+        (dict(targets="(kernel"), "prune.targets"),
+        (dict(sparsty=0.5), "prune.sparsity"),
+        (dict(sparsity="half"), "prune.sparsity"),
+    ],
+)
 def test_bad_config_values_raise(values, key):
     with pytest.raises(JaxllmError, match=key.replace(".", r"\.")) as e:
         build(pr.PruneConfig, values, "prune")

@@ -59,8 +59,12 @@ class FakeHub(ThreadingHTTPServer):
             repo_id = f"{payload['organization']}/{payload['name']}"
             if repo_id in self.repos:
                 return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
-            self.repos[repo_id] = {"visibility": payload.get("visibility"), "type": payload.get("type"), "files": {},
-                                   "commits": 0}
+            self.repos[repo_id] = {
+                "visibility": payload.get("visibility"),
+                "type": payload.get("type"),
+                "files": {},
+                "commits": 0,
+            }
             return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}
         if method == "POST" and path == "/api/validate-yaml":
             return 200, {"errors": [], "warnings": []}
@@ -72,8 +76,11 @@ class FakeHub(ThreadingHTTPServer):
             return self.fail[op], {"error": "Internal Error - We're working hard to fix this as soon as possible!"}
         if op == "preupload":
             files = json.loads(body)["files"]
-            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
-                                   for f in files]}
+            return 200, {
+                "files": [
+                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
+                ]
+            }
         if op == "commit":
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
             assert lines[0]["key"] == "header" and lines[0]["value"]["summary"]
@@ -81,8 +88,11 @@ class FakeHub(ThreadingHTTPServer):
                 assert line["key"] == "file" and line["value"]["encoding"] == "base64", line["key"]
                 repo["files"][line["value"]["path"]] = base64.b64decode(line["value"]["content"])
             repo["commits"] += 1
-            return 200, {"commitUrl": f"{self.url}/{m.group(1)}/commit/{COMMIT}", "commitOid": COMMIT,
-                         "pullRequestUrl": None}
+            return 200, {
+                "commitUrl": f"{self.url}/{m.group(1)}/commit/{COMMIT}",
+                "commitOid": COMMIT,
+                "pullRequestUrl": None,
+            }
         return 404, {"error": "not served here"}
 
 
@@ -131,8 +141,11 @@ def _main(argv) -> tuple[int, str, str]:
 
 def _tree(root: str) -> dict[str, str]:
     """relative path -> sha256 of every file under `root`."""
-    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-            for d, _, files in os.walk(root) for f in files}
+    return {
+        os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+        for d, _, files in os.walk(root)
+        for f in files
+    }
 
 
 def _files(folder: str) -> dict[str, bytes]:
@@ -148,10 +161,32 @@ def trained(tmp_path_factory):
     shutil.move(base, snapshot)
     root = tmp_path_factory.mktemp("pushed")
     run = str(root / "run")
-    argv = ["finetune", "--model", snapshot, "--data_path", "embedded", "--use_peft", "--lora_r", "4",
-            "--max_steps", "2", "--batch_size", "1", "--block_size", "32", "--project_name", run, "--merge_adapter",
-            "--push_to_hub", "--repo_id", "tiny-org/tiny-llama-chat", "--token", TOKEN,
-            "--config.train.eval_batches=1", *FAST]
+    argv = [
+        "finetune",
+        "--model",
+        snapshot,
+        "--data_path",
+        "embedded",
+        "--use_peft",
+        "--lora_r",
+        "4",
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "1",
+        "--block_size",
+        "32",
+        "--project_name",
+        run,
+        "--merge_adapter",
+        "--push_to_hub",
+        "--repo_id",
+        "tiny-org/tiny-llama-chat",
+        "--token",
+        TOKEN,
+        "--config.train.eval_batches=1",
+        *FAST,
+    ]
     with pytest.MonkeyPatch.context() as mp, FakeHub() as hub, _hub_env(mp, hub, str(root / "hf_home")):
         mp.setenv("JAXLLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jaxllm-cache"))
         code, out, err = _main(argv)
@@ -233,15 +268,27 @@ def test_a_failed_upload_is_one_line_with_the_command_that_retries_it(trained, t
     with FakeHub() as hub, _hub_env(monkeypatch, hub, str(tmp_path / "hf_home")):  # the printed command works
         code, _, err = _main([*shlex.split(retry)[1:], "--token", TOKEN])
     assert code == 0, err
-    assert hub.repos["tiny-org/retry"]["files"]["model.safetensors"] == _files(os.path.join(run, "merged"))[
-        "model.safetensors"]
+    assert (
+        hub.repos["tiny-org/retry"]["files"]["model.safetensors"]
+        == _files(os.path.join(run, "merged"))["model.safetensors"]
+    )
 
 
 def test_finetune_whose_upload_fails_exits_1_and_keeps_its_outputs(trained, tmp_path, monkeypatch):
     run, out_dir = str(tmp_path / "run"), str(tmp_path / "out")
     shutil.copytree(trained["run"], run)  # the finished run again: resumed at its last step, exported, pushed
-    argv = [*trained["argv"][:trained["argv"].index("--project_name")], "--project_name", run, "--save_dir", out_dir,
-            "--push_to_hub", "--username", "tiny-org", "--config.train.eval_batches=1", *FAST]
+    argv = [
+        *trained["argv"][: trained["argv"].index("--project_name")],
+        "--project_name",
+        run,
+        "--save_dir",
+        out_dir,
+        "--push_to_hub",
+        "--username",
+        "tiny-org",
+        "--config.train.eval_batches=1",
+        *FAST,
+    ]
     with FakeHub(fail={"commit": 503}) as hub, _hub_env(monkeypatch, hub, str(tmp_path / "hf_home")):
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         code, out, err = _main(argv)
@@ -269,9 +316,23 @@ def test_push_settings_are_checked_before_training(trained, tmp_path, monkeypatc
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    common = ["finetune", "--model", trained["snapshot"], "--data_path", "embedded", "--max_steps", "1",
-              "--batch_size", "1", "--block_size", "32", "--project_name", str(tmp_path / "my-run"), "--push_to_hub",
-              *FAST]
+    common = [
+        "finetune",
+        "--model",
+        trained["snapshot"],
+        "--data_path",
+        "embedded",
+        "--max_steps",
+        "1",
+        "--batch_size",
+        "1",
+        "--block_size",
+        "32",
+        "--project_name",
+        str(tmp_path / "my-run"),
+        "--push_to_hub",
+        *FAST,
+    ]
     with pytest.raises(JaxllmError, match=r"--push_to_hub needs the repository: --repo_id ORG/NAME, or --username"):
         cli.run(common)
     with pytest.raises(JaxllmError, match=r"needs a token with write access: --token TOKEN, the HF_TOKEN"):
@@ -284,13 +345,15 @@ def test_push_settings_are_checked_before_training(trained, tmp_path, monkeypatc
     assert push.resolve_repo_id(None, "me", str(tmp_path / "my-run")) == "me/my-run"
 
     capsys.readouterr()
-    flags_to_config(_args(["--model", trained["snapshot"], "--data_path", "embedded", "--token", TOKEN,
-                           "--repo_id", "a/b"]), [])
+    flags_to_config(
+        _args(["--model", trained["snapshot"], "--data_path", "embedded", "--token", TOKEN, "--repo_id", "a/b"]), []
+    )
     err = capsys.readouterr().err
     assert "--repo_id, --token apply with --push_to_hub" in err and TOKEN not in err
 
-    assert push.redact(["jaxllm", "finetune", "--token", TOKEN, "--tok=" + TOKEN, "--model", "m", f"x{TOKEN}"],
-                       TOKEN) == ["jaxllm", "finetune", "--model", "m", "x***"]
+    assert push.redact(
+        ["jaxllm", "finetune", "--token", TOKEN, "--tok=" + TOKEN, "--model", "m", f"x{TOKEN}"], TOKEN
+    ) == ["jaxllm", "finetune", "--model", "m", "x***"]
     code, _, err = _main(["push", "--workdir", str(tmp_path / "none"), "--repo_id", "a/b", "--token", TOKEN])
     assert code == 2 and "is not a folder" in err and len(err.splitlines()) == 1
     code, _, err = _main(["push", "--workdir", str(tmp_path), "--repo_id", "a/b", "--token", TOKEN])

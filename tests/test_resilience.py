@@ -14,8 +14,17 @@ import kill_soak  # noqa: E402
 
 
 def test_short_kill_soak_loses_nothing_and_never_hangs(tmp_path):
-    report = kill_soak.main(["--kills_single=2", "--kills_multi=3", "--multi_moments=steps,save,eval",
-                             "--seed=1", f"--workdir={tmp_path}", "--hang_timeout_s=300", "--lost_timeout_s=60"])
+    report = kill_soak.main(
+        [
+            "--kills_single=2",
+            "--kills_multi=3",
+            "--multi_moments=steps,save,eval",
+            "--seed=1",
+            f"--workdir={tmp_path}",
+            "--hang_timeout_s=300",
+            "--lost_timeout_s=60",
+        ]
+    )
     assert report["hangs"] == 0 and report["failed_restarts"] == 0 and report["leftover_processes"] == 0, report
     assert report["kills"] + report["finished_before_kill"] == 5 and report["kills"] >= 4, report
     assert {"save", "eval"} <= set(report["moments"]), report  # a kill while writing and while evaluating
@@ -86,15 +95,23 @@ def test_a_second_sigterm_exits_at_once(tmp_path):
 def test_a_preemption_checkpoint_late_for_its_deadline_exits_without_it():
     import subprocess
 
-    script = ("import os, signal, time\n"
-              "from jaxllm.train.loop import _StopFlag\n"
-              "stop = _StopFlag(deadline_s=0.5)\n"
-              "os.kill(os.getpid(), signal.SIGTERM)\n"
-              "time.sleep(0.05)\n"
-              "assert stop.requested\n"
-              "time.sleep(30)  # a save that never finishes\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+    script = (
+        "import os, signal, time\n"
+        "from jaxllm.train.loop import _StopFlag\n"
+        "stop = _StopFlag(deadline_s=0.5)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.05)\n"
+        "assert stop.requested\n"
+        "time.sleep(30)  # a save that never finishes\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "not written within checkpoint.preemption_deadline_s=0.5; exiting without it" in result.stderr
 
@@ -115,7 +132,9 @@ def test_a_background_save_failing_mid_run_stops_the_run_at_once(tmp_path, monke
     from jaxllm.train.metrics import read_metrics
 
     overrides = [o for o in kill_soak.OPTIONS if not o.startswith(("distributed.", "mesh."))] + [
-        "checkpoint.async_save=true", "mesh.data=-1"]
+        "checkpoint.async_save=true",
+        "mesh.data=-1",
+    ]
     cfg = load_config(os.path.join(ROOT, "configs/tiny.py"), [*overrides, "train.steps=30"])
     original = serialization.async_serialize_from_host
 
@@ -150,6 +169,5 @@ def test_a_background_save_failing_mid_run_stops_the_run_at_once(tmp_path, monke
     assert last_step == failed, (failed, last_step)  # the next step stops the run: not one more is logged
     assert failed == 8 and sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()) == [4]
     monkeypatch.undo()
-    result = train(load_config(os.path.join(ROOT, "configs/tiny.py"), [*overrides, "train.steps=12"]),
-                   str(tmp_path))
+    result = train(load_config(os.path.join(ROOT, "configs/tiny.py"), [*overrides, "train.steps=12"]), str(tmp_path))
     assert result["step"] == 12

@@ -26,12 +26,22 @@ from jaxllm.models.config import ModelConfig  # noqa: E402
 from jaxllm.models.decoder import Decoder, abstract_params, head_DV, score_DS  # noqa: E402
 
 VOCAB, PAD, BOS, EOS = 101, 0, 1, 2
-COMMON = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, initializer_range=0.2, pad_token_id=PAD,
-              bos_token_id=BOS, eos_token_id=EOS)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    num_hidden_layers=2,
+    initializer_range=0.2,
+    pad_token_id=PAD,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+)
 FAMILIES = {  # family -> (config class, fields, num_labels)
     "llama": (transformers.LlamaConfig, dict(intermediate_size=80, num_attention_heads=4, num_key_value_heads=2), 1),
-    "falcon": (transformers.FalconConfig, dict(num_attention_heads=6, num_kv_heads=2, new_decoder_architecture=True,
-                                               bias=True, ffn_hidden_size=96), 2),
+    "falcon": (
+        transformers.FalconConfig,
+        dict(num_attention_heads=6, num_kv_heads=2, new_decoder_architecture=True, bias=True, ffn_hidden_size=96),
+        2,
+    ),
     "bloom": (transformers.BloomConfig, dict(n_head=6), 1),
 }
 LORA = lora.LoraConfig(r=4, alpha=8.0, target_modules=("all-linear",))
@@ -120,8 +130,9 @@ def test_import_export_and_peft_parity(family, tmp_path):
     moved = {k: v for k, v in moved.items() if k != "layers"}
     moved.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i] * 1.1, params["layers"]) for i in range(2)})
     ours = _our_scores(Decoder(cfg), moved, ids, mask, lengths)
-    hf.save_pretrained(Decoder(cfg), moved, str(tmp_path / "out"), config_updates=dict(bos_token_id=BOS,
-                                                                                        eos_token_id=EOS))
+    hf.save_pretrained(
+        Decoder(cfg), moved, str(tmp_path / "out"), config_updates=dict(bos_token_id=BOS, eos_token_id=EOS)
+    )
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == [hf_config.SCORE_ARCHITECTURES[family]]
     assert (config["num_labels"], config["pad_token_id"]) == (num_labels, BOS)  # no pad given: BOS, never last
@@ -165,8 +176,9 @@ def test_peft_made_seq_cls_adapter_imports(family, tmp_path):
     """An adapter PEFT itself saved for SEQ_CLS (modules_to_save ['classifier', 'score']) gives jaxllm PEFT's scores."""
     hf_model = _hf_score_model(family)
     hf_model.save_pretrained(tmp_path / "hf")
-    peft_model = peft.get_peft_model(hf_model, peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4,
-                                                               target_modules="all-linear"))
+    peft_model = peft.get_peft_model(
+        hf_model, peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules="all-linear")
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
@@ -219,8 +231,9 @@ def test_causal_lm_starts_a_score_model(family, tmp_path):
     for source in ("causal", "converted"):
         loaded = load_init_params(str(tmp_path / source), run_cfg, mesh, score_key=jax.random.key(3))
         assert sorted(loaded) == sorted(shd.unbox(abstract_params(run_cfg)))
-        np.testing.assert_array_equal(np.asarray(loaded["embed_tokens"]["embedding"]),
-                                      np.asarray(lm_params["embed_tokens"]["embedding"]))
+        np.testing.assert_array_equal(
+            np.asarray(loaded["embed_tokens"]["embedding"]), np.asarray(lm_params["embed_tokens"]["embedding"])
+        )
         assert np.asarray(loaded["score"]["kernel"]).std() > 0.01
         # an adapter run's split: the fresh score is trained, the base frozen
         saved, _ = tree.partition(loaded, lora.trainable_fn(LORA, lora.apply(LORA, run_cfg)))
@@ -229,8 +242,11 @@ def test_causal_lm_starts_a_score_model(family, tmp_path):
 
 def test_score_folder_loads_only_as_a_score_model(tmp_path):
     _hf_score_model("llama").save_pretrained(tmp_path / "hf")
-    with pytest.raises(JaxllmError, match=r"is a score model \(num_labels=1, no lm_head\); load it with "
-                                          r"model.num_labels=1"):
+    with pytest.raises(
+        JaxllmError,
+        match=r"is a score model \(num_labels=1, no lm_head\); load it with "
+        r"model.num_labels=1",
+    ):
         hf.load_pretrained(str(tmp_path / "hf"), num_labels=0)
     with pytest.raises(JaxllmError, match="num_labels=1"):
         hf.load_pretrained(str(tmp_path / "hf"), num_labels=3)
@@ -268,8 +284,9 @@ def test_model_config_num_labels():
         ModelConfig(num_labels=1.5)
     for tie in (False, True):
         for bloom in (False, True):
-            family = dict(norm="layer", position="alibi", mlp="gelu_tanh", use_bias=True, embed_norm=True) if bloom \
-                else {}
+            family = (
+                dict(norm="layer", position="alibi", mlp="gelu_tanh", use_bias=True, embed_norm=True) if bloom else {}
+            )
             lm = ModelConfig(vocab_size=64, embed_dim=32, num_heads=4, mlp_dim=64, tie_embeddings=tie, **family)
             scorer = ModelConfig(**{**lm.__dict__, "num_labels": 3})
             shapes = shd.unbox(abstract_params(scorer))

@@ -43,11 +43,17 @@ def qa_cfg(tmp_path) -> DataConfig:
     for i in range(NUM_ROWS):
         q, a = _qa(i)
         messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        rows.append({"text": _guanaco(i), "messages": messages,
-                     "prompt": f"Q: {q}\nA:", "completion": f" {a}"})
+        rows.append({"text": _guanaco(i), "messages": messages, "prompt": f"Q: {q}\nA:", "completion": f" {a}"})
     path = _write_jsonl(tmp_path / "chat.jsonl", rows)
-    return DataConfig(source="jsonl", paths=(path,), format="sft_text", loss_on="assistant", block_size=128,
-                      batch_size=4, val_fraction=0.25)
+    return DataConfig(
+        source="jsonl",
+        paths=(path,),
+        format="sft_text",
+        loss_on="assistant",
+        block_size=128,
+        batch_size=4,
+        val_fraction=0.25,
+    )
 
 
 def _take(it, n: int) -> list[dict[str, np.ndarray]]:
@@ -104,31 +110,65 @@ def _example_ids(tok, pieces, assistant_only=True, **kw) -> tuple[list[int], lis
 def test_parse_guanaco_multi_turn():
     text = "### Human: Hi there### Assistant: Hello! How can I help?### Human: 2+2?### Assistant: 4."
     assert sft.parse_guanaco(text) == [
-        ("### Human: Hi there### Assistant:", False), (" Hello! How can I help?", True),
-        ("### Human: 2+2?### Assistant:", False), (" 4.", True),
+        ("### Human: Hi there### Assistant:", False),
+        (" Hello! How can I help?", True),
+        ("### Human: 2+2?### Assistant:", False),
+        (" 4.", True),
     ]
     assert sft.text_of(sft.parse_guanaco(text)) == text
     assert sft.parse_guanaco("just text") == [("just text", False)]
     # A stray marker inside an answer stays part of the answer (answers end only at "### Human:").
     assert sft.parse_guanaco("### Human: q### Assistant: a ### Assistant: b") == [
-        ("### Human: q### Assistant:", False), (" a ### Assistant: b", True)]
+        ("### Human: q### Assistant:", False),
+        (" a ### Assistant: b", True),
+    ]
 
 
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Goodbye."}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Goodbye."},
+]
 
 
-@pytest.mark.parametrize("template,want", [
-    ("guanaco", [("Be brief.\n\n### Human: Hi### Assistant:", False), (" Hello.", True),
-                 ("### Human: Bye### Assistant:", False), (" Goodbye.", True)]),
-    ("chatml", [("<|im_start|>system\nBe brief.<|im_end|>\n"
-                 "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+@pytest.mark.parametrize(
+    "template,want",
+    [
+        (
+            "guanaco",
+            [
+                ("Be brief.\n\n### Human: Hi### Assistant:", False),
+                (" Hello.", True),
+                ("### Human: Bye### Assistant:", False),
+                (" Goodbye.", True),
+            ],
+        ),
+        (
+            "chatml",
+            [
+                (
+                    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+                    False,
+                ),
                 ("Hello.<|im_end|>\n", True),
-                ("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False), ("Goodbye.<|im_end|>\n", True)]),
-    ("llama2", [("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]", False), (" Hello.", True), (None, True),
-                ("[INST] Bye [/INST]", False), (" Goodbye.", True)]),
-])
+                ("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False),
+                ("Goodbye.<|im_end|>\n", True),
+            ],
+        ),
+        (
+            "llama2",
+            [
+                ("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]", False),
+                (" Hello.", True),
+                (None, True),
+                ("[INST] Bye [/INST]", False),
+                (" Goodbye.", True),
+            ],
+        ),
+    ],
+)
 def test_render_messages_templates(template, want):
     assert sft.render_messages(CHAT, template) == want
 
@@ -144,9 +184,12 @@ def test_guanaco_messages_render_as_the_dataset_text():
 
 
 def test_bad_messages_raise():
-    for bad, match in [([], "non-empty list"), ([{"role": "human", "content": "x"}], "role 'human'"),
-                       ([{"role": "user"}], "text 'content'"),
-                       ([{"role": "user", "content": "x"}, {"role": "system", "content": "s"}], "only the first")]:
+    for bad, match in [
+        ([], "non-empty list"),
+        ([{"role": "human", "content": "x"}], "role 'human'"),
+        ([{"role": "user"}], "text 'content'"),
+        ([{"role": "user", "content": "x"}, {"role": "system", "content": "s"}], "only the first"),
+    ]:
         with pytest.raises(JaxllmError, match=match):
             sft.render_messages(bad, "guanaco")
 
@@ -163,23 +206,43 @@ def test_continuation_encoding_concatenates_exactly(tok):
 
 def test_guanaco_assistant_mask_is_exact(tmp_path, tok):
     """Weight-1 targets are exactly each answer's tokens, and the EOS after the last answer."""
-    texts = ["### Human: What is 2+2?### Assistant: It is 4.### Human: And 3+3?### Assistant: Six, of course.",
-             "### Human: Name a river.### Assistant: The Nile."]
+    texts = [
+        "### Human: What is 2+2?### Assistant: It is 4.### Human: And 3+3?### Assistant: Six, of course.",
+        "### Human: Name a river.### Assistant: The Nile.",
+    ]
     path = _write_jsonl(tmp_path / "g.jsonl", [{"text": t} for t in texts] * 3)
-    cfg = DataConfig(source="jsonl", paths=(path,), format="sft_text", loss_on="assistant", packing=False,
-                     block_size=128, batch_size=2, val_fraction=0.0, shuffle=False)
+    cfg = DataConfig(
+        source="jsonl",
+        paths=(path,),
+        format="sft_text",
+        loss_on="assistant",
+        packing=False,
+        block_size=128,
+        batch_size=2,
+        val_fraction=0.0,
+        shuffle=False,
+    )
     batch = next(make_train_iterator(cfg, tok))
     runs = _weighted_runs([batch])
     answers = [" It is 4.", " Six, of course.", " The Nile."]
-    want = [tok.encode_continuation(answers[0]), tok.encode_continuation(answers[1]) + [tok.eos_id],
-            tok.encode_continuation(answers[2]) + [tok.eos_id]]
+    want = [
+        tok.encode_continuation(answers[0]),
+        tok.encode_continuation(answers[1]) + [tok.eos_id],
+        tok.encode_continuation(answers[2]) + [tok.eos_id],
+    ]
     assert runs == want
     assert [tok.decode(r) for r in runs] == [a.lstrip() for a in answers]  # EOS decodes to ""
     # A row is BOS + the pieces, each tokenized on its own + EOS, then padding; it decodes to the text.
     ids = _segments([batch])
     cont = tok.encode_continuation
-    assert ids[0] == ([tok.bos_id] + tok.encode("### Human: What is 2+2?### Assistant:") + cont(" It is 4.")
-                      + cont("### Human: And 3+3?### Assistant:") + cont(" Six, of course.") + [tok.eos_id])
+    assert ids[0] == (
+        [tok.bos_id]
+        + tok.encode("### Human: What is 2+2?### Assistant:")
+        + cont(" It is 4.")
+        + cont("### Human: And 3+3?### Assistant:")
+        + cont(" Six, of course.")
+        + [tok.eos_id]
+    )
     assert tok.decode(ids[0]) == texts[0] and tok.decode(ids[1]) == texts[1]
 
 
@@ -192,10 +255,11 @@ def test_messages_mask_per_template(tok, template):
     if template == "llama2":  # "[INST] ... [/INST] Hello.</s><s>[INST] Bye ...": each turn encoded on its own
         cut = ids.index(tok.bos_id, 1)
         assert ids[cut - 1] == tok.eos_id and mask[cut - 1] == 1 and mask[cut] == 0  # the turn's EOS counts, BOS not
-        assert ids[cut + 1:] == tok.encode("[INST] Bye [/INST]") + tok.encode_continuation(" Goodbye.") + [tok.eos_id]
+        assert ids[cut + 1 :] == tok.encode("[INST] Bye [/INST]") + tok.encode_continuation(" Goodbye.") + [tok.eos_id]
         assert tok.decode(ids[:cut]) == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello."
         assert counted == tok.encode_continuation(answers[0]) + [tok.eos_id] + tok.encode_continuation(answers[1]) + [
-            tok.eos_id]
+            tok.eos_id
+        ]
     else:
         assert tok.decode(ids) == sft.text_of(pieces)
         assert counted == sum((tok.encode_continuation(a) for a in answers), []) + [tok.eos_id]
@@ -257,8 +321,9 @@ def test_packing_isolates_whole_examples(qa_cfg, tok):
 def test_long_examples_are_truncated_to_one_row(tmp_path, tok):
     long = "### Human: tell me### Assistant: " + "stone river light " * 40
     path = _write_jsonl(tmp_path / "long.jsonl", [{"text": long}, {"text": "### Human: hi### Assistant: yo"}] * 4)
-    cfg = DataConfig(source="jsonl", paths=(path,), format="sft_text", block_size=32, batch_size=2,
-                     val_fraction=0.0, shuffle=False)
+    cfg = DataConfig(
+        source="jsonl", paths=(path,), format="sft_text", block_size=32, batch_size=2, val_fraction=0.0, shuffle=False
+    )
     full, _ = _example_ids(tok, sft.parse_guanaco(long))
     assert len(full) > 33
     rows = list(_rows(_take(make_train_iterator(cfg, tok), 2)))
@@ -282,15 +347,21 @@ def test_no_packing_pads_one_example_per_row(qa_cfg, tok):
         assert set(np.unique(seg)) == {0, 1} and np.all(seg[:n] == 1)
         assert np.array_equal(pos[:n], np.arange(n)) and np.all(pos[n:] == 0)
         assert inputs[n - 1] == tok.eos_id and weights[n - 2] == 1  # the EOS is the last target that counts
-        assert np.all(inputs[n:] == 0) and np.all(weights[n - 1:] == 0)
+        assert np.all(inputs[n:] == 0) and np.all(weights[n - 1 :] == 0)
 
 
 # ---------------------------------------------------------------- sources with dict rows
 
 
 def test_parquet_source_rows_formats_and_errors(tmp_path, tok):
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-             "text": _guanaco(i), "id": i} for i, (q, a) in ((i, _qa(i)) for i in range(NUM_ROWS))]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            "text": _guanaco(i),
+            "id": i,
+        }
+        for i, (q, a) in ((i, _qa(i)) for i in range(NUM_ROWS))
+    ]
     folder = tmp_path / "data"
     folder.mkdir()
     table = pa.Table.from_pylist(rows)
@@ -304,13 +375,19 @@ def test_parquet_source_rows_formats_and_errors(tmp_path, tok):
     assert pickle.loads(pickle.dumps(src))[7]["messages"] == rows[7]["messages"]
     text_src = make_source(DataConfig(source="parquet", paths=(glob,)))
     assert text_src[30] == _guanaco(30)
-    cfg = DataConfig(source="parquet", paths=(glob,), format="messages", block_size=128, batch_size=4,
-                     val_fraction=0.25)
+    cfg = DataConfig(
+        source="parquet", paths=(glob,), format="messages", block_size=128, batch_size=4, val_fraction=0.25
+    )
     jsonl = _write_jsonl(tmp_path / "same.jsonl", rows)
-    assert _same(_take(make_train_iterator(cfg, tok), 3),
-                 _take(make_train_iterator(dataclasses.replace(cfg, source="jsonl", paths=(jsonl,)), tok), 3))
-    with pytest.raises(JaxllmError, match=r"train-00000-of-00002.parquet: row 0: no field 'prompt' "
-                                          r"\(fields: 'id', 'messages', 'text'\); set data.prompt_field"):
+    assert _same(
+        _take(make_train_iterator(cfg, tok), 3),
+        _take(make_train_iterator(dataclasses.replace(cfg, source="jsonl", paths=(jsonl,)), tok), 3),
+    )
+    with pytest.raises(
+        JaxllmError,
+        match=r"train-00000-of-00002.parquet: row 0: no field 'prompt' "
+        r"\(fields: 'id', 'messages', 'text'\); set data.prompt_field",
+    ):
         make_source(DataConfig(source="parquet", paths=(glob,), format="prompt_completion"))
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(JaxllmError, match="not a readable Parquet file"):
@@ -322,8 +399,10 @@ def test_jsonl_dict_rows_and_missing_field_errors(tmp_path):
     path = _write_jsonl(tmp_path / "data.jsonl", [good, good, {"question": "q", "answer": "a"}])
     with pytest.raises(JaxllmError) as info:
         make_source(DataConfig(source="jsonl", paths=(path,), format="messages"))
-    assert str(info.value) == (f"{path}:3: no field 'messages' (fields: 'answer', 'question'); set data.messages_field "
-                               "to the field that holds it")
+    assert str(info.value) == (
+        f"{path}:3: no field 'messages' (fields: 'answer', 'question'); set data.messages_field "
+        "to the field that holds it"
+    )
     with pytest.raises(JaxllmError, match=r"data.jsonl:1: no field 'text' \(fields: 'messages'\); set data.text_field"):
         make_source(DataConfig(source="jsonl", paths=(path,), format="sft_text"))
     ok = _write_jsonl(tmp_path / "ok.jsonl", [good, {**good, "extra": 1}])
@@ -370,7 +449,8 @@ def test_embedded_sft_set():
         cfg = DataConfig(source="embedded_sft", format=fmt)
         examples = sft.Examples(make_source(cfg), cfg)
         assert [examples[i] for i in (0, 500, len(records) - 1)] == [
-            sft.parse_guanaco(records[i]["text"]) for i in (0, 500, len(records) - 1)]
+            sft.parse_guanaco(records[i]["text"]) for i in (0, 500, len(records) - 1)
+        ]
     for template in ("chatml", "llama2"):
         cfg = DataConfig(source="embedded_sft", format="messages", chat_template=template)
         assert sum(a for _, a in sft.Examples(make_source(cfg), cfg)[10]) == 1
@@ -403,8 +483,10 @@ def test_split_and_process_shards(qa_cfg, tok):
         for key in KEYS:
             np.testing.assert_array_equal(batch[key], np.concatenate([h[i][key] for h in halves]))
     assert _tags(tok, whole) == set(train_idx.tolist())
-    assert not _same(_take(make_train_iterator(qa_cfg, tok), 3),
-                     _take(make_train_iterator(dataclasses.replace(qa_cfg, seed=1), tok), 3))
+    assert not _same(
+        _take(make_train_iterator(qa_cfg, tok), 3),
+        _take(make_train_iterator(dataclasses.replace(qa_cfg, seed=1), tok), 3),
+    )
 
 
 @pytest.mark.parametrize("packing,skip", [(True, 0), (True, 5), (True, 9), (True, 19), (False, 4)])
@@ -430,8 +512,9 @@ def test_resume_from_state(qa_cfg, tok, packing, skip):
 def test_resume_through_orbax(qa_cfg, tok, tmp_path):
     from test_data import assert_orbax_resume
 
-    assert_orbax_resume(dataclasses.replace(qa_cfg, format="messages", chat_template="llama2"), tok,
-                        tmp_path / "ckpt", 7, 4)
+    assert_orbax_resume(
+        dataclasses.replace(qa_cfg, format="messages", chat_template="llama2"), tok, tmp_path / "ckpt", 7, 4
+    )
 
 
 def test_sft_parts_pickle_for_workers(qa_cfg, tok):

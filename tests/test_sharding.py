@@ -14,8 +14,9 @@ from jaxllm.train import step as st
 from jaxllm.train.optimizer import OptimConfig, make_optimizer
 
 # MLP width 1024 appears in no other tensor, so [*, 64, 1024] shapes are the MLP's hidden activation.
-CFG = ModelConfig(vocab_size=256, num_layers=2, embed_dim=128, num_heads=4, mlp_dim=1024, max_seq_len=64,
-                  dtype="float32")
+CFG = ModelConfig(
+    vocab_size=256, num_layers=2, embed_dim=128, num_heads=4, mlp_dim=1024, max_seq_len=64, dtype="float32"
+)
 B, L = 8, 64
 
 
@@ -28,11 +29,15 @@ def _compiled(mesh_cfg, remat="none"):
     boxed = st.abstract_state(model, tx)
     shardings = st.state_shardings(boxed, mesh)
     state = shd.placed(boxed, shardings)
-    batch = {k: jax.ShapeDtypeStruct((B, L), jnp.float32 if k == "loss_weights" else jnp.int32,
-                                     sharding=shd.batch_sharding(mesh))
-             for k in ("inputs", "targets", "positions", "segment_ids", "loss_weights")}
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (B, L), jnp.float32 if k == "loss_weights" else jnp.int32, sharding=shd.batch_sharding(mesh)
+        )
+        for k in ("inputs", "targets", "positions", "segment_ids", "loss_weights")
+    }
     lowered = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig()), shardings, mesh).lower(
-        state, batch)
+        state, batch
+    )
     return lowered.as_text(), lowered.compile().as_text()
 
 
@@ -46,8 +51,9 @@ def test_lowered_step_carries_activation_constraints(fsdp4):
     assert lowered.count("sharding_constraint") >= 2 * CFG.num_layers
 
 
-@pytest.mark.parametrize("mesh_cfg", [shd.MeshConfig(data=1, fsdp=4), shd.MeshConfig(data=4, fsdp=1)],
-                         ids=["fsdp4", "data4"])
+@pytest.mark.parametrize(
+    "mesh_cfg", [shd.MeshConfig(data=1, fsdp=4), shd.MeshConfig(data=4, fsdp=1)], ids=["fsdp4", "data4"]
+)
 def test_no_activation_holds_the_global_batch(fsdp4, mesh_cfg):
     compiled = fsdp4[1] if mesh_cfg.fsdp == 4 else _compiled(mesh_cfg)[1]
     hidden = set(re.findall(r"f32\[(\d+),64,1024\]", compiled))
@@ -96,8 +102,9 @@ def test_config_rules_override_the_logical_rules():
     cfg = ModelConfig(vocab_size=64, num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, max_seq_len=16)
     boxed = abstract_params(cfg)
     try:
-        mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=4, rules=[["embed", None], ["mlp", "fsdp"]]),
-                             jax.devices()[:4])
+        mesh = shd.make_mesh(
+            shd.MeshConfig(data=1, fsdp=4, rules=[["embed", None], ["mlp", "fsdp"]]), jax.devices()[:4]
+        )
         spec = shd.shardings_for(boxed, mesh)["layers"]["mlp"]["up_proj"]["kernel"].spec
         assert tuple(spec) == (None, None, "fsdp")  # [layers, embed, mlp]: embed unsharded, mlp over fsdp
         mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=4), jax.devices()[:4])

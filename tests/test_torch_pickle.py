@@ -67,13 +67,23 @@ def _write_safetensors(folder, config, sd):
 
     os.makedirs(folder, exist_ok=True)
     config.save_pretrained(folder)
-    save_file({k: v.clone().contiguous() for k, v in sd.items()}, os.path.join(folder, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.clone().contiguous() for k, v in sd.items()},
+        os.path.join(folder, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
 
 
-@pytest.mark.parametrize("variant,dtype,shards", [
-    ("llama_gqa", "float32", 1), ("llama_tied", "float16", 3), ("falcon_grouped", "bfloat16", 3),
-    ("bloom", "float32", 2), ("llama_theta", "mixed", 1)])
+@pytest.mark.parametrize(
+    "variant,dtype,shards",
+    [
+        ("llama_gqa", "float32", 1),
+        ("llama_tied", "float16", 3),
+        ("falcon_grouped", "bfloat16", 3),
+        ("bloom", "float32", 2),
+        ("llama_theta", "mixed", 1),
+    ],
+)
 def test_bin_loads_as_its_safetensors_and_matches_transformers(variant, dtype, shards, tmp_path):
     config, sd, reference = _state_dict(variant, dtype)
     if config.model_type == "llama":  # an old-style persistent rotary buffer: in the file, never read
@@ -89,8 +99,12 @@ def test_bin_loads_as_its_safetensors_and_matches_transformers(variant, dtype, s
             b = b[key.key]
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
     ids, mask, positions = _padded_batch()
-    _assert_close(_jax_logits(model, params, ids, mask, positions), _hf_logits(reference, ids, mask, positions),
-                  mask, f"{variant} {dtype} .bin")
+    _assert_close(
+        _jax_logits(model, params, ids, mask, positions),
+        _hf_logits(reference, ids, mask, positions),
+        mask,
+        f"{variant} {dtype} .bin",
+    )
 
 
 def test_unused_tensors_are_never_read(tmp_path, monkeypatch):
@@ -108,10 +122,21 @@ def test_views_of_shared_storages(tmp_path):
     """Transposes, slices, strided rows, broadcasts and tied weights: views of few storages, read right."""
     torch.manual_seed(0)
     base, wide = torch.randn(5, 7), torch.randn(10, 6, dtype=torch.bfloat16)
-    tensors = {"base": base, "transposed": base.t(), "block": base[1:3, 2:5], "tied": base, "row": wide[2],
-               "column": wide[:, 1], "expanded": torch.randn(3, 1).expand(3, 4), "scalar": torch.tensor(3.5),
-               "empty": torch.zeros(0, 4), "half": torch.randn(4, 4).half(), "ids": torch.arange(6),
-               "mask": torch.tensor([True, False]), "param": torch.nn.Parameter(torch.randn(2, 3))}
+    tensors = {
+        "base": base,
+        "transposed": base.t(),
+        "block": base[1:3, 2:5],
+        "tied": base,
+        "row": wide[2],
+        "column": wide[:, 1],
+        "expanded": torch.randn(3, 1).expand(3, 4),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "half": torch.randn(4, 4).half(),
+        "ids": torch.arange(6),
+        "mask": torch.tensor([True, False]),
+        "param": torch.nn.Parameter(torch.randn(2, 3)),
+    }
     torch.save(tensors, tmp_path / "views.bin")
     file = TorchFile(str(tmp_path / "views.bin"))
     assert file.keys() == list(tensors)
@@ -168,10 +193,12 @@ def _torch_style_zip(path, payload) -> None:
 @pytest.mark.parametrize("call", ["os.system", "builtins.eval", "subprocess.Popen", "builtins.__import__"])
 def test_pickles_that_run_code_are_refused(call, tmp_path):
     marker = tmp_path / "MARKER"
-    payload = {"os.system": _Calls(os.system, f"touch {marker}"),
-               "builtins.eval": _Calls(eval, f"open({str(marker)!r}, 'w')"),
-               "subprocess.Popen": _Calls(subprocess.Popen, ["touch", str(marker)]),
-               "builtins.__import__": _Calls(__import__, "os")}[call]
+    payload = {
+        "os.system": _Calls(os.system, f"touch {marker}"),
+        "builtins.eval": _Calls(eval, f"open({str(marker)!r}, 'w')"),
+        "subprocess.Popen": _Calls(subprocess.Popen, ["touch", str(marker)]),
+        "builtins.__import__": _Calls(__import__, "os"),
+    }[call]
     shown = {"os.system": os.system.__module__ + ".system"}.get(call, call)  # posix.system on Linux
     _write_bin(tmp_path / "zip", _hf_model("llama_gqa").config, {})
     _torch_style_zip(tmp_path / "zip" / "pytorch_model.bin", payload)
@@ -182,8 +209,10 @@ def test_pickles_that_run_code_are_refused(call, tmp_path):
         file = tmp_path / folder / "pytorch_model.bin"
         with pytest.raises(JaxllmError) as e:
             hf.load_pretrained(str(tmp_path / folder))
-        assert str(e.value) == (f"{file}: refused to load: the pickle calls {shown}; jaxllm reads only tensors "
-                                "from .bin files (convert it to safetensors with a tool you trust)")
+        assert str(e.value) == (
+            f"{file}: refused to load: the pickle calls {shown}; jaxllm reads only tensors "
+            "from .bin files (convert it to safetensors with a tool you trust)"
+        )
     assert not marker.exists()
 
 
@@ -212,8 +241,11 @@ def test_refused_through_the_cli_and_legacy_format(tmp_path, capsys):
     config, sd, _ = _state_dict("llama_gqa", "float32")
     os.remove(tmp_path / "m" / "pytorch_model.bin")
     torch.save(sd, tmp_path / "m" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
-    with pytest.raises(JaxllmError, match=r"pytorch_model.bin: written in PyTorch's legacy .* re-save it with "
-                                          r"torch.save .* or convert it to safetensors$"):
+    with pytest.raises(
+        JaxllmError,
+        match=r"pytorch_model.bin: written in PyTorch's legacy .* re-save it with "
+        r"torch.save .* or convert it to safetensors$",
+    ):
         hf.load_pretrained(str(tmp_path / "m"))
 
 
@@ -243,14 +275,29 @@ def _corrupt_cases(tmp_path):
         cases.append((name, folder, folder / file if file else None, pattern))
 
     index = "model.safetensors.index.json"
-    cut = lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])  # noqa: E731
+    cut = lambda path: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # noqa: E731
     case("truncated_index", lambda f: cut(f / index), index, "is not valid JSON", max_shard_size="30KB")
-    case("index_list", lambda f: (f / index).write_text("[1, 2]"), index, "holds a JSON list, not an object",
-         max_shard_size="30KB")
-    case("weight_map_list", lambda f: (f / index).write_text('{"weight_map": ["a"]}'), index,
-         "no \"weight_map\" object", max_shard_size="30KB")
-    case("weight_map_int", lambda f: (f / index).write_text('{"weight_map": {"a": 3}}'), index,
-         r"weight_map\['a'\] is 3, not a file name", max_shard_size="30KB")
+    case(
+        "index_list",
+        lambda f: (f / index).write_text("[1, 2]"),
+        index,
+        "holds a JSON list, not an object",
+        max_shard_size="30KB",
+    )
+    case(
+        "weight_map_list",
+        lambda f: (f / index).write_text('{"weight_map": ["a"]}'),
+        index,
+        'no "weight_map" object',
+        max_shard_size="30KB",
+    )
+    case(
+        "weight_map_int",
+        lambda f: (f / index).write_text('{"weight_map": {"a": 3}}'),
+        index,
+        r"weight_map\['a'\] is 3, not a file name",
+        max_shard_size="30KB",
+    )
 
     def escape(folder, target):
         outside = folder.parent / "outside"
@@ -261,19 +308,41 @@ def _corrupt_cases(tmp_path):
         weight_map[first] = target if target else str(outside / "x.safetensors")
         (folder / index).write_text(json.dumps({"weight_map": weight_map}))
 
-    case("dotdot", lambda f: escape(f, "../outside/x.safetensors"), index,
-         r"refused file '../outside/x.safetensors': weight files must lie inside the model folder",
-         max_shard_size="30KB")
-    case("absolute", lambda f: escape(f, ""), index, "refused file '/.*': weight files must lie inside",
-         max_shard_size="30KB")
-    case("truncated_safetensors", lambda f: cut(f / "model.safetensors"), "model.safetensors",
-         "not a valid safetensors file")
-    case("absurd_header", lambda f: (f / "model.safetensors").write_bytes((2 ** 60).to_bytes(8, "little") + b"{}"),
-         "model.safetensors", "not a valid safetensors file")
-    case("garbage_header", lambda f: (f / "model.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{garbage}" * 3),
-         "model.safetensors", "not a valid safetensors file")
-    case("config_list", lambda f: (f / "config.json").write_text("[]"), "config.json",
-         "holds a JSON list, not an object")
+    case(
+        "dotdot",
+        lambda f: escape(f, "../outside/x.safetensors"),
+        index,
+        r"refused file '../outside/x.safetensors': weight files must lie inside the model folder",
+        max_shard_size="30KB",
+    )
+    case(
+        "absolute",
+        lambda f: escape(f, ""),
+        index,
+        "refused file '/.*': weight files must lie inside",
+        max_shard_size="30KB",
+    )
+    case(
+        "truncated_safetensors",
+        lambda f: cut(f / "model.safetensors"),
+        "model.safetensors",
+        "not a valid safetensors file",
+    )
+    case(
+        "absurd_header",
+        lambda f: (f / "model.safetensors").write_bytes((2**60).to_bytes(8, "little") + b"{}"),
+        "model.safetensors",
+        "not a valid safetensors file",
+    )
+    case(
+        "garbage_header",
+        lambda f: (f / "model.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{garbage}" * 3),
+        "model.safetensors",
+        "not a valid safetensors file",
+    )
+    case(
+        "config_list", lambda f: (f / "config.json").write_text("[]"), "config.json", "holds a JSON list, not an object"
+    )
     return cases
 
 
@@ -292,18 +361,21 @@ def test_malformed_bin_files_are_one_line_errors(tmp_path, capsys):
     _write_bin(tmp_path / "m", config, sd, shards=2)
     shard = tmp_path / "m" / "pytorch_model-00001-of-00002.bin"
     good = shard.read_bytes()
-    for content, pattern in [(good[:len(good) // 2], "not a PyTorch checkpoint"),
-                             (os.urandom(4096), "not a PyTorch checkpoint"),
-                             (None, "the pickle is corrupt or not a state dict"),
-                             (None, "storage '0' is missing from the archive"),
-                             (b"", "not a PyTorch checkpoint")]:
+    for content, pattern in [
+        (good[: len(good) // 2], "not a PyTorch checkpoint"),
+        (os.urandom(4096), "not a PyTorch checkpoint"),
+        (None, "the pickle is corrupt or not a state dict"),
+        (None, "storage '0' is missing from the archive"),
+        (b"", "not a PyTorch checkpoint"),
+    ]:
         if content is None:  # a zip archive whose pickle is garbage, or that lost a storage entry
             buffer = io.BytesIO()
             with zipfile.ZipFile(io.BytesIO(good)) as src, zipfile.ZipFile(buffer, "w") as dst:
                 for info in src.infolist():
                     if "garbage" in pattern or "corrupt" in pattern:
-                        dst.writestr(info, b"\x80\x02}q\x00(X" if info.filename.endswith("data.pkl")
-                                     else src.read(info))
+                        dst.writestr(
+                            info, b"\x80\x02}q\x00(X" if info.filename.endswith("data.pkl") else src.read(info)
+                        )
                     elif not info.filename.endswith("/data/0"):
                         dst.writestr(info, src.read(info))
             content = buffer.getvalue()
@@ -311,8 +383,10 @@ def test_malformed_bin_files_are_one_line_errors(tmp_path, capsys):
         with pytest.raises(JaxllmError, match=pattern) as e:
             hf.load_pretrained(str(tmp_path / "m"))
         assert str(e.value).startswith(f"{shard}: "), str(e.value)
-    err = _cli_error(["convert", "--from_hf", str(tmp_path / "m"), "--output", str(tmp_path / "out"),
-                      "--format", "safetensors"], capsys)
+    err = _cli_error(
+        ["convert", "--from_hf", str(tmp_path / "m"), "--output", str(tmp_path / "out"), "--format", "safetensors"],
+        capsys,
+    )
     assert f"{shard}: not a PyTorch checkpoint" in err
     index = tmp_path / "m" / "pytorch_model.bin.index.json"
     index.write_text(index.read_text()[:40])
@@ -326,8 +400,9 @@ def test_safetensors_preferred_and_convert_bin_to_safetensors(tmp_path, capsys):
     _write_bin(tmp_path / "m", config, sd, shards=2)
     _tokenizer_files(tmp_path / "m", ["hello", "world"])
     with pytest.raises(SystemExit) as e:
-        cli.main(["convert", "--from_hf", str(tmp_path / "m"), "--output", str(tmp_path / "st"),
-                  "--format", "safetensors"])
+        cli.main(
+            ["convert", "--from_hf", str(tmp_path / "m"), "--output", str(tmp_path / "st"), "--format", "safetensors"]
+        )
     assert e.value.code == 0
     out = tmp_path / "st"
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
@@ -337,6 +412,7 @@ def test_safetensors_preferred_and_convert_bin_to_safetensors(tmp_path, capsys):
     ids, mask, positions = _padded_batch()
     np.testing.assert_array_equal(_hf_logits(theirs, ids, mask, positions), _hf_logits(reference, ids, mask, positions))
     from safetensors import safe_open
+
     with safe_open(str(out / "model.safetensors"), "numpy") as f:
         assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in f.keys()
         assert f.get_slice("model.norm.weight").get_dtype() == "BF16"
@@ -345,8 +421,12 @@ def test_safetensors_preferred_and_convert_bin_to_safetensors(tmp_path, capsys):
     os.rename(out / "model.safetensors", tmp_path / "m" / "model.safetensors")
     (tmp_path / "m" / "pytorch_model-00001-of-00002.bin").write_bytes(b"broken")
     model, params = hf.load_pretrained(str(tmp_path / "m"))
-    _assert_close(_jax_logits(model, params, ids, mask, positions), _hf_logits(reference, ids, mask, positions),
-                  mask, "safetensors beside .bin")
+    _assert_close(
+        _jax_logits(model, params, ids, mask, positions),
+        _hf_logits(reference, ids, mask, positions),
+        mask,
+        "safetensors beside .bin",
+    )
 
 
 def test_peft_adapter_bin_and_adapter_config_errors(tmp_path):
@@ -370,10 +450,14 @@ def test_peft_adapter_bin_and_adapter_config_errors(tmp_path):
 
     file = tmp_path / "st" / "adapter_config.json"
     good = json.loads(file.read_text())
-    for content, pattern in [({k: v for k, v in good.items() if k != "r"}, r'"r" is None; .* positive integer'),
-                             ({**good, "r": "8"}, r"\"r\" is '8'"), ({**good, "lora_alpha": "x"}, '"lora_alpha" is'),
-                             ({**good, "target_modules": 5}, '"target_modules" is 5'), ([good], "JSON list"),
-                             ('{"r": 2', "is not valid JSON")]:
+    for content, pattern in [
+        ({k: v for k, v in good.items() if k != "r"}, r'"r" is None; .* positive integer'),
+        ({**good, "r": "8"}, r"\"r\" is '8'"),
+        ({**good, "lora_alpha": "x"}, '"lora_alpha" is'),
+        ({**good, "target_modules": 5}, '"target_modules" is 5'),
+        ([good], "JSON list"),
+        ('{"r": 2', "is not valid JSON"),
+    ]:
         file.write_text(content if isinstance(content, str) else json.dumps(content))
         with pytest.raises(JaxllmError, match=pattern) as e:
             hf.load_adapter(str(tmp_path / "st"), model.cfg)

@@ -24,27 +24,50 @@ from jaxllm.config import load_config  # noqa: E402
 from jaxllm.train.metrics import MetricsWriter, read_metrics  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
-         "model.mlp_dim=128", "model.vocab_size=512", "model.max_seq_len=64", "data.vocab_size=512",
-         "data.block_size=32", "data.batch_size=8", "train.log_every=1", "train.eval_every=4", "train.eval_batches=2",
-         "train.progress=false", "checkpoint.every=4", "generate.max_new_tokens=0"]
+SMALL = [
+    "model.num_layers=2",
+    "model.embed_dim=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.mlp_dim=128",
+    "model.vocab_size=512",
+    "model.max_seq_len=64",
+    "data.vocab_size=512",
+    "data.block_size=32",
+    "data.batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=4",
+    "train.eval_batches=2",
+    "train.progress=false",
+    "checkpoint.every=4",
+    "generate.max_new_tokens=0",
+]
 DETERMINISTIC = ("loss", "lr", "grad_norm", "tokens", "perplexity")  # equal on a replayed step; timings are not
 
 
 def _env(root, cache: str = "") -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MLFLOW_"))}
-    return dict(env, WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_CACHE_DIR=str(root / "wandb-cache"),
-                WANDB_CONFIG_DIR=str(root / "wandb-config"), WANDB_DATA_DIR=str(root / "wandb-data"),
-                MLFLOW_TRACKING_URI=f"file:{root}/mlruns",
-                MLFLOW_ALLOW_FILE_STORE="true",  # MLflow 3 keeps file stores behind this switch
-                JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT,
-                JAXLLM_CACHE_DIR=cache or os.environ["JAXLLM_CACHE_DIR"])  # the session's tokenizer cache
+    return dict(
+        env,
+        WANDB_MODE="offline",
+        WANDB_DIR=str(root),
+        WANDB_CACHE_DIR=str(root / "wandb-cache"),
+        WANDB_CONFIG_DIR=str(root / "wandb-config"),
+        WANDB_DATA_DIR=str(root / "wandb-data"),
+        MLFLOW_TRACKING_URI=f"file:{root}/mlruns",
+        MLFLOW_ALLOW_FILE_STORE="true",  # MLflow 3 keeps file stores behind this switch
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="",
+        PYTHONPATH=ROOT,
+        JAXLLM_CACHE_DIR=cache or os.environ["JAXLLM_CACHE_DIR"],
+    )  # the session's tokenizer cache
 
 
 def _jaxllm(env, *argv):
     """`jaxllm ...` in a process of its own (one CPU device: compiles fast); its result is stdout's last line."""
-    proc = subprocess.run([sys.executable, "-m", "jaxllm.cli", *argv], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxllm.cli", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -60,8 +83,8 @@ def wandb_records(path: str) -> list:
         if left < 7:  # a block's tail too short for a chunk header is padding
             pos += left
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
         assert zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF == crc, f"{path}: bad checksum at {pos}"
         pos += 7 + length
         pending += chunk
@@ -91,8 +114,9 @@ def _expected(records) -> dict:
     """metrics.jsonl records as W&B / MLflow rows: {step: {split/name: value}}."""
     rows = {}
     for r in records:
-        rows.setdefault(r["step"], {}).update({f"{r['split']}/{k}": v for k, v in r.items()
-                                               if k not in ("step", "split")})
+        rows.setdefault(r["step"], {}).update(
+            {f"{r['split']}/{k}": v for k, v in r.items() if k not in ("step", "split")}
+        )
     return rows
 
 
@@ -100,8 +124,9 @@ def _assert_rows(got: dict, want: dict, keys=None):
     assert sorted(got) == sorted(want)
     for step in want:
         names = [k for k in want[step] if keys is None or k.split("/", 1)[1] in keys]
-        assert names and {k: got[step][k] for k in names} == pytest.approx({k: want[step][k] for k in names},
-                                                                           rel=1e-6), step
+        assert names and {k: got[step][k] for k in names} == pytest.approx(
+            {k: want[step][k] for k in names}, rel=1e-6
+        ), step
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +138,24 @@ def runs(tmp_path_factory):
     env, workdir = _env(root, str(tmp_path_factory.getbasetemp() / "jaxllm-cache")), root / "tinyrun"
     overrides = [f"--config.{o}" for o in (*SMALL, "train.trackers=('wandb','mlflow')")]
     _jaxllm(env, "train", "--config=configs/tiny.py", f"--workdir={workdir}", *overrides, "--config.train.steps=6")
-    first = {"records": read_metrics(str(workdir)), "wandb_id": (workdir / "wandb_id").read_text().strip(),
-             "mlflow_run_id": (workdir / "mlflow_run_id").read_text().strip(),
-             "sessions": sorted(os.listdir(root / "wandb"))}
+    first = {
+        "records": read_metrics(str(workdir)),
+        "wandb_id": (workdir / "wandb_id").read_text().strip(),
+        "mlflow_run_id": (workdir / "mlflow_run_id").read_text().strip(),
+        "sessions": sorted(os.listdir(root / "wandb")),
+    }
     shutil.rmtree(workdir / "checkpoints" / "6")
-    proc, result = _jaxllm(env, "finetune", "--config=configs/tiny.py", f"--project_name={workdir}",
-                           "--max_steps=8", *overrides)
+    proc, result = _jaxllm(
+        env, "finetune", "--config=configs/tiny.py", f"--project_name={workdir}", "--max_steps=8", *overrides
+    )
     assert "resumed from" in proc.stdout + proc.stderr
-    return {"root": root, "workdir": workdir, "first": first, "records": read_metrics(str(workdir)),
-            "written": result["written"]}
+    return {
+        "root": root,
+        "workdir": workdir,
+        "first": first,
+        "records": read_metrics(str(workdir)),
+        "written": result["written"],
+    }
 
 
 def test_wandb_offline_run_holds_what_metrics_jsonl_holds(runs):
@@ -148,8 +182,9 @@ def test_one_wandb_run_spans_a_restart_without_a_step_twice(runs):
     assert sorted(after["history"]) == [7, 8]
     final = _expected(records)
     _assert_rows(after["history"], {s: final[s] for s in (7, 8)})
-    _assert_rows({s: before["history"][s] for s in (5, 6)}, {s: final[s] for s in (5, 6)},
-                 DETERMINISTIC)  # an exact resume: the kept values are the losses metrics.jsonl now holds
+    _assert_rows(
+        {s: before["history"][s] for s in (5, 6)}, {s: final[s] for s in (5, 6)}, DETERMINISTIC
+    )  # an exact resume: the kept values are the losses metrics.jsonl now holds
 
 
 def test_mlflow_run_holds_metrics_jsonl_and_continues_after_a_restart(runs, monkeypatch):
@@ -188,9 +223,21 @@ def test_finetune_logs_the_exported_model_to_the_mlflow_run(runs, monkeypatch):
 
 def test_a_tracker_failing_at_start_warns_once_and_the_run_finishes(tmp_path):
     workdir = tmp_path / "run"
-    proc, result = _jaxllm(_env(tmp_path), "train", "--config=configs/tiny.py", f"--workdir={workdir}", *[
-        f"--config.{o}" for o in (*SMALL, "train.steps=3", "train.trackers=('tensorboard','mlflow')",
-                                  "train.mlflow_tracking_uri=bogus://nowhere")])
+    proc, result = _jaxllm(
+        _env(tmp_path),
+        "train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        *[
+            f"--config.{o}"
+            for o in (
+                *SMALL,
+                "train.steps=3",
+                "train.trackers=('tensorboard','mlflow')",
+                "train.mlflow_tracking_uri=bogus://nowhere",
+            )
+        ],
+    )
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("jaxllm: warning:")]
     assert len(warnings) == 1 and "the mlflow tracker failed to start" in warnings[0], proc.stderr[-2000:]
     assert "bogus://nowhere" in warnings[0] and "training goes on without it" in warnings[0]
@@ -205,8 +252,15 @@ def test_a_tracker_failing_mid_run_warns_once_and_metrics_go_on(tmp_path, capsys
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     store, workdir = tmp_path / "mlruns", str(tmp_path / "run")
-    with MetricsWriter(workdir, is_primary=True, total_steps=4, progress=False, tensorboard=False,
-                       trackers=("mlflow",), mlflow_tracking_uri=f"file:{store}") as writer:
+    with MetricsWriter(
+        workdir,
+        is_primary=True,
+        total_steps=4,
+        progress=False,
+        tensorboard=False,
+        trackers=("mlflow",),
+        mlflow_tracking_uri=f"file:{store}",
+    ) as writer:
         writer.write_config({"model": {"num_layers": 2}, "seed": 0})
         writer.write(1, {"loss": 2.0, "lr": float("nan")})
         run_id = open(os.path.join(workdir, "mlflow_run_id")).read().strip()
@@ -222,8 +276,9 @@ def test_a_tracker_failing_mid_run_warns_once_and_metrics_go_on(tmp_path, capsys
 
 def test_an_uninstalled_tracker_is_a_one_line_note_with_the_pip_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails as when it is not installed
-    with MetricsWriter(str(tmp_path), is_primary=True, total_steps=1, progress=False, tensorboard=False,
-                       trackers=("wandb",)) as writer:
+    with MetricsWriter(
+        str(tmp_path), is_primary=True, total_steps=1, progress=False, tensorboard=False, trackers=("wandb",)
+    ) as writer:
         writer.write_config({"seed": 0})
         writer.write(1, {"loss": 2.0})
     lines = capsys.readouterr().err.strip().splitlines()
@@ -262,15 +317,24 @@ def test_a_tracker_run_new_on_a_resume_gets_the_kept_history_first(tmp_path, mon
     with MetricsWriter(workdir, is_primary=True, total_steps=4, progress=False, tensorboard=False) as writer:
         for step in (1, 2, 3, 4):
             writer.write(step, {"loss": float(step)})
-    with MetricsWriter(workdir, is_primary=True, total_steps=4, initial_step=2, progress=False, tensorboard=False,
-                       trackers=("mlflow",), mlflow_tracking_uri=uri) as writer:
+    with MetricsWriter(
+        workdir,
+        is_primary=True,
+        total_steps=4,
+        initial_step=2,
+        progress=False,
+        tensorboard=False,
+        trackers=("mlflow",),
+        mlflow_tracking_uri=uri,
+    ) as writer:
         writer.write_config({"seed": 0})
         for step in (3, 4):
             writer.write(step, {"loss": 10.0 + step})
     run_id = open(os.path.join(workdir, "mlflow_run_id")).read().strip()
     history = [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "train/loss")]
-    assert history == [(r["step"], r["loss"]) for r in read_metrics(workdir)] == [(1, 1.0), (2, 2.0), (3, 13.0),
-                                                                                   (4, 14.0)]
+    assert (
+        history == [(r["step"], r["loss"]) for r in read_metrics(workdir)] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+    )
 
 
 def test_a_continued_tracker_run_gets_the_steps_it_lacks_and_no_step_twice(tmp_path, monkeypatch):
@@ -296,8 +360,11 @@ def test_a_continued_tracker_run_gets_the_steps_it_lacks_and_no_step_twice(tmp_p
     run_id = open(os.path.join(workdir, "mlflow_run_id")).read().strip()
     assert [run.info.run_id for run in client.search_runs([client.get_run(run_id).info.experiment_id])] == [run_id]
     history = [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")]
-    assert history == [(r["step"], r["loss"]) for r in read_metrics(workdir) if r["split"] == "train"] == [
-        (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0)]
+    assert (
+        history
+        == [(r["step"], r["loss"]) for r in read_metrics(workdir) if r["split"] == "train"]
+        == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0)]
+    )
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val/loss")] == [(4, 24.0)]
 
 
@@ -308,8 +375,9 @@ def test_a_run_from_step_0_starts_new_tracker_runs(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     workdir, uri = str(tmp_path / "run"), f"file:{tmp_path}/mlruns"
-    options = dict(is_primary=True, total_steps=2, progress=False, tensorboard=False, trackers=("mlflow",),
-                   mlflow_tracking_uri=uri)
+    options = dict(
+        is_primary=True, total_steps=2, progress=False, tensorboard=False, trackers=("mlflow",), mlflow_tracking_uri=uri
+    )
     run_ids = []
     for loss in (5.0, 3.0):
         with MetricsWriter(workdir, **options) as writer:
@@ -319,7 +387,9 @@ def test_a_run_from_step_0_starts_new_tracker_runs(tmp_path, monkeypatch):
     assert run_ids[0] != run_ids[1]
     client = MlflowClient(uri)
     assert [[(m.step, m.value) for m in client.get_metric_history(r, "train/loss")] for r in run_ids] == [
-        [(1, 5.0)], [(1, 3.0)]]
+        [(1, 5.0)],
+        [(1, 3.0)],
+    ]
 
 
 def test_one_wandb_run_spans_a_preemption_kill_and_resume(tmp_path):
@@ -328,11 +398,32 @@ def test_one_wandb_run_spans_a_preemption_kill_and_resume(tmp_path):
     from runs import preempt_when
 
     env, workdir = _env(tmp_path), tmp_path / "killed"
-    argv = [sys.executable, "-m", "jaxllm.cli", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
-            *[f"--config.{o}" for o in (*SMALL, "train.eval_every=0", "checkpoint.every=0", "optim.decay_steps=500",
-                                        "train.trackers=wandb")]]
-    proc = subprocess.Popen([*argv, "--config.train.steps=500"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "jaxllm.cli",
+        "train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        *[
+            f"--config.{o}"
+            for o in (
+                *SMALL,
+                "train.eval_every=0",
+                "checkpoint.every=0",
+                "optim.decay_steps=500",
+                "train.trackers=wandb",
+            )
+        ],
+    ]
+    proc = subprocess.Popen(
+        [*argv, "--config.train.steps=500"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = preempt_when(proc, lambda: len(read_metrics(str(workdir), warn=lambda line: None)) >= 3)
     assert proc.returncode == 0, err[-3000:]
     stopped = json.loads(out.strip().splitlines()[-1])

@@ -17,8 +17,17 @@ from jaxllm.train.optimizer import (
     make_schedule,
 )
 
-CFG = ModelConfig(vocab_size=128, num_layers=2, embed_dim=32, num_heads=8, num_kv_heads=8, head_dim=4,
-                  mlp_dim=64, max_seq_len=64, dtype="float32")
+CFG = ModelConfig(
+    vocab_size=128,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=8,
+    num_kv_heads=8,
+    head_dim=4,
+    mlp_dim=64,
+    max_seq_len=64,
+    dtype="float32",
+)
 L = 16
 
 
@@ -26,9 +35,13 @@ def _batch(b, seed=0):
     rs = np.random.RandomState(seed)
     weights = np.ones((b, L), np.float32)
     weights[:, -3:] = 0.0
-    return dict(inputs=rs.randint(0, 128, (b, L)).astype(np.int32), targets=rs.randint(0, 128, (b, L)).astype(np.int32),
-                segment_ids=np.ones((b, L), np.int32), positions=np.tile(np.arange(L, dtype=np.int32), (b, 1)),
-                loss_weights=weights)
+    return dict(
+        inputs=rs.randint(0, 128, (b, L)).astype(np.int32),
+        targets=rs.randint(0, 128, (b, L)).astype(np.int32),
+        segment_ids=np.ones((b, L), np.int32),
+        positions=np.tile(np.arange(L, dtype=np.int32), (b, 1)),
+        loss_weights=weights,
+    )
 
 
 def _run(mesh_cfg, batches, micro=1, devices=None, steps=2):
@@ -36,7 +49,9 @@ def _run(mesh_cfg, batches, micro=1, devices=None, steps=2):
     tx, schedule = make_optimizer(OptimConfig(warmup_steps=1, learning_rate=1e-2), 10)
     mesh = shd.make_mesh(mesh_cfg, devices)
     state, shardings = st.init_state(model, tx, mesh, jax.random.key(0))
-    fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig(grad_accum_steps=micro)), shardings, mesh)
+    fn = st.jit_train_step(
+        st.make_train_step(model, tx, schedule, st.StepConfig(grad_accum_steps=micro)), shardings, mesh
+    )
     losses = []
     for i in range(steps):
         state, m = fn(state, shd.global_batch(batches[i % len(batches)], mesh))
@@ -49,9 +64,16 @@ def reference():
     return _run(shd.MeshConfig(), [_batch(16)], devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh_cfg", [
-    shd.MeshConfig(data=8), shd.MeshConfig(data=1, fsdp=8), shd.MeshConfig(data=1, tensor=8),
-    shd.MeshConfig(data=2, fsdp=2, tensor=2)], ids=["data8", "fsdp8", "tensor8", "2x2x2"])
+@pytest.mark.parametrize(
+    "mesh_cfg",
+    [
+        shd.MeshConfig(data=8),
+        shd.MeshConfig(data=1, fsdp=8),
+        shd.MeshConfig(data=1, tensor=8),
+        shd.MeshConfig(data=2, fsdp=2, tensor=2),
+    ],
+    ids=["data8", "fsdp8", "tensor8", "2x2x2"],
+)
 def test_same_loss_and_params_on_every_mesh(reference, mesh_cfg):
     ref_losses, ref_params, _, _ = reference
     losses, params, state, shardings = _run(mesh_cfg, [_batch(16)])
@@ -60,9 +82,14 @@ def test_same_loss_and_params_on_every_mesh(reference, mesh_cfg):
         np.testing.assert_allclose(a, b, atol=2e-5)
     # every param lives exactly where the logical rules put it
     mesh = shd.make_mesh(mesh_cfg)
-    expected = {"q_proj": ("layers", "embed", "heads", "head_dim"), "o_proj": ("layers", "heads", "head_dim", "embed"),
-                "gate_proj": ("layers", "embed", "mlp"), "down_proj": ("layers", "mlp", "embed"),
-                "embed_tokens": ("vocab", "embed"), "lm_head": ("embed", "vocab")}
+    expected = {
+        "q_proj": ("layers", "embed", "heads", "head_dim"),
+        "o_proj": ("layers", "heads", "head_dim", "embed"),
+        "gate_proj": ("layers", "embed", "mlp"),
+        "down_proj": ("layers", "mlp", "embed"),
+        "embed_tokens": ("vocab", "embed"),
+        "lm_head": ("embed", "vocab"),
+    }
     flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
     seen = set()
     for path, leaf in flat:
@@ -102,8 +129,9 @@ def test_non_finite_loss_skips_update_and_counts():
         np.testing.assert_array_equal(a, b)
     state, m = fn(state, shd.global_batch(_batch(8), mesh))
     assert int(m["skipped"]) == 1 and np.isfinite(float(m["loss"]))
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
-                                                        jax.tree.leaves(before)))
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before))
+    )
 
 
 def test_masked_tokens_contribute_nothing():
@@ -131,8 +159,11 @@ def test_schedules_and_decay_mask():
     assert float(cos(100)) == pytest.approx(0.1, rel=1e-4)
     rs = make_schedule(OptimConfig(schedule="rsqrt", learning_rate=1.0, warmup_steps=10), 100)
     assert float(rs(40)) == pytest.approx(0.5, rel=1e-4)
-    params = {"layers": {"input_layernorm": {"scale": 0}, "mlp": {"up_proj": {"kernel": 0}}}, "norm": {"scale": 0},
-              "embed_tokens": {"embedding": 0}}
+    params = {
+        "layers": {"input_layernorm": {"scale": 0}, "mlp": {"up_proj": {"kernel": 0}}},
+        "norm": {"scale": 0},
+        "embed_tokens": {"embedding": 0},
+    }
     mask = decay_mask(params)
     assert mask["layers"]["mlp"]["up_proj"]["kernel"] and mask["embed_tokens"]["embedding"]
     assert not mask["layers"]["input_layernorm"]["scale"] and not mask["norm"]["scale"]
@@ -154,8 +185,16 @@ def test_mesh_and_batch_errors():
 
 
 def test_indivisible_dims_are_replicated_not_crashing():
-    cfg = ModelConfig(vocab_size=100, num_layers=1, embed_dim=24, num_heads=3, num_kv_heads=1, mlp_dim=40,
-                      max_seq_len=32, dtype="float32")
+    cfg = ModelConfig(
+        vocab_size=100,
+        num_layers=1,
+        embed_dim=24,
+        num_heads=3,
+        num_kv_heads=1,
+        mlp_dim=40,
+        max_seq_len=32,
+        dtype="float32",
+    )
     tx, _ = make_optimizer(OptimConfig(), 10)
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=2, tensor=4))
     state, _ = st.init_state(Decoder(cfg), tx, mesh, jax.random.key(0))
@@ -199,8 +238,9 @@ def test_host_offloaded_optimizer_state_trains_the_same():
     for offload in (False, True):
         shardings = st.state_shardings(boxed, mesh, offload_opt_state=offload)
         state, _ = st.init_state(model, tx, mesh, jax.random.key(0), shardings=shardings)
-        fn = st.jit_train_step(st.make_train_step(model, tx, schedule, st.StepConfig(host_offload=offload)),
-                               shardings, mesh)
+        fn = st.jit_train_step(
+            st.make_train_step(model, tx, schedule, st.StepConfig(host_offload=offload)), shardings, mesh
+        )
         for _ in range(2):
             state, m = fn(state, shd.global_batch(_batch(8), mesh))
         kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state) if x.ndim}

@@ -28,9 +28,13 @@ def setup(request, tmp_path_factory):
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
     model = R.make_model(root / "model", arch, seed=0)
-    return dict(arch=arch, model=model, ref=R.make_model(root / "ref", arch, seed=1),
-                tok=R.make_tokenizer(root / "tok", TOKENIZER[arch]),
-                adapter=R.make_adapter(root / "adapter", model, arch))
+    return dict(
+        arch=arch,
+        model=model,
+        ref=R.make_model(root / "ref", arch, seed=1),
+        tok=R.make_tokenizer(root / "tok", TOKENIZER[arch]),
+        adapter=R.make_adapter(root / "adapter", model, arch),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -101,8 +105,9 @@ def test_dpo_fresh_adapter_matches_an_independent_forward_and_backward(setup):
     assert not np.allclose(ref["chosen_logps"], ref["ref_chosen_logps"])  # B != 0: policy != reference
     np.testing.assert_allclose([t.sum() for t in ref["chosen_token_logps"]], ref["chosen_logps"], rtol=1e-5)
     m = ref["metrics"]
-    assert m["rewards/chosen"] == pytest.approx(beta * float((ref["chosen_logps"] - ref["ref_chosen_logps"]).mean()),
-                                                rel=1e-4)
+    assert m["rewards/chosen"] == pytest.approx(
+        beta * float((ref["chosen_logps"] - ref["ref_chosen_logps"]).mean()), rel=1e-4
+    )
     assert m["rewards/margins"] == pytest.approx(beta * float(delta.mean()), rel=1e-4, abs=1e-6)
     assert m["logps/rejected"] == pytest.approx(float(ref["rejected_logps"].mean()), rel=1e-5)
 
@@ -115,9 +120,16 @@ def test_dpo_fresh_adapter_matches_an_independent_forward_and_backward(setup):
         pc, pr = _seq_logps(policy, *c), _seq_logps(policy, *r)
         with torch.no_grad():
             rc, rr = _seq_logps(base, *c), _seq_logps(base, *r)
-        np.testing.assert_allclose([pc.item(), pr.item(), rc.item(), rr.item()],
-                                   [ref["chosen_logps"][i], ref["rejected_logps"][i], ref["ref_chosen_logps"][i],
-                                    ref["ref_rejected_logps"][i]], rtol=1e-4)
+        np.testing.assert_allclose(
+            [pc.item(), pr.item(), rc.item(), rr.item()],
+            [
+                ref["chosen_logps"][i],
+                ref["rejected_logps"][i],
+                ref["ref_chosen_logps"][i],
+                ref["ref_rejected_logps"][i],
+            ],
+            rtol=1e-4,
+        )
         losses.append(-torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr))))
     torch.stack(losses).mean().backward()
     theirs = _peft_grads(policy)
@@ -140,13 +152,16 @@ def test_dpo_continuing_an_adapter_uses_trls_ref_copy(setup):
 
 
 def test_dpo_with_a_reference_model_and_full_fine_tuning(setup):
-    with_ref = R.dpo_reference(setup["model"], setup["tok"], ROWS, adapter_dir=setup["adapter"],
-                               ref_model_dir=setup["ref"])
+    with_ref = R.dpo_reference(
+        setup["model"], setup["tok"], ROWS, adapter_dir=setup["adapter"], ref_model_dir=setup["ref"]
+    )
     assert with_ref["mode"] == "lora_ref_model"
     other = _causal(setup["ref"])
     with torch.no_grad():
-        rc = [_seq_logps(other, ids, m).item()
-              for ids, m in zip(with_ref["chosen_input_ids"], with_ref["chosen_completion_mask"])]
+        rc = [
+            _seq_logps(other, ids, m).item()
+            for ids, m in zip(with_ref["chosen_input_ids"], with_ref["chosen_completion_mask"])
+        ]
     np.testing.assert_allclose(with_ref["ref_chosen_logps"], rc, rtol=1e-4)
     assert with_ref["loss"] == pytest.approx(float(with_ref["per_example_loss"].mean()), rel=1e-6)
 
@@ -171,8 +186,7 @@ def test_dpo_with_a_reference_model_and_full_fine_tuning(setup):
 
 def test_ipo_is_length_normalised(setup):
     beta = 0.5
-    ref = R.dpo_reference(setup["model"], setup["tok"], ROWS, adapter_dir=setup["adapter"], loss_type="ipo",
-                          beta=beta)
+    ref = R.dpo_reference(setup["model"], setup["tok"], ROWS, adapter_dir=setup["adapter"], loss_type="ipo", beta=beta)
     nc = np.array([sum(m) for m in ref["chosen_completion_mask"]], np.float32)
     nr = np.array([sum(m) for m in ref["rejected_completion_mask"]], np.float32)
     assert (nc != nr).any()  # the normalisation matters for these rows
@@ -237,29 +251,37 @@ def test_reward_model(setup):
         # HF scores the rightmost token that is not the pad id: the appended EOS, or the token before it if pad == EOS
         last = len(ref["chosen_input_ids"][i]) - 1
         assert ref["score_positions_chosen"][i] == (last - 1 if pad_is_eos else last)
-    np.testing.assert_allclose(ref["per_example_loss"],
-                               np.log1p(np.exp(-(ref["chosen_scores"] - ref["rejected_scores"]))), rtol=1e-5)
+    np.testing.assert_allclose(
+        ref["per_example_loss"], np.log1p(np.exp(-(ref["chosen_scores"] - ref["rejected_scores"]))), rtol=1e-5
+    )
     assert ref["loss"] == pytest.approx(float(ref["per_example_loss"].mean()), rel=1e-6)
     assert ref["metrics"]["accuracy"] == pytest.approx(float((ref["chosen_scores"] > ref["rejected_scores"]).mean()))
 
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(setup["model"], num_labels=1,
-                                                                            dtype=torch.float32).eval()
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        setup["model"], num_labels=1, dtype=torch.float32
+    ).eval()
     assert model.score.weight.shape == ref["score_weight"].shape == (1, 32)
     with torch.no_grad():
         model.score.weight.copy_(torch.from_numpy(ref["score_weight"]))
     scores = []
-    for ids, pos in zip(ref["chosen_input_ids"] + ref["rejected_input_ids"],
-                        ref["score_positions_chosen"] + ref["score_positions_rejected"]):
+    for ids, pos in zip(
+        ref["chosen_input_ids"] + ref["rejected_input_ids"],
+        ref["score_positions_chosen"] + ref["score_positions_rejected"],
+    ):
         hidden = model.base_model(input_ids=torch.tensor([ids])).last_hidden_state  # final-norm hidden states
         scores.append(model.score(hidden[0, pos])[0])
     scores = torch.stack(scores)
-    np.testing.assert_allclose(scores.detach().numpy(), np.concatenate([ref["chosen_scores"],
-                                                                        ref["rejected_scores"]]), rtol=1e-4)
+    np.testing.assert_allclose(
+        scores.detach().numpy(), np.concatenate([ref["chosen_scores"], ref["rejected_scores"]]), rtol=1e-4
+    )
     n = len(ROWS)
     (-torch.nn.functional.logsigmoid(scores[:n] - scores[n:]).mean()).backward()
     assert "score.weight" in ref["grads"] and sorted(ref["grads"]) == ref["trainable"]
-    _assert_grads(ref["grads"], {k: p.grad.numpy() for k, p in model.named_parameters() if p.grad is not None},
-                  "reward full gradients")
+    _assert_grads(
+        ref["grads"],
+        {k: p.grad.numpy() for k, p in model.named_parameters() if p.grad is not None},
+        "reward full gradients",
+    )
 
     lora = R.reward_reference(setup["model"], setup["tok"], ROWS, adapter_dir=setup["adapter"])
     np.testing.assert_array_equal(lora["score_weight"], ref["score_weight"])  # the same seeded head

@@ -23,18 +23,29 @@ from jaxllm.cli import run as cli_run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The article's two lines, as printed there but for the model and data paths.
-AUTOTRAIN_TRAIN = ("jaxllm finetune --llm --train --project OUT --model BASE --data_path DATA.jsonl --text_column text "
-                   "--use_apex --learning_rate 1e-4 --train_batch_size 2 --num_train_epochs 3 --trainer sft "
-                   "--model_max_length 2048 --block_size 512 --save_dir ./output")
-AUTOTRAIN_LLM = ('jaxllm llm --train --project_name "FineTuning Llama-2" --model BASE --data_path DATA.jsonl '
-                 "--use_peft --use_int4 --learning_rate 2e-4 --train_batch_size 2 --num_train_epochs 3 --trainer sft "
-                 "--model_max_length 2048")
+AUTOTRAIN_TRAIN = (
+    "jaxllm finetune --llm --train --project OUT --model BASE --data_path DATA.jsonl --text_column text "
+    "--use_apex --learning_rate 1e-4 --train_batch_size 2 --num_train_epochs 3 --trainer sft "
+    "--model_max_length 2048 --block_size 512 --save_dir ./output"
+)
+AUTOTRAIN_LLM = (
+    'jaxllm llm --train --project_name "FineTuning Llama-2" --model BASE --data_path DATA.jsonl '
+    "--use_peft --use_int4 --learning_rate 2e-4 --train_batch_size 2 --num_train_epochs 3 --trainer sft "
+    "--model_max_length 2048"
+)
 # Widths that are no multiple of 64 (NF4's block): Llama's MLP 96; Falcon's 160; BLOOM's 4 x 72 = 288 and 72.
 FAMILIES = {
-    "llama": lambda common: transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                                     num_key_value_heads=2, **common),
-    "falcon": lambda common: transformers.FalconConfig(hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,
-                                                       new_decoder_architecture=True, num_kv_heads=2, **common),
+    "llama": lambda common: transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, **common
+    ),
+    "falcon": lambda common: transformers.FalconConfig(
+        hidden_size=64,
+        ffn_hidden_size=160,
+        num_attention_heads=4,
+        new_decoder_architecture=True,
+        num_kv_heads=2,
+        **common,
+    ),
     "bloom": lambda common: transformers.BloomConfig(hidden_size=72, n_head=4, **common),
 }
 
@@ -53,9 +64,16 @@ def made(tmp_path_factory, tok):
     (root / "guanaco").mkdir()
     for split, rows in (("train", records[:300]), ("eval", records[300:320])):
         (root / "guanaco" / f"openassistant_best_replies_{split}.jsonl").write_text(
-            "".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
-    common = dict(vocab_size=512, num_hidden_layers=2, initializer_range=0.2, bos_token_id=tok.bos_id,
-                  eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+            "".join(json.dumps({"text": r["text"]}) + "\n" for r in rows)
+        )
+    common = dict(
+        vocab_size=512,
+        num_hidden_layers=2,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
     for family, config in FAMILIES.items():
         torch.manual_seed(0)
         transformers.AutoModelForCausalLM.from_config(config(common)).save_pretrained(root / family)
@@ -72,12 +90,20 @@ def _run(lines: list[str], cwd, **paths) -> subprocess.CompletedProcess:
             line = line.replace(placeholder, shlex.quote(str(path)))
         argvs.append(shlex.split(line))
         assert argvs[-1][0] == "jaxllm"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                                  if not f.startswith("--xla_force_host_platform_device_count")))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT,
+        XLA_FLAGS=" ".join(
+            f
+            for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")
+        ),
+    )
     driver = "import json, sys; from jaxllm.cli import run; [run(argv[1:]) for argv in json.loads(sys.argv[1])]"
-    proc = subprocess.run([sys.executable, "-c", driver, json.dumps(argvs)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", driver, json.dumps(argvs)], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -105,10 +131,14 @@ def test_both_article_lines_run_verbatim(made, family, tmp_path):
     config = json.load(open(tmp_path / "OUT" / "config.json"))
     assert (config["data"]["block_size"], config["data"]["batch_size"], config["lora"]["r"]) == (512, 2, 16)
     assert config["lora"]["quantization"] == "none"
-    peft_model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
-                                                tmp_path / "output" / "adapter")
-    _logits_agree(load_model(str(base), adapter=str(tmp_path / "output" / "adapter"))[:2], peft_model,
-                  transformers.AutoModelForCausalLM.from_pretrained(base))
+    peft_model = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base), tmp_path / "output" / "adapter"
+    )
+    _logits_agree(
+        load_model(str(base), adapter=str(tmp_path / "output" / "adapter"))[:2],
+        peft_model,
+        transformers.AutoModelForCausalLM.from_pretrained(base),
+    )
 
     adapter = tmp_path / "FineTuning Llama-2" / "adapter"
     assert second["written"] == {"adapter": str(adapter.relative_to(tmp_path))} and np.isfinite(second["val_loss"])
@@ -117,8 +147,11 @@ def test_both_article_lines_run_verbatim(made, family, tmp_path):
     metrics = [json.loads(line) for line in open(tmp_path / "FineTuning Llama-2" / "metrics.jsonl")]
     assert sum(m["split"] == "val" for m in metrics) == 2  # before the first step and at the end: 3 rows, padded
     peft_model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), adapter)
-    _logits_agree(load_model(str(base), adapter=str(adapter))[:2], peft_model,
-                  transformers.AutoModelForCausalLM.from_pretrained(base))
+    _logits_agree(
+        load_model(str(base), adapter=str(adapter))[:2],
+        peft_model,
+        transformers.AutoModelForCausalLM.from_pretrained(base),
+    )
 
 
 def test_falcon_qlora_recipe_on_a_tiny_falcon(made, tmp_path):
@@ -126,18 +159,25 @@ def test_falcon_qlora_recipe_on_a_tiny_falcon(made, tmp_path):
     is the scale-down (the model's shapes come from it), one step instead of 500."""
     from jaxllm.load import load_model
 
-    line = ("jaxllm finetune --config=configs/falcon_qlora.py --model=FALCON --data_path=GUANACO "
-            "--project_name=runs/falcon-guanaco --merge_adapter --config.train.steps=1 "
-            "--config.train.eval_batches=1 --config.generate.max_new_tokens=0")
-    proc = _run([line], tmp_path, FALCON=made / "falcon", GUANACO=made / "guanaco",
-                **{"configs/": f"{ROOT}/configs/"})
+    line = (
+        "jaxllm finetune --config=configs/falcon_qlora.py --model=FALCON --data_path=GUANACO "
+        "--project_name=runs/falcon-guanaco --merge_adapter --config.train.steps=1 "
+        "--config.train.eval_batches=1 --config.generate.max_new_tokens=0"
+    )
+    proc = _run([line], tmp_path, FALCON=made / "falcon", GUANACO=made / "guanaco", **{"configs/": f"{ROOT}/configs/"})
     (summary,) = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"'))
     run = tmp_path / "runs" / "falcon-guanaco"
     config = json.load(open(run / "config.json"))
     assert config["data"]["paths"] == [str(made / "guanaco" / "openassistant_best_replies_train.jsonl")]
-    assert (config["lora"]["r"], config["lora"]["alpha"], config["lora"]["dropout"], config["lora"]["quantization"],
-            config["data"]["block_size"], config["data"]["batch_size"], config["optim"]["grad_accum_steps"]) == (
-        64, 16.0, 0.1, "nf4", 512, 16, 4)
+    assert (
+        config["lora"]["r"],
+        config["lora"]["alpha"],
+        config["lora"]["dropout"],
+        config["lora"]["quantization"],
+        config["data"]["block_size"],
+        config["data"]["batch_size"],
+        config["optim"]["grad_accum_steps"],
+    ) == (64, 16.0, 0.1, "nf4", 512, 16, 4)
     assert summary["step"] == 1 and np.isfinite(summary["val_loss"])
     base = transformers.AutoModelForCausalLM.from_pretrained(made / "falcon")
     peft_model = peft.PeftModel.from_pretrained(base, run / "adapter")
@@ -147,8 +187,15 @@ def test_falcon_qlora_recipe_on_a_tiny_falcon(made, tmp_path):
 
 def test_bloom_sampling_example(made, capsys):
     """The tutorial's Bloom-560m call on a tiny BLOOM folder: top-k 50, top-p 0.9, 150 new tokens, 75 wide."""
-    argv = ["generate", f"--model={made / 'bloom'}", "--prompt=The meaning of life is", "--max_new_tokens=150",
-            "--top_k=50", "--top_p=0.9", "--seed=1"]
+    argv = [
+        "generate",
+        f"--model={made / 'bloom'}",
+        "--prompt=The meaning of life is",
+        "--max_new_tokens=150",
+        "--top_k=50",
+        "--top_p=0.9",
+        "--seed=1",
+    ]
     assert cli_run(argv) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines[0].startswith("The meaning of life is") and len(lines) >= 3
@@ -189,13 +236,22 @@ def test_the_article_line_with_its_hub_ids(made, tmp_path, monkeypatch):
     home = tmp_path / "hf"
     put_repo(home, "Riiid/sheep-duck-llama-2-70b-v1.1", {name: repo / name for name in os.listdir(repo)})
     rows = [json.loads(line) for line in open(made / "guanaco.jsonl")]
-    put_repo(home, "timdettmers/openassistant-guanaco", {
-        "openassistant_best_replies_train.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:48]),
-        "openassistant_best_replies_eval.jsonl": "".join(json.dumps(r) + "\n" for r in rows[48:56])},
-        repo_type="dataset")
+    put_repo(
+        home,
+        "timdettmers/openassistant-guanaco",
+        {
+            "openassistant_best_replies_train.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:48]),
+            "openassistant_best_replies_eval.jsonl": "".join(json.dumps(r) + "\n" for r in rows[48:56]),
+        },
+        repo_type="dataset",
+    )
     offline(monkeypatch, home)
-    line = AUTOTRAIN_LLM.replace("BASE", "Riiid/sheep-duck-llama-2-70b-v1.1").replace(
-        "DATA.jsonl", "timdettmers/openassistant-guanaco") + " --valid_split test"
+    line = (
+        AUTOTRAIN_LLM.replace("BASE", "Riiid/sheep-duck-llama-2-70b-v1.1").replace(
+            "DATA.jsonl", "timdettmers/openassistant-guanaco"
+        )
+        + " --valid_split test"
+    )
     proc = _run([line], tmp_path)
     (summary,) = (json.loads(out) for out in proc.stdout.splitlines() if out.startswith('{"'))
     run = tmp_path / "FineTuning Llama-2"
@@ -206,5 +262,8 @@ def test_the_article_line_with_its_hub_ids(made, tmp_path, monkeypatch):
     assert adapter["base_model_name_or_path"] == "Riiid/sheep-duck-llama-2-70b-v1.1"
     fp16 = transformers.AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)  # the .bin, as shipped
     peft_model = peft.PeftModel.from_pretrained(fp16, run / "adapter")
-    _logits_agree(load_model("Riiid/sheep-duck-llama-2-70b-v1.1", adapter=str(run / "adapter"))[:2], peft_model,
-                  transformers.AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32))
+    _logits_agree(
+        load_model("Riiid/sheep-duck-llama-2-70b-v1.1", adapter=str(run / "adapter"))[:2],
+        peft_model,
+        transformers.AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32),
+    )

@@ -31,27 +31,59 @@ import inspect
 import os
 import sys
 import tempfile
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-               "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy", "num_tokens")
-ORPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen")
+DPO_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+    "num_tokens",
+)
+ORPO_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "nll_loss",
+    "log_odds_ratio",
+    "log_odds_chosen",
+)
 REWARD_METRICS = ("min_reward", "mean_reward", "max_reward", "accuracy", "margin", "num_tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # tiny local fixtures (shared with the jaxllm-side parity tests)
 
-WORDS = tuple(("the a cat dog sat on mat ran fast slow red blue big small is was and or not yes no hello world jax "
-               "llm good bad it").split())
-SAMPLE_ROWS = (dict(prompt="the cat sat", chosen=" on the mat", rejected=" ran fast"),
-               dict(prompt="hello world", chosen=" good", rejected=" bad dog ran fast"),
-               dict(prompt="is jax good", chosen=" yes it is", rejected=" no"))
-LORA_TARGETS = {"llama": ("q_proj", "v_proj", "down_proj"), "falcon": ("query_key_value", "dense_4h_to_h"),
-                "bloom": ("query_key_value", "dense")}
+WORDS = tuple(
+    (
+        "the a cat dog sat on mat ran fast slow red blue big small is was and or not yes no hello world jax "
+        "llm good bad it"
+    ).split()
+)
+SAMPLE_ROWS = (
+    dict(prompt="the cat sat", chosen=" on the mat", rejected=" ran fast"),
+    dict(prompt="hello world", chosen=" good", rejected=" bad dog ran fast"),
+    dict(prompt="is jax good", chosen=" yes it is", rejected=" no"),
+)
+LORA_TARGETS = {
+    "llama": ("q_proj", "v_proj", "down_proj"),
+    "falcon": ("query_key_value", "dense_4h_to_h"),
+    "bloom": ("query_key_value", "dense"),
+}
 
 
 def make_tokenizer(folder, kind: str = "bos", words: Sequence[str] = WORDS) -> str:
@@ -67,11 +99,13 @@ def make_tokenizer(folder, kind: str = "bos", words: Sequence[str] = WORDS) -> s
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if kind == "bos":
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", 1)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        )
     extra = {} if kind == "nopad" else {"pad_token": "<pad>"}
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                         **extra).save_pretrained(str(folder))
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **extra
+    ).save_pretrained(str(folder))
     return str(folder)
 
 
@@ -81,20 +115,42 @@ def make_model(folder, arch: str, seed: int = 0, vocab_size: int = 96, hidden_si
     import torch
     import transformers
 
-    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, initializer_range=0.2, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=0)
-    config = {"llama": lambda: transformers.LlamaConfig(intermediate_size=2 * hidden_size, num_attention_heads=4,
-                                                        num_key_value_heads=2, num_hidden_layers=2, **common),
-              "falcon": lambda: transformers.FalconConfig(num_attention_heads=4, new_decoder_architecture=True,
-                                                          num_kv_heads=2, num_hidden_layers=2, **common),
-              "bloom": lambda: transformers.BloomConfig(n_layer=2, n_head=4, **common)}[arch]()
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config = {
+        "llama": lambda: transformers.LlamaConfig(
+            intermediate_size=2 * hidden_size,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            **common,
+        ),
+        "falcon": lambda: transformers.FalconConfig(
+            num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2, num_hidden_layers=2, **common
+        ),
+        "bloom": lambda: transformers.BloomConfig(n_layer=2, n_head=4, **common),
+    }[arch]()
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(config).float().save_pretrained(str(folder))
     return str(folder)
 
 
-def make_adapter(folder, model_dir: str, arch: str, targets: Sequence[str] | None = None, r: int = 4,
-                 alpha: float = 8, b_std: float = 0.2, seed: int = 7) -> str:
+def make_adapter(
+    folder,
+    model_dir: str,
+    arch: str,
+    targets: Sequence[str] | None = None,
+    r: int = 4,
+    alpha: float = 8,
+    b_std: float = 0.2,
+    seed: int = 7,
+) -> str:
     """Saves a PEFT LoRA adapter for `model_dir` whose B matrices are drawn N(0, b_std) (not zero), so the policy
     differs from the base model. Returns the folder."""
     import peft
@@ -103,8 +159,12 @@ def make_adapter(folder, model_dir: str, arch: str, targets: Sequence[str] | Non
 
     torch.manual_seed(seed)
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=alpha, task_type="CAUSAL_LM",
-                                                      target_modules=list(targets or LORA_TARGETS[arch])))
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=r, lora_alpha=alpha, task_type="CAUSAL_LM", target_modules=list(targets or LORA_TARGETS[arch])
+        ),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -168,10 +228,21 @@ def _common_args(output_dir: str, n: int, seed: int) -> dict:
     """TrainingArguments shared by the three configs: CPU, float32 (TRL configs default to bf16=True), one batch
     with every row, no gradient accumulation, no logging/saving/reporting. Gradient checkpointing (TRL's default)
     is turned off: it does not change float32 values, only speed."""
-    return dict(output_dir=output_dir, report_to="none", use_cpu=True, bf16=False, fp16=False,
-                per_device_train_batch_size=n, gradient_accumulation_steps=1, gradient_checkpointing=False,
-                seed=seed, save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
-                dataset_num_proc=None)
+    return dict(
+        output_dir=output_dir,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        per_device_train_batch_size=n,
+        gradient_accumulation_steps=1,
+        gradient_checkpointing=False,
+        seed=seed,
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+    )
 
 
 def _dataset(rows: Sequence[dict]):
@@ -181,8 +252,12 @@ def _dataset(rows: Sequence[dict]):
         missing = {"prompt", "chosen", "rejected"} - set(r)
         if missing:
             raise ValueError(f"row {i} lacks {sorted(missing)}")
-    return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "row": i}
-                              for i, r in enumerate(rows)])
+    return Dataset.from_list(
+        [
+            {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "row": i}
+            for i, r in enumerate(rows)
+        ]
+    )
 
 
 def _tokenizer(tokenizer_dir: str):
@@ -279,10 +354,20 @@ def _strip(ids, mask=None) -> list[int]:
 # DPO / IPO
 
 
-def dpo_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *, adapter_dir: str | None = None,
-                  adapter_ref: str = "base", ref_model_dir: str | None = None, loss_type: str = "sigmoid",
-                  beta: float = 0.1, max_length: int | None = 1024, truncation_mode: str = "keep_start",
-                  seed: int = 0) -> dict[str, Any]:
+def dpo_reference(
+    model_dir: str,
+    tokenizer_dir: str,
+    rows: Sequence[dict],
+    *,
+    adapter_dir: str | None = None,
+    adapter_ref: str = "base",
+    ref_model_dir: str | None = None,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    max_length: int | None = 1024,
+    truncation_mode: str = "keep_start",
+    seed: int = 0,
+) -> dict[str, Any]:
     """One DPOTrainer step (TRL 1.16) on all `rows` as one batch. See the module docstring for the set-ups
     (adapter_ref only matters without ref_model_dir; with one, the adapter is trained from the file's weights and the
     reference is ref_model). max_length / truncation_mode are DPOConfig's (defaults 1024 / "keep_start").
@@ -310,8 +395,13 @@ def dpo_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *, a
         raise ValueError(f"adapter_ref {adapter_ref!r}: 'base' (fresh adapter) or 'copy' (continue an adapter)")
     tokenizer = _tokenizer(tokenizer_dir)
     with tempfile.TemporaryDirectory() as out, _quiet_offline():
-        args = DPOConfig(**_common_args(out, len(rows), seed), loss_type=[loss_type], beta=beta,
-                         max_length=max_length, truncation_mode=truncation_mode)
+        args = DPOConfig(
+            **_common_args(out, len(rows), seed),
+            loss_type=[loss_type],
+            beta=beta,
+            max_length=max_length,
+            truncation_mode=truncation_mode,
+        )
         ref_model = None
         if ref_model_dir is not None:
             ref_model = AutoModelForCausalLM.from_pretrained(ref_model_dir, dtype=torch.float32)
@@ -326,8 +416,14 @@ def dpo_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *, a
             mode = "lora_fresh" if ref_model is None else "lora_ref_model"
         else:
             mode = "full" if ref_model is None else "full_ref_model"
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_dataset(rows),
-                             processing_class=tokenizer, peft_config=peft_config)
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=_dataset(rows),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
         if peft_config is not None:
             _load_adapter_weights(trainer.model, adapter_dir)
         if mode == "lora_continue" and "ref" not in trainer.model.peft_config:
@@ -345,13 +441,17 @@ def dpo_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *, a
     return {
         "loss": loss,
         "per_example_loss": _np(f["per_sequence_loss"]),
-        "chosen_logps": _np(f["chosen_logps"]), "rejected_logps": _np(f["rejected_logps"]),
-        "ref_chosen_logps": _np(f["ref_chosen_logps"]), "ref_rejected_logps": _np(f["ref_rejected_logps"]),
-        "chosen_token_logps": [_np(t) for t in tok_pol[:n]], "rejected_token_logps": [_np(t) for t in tok_pol[n:]],
+        "chosen_logps": _np(f["chosen_logps"]),
+        "rejected_logps": _np(f["rejected_logps"]),
+        "ref_chosen_logps": _np(f["ref_chosen_logps"]),
+        "ref_rejected_logps": _np(f["ref_rejected_logps"]),
+        "chosen_token_logps": [_np(t) for t in tok_pol[:n]],
+        "rejected_token_logps": [_np(t) for t in tok_pol[n:]],
         "ref_chosen_token_logps": [_np(t) for t in tok_ref[:n]],
         "ref_rejected_token_logps": [_np(t) for t in tok_ref[n:]],
         "metrics": _metrics(trainer, DPO_METRICS),
-        "grads": grads, "trainable": _trainable_names(trainer.model),
+        "grads": grads,
+        "trainable": _trainable_names(trainer.model),
         "prompt_ids": [list(x["prompt_ids"]) for x in features],
         "chosen_ids": [list(x["chosen_ids"]) for x in features],
         "rejected_ids": [list(x["rejected_ids"]) for x in features],
@@ -359,8 +459,11 @@ def dpo_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *, a
         "rejected_input_ids": [_strip(ids[n + i], am[n + i]) for i in range(n)],
         "chosen_completion_mask": [_strip(cm[i], am[i]) for i in range(n)],
         "rejected_completion_mask": [_strip(cm[n + i], am[n + i]) for i in range(n)],
-        "rows": [int(x["row"]) for x in features], "pad_token_id": int(tokenizer.pad_token_id),
-        "beta": beta, "loss_type": loss_type, "mode": mode,
+        "rows": [int(x["row"]) for x in features],
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "beta": beta,
+        "loss_type": loss_type,
+        "mode": mode,
     }
 
 
@@ -368,8 +471,16 @@ def dpo_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *, a
 # ORPO
 
 
-def orpo_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *, adapter_dir: str | None = None,
-                   beta: float = 0.1, max_length: int | None = 1024, seed: int = 0) -> dict[str, Any]:
+def orpo_reference(
+    model_dir: str,
+    tokenizer_dir: str,
+    rows: Sequence[dict],
+    *,
+    adapter_dir: str | None = None,
+    beta: float = 0.1,
+    max_length: int | None = 1024,
+    seed: int = 0,
+) -> dict[str, Any]:
     """One experimental ORPOTrainer step (TRL 1.16) on all `rows` as one batch; `beta` is ORPO's lambda.
 
     Returns (B = len(rows); numpy float32):
@@ -396,13 +507,17 @@ def orpo_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *, 
         args = ORPOConfig(**_common_args(out, len(rows), seed), beta=beta, max_length=max_length)
         peft_config = _lora_config(adapter_dir) if adapter_dir is not None else None
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        trainer = ORPOTrainer(model=model, args=args, train_dataset=_dataset(rows), processing_class=tokenizer,
-                              peft_config=peft_config)
+        trainer = ORPOTrainer(
+            model=model, args=args, train_dataset=_dataset(rows), processing_class=tokenizer, peft_config=peft_config
+        )
         if peft_config is not None:
             _load_adapter_weights(trainer.model, adapter_dir)
         features = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-        loss, seen, _ = _one_step(trainer, features, [ORPOTrainer.get_batch_loss_metrics,
-                                                      ORPOTrainer.concatenated_forward, ORPOTrainer.odds_ratio_loss])
+        loss, seen, _ = _one_step(
+            trainer,
+            features,
+            [ORPOTrainer.get_batch_loss_metrics, ORPOTrainer.concatenated_forward, ORPOTrainer.odds_ratio_loss],
+        )
         grads = _grads(trainer.model)
         g, cf, od = seen["get_batch_loss_metrics"], seen["concatenated_forward"], seen["odds_ratio_loss"]
         labels = cf["concatenated_batch"]["concatenated_labels"]
@@ -411,20 +526,28 @@ def orpo_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *, 
 
     n = len(features)
     return {
-        "loss": loss, "nll_loss": float(g["policy_nll_loss"].item()),
-        "or_loss": _np(-g["losses"]), "log_odds": _np(od["log_odds"]),
-        "chosen_logps_avg": _np(g["policy_chosen_logps"]), "rejected_logps_avg": _np(g["policy_rejected_logps"]),
-        "chosen_logps": _np(sums[:n]), "rejected_logps": _np(sums[n:]),
-        "chosen_ntokens": [int(c) for c in counts[:n]], "rejected_ntokens": [int(c) for c in counts[n:]],
+        "loss": loss,
+        "nll_loss": float(g["policy_nll_loss"].item()),
+        "or_loss": _np(-g["losses"]),
+        "log_odds": _np(od["log_odds"]),
+        "chosen_logps_avg": _np(g["policy_chosen_logps"]),
+        "rejected_logps_avg": _np(g["policy_rejected_logps"]),
+        "chosen_logps": _np(sums[:n]),
+        "rejected_logps": _np(sums[n:]),
+        "chosen_ntokens": [int(c) for c in counts[:n]],
+        "rejected_ntokens": [int(c) for c in counts[n:]],
         "metrics": {k: float(v) for k, v in g["metrics"].items()},
-        "grads": grads, "trainable": _trainable_names(trainer.model),
+        "grads": grads,
+        "trainable": _trainable_names(trainer.model),
         "prompt_ids": [list(x["prompt_input_ids"]) for x in features],
         "chosen_input_ids": [list(x["chosen_input_ids"]) for x in features],
         "rejected_input_ids": [list(x["rejected_input_ids"]) for x in features],
         "chosen_labels_mask": [[int(t != -100) for t in x["chosen_labels"]] for x in features],
         "rejected_labels_mask": [[int(t != -100) for t in x["rejected_labels"]] for x in features],
-        "rows": [int(x["row"]) for x in features], "pad_token_id": int(tokenizer.pad_token_id),
-        "beta": beta, "mode": "lora_fresh" if adapter_dir else "full",
+        "rows": [int(x["row"]) for x in features],
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "beta": beta,
+        "mode": "lora_fresh" if adapter_dir else "full",
     }
 
 
@@ -432,8 +555,15 @@ def orpo_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *, 
 # reward model
 
 
-def reward_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *, adapter_dir: str | None = None,
-                     max_length: int | None = 1024, seed: int = 0) -> dict[str, Any]:
+def reward_reference(
+    model_dir: str,
+    tokenizer_dir: str,
+    rows: Sequence[dict],
+    *,
+    adapter_dir: str | None = None,
+    max_length: int | None = 1024,
+    seed: int = 0,
+) -> dict[str, Any]:
     """One RewardTrainer step (TRL 1.16) on all `rows` as one batch. The model is TRL's own load of the causal-LM
     folder as AutoModelForSequenceClassification(num_labels=1): the backbone from the folder, lm_head dropped, a new
     `score` Linear(D, 1, bias=False) drawn after set_seed(seed). With adapter_dir, the adapter's LoRA config becomes
@@ -462,13 +592,21 @@ def reward_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *
     with tempfile.TemporaryDirectory() as out, _quiet_offline():
         args = RewardConfig(**_common_args(out, len(rows), seed), max_length=max_length)
         peft_config = _lora_config(adapter_dir, task_type="SEQ_CLS") if adapter_dir is not None else None
-        trainer = RewardTrainer(model=model_dir, args=args, train_dataset=_dataset(rows), processing_class=tokenizer,
-                                peft_config=peft_config)
+        trainer = RewardTrainer(
+            model=model_dir,
+            args=args,
+            train_dataset=_dataset(rows),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
         if peft_config is not None:
             _load_adapter_weights(trainer.model, adapter_dir)
         core = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        score_weight = _np(core.score.weight if not hasattr(core.score, "modules_to_save")
-                           else core.score.modules_to_save["default"].weight)
+        score_weight = _np(
+            core.score.weight
+            if not hasattr(core.score, "modules_to_save")
+            else core.score.modules_to_save["default"].weight
+        )
         features = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
         F.logsigmoid = logsigmoid
         try:
@@ -483,14 +621,20 @@ def reward_reference(model_dir: str, tokenizer_dir: str, rows: Sequence[dict], *
 
     n = len(features)
     return {
-        "loss": loss, "per_example_loss": _np(-recorded[0]),
-        "chosen_scores": _np(c["rewards_chosen"]), "rejected_scores": _np(c["rewards_rejected"]),
+        "loss": loss,
+        "per_example_loss": _np(-recorded[0]),
+        "chosen_scores": _np(c["rewards_chosen"]),
+        "rejected_scores": _np(c["rewards_rejected"]),
         "score_weight": score_weight,
         "score_positions_chosen": [int(p) for p in positions[:n]],
         "score_positions_rejected": [int(p) for p in positions[n:]],
-        "metrics": _metrics(trainer, REWARD_METRICS), "grads": grads, "trainable": _trainable_names(trainer.model),
+        "metrics": _metrics(trainer, REWARD_METRICS),
+        "grads": grads,
+        "trainable": _trainable_names(trainer.model),
         "chosen_input_ids": [list(x["chosen_ids"]) for x in features],
         "rejected_input_ids": [list(x["rejected_ids"]) for x in features],
-        "rows": [int(x["row"]) for x in features], "pad_token_id": int(tokenizer.pad_token_id),
-        "eos_token_id": int(tokenizer.eos_token_id), "mode": "lora_fresh" if adapter_dir else "full",
+        "rows": [int(x["row"]) for x in features],
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "eos_token_id": int(tokenizer.eos_token_id),
+        "mode": "lora_fresh" if adapter_dir else "full",
     }

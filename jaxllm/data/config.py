@@ -9,11 +9,31 @@ from typing import Any
 
 from jaxllm import JaxllmError
 from jaxllm.data import mixture
-from jaxllm.data.sources import (ArrayRecordSource, EmbeddedPreferenceSource, EmbeddedSftSource, EmbeddedSource, Fields,
-                                 JsonlSource, RowSource, TextSource, TfdsSource)
+from jaxllm.data.sources import (
+    ArrayRecordSource,
+    EmbeddedPreferenceSource,
+    EmbeddedSftSource,
+    EmbeddedSource,
+    Fields,
+    JsonlSource,
+    RowSource,
+    TextSource,
+    TfdsSource,
+)
 
-SOURCE_NAMES: tuple[str, ...] = ("embedded", "embedded_sft", "embedded_preference", "text", "jsonl", "json", "parquet",
-                                  "csv", "arrow", "array_record", "tfds")
+SOURCE_NAMES: tuple[str, ...] = (
+    "embedded",
+    "embedded_sft",
+    "embedded_preference",
+    "text",
+    "jsonl",
+    "json",
+    "parquet",
+    "csv",
+    "arrow",
+    "array_record",
+    "tfds",
+)
 # sources that read data.paths
 FILE_SOURCES = frozenset(SOURCE_NAMES) - {"embedded", "embedded_sft", "embedded_preference", "tfds"}
 FORMATS: tuple[str, ...] = ("text", "sft_text", "messages", "prompt_completion", "preference")
@@ -81,11 +101,16 @@ class DataConfig:
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         object.__setattr__(self, "mixture", mixture.parse_mixture(self.mixture))
         if bool(self.curriculum_field) != bool(self.curriculum_schedule):
-            raise JaxllmError("data.curriculum_field and data.curriculum_schedule go together: name the stage field "
-                              "(e.g. 'bucket') and give ((step, (w0, w1, ...)), ...) stage weights")
+            raise JaxllmError(
+                "data.curriculum_field and data.curriculum_schedule go together: name the stage field "
+                "(e.g. 'bucket') and give ((step, (w0, w1, ...)), ...) stage weights"
+            )
         if self.curriculum_schedule:
-            object.__setattr__(self, "curriculum_schedule",
-                               mixture.parse_schedule(self.curriculum_schedule, "data.curriculum_schedule"))
+            object.__setattr__(
+                self,
+                "curriculum_schedule",
+                mixture.parse_schedule(self.curriculum_schedule, "data.curriculum_schedule"),
+            )
         if self.source not in SOURCE_NAMES:
             raise JaxllmError(f"data.source={self.source!r} is not known; use one of {', '.join(SOURCE_NAMES)}")
         if self.text_split not in ("file", "paragraph"):
@@ -96,11 +121,15 @@ class DataConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise JaxllmError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.valid_paths and self.mixture:
-            raise JaxllmError("data.valid_paths does not combine with data.mixture (each source holds out "
-                              "data.val_fraction for validation); drop data.valid_paths")
+            raise JaxllmError(
+                "data.valid_paths does not combine with data.mixture (each source holds out "
+                "data.val_fraction for validation); drop data.valid_paths"
+            )
         if self.valid_paths and self.source not in FILE_SOURCES:
-            raise JaxllmError(f"data.valid_paths needs a source that reads files, not data.source={self.source!r}; "
-                              "set data.source and data.paths, or drop data.valid_paths")
+            raise JaxllmError(
+                f"data.valid_paths needs a source that reads files, not data.source={self.source!r}; "
+                "set data.source and data.paths, or drop data.valid_paths"
+            )
         if self.shuffle_window < 0:
             raise JaxllmError(f"data.shuffle_window must be >= 0, got {self.shuffle_window}")
         if self.num_workers < 0:
@@ -108,8 +137,14 @@ class DataConfig:
         for name, known in (("format", FORMATS), ("chat_template", CHAT_TEMPLATES), ("loss_on", LOSS_ON)):
             if getattr(self, name) not in known:
                 raise JaxllmError(f"data.{name}={getattr(self, name)!r} is not known; use one of {', '.join(known)}")
-        for name in ("text_field", "prompt_field", "completion_field", "messages_field", "chosen_field",
-                     "rejected_field"):
+        for name in (
+            "text_field",
+            "prompt_field",
+            "completion_field",
+            "messages_field",
+            "chosen_field",
+            "rejected_field",
+        ):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise JaxllmError(f"data.{name} must name a field, got {getattr(self, name)!r}")
         for name in ("max_prompt_length", "max_completion_length"):
@@ -117,11 +152,15 @@ class DataConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise JaxllmError(f"data.{name} must be an integer >= 0 (0 = no limit), got {value!r}")
         if self.format == "preference" and self.loss_on == "all":
-            raise JaxllmError("data.loss_on='all' does not apply to data.format='preference' (its losses read the "
-                              "answers); drop data.loss_on")
+            raise JaxllmError(
+                "data.loss_on='all' does not apply to data.format='preference' (its losses read the "
+                "answers); drop data.loss_on"
+            )
         if self.format == "preference" and self.chosen_field == self.rejected_field:
-            raise JaxllmError(f"data.chosen_field and data.rejected_field both name {self.chosen_field!r}; point "
-                              "them at the two answer columns")
+            raise JaxllmError(
+                f"data.chosen_field and data.rejected_field both name {self.chosen_field!r}; point "
+                "them at the two answer columns"
+            )
         if not isinstance(self.packing, bool):
             raise JaxllmError(f"data.packing must be True or False, got {self.packing!r}")
         if self.format == "text" and self.loss_on == "assistant":
@@ -129,13 +168,17 @@ class DataConfig:
         if self.format == "text" and not self.packing:
             raise JaxllmError("data.packing=False needs an SFT data.format; format 'text' always concatenates docs")
         if self.format in ("messages", "prompt_completion", "preference") and self.source in ("embedded", "text"):
-            raise JaxllmError(f"data.format={self.format!r} needs records with fields, but data.source={self.source!r} "
-                              "gives plain text; use jsonl, parquet, array_record, tfds, embedded_sft or "
-                              "embedded_preference")
+            raise JaxllmError(
+                f"data.format={self.format!r} needs records with fields, but data.source={self.source!r} "
+                "gives plain text; use jsonl, parquet, array_record, tfds, embedded_sft or "
+                "embedded_preference"
+            )
         if self.curriculum_field and not self.mixture and self.source in ("embedded", "text"):
-            raise JaxllmError(f"data.curriculum_field={self.curriculum_field!r} needs records with fields, but "
-                              f"data.source={self.source!r} gives plain text; prepare it with `jaxllm prep` (its shards "
-                              "hold a 'bucket' field) and read them with data.source='array_record'")
+            raise JaxllmError(
+                f"data.curriculum_field={self.curriculum_field!r} needs records with fields, but "
+                f"data.source={self.source!r} gives plain text; prepare it with `jaxllm prep` (its shards "
+                "hold a 'bucket' field) and read them with data.source='array_record'"
+            )
         components(self)  # each mixture entry is a valid data config
 
 
@@ -156,8 +199,16 @@ def make_source(cfg: DataConfig) -> Sequence[str] | Sequence[dict[str, Any]]:
     """The rows of `cfg.source`: `str` documents for `cfg.format == "text"`, else dicts holding the
     format's fields (cached: a JSONL scan runs once, not every eval). Preference rows without the prompt
     column are read without it: their prompt is the leading part chosen and rejected share (as TRL)."""
-    args = (cfg.source, cfg.paths, row_fields(cfg), cfg.format != "text", cfg.text_split, cfg.tfds_name,
-            cfg.tfds_split, cfg.tfds_data_dir)
+    args = (
+        cfg.source,
+        cfg.paths,
+        row_fields(cfg),
+        cfg.format != "text",
+        cfg.text_split,
+        cfg.tfds_name,
+        cfg.tfds_split,
+        cfg.tfds_data_dir,
+    )
     try:
         return _make_source(*args)
     except JaxllmError as e:
@@ -168,8 +219,9 @@ def make_source(cfg: DataConfig) -> Sequence[str] | Sequence[dict[str, Any]]:
 
 def source_rows(cfg: DataConfig, fields: Fields) -> RowSource:
     """Whole rows (dicts) of `cfg.source`, each checked to hold `fields`: for keys besides the text."""
-    return _make_source(cfg.source, cfg.paths, fields, True, cfg.text_split, cfg.tfds_name, cfg.tfds_split,
-                        cfg.tfds_data_dir)
+    return _make_source(
+        cfg.source, cfg.paths, fields, True, cfg.text_split, cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir
+    )
 
 
 def row_fields(cfg: DataConfig) -> Fields:

@@ -21,7 +21,9 @@ import warnings
 
 # Imported for their docstrings. Only pure-stdlib modules that import without side effects
 # (no tkinter, turtle, antigravity, this, idlelib, __main__ modules).
-DOCSTRING_MODULES: tuple[str, ...] = tuple(sorted("""
+DOCSTRING_MODULES: tuple[str, ...] = tuple(
+    sorted(
+        """
     abc array asyncio asyncio.events asyncio.futures asyncio.locks asyncio.queues asyncio.streams
     asyncio.tasks base64 binascii bisect builtins bz2 cmath codecs collections collections.abc
     colorsys concurrent.futures contextvars copy copyreg csv email email.charset email.errors
@@ -39,15 +41,21 @@ DOCSTRING_MODULES: tuple[str, ...] = tuple(sorted("""
     unittest.suite urllib.error urllib.parse urllib.request urllib.response urllib.robotparser
     warnings wave weakref xml.dom xml.dom.minidom xml.dom.pulldom xml.etree.ElementTree
     xml.parsers.expat xml.sax xml.sax.handler xml.sax.saxutils zipimport zlib zoneinfo
-""".split()))
+""".split()
+    )
+)
 
 # Read from disk as whole documents: well-commented pure-Python modules, one file each.
-SOURCE_MODULES: tuple[str, ...] = tuple(sorted("""
+SOURCE_MODULES: tuple[str, ...] = tuple(
+    sorted(
+        """
     argparse ast bdb calendar configparser contextlib dataclasses datetime difflib dis doctest enum
     fractions ftplib gzip imaplib inspect ipaddress locale mailbox optparse pathlib pdb pickle
     pickletools platform pprint random shutil smtplib socketserver statistics subprocess tarfile
     tempfile textwrap threading tokenize trace traceback typing uuid zipfile
-""".split()))
+""".split()
+    )
+)
 
 MIN_DOCSTRING_CHARS = 200  # shorter docstrings are mostly "Return x." one-liners: noise, not text
 
@@ -129,13 +137,15 @@ def _module_sources() -> list[str]:
 # --------------------------------------------------------------------------- chat fine-tuning pairs
 
 # Modules whose public functions, classes and methods give one question each ("What does json.dumps do?").
-SFT_MODULES: tuple[str, ...] = tuple("""
+SFT_MODULES: tuple[str, ...] = tuple(
+    """
     builtins base64 binascii bisect calendar collections contextlib copy csv dataclasses datetime difflib
     fnmatch fractions functools glob gzip hashlib heapq html inspect io ipaddress itertools json keyword
     logging math operator os os.path pathlib pprint random re shlex shutil statistics string struct
     subprocess sys tempfile textwrap threading time traceback unicodedata urllib.parse uuid warnings
     zipfile zlib
-""".split())
+""".split()
+)
 SFT_MAX_ANSWER_CHARS = 600  # answers are cut at a sentence end before this
 _SFT_MIN_ANSWER_CHARS = 30  # shorter summaries ("Return x.") teach nothing
 _HEADING = re.compile(r"^(.+)\n(?:=+|-+)\n", re.M)
@@ -181,14 +191,19 @@ def embedded_preference_records() -> list[dict]:
                 break
         if b == a:
             b = pairs[(i + len(pairs) // 2) % len(pairs)][1]
-        out.append({
-            "prompt": f"### Human: {q}### Assistant:", "chosen": f" {a}", "rejected": f" {b}",
-            "prompt_messages": [{"role": "user", "content": q}],
-            "chosen_messages": [{"role": "assistant", "content": a}],
-            "rejected_messages": [{"role": "assistant", "content": b}],
-            "text": f"### Human: {q}### Assistant: {a}", "completion": f" {a}",
-            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-        })
+        out.append(
+            {
+                "prompt": f"### Human: {q}### Assistant:",
+                "chosen": f" {a}",
+                "rejected": f" {b}",
+                "prompt_messages": [{"role": "user", "content": q}],
+                "chosen_messages": [{"role": "assistant", "content": a}],
+                "rejected_messages": [{"role": "assistant", "content": b}],
+                "text": f"### Human: {q}### Assistant: {a}",
+                "completion": f" {a}",
+                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            }
+        )
     return out
 
 
@@ -202,12 +217,16 @@ def _qa_pairs() -> tuple[tuple[str, str], ...]:
         title, body = topics[name].strip().split("\n", 1)
         title = _code_quotes(title)
         parts = _HEADING.split(body.split("\n", 1)[1])  # [intro, heading, text, heading, text, ...]
-        question = (f"What does {title[0].lower()}{title[1:]} do in Python?" if title.startswith("The ")
-                    else f"What does the Python reference manual say about {title}?")
+        question = (
+            f"What does {title[0].lower()}{title[1:]} do in Python?"
+            if title.startswith("The ")
+            else f"What does the Python reference manual say about {title}?"
+        )
         pairs.setdefault(question, _answer(parts[0]))
         for heading, text in zip(parts[1::2], parts[2::2]):
-            pairs.setdefault(f"What does the Python reference manual say about {_code_quotes(heading)} "
-                             f"({title})?", _answer(text))
+            pairs.setdefault(
+                f"What does the Python reference manual say about {_code_quotes(heading)} ({title})?", _answer(text)
+            )
     for module in SFT_MODULES:
         for name, obj in public_objects(module):
             doc = getattr(obj, "__doc__", None)

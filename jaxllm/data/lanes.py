@@ -71,8 +71,9 @@ class _Reader:
     def __init__(self, plan: Plan, num_threads: int, num_workers: int):
         if num_workers:
             ctx = multiprocessing.get_context("spawn")  # never fork a process that runs JAX
-            self._pool = cf.ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker,
-                                                initargs=(plan.streams, plan.tokenize))
+            self._pool = cf.ProcessPoolExecutor(
+                num_workers, mp_context=ctx, initializer=_init_worker, initargs=(plan.streams, plan.tokenize)
+            )
             self._fn = _read_in_worker
         else:
             self._pool = cf.ThreadPoolExecutor(max(num_threads, 1), thread_name_prefix="jaxllm-read")
@@ -196,7 +197,7 @@ def text_rows(cursor, length: int, count: int | None, pad_last: bool) -> list[di
             example, offset = got
             take = min(length - fill, len(example["tokens"]) - offset)
             if take > 0:
-                pieces.append((example["tokens"][offset:offset + take], None))
+                pieces.append((example["tokens"][offset : offset + take], None))
             cursor.consume(take)
             fill += take
         if fill < length and (not pad_last or not pieces):
@@ -275,11 +276,11 @@ def _row(pieces: Sequence[tuple], length: int, fields: Sequence[str] = ()) -> di
     fill = 0
     for seg, (ids, mask, *first) in enumerate(pieces, 1):
         n = len(ids)
-        tokens[fill:fill + n] = ids
-        segments[fill:fill + n] = seg
-        positions[fill:fill + n] = np.arange(n)
+        tokens[fill : fill + n] = ids
+        segments[fill : fill + n] = seg
+        positions[fill : fill + n] = np.arange(n)
         if masks is not None:
-            masks[fill:fill + n] = mask
+            masks[fill : fill + n] = mask
         for key, value in (first[0] if first else {}).items():
             row[key][fill] = value
         fill += n
@@ -347,9 +348,14 @@ class _GlobalOrderIterator(grain.DatasetIterator):
         return [self._ds.shift(row) for row in rows]
 
     def get_state(self) -> dict[str, Any]:
-        return {"format": FORMAT, "step": self._step, "window": self._plan.window,
-                "streams": len(self._plan.streams), "batch_size": self._plan.batch_size,
-                "lanes": {str(r): list(pos) for r, pos in self._starts.items()}}
+        return {
+            "format": FORMAT,
+            "step": self._step,
+            "window": self._plan.window,
+            "streams": len(self._plan.streams),
+            "batch_size": self._plan.batch_size,
+            "lanes": {str(r): list(pos) for r, pos in self._starts.items()},
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         check_state(state, self._plan)
@@ -371,18 +377,23 @@ class _GlobalOrderIterator(grain.DatasetIterator):
 def check_state(state: Any, plan: Plan) -> None:
     """Refuses a data state this plan cannot continue, saying what differs."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise JaxllmError("the data state is not a global data-order state (saved by another jaxllm version); "
-                          "resume with the version that saved it")
+        raise JaxllmError(
+            "the data state is not a global data-order state (saved by another jaxllm version); "
+            "resume with the version that saved it"
+        )
     saved = (state["batch_size"], state["window"], state["streams"])
     if saved != (plan.batch_size, plan.window, len(plan.streams)):
         raise JaxllmError(
             f"the checkpoint's data order was saved with data.batch_size={saved[0]}, {saved[2]} source streams and "
             f"{saved[1]}-row windows; this config has {plan.batch_size}, {len(plan.streams)} and {plan.window}: "
-            "resume with the data settings it was saved with")
+            "resume with the data settings it was saved with"
+        )
     missing = [r for r in range(plan.batch_size) if str(r) not in state["lanes"]]
     if missing:
-        raise JaxllmError(f"the checkpoint's data state lacks rows {missing[:8]} of the global batch; it is "
-                          "incomplete: resume from an earlier checkpoint")
+        raise JaxllmError(
+            f"the checkpoint's data state lacks rows {missing[:8]} of the global batch; it is "
+            "incomplete: resume from an earlier checkpoint"
+        )
 
 
 def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -390,8 +401,10 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(states[0], lanes={})
     for state in states:
         if {k: v for k, v in state.items() if k != "lanes"} != {k: v for k, v in merged.items() if k != "lanes"}:
-            raise JaxllmError(f"processes disagree on the data step ({state['step']} vs {merged['step']}); "
-                              "every process must run the same config and steps")
+            raise JaxllmError(
+                f"processes disagree on the data step ({state['step']} vs {merged['step']}); "
+                "every process must run the same config and steps"
+            )
         merged["lanes"].update(state["lanes"])
     merged["lanes"] = dict(sorted(merged["lanes"].items(), key=lambda kv: int(kv[0])))
     return merged
@@ -425,8 +438,7 @@ def lane_rows(plan_like: dict, examples, pad_last: bool = True):
     if not plan_like["sft"]:
         yield from text_rows(cursor, length, None, pad_last)
         return
-    while rows := sft_rows(cursor, length, _SFT_WINDOW, SFT_BINS if plan_like["packing"] else 1,
-                           plan_like["packing"]):
+    while rows := sft_rows(cursor, length, _SFT_WINDOW, SFT_BINS if plan_like["packing"] else 1, plan_like["packing"]):
         yield from rows
 
 

@@ -33,8 +33,18 @@ from jaxllm import JaxllmError
 from jaxllm.data.hashing import mix64
 
 # `data` keys a mixture entry may set; everything else (tokenizer, format, block and batch) is shared.
-COMPONENT_KEYS = ("source", "paths", "text_field", "text_split", "tfds_name", "tfds_split", "tfds_data_dir",
-                  "prompt_field", "completion_field", "messages_field")
+COMPONENT_KEYS = (
+    "source",
+    "paths",
+    "text_field",
+    "text_split",
+    "tfds_name",
+    "tfds_split",
+    "tfds_data_dir",
+    "prompt_field",
+    "completion_field",
+    "messages_field",
+)
 
 Schedule = tuple[tuple[float, tuple[float, ...]], ...]  # (step, weights) points, steps increasing
 
@@ -55,8 +65,10 @@ def parse_mixture(value: Any) -> tuple[Component, ...]:
     if isinstance(value, tuple) and all(isinstance(c, Component) for c in value):
         return value
     if not isinstance(value, Mapping):
-        raise JaxllmError(f"data.mixture must be a dict like {{'web': {{'source': 'jsonl', 'paths': ('web/*.jsonl',), "
-                          f"'weight': 3.0}}, ...}}, got {value!r}")
+        raise JaxllmError(
+            f"data.mixture must be a dict like {{'web': {{'source': 'jsonl', 'paths': ('web/*.jsonl',), "
+            f"'weight': 3.0}}, ...}}, got {value!r}"
+        )
     components = []
     for name, entry in value.items():
         key = f"data.mixture.{name}"
@@ -67,7 +79,9 @@ def parse_mixture(value: Any) -> tuple[Component, ...]:
         for k, v in entry.items():
             if k not in COMPONENT_KEYS:
                 close = difflib.get_close_matches(k, COMPONENT_KEYS + ("weight",), n=1)
-                hint = f"; did you mean {key}.{close[0]}?" if close else f"; a source may set {', '.join(COMPONENT_KEYS)}"
+                hint = (
+                    f"; did you mean {key}.{close[0]}?" if close else f"; a source may set {', '.join(COMPONENT_KEYS)}"
+                )
                 raise JaxllmError(f"unknown key {key}.{k}{hint} and weight")
             if k == "paths":
                 entry[k] = (v,) if isinstance(v, str) else tuple(v)
@@ -82,25 +96,35 @@ def parse_schedule(value: Any, key: str, scalar: bool = False) -> Schedule:
     if scalar and _is_number(value):
         value = ((0, value),)
     if not isinstance(value, (tuple, list)) or not value:
-        raise JaxllmError(f"{key} must be {'a number or ' if scalar else ''}a list of (step, weights) points "
-                          f"like {example}, got {value!r}")
+        raise JaxllmError(
+            f"{key} must be {'a number or ' if scalar else ''}a list of (step, weights) points "
+            f"like {example}, got {value!r}"
+        )
     points: list[tuple[float, tuple[float, ...]]] = []
     for point in value:
         if not isinstance(point, (tuple, list)) or len(point) != 2 or not _is_number(point[0]):
             raise JaxllmError(f"{key}: each point must be (step, weights) like {example}, got {point!r}")
         step, weights = point
         weights = (weights,) if scalar and _is_number(weights) else weights
-        if (not isinstance(weights, (tuple, list)) or not weights or not all(_is_number(w) for w in weights)
-                or (scalar and len(weights) != 1)):
-            raise JaxllmError(f"{key}: at step {step} the weights must be {'a number' if scalar else 'a tuple of numbers'}, "
-                              f"got {weights!r}")
+        if (
+            not isinstance(weights, (tuple, list))
+            or not weights
+            or not all(_is_number(w) for w in weights)
+            or (scalar and len(weights) != 1)
+        ):
+            raise JaxllmError(
+                f"{key}: at step {step} the weights must be {'a number' if scalar else 'a tuple of numbers'}, "
+                f"got {weights!r}"
+            )
         if any(not math.isfinite(w) or w < 0 for w in weights):
             raise JaxllmError(f"{key}: weights must be finite and >= 0, got {tuple(weights)} at step {step}")
         if step < 0 or (points and step <= points[-1][0]):
             raise JaxllmError(f"{key}: steps must be >= 0 and increasing, got {[p[0] for p in points] + [step]}")
         if points and len(weights) != len(points[0][1]):
-            raise JaxllmError(f"{key}: every point needs {len(points[0][1])} weights (one per stage), got "
-                              f"{tuple(weights)} at step {step}")
+            raise JaxllmError(
+                f"{key}: every point needs {len(points[0][1])} weights (one per stage), got "
+                f"{tuple(weights)} at step {step}"
+            )
         points.append((float(step), tuple(float(w) for w in weights)))
     return tuple(points)
 
@@ -115,8 +139,13 @@ def at(schedule: Schedule, step: float) -> np.ndarray:
 class Weights:
     """Draw weights of the leaves (component, stage) at a step; empty leaves get none."""
 
-    def __init__(self, components: Sequence[Schedule], stages: Schedule | None,
-                 leaves: Sequence[tuple[int, int]], names: Sequence[str]):
+    def __init__(
+        self,
+        components: Sequence[Schedule],
+        stages: Schedule | None,
+        leaves: Sequence[tuple[int, int]],
+        names: Sequence[str],
+    ):
         self.components, self.stages, self.leaves, self.names = list(components), stages, list(leaves), list(names)
         self._component = np.asarray([c for c, _ in self.leaves])
         self._stage = np.asarray([s for _, s in self.leaves])
@@ -125,13 +154,16 @@ class Weights:
             if not self(step).sum() > 0:
                 raise JaxllmError(
                     f"at step {step:g} every weighted source or curriculum stage is empty (leaves: "
-                    f"{', '.join(names)}); give weight to stages that hold documents")
+                    f"{', '.join(names)}); give weight to stages that hold documents"
+                )
 
     def __call__(self, step: float) -> np.ndarray:
         stage_w = (at(self.stages, step) if self.stages else np.ones(1))[self._stage]
         component_w = np.asarray([at(schedule, step)[0] for schedule in self.components])
         totals = np.bincount(self._component, weights=stage_w, minlength=len(self.components))  # per source
-        share = np.divide(stage_w, totals[self._component], out=np.zeros(len(stage_w)), where=totals[self._component] > 0)
+        share = np.divide(
+            stage_w, totals[self._component], out=np.zeros(len(stage_w)), where=totals[self._component] > 0
+        )
         return component_w[self._component] * share
 
 
@@ -147,8 +179,10 @@ def stage_of(row: Any, field: str, where: str, num_stages: int) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 0 <= value < num_stages:
-        raise JaxllmError(f"{where}: curriculum field {field!r} is {value!r}, but data.curriculum_schedule gives "
-                          f"weights to {num_stages} stages (integers 0..{num_stages - 1}); fix the record or the schedule")
+        raise JaxllmError(
+            f"{where}: curriculum field {field!r} is {value!r}, but data.curriculum_schedule gives "
+            f"weights to {num_stages} stages (integers 0..{num_stages - 1}); fix the record or the schedule"
+        )
     return int(value)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from jaxllm import JaxllmError
-from jaxllm.data.sources import FileRows, Fields, RowSource, check_fields, expand_globs
+from jaxllm.data.sources import Fields, FileRows, RowSource, check_fields, expand_globs
 
 _CACHE_BYTES = 256 << 20  # decoded row groups kept per process: random access reads whole groups
 
@@ -72,4 +72,3 @@ class ParquetSource(FileRows):
         self.__dict__.update(state)
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
-

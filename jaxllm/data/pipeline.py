@@ -42,9 +42,15 @@ _READ_THREADS = 2  # threads reading and tokenizing documents ahead (with data.n
 _PREFETCH_BATCHES = 4
 
 
-def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,
-                        rows: Sequence[int] | None = None, ref_logps: np.ndarray | None = None
-                        ) -> grain.DatasetIterator:
+def make_train_iterator(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    rows: Sequence[int] | None = None,
+    ref_logps: np.ndarray | None = None,
+) -> grain.DatasetIterator:
     """Endless, checkpointable iterator over this process's rows of the global training batches.
 
     `rows`: the rows of the global batch this process's devices hold (`sharding.process_rows`); by
@@ -55,8 +61,9 @@ def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index:
     rejected) by its index in `preference_documents(cfg)[0]`; batches then carry `ref_logps`.
     """
     rows = _rows(cfg, process_index, process_count, rows)
-    ds = lanes.GlobalOrderDataset(train_plan(cfg, tokenizer, ref_logps), rows, _shift, num_threads=_READ_THREADS,
-                                  num_workers=cfg.num_workers)
+    ds = lanes.GlobalOrderDataset(
+        train_plan(cfg, tokenizer, ref_logps), rows, _shift, num_threads=_READ_THREADS, num_workers=cfg.num_workers
+    )
     # A background thread builds the next batches while the train step runs (XLA releases the GIL).
     return iter(grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=_PREFETCH_BATCHES))
 
@@ -68,21 +75,32 @@ def train_plan(cfg: DataConfig, tokenizer: Tokenizer, ref_logps: np.ndarray | No
         window = lanes.sft_window(cfg.packing)
     else:  # `shuffle_window` rows of the global stream: each lane shuffles its share of them
         window = max(1, -(-cfg.shuffle_window // cfg.batch_size)) if cfg.shuffle and cfg.shuffle_window > 1 else 1
-    return lanes.Plan(streams=tuple(streams), tokenize=tokenize_fn(cfg, tokenizer), weights=weights,
-                      batch_size=cfg.batch_size, block_size=cfg.block_size, window=window, sft=cfg.format != "text",
-                      packing=cfg.packing, shuffle_seed=_shuffle_seed(cfg.seed + 1) if window > 1 else None,
-                      draw_seed=_shuffle_seed(cfg.seed, "mixture"))
+    return lanes.Plan(
+        streams=tuple(streams),
+        tokenize=tokenize_fn(cfg, tokenizer),
+        weights=weights,
+        batch_size=cfg.batch_size,
+        block_size=cfg.block_size,
+        window=window,
+        sft=cfg.format != "text",
+        packing=cfg.packing,
+        shuffle_seed=_shuffle_seed(cfg.seed + 1) if window > 1 else None,
+        draw_seed=_shuffle_seed(cfg.seed, "mixture"),
+    )
 
 
-def _streams(cfg: DataConfig, ref_logps: np.ndarray | None = None
-             ) -> tuple[list[grain.MapDataset], mixture.Weights | None]:
+def _streams(
+    cfg: DataConfig, ref_logps: np.ndarray | None = None
+) -> tuple[list[grain.MapDataset], mixture.Weights | None]:
     """One endless document stream per (source, curriculum stage) with documents, and their weights."""
     if not (cfg.mixture or cfg.curriculum_field):
         train_docs, _ = split_documents(cfg)
         return [_stream(cfg, _attach(cfg, train_docs, ref_logps, "training"))], None
     if ref_logps is not None:
-        raise JaxllmError("precomputed reference log-probs (preference.precompute_ref_logps) do not combine with "
-                          "data.mixture or data.curriculum_field; drop one")
+        raise JaxllmError(
+            "precomputed reference log-probs (preference.precompute_ref_logps) do not combine with "
+            "data.mixture or data.curriculum_field; drop one"
+        )
     stages = cfg.curriculum_schedule or None
     num_stages = len(stages[0][1]) if stages else 1
     streams, leaves, names, schedules = [], [], [], []
@@ -103,8 +121,10 @@ def _streams(cfg: DataConfig, ref_logps: np.ndarray | None = None
 def _stream(cfg: DataConfig, docs: grain.MapDataset, *salt: Any) -> grain.MapDataset:
     """`docs` shuffled every epoch (seeded by the config alone) and repeated: position -> document."""
     if len(docs) == 0:
-        raise JaxllmError(f"no training documents{' in ' + '/'.join(map(str, salt)) if salt else ''}; add data "
-                          "or lower data.val_fraction")
+        raise JaxllmError(
+            f"no training documents{' in ' + '/'.join(map(str, salt)) if salt else ''}; add data "
+            "or lower data.val_fraction"
+        )
     if cfg.shuffle:
         docs = docs.shuffle(seed=_shuffle_seed(cfg.seed, *salt))
     return docs.repeat()  # reshuffles every epoch (upstream shuffle is reseeded per epoch)
@@ -114,12 +134,21 @@ def curriculum_stages(cfg: DataConfig, indices: np.ndarray, num_stages: int) -> 
     """The curriculum stage (`cfg.curriculum_field`, an integer) of each record at `indices` (a source
     without fields is refused when its DataConfig is built)."""
     rows = source_rows(cfg, (("curriculum_field", cfg.curriculum_field),))
-    return np.asarray([mixture.stage_of(rows[int(i)], cfg.curriculum_field, rows.where(int(i)), num_stages)
-                       for i in indices], np.int64)
+    return np.asarray(
+        [mixture.stage_of(rows[int(i)], cfg.curriculum_field, rows.where(int(i)), num_stages) for i in indices],
+        np.int64,
+    )
 
 
-def make_eval_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,
-                       rows: Sequence[int] | None = None, ref_logps: np.ndarray | None = None) -> Iterator[Batch]:
+def make_eval_iterator(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    rows: Sequence[int] | None = None,
+    ref_logps: np.ndarray | None = None,
+) -> Iterator[Batch]:
     """One deterministic pass over this process's rows of the global validation batches.
 
     Lane r of the global batch packs validation documents r, r + B, r + 2B, ... (B = data.batch_size),
@@ -133,15 +162,29 @@ def make_eval_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: 
     """
     _, val_docs = split_documents(cfg)
     if len(val_docs) == 0:
-        raise JaxllmError(f"the validation split is empty (data.val_fraction={cfg.val_fraction}); evaluation needs "
-                          "at least one document: raise data.val_fraction or add data")
+        raise JaxllmError(
+            f"the validation split is empty (data.val_fraction={cfg.val_fraction}); evaluation needs "
+            "at least one document: raise data.val_fraction or add data"
+        )
     docs = _attach(cfg, val_docs, ref_logps, "validation")
-    return _pass(cfg, tokenizer, docs, _rows(cfg, process_index, process_count, rows),
-                 () if ref_logps is None else ("ref_logps",))
+    return _pass(
+        cfg,
+        tokenizer,
+        docs,
+        _rows(cfg, process_index, process_count, rows),
+        () if ref_logps is None else ("ref_logps",),
+    )
 
 
-def make_reference_iterator(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, process_index: int = 0,
-                            process_count: int = 1, rows: Sequence[int] | None = None) -> Iterator[Batch]:
+def make_reference_iterator(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    split: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    rows: Sequence[int] | None = None,
+) -> Iterator[Batch]:
     """One pass over a split's preference pairs ("train" or "val"), packed as evaluation packs them, whose
     batches also carry `doc_index` int32 [B, L]: the pair's index in `preference_documents(cfg)` at each
     sequence's first input position (read it where positions == 0 and segment_ids > 0; odd segments are
@@ -152,8 +195,13 @@ def make_reference_iterator(cfg: DataConfig, tokenizer: Tokenizer, split: str, *
     if split not in ("train", "val"):
         raise JaxllmError(f"split={split!r}: use 'train' or 'val'")
     docs = preference_documents(cfg)[split == "val"]
-    return _pass(cfg, tokenizer, preference.Attached(docs, index=True), _rows(cfg, process_index, process_count, rows),
-                 ("doc_index",))
+    return _pass(
+        cfg,
+        tokenizer,
+        preference.Attached(docs, index=True),
+        _rows(cfg, process_index, process_count, rows),
+        ("doc_index",),
+    )
 
 
 def check_pairs(cfg: DataConfig) -> None:
@@ -172,13 +220,16 @@ def preference_documents(cfg: DataConfig) -> tuple[Sequence[preference.Pair], Se
     if cfg.format != "preference":
         raise JaxllmError(f"preference_documents reads data.format='preference', not {cfg.format!r}")
     if cfg.mixture or cfg.curriculum_field:
-        raise JaxllmError("precomputed reference log-probs (preference.precompute_ref_logps) do not combine with "
-                          "data.mixture or data.curriculum_field; drop one")
+        raise JaxllmError(
+            "precomputed reference log-probs (preference.precompute_ref_logps) do not combine with "
+            "data.mixture or data.curriculum_field; drop one"
+        )
     return split_documents(cfg)
 
 
-def _pass(cfg: DataConfig, tokenizer: Tokenizer, docs: Sequence, rows: list[int], fields: Sequence[str]
-          ) -> Iterator[Batch]:
+def _pass(
+    cfg: DataConfig, tokenizer: Tokenizer, docs: Sequence, rows: list[int], fields: Sequence[str]
+) -> Iterator[Batch]:
     """Lane r packs `docs` r, r + B, r + 2B, ...: one deterministic pass, the same on any process count."""
     tokenize, n, like = tokenize_fn(cfg, tokenizer), len(docs), _packing_of(cfg)
     per_lane = [lanes.lane_rows(like, (tokenize(docs[g]) for g in range(r, n, cfg.batch_size))) for r in rows]
@@ -208,8 +259,10 @@ def check_splits(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 
     kept for callers; the data order is global, so the answer does not depend on them.)"""
     train_docs, val_docs = split_documents(cfg)
     if len(val_docs) == 0:
-        raise JaxllmError(f"the validation split is empty ({len(train_docs)} documents, data.val_fraction="
-                          f"{cfg.val_fraction}); evaluation needs at least one: raise data.val_fraction or add data")
+        raise JaxllmError(
+            f"the validation split is empty ({len(train_docs)} documents, data.val_fraction="
+            f"{cfg.val_fraction}); evaluation needs at least one: raise data.val_fraction or add data"
+        )
     if cfg.mixture or cfg.curriculum_field:  # each stream repeats on its own; emptiness is checked per stream
         return
     length, tokenize = cfg.block_size + 1, tokenize_fn(cfg, tokenizer)
@@ -224,7 +277,8 @@ def check_splits(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 
         raise JaxllmError(
             f"the training split is too small for one batch: {len(train_docs)} documents ({total:,} tokens) fill "
             f"{rows} row(s) of {length} tokens, but one batch needs {cfg.batch_size} rows (data.batch_size="
-            f"{cfg.batch_size}); add data, or lower data.batch_size or data.block_size={cfg.block_size}")
+            f"{cfg.batch_size}); add data, or lower data.batch_size or data.block_size={cfg.block_size}"
+        )
 
 
 def _packing_of(cfg: DataConfig) -> dict[str, Any]:
@@ -291,11 +345,21 @@ def tokenize_fn(cfg: DataConfig, tokenizer: Tokenizer) -> Callable[[Any], dict[s
     if cfg.format == "text":
         return _Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)
     if cfg.format == "preference":
-        return preference.Tokenize(tokenizer, add_bos=cfg.add_bos, add_eos=cfg.add_eos,
-                                   max_prompt_length=cfg.max_prompt_length,
-                                   max_completion_length=cfg.max_completion_length, block_size=cfg.block_size)
-    return sft.Tokenize(tokenizer, add_bos=cfg.add_bos, add_eos=cfg.add_eos, assistant_only=sft.assistant_only(cfg),
-                        max_tokens=cfg.block_size + 1)
+        return preference.Tokenize(
+            tokenizer,
+            add_bos=cfg.add_bos,
+            add_eos=cfg.add_eos,
+            max_prompt_length=cfg.max_prompt_length,
+            max_completion_length=cfg.max_completion_length,
+            block_size=cfg.block_size,
+        )
+    return sft.Tokenize(
+        tokenizer,
+        add_bos=cfg.add_bos,
+        add_eos=cfg.add_eos,
+        assistant_only=sft.assistant_only(cfg),
+        max_tokens=cfg.block_size + 1,
+    )
 
 
 def _rows(cfg: DataConfig, process_index: int, process_count: int, rows: Sequence[int] | None) -> list[int]:

@@ -63,7 +63,8 @@ def render_pair(row: dict[str, Any], cfg: DataConfig, where: str) -> Pair:
             raise JaxllmError(
                 f"no field {cfg.prompt_field!r}, and {cfg.chosen_field!r} and {cfg.rejected_field!r} share no "
                 f"leading {'text' if isinstance(chosen, str) else 'messages'} to take as the prompt; set "
-                f"data.prompt_field (finetune: {AUTOTRAIN_FLAGS['prompt_field']}) to the prompt column")
+                f"data.prompt_field (finetune: {AUTOTRAIN_FLAGS['prompt_field']}) to the prompt column"
+            )
     if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
         return Pair((prompt,), (prompt + chosen,), (prompt + rejected,), where)
     if isinstance(prompt, str):
@@ -72,8 +73,7 @@ def render_pair(row: dict[str, Any], cfg: DataConfig, where: str) -> Pair:
     for name, answer in ((cfg.chosen_field, chosen), (cfg.rejected_field, rejected)):
         answer = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
         if not answer or not isinstance(answer[-1], dict) or answer[-1].get("role") != "assistant":
-            raise JaxllmError(f"field {name!r} must end with the assistant's message (the answer), got "
-                              f"{answer!r:.80}")
+            raise JaxllmError(f"field {name!r} must end with the assistant's message (the answer), got {answer!r:.80}")
         answers.append(_segments(sft.render_messages(prompt + answer, cfg.chat_template)))
     # The prompt as generation sees it: rendered up to where an assistant turn's own text starts.
     pieces = sft.render_messages(prompt + [{"role": "assistant", "content": ""}], cfg.chat_template)
@@ -87,8 +87,9 @@ def _value(value: Any, name: str) -> str | list[Any]:
     if isinstance(value, dict) and {"role", "content"} <= set(value):
         value = [dict(role=r, content=c) for r, c in zip(value["role"], value["content"])]
     if not isinstance(value, (str, list)):
-        raise JaxllmError(f"field {name!r} holds {type(value).__name__}, expected text or a list of "
-                          "{'role', 'content'} messages")
+        raise JaxllmError(
+            f"field {name!r} holds {type(value).__name__}, expected text or a list of {{'role', 'content'}} messages"
+        )
     return value
 
 
@@ -126,7 +127,7 @@ class Texts:
 
     def __getitem__(self, index: int) -> str:
         chosen, rejected = ("\n".join(text) for text in self._pairs[index][1:3])
-        return f"{chosen}\n{rejected[len(os.path.commonprefix([chosen, rejected])):]}"
+        return f"{chosen}\n{rejected[len(os.path.commonprefix([chosen, rejected])) :]}"
 
 
 class Attached:
@@ -138,9 +139,11 @@ class Attached:
         if ref_logps is not None:
             ref = np.asarray(ref_logps, np.float32)
             if ref.shape != (len(pairs), 2) or not np.isfinite(ref).all():
-                raise JaxllmError(f"ref_logps of shape {ref.shape} do not fit the {split} split's {len(pairs)} "
-                                  f"preference pairs: pass finite floats [{len(pairs)}, 2] (chosen, rejected sums), "
-                                  "row i for pair i of pipeline.preference_documents")
+                raise JaxllmError(
+                    f"ref_logps of shape {ref.shape} do not fit the {split} split's {len(pairs)} "
+                    f"preference pairs: pass finite floats [{len(pairs)}, 2] (chosen, rejected sums), "
+                    "row i for pair i of pipeline.preference_documents"
+                )
             self._ref = ref
 
     def __len__(self) -> int:
@@ -168,8 +171,16 @@ class Tokenize:
     `block_size` keeps the first block_size // 2 tokens of each sequence.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, add_bos: bool, add_eos: bool, max_prompt_length: int,
-                 max_completion_length: int, block_size: int):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        add_bos: bool,
+        add_eos: bool,
+        max_prompt_length: int,
+        max_completion_length: int,
+        block_size: int,
+    ):
         self._tokenizer = tokenizer
         self._prefix, self._suffix = sft.special_ids(tokenizer, add_bos, add_eos)
         self._max_prompt, self._max_answer, self._block_size = max_prompt_length, max_completion_length, block_size
@@ -190,9 +201,9 @@ class Tokenize:
             if self._suffix and answer[-1:] != self._suffix:
                 answers[i] = answer + self._suffix
         if self._max_prompt:
-            prompt = prompt[-self._max_prompt:]
+            prompt = prompt[-self._max_prompt :]
         if self._max_answer:
-            answers = [a[:self._max_answer] for a in answers]
+            answers = [a[: self._max_answer] for a in answers]
         seqs = [prompt + a for a in answers]
         flags = [[0] * len(prompt) + [1] * len(a) for a in answers]
         if sum(map(len, seqs)) > self._block_size:
@@ -201,8 +212,11 @@ class Tokenize:
         for name, flag in zip(("chosen", "rejected"), flags):
             if not any(flag):
                 raise JaxllmError(self._empty(pair.where, name, len(prompt)))
-        out = {"tokens": np.asarray(seqs[0] + seqs[1], np.int32), "mask": np.asarray(flags[0] + flags[1], np.int32),
-               "lengths": np.asarray([len(s) for s in seqs], np.int32)}
+        out = {
+            "tokens": np.asarray(seqs[0] + seqs[1], np.int32),
+            "mask": np.asarray(flags[0] + flags[1], np.int32),
+            "lengths": np.asarray([len(s) for s in seqs], np.int32),
+        }
         if pair.ref is not None:
             out["ref_logps"] = np.asarray(pair.ref, np.float32)
         if pair.index >= 0:
@@ -211,8 +225,10 @@ class Tokenize:
 
     def _empty(self, where: str, name: str, prompt_tokens: int) -> str:
         if prompt_tokens >= self._block_size // 2:
-            return (f"{where}: the {name} answer has no tokens left: its prompt's {prompt_tokens} tokens fill the "
-                    f"{self._block_size // 2} each sequence keeps when a pair is longer than data.block_size="
-                    f"{self._block_size}; set data.max_prompt_length below {self._block_size // 2} or raise "
-                    "data.block_size")
+            return (
+                f"{where}: the {name} answer has no tokens left: its prompt's {prompt_tokens} tokens fill the "
+                f"{self._block_size // 2} each sequence keeps when a pair is longer than data.block_size="
+                f"{self._block_size}; set data.max_prompt_length below {self._block_size // 2} or raise "
+                "data.block_size"
+            )
         return f"{where}: the {name} answer is empty (no tokens after the prompt); fix or drop that row"

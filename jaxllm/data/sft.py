@@ -154,8 +154,7 @@ class Tokenize:
     (so the model learns to stop); otherwise every token does. A class so Grain workers can pickle it.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, add_bos: bool, add_eos: bool, assistant_only: bool,
-                 max_tokens: int):
+    def __init__(self, tokenizer: Tokenizer, *, add_bos: bool, add_eos: bool, assistant_only: bool, max_tokens: int):
         self._tokenizer = tokenizer
         self._prefix, self._suffix = special_ids(tokenizer, add_bos, add_eos)
         self._assistant_only = assistant_only

@@ -33,8 +33,11 @@ MAX_LINE_BYTES = 16 << 20
 # (config key, field name) pairs a row must hold, e.g. (("text_field", "text"),); the key names the fix.
 Fields = tuple[tuple[str, str], ...]
 # `jaxllm finetune` flags (autotrain's) that set the preference columns, named where one is missing
-AUTOTRAIN_FLAGS = {"prompt_field": "--prompt_text_column", "chosen_field": "--text_column",
-                   "rejected_field": "--rejected_text_column"}
+AUTOTRAIN_FLAGS = {
+    "prompt_field": "--prompt_text_column",
+    "chosen_field": "--text_column",
+    "rejected_field": "--rejected_text_column",
+}
 
 
 class RowSource:
@@ -59,8 +62,10 @@ class RowSource:
             (key, field), *rest = self._fields
             if key != "text_field" or rest:
                 names = ", ".join(repr(f) for _, f in self._fields)
-                raise JaxllmError(f"{where}: plain text, but data.format needs fields {names}; "
-                                  "use a source of JSON/Parquet records or data.format='sft_text'")
+                raise JaxllmError(
+                    f"{where}: plain text, but data.format needs fields {names}; "
+                    "use a source of JSON/Parquet records or data.format='sft_text'"
+                )
             return {field: row}
         return check_fields(_plain(row), self._fields, where)
 
@@ -133,8 +138,9 @@ class EmbeddedPreferenceSource(EmbeddedSource):
 class TextSource(RowSource):
     """Plain UTF-8 text files: one document per file, or per blank-line-separated paragraph."""
 
-    def __init__(self, patterns: Sequence[str], split: str = "file", fields: Fields = RowSource._fields,
-                 whole_row: bool = False):
+    def __init__(
+        self, patterns: Sequence[str], split: str = "file", fields: Fields = RowSource._fields, whole_row: bool = False
+    ):
         self._files = expand_globs(patterns, "text")
         self._fields, self._whole_row = fields, whole_row
         for path in self._files:
@@ -186,8 +192,10 @@ class JsonlSource(RowSource):
                 while line := f.readline(MAX_LINE_BYTES + 1):
                     lineno += 1
                     if len(line) > MAX_LINE_BYTES:
-                        raise JaxllmError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES:,} bytes (the most one "
-                                          "row may hold); split that document into several rows")
+                        raise JaxllmError(
+                            f"{path}:{lineno}: line longer than {MAX_LINE_BYTES:,} bytes (the most one "
+                            "row may hold); split that document into several rows"
+                        )
                     if line.strip():
                         file_ids.append(file_id)
                         offsets.append(offset)
@@ -220,8 +228,8 @@ class ArrayRecordSource(RowSource):
     """ArrayRecord files whose records are UTF-8 text, or JSON objects holding the format's fields."""
 
     def __init__(self, patterns: Sequence[str], fields: Fields = RowSource._fields, whole_row: bool = False):
-        from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
         import grain  # pylint: disable=g-import-not-at-top
+        from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
         self._files = expand_globs(patterns, "array_record")
         self._fields, self._whole_row = fields, whole_row
@@ -266,8 +274,9 @@ class ArrayRecordSource(RowSource):
 class TfdsSource(RowSource):
     """A TFDS dataset already prepared in `data_dir` (array_record format); never downloads."""
 
-    def __init__(self, name: str, split: str, data_dir: str, fields: Fields = RowSource._fields,
-                 whole_row: bool = False):
+    def __init__(
+        self, name: str, split: str, data_dir: str, fields: Fields = RowSource._fields, whole_row: bool = False
+    ):
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
 
         if not name:
@@ -339,8 +348,9 @@ def check_fields(row: Any, fields: Fields, where: str) -> Any:
         if field not in row:
             keys = ", ".join(map(repr, sorted(row))) or "none"
             flag = f" (finetune: {AUTOTRAIN_FLAGS[key]})" if key in AUTOTRAIN_FLAGS else ""
-            raise JaxllmError(f"{where}: no field {field!r} (fields: {keys}); set data.{key}{flag} to the field "
-                              "that holds it")
+            raise JaxllmError(
+                f"{where}: no field {field!r} (fields: {keys}); set data.{key}{flag} to the field that holds it"
+            )
     return row
 
 

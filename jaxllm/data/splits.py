@@ -27,8 +27,11 @@ from typing import Any
 
 from jaxllm import JaxllmError
 
-SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
-                  "test": ("test", "testing", "eval", "evaluation")}
+SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
 _SEP = "-._ 0-9"
 _SHARDED = "data/{split}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]*.*"
 _IN_DIR = ("**/{k}/**", "**/{k}[{s}]*/**", "**/*[{s}]{k}/**", "**/*[{s}]{k}[{s}]*/**")
@@ -41,16 +44,45 @@ _RULES = (
     {split: tuple(p.format(k=k, s=_SEP) for k in words for p in _IN_NAME) for split, words in SPLIT_KEYWORDS.items()},
     {"train": ("**",)},
 )
-_IGNORED = ("README.md", "config.json", "dataset_info.json", "dataset_infos.json", "dummy_data.zip",
-            "dataset_dict.json")
+_IGNORED = (
+    "README.md",
+    "config.json",
+    "dataset_info.json",
+    "dataset_infos.json",
+    "dummy_data.zip",
+    "dataset_dict.json",
+)
 # file extension -> the `datasets` loader that reads it; the loaders jaxllm reads map to a data.source
-_LOADERS = {".parquet": "parquet", ".geoparquet": "parquet", ".gpq": "parquet", ".arrow": "arrow", ".jsonl": "json",
-            ".json": "json", ".ndjson": "json", ".csv": "csv", ".tsv": "tsv", ".txt": "text", ".eval": "eval",
-            ".toml": "harbor", ".md": "harbor", ".lance": "lance", ".vortex": "vortex", ".xml": "xml",
-            ".tar": "webdataset", ".hdf5": "hdf5", ".h5": "hdf5"}
+_LOADERS = {
+    ".parquet": "parquet",
+    ".geoparquet": "parquet",
+    ".gpq": "parquet",
+    ".arrow": "arrow",
+    ".jsonl": "json",
+    ".json": "json",
+    ".ndjson": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".txt": "text",
+    ".eval": "eval",
+    ".toml": "harbor",
+    ".md": "harbor",
+    ".lance": "lance",
+    ".vortex": "vortex",
+    ".xml": "xml",
+    ".tar": "webdataset",
+    ".hdf5": "hdf5",
+    ".h5": "hdf5",
+}
 _PREFERRED = (".parquet", ".lance", ".vortex", ".arrow", ".jsonl", ".json", ".csv")  # tie-breaks, best last
-_EXTENSION_SOURCES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
-                      ".csv": "csv"}  # a file named directly
+_EXTENSION_SOURCES = {
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+}  # a file named directly
 
 
 def parse_ref(entry: str) -> tuple[str, str, str] | None:
@@ -86,8 +118,9 @@ def split_files(ref: str, split: str = "train", config: str = "") -> tuple[str, 
         folder, listing = hub.local(ref, what="dataset_card"), hub.files(ref)
     splits = data_files(folder, config, named, listing)
     if split not in splits:
-        raise JaxllmError(f"{named} has no split {split!r}; its splits: {', '.join(splits) or 'none'}; name one of "
-                          f"them")
+        raise JaxllmError(
+            f"{named} has no split {split!r}; its splits: {', '.join(splits) or 'none'}; name one of them"
+        )
     files = splits[split]
     source = source_of(files, f"{named} split {split!r}")
     if not is_local:
@@ -101,12 +134,16 @@ def source_of(files: list[str] | tuple[str, ...], where: str) -> str:
     for f in files:
         name = f.lower()
         if name.endswith((".gz", ".bz2", ".xz", ".zst", ".zip")):
-            raise JaxllmError(f"{where}: {f} is compressed; jaxllm reads uncompressed .parquet, .arrow, .jsonl, .json "
-                              "and .csv files: decompress it (or convert it to Parquet)")
+            raise JaxllmError(
+                f"{where}: {f} is compressed; jaxllm reads uncompressed .parquet, .arrow, .jsonl, .json "
+                "and .csv files: decompress it (or convert it to Parquet)"
+            )
         ext = os.path.splitext(name)[1]
         if ext not in _EXTENSION_SOURCES:
-            raise JaxllmError(f"{where}: {f} is not a format jaxllm reads (.parquet, .arrow, .jsonl, .json, .csv); "
-                              "convert it, e.g. to Parquet with the datasets library")
+            raise JaxllmError(
+                f"{where}: {f} is not a format jaxllm reads (.parquet, .arrow, .jsonl, .json, .csv); "
+                "convert it, e.g. to Parquet with the datasets library"
+            )
         kinds.add(_EXTENSION_SOURCES[ext])
     if kinds <= {"jsonl", "json"} and "json" in kinds:
         return "json"
@@ -117,7 +154,9 @@ def source_of(files: list[str] | tuple[str, ...], where: str) -> str:
     return kinds.pop()
 
 
-def data_files(folder: str, config: str = "", named: str = "", listing: list[str] | None = None) -> dict[str, list[str]]:
+def data_files(
+    folder: str, config: str = "", named: str = "", listing: list[str] | None = None
+) -> dict[str, list[str]]:
     """split -> its data files (paths relative to `folder`, '/'-separated, sorted), splits in the
     `datasets` library's order, each keeping the files of its most common format. `listing` gives the
     data set's files where `folder` holds only its card (a Hub data set not fetched yet)."""
@@ -129,8 +168,10 @@ def data_files(folder: str, config: str = "", named: str = "", listing: list[str
     if configs:
         name = config or _default_config(configs)
         if name is None:
-            raise JaxllmError(f"{named} has configs {', '.join(configs)} and none is the default; name one as "
-                              f"CONFIG:SPLIT (e.g. --train_split {next(iter(configs))}:train)")
+            raise JaxllmError(
+                f"{named} has configs {', '.join(configs)} and none is the default; name one as "
+                f"CONFIG:SPLIT (e.g. --train_split {next(iter(configs))}:train)"
+            )
         if name in configs:
             entry = configs[name]
             base = str(entry.get("data_dir") or "").strip("/")
@@ -140,11 +181,13 @@ def data_files(folder: str, config: str = "", named: str = "", listing: list[str
     if config and config != "default":
         if not any(f.startswith(config + "/") for f in files):
             known = ", ".join(configs) if configs else "none"
-            raise JaxllmError(f"{named} has no config {config!r} (README configs: {known}) and no sub-folder of that "
-                              "name; name one of those")
+            raise JaxllmError(
+                f"{named} has no config {config!r} (README configs: {known}) and no sub-folder of that "
+                "name; name one of those"
+            )
         base = config
     if base:
-        files = [f[len(base) + 1:] for f in files if f.startswith(base + "/")]
+        files = [f[len(base) + 1 :] for f in files if f.startswith(base + "/")]
     if patterns is None:
         patterns = _patterns(files)
     out = {}
@@ -162,21 +205,28 @@ def resolve_data(data: Mapping[str, Any]) -> dict[str, Any]:
     and `source` set to their format; `data.mixture` entries alike. Files and globs stay as they are."""
     out = data.to_dict() if hasattr(data, "to_dict") else dict(data)
     out.update(_resolve_paths(out, "data"))
-    valid = tuple((out.get("valid_paths") or ()) if not isinstance(out.get("valid_paths"), str)
-                  else (out["valid_paths"],))
+    valid = tuple(
+        (out.get("valid_paths") or ()) if not isinstance(out.get("valid_paths"), str) else (out["valid_paths"],)
+    )
     if any(parse_ref(p) for p in valid):
         source, files = _files_of(valid, "validation", "data.valid_paths")
         train_source = out.get("source")
         if {source, train_source} == {"json", "jsonl"}:
             out["source"] = source = "json"
         elif source != train_source:
-            raise JaxllmError(f"data.valid_paths holds {source} files but data.source is {train_source!r}; give "
-                              "validation files of the training files' format")
+            raise JaxllmError(
+                f"data.valid_paths holds {source} files but data.source is {train_source!r}; give "
+                "validation files of the training files' format"
+            )
         out["valid_paths"] = files
     mixture = out.get("mixture")
     if isinstance(mixture, Mapping):
-        out["mixture"] = {name: {**dict(entry), **_resolve_paths(dict(entry), f"data.mixture.{name}")}
-                          if isinstance(entry, Mapping) else entry for name, entry in mixture.items()}
+        out["mixture"] = {
+            name: {**dict(entry), **_resolve_paths(dict(entry), f"data.mixture.{name}")}
+            if isinstance(entry, Mapping)
+            else entry
+            for name, entry in mixture.items()
+        }
     return out
 
 
@@ -252,8 +302,9 @@ def _patterns(files: list[str]) -> dict[str, list[str]]:
         ordered = [s for s in SPLIT_KEYWORDS if s in names] + sorted(names - set(SPLIT_KEYWORDS))
         return {s: [_SHARDED.format(split=s)] for s in ordered}
     for rules in _RULES:
-        found_splits = {split: list(patterns) for split, patterns in rules.items()
-                        if any(_resolve(p, files) for p in patterns)}
+        found_splits = {
+            split: list(patterns) for split, patterns in rules.items() if any(_resolve(p, files) for p in patterns)
+        }
         if found_splits:
             return found_splits
     return {}

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from jaxllm import JaxllmError
-from jaxllm.data.sources import FileRows, Fields, JsonlSource, RowSource, check_fields, expand_globs
+from jaxllm.data.sources import Fields, FileRows, JsonlSource, RowSource, check_fields, expand_globs
 
 
 class _TableSource(FileRows):
@@ -72,8 +72,11 @@ class CsvSource(_TableSource):
     def _read(self, path: str) -> pa.Table:
         text = {name: pa.string() for _, name in self._fields}
         try:
-            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                                  convert_options=pacsv.ConvertOptions(column_types=text))
+            return pacsv.read_csv(
+                path,
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(column_types=text),
+            )
         except (pa.ArrowInvalid, OSError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise JaxllmError(f"{path!r} is not a readable CSV file ({first}); fix it or narrow data.paths") from None
@@ -91,8 +94,9 @@ class ArrowSource(_TableSource):
             except pa.ArrowInvalid:
                 return pa.ipc.open_file(pa.memory_map(path)).read_all()
         except (pa.ArrowInvalid, OSError) as e:
-            raise JaxllmError(f"{path!r} is not an Arrow IPC file, stream or file format ({e}); fix it or narrow "
-                              "data.paths") from None
+            raise JaxllmError(
+                f"{path!r} is not an Arrow IPC file, stream or file format ({e}); fix it or narrow data.paths"
+            ) from None
 
 
 class JsonSource(FileRows):
@@ -114,8 +118,9 @@ class JsonSource(FileRows):
             with open(path, "rb") as f:
                 rows = json.load(f)
         except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, or past the parser's limits
-            raise JaxllmError(f"{path}: not valid JSON ({str(e)[:200] or 'nested too deeply'}); fix the file or "
-                              "narrow data.paths") from None
+            raise JaxllmError(
+                f"{path}: not valid JSON ({str(e)[:200] or 'nested too deeply'}); fix the file or narrow data.paths"
+            ) from None
         if not rows:
             raise JaxllmError(f"JSON file {path!r} holds an empty array; remove it or narrow data.paths")
         return [self._select(row, f"{path}: item {i}") for i, row in enumerate(rows)]

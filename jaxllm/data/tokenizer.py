@@ -79,8 +79,10 @@ class Tokenizer:
             return tokenizer
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise JaxllmError(f"tokenizer file {path!r} is not a SentencePiece model ({first}); point "
-                              "data.tokenizer at a SentencePiece .model file or a model folder") from None
+            raise JaxllmError(
+                f"tokenizer file {path!r} is not a SentencePiece model ({first}); point "
+                "data.tokenizer at a SentencePiece .model file or a model folder"
+            ) from None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS (the pipeline adds those per config)."""
@@ -137,7 +139,7 @@ class HFTokenizer:
         encode (Llama's Metaspace) does not here. Encodes after a newline anchor and drops its ids."""
         anchor = self._tok.encode("\n", add_special_tokens=False).ids
         ids = self._tok.encode("\n" + text, add_special_tokens=False).ids
-        return ids[len(anchor):] if ids[:len(anchor)] == anchor else self.encode(text)
+        return ids[len(anchor) :] if ids[: len(anchor)] == anchor else self.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id], skip_special_tokens=False)
@@ -168,8 +170,12 @@ def load_tokenizer(path: str, vocab_size: int = 0, documents: Sequence[str] = ()
         return Tokenizer.from_file(path)
     texts = _training_sample(documents)
     settings = dict(_TRAINER_SETTINGS, vocab_size=vocab_size or DEFAULT_VOCAB_SIZE)
-    key = dict(settings, max_sentences=_TRAIN_MAX_SENTENCES, sentencepiece=spm.__version__,
-               **({} if vocab_size else {"capped": True}))
+    key = dict(
+        settings,
+        max_sentences=_TRAIN_MAX_SENTENCES,
+        sentencepiece=spm.__version__,
+        **({} if vocab_size else {"capped": True}),
+    )
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for text in texts:
         digest.update(len(text).to_bytes(8, "little"))
@@ -181,8 +187,10 @@ def load_tokenizer(path: str, vocab_size: int = 0, documents: Sequence[str] = ()
     try:
         atomic.write(path, proto)
     except OSError as e:
-        raise JaxllmError(f"cannot write the tokenizer cache in {os.path.dirname(path)!r} ({e}); set "
-                          "JAXLLM_CACHE_DIR to a writable folder") from None
+        raise JaxllmError(
+            f"cannot write the tokenizer cache in {os.path.dirname(path)!r} ({e}); set "
+            "JAXLLM_CACHE_DIR to a writable folder"
+        ) from None
     return Tokenizer(proto, path)
 
 
@@ -252,8 +260,10 @@ def load_tokenizer_from_folder(path: str, vocab_size: int | None = None) -> HFTo
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
             raise JaxllmError(f"{os.path.join(path, 'config.json')}: vocab_size={vocab_size!r} is not an integer")
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
-        raise JaxllmError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                          f"{vocab_size}; use the tokenizer the model was trained with")
+        raise JaxllmError(
+            f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{vocab_size}; use the tokenizer the model was trained with"
+        )
     return tokenizer
 
 

@@ -10,8 +10,15 @@ are read by `torch_pickle`, which refuses any pickle that would call more than a
 """
 
 from jaxllm.hf.config import family, hf_config_from_model, model_config_from_hf
-from jaxllm.hf.weights import load_pretrained, save_pretrained
 from jaxllm.hf.peft import load_adapter, save_adapter
+from jaxllm.hf.weights import load_pretrained, save_pretrained
 
-__all__ = ["family", "hf_config_from_model", "load_adapter", "load_pretrained", "model_config_from_hf",
-           "save_adapter", "save_pretrained"]
+__all__ = [
+    "family",
+    "hf_config_from_model",
+    "load_adapter",
+    "load_pretrained",
+    "model_config_from_hf",
+    "save_adapter",
+    "save_pretrained",
+]

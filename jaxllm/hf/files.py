@@ -44,7 +44,7 @@ def read_weight_map(index: str, folder: str) -> dict[str, str]:
     """Tensor name -> shard path from a `*.index.json`, each shard checked to lie inside `folder` and exist."""
     weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise JaxllmError(f"{index}: no \"weight_map\" object of tensor name -> file; the index is corrupt")
+        raise JaxllmError(f'{index}: no "weight_map" object of tensor name -> file; the index is corrupt')
     where = {}
     for name, file in weight_map.items():
         if not isinstance(file, str):
@@ -86,8 +86,9 @@ class SafetensorsFile:
             except SafetensorError as e:
                 raise JaxllmError(f"{self.path}: cannot read tensor {name!r} ({e}); truncated or corrupt") from None
             except TypeError as e:  # safetensors < 0.8: no bfloat16 in numpy
-                raise JaxllmError(f"{self.path}: cannot read tensor {name!r} ({e}); "
-                                  "pip install -U 'safetensors>=0.8'") from None
+                raise JaxllmError(
+                    f"{self.path}: cannot read tensor {name!r} ({e}); pip install -U 'safetensors>=0.8'"
+                ) from None
 
 
 def open_tensor_file(path: str) -> SafetensorsFile | TorchFile:

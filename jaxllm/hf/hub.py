@@ -16,7 +16,7 @@ import fnmatch
 import functools
 import os
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from jaxllm import JaxllmError, atomic
 
@@ -24,17 +24,49 @@ from jaxllm import JaxllmError, atomic
 _ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[\w./-]+))?")
 
 CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 ADAPTER_FILES = ("adapter_config.json",)
 ADAPTER_WEIGHTS = (("adapter_model.safetensors",), ("adapter_model.bin",))
-DATA_FILES = ("*.jsonl", "*.json", "*.parquet", "*.csv", "*.arrow", "*.txt", "*.jsonl.gz", "*.json.gz", "*.csv.gz",
-              "*.txt.gz", "README.md")
+DATA_FILES = (
+    "*.jsonl",
+    "*.json",
+    "*.parquet",
+    "*.csv",
+    "*.arrow",
+    "*.txt",
+    "*.jsonl.gz",
+    "*.json.gz",
+    "*.csv.gz",
+    "*.txt.gz",
+    "README.md",
+)
 
 
 # a name ending so is a file someone meant to point at (a missing one gets its own error), not a repository
-_FILE_ENDINGS = (".model", ".json", ".jsonl", ".ndjson", ".txt", ".csv", ".tsv", ".parquet", ".arrow", ".safetensors",
-                 ".bin", ".py", ".gz", ".zst", ".zip", ".array_record")
+_FILE_ENDINGS = (
+    ".model",
+    ".json",
+    ".jsonl",
+    ".ndjson",
+    ".txt",
+    ".csv",
+    ".tsv",
+    ".parquet",
+    ".arrow",
+    ".safetensors",
+    ".bin",
+    ".py",
+    ".gz",
+    ".zst",
+    ".zip",
+    ".array_record",
+)
 
 
 def is_hub_id(ref: str) -> bool:
@@ -92,9 +124,8 @@ def _fetch(repo_id: str, revision: str | None, what: str, only: tuple[str, ...] 
     return _fetch_into(repo_id, revision, what, only, _cache_dir(), _offline())
 
 
-@functools.lru_cache(maxsize=None)
-def _fetch_into(repo_id: str, revision: str | None, what: str, only: tuple[str, ...], cache: str,
-                offline: bool) -> str:
+@functools.cache
+def _fetch_into(repo_id: str, revision: str | None, what: str, only: tuple[str, ...], cache: str, offline: bool) -> str:
     """Memoised per process and cache, so a run that reads its config several times looks the id up once
     (every process makes the same calls in the same order: the agreement in `_resolve` pairs them)."""
     repo_type = _repo_type(what)
@@ -122,9 +153,11 @@ def _check_complete(repo_id: str, repo_type: str, commit: str, wanted: list[str]
     missing = [f for f in wanted if not os.path.exists(os.path.join(folder, f))]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise JaxllmError(f"the cached copy of {repo_id} (commit {commit[:12]}) is incomplete: it lacks "
-                          f"{', '.join(missing[:3])}{more}; fetch it again with network (hf download "
-                          f"{_cli_flags(repo_type)}{repo_id}) or unset HF_HUB_OFFLINE")
+        raise JaxllmError(
+            f"the cached copy of {repo_id} (commit {commit[:12]}) is incomplete: it lacks "
+            f"{', '.join(missing[:3])}{more}; fetch it again with network (hf download "
+            f"{_cli_flags(repo_type)}{repo_id}) or unset HF_HUB_OFFLINE"
+        )
 
 
 def _patterns(what: str, files: list[str], repo_id: str) -> list[str]:
@@ -153,8 +186,10 @@ def _patterns(what: str, files: list[str], repo_id: str) -> list[str]:
     if not any(f.endswith(".safetensors") for f in weights):
         weights = [f for f in top if fnmatch.fnmatch(f, "pytorch_model*.bin") or f == "pytorch_model.bin.index.json"]
     if not weights:
-        raise JaxllmError(f"{repo_id} holds no safetensors or pytorch_model*.bin weights at its top level; jaxllm "
-                          "reads those two formats")
+        raise JaxllmError(
+            f"{repo_id} holds no safetensors or pytorch_model*.bin weights at its top level; jaxllm "
+            "reads those two formats"
+        )
     return wanted + weights
 
 
@@ -175,7 +210,7 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resolve(repo_id: str, repo_type: str, revision: str | None, cache: str, offline: bool) -> tuple[str, list[str]]:
     """(commit id, file names) of the repository at `revision`: process 0 asks the Hub (or, offline, the
     cache) and the others take its commit, so that every process reads the same version (memoised: one
@@ -195,15 +230,14 @@ def _commit(repo_id: str, repo_type: str, revision: str | None) -> str:
 
     with _errors(repo_id, repo_type, revision):
         if _offline():  # the snapshot folder the ref points at is named by its commit
-            return os.path.basename(snapshot_download(repo_id, repo_type=repo_type, revision=revision,
-                                                      allow_patterns=[]))
+            return os.path.basename(
+                snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=[])
+            )
         return HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision).sha
 
 
 def _files(repo_id: str, repo_type: str, commit: str, revision: str | None) -> list[str]:
-    from huggingface_hub import HfApi, snapshot_download
-
-    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub import HfApi, get_cached_repo_tree, snapshot_download
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
     with _errors(repo_id, repo_type, revision):
@@ -225,8 +259,10 @@ def _download(repo_id: str, repo_type: str, commit: str, patterns: Iterable[str]
             # by the revision's name, so that the cache records the branch or tag (refs/) for offline use later
             folder = snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=list(patterns))
             if os.path.basename(folder) != commit:
-                raise JaxllmError(f"{repo_id}@{revision or 'main'} moved to a new commit while it was being fetched; "
-                                  "run the command again (or pin a commit with @COMMIT)")
+                raise JaxllmError(
+                    f"{repo_id}@{revision or 'main'} moved to a new commit while it was being fetched; "
+                    "run the command again (or pin a commit with @COMMIT)"
+                )
         distributed.barrier(f"hub:{repo_type}:{repo_id}@{commit}")
         if not distributed.is_primary():
             folder = snapshot_download(repo_id, repo_type=repo_type, revision=commit, allow_patterns=list(patterns))
@@ -258,31 +294,42 @@ class _errors:
         what, repo = ("data set" if self.repo_type == "dataset" else "model"), self.repo_id
         page = f"https://huggingface.co/{'datasets/' if self.repo_type == 'dataset' else ''}{repo}"
         if isinstance(error, errors.GatedRepoError):
-            message = (f"{repo} is gated: accept its licence on {page} (logged in), then set HF_TOKEN to a token of "
-                       "that account (huggingface.co/settings/tokens)")
+            message = (
+                f"{repo} is gated: accept its licence on {page} (logged in), then set HF_TOKEN to a token of "
+                "that account (huggingface.co/settings/tokens)"
+            )
         elif isinstance(error, errors.RevisionNotFoundError):
             message = f"{repo} has no revision {self.revision!r}; give a branch, tag or commit id that exists"
         elif isinstance(error, errors.RepositoryNotFoundError):
-            message = (f"{repo} is neither a local path nor a {what} repository on the Hugging Face Hub (if it is "
-                       "private, set HF_TOKEN); check the path or the id")
+            message = (
+                f"{repo} is neither a local path nor a {what} repository on the Hugging Face Hub (if it is "
+                "private, set HF_TOKEN); check the path or the id"
+            )
         elif isinstance(error, errors.IncompleteSnapshotError):
-            message = (f"the cached copy of {repo} is incomplete ({str(error).split(': ', 1)[-1].split('. ')[0]}); "
-                       f"fetch it again with network (hf download {_cli_flags(self.repo_type)}{repo})")
+            message = (
+                f"the cached copy of {repo} is incomplete ({str(error).split(': ', 1)[-1].split('. ')[0]}); "
+                f"fetch it again with network (hf download {_cli_flags(self.repo_type)}{repo})"
+            )
         elif isinstance(error, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)) and _offline():
             rev = f" at revision {self.revision!r}" if self.revision else ""
-            message = (f"{repo} is not a local path, and {what} {repo}{rev} is not in the Hugging Face cache "
-                       f"({_cache_dir()}) while HF_HUB_OFFLINE=1 "
-                       f"forbids downloading it; unset HF_HUB_OFFLINE, or fetch it where there is network "
-                       f"(hf download {_cli_flags(self.repo_type)}{repo}) and copy the cache here")
+            message = (
+                f"{repo} is not a local path, and {what} {repo}{rev} is not in the Hugging Face cache "
+                f"({_cache_dir()}) while HF_HUB_OFFLINE=1 "
+                f"forbids downloading it; unset HF_HUB_OFFLINE, or fetch it where there is network "
+                f"(hf download {_cli_flags(self.repo_type)}{repo}) and copy the cache here"
+            )
         elif isinstance(error, errors.HfHubHTTPError):
             status = getattr(getattr(error, "response", None), "status_code", "?")
             hint = "; set HF_TOKEN to a token with read access" if status in (401, 403) else ""
             message = f"the Hugging Face Hub refused {what} {repo} (HTTP {status}){hint}"
         elif isinstance(error, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError, OSError)) or (
-                type(error).__module__.split(".")[0] in _HTTP_CLIENTS):
+            type(error).__module__.split(".")[0] in _HTTP_CLIENTS
+        ):
             reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-            message = (f"cannot fetch {what} {repo} from the Hugging Face Hub ({reason}); check the network (and "
-                       "HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use a cache that holds it")
+            message = (
+                f"cannot fetch {what} {repo} from the Hugging Face Hub ({reason}); check the network (and "
+                "HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use a cache that holds it"
+            )
         else:
             return False
         raise JaxllmError(message) from None

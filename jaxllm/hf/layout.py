@@ -8,7 +8,7 @@ relative to the layer. HF linear weights are [out, in]; jaxllm kernels are [in, 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -31,15 +31,21 @@ class Group:
 
 def _plain(name: str, path: Path, hf_shape, jax_shape) -> Group:
     """Same values, maybe reshaped (embeddings, norms, biases)."""
-    return Group((name,), (tuple(hf_shape),), (path,), lambda w: (w.reshape(jax_shape),),
-                 lambda x: (x.reshape(hf_shape),))
+    return Group(
+        (name,), (tuple(hf_shape),), (path,), lambda w: (w.reshape(jax_shape),), lambda x: (x.reshape(hf_shape),)
+    )
 
 
 def _linear(name: str, path: Path, in_shape, out_shape) -> Group:
     """HF weight [prod(out), prod(in)] <-> jaxllm kernel [*in, *out]."""
     fan_in, fan_out = int(np.prod(in_shape)), int(np.prod(out_shape))
-    return Group((name,), ((fan_out, fan_in),), (path,), lambda w: (w.T.reshape(*in_shape, *out_shape),),
-                 lambda x: (x.reshape(fan_in, fan_out).T,))
+    return Group(
+        (name,),
+        ((fan_out, fan_in),),
+        (path,),
+        lambda w: (w.T.reshape(*in_shape, *out_shape),),
+        lambda x: (x.reshape(fan_in, fan_out).T,),
+    )
 
 
 def split_fused(w, cfg: ModelConfig):
@@ -110,21 +116,32 @@ def layer_groups(cfg: ModelConfig) -> list[Group]:
         groups += _biased(cfg, o_name, o_path, (d,), _linear(f"{o_name}.weight", (*o_path, "kernel"), (n, k), (d,)))
         for proj, fan_in, fan_out in (("gate_proj", d, f), ("up_proj", d, f), ("down_proj", f, d)):
             name, path = f"{pre}.mlp.{proj}", (*mlp, proj)
-            groups += _biased(cfg, name, path, (fan_out,),
-                              _linear(f"{name}.weight", (*path, "kernel"), (fan_in,), (fan_out,)))
-        return groups + _norm(cfg, f"{pre}.input_layernorm", ("input_layernorm",)) + _norm(
-            cfg, f"{pre}.post_attention_layernorm", ("post_attention_layernorm",))
+            groups += _biased(
+                cfg, name, path, (fan_out,), _linear(f"{name}.weight", (*path, "kernel"), (fan_in,), (fan_out,))
+            )
+        return (
+            groups
+            + _norm(cfg, f"{pre}.input_layernorm", ("input_layernorm",))
+            + _norm(cfg, f"{pre}.post_attention_layernorm", ("post_attention_layernorm",))
+        )
 
     pre = "transformer.h.{i}"
     qkv = tuple((*attn, p) for p in ("q_proj", "k_proj", "v_proj"))
-    groups.append(_fused_qkv(f"{pre}.self_attention.query_key_value.weight", tuple((*p, "kernel") for p in qkv),
-                             cfg, is_bias=False))
+    groups.append(
+        _fused_qkv(
+            f"{pre}.self_attention.query_key_value.weight", tuple((*p, "kernel") for p in qkv), cfg, is_bias=False
+        )
+    )
     if cfg.use_bias:
-        groups.append(_fused_qkv(f"{pre}.self_attention.query_key_value.bias", tuple((*p, "bias") for p in qkv),
-                                 cfg, is_bias=True))
+        groups.append(
+            _fused_qkv(
+                f"{pre}.self_attention.query_key_value.bias", tuple((*p, "bias") for p in qkv), cfg, is_bias=True
+            )
+        )
     name = f"{pre}.self_attention.dense"
-    groups += _biased(cfg, name, (*attn, "o_proj"), (d,),
-                      _linear(f"{name}.weight", (*attn, "o_proj", "kernel"), (n, k), (d,)))
+    groups += _biased(
+        cfg, name, (*attn, "o_proj"), (d,), _linear(f"{name}.weight", (*attn, "o_proj", "kernel"), (n, k), (d,))
+    )
     for hf, proj, fan_in, fan_out in (("dense_h_to_4h", "up_proj", d, f), ("dense_4h_to_h", "down_proj", f, d)):
         name, path = f"{pre}.mlp.{hf}", (*mlp, proj)
         kernel = _linear(f"{name}.weight", (*path, "kernel"), (fan_in,), (fan_out,))

@@ -66,7 +66,7 @@ def adapter_tensors(params: dict, cfg: ModelConfig, lcfg: lora.LoraConfig) -> di
             out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
             out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b)
     for group, layered in _saved_groups(cfg, lcfg):
-        for i in (range(cfg.num_layers) if layered else [None]):
+        for i in range(cfg.num_layers) if layered else [None]:
             node = _layer(params, cfg, i) if layered else params
             leaves = [_np(tree.get(node, p)) for p in group.paths]
             for hf_name, array in zip(group.hf_names, group.to_hf(*leaves)):
@@ -86,13 +86,25 @@ def adapter_config(cfg: ModelConfig, lcfg: lora.LoraConfig, base_model: str = ""
     adapter is task_type SEQ_CLS (PeftModelForSequenceClassification) with `score` saved in full."""
     modules = families.hf_modules(cfg)
     return {
-        "peft_type": "LORA", "task_type": SEQ_CLS if cfg.num_labels else "CAUSAL_LM",
+        "peft_type": "LORA",
+        "task_type": SEQ_CLS if cfg.num_labels else "CAUSAL_LM",
         "base_model_name_or_path": base_model or None,
-        "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-        "use_rslora": cfg.lora_rslora, "target_modules": sorted(modules[t].rsplit(".", 1)[1] for t in cfg.lora_targets),
-        "modules_to_save": list(lora.saved_modules(lcfg, cfg)) or None, "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "revision": None,
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "use_rslora": cfg.lora_rslora,
+        "target_modules": sorted(modules[t].rsplit(".", 1)[1] for t in cfg.lora_targets),
+        "modules_to_save": list(lora.saved_modules(lcfg, cfg)) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "revision": None,
     }
 
 
@@ -113,8 +125,9 @@ def _adapter_json(path: str) -> dict[str, Any]:
     try:
         c = read_json_object(file)
     except OSError:
-        raise JaxllmError(f"{file} not found; point at a PEFT adapter folder (adapter_config.json + "
-                          f"{WEIGHTS})") from None
+        raise JaxllmError(
+            f"{file} not found; point at a PEFT adapter folder (adapter_config.json + {WEIGHTS})"
+        ) from None
     _check_types(c, file)
     return c
 
@@ -136,25 +149,32 @@ def read_adapter_config(path: str) -> lora.LoraConfig:
     saved = (saved,) if isinstance(saved, str) else tuple(saved)
     if c.get("task_type") == SEQ_CLS:
         saved = tuple(m for m in saved if m not in _SEQ_CLS_HEADS)
-    return lora.LoraConfig(r=int(c["r"]), alpha=float(c.get("lora_alpha", 8)),
-                           dropout=float(c.get("lora_dropout") or 0),
-                           target_modules=(targets,) if isinstance(targets, str) else tuple(targets),
-                           modules_to_save=saved, rslora=bool(c.get("use_rslora")))
+    return lora.LoraConfig(
+        r=int(c["r"]),
+        alpha=float(c.get("lora_alpha", 8)),
+        dropout=float(c.get("lora_dropout") or 0),
+        target_modules=(targets,) if isinstance(targets, str) else tuple(targets),
+        modules_to_save=saved,
+        rslora=bool(c.get("use_rslora")),
+    )
 
 
 def _check_types(c: dict[str, Any], file: str) -> None:
     """The keys jaxllm reads, with the types PEFT writes: a hand-edited or foreign file fails here, by name."""
     r = c.get("r")
     if type(r) is not int or r <= 0:
-        raise JaxllmError(f"{file}: \"r\" is {r!r}; a LoRA adapter config needs the rank r, a positive integer")
+        raise JaxllmError(f'{file}: "r" is {r!r}; a LoRA adapter config needs the rank r, a positive integer')
     for key in ("lora_alpha", "lora_dropout"):
         if c.get(key) is not None and (type(c[key]) not in (int, float)):
-            raise JaxllmError(f"{file}: \"{key}\" is {c[key]!r}, not a number")
+            raise JaxllmError(f'{file}: "{key}" is {c[key]!r}, not a number')
     for key in ("target_modules", "modules_to_save"):
         value = c.get(key)
-        if value is not None and not isinstance(value, str) and not (
-                isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise JaxllmError(f"{file}: \"{key}\" is {value!r:.80}, not a module name or a list of them")
+        if (
+            value is not None
+            and not isinstance(value, str)
+            and not (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            raise JaxllmError(f'{file}: "{key}" is {value!r:.80}, not a module name or a list of them')
 
 
 def load_adapter(path: str, cfg: ModelConfig) -> tuple[dict, lora.LoraConfig]:
@@ -163,16 +183,18 @@ def load_adapter(path: str, cfg: ModelConfig) -> tuple[dict, lora.LoraConfig]:
     path = os.path.expanduser(path)
     lcfg = read_adapter_config(path)
     if _adapter_json(path).get("task_type") == SEQ_CLS and not cfg.num_labels:
-        raise JaxllmError(f"{os.path.join(path, CONFIG)}: a sequence-classification (SEQ_CLS) adapter; load it onto a "
-                          "score model (model.num_labels > 0, a *ForSequenceClassification base)")
+        raise JaxllmError(
+            f"{os.path.join(path, CONFIG)}: a sequence-classification (SEQ_CLS) adapter; load it onto a "
+            "score model (model.num_labels > 0, a *ForSequenceClassification base)"
+        )
     base = lora.base_config(cfg)
     lcfg = dataclasses.replace(lcfg, target_modules=_layer_targets(lcfg.target_modules, base, path))
     cfg = lora.apply(lcfg, base)
-    file = next((os.path.join(path, f) for f in (WEIGHTS, WEIGHTS_BIN) if os.path.isfile(os.path.join(path, f))),
-                "")
+    file = next((os.path.join(path, f) for f in (WEIGHTS, WEIGHTS_BIN) if os.path.isfile(os.path.join(path, f))), "")
     if not file:
-        raise JaxllmError(f"{os.path.join(path, WEIGHTS)} not found (nor {WEIGHTS_BIN}); the adapter folder is "
-                          "incomplete")
+        raise JaxllmError(
+            f"{os.path.join(path, WEIGHTS)} not found (nor {WEIGHTS_BIN}); the adapter folder is incomplete"
+        )
     tensors = open_tensor_file(file)
     stored = {name.replace(".default.", "."): name for name in tensors.keys()}
     used: set[str] = set()
@@ -181,20 +203,27 @@ def load_adapter(path: str, cfg: ModelConfig) -> tuple[dict, lora.LoraConfig]:
         if name not in stored:
             raise JaxllmError(f"{file}: tensor {name!r} is missing; the adapter does not match this base model")
         if tuple(tensors.shape(stored[name])) != tuple(shape):
-            raise JaxllmError(f"{file}: tensor {name!r} has shape {tuple(tensors.shape(stored[name]))} but this base "
-                              f"model needs {tuple(shape)}; the adapter was made for another base model")
+            raise JaxllmError(
+                f"{file}: tensor {name!r} has shape {tuple(tensors.shape(stored[name]))} but this base "
+                f"model needs {tuple(shape)}; the adapter was made for another base model"
+            )
         used.add(name)
         return tensors.read(stored[name]).astype(np.float32)
 
     layers = [_read_layer(read, cfg, i) for i in range(cfg.num_layers)]
-    params = ({"layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)} if cfg.scan_layers
-              else {f"layers_{i}": layer for i, layer in enumerate(layers)})
+    params = (
+        {"layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
+        if cfg.scan_layers
+        else {f"layers_{i}": layer for i, layer in enumerate(layers)}
+    )
     # a causal-LM adapter continued by a score model has no `score`: the run's fresh head stays
     params = tree.union(params, _read_saved(read, cfg, lcfg, score=_adapter_json(path).get("task_type") == SEQ_CLS))
     extra = sorted(set(stored) - used)
     if extra:
-        raise JaxllmError(f"{file}: tensor {extra[0]!r} matches no module of this base model "
-                          f"({len(extra)} unmatched); the adapter was made for another base model")
+        raise JaxllmError(
+            f"{file}: tensor {extra[0]!r} matches no module of this base model "
+            f"({len(extra)} unmatched); the adapter was made for another base model"
+        )
     return params, lcfg
 
 
@@ -206,13 +235,20 @@ def _layer_targets(targets: tuple[str, ...], cfg: ModelConfig, path: str) -> tup
     if len(targets) == 1 and re.search(r"[\\^$*+?()\[\]|]", targets[0]) or not any("." in t for t in targets):
         return targets
     modules = families.hf_modules(cfg)
-    per_layer = [tuple(ours for ours, module in modules.items()
-                       if any(module.format(i=i) == t or module.format(i=i).endswith("." + t) for t in targets))
-                 for i in range(cfg.num_layers)]
+    per_layer = [
+        tuple(
+            ours
+            for ours, module in modules.items()
+            if any(module.format(i=i) == t or module.format(i=i).endswith("." + t) for t in targets)
+        )
+        for i in range(cfg.num_layers)
+    ]
     if len(set(per_layer)) > 1 or not per_layer[0]:
-        raise JaxllmError(f"{os.path.join(path, CONFIG)}: target_modules {sorted(targets)[:3]}... "
-                          f"{'match no module' if not per_layer[0] else 'differ between layers'}; jaxllm reads "
-                          "adapters with the same modules in every layer")
+        raise JaxllmError(
+            f"{os.path.join(path, CONFIG)}: target_modules {sorted(targets)[:3]}... "
+            f"{'match no module' if not per_layer[0] else 'differ between layers'}; jaxllm reads "
+            "adapters with the same modules in every layer"
+        )
     return tuple(modules[ours].rsplit(".", 1)[1] for ours in per_layer[0])
 
 
@@ -234,8 +270,10 @@ def _read_layer(read, cfg: ModelConfig, i: int) -> dict:
         a = read(f"{name}.lora_A.weight", (r, int(np.prod(in_shape))))
         b = read(f"{name}.lora_B.weight", (int(np.prod(out_shape)), r))
         parent = families.parent(ours)
-        layer[parent][ours] = {"lora_a": np.ascontiguousarray(a.T.reshape(*in_shape, r)),
-                               "lora_b": np.ascontiguousarray(b.T.reshape(r, *out_shape))}
+        layer[parent][ours] = {
+            "lora_a": np.ascontiguousarray(a.T.reshape(*in_shape, r)),
+            "lora_b": np.ascontiguousarray(b.T.reshape(r, *out_shape)),
+        }
     return {key: value for key, value in layer.items() if value}
 
 
@@ -244,7 +282,7 @@ def _read_saved(read, cfg: ModelConfig, lcfg: lora.LoraConfig, score: bool = Tru
     out: dict = {}
     for group, is_layer in _saved_groups(cfg, lcfg, score):
         per_layer = []
-        for i in (range(cfg.num_layers) if is_layer else [None]):
+        for i in range(cfg.num_layers) if is_layer else [None]:
             arrays = [read(PREFIX + n.format(i=i), s) for n, s in zip(group.hf_names, group.hf_shapes)]
             per_layer.append(group.to_jax(*arrays))
         for j, p in enumerate(group.paths):

@@ -29,15 +29,33 @@ from jaxllm import JaxllmError
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 _STORAGES = {  # torch.<Name>Storage -> element dtype
-    "FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
-    "DoubleStorage": np.float64, "CharStorage": np.int8, "ByteStorage": np.uint8, "ShortStorage": np.int16,
-    "IntStorage": np.int32, "LongStorage": np.int64, "BoolStorage": np.bool_,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "DoubleStorage": np.float64,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "ShortStorage": np.int16,
+    "IntStorage": np.int32,
+    "LongStorage": np.int64,
+    "BoolStorage": np.bool_,
 }
 _DTYPES = {  # torch.<dtype> (a _rebuild_tensor_v3 argument) -> numpy dtype
-    "float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64,
-    "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32,
-    "uint32": np.uint32, "int64": np.int64, "uint64": np.uint64, "bool": np.bool_,
-    "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float64": np.float64,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "int16": np.int16,
+    "uint16": np.uint16,
+    "int32": np.int32,
+    "uint32": np.uint32,
+    "int64": np.int64,
+    "uint64": np.uint64,
+    "bool": np.bool_,
+    "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+    "float8_e5m2": ml_dtypes.float8_e5m2,
 }
 
 
@@ -58,6 +76,7 @@ class _DType:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Storage:
     """One `<top>/data/<key>` entry, as the pickle names it."""
+
     key: str
     dtype: Any
 
@@ -65,6 +84,7 @@ class Storage:
 @dataclasses.dataclass(frozen=True, slots=True)
 class TensorRef:
     """A tensor as a view of a storage: elements `offset + sum(index * stride)`."""
+
     storage: Storage
     offset: int
     shape: tuple[int, ...]
@@ -106,6 +126,7 @@ def _rebuild_parameter(data=None, *_):
 class _Call:
     """An allowed callable as the pickle sees it: no `__dict__` and no settable attributes, so a BUILD
     opcode aimed at it fails instead of changing a function of this module."""
+
     __slots__ = ("_fn",)
 
     def __init__(self, fn):
@@ -144,20 +165,38 @@ class _StateDictUnpickler(pickle.Unpickler):
             module, name = _compat_pickle.NAME_MAPPING[module, name]
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) not in _GLOBALS:
-            raise JaxllmError(f"{self.file}: refused to load: the pickle calls {module}.{name}; jaxllm reads only "
-                              "tensors from .bin files (convert it to safetensors with a tool you trust)")
+            raise JaxllmError(
+                f"{self.file}: refused to load: the pickle calls {module}.{name}; jaxllm reads only "
+                "tensors from .bin files (convert it to safetensors with a tool you trust)"
+            )
         return _GLOBALS[module, name]
 
     def persistent_load(self, pid: Any) -> Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+        ):
             raise _Malformed(f"unknown persistent id {pid!r:.80}")
         dtype = pid[1].dtype
         return Storage(pid[2], np.uint8 if dtype is None else dtype)
 
 
-_UNPICKLING_ERRORS = (_Malformed, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-                      KeyError, IndexError, struct.error, OverflowError, RecursionError)
+_UNPICKLING_ERRORS = (
+    _Malformed,
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    struct.error,
+    OverflowError,
+    RecursionError,
+)
 
 
 class TorchFile:
@@ -174,11 +213,12 @@ class TorchFile:
             raise JaxllmError(f"{path}: corrupt zip archive ({e})") from None
 
     def _open(self, archive: zipfile.ZipFile) -> None:
-        pickles = sorted((n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")),
-                         key=lambda n: n.count("/"))
+        pickles = sorted(
+            (n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), key=lambda n: n.count("/")
+        )
         if not pickles:
             raise JaxllmError(f"{self.path}: a zip archive without data.pkl; not a PyTorch checkpoint")
-        top = pickles[0][:-len("data.pkl")]
+        top = pickles[0][: -len("data.pkl")]
         infos = {info.filename: info for info in archive.infolist()}
         order = f"{top}byteorder"
         self.big_endian = order in infos and archive.read(order).strip() == b"big"
@@ -196,8 +236,9 @@ class TorchFile:
         for name, ref in self.tensors.items():
             info = infos.get(f"{top}data/{ref.storage.key}")
             if info is None:
-                raise JaxllmError(f"{self.path}: tensor {name!r}'s storage {ref.storage.key!r} is missing from "
-                                  "the archive")
+                raise JaxllmError(
+                    f"{self.path}: tensor {name!r}'s storage {ref.storage.key!r} is missing from the archive"
+                )
             if (ref.offset + _span(ref)) * np.dtype(ref.dtype).itemsize > info.file_size:
                 raise JaxllmError(f"{self.path}: tensor {name!r} reaches past the end of its storage")
             self._entries[name] = info
@@ -232,8 +273,9 @@ class TorchFile:
         flat = raw.view(dtype)
         if _contiguous(ref):  # the buffer itself
             return flat.reshape(ref.shape)
-        view = np.lib.stride_tricks.as_strided(flat, ref.shape, [s * dtype.itemsize for s in ref.stride],
-                                               writeable=False)
+        view = np.lib.stride_tricks.as_strided(
+            flat, ref.shape, [s * dtype.itemsize for s in ref.stride], writeable=False
+        )
         return np.ascontiguousarray(view)  # a transposed or strided view: copied into C order
 
 
@@ -277,6 +319,8 @@ def _not_a_zip(path: str) -> str:
             except _UNPICKLING_ERRORS:
                 first = None
             if first == LEGACY_MAGIC:
-                return (f"{path}: written in PyTorch's legacy (pre-1.6) format, which jaxllm does not read; re-save "
-                        "it with torch.save (default zip format) or convert it to safetensors")
+                return (
+                    f"{path}: written in PyTorch's legacy (pre-1.6) format, which jaxllm does not read; re-save "
+                    "it with torch.save (default zip format) or convert it to safetensors"
+                )
     return f"{path}: not a PyTorch checkpoint (no torch.save zip archive: truncated, or another kind of file)"

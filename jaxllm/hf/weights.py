@@ -14,7 +14,8 @@ import logging
 import os
 import re
 import shutil
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -55,8 +56,10 @@ class TensorFiles:
                 self.where = read_weight_map(os.path.join(folder, index), folder)
                 return
         if not safetensors and not bins:
-            raise JaxllmError(f"{folder}: no {SINGLE}, {INDEX}, {BIN_SINGLE} or {BIN_INDEX}; not a Hugging Face "
-                              "model folder with weights")
+            raise JaxllmError(
+                f"{folder}: no {SINGLE}, {INDEX}, {BIN_SINGLE} or {BIN_INDEX}; not a Hugging Face "
+                "model folder with weights"
+            )
         self.where = {}
         for file in [os.path.join(folder, f) for f in safetensors or bins]:
             self.where.update({name: file for name in self._file(file).keys()})
@@ -73,8 +76,10 @@ class TensorFiles:
         bare = name.removeprefix("transformer.")
         if bare in self.where:
             return bare
-        raise JaxllmError(f"{self.folder}: tensor {name!r} is missing from the checkpoint; it does not match "
-                          "its config.json (or the download is incomplete)")
+        raise JaxllmError(
+            f"{self.folder}: tensor {name!r} is missing from the checkpoint; it does not match "
+            "its config.json (or the download is incomplete)"
+        )
 
     def read(self, name: str, shape: tuple[int, ...] | None) -> np.ndarray:
         """Tensor `name` as stored (dtype included), checked to have `shape` unless that is None."""
@@ -84,8 +89,10 @@ class TensorFiles:
         if stored not in tensors.keys():
             raise JaxllmError(f"{file}: tensor {stored!r} is missing from this file, though the index lists it here")
         if shape is not None and tuple(tensors.shape(stored)) != tuple(shape):
-            raise JaxllmError(f"{file}: tensor {stored!r} has shape {tuple(tensors.shape(stored))} but config.json "
-                              f"implies {tuple(shape)}; the weights and config.json disagree")
+            raise JaxllmError(
+                f"{file}: tensor {stored!r} has shape {tuple(tensors.shape(stored))} but config.json "
+                f"implies {tuple(shape)}; the weights and config.json disagree"
+            )
         return tensors.read(stored)
 
     def names(self) -> list[str]:
@@ -103,7 +110,7 @@ def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.nd
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     raw = np.empty(nbytes + align, np.uint8)
     start = -raw.ctypes.data % align
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _place(host: np.ndarray, sharding) -> jax.Array:
@@ -123,13 +130,21 @@ def fresh_score(source_labels: int, num_labels: int, source: str) -> bool:
     """Whether a model of `num_labels` loads from `source` (whose config has `source_labels`) with a fresh
     score head: a causal LM (0) starting a score model does; a score model loads only as itself."""
     if source_labels and source_labels != num_labels:
-        raise JaxllmError(f"{source} is a score model (num_labels={source_labels}, no lm_head); load it with "
-                          f"model.num_labels={source_labels}")
+        raise JaxllmError(
+            f"{source} is a score model (num_labels={source_labels}, no lm_head); load it with "
+            f"model.num_labels={source_labels}"
+        )
     return num_labels > 0 and not source_labels
 
 
-def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh, *, quantized: ModelConfig | None = None,
-                score_key: jax.Array | None = None) -> dict:
+def load_params(
+    files: TensorFiles,
+    cfg: ModelConfig,
+    mesh: Mesh,
+    *,
+    quantized: ModelConfig | None = None,
+    score_key: jax.Array | None = None,
+) -> dict:
     """The params of `cfg` from `files`, each leaf placed with its logical-axis sharding on `mesh`.
     With `quantized` (the same model with `quantization` set), each projection kernel is quantized as
     soon as it is placed and its float copy freed: the float base is never whole in memory. With
@@ -182,8 +197,11 @@ def load_params(files: TensorFiles, cfg: ModelConfig, mesh: Mesh, *, quantized: 
                     put((f"layers_{i}", *path), array)
     if q_shardings is not None:
         return lora.quantize_params(params, quantized, q_shardings, in_place=True)  # norms to float32
-    missing = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)
-               if not _has(params, tuple(k.key for k in p))]
+    missing = [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(abstract)
+        if not _has(params, tuple(k.key for k in p))
+    ]
     if missing:
         raise AssertionError(f"no Hugging Face tensor maps to {missing}")
     return params
@@ -200,14 +218,21 @@ def _has(params: dict, path: tuple[str, ...]) -> bool:
 def read_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise JaxllmError(f"{path} not found; point at a Hugging Face model folder (config.json + safetensors or "
-                          ".bin weights)")
+        raise JaxllmError(
+            f"{path} not found; point at a Hugging Face model folder (config.json + safetensors or .bin weights)"
+        )
     return read_json_object(path)
 
 
-def load_pretrained(path: str, dtype: Any = "float32", mesh: Mesh | None = None, *,
-                    compute_dtype: Any = None, score_key: jax.Array | None = None,
-                    **overrides: Any) -> tuple[Decoder, dict]:
+def load_pretrained(
+    path: str,
+    dtype: Any = "float32",
+    mesh: Mesh | None = None,
+    *,
+    compute_dtype: Any = None,
+    score_key: jax.Array | None = None,
+    **overrides: Any,
+) -> tuple[Decoder, dict]:
     """(Decoder, params) from a Hugging Face folder: `dtype` is the param dtype (and the compute dtype
     unless `compute_dtype` is given); `mesh` defaults to one device; `overrides` set other ModelConfig
     fields (scan_layers, attention, remat, dropouts, ...). A *ForSequenceClassification folder gives a
@@ -225,6 +250,7 @@ def load_pretrained(path: str, dtype: Any = "float32", mesh: Mesh | None = None,
 
 def hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) in checkpoint order, one layer at a time: embeddings, layers, final norm, head."""
+
     def emit(group, leaves, layer):
         for name, array in zip(group.hf_names, group.to_hf(*leaves)):
             yield name.format(i=layer), np.ascontiguousarray(array.astype(dtype, copy=False))
@@ -240,7 +266,7 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> Iterator[tuple[str
             else:
                 leaves = [shd.to_host(tree.get(params, (f"layers_{i}", *p))) for p in group.paths]
             yield from emit(group, leaves, i)
-    for group in groups[len(first):]:
+    for group in groups[len(first) :]:
         yield from emit(group, [shd.to_host(tree.get(params, p)) for p in group.paths], None)
 
 
@@ -256,9 +282,16 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def save_pretrained(model: Decoder, params: dict, path: str, *, dtype: Any = "float32",
-                    max_shard_size: int | str = "5GB", overwrite: bool = False,
-                    config_updates: dict[str, Any] | None = None) -> None:
+def save_pretrained(
+    model: Decoder,
+    params: dict,
+    path: str,
+    *,
+    dtype: Any = "float32",
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    config_updates: dict[str, Any] | None = None,
+) -> None:
     """Writes config.json + safetensors (sharded with an index past `max_shard_size`) that
     `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. Written through `atomic.folder`:
     locally renamed into place, so a crash never leaves a half-written checkpoint; on an object store
@@ -273,9 +306,12 @@ def save_pretrained(model: Decoder, params: dict, path: str, *, dtype: Any = "fl
         given = config.get("pad_token_id")
         config["pad_token_id"] = score_pad_token_id(given, config.get("eos_token_id"), config.get("bos_token_id"))
         if config["pad_token_id"] != given:
-            logging.warning("score model export: pad_token_id=%s (given: %s); transformers scores each row at its "
-                            "last token that is not pad_token_id, which must be the last token jaxllm scored",
-                            config["pad_token_id"], given)
+            logging.warning(
+                "score model export: pad_token_id=%s (given: %s); transformers scores each row at its "
+                "last token that is not pad_token_id, which must be the last token jaxllm scored",
+                config["pad_token_id"],
+                given,
+            )
     limit = parse_size(max_shard_size)
     if atomic.as_path(path).exists() and list(atomic.as_path(path).iterdir()) and not overwrite:
         raise JaxllmError(f"{path} exists and is not empty; choose a new folder or pass overwrite=True")
@@ -287,8 +323,15 @@ def save_pretrained(model: Decoder, params: dict, path: str, *, dtype: Any = "fl
         _finish(tmp, _write_shards(tmp, hf_tensors(cfg, params, DTYPES[dtype]), limit), config)
 
 
-def save_tensors(tensors: Iterator[tuple[str, np.ndarray]], path: str, config: dict[str, Any], *,
-                 max_shard_size: int | str = "5GB", overwrite: bool = False, files: tuple[str, ...] = ()) -> None:
+def save_tensors(
+    tensors: Iterator[tuple[str, np.ndarray]],
+    path: str,
+    config: dict[str, Any],
+    *,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    files: tuple[str, ...] = (),
+) -> None:
     """Writes (name, array) pairs as they come into safetensors shards (an index past `max_shard_size`),
     `config` as config.json and copies of `files`, atomically as `save_pretrained` does."""
     path, limit = atomic.location(path), parse_size(max_shard_size)

@@ -12,18 +12,44 @@ from jaxllm import JaxllmError
 from jaxllm.config import check_number
 from jaxllm.models.families import ADAPTER_TARGETS
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "minimal", "save_qkv_proj", "save_out_proj",
-                  "save_dot_except_mlp", "save_dot_except_mlpwi", "save_dot_with_context_except_mlp",
-                  "qkv_proj_offloaded", "minimal_offloaded", "save_dot_except_mlpwi_q_offloaded")
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "save_dots",
+    "save_dots_no_batch",
+    "minimal",
+    "save_qkv_proj",
+    "save_out_proj",
+    "save_dot_except_mlp",
+    "save_dot_except_mlpwi",
+    "save_dot_with_context_except_mlp",
+    "qkv_proj_offloaded",
+    "minimal_offloaded",
+    "save_dot_except_mlpwi_q_offloaded",
+)
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "flash", "reference")
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "alibi")
 MLPS = ("swiglu", "gelu", "gelu_tanh")
 QUANTIZATIONS = ("none", "nf4", "int8")
 # Fields that fix the parameters' shapes and meaning; a run may change the others (dropout, remat, ...).
-SHAPE_FIELDS = ("vocab_size", "num_layers", "embed_dim", "num_heads", "kv_heads", "head_size", "mlp_dim",
-                "tie_embeddings", "norm", "position", "mlp", "parallel_block", "num_block_norms", "use_bias",
-                "embed_norm")
+SHAPE_FIELDS = (
+    "vocab_size",
+    "num_layers",
+    "embed_dim",
+    "num_heads",
+    "kv_heads",
+    "head_size",
+    "mlp_dim",
+    "tie_embeddings",
+    "norm",
+    "position",
+    "mlp",
+    "parallel_block",
+    "num_block_norms",
+    "use_bias",
+    "embed_norm",
+)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -130,7 +156,7 @@ class ModelConfig:
     def lora_scaling(self) -> float:
         if not self.lora_rank:
             return 0.0
-        return self.lora_alpha / (self.lora_rank ** 0.5 if self.lora_rslora else self.lora_rank)
+        return self.lora_alpha / (self.lora_rank**0.5 if self.lora_rslora else self.lora_rank)
 
     @property
     def jnp_norm_dtype(self) -> Any:
@@ -182,31 +208,86 @@ class ModelConfig:
 
 
 _FALCON = dict(norm="layer", mlp="gelu", parallel_block=True, tie_embeddings=True, norm_eps=1e-5)
-_BLOOM = dict(norm="layer", position="alibi", mlp="gelu_tanh", use_bias=True, embed_norm=True,
-              tie_embeddings=True, norm_eps=1e-5)
+_BLOOM = dict(
+    norm="layer", position="alibi", mlp="gelu_tanh", use_bias=True, embed_norm=True, tie_embeddings=True, norm_eps=1e-5
+)
 
 # Published shapes (Touvron et al. 2023; Hugging Face config.json of meta-llama/Llama-2-*-hf).
 PRESETS: dict[str, dict[str, Any]] = {
-    "llama2_7b": dict(vocab_size=32000, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=32,
-                      mlp_dim=11008, max_seq_len=4096, norm_eps=1e-5),
-    "llama2_13b": dict(vocab_size=32000, num_layers=40, embed_dim=5120, num_heads=40, num_kv_heads=40,
-                       mlp_dim=13824, max_seq_len=4096, norm_eps=1e-5),
-    "llama2_70b": dict(vocab_size=32000, num_layers=80, embed_dim=8192, num_heads=64, num_kv_heads=8,
-                       mlp_dim=28672, max_seq_len=4096, norm_eps=1e-5),
+    "llama2_7b": dict(
+        vocab_size=32000,
+        num_layers=32,
+        embed_dim=4096,
+        num_heads=32,
+        num_kv_heads=32,
+        mlp_dim=11008,
+        max_seq_len=4096,
+        norm_eps=1e-5,
+    ),
+    "llama2_13b": dict(
+        vocab_size=32000,
+        num_layers=40,
+        embed_dim=5120,
+        num_heads=40,
+        num_kv_heads=40,
+        mlp_dim=13824,
+        max_seq_len=4096,
+        norm_eps=1e-5,
+    ),
+    "llama2_70b": dict(
+        vocab_size=32000,
+        num_layers=80,
+        embed_dim=8192,
+        num_heads=64,
+        num_kv_heads=8,
+        mlp_dim=28672,
+        max_seq_len=4096,
+        norm_eps=1e-5,
+    ),
     # tiiuae/falcon-{7b,40b,180B} config.json: LayerNorm, exact GELU, parallel attn+MLP, tied head.
-    "falcon_7b": dict(vocab_size=65024, num_layers=32, embed_dim=4544, num_heads=71, num_kv_heads=1,
-                      mlp_dim=18176, max_seq_len=2048, **_FALCON, num_block_norms=1),
-    "falcon_40b": dict(vocab_size=65024, num_layers=60, embed_dim=8192, num_heads=128, num_kv_heads=8,
-                       mlp_dim=32768, max_seq_len=2048, **_FALCON, num_block_norms=2),
-    "falcon_180b": dict(vocab_size=65024, num_layers=80, embed_dim=14848, num_heads=232, num_kv_heads=8,
-                        mlp_dim=59392, max_seq_len=2048, **_FALCON, num_block_norms=2),
+    "falcon_7b": dict(
+        vocab_size=65024,
+        num_layers=32,
+        embed_dim=4544,
+        num_heads=71,
+        num_kv_heads=1,
+        mlp_dim=18176,
+        max_seq_len=2048,
+        **_FALCON,
+        num_block_norms=1,
+    ),
+    "falcon_40b": dict(
+        vocab_size=65024,
+        num_layers=60,
+        embed_dim=8192,
+        num_heads=128,
+        num_kv_heads=8,
+        mlp_dim=32768,
+        max_seq_len=2048,
+        **_FALCON,
+        num_block_norms=2,
+    ),
+    "falcon_180b": dict(
+        vocab_size=65024,
+        num_layers=80,
+        embed_dim=14848,
+        num_heads=232,
+        num_kv_heads=8,
+        mlp_dim=59392,
+        max_seq_len=2048,
+        **_FALCON,
+        num_block_norms=2,
+    ),
     # bigscience/bloom-{560m,7b1}, bigscience/bloom config.json: ALiBi, biases, embedding LayerNorm.
-    "bloom_560m": dict(vocab_size=250880, num_layers=24, embed_dim=1024, num_heads=16, mlp_dim=4096,
-                       max_seq_len=2048, **_BLOOM),
-    "bloom_7b1": dict(vocab_size=250880, num_layers=30, embed_dim=4096, num_heads=32, mlp_dim=16384,
-                      max_seq_len=2048, **_BLOOM),
-    "bloom_176b": dict(vocab_size=250880, num_layers=70, embed_dim=14336, num_heads=112, mlp_dim=57344,
-                       max_seq_len=2048, **_BLOOM),
+    "bloom_560m": dict(
+        vocab_size=250880, num_layers=24, embed_dim=1024, num_heads=16, mlp_dim=4096, max_seq_len=2048, **_BLOOM
+    ),
+    "bloom_7b1": dict(
+        vocab_size=250880, num_layers=30, embed_dim=4096, num_heads=32, mlp_dim=16384, max_seq_len=2048, **_BLOOM
+    ),
+    "bloom_176b": dict(
+        vocab_size=250880, num_layers=70, embed_dim=14336, num_heads=112, mlp_dim=57344, max_seq_len=2048, **_BLOOM
+    ),
 }
 
 

@@ -28,13 +28,19 @@ REMAT_POLICIES = {
     "save_dot_except_mlpwi": _cp.save_only_these_names(*_QKV, "out_proj", "mlpwo"),
     "save_dot_with_context_except_mlp": _cp.save_only_these_names(*_QKV, "context", "out_proj"),
     "qkv_proj_offloaded": _cp.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=list(_QKV), offload_src="device",
-        offload_dst="pinned_host"),
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=list(_QKV),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
     "minimal_offloaded": _cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host"),
     # save_dot_except_mlpwi with the queries (the largest of its tensors) in host memory: no recompute
     "save_dot_except_mlpwi_q_offloaded": _cp.save_and_offload_only_these_names(
         names_which_can_be_saved=["key_proj", "value_proj", "out_proj", "mlpwo"],
-        names_which_can_be_offloaded=["query_proj"], offload_src="device", offload_dst="pinned_host"),
+        names_which_can_be_offloaded=["query_proj"],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 
@@ -75,8 +81,16 @@ class Decoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, inputs_BL, positions_BL=None, segment_ids_BL=None, *, deterministic: bool = True,
-                 decode: bool = False, hidden: bool = False):
+    def __call__(
+        self,
+        inputs_BL,
+        positions_BL=None,
+        segment_ids_BL=None,
+        *,
+        deterministic: bool = True,
+        decode: bool = False,
+        hidden: bool = False,
+    ):
         """`decode=True` runs against a KV cache (the "cache" collection; see jaxllm.models.generation).
         `hidden=True` returns the final-norm hidden states [B, L, D] instead of logits (the loss then
         applies `head_DV` chunk by chunk and never holds [B, L, V] logits; a reward step `score_DS`)."""
@@ -85,10 +99,14 @@ class Decoder(nn.Module):
             positions_BL = jnp.broadcast_to(jnp.arange(inputs_BL.shape[1]), inputs_BL.shape)
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones_like(inputs_BL)
-        embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                                     ("vocab", "embed")),
-                         name="embed_tokens")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.embed_dim,
+            dtype=cfg.jnp_dtype,
+            param_dtype=cfg.jnp_param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            name="embed_tokens",
+        )
         x_BLD = embed(inputs_BL).astype(cfg.jnp_dtype)
         if cfg.embed_norm:
             x_BLD = norm(cfg, "embed_norm")(x_BLD)
@@ -99,10 +117,14 @@ class Decoder(nn.Module):
         if cfg.remat != "none":
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            stack = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
-                            split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+            stack = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
             x_BLD, _ = stack(cfg, deterministic, decode, name="layers")(x_BLD, segment_ids_BL, positions_BL)
         else:
             for i in range(cfg.num_layers):
@@ -114,20 +136,27 @@ class Decoder(nn.Module):
         # the head as one 2-D matmul [B*L, D] @ [D, V] (see quant.contract: no transposed activation copies)
         x_MD = x_BLD.reshape(-1, cfg.embed_dim)
         if cfg.num_labels:  # HF's `score`: Linear(D, num_labels, bias=False), initializer_range normal
-            scores_MS = nn.Dense(cfg.num_labels, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                                          ("embed", None)),
-                                 name="score")(x_MD)
+            scores_MS = nn.Dense(
+                cfg.num_labels,
+                use_bias=False,
+                dtype=cfg.jnp_dtype,
+                param_dtype=cfg.jnp_param_dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", None)),
+                name="score",
+            )(x_MD)
             scores_BLS = scores_MS.reshape(*x_BLD.shape[:2], cfg.num_labels)
             return constrain(scores_BLS.astype(jnp.float32), ("batch", "length", None))
         if cfg.tie_embeddings:
             logits_MV = embed.attend(x_MD)
         else:
-            logits_MV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
-                                 param_dtype=cfg.jnp_param_dtype,
-                                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                                          ("embed", "vocab")),
-                                 name="lm_head")(x_MD)
+            logits_MV = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.jnp_dtype,
+                param_dtype=cfg.jnp_param_dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+                name="lm_head",
+            )(x_MD)
         logits_BLV = logits_MV.reshape(*x_BLD.shape[:2], cfg.vocab_size)
         return constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
 
@@ -135,8 +164,10 @@ class Decoder(nn.Module):
 def head_DV(params: dict, cfg: ModelConfig) -> jax.Array:
     """The output projection [D, V] in the compute dtype (the tied embedding, transposed, or lm_head)."""
     if cfg.num_labels:
-        raise JaxllmError(f"model.num_labels={cfg.num_labels}: a score model has no language-model head; "
-                          "use score_DS (train.objective='reward'), or set model.num_labels=0")
+        raise JaxllmError(
+            f"model.num_labels={cfg.num_labels}: a score model has no language-model head; "
+            "use score_DS (train.objective='reward'), or set model.num_labels=0"
+        )
     w = params["embed_tokens"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
     return w.astype(cfg.jnp_dtype)
 
@@ -144,8 +175,9 @@ def head_DV(params: dict, cfg: ModelConfig) -> jax.Array:
 def score_DS(params: dict, cfg: ModelConfig) -> jax.Array:
     """The sequence-score head [D, num_labels] in the compute dtype (`hidden=True` states @ it = scores)."""
     if not cfg.num_labels:
-        raise JaxllmError("model.num_labels=0: this model has no score head; set model.num_labels (1 for a "
-                          "reward model)")
+        raise JaxllmError(
+            "model.num_labels=0: this model has no score head; set model.num_labels (1 for a reward model)"
+        )
     return params["score"]["kernel"].astype(cfg.jnp_dtype)
 
 

@@ -29,10 +29,21 @@ def parent(projection: str) -> str:
 def family(cfg: ModelConfig) -> str:
     """The Hugging Face family whose architecture computes the same function as `cfg`."""
     llama = cfg.norm == "rms" and cfg.position == "rope" and cfg.mlp == "swiglu" and not cfg.parallel_block
-    falcon = cfg.norm == "layer" and cfg.position == "rope" and cfg.mlp == "gelu" and (
-        cfg.parallel_block or cfg.kv_heads in (1, cfg.num_heads))
-    bloom = (cfg.norm == "layer" and cfg.position == "alibi" and cfg.mlp == "gelu_tanh" and cfg.use_bias
-             and not cfg.parallel_block and cfg.kv_heads == cfg.num_heads and cfg.mlp_dim == 4 * cfg.embed_dim)
+    falcon = (
+        cfg.norm == "layer"
+        and cfg.position == "rope"
+        and cfg.mlp == "gelu"
+        and (cfg.parallel_block or cfg.kv_heads in (1, cfg.num_heads))
+    )
+    bloom = (
+        cfg.norm == "layer"
+        and cfg.position == "alibi"
+        and cfg.mlp == "gelu_tanh"
+        and cfg.use_bias
+        and not cfg.parallel_block
+        and cfg.kv_heads == cfg.num_heads
+        and cfg.mlp_dim == 4 * cfg.embed_dim
+    )
     standard_heads = cfg.head_size * cfg.num_heads == cfg.embed_dim
     if llama and not cfg.embed_norm:
         return "llama"
@@ -40,10 +51,12 @@ def family(cfg: ModelConfig) -> str:
         return "falcon"
     if bloom and cfg.embed_norm and standard_heads:
         return "bloom"
-    raise JaxllmError(f"model config (norm={cfg.norm}, position={cfg.position}, mlp={cfg.mlp}, "
-                      f"parallel_block={cfg.parallel_block}, embed_norm={cfg.embed_norm}, use_bias={cfg.use_bias}, "
-                      f"heads={cfg.num_heads}/{cfg.kv_heads}x{cfg.head_size}) matches no Hugging Face "
-                      "Llama/Falcon/BLOOM architecture; it cannot be exported")
+    raise JaxllmError(
+        f"model config (norm={cfg.norm}, position={cfg.position}, mlp={cfg.mlp}, "
+        f"parallel_block={cfg.parallel_block}, embed_norm={cfg.embed_norm}, use_bias={cfg.use_bias}, "
+        f"heads={cfg.num_heads}/{cfg.kv_heads}x{cfg.head_size}) matches no Hugging Face "
+        "Llama/Falcon/BLOOM architecture; it cannot be exported"
+    )
 
 
 def hf_modules(cfg: ModelConfig) -> dict[str, str]:
@@ -52,21 +65,33 @@ def hf_modules(cfg: ModelConfig) -> dict[str, str]:
         pre = "model.layers.{i}"
         return {p: f"{pre}.{parent(p)}.{p}" for p in PROJECTIONS}
     pre = "transformer.h.{i}"
-    return {"qkv": f"{pre}.self_attention.query_key_value", "o_proj": f"{pre}.self_attention.dense",
-            "up_proj": f"{pre}.mlp.dense_h_to_4h", "down_proj": f"{pre}.mlp.dense_4h_to_h"}
+    return {
+        "qkv": f"{pre}.self_attention.query_key_value",
+        "o_proj": f"{pre}.self_attention.dense",
+        "up_proj": f"{pre}.mlp.dense_h_to_4h",
+        "down_proj": f"{pre}.mlp.dense_4h_to_h",
+    }
 
 
 def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """Our projection name -> its kernel's (input shape, output shape): kernel [*in, *out]."""
     n, h, k, d, f = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.embed_dim, cfg.mlp_dim
-    return {"q_proj": ((d,), (n, k)), "k_proj": ((d,), (h, k)), "v_proj": ((d,), (h, k)), "o_proj": ((n, k), (d,)),
-            "gate_proj": ((d,), (f,)), "up_proj": ((d,), (f,)), "down_proj": ((f,), (d,))}
+    return {
+        "q_proj": ((d,), (n, k)),
+        "k_proj": ((d,), (h, k)),
+        "v_proj": ((d,), (h, k)),
+        "o_proj": ((n, k), (d,)),
+        "gate_proj": ((d,), (f,)),
+        "up_proj": ((d,), (f,)),
+        "down_proj": ((f,), (d,)),
+    }
 
 
 def hf_module_params(cfg: ModelConfig) -> tuple[dict[str, Params], dict[str, Params]]:
     """The family's modules -> the params they hold, (outside the layers, in a layer: "{i}" in module paths,
     params relative to the layer), in the order of `jaxllm.hf.layout`'s tensor groups (which also give
     the tensors' shapes and conversions)."""
+
     def norm(name):
         return ((name, "scale"), (name, "bias")) if cfg.norm == "layer" else ((name, "scale"),)
 
@@ -87,7 +112,8 @@ def hf_module_params(cfg: ModelConfig) -> tuple[dict[str, Params], dict[str, Par
         if ours == "qkv":  # one fused query_key_value: the q, k, v kernels, then their biases
             qkv = [(parent(p), p) for p in ("q_proj", "k_proj", "v_proj")]
             layer[module] = tuple((*p, "kernel") for p in qkv) + (
-                tuple((*p, "bias") for p in qkv) if cfg.use_bias else ())
+                tuple((*p, "bias") for p in qkv) if cfg.use_bias else ()
+            )
         else:
             layer[module] = linear(parent(ours), ours)
     pre = "model.layers.{i}" if llama else "transformer.h.{i}"

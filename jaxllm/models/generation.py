@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import textwrap
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +65,9 @@ def sample_token(logits_BV, rng, *, temperature: float, top_k: int, top_p: float
     return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
-             width: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, segment_ids, positions) [B, P]: pads on the left carry segment 0; positions start at 0
     on each prompt's first real token, as transformers derives them from the attention mask. P is the
     longest prompt, or `width` if that is longer."""
@@ -75,14 +76,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
     segments = np.zeros((len(prompts), width), np.int32)
     for row, p in enumerate(prompts):
         if len(p):
-            tokens[row, width - len(p):] = p
-            segments[row, width - len(p):] = 1
+            tokens[row, width - len(p) :] = p
+            segments[row, width - len(p) :] = 1
     positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
     return tokens, segments, positions
 
 
-def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, *, eos_id: int,
-             pad_id: int = 0, width: int = 0) -> list[list[int]]:
+def generate(
+    model: nn.Module,
+    params,
+    prompts: Sequence[Sequence[int]],
+    cfg: GenerateConfig,
+    *,
+    eos_id: int,
+    pad_id: int = 0,
+    width: int = 0,
+) -> list[list[int]]:
     """New token ids for each prompt (without the prompt; cut after EOS, which is not returned). Prompts
     are left-padded to `width` tokens when it is longer than the longest: calls with one width share
     one compiled program."""
@@ -91,15 +100,18 @@ def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], cfg: Ge
     tokens, segments, positions = left_pad(prompts, pad_id, width)
     total = tokens.shape[1] + cfg.max_new_tokens
     if total > model.cfg.max_seq_len:
-        raise JaxllmError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
-                          f"model's context of {model.cfg.max_seq_len}; shorten one of them")
+        raise JaxllmError(
+            f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
+            f"model's context of {model.cfg.max_seq_len}; shorten one of them"
+        )
     if cfg.max_new_tokens == 0:
         return [[] for _ in prompts]
     decode = _decode_fn(dataclasses.replace(model.cfg, remat="none"), tokens.shape, cfg, eos_id, pad_id)
     mesh = shd.mesh_of(params)  # params sharded over a mesh (a training run's): decode under it, constrained
     with shd.activate(mesh) if mesh is not None else contextlib.nullcontext():
-        out = decode(params, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions),
-                     jax.random.key(cfg.seed))
+        out = decode(
+            params, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions), jax.random.key(cfg.seed)
+        )
     result = []
     for row in np.asarray(jax.device_get(out)).tolist():
         result.append(row[: row.index(eos_id)] if eos_id in row else row)
@@ -120,10 +132,15 @@ def _decode_fn(model_cfg: ModelConfig, shape: tuple[int, int], cfg: GenerateConf
     @jax.jit
     def run(params, tokens_BP, segments_BP, positions_BP, rng):
         params = layer_layout(params, model_cfg.num_layers, scan=False)
-        cache = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: model.init(jax.random.key(0), jnp.zeros((b, total), jnp.int32), decode=True)["cache"]))
-        logits_BPV, mutated = model.apply({"params": params, "cache": cache}, tokens_BP, positions_BP, segments_BP,
-                                          decode=True, mutable=["cache"])
+        cache = jax.tree.map(
+            jnp.zeros_like,
+            jax.eval_shape(
+                lambda: model.init(jax.random.key(0), jnp.zeros((b, total), jnp.int32), decode=True)["cache"]
+            ),
+        )
+        logits_BPV, mutated = model.apply(
+            {"params": params, "cache": cache}, tokens_BP, positions_BP, segments_BP, decode=True, mutable=["cache"]
+        )
         rng, sub = jax.random.split(rng)
         first_B = sample_token(logits_BPV[:, -1], sub, **warp)
         out_BN = jnp.full((b, cfg.max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
@@ -131,8 +148,14 @@ def _decode_fn(model_cfg: ModelConfig, shape: tuple[int, int], cfg: GenerateConf
         def body(i, carry):
             out_BN, cache, pos_B, done_B, rng = carry
             tok_B = out_BN[:, i - 1]
-            logits_B1V, mutated = model.apply({"params": params, "cache": cache}, tok_B[:, None], pos_B[:, None],
-                                              jnp.ones((b, 1), jnp.int32), decode=True, mutable=["cache"])
+            logits_B1V, mutated = model.apply(
+                {"params": params, "cache": cache},
+                tok_B[:, None],
+                pos_B[:, None],
+                jnp.ones((b, 1), jnp.int32),
+                decode=True,
+                mutable=["cache"],
+            )
             rng, sub = jax.random.split(rng)
             nxt_B = sample_token(logits_B1V[:, 0], sub, **warp)
             done_B = done_B | (tok_B == eos_id)
@@ -152,11 +175,19 @@ def continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -
     prompt and continuation together keeps it."""
     head = tokenizer.decode(list(prompt_ids))
     whole = tokenizer.decode(list(prompt_ids) + list(new_ids))
-    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(new_ids)
+    return whole[len(head) :] if whole.startswith(head) else tokenizer.decode(new_ids)
 
 
-def generate_text(model: nn.Module, params, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, *,
-                  add_bos: bool = False, batch_size: int = 8) -> list[str]:
+def generate_text(
+    model: nn.Module,
+    params,
+    tokenizer,
+    prompts: Sequence[str],
+    cfg: GenerateConfig,
+    *,
+    add_bos: bool = False,
+    batch_size: int = 8,
+) -> list[str]:
     """Continuations of `prompts`, batched `batch_size` at a time with left padding."""
     check_number("batch_size", batch_size, low=1, integer=True)
     encoded = []
@@ -168,7 +199,7 @@ def generate_text(model: nn.Module, params, tokenizer, prompts: Sequence[str], c
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
     out: list[str] = []
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start: start + batch_size]
+        chunk = encoded[start : start + batch_size]
         chunk += [chunk[-1]] * (batch_size - len(chunk)) if len(encoded) > batch_size else []  # one shape
         ids = generate(model, params, chunk, cfg, eos_id=tokenizer.eos_id, pad_id=pad_id)
         out.extend(continuation(tokenizer, prompt, row) for prompt, row in zip(chunk, ids[: len(encoded) - start]))

@@ -40,8 +40,12 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD):
-        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                             (x_BLD.shape[-1],), self.cfg.jnp_norm_dtype)
+        scale_D = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x_BLD.shape[-1],),
+            self.cfg.jnp_norm_dtype,
+        )
         x32_BLD = x_BLD.astype(jnp.float32)
         normed = x32_BLD * jax.lax.rsqrt(jnp.mean(x32_BLD**2, axis=-1, keepdims=True) + self.cfg.norm_eps)
         return (normed * scale_D.astype(jnp.float32)).astype(self.cfg.jnp_dtype)
@@ -111,8 +115,11 @@ class Linear(nn.Module):
             fan_in, fan_out = math.prod(in_shape), math.prod(features)
             leaves = {}
             for name, (shape, dtype) in quant.shapes(kind, (), fan_in, fan_out, cfg.quant_block_size).items():
-                axes = {2: ((in_axes[0] if name in ("kernel_nf4", "kernel_int8") else None), out_axes[0]),
-                        1: (None,), 0: ()}[len(shape)]
+                axes = {
+                    2: ((in_axes[0] if name in ("kernel_nf4", "kernel_int8") else None), out_axes[0]),
+                    1: (None,),
+                    0: (),
+                }[len(shape)]
                 init = nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
                 leaves[name] = self.param(name, init, shape, dtype)
         x = x.astype(cfg.jnp_dtype)
@@ -122,14 +129,14 @@ class Linear(nn.Module):
             y = quant.frozen_quantized_matmul(x, leaves, (*in_shape, *features), num_in)
         if self.lora:
             if lora_xa is None:
-                lora_xa = lora_down(cfg, lora_a_param(self, "lora_a", in_shape, in_axes), x, self.deterministic,
-                                    num_in)
+                lora_xa = lora_down(cfg, lora_a_param(self, "lora_a", in_shape, in_axes), x, self.deterministic, num_in)
             init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("lora_rank", *out_axes))
             b = self.param("lora_b", init, (cfg.lora_rank, *features), jnp.float32)
             y = y + quant.contract(lora_xa, b.astype(cfg.jnp_dtype), 1) * jnp.asarray(cfg.lora_scaling, cfg.jnp_dtype)
         if cfg.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes), features,
-                              cfg.jnp_param_dtype)
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes), features, cfg.jnp_param_dtype
+            )
             y = y + bias.astype(cfg.jnp_dtype)
         return y
 
@@ -148,8 +155,9 @@ class MLP(nn.Module):
         cfg = self.cfg
 
         def dense(name, features, axes):
-            return Linear(cfg, (features,), axes, lora=name in cfg.lora_targets, deterministic=self.deterministic,
-                          name=name)
+            return Linear(
+                cfg, (features,), axes, lora=name in cfg.lora_targets, deterministic=self.deterministic, name=name
+            )
 
         if cfg.mlp == "swiglu":
             gate_BLF = constrain(dense("gate_proj", cfg.mlp_dim, ("embed", "mlp"))(x_BLD), MLP_AXES, "mlpwi_0")

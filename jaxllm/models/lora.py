@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +52,9 @@ class LoraConfig:
         check_number("lora.r", self.r, low=0, integer=True)  # 0 = full fine-tuning
         check_number("lora.alpha", self.alpha, low=0, low_open=True)
         if self.quantization not in quant.QUANTIZATIONS:
-            raise JaxllmError(f"lora.quantization={self.quantization!r}; choose one of "
-                              f"{', '.join(quant.QUANTIZATIONS)}")
+            raise JaxllmError(
+                f"lora.quantization={self.quantization!r}; choose one of {', '.join(quant.QUANTIZATIONS)}"
+            )
         if self.quantization != "none" and self.r == 0:
             raise JaxllmError("lora.quantization needs adapters: a quantized base is frozen; set lora.r > 0")
         check_number("lora.dropout", self.dropout, low=0, high=1, high_open=True)
@@ -68,23 +70,32 @@ def resolve_targets(lcfg: LoraConfig, cfg: ModelConfig) -> tuple[str, ...]:
         return tuple(modules)
     if len(targets) == 1 and re.search(r"[\\^$*+?()\[\]|]", targets[0]):
         pattern = re.compile(targets[0])
-        per_layer = [tuple(o for o, p in modules.items() if pattern.fullmatch(p.format(i=i)))
-                     for i in range(cfg.num_layers)]
+        per_layer = [
+            tuple(o for o, p in modules.items() if pattern.fullmatch(p.format(i=i))) for i in range(cfg.num_layers)
+        ]
         if len(set(per_layer)) > 1:
-            raise JaxllmError(f"lora.target_modules regex {targets[0]!r} picks different modules in different "
-                              "layers; jaxllm puts the same adapters in every layer")
+            raise JaxllmError(
+                f"lora.target_modules regex {targets[0]!r} picks different modules in different "
+                "layers; jaxllm puts the same adapters in every layer"
+            )
         if not per_layer[0]:
-            raise JaxllmError(f"lora.target_modules regex {targets[0]!r} matches no module (e.g. "
-                              f"{modules[next(iter(modules))].format(i=0)})")
+            raise JaxllmError(
+                f"lora.target_modules regex {targets[0]!r} matches no module (e.g. "
+                f"{modules[next(iter(modules))].format(i=0)})"
+            )
         return per_layer[0]
     out = []
     for name in targets:
         if name in ("lm_head", "embed_tokens", "word_embeddings"):
-            raise JaxllmError(f"lora.target_modules: {name} cannot take an adapter here; list it in "
-                              "lora.modules_to_save to train it in full")
+            raise JaxllmError(
+                f"lora.target_modules: {name} cannot take an adapter here; list it in "
+                "lora.modules_to_save to train it in full"
+            )
         if name not in by_short:
-            raise JaxllmError(f"lora.target_modules: unknown module {name!r} for this model; choose from "
-                              f"{', '.join(by_short)}, all-linear, or a regex")
+            raise JaxllmError(
+                f"lora.target_modules: unknown module {name!r} for this model; choose from "
+                f"{', '.join(by_short)}, all-linear, or a regex"
+            )
         out.append(by_short[name])
     return tuple(o for o in modules if o in out)  # canonical order, whatever order they were listed in
 
@@ -93,9 +104,16 @@ def apply(lcfg: LoraConfig, cfg: ModelConfig) -> ModelConfig:
     """The model config with adapters (and a quantized base) switched on."""
     if not lcfg.r:
         return cfg
-    return dataclasses.replace(cfg, lora_rank=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                               lora_targets=resolve_targets(lcfg, cfg), lora_rslora=lcfg.rslora,
-                               quantization=lcfg.quantization, quant_block_size=lcfg.quant_block_size)
+    return dataclasses.replace(
+        cfg,
+        lora_rank=lcfg.r,
+        lora_alpha=lcfg.alpha,
+        lora_dropout=lcfg.dropout,
+        lora_targets=resolve_targets(lcfg, cfg),
+        lora_rslora=lcfg.rslora,
+        quantization=lcfg.quantization,
+        quant_block_size=lcfg.quant_block_size,
+    )
 
 
 def base_config(cfg: ModelConfig) -> ModelConfig:
@@ -140,8 +158,10 @@ def save_paths(lcfg: LoraConfig, cfg: ModelConfig, score: bool = True) -> list[t
                     paths += [(("{i}",) if layered else ()) + p for p in held]
                     found = True
         if not found:
-            raise JaxllmError(f"lora.modules_to_save: no module {module!r} in this model (e.g. lm_head, "
-                              "embed_tokens, input_layernorm)")
+            raise JaxllmError(
+                f"lora.modules_to_save: no module {module!r} in this model (e.g. lm_head, "
+                "embed_tokens, input_layernorm)"
+            )
         quantized = {*families.PROJECTIONS, *(p.rsplit(".", 1)[1] for p in families.hf_modules(cfg).values())}
         if cfg.quantization != "none" and module in quantized:
             raise JaxllmError(f"lora.modules_to_save: {module} is quantized and cannot be trained in full")
@@ -165,6 +185,7 @@ def trainable_fn(lcfg: LoraConfig, cfg: ModelConfig) -> Callable[[tuple[str, ...
 
 def _projections(params: dict):
     """(path, module dict, our projection name) of every attention/MLP projection."""
+
     def walk(node, path):
         for key, value in node.items():
             if isinstance(value, dict):
@@ -172,6 +193,7 @@ def _projections(params: dict):
                     yield (*path, key), value, key
                 else:
                     yield from walk(value, (*path, key))
+
     yield from walk(params, ())
 
 
@@ -186,11 +208,10 @@ def _num_in(name: str) -> int:
 def _fan_in(path: Path, kernel_shape: tuple[int, ...]) -> int:
     """Input size of the projection kernel at module `path` (its input axes flattened)."""
     lead = _lead(path)
-    return math.prod(kernel_shape[lead:lead + _num_in(path[-1])])
+    return math.prod(kernel_shape[lead : lead + _num_in(path[-1])])
 
 
-def quantize_params(params: dict, cfg: ModelConfig, shardings: dict | None = None, *,
-                    in_place: bool = False) -> dict:
+def quantize_params(params: dict, cfg: ModelConfig, shardings: dict | None = None, *, in_place: bool = False) -> dict:
     """Float params -> the quantized base of `cfg` (kernels of attention/MLP projections replaced by
     their quantized leaves, one kernel at a time; norms in float32). `shardings`: of the quantized tree.
     `in_place` consumes `params`, so each float kernel is freed as soon as it is quantized."""
@@ -227,6 +248,7 @@ def _norms_to_f32(params: dict) -> dict:
         names = [getattr(k, "key", "") for k in path]
         is_norm = any(n.endswith("norm") for n in names) and names[-1] in ("scale", "bias")
         return x.astype(jnp.float32) if is_norm else x
+
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
@@ -254,11 +276,12 @@ def lora_delta(attn_or_module: dict, name: str, cfg: ModelConfig, parent: dict |
     a = a.astype(jnp.float32)
     lead = a.ndim - _num_in(name) - 1  # a scanned model's leading layer axis
     if lead:
-        delta = jnp.einsum("lir,lro->lio", a.reshape(a.shape[0], -1, a.shape[-1]),
-                           b.reshape(b.shape[0], b.shape[1], -1))
+        delta = jnp.einsum(
+            "lir,lro->lio", a.reshape(a.shape[0], -1, a.shape[-1]), b.reshape(b.shape[0], b.shape[1], -1)
+        )
     else:
         delta = a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1)
-    return (delta * cfg.lora_scaling).reshape(*a.shape[:-1], *b.shape[lead + 1:])
+    return (delta * cfg.lora_scaling).reshape(*a.shape[:-1], *b.shape[lead + 1 :])
 
 
 def merge_adapters(params: dict, cfg: ModelConfig, sign: float = 1.0) -> tuple[ModelConfig, dict]:

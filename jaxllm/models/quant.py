@@ -29,11 +29,27 @@ QUANTIZATIONS = ("none", "nf4", "int8")
 SCALE_BLOCK = 256  # block scales per second-level scale (double quantization)
 
 # The 16 NormalFloat4 levels as published (QLoRA appendix E; bitsandbytes' NF4 table).
-NF4_LEVELS = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=np.float32)
+NF4_LEVELS = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=np.float32,
+)
 
 
 def leaf_names(kind: str) -> tuple[str, ...]:
@@ -62,13 +78,17 @@ def shapes(kind: str, lead: tuple[int, ...], fan_in: int, fan_out: int, block_si
     rows = padded(fan_in, block_size)
     blocks = rows // block_size
     if kind == "int8":
-        return {"kernel_int8": ((*lead, rows, fan_out), jnp.int8),
-                "kernel_scale": ((*lead, blocks, fan_out), jnp.float32)}
+        return {
+            "kernel_int8": ((*lead, rows, fan_out), jnp.int8),
+            "kernel_scale": ((*lead, blocks, fan_out), jnp.float32),
+        }
     num_scales = blocks * fan_out
-    return {"kernel_nf4": ((*lead, rows // 2, fan_out), jnp.uint8),
-            "kernel_scale_q": ((*lead, blocks, fan_out), jnp.int8),
-            "kernel_scale_scale": ((*lead, -(-num_scales // SCALE_BLOCK)), jnp.float32),
-            "kernel_scale_mean": ((*lead,), jnp.float32)}
+    return {
+        "kernel_nf4": ((*lead, rows // 2, fan_out), jnp.uint8),
+        "kernel_scale_q": ((*lead, blocks, fan_out), jnp.int8),
+        "kernel_scale_scale": ((*lead, -(-num_scales // SCALE_BLOCK)), jnp.float32),
+        "kernel_scale_mean": ((*lead,), jnp.float32),
+    }
 
 
 def _blocks(w, block_size):
@@ -112,8 +132,7 @@ def quantize(w: jax.Array, kind: str, block_size: int = 64) -> dict[str, jax.Arr
     q = jnp.round(centered / jnp.where(scale2 > 0, scale2, 1.0)[..., None])
     nblocks = absmax.shape[-2] * fan_out
     scale_q = q.reshape(*lead, -1)[..., :nblocks].reshape(absmax.shape).astype(jnp.int8)
-    return {"kernel_nf4": packed, "kernel_scale_q": scale_q, "kernel_scale_scale": scale2,
-            "kernel_scale_mean": mean}
+    return {"kernel_nf4": packed, "kernel_scale_q": scale_q, "kernel_scale_scale": scale2, "kernel_scale_mean": mean}
 
 
 def block_scales(leaves: dict[str, jax.Array]) -> jax.Array:
@@ -123,7 +142,7 @@ def block_scales(leaves: dict[str, jax.Array]) -> jax.Array:
     scale_q = leaves["kernel_scale_q"]
     groups = _scale_groups(scale_q.astype(jnp.float32)) * leaves["kernel_scale_scale"][..., None]
     *lead, b, f = scale_q.shape
-    flat = groups.reshape(*lead, -1)[..., :b * f]
+    flat = groups.reshape(*lead, -1)[..., : b * f]
     return flat.reshape(scale_q.shape) + leaves["kernel_scale_mean"][..., None, None]
 
 
@@ -147,8 +166,9 @@ def dequantize(leaves: dict[str, jax.Array], dtype: Any = jnp.float32, fan_in: i
 
 def bytes_per_param(kind: str, fan_in: int, fan_out: int, block_size: int = 64) -> float:
     """Stored bytes per weight of one [fan_in, fan_out] kernel."""
-    total = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in shapes(kind, (), fan_in, fan_out,
-                                                                         block_size).values())
+    total = sum(
+        int(np.prod(s)) * np.dtype(d).itemsize for s, d in shapes(kind, (), fan_in, fan_out, block_size).values()
+    )
     return total / (fan_in * fan_out)
 
 
@@ -158,7 +178,7 @@ def contract(x, w, num_in: int):
     The reshapes are free (row-major merges), and the 2-D form keeps every gradient a plain matmul:
     contracting the leading batch dims of a 3-D operand (the kernel gradient x^T dy) made XLA:CPU
     materialise transposed copies of the activations, half the train step's time at d=384."""
-    lead, out = x.shape[:x.ndim - num_in], w.shape[num_in:]
+    lead, out = x.shape[: x.ndim - num_in], w.shape[num_in:]
     fan_in = math.prod(w.shape[:num_in])
     y = jnp.dot(x.reshape(-1, fan_in), w.reshape(fan_in, -1))
     return y.reshape(*lead, *out)
@@ -185,10 +205,15 @@ def _fqm_bwd(kernel_shape, num_in, leaves, dy):
     kernel = _dequantized(leaves, dtype, kernel_shape, num_in)
     fan_in = math.prod(kernel_shape[:num_in])
     dy_2d = dy.astype(dtype).reshape(-1, math.prod(kernel_shape[num_in:]))
-    dx = jnp.dot(dy_2d, kernel.reshape(fan_in, -1).T).reshape(*dy.shape[:dy.ndim - (kernel.ndim - num_in)],
-                                                                 *kernel_shape[:num_in])
-    zeros = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.floating)
-                         else jnp.zeros_like(a), leaves)
+    dx = jnp.dot(dy_2d, kernel.reshape(fan_in, -1).T).reshape(
+        *dy.shape[: dy.ndim - (kernel.ndim - num_in)], *kernel_shape[:num_in]
+    )
+    zeros = jax.tree.map(
+        lambda a: (
+            np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a)
+        ),
+        leaves,
+    )
     return dx, zeros
 
 

@@ -98,7 +98,7 @@ def _like(original: str, synonym: str) -> str:
     start = original.find(core)
     if core[:1].isupper():
         synonym = synonym[:1].upper() + synonym[1:]
-    return original[:start] + synonym + original[start + len(core):]
+    return original[:start] + synonym + original[start + len(core) :]
 
 
 def wants_paraphrase(text: str, cfg: AugmentConfig) -> bool:
@@ -119,11 +119,19 @@ class Paraphraser:
 
         self._cfg, self._batch_size, self._generate = cfg, batch_size, generate
         self._model, self._params, self._tokenizer, self._add_bos = load.load_model(cfg.paraphrase_model)
-        self._gen = generate.GenerateConfig(max_new_tokens=cfg.paraphrase_max_new_tokens,
-                                            temperature=cfg.paraphrase_temperature, seed=cfg.seed)
+        self._gen = generate.GenerateConfig(
+            max_new_tokens=cfg.paraphrase_max_new_tokens, temperature=cfg.paraphrase_temperature, seed=cfg.seed
+        )
 
     def __call__(self, texts: list[str]) -> list[str]:
         prompts = [self._cfg.paraphrase_prompt.format(text=t) for t in texts]
-        outs = self._generate.generate_text(self._model, self._params, self._tokenizer, prompts, self._gen,
-                                            add_bos=self._add_bos, batch_size=self._batch_size)
+        outs = self._generate.generate_text(
+            self._model,
+            self._params,
+            self._tokenizer,
+            prompts,
+            self._gen,
+            add_bos=self._add_bos,
+            batch_size=self._batch_size,
+        )
         return [o.strip() for o in outs]

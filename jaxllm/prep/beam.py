@@ -57,20 +57,30 @@ from jaxllm.prep.readers import KINDS, Reader, file_kind, resolve_inputs
 _PARTIAL = "stats.partial.json"
 
 
-def prepare_beam(inputs: Sequence[str], output: str, cfg: PrepConfig | None = None, *, runner: str = "DirectRunner",
-                 options: Sequence[str] = ()) -> dict[str, Any]:
+def prepare_beam(
+    inputs: Sequence[str],
+    output: str,
+    cfg: PrepConfig | None = None,
+    *,
+    runner: str = "DirectRunner",
+    options: Sequence[str] = (),
+) -> dict[str, Any]:
     """`prepare` on a Beam runner (`options`: Beam pipeline flags); returns the stats it writes."""
     cfg = cfg or PrepConfig()
     if cfg.augment.enabled and cfg.augment.paraphrase_model:
-        raise JaxllmError("augment.paraphrase_model runs a jaxllm model, which the Beam runner does not; prepare "
-                          "with --runner=local or set --config.augment.paraphrase_model=''")
+        raise JaxllmError(
+            "augment.paraphrase_model runs a jaxllm model, which the Beam runner does not; prepare "
+            "with --runner=local or set --config.augment.paraphrase_model=''"
+        )
     try:
         from apache_beam.runners.runner import create_runner  # pylint: disable=g-import-not-at-top
 
         create_runner(runner)
     except ValueError as e:
-        raise JaxllmError(f"--runner={runner!r}: {e}; use local, DirectRunner, DataflowRunner, FlinkRunner, "
-                          "SparkRunner or another Beam runner") from None
+        raise JaxllmError(
+            f"--runner={runner!r}: {e}; use local, DirectRunner, DataflowRunner, FlinkRunner, "
+            "SparkRunner or another Beam runner"
+        ) from None
     start = time.time()
     resolved = _resolve(list(inputs))  # a missing input fails before the output is touched
     out = _Output(output, cfg.output.overwrite)
@@ -87,7 +97,9 @@ def prepare_beam(inputs: Sequence[str], output: str, cfg: PrepConfig | None = No
         out.write("report.md", render_report(stats).encode())
         out.write("stats.json", (json.dumps(stats, indent=2, default=str) + "\n").encode())
         files = [s["file"] for s in stats["output"]["shards"]]
-        out.commit(files + (["tokenizer.model"] if stats.pop("_tokenizer_file", "") else []) + ["report.md", "stats.json"])
+        out.commit(
+            files + (["tokenizer.model"] if stats.pop("_tokenizer_file", "") else []) + ["report.md", "stats.json"]
+        )
         return stats
     except BaseException:
         out.discard()
@@ -99,62 +111,97 @@ def prepare_beam(inputs: Sequence[str], output: str, cfg: PrepConfig | None = No
 
 def _build(p, resolved: list[tuple[str, str]], inputs: list[str], cfg: PrepConfig, out: _Output) -> None:
     # ---- read, clean, filter, sign: (position, Processed) for every document read
-    read = (p | "inputs" >> beam.Create(list(enumerate(resolved)))
-            | "read" >> beam.ParDo(_Read(cfg)).with_outputs("counts", main="docs"))
-    processed = (read.docs | "spread documents" >> beam.Reshuffle()
-                 | "clean, filter, sign" >> beam.Map(lambda kv, stage: (kv[0], stage.one(*kv[1])), core.DocStage(cfg)))
+    read = (
+        p
+        | "inputs" >> beam.Create(list(enumerate(resolved)))
+        | "read" >> beam.ParDo(_Read(cfg)).with_outputs("counts", main="docs")
+    )
+    processed = (
+        read.docs
+        | "spread documents" >> beam.Reshuffle()
+        | "clean, filter, sign" >> beam.Map(lambda kv, stage: (kv[0], stage.one(*kv[1])), core.DocStage(cfg))
+    )
 
     # ---- dedup: (position, (reason, candidates compared)) for every document that reached it
     reached = processed | "reached dedup" >> beam.Filter(lambda kv: kv[1].removed_at == "")
     if cfg.dedup.exact:
-        exact = (reached | "by exact key" >> beam.Map(lambda kv: (kv[1].key, (kv[0], kv[1].sig)))
-                 | "group exact keys" >> beam.GroupByKey()
-                 | "earliest of each key" >> beam.FlatMap(_earliest_of_key))
+        exact = (
+            reached
+            | "by exact key" >> beam.Map(lambda kv: (kv[1].key, (kv[0], kv[1].sig)))
+            | "group exact keys" >> beam.GroupByKey()
+            | "earliest of each key" >> beam.FlatMap(_earliest_of_key)
+        )
     else:
         exact = reached | "no exact dedup" >> beam.Map(lambda kv: (kv[0], ("", kv[1].sig)))
-    exact_dups = (exact | "exact duplicates" >> beam.Filter(lambda kv: kv[1][0] != "")
-                  | "exact verdicts" >> beam.Map(lambda kv: (kv[0], ("exact_duplicate", 0))))
-    survivors = (exact | "exact survivors" >> beam.Filter(lambda kv: kv[1][0] == "")
-                 | "signatures" >> beam.Map(lambda kv: (kv[0], kv[1][1])))
+    exact_dups = (
+        exact
+        | "exact duplicates" >> beam.Filter(lambda kv: kv[1][0] != "")
+        | "exact verdicts" >> beam.Map(lambda kv: (kv[0], ("exact_duplicate", 0)))
+    )
+    survivors = (
+        exact
+        | "exact survivors" >> beam.Filter(lambda kv: kv[1][0] == "")
+        | "signatures" >> beam.Map(lambda kv: (kv[0], kv[1][1]))
+    )
     if cfg.dedup.near:
-        pairs = (survivors | "band buckets" >> beam.FlatMap(_band_buckets, NearDuplicateIndex(cfg.dedup))
-                 | "group buckets" >> beam.GroupByKey()
-                 | "compare with the earliest" >> beam.FlatMap(_compare_with_earliest, cfg.dedup.threshold))
-        near = ({"sig": survivors, "pairs": pairs} | "join candidates" >> beam.CoGroupByKey()
-                | "near verdicts" >> beam.Map(_near_verdict))
+        pairs = (
+            survivors
+            | "band buckets" >> beam.FlatMap(_band_buckets, NearDuplicateIndex(cfg.dedup))
+            | "group buckets" >> beam.GroupByKey()
+            | "compare with the earliest" >> beam.FlatMap(_compare_with_earliest, cfg.dedup.threshold)
+        )
+        near = (
+            {"sig": survivors, "pairs": pairs}
+            | "join candidates" >> beam.CoGroupByKey()
+            | "near verdicts" >> beam.Map(_near_verdict)
+        )
     else:
         near = survivors | "no near dedup" >> beam.Map(lambda kv: (kv[0], ("", 0)))
     verdicts = (exact_dups, near) | "verdicts" >> beam.Flatten()
-    judged = ({"doc": processed, "verdict": verdicts} | "join verdicts" >> beam.CoGroupByKey()
-              | "documents and verdicts" >> beam.Map(lambda kv: (kv[0], kv[1]["doc"][0],
-                                                                 (kv[1]["verdict"] or [None])[0])))
+    judged = (
+        {"doc": processed, "verdict": verdicts}
+        | "join verdicts" >> beam.CoGroupByKey()
+        | "documents and verdicts" >> beam.Map(lambda kv: (kv[0], kv[1]["doc"][0], (kv[1]["verdict"] or [None])[0]))
+    )
     stage_counts = judged | "count stages" >> beam.CombineGlobally(_StageCounts(cfg))
     input_counts = read.counts | "count inputs" >> beam.combiners.ToList()
 
     # ---- kept records, indexed in the local order
     kept = judged | "kept records" >> beam.FlatMap(_kept_records)
-    index = (kept | "record lengths" >> beam.Map(lambda kv: (kv[0], len(kv[1]["text"]), kv[1]["value"]))
-             | "all records" >> beam.combiners.ToList() | "index" >> beam.Map(_index))
+    index = (
+        kept
+        | "record lengths" >> beam.Map(lambda kv: (kv[0], len(kv[1]["text"]), kv[1]["value"]))
+        | "all records" >> beam.combiners.ToList()
+        | "index" >> beam.Map(_index)
+    )
 
     # ---- tokenizer and tokens
     tokenize = cfg.tokenize.enabled
     if tokenize:
         picks = index | "tokenizer sample" >> beam.FlatMap(_sample_positions, cfg)
-        sample = ({"pick": picks, "record": kept} | "join sample" >> beam.CoGroupByKey()
-                  | "sample texts" >> beam.FlatMap(lambda kv: [(kv[1]["pick"][0], kv[1]["record"][0]["text"])]
-                                                   if kv[1]["pick"] else [])
-                  | "whole sample" >> beam.combiners.ToList())
+        sample = (
+            {"pick": picks, "record": kept}
+            | "join sample" >> beam.CoGroupByKey()
+            | "sample texts"
+            >> beam.FlatMap(lambda kv: [(kv[1]["pick"][0], kv[1]["record"][0]["text"])] if kv[1]["pick"] else [])
+            | "whole sample" >> beam.combiners.ToList()
+        )
         model = index | "train tokenizer" >> beam.Map(_train_tokenizer, cfg, pvalue.AsSingleton(sample))
-        tokens = kept | "tokenize" >> beam.Map(lambda kv, model: (kv[0], core.token_ids(model[1], kv[1]["text"])),
-                                               pvalue.AsSingleton(model))
-        counts = (tokens | "token counts" >> beam.Map(lambda kv: np.bincount(kv[1]))
-                  | "corpus token counts" >> beam.CombineGlobally(
-                      lambda counts: functools.reduce(core.add_counts, counts, np.zeros(0, np.int64))))
+        tokens = kept | "tokenize" >> beam.Map(
+            lambda kv, model: (kv[0], core.token_ids(model[1], kv[1]["text"])), pvalue.AsSingleton(model)
+        )
+        counts = (
+            tokens
+            | "token counts" >> beam.Map(lambda kv: np.bincount(kv[1]))
+            | "corpus token counts"
+            >> beam.CombineGlobally(lambda counts: functools.reduce(core.add_counts, counts, np.zeros(0, np.int64)))
+        )
         lengths = tokens | "token lengths" >> beam.Map(lambda kv: (kv[0], len(kv[1])))
         if cfg.curriculum.enabled and cfg.curriculum.rarity_weight:
             rarity = tokens | "rarity" >> beam.Map(
                 lambda kv, c: (kv[0], curriculum.rarity(kv[1], curriculum.log_frequencies(c))),
-                pvalue.AsSingleton(counts))
+                pvalue.AsSingleton(counts),
+            )
         else:
             rarity = p | "no rarity" >> beam.Create([])
     else:
@@ -164,23 +211,45 @@ def _build(p, resolved: list[tuple[str, str]], inputs: list[str], cfg: PrepConfi
     # ---- curriculum order, then shards
     if cfg.curriculum.enabled and cfg.curriculum.model_weight:
         size = cfg.curriculum.model_batch_size
-        loss = (kept | "batch for the reference model" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
-                | "reference-model loss" >> beam.ParDo(_ModelLoss(cfg)))
+        loss = (
+            kept
+            | "batch for the reference model" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
+            | "reference-model loss" >> beam.ParDo(_ModelLoss(cfg))
+        )
     else:
         loss = p | "no reference model" >> beam.Create([])
-    scored = ({"length": lengths, "rarity": rarity, "loss": loss} | "join scores" >> beam.CoGroupByKey()
-              | "all scores" >> beam.combiners.ToList()
-              | "order" >> beam.Map(_order, cfg, tokenize, pvalue.AsSingleton(index), pvalue.AsSingleton(model)))
+    scored = (
+        {"length": lengths, "rarity": rarity, "loss": loss}
+        | "join scores" >> beam.CoGroupByKey()
+        | "all scores" >> beam.combiners.ToList()
+        | "order" >> beam.Map(_order, cfg, tokenize, pvalue.AsSingleton(index), pvalue.AsSingleton(model))
+    )
     ranks = scored | "ranks" >> beam.FlatMap(lambda s: s["ranks"])
-    shards = ({"record": kept, "tokens": tokens, "rank": ranks} | "join records" >> beam.CoGroupByKey()
-              | "to shards" >> beam.Map(_to_shard, cfg)
-              | "group shards" >> beam.GroupByKey()
-              | "write shards" >> beam.Map(_write_shard, out.tmp, pvalue.AsSingleton(index), cfg)
-              | "all shards" >> beam.combiners.ToList())
-    _ = (p | "finish" >> beam.Create([None])
-         | "stats" >> beam.Map(_finish, inputs, cfg, out.path, out.tmp, pvalue.AsSingleton(stage_counts),
-                               pvalue.AsSingleton(input_counts), pvalue.AsSingleton(model), pvalue.AsSingleton(scored),
-                               pvalue.AsSingleton(shards)))
+    shards = (
+        {"record": kept, "tokens": tokens, "rank": ranks}
+        | "join records" >> beam.CoGroupByKey()
+        | "to shards" >> beam.Map(_to_shard, cfg)
+        | "group shards" >> beam.GroupByKey()
+        | "write shards" >> beam.Map(_write_shard, out.tmp, pvalue.AsSingleton(index), cfg)
+        | "all shards" >> beam.combiners.ToList()
+    )
+    _ = (
+        p
+        | "finish" >> beam.Create([None])
+        | "stats"
+        >> beam.Map(
+            _finish,
+            inputs,
+            cfg,
+            out.path,
+            out.tmp,
+            pvalue.AsSingleton(stage_counts),
+            pvalue.AsSingleton(input_counts),
+            pvalue.AsSingleton(model),
+            pvalue.AsSingleton(scored),
+            pvalue.AsSingleton(shards),
+        )
+    )
 
 
 class _Read(beam.DoFn):
@@ -296,8 +365,11 @@ def _kept_records(item):
 def _index(records: list) -> dict[str, Any]:
     """Every kept record's position in the local order, with its length in characters and field value."""
     records = sorted(records)
-    return {"positions": [r[0] for r in records], "chars": [r[1] for r in records],
-            "values": [math.nan if r[2] is None else r[2] for r in records]}
+    return {
+        "positions": [r[0] for r in records],
+        "chars": [r[1] for r in records],
+        "values": [math.nan if r[2] is None else r[2] for r in records],
+    }
 
 
 def _sample_positions(index: dict, cfg: PrepConfig):
@@ -335,13 +407,18 @@ def _order(scores: list, cfg: PrepConfig, tokenize: bool, index: dict, model: tu
     model_loss = None
     if n and cfg.curriculum.enabled and cfg.curriculum.model_weight:
         model_loss = np.asarray([by_position[pos]["loss"][0] for pos in index["positions"]])
-    score, bucket, order = core.curriculum_order(cfg, length, rarity, np.asarray(index["values"], np.float64),
-                                                 model_loss)
+    score, bucket, order = core.curriculum_order(
+        cfg, length, rarity, np.asarray(index["values"], np.float64), model_loss
+    )
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
-    return {"ranks": [(pos, (int(rank[i]), float(score[i]), int(bucket[i]))) for i, pos in enumerate(index["positions"])],
-            "length": length.tolist(), "score": score.tolist(), "bucket": bucket.tolist(),
-            "tokens": int(length.sum()) if tokenized else None}
+    return {
+        "ranks": [(pos, (int(rank[i]), float(score[i]), int(bucket[i]))) for i, pos in enumerate(index["positions"])],
+        "length": length.tolist(),
+        "score": score.tolist(),
+        "bucket": bucket.tolist(),
+        "tokens": int(length.sum()) if tokenized else None,
+    }
 
 
 def _to_shard(item, cfg: PrepConfig):
@@ -349,7 +426,12 @@ def _to_shard(item, cfg: PrepConfig):
     row, (rank, score, bucket) = joined["record"][0], joined["rank"][0]
     ids = joined["tokens"][0] if joined["tokens"] else None
     record = core.output_record(cfg, row, score, bucket, ids)
-    return rank // cfg.output.records_per_shard, (rank, record, 0 if ids is None else len(ids), core.nbytes(row["text"]))
+    return rank // cfg.output.records_per_shard, (
+        rank,
+        record,
+        0 if ids is None else len(ids),
+        core.nbytes(row["text"]),
+    )
 
 
 def _write_shard(item, tmp: str, index: dict, cfg: PrepConfig) -> dict[str, Any]:
@@ -367,12 +449,27 @@ def _write_shard(item, tmp: str, index: dict, cfg: PrepConfig) -> dict[str, Any]
             writer.write(record)
         writer.close()
         _copy_to(path, _join(tmp, name))
-    return {"index": shard, "records": len(records), "text_bytes": sum(r[3] for r in records),
-            "tokens": sum(r[2] for r in records), "file": name}
+    return {
+        "index": shard,
+        "records": len(records),
+        "text_bytes": sum(r[3] for r in records),
+        "tokens": sum(r[2] for r in records),
+        "file": name,
+    }
 
 
-def _finish(_, inputs: list[str], cfg: PrepConfig, out_path: str, tmp: str, stage_counts: dict, input_counts: list,
-            model: tuple, scored: dict, shards: list) -> None:
+def _finish(
+    _,
+    inputs: list[str],
+    cfg: PrepConfig,
+    out_path: str,
+    tmp: str,
+    stage_counts: dict,
+    input_counts: list,
+    model: tuple,
+    scored: dict,
+    shards: list,
+) -> None:
     """stats (as the local runner builds them) and the tokenizer, into the temp folder."""
     stages = core.stage_counts(cfg)
     stages.update({k: v for k, v in stage_counts.items() if k not in ("input", "tokenize", "curriculum")})
@@ -383,9 +480,20 @@ def _finish(_, inputs: list[str], cfg: PrepConfig, out_path: str, tmp: str, stag
     core.finish_input(stages["input"], reader)
     name, tokenizer, copy = model
     shards = [{k: v for k, v in s.items() if k != "index"} for s in sorted(shards, key=lambda s: s["index"])]
-    stats = core.summarize(inputs, stages, cfg, out_path, name, copy, shards, scored["tokens"],
-                           np.asarray(scored["length"]), np.asarray(scored["score"]),
-                           np.asarray(scored["bucket"], np.int64), time.time())
+    stats = core.summarize(
+        inputs,
+        stages,
+        cfg,
+        out_path,
+        name,
+        copy,
+        shards,
+        scored["tokens"],
+        np.asarray(scored["length"]),
+        np.asarray(scored["score"]),
+        np.asarray(scored["bucket"], np.int64),
+        time.time(),
+    )
     stats["runner"] = "beam"
     stats["_tokenizer_file"] = "tokenizer.model" if copy else ""
     if copy:
@@ -444,11 +552,17 @@ class _Output:
         self.path = path if _is_remote(path) else os.path.abspath(os.path.expanduser(path))
         if not _is_remote(path) and os.path.exists(self.path) and not os.path.isdir(self.path):
             raise JaxllmError(f"--output {path!r} is a file; give a folder")
-        self._old = [m.path for pattern in OUR_FILES
-                     for result in FileSystems.match([_join(self.path, pattern)]) for m in result.metadata_list]
+        self._old = [
+            m.path
+            for pattern in OUR_FILES
+            for result in FileSystems.match([_join(self.path, pattern)])
+            for m in result.metadata_list
+        ]
         if self._old and not overwrite:
-            raise JaxllmError(f"--output {path!r} already holds prep output; pick another folder or pass "
-                              "--config.output.overwrite=true")
+            raise JaxllmError(
+                f"--output {path!r} already holds prep output; pick another folder or pass "
+                "--config.output.overwrite=true"
+            )
         self.tmp = _join(self.path, f".prep-tmp-{uuid.uuid4().hex[:12]}")
         try:
             if not _is_remote(self.path):
@@ -489,5 +603,5 @@ def _unwrap(error: Exception) -> Exception:
     if not isinstance(error, JaxllmError):
         if marker not in text:
             return error
-        text = text[text.rindex(marker) + len(marker):]
+        text = text[text.rindex(marker) + len(marker) :]
     return JaxllmError(text.strip().splitlines()[0].split(" [while running")[0])

@@ -74,8 +74,10 @@ class QualityConfig:
             try:
                 import langid.langid  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
             except ImportError:
-                raise JaxllmError("quality.languages needs langid: pip install 'jaxllm[langid]' (or langid), or set "
-                                  "quality.languages=()") from None
+                raise JaxllmError(
+                    "quality.languages needs langid: pip install 'jaxllm[langid]' (or langid), or set "
+                    "quality.languages=()"
+                ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +152,9 @@ class CurriculumConfig:
         if self.field_weight and not self.field:
             raise JaxllmError("curriculum.field_weight needs curriculum.field (the numeric field to read)")
         if self.model_weight and not self.model:
-            raise JaxllmError("curriculum.model_weight needs curriculum.model (a jaxllm workdir or Hugging Face folder)")
+            raise JaxllmError(
+                "curriculum.model_weight needs curriculum.model (a jaxllm workdir or Hugging Face folder)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,9 +178,16 @@ class OutputConfig:
         _positive("output.records_per_shard", self.records_per_shard)
 
 
-_SECTIONS = {"input": InputConfig, "clean": CleanConfig, "quality": QualityConfig, "dedup": DedupConfig,
-             "augment": AugmentConfig, "curriculum": CurriculumConfig, "tokenize": TokenizeConfig,
-             "output": OutputConfig}
+_SECTIONS = {
+    "input": InputConfig,
+    "clean": CleanConfig,
+    "quality": QualityConfig,
+    "dedup": DedupConfig,
+    "augment": AugmentConfig,
+    "curriculum": CurriculumConfig,
+    "tokenize": TokenizeConfig,
+    "output": OutputConfig,
+}
 
 
 @dataclasses.dataclass(frozen=True)

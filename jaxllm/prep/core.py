@@ -29,8 +29,8 @@ from jaxllm.prep import augment, curriculum
 from jaxllm.prep.clean import clean, quality
 from jaxllm.prep.config import PrepConfig
 from jaxllm.prep.dedup import Deduplicator, MinHasher, exact_key
-from jaxllm.prep.parallel import batched, parallel_map
 from jaxllm.prep.output import OutputDir, ShardWriter, Spool, SpoolTexts, length_histogram, render_report, write_json
+from jaxllm.prep.parallel import batched, parallel_map
 from jaxllm.prep.readers import Doc, Reader, resolve_inputs
 
 _BATCH = 64  # documents per worker task
@@ -97,8 +97,20 @@ class DocStage:
             cleaned = kept
         key = exact_key(cleaned) if cfg.dedup.exact else None
         sig = self.hasher.signature(cleaned) if self.hasher is not None else None
-        return Processed(cleaned, source, value, size, clean_size, "", "", changed, lines_removed, key, sig,
-                         augment.variants(cleaned, cfg.augment))
+        return Processed(
+            cleaned,
+            source,
+            value,
+            size,
+            clean_size,
+            "",
+            "",
+            changed,
+            lines_removed,
+            key,
+            sig,
+            augment.variants(cleaned, cfg.augment),
+        )
 
 
 class TokenizeStage:
@@ -116,8 +128,9 @@ def token_ids(tokenizer: Any, text: str) -> np.ndarray:
     return np.asarray(tokenizer.encode(text), np.int32)
 
 
-def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir, cfg: PrepConfig,
-             start: float) -> dict[str, Any]:
+def _prepare(
+    resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir, cfg: PrepConfig, start: float
+) -> dict[str, Any]:
     """The three passes of the module docstring, then stats.json and report.md."""
     stages = stage_counts(cfg)
     workers = cfg.num_workers or os.cpu_count() or 1
@@ -135,8 +148,20 @@ def _prepare(resolved: list[tuple[str, str]], inputs: list[str], out: OutputDir,
     if tokens is not None:
         tokens.spool.close()
     name, copied = (tokens.name, tokens.copied) if tokens is not None else ("", False)
-    stats = summarize(inputs, stages, cfg, out.path, name, copied, shards,
-                      None if tokens is None else int(sum(tokens.counts)), length, score, bucket, start)
+    stats = summarize(
+        inputs,
+        stages,
+        cfg,
+        out.path,
+        name,
+        copied,
+        shards,
+        None if tokens is None else int(sum(tokens.counts)),
+        length,
+        score,
+        bucket,
+        start,
+    )
     stats["pass_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     write_outputs(out, stats, files, copied)
     return stats
@@ -165,8 +190,9 @@ class _Tokens(NamedTuple):
     id_counts: np.ndarray
 
 
-def _read_clean_dedup(resolved: list[tuple[str, str]], cfg: PrepConfig, stages: dict, kept: _Kept,
-                      workers: int) -> None:
+def _read_clean_dedup(
+    resolved: list[tuple[str, str]], cfg: PrepConfig, stages: dict, kept: _Kept, workers: int
+) -> None:
     """Pass 1: read, clean, filter and sign in workers, deduplicate here, augment; the documents kept go
     to `kept`, the counts to `stages`."""
     reader = Reader(cfg.input, cfg.curriculum.field)
@@ -218,19 +244,26 @@ def _tokenize(cfg: PrepConfig, spool: Spool, out: OutputDir, workers: int) -> _T
     return _Tokens(name, copied, tokens_spool, counts, id_counts)
 
 
-def _curriculum(cfg: PrepConfig, kept: _Kept, tokens: _Tokens | None,
-                length: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _curriculum(
+    cfg: PrepConfig, kept: _Kept, tokens: _Tokens | None, length: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pass 3's scores: (score, bucket, write order) of the kept records."""
     n = len(kept.spool)
     rarity = None
     if tokens is not None and cfg.curriculum.enabled and cfg.curriculum.rarity_weight:
         log_freq = curriculum.log_frequencies(tokens.id_counts)
-        rarity = np.asarray([curriculum.rarity(np.frombuffer(b, np.int32), log_freq)
-                             for chunk in _chunks(n) for b in tokens.spool.read(chunk)])
+        rarity = np.asarray(
+            [
+                curriculum.rarity(np.frombuffer(b, np.int32), log_freq)
+                for chunk in _chunks(n)
+                for b in tokens.spool.read(chunk)
+            ]
+        )
     model_loss = None
     if n and cfg.curriculum.enabled and cfg.curriculum.model_weight:
-        scorer = curriculum.ModelLoss(cfg.curriculum.model, cfg.curriculum.model_max_tokens,
-                                      cfg.curriculum.model_batch_size)
+        scorer = curriculum.ModelLoss(
+            cfg.curriculum.model, cfg.curriculum.model_max_tokens, cfg.curriculum.model_batch_size
+        )
         bar = tqdm(total=n, desc="prep: reference-model loss", unit=" doc", disable=not cfg.progress)
         model_loss = []
         for texts in _spool_texts(kept.spool):
@@ -241,8 +274,15 @@ def _curriculum(cfg: PrepConfig, kept: _Kept, tokens: _Tokens | None,
     return curriculum_order(cfg, length, rarity, np.asarray(kept.values, np.float64), model_loss)
 
 
-def _write_shards(cfg: PrepConfig, out: OutputDir, spool: Spool, tokens: _Tokens | None, score: np.ndarray,
-                  bucket: np.ndarray, order: np.ndarray) -> tuple[list[dict], list[tuple[str, str]]]:
+def _write_shards(
+    cfg: PrepConfig,
+    out: OutputDir,
+    spool: Spool,
+    tokens: _Tokens | None,
+    score: np.ndarray,
+    bucket: np.ndarray,
+    order: np.ndarray,
+) -> tuple[list[dict], list[tuple[str, str]]]:
     """Pass 3's output: the records in `order` into temp shards; (shard stats, (temp, final) file names)."""
     writer = ShardWriter(out, cfg.output.records_per_shard)
     bar = tqdm(total=len(spool), desc="prep: write shards", unit=" doc", disable=not cfg.progress)
@@ -252,16 +292,24 @@ def _write_shards(cfg: PrepConfig, out: OutputDir, spool: Spool, tokens: _Tokens
         for i, doc, tb in zip(chunk, docs, token_bytes):
             row = json.loads(doc)
             ids = np.frombuffer(tb, np.int32) if tb is not None else None
-            writer.write(output_record(cfg, row, score[i], bucket[i], ids), tokens=0 if ids is None else len(ids),
-                         text_bytes=nbytes(row["text"]))
+            writer.write(
+                output_record(cfg, row, score[i], bucket[i], ids),
+                tokens=0 if ids is None else len(ids),
+                text_bytes=nbytes(row["text"]),
+            )
         bar.update(len(chunk))
     bar.close()
     files = writer.finish()
     return writer.shards, files
 
 
-def curriculum_order(cfg: PrepConfig, length: np.ndarray, rarity: np.ndarray | None, values: np.ndarray,
-                     model_loss: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def curriculum_order(
+    cfg: PrepConfig,
+    length: np.ndarray,
+    rarity: np.ndarray | None,
+    values: np.ndarray,
+    model_loss: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(score, bucket, write order) of the records, from per-record lengths, rarities, field values and
     reference-model losses."""
     score = curriculum.scores(cfg.curriculum, length, rarity, values, model_loss)
@@ -283,9 +331,20 @@ def output_record(cfg: PrepConfig, row: dict, score: float, bucket: int, ids: np
     return json.dumps(record, ensure_ascii=False).encode()
 
 
-def summarize(inputs: list[str], stages: dict, cfg: PrepConfig, out_path: str, tokenizer_name: str,
-              tokenizer_copied: bool, shards: list[dict], tokens: int | None, length: np.ndarray, score: np.ndarray,
-              bucket: np.ndarray, start: float) -> dict[str, Any]:
+def summarize(
+    inputs: list[str],
+    stages: dict,
+    cfg: PrepConfig,
+    out_path: str,
+    tokenizer_name: str,
+    tokenizer_copied: bool,
+    shards: list[dict],
+    tokens: int | None,
+    length: np.ndarray,
+    score: np.ndarray,
+    bucket: np.ndarray,
+    start: float,
+) -> dict[str, Any]:
     """stats.json: inputs, config, every stage's counts (those of tokenize and curriculum filled in here),
     the shards, buckets and length histogram."""
     count_all(stages["tokenize"], stages["augment"])
@@ -304,8 +363,12 @@ def summarize(inputs: list[str], stages: dict, cfg: PrepConfig, out_path: str, t
             "text_bytes": sum(s["text_bytes"] for s in shards),
             "tokens": tokens,
             "shards": shards,
-            "buckets": [{"bucket": b, "records": int((bucket == b).sum()), "mean_score": float(score[bucket == b].mean())}
-                        for b in range(int(bucket.max()) + 1)] if n and cfg.curriculum.enabled else [],
+            "buckets": [
+                {"bucket": b, "records": int((bucket == b).sum()), "mean_score": float(score[bucket == b].mean())}
+                for b in range(int(bucket.max()) + 1)
+            ]
+            if n and cfg.curriculum.enabled
+            else [],
             "length_unit": "tokens" if tokens is not None else "chars",
             "length_histogram": length_histogram(length.astype(np.int64).tolist()),
         },
@@ -318,30 +381,39 @@ def write_outputs(out: OutputDir, stats: dict, files: list[tuple[str, str]], tok
     with open(out.temp("report.md"), "w") as f:
         f.write(render_report(stats))
     write_json(out.temp("stats.json"), stats)
-    out.commit(files + ([("tokenizer.model", "tokenizer.model")] if tokenizer_copied else [])
-               + [("report.md", "report.md"), ("stats.json", "stats.json")])
+    out.commit(
+        files
+        + ([("tokenizer.model", "tokenizer.model")] if tokenizer_copied else [])
+        + [("report.md", "report.md"), ("stats.json", "stats.json")]
+    )
 
 
 def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
     """(name for the stats, tokenizer, whether its .model file belongs in the output): the
     `tokenize.tokenizer` .model file (copied out) or model folder (read there), or one trained here."""
     from jaxllm.data.tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer  # pylint: disable=g-import-not-at-top
-
     from jaxllm.hf import hub  # pylint: disable=g-import-not-at-top
 
     given = os.path.expanduser(hub.local(cfg.tokenize.tokenizer, what="tokenizer"))
     try:
         tokenizer = load_tokenizer(given, cfg.tokenize.vocab_size, documents)
     except JaxllmError as e:
-        raise JaxllmError(str(e).replace("data.vocab_size", "tokenize.vocab_size")
-                          .replace("data.tokenizer", "tokenize.tokenizer")) from None
+        raise JaxllmError(
+            str(e).replace("data.vocab_size", "tokenize.vocab_size").replace("data.tokenizer", "tokenize.tokenizer")
+        ) from None
     if os.path.isdir(given):
         return given, tokenizer, False  # a model folder's tokenizer (SentencePiece or tokenizer.json)
     if not given and not cfg.tokenize.vocab_size and tokenizer.vocab_size < DEFAULT_VOCAB_SIZE:
-        print(f"jaxllm: note: prep: this corpus supports fewer than {DEFAULT_VOCAB_SIZE} tokenizer pieces; trained "
-              f"{tokenizer.vocab_size} (set tokenize.vocab_size to choose)", file=sys.stderr)
-        return (f"trained, {tokenizer.vocab_size} pieces (capped: the corpus supports fewer than "
-                f"{DEFAULT_VOCAB_SIZE})"), tokenizer, True
+        print(
+            f"jaxllm: note: prep: this corpus supports fewer than {DEFAULT_VOCAB_SIZE} tokenizer pieces; trained "
+            f"{tokenizer.vocab_size} (set tokenize.vocab_size to choose)",
+            file=sys.stderr,
+        )
+        return (
+            (f"trained, {tokenizer.vocab_size} pieces (capped: the corpus supports fewer than {DEFAULT_VOCAB_SIZE})"),
+            tokenizer,
+            True,
+        )
     return (given or "trained"), tokenizer, True
 
 
@@ -350,14 +422,34 @@ def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
 
 def stage_counts(cfg: PrepConfig) -> dict[str, dict[str, Any]]:
     """Empty counts of every stage (`STAGES`), each marked enabled or not by `cfg`."""
-    return {name: _stage(enabled) for name, enabled in zip(STAGES, (
-        True, cfg.clean.enabled, cfg.quality.enabled, cfg.dedup.exact, cfg.dedup.near, cfg.augment.enabled,
-        cfg.tokenize.enabled, cfg.curriculum.enabled))}
+    return {
+        name: _stage(enabled)
+        for name, enabled in zip(
+            STAGES,
+            (
+                True,
+                cfg.clean.enabled,
+                cfg.quality.enabled,
+                cfg.dedup.exact,
+                cfg.dedup.near,
+                cfg.augment.enabled,
+                cfg.tokenize.enabled,
+                cfg.curriculum.enabled,
+            ),
+        )
+    }
 
 
 def _stage(enabled: bool) -> dict[str, Any]:
-    return {"enabled": enabled, "docs_in": 0, "docs_out": 0, "bytes_in": 0, "bytes_out": 0,
-            "removed": collections.Counter(), "notes": collections.Counter()}
+    return {
+        "enabled": enabled,
+        "docs_in": 0,
+        "docs_out": 0,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "removed": collections.Counter(),
+        "notes": collections.Counter(),
+    }
 
 
 def _count_in(stage: dict, size: int) -> None:
@@ -371,8 +463,12 @@ def _count_out(stage: dict, size: int) -> None:
 
 
 def count_all(stage: dict, previous: dict) -> None:
-    stage.update(docs_in=previous["docs_out"], docs_out=previous["docs_out"], bytes_in=previous["bytes_out"],
-                 bytes_out=previous["bytes_out"])
+    stage.update(
+        docs_in=previous["docs_out"],
+        docs_out=previous["docs_out"],
+        bytes_in=previous["bytes_out"],
+        bytes_out=previous["bytes_out"],
+    )
 
 
 def count_doc(stages: dict, r: Processed, reason: str) -> bool:
@@ -417,8 +513,12 @@ def finish_input(stage: dict, reader: Reader) -> None:
     removed = {k: v for k, v in reader.problems().items() if k not in repaired and k != "undecodable_dropped"}
     if counts["undecodable_dropped"]:
         removed["undecodable"] = counts["undecodable_dropped"]
-    stage.update(docs_out=counts["docs"], bytes_out=counts["bytes"], bytes_in=counts["bytes"],
-                 docs_in=counts["docs"] + sum(removed.values()))
+    stage.update(
+        docs_out=counts["docs"],
+        bytes_out=counts["bytes"],
+        bytes_in=counts["bytes"],
+        docs_in=counts["docs"] + sum(removed.values()),
+    )
     stage["removed"].update(removed)
     stage["notes"].update({k: counts[k] for k in repaired if counts[k]})
     stage["notes"]["inputs"] = counts["inputs"]
@@ -440,7 +540,8 @@ def check_not_empty(stages: dict, records: int) -> None:
         + (f"; removed: {', '.join(removed)}" if removed else "")
         + (f"; unreadable: {unreadable}" if unreadable else "")
         + "); nothing was written. Check --input, input.text_field (the JSON/Parquet field of the text) and "
-          "the clean/quality/dedup settings")
+        "the clean/quality/dedup settings"
+    )
 
 
 def _plain(stage: dict) -> dict:
@@ -463,11 +564,11 @@ def nbytes(text: str) -> int:
 def _chunks(n: int, order: np.ndarray | None = None) -> Iterator[list[int]]:
     indices = np.arange(n) if order is None else order
     for start in range(0, n, _READ_CHUNK):
-        yield indices[start: start + _READ_CHUNK].tolist()
+        yield indices[start : start + _READ_CHUNK].tolist()
 
 
 def _spool_texts(spool: Spool) -> Iterator[list[str]]:
     for chunk in _chunks(len(spool)):
         texts = [json.loads(b)["text"] for b in spool.read(chunk)]
         for start in range(0, len(texts), _BATCH):
-            yield texts[start: start + _BATCH]
+            yield texts[start : start + _BATCH]

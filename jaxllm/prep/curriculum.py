@@ -25,10 +25,19 @@ def percentile_ranks(values: np.ndarray) -> np.ndarray:
     return (low + high) / 2.0 / (n - 1)
 
 
-def scores(cfg: CurriculumConfig, length: np.ndarray, rarity: np.ndarray | None, field: np.ndarray,
-           model_loss: np.ndarray | None = None) -> np.ndarray:
-    parts = [(cfg.length_weight, length), (cfg.rarity_weight, rarity), (cfg.field_weight, field),
-             (cfg.model_weight, model_loss)]
+def scores(
+    cfg: CurriculumConfig,
+    length: np.ndarray,
+    rarity: np.ndarray | None,
+    field: np.ndarray,
+    model_loss: np.ndarray | None = None,
+) -> np.ndarray:
+    parts = [
+        (cfg.length_weight, length),
+        (cfg.rarity_weight, rarity),
+        (cfg.field_weight, field),
+        (cfg.model_weight, model_loss),
+    ]
     parts = [(w, v) for w, v in parts if w and v is not None]
     total = sum(abs(w) for w, _ in parts)
     if not cfg.enabled or not total:
@@ -85,7 +94,7 @@ class ModelLoss:
     def __call__(self, texts: list[str]) -> list[float]:
         out: list[float] = []
         for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start: start + self.batch_size]
+            chunk = texts[start : start + self.batch_size]
             tokens = np.zeros((self.batch_size, self.max_tokens + 1), np.int32)
             weights = np.zeros(tokens.shape, np.float32)
             for row, text in enumerate(chunk):

@@ -33,8 +33,9 @@ _MIN_MERGE = 1 << 16  # recent band keys held in a dict before they join the sor
 
 def exact_key(text: str) -> int:
     normalized = " ".join(text.casefold().split())
-    return int.from_bytes(hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                          "little")
+    return int.from_bytes(
+        hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little"
+    )
 
 
 class MinHasher:
@@ -56,7 +57,7 @@ class MinHasher:
         with np.errstate(over="ignore"):
             h = np.zeros(len(ids) - k + 1, np.uint64)
             for j in range(k):  # polynomial combination of the k word hashes, then mixed
-                h = h * np.uint64(0x100000001B3) + ids[j: len(ids) - k + 1 + j]
+                h = h * np.uint64(0x100000001B3) + ids[j : len(ids) - k + 1 + j]
         return np.unique(mix64(h))
 
     def signature(self, text: str) -> np.ndarray:
@@ -66,7 +67,7 @@ class MinHasher:
         sig = np.full(self.num_perm, np.iinfo(np.uint32).max, np.uint32)
         with np.errstate(over="ignore"):
             for start in range(0, len(x), _ROWS_PER_CHUNK):
-                chunk = x[start: start + _ROWS_PER_CHUNK, None]
+                chunk = x[start : start + _ROWS_PER_CHUNK, None]
                 sig = np.minimum(sig, (chunk * self._a + self._b).min(axis=0))
         return sig
 
@@ -179,7 +180,7 @@ class Deduplicator:
         self.near = NearDuplicateIndex(cfg) if cfg.near else None
 
     def check(self, key: int | None, sig: np.ndarray | None) -> str:
-        """"" (kept), "exact_duplicate" or "near_duplicate", by the rule in the module doc; documents
+        """ "" (kept), "exact_duplicate" or "near_duplicate", by the rule in the module doc; documents
         are checked in input order."""
         if key is not None:
             if key in self._seen:

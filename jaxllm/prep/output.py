@@ -35,8 +35,10 @@ class OutputDir:
         old = [os.fspath(p) for pattern in OUR_FILES for p in root.glob(pattern)]
         self._old = sorted(old, key=lambda p: os.path.basename(p) != "stats.json")  # stats.json goes first
         if self._old and not overwrite:
-            raise JaxllmError(f"--output {path!r} already holds prep output; pick another folder or pass "
-                              "--config.output.overwrite=true")
+            raise JaxllmError(
+                f"--output {path!r} already holds prep output; pick another folder or pass "
+                "--config.output.overwrite=true"
+            )
         if self.remote:
             atomic.check_writable(self.path, "--output")  # before the run, not after it
             self.tmp = tempfile.mkdtemp(prefix="jaxllm-prep-")
@@ -155,7 +157,7 @@ def length_histogram(lengths: list[int] | Any) -> list[dict[str, int]]:
     for n in lengths:
         b = 0 if n <= 0 else int(math.log2(n)) + 1
         counts[b] = counts.get(b, 0) + 1
-    return [{"lo": 0 if b == 0 else 2 ** (b - 1), "hi": 2 ** b if b else 1, "count": counts[b]} for b in sorted(counts)]
+    return [{"lo": 0 if b == 0 else 2 ** (b - 1), "hi": 2**b if b else 1, "count": counts[b]} for b in sorted(counts)]
 
 
 def write_json(path: str, data: dict) -> None:
@@ -167,29 +169,50 @@ def write_json(path: str, data: dict) -> None:
 def render_report(stats: dict) -> str:
     """stats.json as Markdown a person reads: in/out, what each stage removed, tokens, lengths."""
     out = stats["output"]
-    lines = ["# Data preparation report", "",
-             f"Inputs: {', '.join(stats['inputs'])}", "",
-             f"- documents read: {stats['stages']['input']['docs_out']:,} "
-             f"({_mb(stats['stages']['input']['bytes_out'])})",
-             f"- records written: {out['records']:,} ({_mb(out['text_bytes'])} of text) in {len(out['shards'])} shard(s)"]
+    lines = [
+        "# Data preparation report",
+        "",
+        f"Inputs: {', '.join(stats['inputs'])}",
+        "",
+        f"- documents read: {stats['stages']['input']['docs_out']:,} ({_mb(stats['stages']['input']['bytes_out'])})",
+        f"- records written: {out['records']:,} ({_mb(out['text_bytes'])} of text) in {len(out['shards'])} shard(s)",
+    ]
     if out.get("tokens") is not None:
         lines.append(f"- tokens: {out['tokens']:,} (tokenizer `{stats.get('tokenizer', '')}`)")
     lines.append(f"- time: {stats['seconds']:.1f} s")
-    lines += ["", "## Stages", "", "| stage | on | docs in | docs out | MB in | MB out | removed |",
-              "|---|---|---:|---:|---:|---:|---|"]
+    lines += [
+        "",
+        "## Stages",
+        "",
+        "| stage | on | docs in | docs out | MB in | MB out | removed |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for name, st in stats["stages"].items():
         removed = ", ".join(f"{k}: {v:,}" for k, v in st.get("removed", {}).items()) or "-"
-        lines.append(f"| {name} | {'yes' if st.get('enabled', True) else 'no'} | {st['docs_in']:,} | "
-                     f"{st['docs_out']:,} | {st['bytes_in'] / 1e6:.3f} | {st['bytes_out'] / 1e6:.3f} | {removed} |")
+        lines.append(
+            f"| {name} | {'yes' if st.get('enabled', True) else 'no'} | {st['docs_in']:,} | "
+            f"{st['docs_out']:,} | {st['bytes_in'] / 1e6:.3f} | {st['bytes_out'] / 1e6:.3f} | {removed} |"
+        )
     notes = [(name, k, v) for name, st in stats["stages"].items() for k, v in st.get("notes", {}).items()]
     if notes:
-        lines += ["", "Notes: " + "; ".join(f"{name}.{k} = {v:,}" if isinstance(v, int) else f"{name}.{k} = {v}"
-                                             for name, k, v in notes)]
+        lines += [
+            "",
+            "Notes: "
+            + "; ".join(f"{name}.{k} = {v:,}" if isinstance(v, int) else f"{name}.{k} = {v}" for name, k, v in notes),
+        ]
     lines += ["", "## Shards", "", "| file | records | MB of text | tokens |", "|---|---:|---:|---:|"]
     for shard in out["shards"]:
-        lines.append(f"| {shard['file']} | {shard['records']:,} | {shard['text_bytes'] / 1e6:.3f} | {shard['tokens']:,} |")
+        lines.append(
+            f"| {shard['file']} | {shard['records']:,} | {shard['text_bytes'] / 1e6:.3f} | {shard['tokens']:,} |"
+        )
     if out.get("buckets"):
-        lines += ["", "## Curriculum buckets (0 = easiest)", "", "| bucket | records | mean score |", "|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Curriculum buckets (0 = easiest)",
+            "",
+            "| bucket | records | mean score |",
+            "|---:|---:|---:|",
+        ]
         for b in out["buckets"]:
             lines.append(f"| {b['bucket']} | {b['records']:,} | {b['mean_score']:.3f} |")
     unit = out["length_unit"]

@@ -24,8 +24,14 @@ from jaxllm.prep.config import InputConfig
 Doc = tuple[str, str, float | None]
 
 KINDS = ("text", "json", "parquet", "csv", "arrow", "tfds")
-_EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv",
-               ".arrow": "arrow"}
+_EXTENSIONS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
 
 
 def resolve_inputs(patterns: list[str]) -> list[tuple[str, str]]:
@@ -39,6 +45,7 @@ def resolve_inputs(patterns: list[str]) -> list[tuple[str, str]]:
     `datasets` library finds them (`jaxllm.data.splits`).
     """
     from jaxllm.data import splits  # pylint: disable=g-import-not-at-top
+
     if not patterns:
         raise JaxllmError("give at least one input: --input=GLOB (repeatable), or tfds:NAME:SPLIT")
     out: dict[tuple[str, str], None] = {}
@@ -181,9 +188,11 @@ class Reader:
         import pyarrow.csv as pacsv  # pylint: disable=g-import-not-at-top
 
         try:
-            batches = pacsv.open_csv(f, parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                                     convert_options=pacsv.ConvertOptions(column_types={self.cfg.text_field:
-                                                                                        pa.string()}))
+            batches = pacsv.open_csv(
+                f,
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(column_types={self.cfg.text_field: pa.string()}),
+            )
             yield from self._batches(batches, where)
         except pa.ArrowInvalid:  # not CSV, or malformed from some row on: the rest of the file is skipped
             self.counts["unreadable_file"] += 1
@@ -222,8 +231,9 @@ class Reader:
         from jaxllm.data.sources import TfdsSource  # pylint: disable=g-import-not-at-top  (slow import)
 
         name, split = name_split.split(":", 1)
-        source = TfdsSource(name, split, self.cfg.tfds_data_dir, fields=(("text_field", self.cfg.text_field),),
-                            whole_row=True)
+        source = TfdsSource(
+            name, split, self.cfg.tfds_data_dir, fields=(("text_field", self.cfg.text_field),), whole_row=True
+        )
         for i in range(len(source)):
             try:
                 row = source[i]

@@ -21,7 +21,7 @@ def document(seed: int, min_words: int = 80, max_words: int = 400) -> str:
     lines, line, i = [], [], 0
     while i < len(words):
         n = int(rng.integers(6, 16))
-        sentence = words[i: i + n]
+        sentence = words[i : i + n]
         line.append(sentence[0].capitalize() + (" " + " ".join(sentence[1:]) if len(sentence) > 1 else "") + ".")
         i += n
         if rng.random() < 0.4:
@@ -66,9 +66,15 @@ def edit(text: str, fraction: float, rng: np.random.Generator) -> str:
     return "\n".join(" ".join(line) for line in lines)
 
 
-def planted_duplicates(num_sources: int, num_duplicates: int, num_distractors: int, *, seed: int = 0,
-                       duplicate_jaccard: tuple[float, float] = (0.85, 1.0),
-                       distractor_jaccard: tuple[float, float] = (0.2, 0.6)):
+def planted_duplicates(
+    num_sources: int,
+    num_duplicates: int,
+    num_distractors: int,
+    *,
+    seed: int = 0,
+    duplicate_jaccard: tuple[float, float] = (0.85, 1.0),
+    distractor_jaccard: tuple[float, float] = (0.2, 0.6),
+):
     """(documents, is_duplicate, jaccard): sources, then edited copies of random sources shuffled in
     after them, whose true Jaccard with their source lies in `duplicate_jaccard` (is_duplicate True)
     or in `distractor_jaccard` (heavier edits: related but not duplicates, is_duplicate False)."""
@@ -87,4 +93,8 @@ def planted_duplicates(num_sources: int, num_duplicates: int, num_distractors: i
                 made += 1
     order = rng.permutation(len(planted))
     docs = sources + [planted[i][0] for i in order]
-    return docs, [False] * num_sources + [planted[i][1] for i in order], [1.0] * num_sources + [planted[i][2] for i in order]
+    return (
+        docs,
+        [False] * num_sources + [planted[i][1] for i in order],
+        [1.0] * num_sources + [planted[i][2] for i in order],
+    )

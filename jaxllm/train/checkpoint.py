@@ -71,8 +71,14 @@ class Checkpointer:
         self.directory = checkpoint_dir(directory)
         policies = [pp.LatestN(max(cfg.keep, 1))]
         if cfg.keep_best > 0:
-            policies.append(pp.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=cfg.keep_best,
-                                     keep_checkpoints_without_metrics=False))
+            policies.append(
+                pp.BestN(
+                    get_metric_fn=lambda m: m["val_loss"],
+                    reverse=True,
+                    n=cfg.keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=pp.AnyPreservationPolicy(policies),
             enable_async_checkpointing=cfg.async_save,
@@ -134,13 +140,16 @@ class Checkpointer:
             fix = "fix the cause"
         what = f"{self.directory}/{step}" if step is not None else f"a checkpoint in {self.directory}"
         if kept:
-            then = (f"the earlier checkpoint{'s' if len(kept) > 1 else ''} (step{'s' if len(kept) > 1 else ''} "
-                    f"{', '.join(map(str, kept))}) {'are' if len(kept) > 1 else 'is'} intact: {fix}, then rerun to "
-                    f"resume from step {kept[-1]}")
+            then = (
+                f"the earlier checkpoint{'s' if len(kept) > 1 else ''} (step{'s' if len(kept) > 1 else ''} "
+                f"{', '.join(map(str, kept))}) {'are' if len(kept) > 1 else 'is'} intact: {fix}, then rerun to "
+                f"resume from step {kept[-1]}"
+            )
         else:
             then = f"there is no earlier checkpoint: {fix}, then rerun to start over"
-        raise JaxllmError(f"saving {what} failed ({_reason(error)}); it is not saved, {then} (details in "
-                          f"{self.debug_log.path})") from error
+        raise JaxllmError(
+            f"saving {what} failed ({_reason(error)}); it is not saved, {then} (details in {self.debug_log.path})"
+        ) from error
 
     def _remove_unfinished(self, step: int | None) -> None:
         """Removes the failed save's temporary folder (locally `<step>.orbax-checkpoint-tmp-*`; on gs://
@@ -152,15 +161,18 @@ class Checkpointer:
         try:
             for path in list(root.iterdir()):
                 unfinished = (path.name.startswith(prefix) and ".orbax-checkpoint-tmp" in path.name) or (
-                    atomic.is_url(self.directory) and path.name == str(step)
-                    and not (path / "commit_success.txt").exists())
+                    atomic.is_url(self.directory)
+                    and path.name == str(step)
+                    and not (path / "commit_success.txt").exists()
+                )
                 if unfinished:
                     path.rmtree()
         except OSError as e:  # the disk that failed the save may fail this too; the next run's manager retries
             self.debug_log.write(f"removing the unfinished checkpoint folder failed: {e!r}")
 
-    def restore(self, abstract_state: Any, data_iter: Any | None = None, step: int | None = None, *,
-                set_aside: bool = False) -> Any:
+    def restore(
+        self, abstract_state: Any, data_iter: Any | None = None, step: int | None = None, *, set_aside: bool = False
+    ) -> Any:
         """Restores onto `abstract_state`'s shardings (any mesh) and rewinds `data_iter` in place.
 
         `step` None: the newest checkpoint that reads whole, each unreadable newer one reported with
@@ -184,8 +196,10 @@ class Checkpointer:
             if not set_aside and i + 1 < len(steps):
                 self.warn(f"checkpoint {self.directory}/{s} is unreadable ({reason}); trying step {steps[i + 1]}")
         listed = "; ".join(f"step {s}: {why}" for s, why in found)
-        raise JaxllmError(f"no checkpoint in {self.directory} can be restored, each is corrupt or incomplete "
-                          f"({listed}); move them away to start over, or use a fresh --workdir")
+        raise JaxllmError(
+            f"no checkpoint in {self.directory} can be restored, each is corrupt or incomplete "
+            f"({listed}); move them away to start over, or use a fresh --workdir"
+        )
 
     def _set_aside(self, step: int, reason: str, resumed: int) -> None:
         """Moves unreadable checkpoint `step` (every process agreed) to `<step>.corrupt-<UTC time>`:
@@ -206,11 +220,12 @@ class Checkpointer:
             moved = multihost_utils.process_allgather(np.array([error is None]))
             error = error or (None if bool(np.all(moved)) else "process 0 could not rename it")
         if error:
-            raise JaxllmError(f"checkpoint {source} is unreadable ({reason}) and cannot be moved aside ({error}); "
-                              "move it out of the checkpoints folder, then rerun")
+            raise JaxllmError(
+                f"checkpoint {source} is unreadable ({reason}) and cannot be moved aside ({error}); "
+                "move it out of the checkpoints folder, then rerun"
+            )
         self.manager.reload()
-        self.warn(f"checkpoint {source} is unreadable ({reason}); moved it to {target}, resuming from step "
-                  f"{resumed}")
+        self.warn(f"checkpoint {source} is unreadable ({reason}); moved it to {target}, resuming from step {resumed}")
 
     def _try_restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> tuple[Any, str | None]:
         """(restored items, None), or (None, why step is unreadable) as every process agrees."""
@@ -225,9 +240,11 @@ class Checkpointer:
         reason = _agreed(reason)  # no process starts a restore that another skips
         if reason is None:
             if saved_shapes != sorted(tuple(a.shape) for a in jax.tree.leaves(abstract_state)):
-                raise JaxllmError(f"checkpoint {self.directory}/{step} does not match this model (its arrays have "
-                                  "other shapes); resume with the model config it was saved with, or use a fresh "
-                                  "--workdir")
+                raise JaxllmError(
+                    f"checkpoint {self.directory}/{step} does not match this model (its arrays have "
+                    "other shapes); resume with the model config it was saved with, or use a fresh "
+                    "--workdir"
+                )
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             if data_iter is not None:
                 items["data"] = ocp.args.JsonRestore()
@@ -251,7 +268,8 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step} holds per-process data-iterator state ({n} process "
                 f"file{'s' if n > 1 else ''}, an older jaxllm's format), which this version's global data order "
                 f"cannot continue: resume it with {n} process{'es' if n > 1 else ''} and the jaxllm version that "
-                "wrote it (its checkpoint is intact)")
+                "wrote it (its checkpoint is intact)"
+            )
 
     def reached_preemption(self, step: int) -> bool:
         """True at the step the TPU/cluster preemption notice syncs on (all hosts agree)."""
@@ -362,7 +380,7 @@ def global_data_state(local: dict[str, Any]) -> dict[str, Any]:
     payload = np.frombuffer(json.dumps(local).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64)).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:payload.size] = payload
+    padded[: payload.size] = payload
     gathered = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
     return lanes.merge_states([json.loads(bytes(row[:size]).decode()) for row, size in zip(gathered, sizes)])
 
@@ -371,7 +389,8 @@ def checkpoint_dir(directory: str) -> str:
     """`directory` as Orbax takes it: a local path made absolute, or a gs:// URL. Orbax's TensorStore
     writes arrays to local files and gs:// only, so other URLs are refused (callers check before a run)."""
     if atomic.is_url(directory) and not directory.startswith("gs://"):
-        raise JaxllmError(f"checkpoints in {directory!r}: Orbax writes to local paths (a mounted bucket too) "
-                          "and gs:// only; use one of those for the workdir")
+        raise JaxllmError(
+            f"checkpoints in {directory!r}: Orbax writes to local paths (a mounted bucket too) "
+            "and gs:// only; use one of those for the workdir"
+        )
     return atomic.location(directory)
-

@@ -30,20 +30,19 @@ from jaxllm.data.pipeline import (
 )
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.distributed import DistributedConfig, initialize
-from jaxllm.models.generation import GenerateConfig, continuation, generate, wrap
 from jaxllm.hf.peft import load_adapter
-from jaxllm.train.start import load_frozen, load_init_params, load_reference, parse, pin
 from jaxllm.models import lora
+from jaxllm.models.decoder import abstract_params
+from jaxllm.models.generation import GenerateConfig, continuation, generate, wrap
+from jaxllm.train import reference as ref_pass
 from jaxllm.train import step as st
 from jaxllm.train.checkpoint import Checkpointer, checkpoint_dir
 from jaxllm.train.metrics import MetricsWriter, peak_tflops, step_metrics
-from jaxllm.train.program import OutOfMemory, Program
+from jaxllm.train.program import OutOfMemory, Program, reference_of
 from jaxllm.train.program import build as build_program
-from jaxllm.train.program import reference_of
-from jaxllm.train import reference as ref_pass
-from jaxllm.models.decoder import abstract_params
 from jaxllm.train.prune import sparsity
 from jaxllm.train.run import Run, check_workdir
+from jaxllm.train.start import load_frozen, load_init_params, load_reference, parse, pin
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -64,6 +63,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise JaxllmError(f"data.block_size={run.data.block_size} exceeds model.max_seq_len={run.model.max_seq_len}")
     if run.train.eval_tasks:  # an unknown task name (or no harness) stops the run before anything compiles
         from jaxllm.train import tasks
+
         tasks.resolve_tasks(run.train.eval_tasks, run.train.eval_tasks_include_path)
     if run.data.format == "preference":  # pairs are few and checked whole: a bad row stops the run before it compiles
         check_pairs(run.data)
@@ -81,24 +81,38 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint)
     state, ref = _initial_state(run, program, ckpt, train_iter, frozen, saved)
     start = int(jax.device_get(state.step))
-    writer = MetricsWriter(workdir, is_primary=jax.process_index() == 0, total_steps=run.train.steps,
-                           initial_step=start, progress=run.train.progress,
-                           tensorboard="tensorboard" in run.train.trackers, trackers=run.train.trackers,
-                           mlflow_tracking_uri=run.train.mlflow_tracking_uri)
+    writer = MetricsWriter(
+        workdir,
+        is_primary=jax.process_index() == 0,
+        total_steps=run.train.steps,
+        initial_step=start,
+        progress=run.train.progress,
+        tensorboard="tensorboard" in run.train.trackers,
+        trackers=run.train.trackers,
+        mlflow_tracking_uri=run.train.mlflow_tracking_uri,
+    )
     writer.write_config(to_json(cfg))  # and starts the trackers with it
     if start:
         writer.log(f"resumed from {ckpt.directory}/{start}")
     if program.trainable is not None:
         n_train = tree.count(state.params)
-        writer.log(f"training {n_train:,} params ({100 * n_train / run.model.num_params():.2f}% of the model): "
-                   f"LoRA r={run.lora.r} on {', '.join(run.model.lora_targets)}; base {run.model.quantization}")
-    writer.log(f"model: {run.model.num_params():,} params; mesh {dict(mesh.shape)}; "
-               f"{jax.device_count()} devices, {jax.process_count()} processes")
+        writer.log(
+            f"training {n_train:,} params ({100 * n_train / run.model.num_params():.2f}% of the model): "
+            f"LoRA r={run.lora.r} on {', '.join(run.model.lora_targets)}; base {run.model.quantization}"
+        )
+    writer.log(
+        f"model: {run.model.num_params():,} params; mesh {dict(mesh.shape)}; "
+        f"{jax.device_count()} devices, {jax.process_count()} processes"
+    )
 
     def validate(step: int, params) -> dict[str, float]:
-        ev = evaluate(lambda p, b: program.eval_step(p, b, frozen, ref), params,
-                      lambda: make_eval_iterator(run.data, tokenizer, rows=rows, ref_logps=ref_values["val"]), mesh,
-                      run.train.eval_batches)
+        ev = evaluate(
+            lambda p, b: program.eval_step(p, b, frozen, ref),
+            params,
+            lambda: make_eval_iterator(run.data, tokenizer, rows=rows, ref_logps=ref_values["val"]),
+            mesh,
+            run.train.eval_batches,
+        )
         writer.write(step, ev, prefix="val")
         if run.train.eval_tasks:
             scores = _task_scores(run, program.model, tree.union(params, frozen), tokenizer)
@@ -107,8 +121,10 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if "perplexity" in ev:
             writer.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.1f}")
         else:
-            writer.log(f"step {step}: val loss {ev['loss']:.4f}, reward accuracy {ev['rewards/accuracies']:.3f} "
-                       f"over {ev['pairs']:.0f} pairs")
+            writer.log(
+                f"step {step}: val loss {ev['loss']:.4f}, reward accuracy {ev['rewards/accuracies']:.3f} "
+                f"over {ev['pairs']:.0f} pairs"
+            )
         return ev
 
     stop = _StopFlag(run.checkpoint.preemption_deadline_s)
@@ -130,14 +146,17 @@ def _tokenizer(run: Run) -> Tokenizer:
     """The run's tokenizer, checked against the model and the data splits (before any weights load)."""
     tokenizer = tokenizer_for(run.data)
     if tokenizer.vocab_size > run.model.vocab_size:
-        raise JaxllmError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model.vocab_size="
-                          f"{run.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")
+        raise JaxllmError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model.vocab_size="
+            f"{run.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}"
+        )
     check_splits(run.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
     return tokenizer
 
 
-def _initial_state(run: Run, program: Program, ckpt: Checkpointer, train_iter, frozen: Any,
-                   saved: dict) -> tuple[st.TrainState, Any]:
+def _initial_state(
+    run: Run, program: Program, ckpt: Checkpointer, train_iter, frozen: Any, saved: dict
+) -> tuple[st.TrainState, Any]:
     """(state, reference params): the latest checkpoint (rewinding `train_iter`), else a fresh start from
     `init_from` or a random init (an adapter run's: `saved`, the base's trainable leaves, over the frozen
     base); a DPO reference that is the starting policy is rebuilt as it started (on resume too)."""
@@ -161,16 +180,26 @@ def _task_scores(run: Run, model, params, tokenizer: Tokenizer) -> dict[str, flo
     from jaxllm.train import tasks  # lm-evaluation-harness, an optional extra: imported only when asked for
 
     t = run.train
-    return tasks.run_tasks(model, params, tokenizer, t.eval_tasks, num_fewshot=None if t.eval_tasks_fewshot < 0
-                             else t.eval_tasks_fewshot, limit=t.eval_tasks_limit or None,
-                             include_path=t.eval_tasks_include_path, batch_size=run.data.batch_size,
-                             add_bos=run.data.add_bos, seed=run.seed)
+    return tasks.run_tasks(
+        model,
+        params,
+        tokenizer,
+        t.eval_tasks,
+        num_fewshot=None if t.eval_tasks_fewshot < 0 else t.eval_tasks_fewshot,
+        limit=t.eval_tasks_limit or None,
+        include_path=t.eval_tasks_include_path,
+        batch_size=run.data.batch_size,
+        add_bos=run.data.add_bos,
+        seed=run.seed,
+    )
 
 
-def _reference_values(run: Run, program: Program, tokenizer: Tokenizer, workdir: str, rows: list[int], frozen: Any,
-                      saved: dict) -> dict[str, np.ndarray]:
+def _reference_values(
+    run: Run, program: Program, tokenizer: Tokenizer, workdir: str, rows: list[int], frozen: Any, saved: dict
+) -> dict[str, np.ndarray]:
     """Precomputed reference log-probs of every pair (both splits): the workdir's, or one pass of the
     reference the run would otherwise run at every step (`reference_of` without precomputing)."""
+
     def compute():
         plain = dataclasses.replace(run, preference=dataclasses.replace(run.preference, precompute_ref_logps=False))
         reference, ref, ref_sh = reference_of(plain, program.trainable), {}, None
@@ -191,13 +220,24 @@ def _start_params(run: Run, program: Program, saved: dict) -> Any:
         return fresh_adapter_params(run, program, saved)
     if run.checkpoint.init_from:
         return load_init_params(run.checkpoint.init_from, run.model, program.mesh)
-    state, _ = st.init_state(program.model, program.tx, program.mesh, jax.random.key(run.seed),
-                             shardings=program.shardings)
+    state, _ = st.init_state(
+        program.model, program.tx, program.mesh, jax.random.key(run.seed), shardings=program.shardings
+    )
     return state.params
 
 
-def _steps(run: Run, train_step, state, inputs, train_iter, mesh, ckpt: Checkpointer, writer: MetricsWriter,
-           validate, stop: "_StopFlag") -> tuple[st.TrainState, dict[str, Any]]:
+def _steps(
+    run: Run,
+    train_step,
+    state,
+    inputs,
+    train_iter,
+    mesh,
+    ckpt: Checkpointer,
+    writer: MetricsWriter,
+    validate,
+    stop: _StopFlag,
+) -> tuple[st.TrainState, dict[str, Any]]:
     """Steps to `train.steps` (or early stopping, or a preemption): logging, validation, checkpoints.
     `inputs`: (frozen, ref), the step's read-only params."""
     start = step = int(jax.device_get(state.step))
@@ -222,9 +262,16 @@ def _steps(run: Run, train_step, state, inputs, train_iter, mesh, ckpt: Checkpoi
                 values["sparsity"] = float(sparsity(state.params, run.prune))
             window = []
             dt = (time.perf_counter() - t0) / max(step - last_logged, 1)
-            values.update(step_time_s=dt, **step_metrics(step_time_s=dt, tokens=tokens_per_step,
-                                                          flops_per_token=flops_per_token,
-                                                          num_devices=jax.device_count(), peak=peak))
+            values.update(
+                step_time_s=dt,
+                **step_metrics(
+                    step_time_s=dt,
+                    tokens=tokens_per_step,
+                    flops_per_token=flops_per_token,
+                    num_devices=jax.device_count(),
+                    peak=peak,
+                ),
+            )
             writer.write(step, values)
             final.update(train_loss=values["loss"], tokens_per_s=values.get("tokens_per_s"))
             t0, last_logged = time.perf_counter(), step
@@ -260,23 +307,34 @@ def _steps(run: Run, train_step, state, inputs, train_iter, mesh, ckpt: Checkpoi
 def fresh_adapter_params(run: Run, program: Program, saved: dict) -> Any:
     """Trainable params of a new adapter run: PEFT-initialised adapters (or `lora.init_adapter`'s),
     and the base's own values for `modules_to_save`."""
-    state, _ = st.init_state(program.model, program.tx, program.mesh, jax.random.key(run.seed), program.trainable,
-                             shardings=program.shardings)
+    state, _ = st.init_state(
+        program.model,
+        program.tx,
+        program.mesh,
+        jax.random.key(run.seed),
+        program.trainable,
+        shardings=program.shardings,
+    )
     adapters, _ = tree.partition(state.params, lambda path: path[-1] in lora.ADAPTER_LEAVES)
     if run.lora.init_adapter:
         loaded, file_cfg = load_adapter(run.lora.init_adapter, run.model)
         theirs = lora.apply(file_cfg, lora.base_config(run.model))
         if (theirs.lora_rank, theirs.lora_targets) != (run.model.lora_rank, run.model.lora_targets):
-            raise JaxllmError(f"lora.init_adapter {run.lora.init_adapter} has r={theirs.lora_rank} on "
-                              f"{list(theirs.lora_targets)}; set lora.r and lora.target_modules to match")
+            raise JaxllmError(
+                f"lora.init_adapter {run.lora.init_adapter} has r={theirs.lora_rank} on "
+                f"{list(theirs.lora_targets)}; set lora.r and lora.target_modules to match"
+            )
         loaded_adapters, loaded_saved = tree.partition(loaded, lambda path: path[-1] in lora.ADAPTER_LEAVES)
-        adapters = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
-                                loaded_adapters, adapters)
+        adapters = jax.tree.map(
+            lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), loaded_adapters, adapters
+        )
         # the file's saved modules replace the base's; a causal-LM adapter on a score model has no `score`
         # (its fresh head stays)
         replaced, kept = tree.partition(saved, lambda path: tree.has(loaded_saved, path))
-        saved = tree.union(kept, jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
-                                              loaded_saved, replaced))
+        saved = tree.union(
+            kept,
+            jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), loaded_saved, replaced),
+        )
     return tree.union(adapters, saved)
 
 
@@ -304,9 +362,15 @@ class _StopFlag:
             _exit_now(f"a second {signal.Signals(signum).name}: exiting now, without a checkpoint", 128 + signum)
         self.requested = True
         if self.deadline_s > 0:
-            self._timer = threading.Timer(self.deadline_s, _exit_now, args=(
-                f"the preemption checkpoint was not written within checkpoint.preemption_deadline_s="
-                f"{self.deadline_s:g}; exiting without it (the previous checkpoint is intact)", 1))
+            self._timer = threading.Timer(
+                self.deadline_s,
+                _exit_now,
+                args=(
+                    f"the preemption checkpoint was not written within checkpoint.preemption_deadline_s="
+                    f"{self.deadline_s:g}; exiting without it (the previous checkpoint is intact)",
+                    1,
+                ),
+            )
             self._timer.daemon = True
             self._timer.start()
 
@@ -375,6 +439,12 @@ def sample(model, params, tokenizer: Tokenizer, gen: GenerateConfig, add_bos: bo
     elif not prompt_ids:
         prompt_ids = [tokenizer.eos_id]
     max_new = min(gen.max_new_tokens, model.cfg.max_seq_len - len(prompt_ids))
-    ids = generate(model, params, [prompt_ids], dataclasses.replace(gen, max_new_tokens=max_new),
-                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)[0]
+    ids = generate(
+        model,
+        params,
+        [prompt_ids],
+        dataclasses.replace(gen, max_new_tokens=max_new),
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )[0]
     return continuation(tokenizer, prompt_ids, ids)

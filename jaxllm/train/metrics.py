@@ -12,8 +12,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
-from typing import Any, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from jaxllm import atomic
 from jaxllm.train.trackers import Trackers
@@ -57,14 +57,18 @@ def peak_tflops(device: Any) -> float | None:
     return None
 
 
-def step_metrics(*, step_time_s: float, tokens: int, flops_per_token: float, num_devices: int,
-                 peak: float | None) -> dict[str, float | None]:
+def step_metrics(
+    *, step_time_s: float, tokens: int, flops_per_token: float, num_devices: int, peak: float | None
+) -> dict[str, float | None]:
     """Throughput of one step: tokens/s, achieved TFLOP/s per device, and MFU against `peak`."""
     if step_time_s <= 0 or num_devices <= 0:
         raise ValueError(f"step_time_s ({step_time_s}) and num_devices ({num_devices}) must be positive")
     tflops_per_device = flops_per_token * tokens / step_time_s / num_devices / 1e12
-    return {"tokens_per_s": tokens / step_time_s, "tflops_per_device": tflops_per_device,
-            "mfu": tflops_per_device / peak if peak else None}
+    return {
+        "tokens_per_s": tokens / step_time_s,
+        "tflops_per_device": tflops_per_device,
+        "mfu": tflops_per_device / peak if peak else None,
+    }
 
 
 def _json_value(value: Any) -> Any:
@@ -108,8 +112,10 @@ def read_metrics(workdir: str, warn: Callable[[str], None] | None = None) -> lis
             skipped.append(f"line {i + 1}: {why}")
     if skipped:
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-        (warn or _warn)(f"{path}: skipped {len(skipped)} line{'s' if len(skipped) > 1 else ''} that "
-                        f"{'are' if len(skipped) > 1 else 'is'} not a metrics record ({', '.join(skipped[:3])}{more})")
+        (warn or _warn)(
+            f"{path}: skipped {len(skipped)} line{'s' if len(skipped) > 1 else ''} that "
+            f"{'are' if len(skipped) > 1 else 'is'} not a metrics record ({', '.join(skipped[:3])}{more})"
+        )
     return records
 
 
@@ -125,9 +131,18 @@ class MetricsWriter:
     restored checkpoint does not contain, and would otherwise appear twice.
     """
 
-    def __init__(self, workdir: str, *, is_primary: bool, total_steps: int, initial_step: int = 0,
-                 progress: bool = True, tensorboard: bool = True, trackers: Sequence[str] = (),
-                 mlflow_tracking_uri: str = ""):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        is_primary: bool,
+        total_steps: int,
+        initial_step: int = 0,
+        progress: bool = True,
+        tensorboard: bool = True,
+        trackers: Sequence[str] = (),
+        mlflow_tracking_uri: str = "",
+    ):
         self.workdir = workdir
         self.is_primary = is_primary
         self._trackers: Trackers | None = None  # W&B / MLflow (jaxllm.train.trackers): started by write_config
@@ -138,8 +153,13 @@ class MetricsWriter:
         path = os.path.join(workdir, "metrics.jsonl")
         previous = read_metrics(workdir) if atomic.as_path(path).exists() else None
         if set(trackers) - {"tensorboard"}:  # given the records before a resume trims them: a continued run has them
-            self._trackers = Trackers(trackers, workdir, previous=previous or [], initial_step=initial_step,
-                                      mlflow_tracking_uri=mlflow_tracking_uri)
+            self._trackers = Trackers(
+                trackers,
+                workdir,
+                previous=previous or [],
+                initial_step=initial_step,
+                mlflow_tracking_uri=mlflow_tracking_uri,
+            )
         if previous is not None:
             kept = [r for r in previous if r["step"] <= initial_step] if initial_step > 0 else []
             atomic.write(path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -150,13 +170,20 @@ class MetricsWriter:
             if atomic.is_url(workdir):
                 _route_tensorboard(workdir.split("://", 1)[0])
 
-            self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"), flush_secs=30,
-                                     purge_step=initial_step + 1)
+            self._tb = SummaryWriter(
+                logdir=os.path.join(workdir, "tensorboard"), flush_secs=30, purge_step=initial_step + 1
+            )
         if progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial_step, file=sys.stderr, dynamic_ncols=True,
-                             mininterval=1.0, unit="step")
+            self._bar = tqdm(
+                total=total_steps,
+                initial=initial_step,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=1.0,
+                unit="step",
+            )
 
     def write(self, step: int, metrics: Mapping[str, float | None], *, prefix: str = "train") -> None:
         """Records one step's metrics under `prefix` ("train", "val"); None values are skipped."""

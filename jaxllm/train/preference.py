@@ -65,7 +65,7 @@ def segment_sums(values_BL: jax.Array, segment_ids_BL: jax.Array, num_segments: 
 def pairs(sums_BS: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(chosen [B, P], rejected [B, P]) of per-segment values: segments 1, 3, ... and 2, 4, ..."""
     p = (sums_BS.shape[1] - 1) // 2
-    return sums_BS[:, 1:2 * p:2], sums_BS[:, 2:2 * p + 1:2]
+    return sums_BS[:, 1 : 2 * p : 2], sums_BS[:, 2 : 2 * p + 1 : 2]
 
 
 def _same_sequence(segment_ids_BL: jax.Array) -> jax.Array:
@@ -102,8 +102,9 @@ def counts(objective: str, batch: Batch) -> dict[str, jax.Array]:
     return out
 
 
-def target_logps(model: nn.Module, params: Any, batch: Batch, *, loss_chunk: int = 0,
-                 rng: jax.Array | None = None) -> jax.Array:
+def target_logps(
+    model: nn.Module, params: Any, batch: Batch, *, loss_chunk: int = 0, rng: jax.Array | None = None
+) -> jax.Array:
     """[B, L] float32 log-probability of every target under the model (`loss_chunk`: computed that many
     positions at a time, so float32 [B, L, V] logits never exist)."""
     args = (batch["inputs"], batch["positions"], batch["segment_ids"])
@@ -142,8 +143,9 @@ def answer_logps(logps_BL: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Arra
 def scores(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
     """[B, S] a reward model's score of every sequence: the score head on its last token."""
     kwargs = dict(deterministic=rng is None, rngs={} if rng is None else {"dropout": rng})
-    x_BLD = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                        hidden=True, **kwargs)
+    x_BLD = model.apply(
+        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], hidden=True, **kwargs
+    )
     s_BL = jnp.einsum("bld,d->bl", x_BLD, score_DS(params, model.cfg)[:, 0]).astype(jnp.float32)
     return segment_sums(s_BL * _last_token(batch["segment_ids"]), batch["segment_ids"], _segments(batch))
 
@@ -154,9 +156,12 @@ def _log1mexp(x: jax.Array) -> jax.Array:
 
 
 def _metric_sums(valid, chosen_rewards, rejected_rewards, chosen_logps=None, rejected_logps=None):
-    sums = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
-            "rewards/margins": chosen_rewards - rejected_rewards}
+    sums = {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+    }
     if chosen_logps is not None:
         sums.update({"logps/chosen": chosen_logps, "logps/rejected": rejected_logps})
     return {k: jnp.sum(jax.lax.stop_gradient(v) * valid) for k, v in sums.items()}
@@ -190,9 +195,13 @@ def orpo(cfg: PreferenceConfig, policy_BS, tokens_BS, nll_sum, valid, n: dict) -
     pairs_n, tokens_n = jnp.maximum(n["pairs"], 1.0), jnp.maximum(n["nll_tokens"], 1.0)
     nll_part, ratio_part = nll_sum / tokens_n, jnp.sum(ratio * valid) / pairs_n
     loss = nll_part - cfg.beta * ratio_part
-    sums = {"loss": loss * pairs_n, "nll_loss": nll_part * pairs_n,
-            "log_odds_ratio": jnp.sum(ratio * valid), "log_odds_chosen": jnp.sum(log_odds * valid),
-            **_metric_sums(valid, cfg.beta * avg_c, cfg.beta * avg_r, avg_c, avg_r)}
+    sums = {
+        "loss": loss * pairs_n,
+        "nll_loss": nll_part * pairs_n,
+        "log_odds_ratio": jnp.sum(ratio * valid),
+        "log_odds_chosen": jnp.sum(log_odds * valid),
+        **_metric_sums(valid, cfg.beta * avg_c, cfg.beta * avg_r, avg_c, avg_r),
+    }
     return loss, jax.tree.map(jax.lax.stop_gradient, sums)
 
 
@@ -221,8 +230,9 @@ class Reference:
     model: nn.Module | None = None
 
 
-def reference_logps(reference: Reference, policy: nn.Module, ref: Any, frozen: Any, batch: Batch,
-                    loss_chunk: int) -> jax.Array:
+def reference_logps(
+    reference: Reference, policy: nn.Module, ref: Any, frozen: Any, batch: Batch, loss_chunk: int
+) -> jax.Array:
     """[B, S] the reference's answer log-prob sum of every sequence (never differentiated)."""
     if reference.kind == "batch":
         return segment_sums(batch["ref_logps"].astype(jnp.float32), batch["segment_ids"], _segments(batch))
@@ -236,9 +246,18 @@ def reference_logps(reference: Reference, policy: nn.Module, ref: Any, frozen: A
     return jax.lax.stop_gradient(answer_logps(logps_BL, batch)[0])
 
 
-def batch_loss(objective: str, cfg: PreferenceConfig, model: nn.Module, params: Any, batch: Batch,
-               n: dict[str, jax.Array], *, ref_BS: jax.Array | None = None, loss_chunk: int = 0,
-               rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def batch_loss(
+    objective: str,
+    cfg: PreferenceConfig,
+    model: nn.Module,
+    params: Any,
+    batch: Batch,
+    n: dict[str, jax.Array],
+    *,
+    ref_BS: jax.Array | None = None,
+    loss_chunk: int = 0,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(this (micro-)batch's share of the batch loss, its metric sums) for a preference objective."""
     valid = valid_pairs(batch)
     if objective == "reward":

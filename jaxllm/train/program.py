@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,14 @@ from jaxllm.train import step as st
 from jaxllm.train.optimizer import make_optimizer
 from jaxllm.train.prune import with_pruning
 
-BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
-                "loss_weights": jnp.float32, "ref_logps": jnp.float32}  # ref_logps: precomputed DPO references
+BATCH_FIELDS = {
+    "inputs": jnp.int32,
+    "targets": jnp.int32,
+    "positions": jnp.int32,
+    "segment_ids": jnp.int32,
+    "loss_weights": jnp.float32,
+    "ref_logps": jnp.float32,
+}  # ref_logps: precomputed DPO references
 
 
 def optimizer(run) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -65,15 +72,18 @@ class Program:
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         sharding = shd.batch_sharding(self.mesh)
-        return {k: jax.ShapeDtypeStruct((self.batch_size, self.seq_len), BATCH_FIELDS[k], sharding=sharding)
-                for k in self.batch_fields}
+        return {
+            k: jax.ShapeDtypeStruct((self.batch_size, self.seq_len), BATCH_FIELDS[k], sharding=sharding)
+            for k in self.batch_fields
+        }
 
     def compile_train_step(self):
         """The train step compiled for the mesh's devices (the executable a run calls). Raises
         `OutOfMemory` when the compiler refuses it for memory."""
         try:
-            return self.train_step.lower(self.abstract_state(), self.abstract_batch(), self.abstract_frozen(),
-                                         self.abstract_ref()).compile()
+            return self.train_step.lower(
+                self.abstract_state(), self.abstract_batch(), self.abstract_frozen(), self.abstract_ref()
+            ).compile()
         except Exception as e:  # XLA raises its own runtime error type; only memory refusals are ours
             oom = OutOfMemory.parse(str(e))
             if oom is None:
@@ -91,7 +101,7 @@ class OutOfMemory(JaxllmError):
     _SIZE = r"([\d.]+)\s*([KMGT]i?B?|[KMGT]|B)"
 
     @classmethod
-    def parse(cls, text: str) -> "OutOfMemory | None":
+    def parse(cls, text: str) -> OutOfMemory | None:
         if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
             return None
         first = text.strip().splitlines()[0]
@@ -105,15 +115,16 @@ class OutOfMemory(JaxllmError):
                 needed, capacity = _bytes(m.group(1), m.group(2)), _bytes(m.group(3), m.group(4))
         return cls(first, needed, capacity)
 
-
-    def refusal(self, program: "Program", run) -> str:
+    def refusal(self, program: Program, run) -> str:
         """The one-line refusal `jaxllm train` gives for a step that does not fit."""
         need = f"{self.needed / 2**30:.1f} GiB" if self.needed else "more memory"
         cap = f"{self.capacity / 2**30:.1f} GiB" if self.capacity else "what it has"
-        return (f"the train step does not fit: it needs {need} per device and a "
-                f"{program.mesh.devices.flat[0].device_kind} has {cap} (mesh {dict(program.mesh.shape)}, remat="
-                f"{run.model.remat}, grad_accum_steps={run.optim.grad_accum_steps}); run `jaxllm plan` with the "
-                "same --config flags and --search for a setting that fits")
+        return (
+            f"the train step does not fit: it needs {need} per device and a "
+            f"{program.mesh.devices.flat[0].device_kind} has {cap} (mesh {dict(program.mesh.shape)}, remat="
+            f"{run.model.remat}, grad_accum_steps={run.optim.grad_accum_steps}); run `jaxllm plan` with the "
+            "same --config flags and --search for a setting that fits"
+        )
 
 
 def _bytes(number: str, unit: str) -> float:
@@ -139,19 +150,43 @@ def build(run, mesh: Mesh) -> Program:
     elif reference is not None and reference.kind == "model":
         ref_boxed = abstract_params(run.ref_model)
         ref_sh = shd.shardings_for(ref_boxed, mesh)
-    step_cfg = st.StepConfig(grad_accum_steps=run.optim.grad_accum_steps, z_loss=run.train.z_loss,
-                             dropout_seed=run.seed, loss_chunk=run.train.loss_chunk,
-                             host_offload=run.optim.host_offload, objective=run.train.objective,
-                             preference=run.preference, reference=reference)
-    train_step = st.jit_train_step(st.make_train_step(model, tx, schedule, step_cfg), shardings, mesh, frozen_sh,
-                                   ref_sh)
-    eval_step = st.make_eval_step(model, mesh, shardings.params, frozen_sh, loss_chunk=run.train.loss_chunk,
-                                  cfg=step_cfg, ref_shardings=ref_sh)
+    step_cfg = st.StepConfig(
+        grad_accum_steps=run.optim.grad_accum_steps,
+        z_loss=run.train.z_loss,
+        dropout_seed=run.seed,
+        loss_chunk=run.train.loss_chunk,
+        host_offload=run.optim.host_offload,
+        objective=run.train.objective,
+        preference=run.preference,
+        reference=reference,
+    )
+    train_step = st.jit_train_step(
+        st.make_train_step(model, tx, schedule, step_cfg), shardings, mesh, frozen_sh, ref_sh
+    )
+    eval_step = st.make_eval_step(
+        model, mesh, shardings.params, frozen_sh, loss_chunk=run.train.loss_chunk, cfg=step_cfg, ref_shardings=ref_sh
+    )
     fields = tuple(k for k in BATCH_FIELDS if k != "ref_logps" or (reference and reference.kind == "batch"))
-    return Program(model=model, tx=tx, schedule=schedule, trainable=trainable, boxed=boxed, shardings=shardings,
-                   frozen_boxed=frozen_boxed, frozen_shardings=frozen_sh, mesh=mesh, batch_size=run.data.batch_size,
-                   seq_len=run.data.block_size, train_step=train_step, eval_step=eval_step, reference=reference,
-                   ref_boxed=ref_boxed, ref_shardings=ref_sh, batch_fields=fields, step_cfg=step_cfg)
+    return Program(
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        trainable=trainable,
+        boxed=boxed,
+        shardings=shardings,
+        frozen_boxed=frozen_boxed,
+        frozen_shardings=frozen_sh,
+        mesh=mesh,
+        batch_size=run.data.batch_size,
+        seq_len=run.data.block_size,
+        train_step=train_step,
+        eval_step=eval_step,
+        reference=reference,
+        ref_boxed=ref_boxed,
+        ref_shardings=ref_sh,
+        batch_fields=fields,
+        step_cfg=step_cfg,
+    )
 
 
 def reference_of(run, trainable: Callable | None) -> pref.Reference | None:

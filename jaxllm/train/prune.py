@@ -63,8 +63,9 @@ def _names(path) -> list[str]:
 def _is_target(path, leaf, cfg: PruneConfig) -> bool:
     names = _names(path)
     regex = re.compile(cfg.targets)
-    return (jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
-            and any(regex.fullmatch("/".join(names[i:])) for i in range(len(names))))
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and any(
+        regex.fullmatch("/".join(names[i:])) for i in range(len(names))
+    )
 
 
 def _is_scanned(path, leaf) -> bool:
@@ -99,8 +100,9 @@ def _count_le(w, keep, t, grouped):
     """Entries with bits <= t; float32 counts do not overflow on huge leaves (exact below 2^24)."""
     bits = _bits(w, keep)
     if grouped:  # one count per leading (layer) slice; no reshape, so the sharding stays as it is
-        return jnp.sum(bits <= t.reshape((-1,) + (1,) * (bits.ndim - 1)), axis=tuple(range(1, bits.ndim)),
-                       dtype=jnp.float32)
+        return jnp.sum(
+            bits <= t.reshape((-1,) + (1,) * (bits.ndim - 1)), axis=tuple(range(1, bits.ndim)), dtype=jnp.float32
+        )
     return jnp.sum(bits <= t, dtype=jnp.float32)
 
 
@@ -113,8 +115,10 @@ def _bisect(count_le, ks: list[jax.Array]) -> list[jax.Array]:
         lo, hi = carry
         mid = [a + (b - a) // 2 for a, b in zip(lo, hi)]
         ok = [c >= k for c, k in zip(count_le(mid), ks)]
-        return ([jnp.where(o, a, m) for o, a, m in zip(ok, lo, mid)],
-                [jnp.where(o, m, b) for o, m, b in zip(ok, mid, hi)])
+        return (
+            [jnp.where(o, a, m) for o, a, m in zip(ok, lo, mid)],
+            [jnp.where(o, m, b) for o, m, b in zip(ok, mid, hi)],
+        )
 
     return jax.lax.fori_loop(0, 32, body, (lo, hi))[1]  # the range is < 2^31: 31 halvings suffice
 
@@ -128,8 +132,10 @@ def _new_masks(ws: list, keeps: list, scanned: list[bool], target: jax.Array, sc
         grouped = [False] * len(ws)
     else:
         grouped = scanned
-        ks = [jnp.full((w.shape[0],) if g else (), jnp.round(target * (w.size // (w.shape[0] if g else 1))))
-              for w, g in zip(ws, grouped)]
+        ks = [
+            jnp.full((w.shape[0],) if g else (), jnp.round(target * (w.size // (w.shape[0] if g else 1))))
+            for w, g in zip(ws, grouped)
+        ]
         count = lambda ts: [_count_le(w, m, t, g) for w, m, t, g in zip(ws, keeps, ts, grouped)]  # noqa: E731
         thresholds = _bisect(count, ks)
     out = []
@@ -159,8 +165,9 @@ def magnitude_pruning(cfg: PruneConfig) -> optax.GradientTransformation:
 
         is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
         _flat_targets(nn.meta.unbox(params), cfg)  # a regex that matches nothing is a config error
-        return PruneState(count=jnp.zeros([], jnp.int32),
-                          masks=jax.tree_util.tree_map_with_path(one, params, is_leaf=is_box))
+        return PruneState(
+            count=jnp.zeros([], jnp.int32), masks=jax.tree_util.tree_map_with_path(one, params, is_leaf=is_box)
+        )
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -173,14 +180,17 @@ def magnitude_pruning(cfg: PruneConfig) -> optax.GradientTransformation:
         keeps = [flat_m[i] for i in idx]
         scanned = [_is_scanned(flat[i][0], flat[i][1]) for i in idx]
         target = sparsity_at(cfg, state.count)
-        keeps = jax.lax.cond(is_prune_step(cfg, state.count),
-                             lambda: _new_masks(ws, keeps, scanned, target, cfg.scope), lambda: keeps)
+        keeps = jax.lax.cond(
+            is_prune_step(cfg, state.count), lambda: _new_masks(ws, keeps, scanned, target, cfg.scope), lambda: keeps
+        )
         for i, p, m in zip(idx, ps, keeps):
             u = flat_u[i]
             flat_u[i] = jnp.where(m, u, -p.astype(u.dtype))  # p + (-p) is exactly 0
             flat_m[i] = m
-        return (treedef.unflatten(flat_u),
-                PruneState(count=optax.safe_increment(state.count), masks=treedef.unflatten(flat_m)))
+        return (
+            treedef.unflatten(flat_u),
+            PruneState(count=optax.safe_increment(state.count), masks=treedef.unflatten(flat_m)),
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -33,8 +33,13 @@ FILE = "reference_logps.npz"
 def key_of(run) -> str:
     """What the reference numbers depend on, as a short hash."""
     p, d = run.preference, run.data
-    parts = dict(ref=p.model_ref, init_from=run.checkpoint.init_from, adapter=run.lora.init_adapter,
-                 model=dataclasses.asdict(run.ref_model or run.model), data=dataclasses.asdict(d))
+    parts = dict(
+        ref=p.model_ref,
+        init_from=run.checkpoint.init_from,
+        adapter=run.lora.init_adapter,
+        model=dataclasses.asdict(run.ref_model or run.model),
+        data=dataclasses.asdict(d),
+    )
     parts["data"].pop("num_workers", None)
     parts["data"].pop("batch_size", None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -61,8 +66,16 @@ def load_or_compute(run, workdir: str, compute) -> dict[str, np.ndarray]:
     return values
 
 
-def compute(run, program, tokenizer: Tokenizer, reference: pref.Reference, frozen: Any, ref: Any, ref_shardings: Any,
-            rows: list[int]) -> dict[str, np.ndarray]:
+def compute(
+    run,
+    program,
+    tokenizer: Tokenizer,
+    reference: pref.Reference,
+    frozen: Any,
+    ref: Any,
+    ref_shardings: Any,
+    rows: list[int],
+) -> dict[str, np.ndarray]:
     """Every pair's reference (chosen, rejected) answer log-prob sums, for both splits, over all processes
     (`reference`: where they come from, never `batch`; `ref`: its params placed with `ref_shardings`)."""
     mesh = program.mesh
@@ -70,8 +83,11 @@ def compute(run, program, tokenizer: Tokenizer, reference: pref.Reference, froze
     def sums(ref, frozen, batch):
         return pref.reference_logps(reference, program.model, ref, frozen, batch, run.train.loss_chunk)
 
-    fn = jax.jit(sums, in_shardings=(ref_shardings or {}, program.frozen_shardings or {}, shd.batch_sharding(mesh)),
-                 out_shardings=shd.replicated(mesh))
+    fn = jax.jit(
+        sums,
+        in_shardings=(ref_shardings or {}, program.frozen_shardings or {}, shd.batch_sharding(mesh)),
+        out_shardings=shd.replicated(mesh),
+    )
     out = {}
     for split, docs in zip(("train", "val"), preference_documents(run.data)):
         values = np.full((len(docs), 2), np.nan, np.float32)

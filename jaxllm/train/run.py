@@ -13,18 +13,30 @@ from jaxllm import sharding as shd
 from jaxllm.config import build, check_number, check_sections
 from jaxllm.data.config import DataConfig
 from jaxllm.distributed import DistributedConfig
-from jaxllm.models.generation import GenerateConfig
 from jaxllm.hf import hub
 from jaxllm.models import lora
 from jaxllm.models.config import SHAPE_FIELDS, ModelConfig
-from jaxllm.train.checkpoint import CheckpointConfig
+from jaxllm.models.generation import GenerateConfig
 from jaxllm.train import preference as pref
+from jaxllm.train.checkpoint import CheckpointConfig
 from jaxllm.train.optimizer import OptimConfig
 from jaxllm.train.prune import PruneConfig
 from jaxllm.train.trackers import check as check_trackers
 
-SECTIONS = ("seed", "model", "data", "optim", "train", "mesh", "checkpoint", "generate", "distributed", "lora",
-            "prune", "preference")
+SECTIONS = (
+    "seed",
+    "model",
+    "data",
+    "optim",
+    "train",
+    "mesh",
+    "checkpoint",
+    "generate",
+    "distributed",
+    "lora",
+    "prune",
+    "preference",
+)
 
 
 def check_complete(cfg: ml_collections.ConfigDict, path: str) -> None:
@@ -32,9 +44,11 @@ def check_complete(cfg: ml_collections.ConfigDict, path: str) -> None:
     only a `model` section would train the dataclasses' step count on the embedded corpus)."""
     missing = [s for s in SECTIONS if s not in cfg]
     if missing:
-        raise JaxllmError(f"config file {path!r} lacks section(s) {', '.join(missing)}; start it from "
-                          "configs/common.py, which declares every section: in get_config(), "
-                          'c = load_config(os.path.join(os.path.dirname(__file__), "common.py")), then change c')
+        raise JaxllmError(
+            f"config file {path!r} lacks section(s) {', '.join(missing)}; start it from "
+            "configs/common.py, which declares every section: in get_config(), "
+            'c = load_config(os.path.join(os.path.dirname(__file__), "common.py")), then change c'
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +113,9 @@ class Run:
     ref_model: ModelConfig | None = None  # preference.model_ref's model (jaxllm.train.start.parse reads its config)
 
 
-def from_config(cfg: ml_collections.ConfigDict, init_model: ModelConfig | None = None,
-                ref_model: ModelConfig | None = None) -> Run:
+def from_config(
+    cfg: ml_collections.ConfigDict, init_model: ModelConfig | None = None, ref_model: ModelConfig | None = None
+) -> Run:
     """The run's parts, checked. With `checkpoint.model_from_init`, `init_model` (the config of `init_from`,
     read by `jaxllm.train.start.parse`) gives the model's shapes; the run's model section sets only the rest.
     `ref_model`: the config of `preference.model_ref` (read by `jaxllm.train.start.parse`)."""
@@ -114,24 +129,35 @@ def from_config(cfg: ml_collections.ConfigDict, init_model: ModelConfig | None =
     run_lora = build(lora.LoraConfig, cfg.get("lora"), "lora")
     prune = build(PruneConfig, cfg.get("prune"), "prune")
     if prune.sparsity and run_lora.r:
-        raise JaxllmError("prune.sparsity > 0 prunes trained weights, but lora.r > 0 freezes them; prune a full "
-                          "fine-tuning run (lora.r=0) and fine-tune adapters afterwards")
+        raise JaxllmError(
+            "prune.sparsity > 0 prunes trained weights, but lora.r > 0 freezes them; prune a full "
+            "fine-tuning run (lora.r=0) and fine-tune adapters afterwards"
+        )
     train = build(TrainConfig, cfg.get("train"), "train")
     if train.objective == "reward" and not model.num_labels:  # a reward model's score head replaces lm_head
         model = dataclasses.replace(model, num_labels=1)
-    run = Run(prune=prune, seed=int(cfg.get("seed", 0)), model=lora.apply(run_lora, model), lora=run_lora,
-               data=build(DataConfig, cfg.get("data"), "data"), optim=build(OptimConfig, cfg.get("optim"), "optim"),
-               train=train, mesh=build(shd.MeshConfig, cfg.get("mesh"), "mesh"),
-               checkpoint=checkpoint, generate=build(GenerateConfig, cfg.get("generate"), "generate"),
-               distributed=build(DistributedConfig, cfg.get("distributed"), "distributed"),
-               preference=build(pref.PreferenceConfig, cfg.get("preference"), "preference"))
+    run = Run(
+        prune=prune,
+        seed=int(cfg.get("seed", 0)),
+        model=lora.apply(run_lora, model),
+        lora=run_lora,
+        data=build(DataConfig, cfg.get("data"), "data"),
+        optim=build(OptimConfig, cfg.get("optim"), "optim"),
+        train=train,
+        mesh=build(shd.MeshConfig, cfg.get("mesh"), "mesh"),
+        checkpoint=checkpoint,
+        generate=build(GenerateConfig, cfg.get("generate"), "generate"),
+        distributed=build(DistributedConfig, cfg.get("distributed"), "distributed"),
+        preference=build(pref.PreferenceConfig, cfg.get("preference"), "preference"),
+    )
     _check_objective(run)
     if ref_model is not None:
         run = dataclasses.replace(run, ref_model=_ref_model(ref_model, run))
     chunk = run.train.loss_chunk
     if chunk and chunk < run.data.block_size and run.data.block_size % chunk:
-        raise JaxllmError(f"train.loss_chunk={chunk} does not divide data.block_size={run.data.block_size}; "
-                          "pick a divisor of it")
+        raise JaxllmError(
+            f"train.loss_chunk={chunk} does not divide data.block_size={run.data.block_size}; pick a divisor of it"
+        )
     return run
 
 
@@ -140,22 +166,32 @@ def _check_objective(run: Run) -> None:
     objective, p = run.train.objective, run.preference
     preference_data = run.data.format == "preference"
     if objective != "lm" and not preference_data:
-        raise JaxllmError(f"train.objective={objective} trains on preference pairs: set data.format=preference "
-                          "(columns data.prompt_field / chosen_field / rejected_field)")
+        raise JaxllmError(
+            f"train.objective={objective} trains on preference pairs: set data.format=preference "
+            "(columns data.prompt_field / chosen_field / rejected_field)"
+        )
     if objective == "lm" and preference_data:
-        raise JaxllmError("data.format=preference needs a preference objective: set train.objective to dpo, orpo "
-                          "or reward (finetune --trainer dpo|orpo|reward)")
+        raise JaxllmError(
+            "data.format=preference needs a preference objective: set train.objective to dpo, orpo "
+            "or reward (finetune --trainer dpo|orpo|reward)"
+        )
     if objective != "dpo" and (p.model_ref or p.precompute_ref_logps):
-        raise JaxllmError(f"preference.model_ref and precompute_ref_logps apply to train.objective=dpo, not "
-                          f"{objective}; ORPO and reward models have no reference model")
+        raise JaxllmError(
+            f"preference.model_ref and precompute_ref_logps apply to train.objective=dpo, not "
+            f"{objective}; ORPO and reward models have no reference model"
+        )
     if objective == "reward" and run.model.num_labels != 1:
         raise JaxllmError(f"train.objective=reward scores with one label; model.num_labels={run.model.num_labels}")
     if objective != "reward" and run.model.num_labels:
-        raise JaxllmError(f"model.num_labels={run.model.num_labels} makes a score head with no language-model head; "
-                          f"train.objective={objective} needs the language-model head: set model.num_labels=0")
+        raise JaxllmError(
+            f"model.num_labels={run.model.num_labels} makes a score head with no language-model head; "
+            f"train.objective={objective} needs the language-model head: set model.num_labels=0"
+        )
     if run.train.eval_tasks and run.model.num_labels:
-        raise JaxllmError("train.eval_tasks scores a language model; a reward model (model.num_labels > 0) has no "
-                          "language-model head: set train.eval_tasks=()")
+        raise JaxllmError(
+            "train.eval_tasks scores a language model; a reward model (model.num_labels > 0) has no "
+            "language-model head: set train.eval_tasks=()"
+        )
     if objective != "lm" and run.train.z_loss:
         raise JaxllmError(f"train.z_loss applies to train.objective=lm; set it to 0 for {objective}")
 
@@ -163,19 +199,30 @@ def _check_objective(run: Run) -> None:
 def _ref_model(ref: ModelConfig, run: Run) -> ModelConfig:
     """`preference.model_ref`'s config, computing as the policy does (dtypes, attention, layer scan)."""
     if ref.vocab_size != run.model.vocab_size:
-        raise JaxllmError(f"preference.model_ref {run.preference.model_ref} has vocab_size {ref.vocab_size}, the "
-                          f"policy {run.model.vocab_size}: the reference must read the same tokens (the same tokenizer)")
+        raise JaxllmError(
+            f"preference.model_ref {run.preference.model_ref} has vocab_size {ref.vocab_size}, the "
+            f"policy {run.model.vocab_size}: the reference must read the same tokens (the same tokenizer)"
+        )
     keep = ("dtype", "param_dtype", "attention", "scan_layers", "max_seq_len")
-    return dataclasses.replace(ref, **{k: getattr(run.model, k) for k in keep}, remat="none", embed_dropout=0.0,
-                               attn_dropout=0.0, resid_dropout=0.0, lora_dropout=0.0)
+    return dataclasses.replace(
+        ref,
+        **{k: getattr(run.model, k) for k in keep},
+        remat="none",
+        embed_dropout=0.0,
+        attn_dropout=0.0,
+        resid_dropout=0.0,
+        lora_dropout=0.0,
+    )
 
 
 def _model_from_init(base: ModelConfig, source: str, section: Any, run_model: ModelConfig) -> ModelConfig:
     """The source's ModelConfig with the run's non-shape fields (dtype, remat, dropout, ...) on top."""
     shape_keys = [k for k in section.keys() if k in SHAPE_FIELDS or k in ("num_kv_heads", "head_dim")]
     if shape_keys:
-        raise JaxllmError(f"model.{shape_keys[0]} comes from {source}'s config with checkpoint.model_from_init; "
-                          "remove it from the model section")
+        raise JaxllmError(
+            f"model.{shape_keys[0]} comes from {source}'s config with checkpoint.model_from_init; "
+            "remove it from the model section"
+        )
     return dataclasses.replace(base, **{k: getattr(run_model, k) for k in section.keys()})
 
 
@@ -196,8 +243,11 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
         shapes = None if checkpoint.get("model_from_init") else build(ModelConfig, c.get("model"), "model")
         if hub.is_hub_id(source):  # the commit is checked where the run pins it (jaxllm.train.start.pin)
             source = hub.split_id(source)[0]
-        return {"init_from": atomic.location(source) if source else "none",
-                **({f: getattr(shapes, f) for f in SHAPE_FIELDS} if shapes else {})}
+        return {
+            "init_from": atomic.location(source) if source else "none",
+            **({f: getattr(shapes, f) for f in SHAPE_FIELDS} if shapes else {}),
+        }
+
     try:
         theirs = model(saved)
     except JaxllmError:  # a config.json of another jaxllm version: the restore will judge
@@ -205,5 +255,7 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     ours = model(cfg)
     diffs = [f"{k}: {theirs[k]} there, {ours[k]} here" for k in theirs if theirs[k] != ours.get(k, theirs[k])]
     if diffs:
-        raise JaxllmError(f"workdir {workdir!r} holds a run of another model ({'; '.join(diffs)}); resume it with "
-                          f"that model, or run this one in another --workdir / --project_name (or delete {workdir!r})")
+        raise JaxllmError(
+            f"workdir {workdir!r} holds a run of another model ({'; '.join(diffs)}); resume it with "
+            f"that model, or run this one in another --workdir / --project_name (or delete {workdir!r})"
+        )

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -40,12 +41,16 @@ def kind(path: str) -> str:
         return "converted"
     if has("config.json") or has(peft.CONFIG):
         if atomic.is_url(path):
-            raise JaxllmError(f"{path!r}: Hugging Face and adapter folders are read from local disk (safetensors "
-                              f"are memory-mapped); copy it down first, e.g. gcloud storage cp -r {path} .")
+            raise JaxllmError(
+                f"{path!r}: Hugging Face and adapter folders are read from local disk (safetensors "
+                f"are memory-mapped); copy it down first, e.g. gcloud storage cp -r {path} ."
+            )
         return "hf" if has("config.json") else "adapter"
-    raise JaxllmError(f"{path!r} is neither a Hugging Face model folder (config.json + weights), a "
-                      "`jaxllm convert` output (model.json + params/), a jaxllm workdir (config.json + checkpoints/) "
-                      "nor a PEFT adapter folder (adapter_config.json); a Hugging Face Hub id is written org/name")
+    raise JaxllmError(
+        f"{path!r} is neither a Hugging Face model folder (config.json + weights), a "
+        "`jaxllm convert` output (model.json + params/), a jaxllm workdir (config.json + checkpoints/) "
+        "nor a PEFT adapter folder (adapter_config.json); a Hugging Face Hub id is written org/name"
+    )
 
 
 def source_model_config(source: str) -> ModelConfig:
@@ -57,23 +62,35 @@ def source_model_config(source: str) -> ModelConfig:
             fields = json.loads(atomic.as_path(path).read_text())
             return ModelConfig(**fields)
         except (ValueError, RecursionError, TypeError) as e:  # not JSON, not an object, unknown or bad fields
-            raise JaxllmError(f"{path} is not a model.json that `jaxllm convert` writes ({str(e)[:200]}); convert "
-                              "the model again") from None
+            raise JaxllmError(
+                f"{path} is not a model.json that `jaxllm convert` writes ({str(e)[:200]}); convert the model again"
+            ) from None
     if what == "hf":
         return hf.model_config_from_hf(read_config(source))
     raise JaxllmError(f"init_from {source!r} is a {what}, not a Hugging Face folder or a `jaxllm convert` output")
 
 
 def _check_compatible(run_cfg: ModelConfig, source_cfg: ModelConfig, source: str) -> None:
-    diffs = [f"{f}: {getattr(source_cfg, f)} there, {getattr(run_cfg, f)} here" for f in SHAPE_FIELDS
-             if getattr(source_cfg, f) != getattr(run_cfg, f)]
+    diffs = [
+        f"{f}: {getattr(source_cfg, f)} there, {getattr(run_cfg, f)} here"
+        for f in SHAPE_FIELDS
+        if getattr(source_cfg, f) != getattr(run_cfg, f)
+    ]
     if diffs:
-        raise JaxllmError(f"init_from {source} does not fit model config ({'; '.join(diffs)}); "
-                          "set the model section from the source's config.json")
+        raise JaxllmError(
+            f"init_from {source} does not fit model config ({'; '.join(diffs)}); "
+            "set the model section from the source's config.json"
+        )
 
 
-def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh, *, quantized: ModelConfig | None = None,
-                     score_key: jax.Array | None = None) -> Any:
+def load_init_params(
+    source: str,
+    run_cfg: ModelConfig,
+    mesh: Mesh,
+    *,
+    quantized: ModelConfig | None = None,
+    score_key: jax.Array | None = None,
+) -> Any:
     """Params for a fresh run from a Hugging Face folder or a `jaxllm convert` output, placed sharded;
     with `quantized`, a Hugging Face base is quantized kernel by kernel as it loads. A causal LM starting a
     score model (run num_labels > 0) gives its base; the score head is drawn fresh from `score_key` (key 0)."""
@@ -94,22 +111,30 @@ def load_init_params(source: str, run_cfg: ModelConfig, mesh: Mesh, *, quantized
     if fresh:  # the causal LM's head gives way to a fresh score head
         params = {k: v for k, v in params.items() if k != "lm_head"}
         score = shd.unbox(abstract_params(run_cfg))["score"]["kernel"]
-        draw = jax.jit(lambda key: nn.initializers.normal(run_cfg.init_std)(key, score.shape, score.dtype),
-                       out_shardings=shd.shardings_for(abstract_params(run_cfg), mesh)["score"]["kernel"])
+        draw = jax.jit(
+            lambda key: nn.initializers.normal(run_cfg.init_std)(key, score.shape, score.dtype),
+            out_shardings=shd.shardings_for(abstract_params(run_cfg), mesh)["score"]["kernel"],
+        )
         params["score"] = {"kernel": draw(score_key)}
     if stored_cfg.scan_layers != run_cfg.scan_layers:
         run_sh = shd.shardings_for(abstract_params(run_cfg), mesh)
         params = jax.jit(lambda p: layer_layout(p, run_cfg.num_layers, run_cfg.scan_layers), out_shardings=run_sh)(
-            params)
+            params
+        )
     if quantized is not None:
-        params = lora.quantize_params(params, quantized, shd.shardings_for(abstract_params(quantized), mesh),
-                                      in_place=True)
+        params = lora.quantize_params(
+            params, quantized, shd.shardings_for(abstract_params(quantized), mesh), in_place=True
+        )
     return params
 
 
 # config keys that may name a Hugging Face Hub repository, and which of its files they need
-HUB_KEYS = (("checkpoint", "init_from", "model"), ("data", "tokenizer", "tokenizer"), ("lora", "init_adapter", "adapter"),
-            ("preference", "model_ref", "model"))
+HUB_KEYS = (
+    ("checkpoint", "init_from", "model"),
+    ("data", "tokenizer", "tokenizer"),
+    ("lora", "init_adapter", "adapter"),
+    ("preference", "model_ref", "model"),
+)
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -142,8 +167,9 @@ def pin(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDi
         if isinstance(entries, (tuple, list)) and any(_dataset_id(e) for e in entries):
             started = before.get(key) if isinstance(before.get(key), (tuple, list)) else ()
             olds = list(started) if len(started) == len(entries) else [None] * len(entries)
-            out["data"][key] = tuple(_pin_dataset(e, o, workdir) if _dataset_id(e) else e
-                                     for e, o in zip(entries, olds))
+            out["data"][key] = tuple(
+                _pin_dataset(e, o, workdir) if _dataset_id(e) else e for e, o in zip(entries, olds)
+            )
     return out
 
 
@@ -155,7 +181,7 @@ def _dataset_id(entry: Any) -> str:
 
 def _pin_dataset(entry: str, before: Any, workdir: str) -> str:
     base = _dataset_id(entry)
-    suffix = entry[len(base):]
+    suffix = entry[len(base) :]
     old = _dataset_id(before) if isinstance(before, str) and before.endswith(suffix) else ""
     return _pinned(base, old or None, "dataset", "data set", workdir) + suffix
 
@@ -170,8 +196,10 @@ def _pinned(value: str, before: Any, what: str, key: str, workdir: str) -> str:
             return before
         now = hub.commit(value, what=what)
         if now != started:
-            raise JaxllmError(f"{workdir} was started from {repo} at commit {started}; {key}={value} is commit "
-                              f"{now}: resume with {repo} (or @{started}), or start a new workdir")
+            raise JaxllmError(
+                f"{workdir} was started from {repo} at commit {started}; {key}={value} is commit "
+                f"{now}: resume with {repo} (or @{started}), or start a new workdir"
+            )
     return f"{repo}@{hub.commit(value, what=what)}"
 
 
@@ -211,8 +239,11 @@ def load_reference(run: Run, mesh: Mesh, shardings: Any) -> Any:
         params = load_init_params(source, run.ref_model, mesh)
     cfg = run.ref_model
     dtypes = jax.tree.map(lambda s: s.dtype, shd.unbox(abstract_params(cfg)))
-    placed = lambda p: jax.tree.map(lambda x, d: x.astype(d), layer_layout(p, cfg.num_layers, cfg.scan_layers),  # noqa: E731
-                                    dtypes)
+    placed = lambda p: jax.tree.map(
+        lambda x, d: x.astype(d),
+        layer_layout(p, cfg.num_layers, cfg.scan_layers),  # noqa: E731
+        dtypes,
+    )
     return jax.jit(placed, out_shardings=shardings)(params)
 
 
@@ -220,8 +251,10 @@ def load_frozen(run: Run, mesh: Mesh, trainable: Callable) -> tuple[dict, dict]:
     """(frozen params, initial values of the trainable base leaves) of an adapter run: the base from
     `checkpoint.init_from`, quantized when asked, split by `trainable`."""
     if not run.checkpoint.init_from:
-        raise JaxllmError("lora.r > 0 fine-tunes a pretrained base: set checkpoint.init_from to a Hugging Face "
-                          "folder or `jaxllm convert` output")
+        raise JaxllmError(
+            "lora.r > 0 fine-tunes a pretrained base: set checkpoint.init_from to a Hugging Face "
+            "folder or `jaxllm convert` output"
+        )
     quantized = run.model if run.model.quantization != "none" else None
     base = load_init_params(run.checkpoint.init_from, lora.base_config(run.model), mesh, quantized=quantized)
     saved, frozen = tree.partition(base, trainable)

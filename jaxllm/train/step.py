@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -35,12 +36,14 @@ class TrainState:
 
 def new_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
     """A step-0 state around `params` with fresh optimizer state."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      skipped=jnp.zeros((), jnp.int32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), skipped=jnp.zeros((), jnp.int32)
+    )
 
 
-def _init(model: nn.Module, tx: optax.GradientTransformation, trainable: Callable | None, rng: jax.Array,
-          boxed: bool) -> TrainState:
+def _init(
+    model: nn.Module, tx: optax.GradientTransformation, trainable: Callable | None, rng: jax.Array, boxed: bool
+) -> TrainState:
     params = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
     return new_state(partition(params if boxed else nn.meta.unbox(params), trainable)[0], tx)
 
@@ -55,13 +58,20 @@ def state_shardings(boxed_abstract: Any, mesh: Mesh, offload_opt_state: bool = F
     memory between steps (the step brings it to the device for the update and writes it back)."""
     shardings = shd.shardings_for(boxed_abstract, mesh)
     if offload_opt_state:
-        shardings = shardings.replace(opt_state=jax.tree.map(lambda s: s.with_memory_kind("pinned_host"),
-                                                             shardings.opt_state))
+        shardings = shardings.replace(
+            opt_state=jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), shardings.opt_state)
+        )
     return shardings
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
-               trainable: Callable | None = None, shardings: Any = None) -> tuple[TrainState, Any]:
+def init_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rng: jax.Array,
+    trainable: Callable | None = None,
+    shardings: Any = None,
+) -> tuple[TrainState, Any]:
     """Initialises params and optimizer state directly sharded (never materialised on one device).
     With `trainable`, only that subset is made (XLA drops the rest of the init)."""
     if shardings is None:
@@ -76,8 +86,9 @@ def state_from_params(params: Any, tx: optax.GradientTransformation, shardings: 
     return jax.jit(lambda params: new_state(params, tx), out_shardings=shardings)(params)
 
 
-def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
-                  z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(
+    logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array, z_loss: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
     """Weighted token cross-entropy sum and z-loss sum (float32); weight 0 tokens contribute nothing."""
     logits_BLV = logits_BLV.astype(jnp.float32)
     lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
@@ -88,8 +99,9 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
     return ce, z
 
 
-def chunked_cross_entropy(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
-                          z_loss: float, chunk: int) -> tuple[jax.Array, jax.Array]:
+def chunked_cross_entropy(
+    x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array, z_loss: float, chunk: int
+) -> tuple[jax.Array, jax.Array]:
     """`cross_entropy` of the logits x @ head, computed `chunk` positions at a time: each chunk's logits
     are made, reduced and dropped (and remade in the backward pass), so float32 [B, L, V] never exists."""
     b, l, d = x_BLD.shape
@@ -110,16 +122,24 @@ def chunked_cross_entropy(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.
     return ce, z
 
 
-def token_loss(model: nn.Module, params: Any, batch: Batch, *, z_loss: float = 0.0, loss_chunk: int = 0,
-               rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def token_loss(
+    model: nn.Module,
+    params: Any,
+    batch: Batch,
+    *,
+    z_loss: float = 0.0,
+    loss_chunk: int = 0,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(cross-entropy sum, z-loss sum, weight sum) of a batch: the one loss of training (`rng` given:
     dropout on) and evaluation. `loss_chunk` > 0 takes the chunked path (same values and gradients)."""
     args = (batch["inputs"], batch["positions"], batch["segment_ids"])
     kwargs = dict(deterministic=rng is None, rngs={} if rng is None else {"dropout": rng})
     if loss_chunk:
         x_BLD = model.apply({"params": params}, *args, hidden=True, **kwargs)
-        ce, z = chunked_cross_entropy(x_BLD, head_DV(params, model.cfg), batch["targets"], batch["loss_weights"],
-                                      z_loss, loss_chunk)
+        ce, z = chunked_cross_entropy(
+            x_BLD, head_DV(params, model.cfg), batch["targets"], batch["loss_weights"], z_loss, loss_chunk
+        )
     else:
         logits = model.apply({"params": params}, *args, **kwargs)
         ce, z = cross_entropy(logits, batch["targets"], batch["loss_weights"], z_loss)
@@ -170,14 +190,16 @@ def make_loss(model: nn.Module, cfg: StepConfig) -> Callable:
         ref_BS = None
         if cfg.objective == "dpo":
             ref_BS = pref.reference_logps(cfg.reference, model, ref, frozen, mb, cfg.loss_chunk)
-        return pref.batch_loss(cfg.objective, cfg.preference, model, full, mb, n, ref_BS=ref_BS,
-                               loss_chunk=cfg.loss_chunk, rng=rng)
+        return pref.batch_loss(
+            cfg.objective, cfg.preference, model, full, mb, n, ref_BS=ref_BS, loss_chunk=cfg.loss_chunk, rng=rng
+        )
 
     return loss
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    cfg: StepConfig) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: StepConfig
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`train_step(state, batch, frozen, ref) -> (state, metrics)`; pure, to be jitted by `jit_train_step`.
     Gradients are taken with respect to `state.params` only; `frozen` (the rest of the model's params,
     {} for full training) and `ref` (a DPO reference's params, else {}) are read, never differentiated."""
@@ -191,6 +213,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         if m == 1:
             (_, sums), grads = grad_fn(state.params, frozen, ref, batch, n, rng)
         else:
+
             def split(x):  # micro-batch i takes rows i, i+m, ...: every micro-batch spans all devices
                 b = x.shape[0]
                 x = x.reshape(b // m, m, *x.shape[1:]).swapaxes(0, 1)
@@ -203,10 +226,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                 (_, aux), g = grad_fn(state.params, frozen, ref, mb, n, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, carry, (g, aux)), None
 
-            shapes = jax.eval_shape(lambda mb: grad_fn(state.params, frozen, ref, mb, n, rng)[0][1],
-                                    jax.tree.map(lambda x: x[0], micro))
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                                                               shapes))
+            shapes = jax.eval_shape(
+                lambda mb: grad_fn(state.params, frozen, ref, mb, n, rng)[0][1], jax.tree.map(lambda x: x[0], micro)
+            )
+            zeros = (
+                jax.tree.map(jnp.zeros_like, state.params),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+            )
             (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(m)))
         if cfg.objective == "lm":
             denom = jnp.maximum(n["tokens"], 1.0)
@@ -223,9 +249,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         updates, new_opt_state = tx.update(grads, opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                                  opt_state=keep(new_opt_state, opt_state),
-                                  skipped=state.skipped + (~finite).astype(jnp.int32))
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
         metrics.update(grad_norm=grad_norm, lr=schedule(state.step), skipped=new_state.skipped)
         return new_state, metrics
 
@@ -236,8 +265,12 @@ def jit_train_step(step_fn, shardings: Any, mesh: Mesh, frozen_shardings: Any = 
     """Jits with explicit in/out shardings; the old state is donated (updated in place).
     `run(state, batch, frozen={}, ref={})`."""
     batch_sh = shd.batch_sharding(mesh)
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, _or_empty(frozen_shardings), _or_empty(ref_shardings)),
-                     out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0)
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sh, _or_empty(frozen_shardings), _or_empty(ref_shardings)),
+        out_shardings=(shardings, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
     return _under_mesh(jitted, mesh)
 
 
@@ -247,6 +280,7 @@ def _or_empty(shardings: Any) -> Any:
 
 def _under_mesh(jitted, mesh: Mesh):
     """`run(x, batch, frozen={}, ref={})`: `jitted` called (or, by `run.lower`, lowered) under the mesh's rules."""
+
     def run(x, batch, frozen=None, ref=None, method=jitted):
         with shd.activate(mesh):
             return method(x, batch, _or_empty(frozen), _or_empty(ref))
@@ -255,8 +289,15 @@ def _under_mesh(jitted, mesh: Mesh):
     return run
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, frozen_shardings: Any = None,
-                   loss_chunk: int = 0, cfg: StepConfig | None = None, ref_shardings: Any = None):
+def make_eval_step(
+    model: nn.Module,
+    mesh: Mesh,
+    param_shardings: Any,
+    frozen_shardings: Any = None,
+    loss_chunk: int = 0,
+    cfg: StepConfig | None = None,
+    ref_shardings: Any = None,
+):
     """`eval_step(params, batch, frozen={}, ref={}) -> metrics` of one batch, deterministic (no dropout),
     with the counts they are averages over ("tokens" for lm, "pairs" for preference objectives), so
     batches combine (`combine_eval`)."""
@@ -268,9 +309,11 @@ def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, frozen_sh
         _, sums = loss(params, frozen, ref, batch, n, None)
         return _finish(cfg, sums, n)
 
-    jitted = jax.jit(eval_step, in_shardings=(param_shardings, shd.batch_sharding(mesh), _or_empty(frozen_shardings),
-                                              _or_empty(ref_shardings)),
-                     out_shardings=shd.replicated(mesh))
+    jitted = jax.jit(
+        eval_step,
+        in_shardings=(param_shardings, shd.batch_sharding(mesh), _or_empty(frozen_shardings), _or_empty(ref_shardings)),
+        out_shardings=shd.replicated(mesh),
+    )
     return _under_mesh(jitted, mesh)
 
 
@@ -285,6 +328,19 @@ def combine_eval(parts: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-__all__ = ["TrainState", "StepConfig", "new_state", "abstract_state", "init_state", "state_from_params",
-           "cross_entropy", "chunked_cross_entropy", "token_loss", "make_train_step",
-           "jit_train_step", "make_eval_step", "combine_eval", "make_loss"]
+__all__ = [
+    "TrainState",
+    "StepConfig",
+    "new_state",
+    "abstract_state",
+    "init_state",
+    "state_from_params",
+    "cross_entropy",
+    "chunked_cross_entropy",
+    "token_loss",
+    "make_train_step",
+    "jit_train_step",
+    "make_eval_step",
+    "combine_eval",
+    "make_loss",
+]

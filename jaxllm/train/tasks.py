@@ -19,19 +19,21 @@ import glob
 import json
 import numbers
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from jaxllm import JaxllmError
 from jaxllm import sharding as shd
 from jaxllm.config import check_number
-from jaxllm.models.generation import GenerateConfig, generate
 from jaxllm.models.decoder import Decoder
+from jaxllm.models.generation import GenerateConfig, generate
 
 try:  # the optional `eval` extra. jaxllm never imports torch; simple_evaluate does when it is installed (its
     # environment report and torch seed), which `jaxllm eval` accepts and run_tasks avoids
@@ -58,20 +60,38 @@ class HarnessLM(TemplateLM):
     run's, params left where they are); `pretrained` / `adapter` / `revision` / `dtype` only name them in
     the results (`jaxllm.evaluate.JaxllmLM` loads them from a path)."""
 
-    def __init__(self, pretrained: str = "", adapter: str = "", revision: str | None = None, dtype: str = "float32",
-                 batch_size: int | str = 8, max_length: int = 0, max_gen_toks: int = 256, seed: int = 0, *,
-                 model: Decoder | None = None, params: Any = None, tokenizer: Any = None, add_bos: bool | None = None,
-                 max_batch_size: Any = None, device: Any = None):  # the last two: what the harness passes every LM
+    def __init__(
+        self,
+        pretrained: str = "",
+        adapter: str = "",
+        revision: str | None = None,
+        dtype: str = "float32",
+        batch_size: int | str = 8,
+        max_length: int = 0,
+        max_gen_toks: int = 256,
+        seed: int = 0,
+        *,
+        model: Decoder | None = None,
+        params: Any = None,
+        tokenizer: Any = None,
+        add_bos: bool | None = None,
+        max_batch_size: Any = None,
+        device: Any = None,
+    ):  # the last two: what the harness passes every LM
         super().__init__()
         del max_batch_size, device  # JAX places work on its devices; batches are fixed-size
         if isinstance(batch_size, str) and not batch_size.isdigit():
             raise JaxllmError(f"batch_size={batch_size!r}: give a number of rows (jaxllm pads every batch to it)")
         check_number("batch_size", int(batch_size), low=1, integer=True)
         if model is None or params is None or tokenizer is None:
-            raise JaxllmError("HarnessLM needs model, params and tokenizer (a path or Hub id: jaxllm.evaluate.JaxllmLM)")
+            raise JaxllmError(
+                "HarnessLM needs model, params and tokenizer (a path or Hub id: jaxllm.evaluate.JaxllmLM)"
+            )
         if getattr(model.cfg, "num_labels", 0):
-            raise JaxllmError(f"the model has a score head (num_labels={model.cfg.num_labels}), no language-model "
-                              "head: benchmarks score token probabilities")
+            raise JaxllmError(
+                f"the model has a score head (num_labels={model.cfg.num_labels}), no language-model "
+                "head: benchmarks score token probabilities"
+            )
         self.source = {"pretrained": pretrained, "adapter": adapter, "revision": revision, "dtype": dtype}
         self.model = Decoder(dataclasses.replace(model.cfg, remat="none"))
         self.params, self.mesh = _placed(params)
@@ -108,8 +128,9 @@ class HarnessLM(TemplateLM):
     def batch_size(self) -> int:
         return self.rows
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
-                   **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs
+    ) -> list[int]:
         """Ids of `string` with BOS first where the family's tokenizer adds it (as HF's encode with special
         tokens does), unless the text already starts with BOS; add_special_tokens=False adds nothing."""
         add = self.add_bos if add_special_tokens is None else add_special_tokens and self.add_bos
@@ -133,14 +154,19 @@ class HarnessLM(TemplateLM):
         windows = []
         for _, context, continuation in requests:
             if not context or not continuation or len(continuation) > self.max_length:
-                raise JaxllmError(f"a request with {len(context)} context and {len(continuation)} continuation "
-                                  f"tokens: each needs at least one, the continuation at most {self.max_length}")
-            windows.append((list(context) + list(continuation))[-(self.max_length + 1):])
+                raise JaxllmError(
+                    f"a request with {len(context)} context and {len(continuation)} continuation "
+                    f"tokens: each needs at least one, the continuation at most {self.max_length}"
+                )
+            windows.append((list(context) + list(continuation))[-(self.max_length + 1) :])
         order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))  # similar lengths share a batch
         out: list[Any] = [None] * len(windows)
-        for start in tqdm(range(0, len(order), self.rows), desc="loglikelihood batches",
-                          disable=disable_tqdm or jax.process_index() != 0):
-            chunk = order[start: start + self.rows]
+        for start in tqdm(
+            range(0, len(order), self.rows),
+            desc="loglikelihood batches",
+            disable=disable_tqdm or jax.process_index() != 0,
+        ):
+            chunk = order[start : start + self.rows]
             width = bucket(max(len(windows[i]) - 1 for i in chunk), self.max_length)
             inputs = np.full((self.rows, width), self.pad_id, np.int32)
             targets = np.zeros((self.rows, width), np.int32)
@@ -150,7 +176,7 @@ class HarnessLM(TemplateLM):
             logp, greedy = self._score(inputs, targets)
             for row, i in enumerate(chunk):
                 n, k = len(windows[i]) - 1, len(requests[i][2])
-                answer = (float(logp[row, n - k: n].sum(dtype=np.float64)), bool(greedy[row, n - k: n].all()))
+                answer = (float(logp[row, n - k : n].sum(dtype=np.float64)), bool(greedy[row, n - k : n].all()))
                 out[i] = answer
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
@@ -167,9 +193,15 @@ class HarnessLM(TemplateLM):
         """Log-likelihood of whole texts over the harness's disjoint rolling windows of max_length tokens."""
         windows, owners = [], []
         for k, (string,) in enumerate(r.args for r in requests):
-            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for context, continuation in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, context, continuation))
                 owners.append(k)
         totals = [0.0] * len(requests)
@@ -196,18 +228,34 @@ class HarnessLM(TemplateLM):
             if room <= 0:
                 raise JaxllmError(f"max_gen_toks={max_new} leaves no room for a prompt in max_length={self.max_length}")
             sample = bool(kwargs.get("do_sample"))
-            cfg = GenerateConfig(max_new_tokens=max_new, temperature=float(kwargs.get("temperature", 0.0)) if sample
-                                 else 0.0, top_k=int(kwargs.get("top_k") or 0) if sample else 0,
-                                 top_p=float(kwargs.get("top_p") or 1.0) if sample else 1.0, seed=self.seed)
-            prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=room) or [self.prefix_token_id]
-                       for i in indices}
+            cfg = GenerateConfig(
+                max_new_tokens=max_new,
+                temperature=float(kwargs.get("temperature", 0.0)) if sample else 0.0,
+                top_k=int(kwargs.get("top_k") or 0) if sample else 0,
+                top_p=float(kwargs.get("top_p") or 1.0) if sample else 1.0,
+                seed=self.seed,
+            )
+            prompts = {
+                i: self.tok_encode(requests[i].args[0], left_truncate_len=room) or [self.prefix_token_id]
+                for i in indices
+            }
             indices = sorted(indices, key=lambda i: -len(prompts[i]))
-            for start in tqdm(range(0, len(indices), self.rows), desc="generate_until batches",
-                              disable=disable_tqdm or jax.process_index() != 0):
-                chunk = indices[start: start + self.rows]
+            for start in tqdm(
+                range(0, len(indices), self.rows),
+                desc="generate_until batches",
+                disable=disable_tqdm or jax.process_index() != 0,
+            ):
+                chunk = indices[start : start + self.rows]
                 rows = [prompts[i] for i in chunk] + [prompts[chunk[-1]]] * (self.rows - len(chunk))
-                new = generate(self.model, self.params, rows, cfg, eos_id=self.eot_token_id, pad_id=self.pad_id,
-                               width=bucket(len(rows[0]), room))
+                new = generate(
+                    self.model,
+                    self.params,
+                    rows,
+                    cfg,
+                    eos_id=self.eot_token_id,
+                    pad_id=self.pad_id,
+                    width=bucket(len(rows[0]), room),
+                )
                 for i, ids in zip(chunk, new):
                     text = postprocess_generated_text(self.tok_decode(ids), until, None)
                     out[i] = text
@@ -265,15 +313,27 @@ def resolve_tasks(tasks: str | Sequence[str], include_path: str = "") -> list[An
         else:
             found = manager.match_tasks([name])
         if not found:
-            raise JaxllmError(f"unknown task {name!r}; `lm-eval ls tasks` lists the harness's tasks, or give a "
-                              "folder of task YAML files with --include_path")
+            raise JaxllmError(
+                f"unknown task {name!r}; `lm-eval ls tasks` lists the harness's tasks, or give a "
+                "folder of task YAML files with --include_path"
+            )
         resolved += [f for f in found if f not in resolved]
     return resolved
 
 
-def run_tasks(model: Decoder, params: Any, tokenizer: Any, tasks: str | Sequence[str], *,
-              num_fewshot: int | None = None, limit: int | float | None = None, include_path: str = "",
-              batch_size: int = 8, add_bos: bool = True, seed: int = 1234) -> dict[str, float]:
+def run_tasks(
+    model: Decoder,
+    params: Any,
+    tokenizer: Any,
+    tasks: str | Sequence[str],
+    *,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    include_path: str = "",
+    batch_size: int = 8,
+    add_bos: bool = True,
+    seed: int = 1234,
+) -> dict[str, float]:
     """Task scores for a model in this process (a training run's params, wherever they are): flat
     {"arc_easy/acc": 0.41, "tiny_gen/exact_match/strict-match": 0.0, ...} (filter "none" left out, no
     stderrs). Runs the harness's `evaluate` on tasks set up as simple_evaluate does (few-shot count and
@@ -301,5 +361,3 @@ def flat_metrics(results: dict) -> dict[str, float]:
                 continue
             out[f"{task}/{metric}" + (f"/{filt}" if filt and filt != "none" else "")] = float(value)
     return out
-
-

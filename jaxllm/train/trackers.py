@@ -25,7 +25,8 @@ import secrets
 import string
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from jaxllm import JaxllmError, atomic
 
@@ -105,8 +106,7 @@ class _WandB:
         stored = _read_id(self.workdir, self.id_file) if resume else ""
         run_id = stored or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         name = _run_name(self.workdir)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or name, name=name, id=run_id,
-                              resume="allow")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or name, name=name, id=run_id, resume="allow")
         self.run.config.update(dict(config), allow_val_change=True)  # a resumed run may change e.g. train.steps
         if not stored:
             _write_id(self.workdir, self.id_file, run_id)
@@ -158,11 +158,17 @@ class _MLflow:
         # params cannot change in MLflow: a resumed run adds the keys it lacks (config.json holds the latest)
         params = [Param(k, v[:6000]) for k, v in _flatten(config).items() if k not in run.data.params]
         for i in range(0, len(params), 100):  # MLflow's limit per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
         if run.info.run_id != stored:
             return -1
-        return max((m.step for key in ("train/loss", "val/loss")  # every record has its split's loss
-                    for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+        return max(
+            (
+                m.step
+                for key in ("train/loss", "val/loss")  # every record has its split's loss
+                for m in self.client.get_metric_history(self.run_id, key)
+            ),
+            default=-1,
+        )
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
@@ -185,11 +191,19 @@ class Trackers:
     `previous` is metrics.jsonl as found at start (before a resume trims it to `initial_step`).
     """
 
-    def __init__(self, names: Sequence[str], workdir: str, *, previous: Sequence[Mapping[str, Any]] = (),
-                 initial_step: int = 0, mlflow_tracking_uri: str = ""):
+    def __init__(
+        self,
+        names: Sequence[str],
+        workdir: str,
+        *,
+        previous: Sequence[Mapping[str, Any]] = (),
+        initial_step: int = 0,
+        mlflow_tracking_uri: str = "",
+    ):
         check(names)
-        self._pending = [TRACKERS[n](workdir, mlflow_tracking_uri=mlflow_tracking_uri)
-                         for n in dict.fromkeys(names) if n in TRACKERS]
+        self._pending = [
+            TRACKERS[n](workdir, mlflow_tracking_uri=mlflow_tracking_uri) for n in dict.fromkeys(names) if n in TRACKERS
+        ]
         self._live: list[Any] = []
         self._skip_through: dict[str, int] = {}
         self._resume = initial_step > 0  # a run from step 0 (nothing restored) is a new tracker run too
@@ -207,8 +221,11 @@ class Trackers:
                 held = tracker.start(config, resume=self._resume)
             except Exception as e:  # noqa: BLE001  (a tracker never stops training)
                 if isinstance(e, ImportError) and e.name == module:
-                    warn(f"train.trackers names {tracker.name}, which is not installed (pip install "
-                         f"'jaxllm[{tracker.name}]' or pip install {package}); training goes on without it", "note")
+                    warn(
+                        f"train.trackers names {tracker.name}, which is not installed (pip install "
+                        f"'jaxllm[{tracker.name}]' or pip install {package}); training goes on without it",
+                        "note",
+                    )
                 else:
                     warn(f"the {tracker.name} tracker failed to start ({_why(e)}); training goes on without it")
                     self._close_quietly(tracker)
@@ -236,8 +253,10 @@ class Trackers:
         try:
             tracker.log(int(record.get("step", 0)), values)
         except Exception as e:  # noqa: BLE001
-            warn(f"the {tracker.name} tracker failed to log step {record.get('step')} ({_why(e)}); training goes "
-                 "on without it")
+            warn(
+                f"the {tracker.name} tracker failed to log step {record.get('step')} ({_why(e)}); training goes "
+                "on without it"
+            )
             self._live.remove(tracker)
             self._close_quietly(tracker)
 
@@ -257,8 +276,9 @@ class Trackers:
             pass
 
 
-def log_artifacts(workdir: str, names: Sequence[str], folders: Mapping[str, str], *,
-                  mlflow_tracking_uri: str = "") -> None:
+def log_artifacts(
+    workdir: str, names: Sequence[str], folders: Mapping[str, str], *, mlflow_tracking_uri: str = ""
+) -> None:
     """Logs exported folders (adapter/, merged/, model/) as artifacts of the workdir's MLflow run, on
     process 0; a failure is one warning line."""
     import jax

@@ -43,16 +43,28 @@ def use_flash(implementation: str, seq_len: int) -> bool:
     if implementation == "auto":
         return platform == "tpu" and seq_len % MIN_BLOCK == 0
     if seq_len % MIN_BLOCK:
-        raise JaxllmError(f"attention='flash' needs a sequence length that is a multiple of {MIN_BLOCK}, got "
-                          f"{seq_len}; pad the sequence or use attention='auto' (XLA for such lengths)")
+        raise JaxllmError(
+            f"attention='flash' needs a sequence length that is a multiple of {MIN_BLOCK}, got "
+            f"{seq_len}; pad the sequence or use attention='auto' (XLA for such lengths)"
+        )
     if platform not in ("tpu", "cpu"):
-        raise JaxllmError(f"attention='flash' is a TPU kernel (interpreted on CPU for tests), not for {platform}; "
-                          "use attention='auto'")
+        raise JaxllmError(
+            f"attention='flash' is a TPU kernel (interpreted on CPU for tests), not for {platform}; "
+            "use attention='auto'"
+        )
     return True
 
 
-def flash_attention(q_BTNK, k_BSHK, v_BSHK, segment_ids_BT, *, alibi_slopes_N: np.ndarray | None = None,
-                    block_size: int | None = None, interpret: bool | None = None):
+def flash_attention(
+    q_BTNK,
+    k_BSHK,
+    v_BSHK,
+    segment_ids_BT,
+    *,
+    alibi_slopes_N: np.ndarray | None = None,
+    block_size: int | None = None,
+    interpret: bool | None = None,
+):
     """Causal self-attention over packed documents, with ALiBi when `alibi_slopes_N` is given.
 
     `block_size` (default: the largest of 512, 256, 128 dividing T) tiles queries and keys;
@@ -60,15 +72,19 @@ def flash_attention(q_BTNK, k_BSHK, v_BSHK, segment_ids_BT, *, alibi_slopes_N: n
     b, t, n, kd = q_BTNK.shape
     h = k_BSHK.shape[2]
     if k_BSHK.shape[1] != t or segment_ids_BT.shape != (b, t):
-        raise JaxllmError(f"flash attention is self-attention: q {q_BTNK.shape}, k {k_BSHK.shape} and segment ids "
-                          f"{segment_ids_BT.shape} must share batch and length")
+        raise JaxllmError(
+            f"flash attention is self-attention: q {q_BTNK.shape}, k {k_BSHK.shape} and segment ids "
+            f"{segment_ids_BT.shape} must share batch and length"
+        )
     if n % h:
         raise JaxllmError(f"flash attention: {n} query heads are not a multiple of {h} kv heads")
     if block_size is None:
         block_size = next((bs for bs in BLOCK_SIZES if t % bs == 0), 0)
     if not block_size or block_size % MIN_BLOCK or t % block_size:
-        raise JaxllmError(f"flash attention: sequence length {t} and block size {block_size or 'none'} must be "
-                          f"multiples of {MIN_BLOCK}, the block dividing the sequence")
+        raise JaxllmError(
+            f"flash attention: sequence length {t} and block size {block_size or 'none'} must be "
+            f"multiples of {MIN_BLOCK}, the block dividing the sequence"
+        )
     if interpret is None:
         interpret = target_platform() != "tpu"
     slopes_N = None if alibi_slopes_N is None else jnp.asarray(alibi_slopes_N, jnp.float32)
@@ -110,8 +126,9 @@ def _local_attention(q_BTNK, k_BSHK, v_BSHK, segment_ids_BT, slopes_N=None, *, b
     if slopes_N is None:
         out_BNTK = _splash(q_BNTK, k_BHSK, v_BHSK, segment_ids_BT, block, interpret)
     else:
-        out_BNTK = alibi_flash_attention(q_BNTK, k_BHSK, v_BHSK, segment_ids_BT[:, None, :], slopes_N, block, block,
-                                         interpret)
+        out_BNTK = alibi_flash_attention(
+            q_BNTK, k_BHSK, v_BHSK, segment_ids_BT[:, None, :], slopes_N, block, block, interpret
+        )
     return out_BNTK.transpose(0, 2, 1, 3)
 
 
@@ -120,9 +137,16 @@ def _splash(q_BNTK, k_BHSK, v_BHSK, segment_ids_BT, block: int, interpret: bool)
     Splash does not scale the logits: q is scaled first, in float32."""
     n, t, kd = q_BNTK.shape[1:]
     mask = splash.MultiHeadMask([splash.CausalMask((t, t))] * n)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
     q_BNTK = (q_BNTK.astype(jnp.float32) * kd**-0.5).astype(q_BNTK.dtype)
-    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(s, s)))(q_BNTK, k_BHSK, v_BHSK,
-                                                                                  segment_ids_BT)
+    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(s, s)))(q_BNTK, k_BHSK, v_BHSK, segment_ids_BT)

@@ -55,8 +55,24 @@ def _logits(s, slope, q_start, k_start, q_seg, k_seg, *, k_in_rows: bool):
     return jnp.where(keep, s, MASK_VALUE)
 
 
-def _fwd_kernel(slopes_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
-                scale: float, bq: int, bkv: int, num_kv_blocks: int):
+def _fwd_kernel(
+    slopes_ref,
+    q_seg_ref,
+    k_seg_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    lse_ref,
+    m_scr,
+    l_scr,
+    acc_scr,
+    *,
+    scale: float,
+    bq: int,
+    bkv: int,
+    num_kv_blocks: int,
+):
     n, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     head_dim = acc_scr.shape[-1]
 
@@ -88,8 +104,24 @@ def _fwd_kernel(slopes_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, o_ref, ls
         lse_ref[...] = (m_scr[...] + jnp.log(l))[:, 0][None, :]
 
 
-def _dq_kernel(slopes_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_scr, *,
-               scale: float, bq: int, bkv: int, num_kv_blocks: int):
+def _dq_kernel(
+    slopes_ref,
+    q_seg_ref,
+    k_seg_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    di_ref,
+    dq_ref,
+    dq_scr,
+    *,
+    scale: float,
+    bq: int,
+    bkv: int,
+    num_kv_blocks: int,
+):
     n, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -111,8 +143,27 @@ def _dq_kernel(slopes_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, ls
         dq_ref[...] = (dq_scr[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(slopes_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref,
-                dk_scr, dv_scr, *, scale: float, bq: int, bkv: int, group: int, num_q_blocks: int):
+def _dkv_kernel(
+    slopes_ref,
+    q_seg_ref,
+    k_seg_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    di_ref,
+    dk_ref,
+    dv_ref,
+    dk_scr,
+    dv_scr,
+    *,
+    scale: float,
+    bq: int,
+    bkv: int,
+    group: int,
+    num_q_blocks: int,
+):
     h, j, g, i = pl.program_id(1), pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
     @pl.when((g == 0) & (i == 0))
@@ -124,8 +175,9 @@ def _dkv_kernel(slopes_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, l
     def _step():
         q, do = q_ref[...], do_ref[...]
         s_t = lax.dot_general(k_ref[...], q, NT, preferred_element_type=jnp.float32) * scale  # [bkv, bq]
-        s_t = _logits(s_t, slopes_ref[h * group + g], i * bq, j * bkv, q_seg_ref[...], k_seg_ref[0][:, None],
-                      k_in_rows=True)
+        s_t = _logits(
+            s_t, slopes_ref[h * group + g], i * bq, j * bkv, q_seg_ref[...], k_seg_ref[0][:, None], k_in_rows=True
+        )
         p_t = jnp.exp(s_t - lse_ref[...])
         dv_scr[...] += lax.dot_general(p_t.astype(do.dtype), do, NN, preferred_element_type=jnp.float32)
         dp_t = lax.dot_general(v_ref[...], do, NT, preferred_element_type=jnp.float32)
@@ -161,8 +213,11 @@ def _forward(q, k, v, seg, slopes, bq: int, bkv: int, interpret: bool):
             pl.BlockSpec((None, None, 1, bq), lambda b_, n_, i, j: (b_, n_, 0, i)),
         ],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, 1, t), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
-                        pltpu.VMEM((bq, kd), jnp.float32)],
+        scratch_shapes=[
+            pltpu.VMEM((bq, LANES), jnp.float32),
+            pltpu.VMEM((bq, LANES), jnp.float32),
+            pltpu.VMEM((bq, kd), jnp.float32),
+        ],
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
         interpret=interpret,
         name="alibi_flash_fwd",
@@ -172,6 +227,7 @@ def _forward(q, k, v, seg, slopes, bq: int, bkv: int, interpret: bool):
 
 def _query_major_specs(bq: int, bkv: int, kd: int, group: int) -> list:
     """Blocks of (slopes, q segments, kv segments, q, k, v) for a grid (batch, head, q block i, kv block j)."""
+
     def kv_block(i, j):  # blocks past the diagonal re-name the last needed one: no DMA for them (lax.div:
         # jnp's floor division lowers through sign, which Mosaic ties to the local chip)
         return jnp.minimum(j, lax.div((i + 1) * bq - 1, bkv))
@@ -230,8 +286,10 @@ def _backward(q, k, v, seg, slopes, out, lse, do, bq: int, bkv: int, interpret: 
             pl.BlockSpec((None, None, 1, bq), lambda b_, h_, j, g, i: (b_, q_head(h_, g), 0, q_block(j, i))),
             pl.BlockSpec((None, None, 1, bq), lambda b_, h_, j, g, i: (b_, q_head(h_, g), 0, q_block(j, i))),
         ],
-        out_specs=[pl.BlockSpec((None, None, bkv, kd), lambda b_, h_, j, g, i: (b_, h_, j, 0)),
-                   pl.BlockSpec((None, None, bkv, kd), lambda b_, h_, j, g, i: (b_, h_, j, 0))],
+        out_specs=[
+            pl.BlockSpec((None, None, bkv, kd), lambda b_, h_, j, g, i: (b_, h_, j, 0)),
+            pl.BlockSpec((None, None, bkv, kd), lambda b_, h_, j, g, i: (b_, h_, j, 0)),
+        ],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bkv, kd), jnp.float32), pltpu.VMEM((bkv, kd), jnp.float32)],
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
@@ -242,8 +300,9 @@ def _backward(q, k, v, seg, slopes, out, lse, do, bq: int, bkv: int, interpret: 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def alibi_flash_attention(q_BNTK, k_BHSK, v_BHSK, segment_ids_B1T, slopes_N, block_q: int, block_kv: int,
-                          interpret: bool):
+def alibi_flash_attention(
+    q_BNTK, k_BHSK, v_BHSK, segment_ids_B1T, slopes_N, block_q: int, block_kv: int, interpret: bool
+):
     """Causal, segment-masked attention with ALiBi slopes; see the module docstring for the layout."""
     return _forward(q_BNTK, k_BHSK, v_BHSK, segment_ids_B1T, slopes_N, block_q, block_kv, interpret)[0]
 

@@ -25,8 +25,7 @@ def fused_attention(q_BTNK, k_BTHK, v_BTHK, mask_B1TT, implementation: str, bias
         implementation = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
     if implementation == "cudnn":
         bias = jnp.where(mask_B1TT, 0.0 if bias_BNTT is None else bias_BNTT, NEG_INF).astype(q_BTNK.dtype)
-        return jax.nn.dot_product_attention(q_BTNK, k_BTHK, v_BTHK, bias=bias, is_causal=True,
-                                            implementation="cudnn")
+        return jax.nn.dot_product_attention(q_BTNK, k_BTHK, v_BTHK, bias=bias, is_causal=True, implementation="cudnn")
     return causal_blockwise_attention(q_BTNK, k_BTHK, v_BTHK, mask_B1TT, bias_BNTT)
 
 
@@ -77,7 +76,12 @@ def causal_blockwise_attention(q_BTNK, k_BTHK, v_BTHK, mask_B1TT, bias_BNTT=None
         rows = g * (end - start)
         mask_B1RS = jnp.broadcast_to(mask_B1TT[:, :, None, start:end, :end], (b, 1, g, end - start, end))
         bias_BHRS = None if bias_BNTT is None else bias_BNTT[:, :, start:end, :end].reshape(b, h, rows, end)
-        out_BHRK = grouped_attention(q_BHGTK[:, :, :, start:end].reshape(b, h, rows, kd), k_BHKT[..., :end],
-                                     v_BHTK[:, :, :end], mask_B1RS.reshape(b, 1, rows, end), bias_BHRS)
+        out_BHRK = grouped_attention(
+            q_BHGTK[:, :, :, start:end].reshape(b, h, rows, kd),
+            k_BHKT[..., :end],
+            v_BHTK[:, :, :end],
+            mask_B1RS.reshape(b, 1, rows, end),
+            bias_BHRS,
+        )
         outs.append(out_BHRK.reshape(b, h, g, end - start, kd))
     return ungrouped(outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3))

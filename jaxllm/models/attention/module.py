@@ -36,8 +36,14 @@ class Attention(nn.Module):
 
         def proj(name, heads, head_axis):
             lora = fused or name in cfg.lora_targets
-            return Linear(cfg, (heads, k), ("embed", head_axis, "head_dim"), lora=lora,
-                          deterministic=self.deterministic, name=name)(x_BLD, xa_BLR)
+            return Linear(
+                cfg,
+                (heads, k),
+                ("embed", head_axis, "head_dim"),
+                lora=lora,
+                deterministic=self.deterministic,
+                name=name,
+            )(x_BLD, xa_BLR)
 
         q_BLNK = constrain(proj("q_proj", n, "heads"), ("batch", "length", "heads", "head_dim"), "query_proj")
         k_BLHK = constrain(proj("k_proj", h, "kv_heads"), ("batch", "length", "kv_heads", "head_dim"), "key_proj")
@@ -59,8 +65,15 @@ class Attention(nn.Module):
         mask_B1LL = attention_mask(segment_ids_BL, segment_ids_BL)
         if cfg.attention == "reference" or use_dropout:
             rng = self.make_rng("dropout") if use_dropout else None
-            out_BLNK = reference_attention(q_BLNK, k_BLHK, v_BLHK, mask_B1LL, bias_BNLL,
-                                           dropout_rate=cfg.attn_dropout if use_dropout else 0.0, dropout_rng=rng)
+            out_BLNK = reference_attention(
+                q_BLNK,
+                k_BLHK,
+                v_BLHK,
+                mask_B1LL,
+                bias_BNLL,
+                dropout_rate=cfg.attn_dropout if use_dropout else 0.0,
+                dropout_rng=rng,
+            )
         else:
             out_BLNK = fused_attention(q_BLNK, k_BLHK, v_BLHK, mask_B1LL, cfg.attention, bias_BNLL)
         return self._out(out_BLNK)
@@ -68,8 +81,15 @@ class Attention(nn.Module):
     def _out(self, out_BLNK):
         out_BLNK = constrain(out_BLNK, ("batch", "length", "heads", "head_dim"), "context")
         cfg = self.cfg
-        out_BLD = Linear(cfg, (cfg.embed_dim,), ("heads", "head_dim", "embed"), num_in=2,
-                         lora="o_proj" in cfg.lora_targets, deterministic=self.deterministic, name="o_proj")(out_BLNK)
+        out_BLD = Linear(
+            cfg,
+            (cfg.embed_dim,),
+            ("heads", "head_dim", "embed"),
+            num_in=2,
+            lora="o_proj" in cfg.lora_targets,
+            deterministic=self.deterministic,
+            name="o_proj",
+        )(out_BLNK)
         return constrain(out_BLD, residual_axes(cfg), "out_proj")
 
     def _cache_vars(self, k_BSHK, segment_ids_BS):
@@ -79,11 +99,13 @@ class Attention(nn.Module):
         every layer's cache several times per token."""
         zeros = lambda shape, dtype: lambda: jnp.zeros(shape, dtype)  # noqa: E731
         b, s, h, kd = k_BSHK.shape
-        return (self.variable("cache", "cached_key", zeros((b * h, kd, s), k_BSHK.dtype)),
-                self.variable("cache", "cached_value", zeros((b * h, s, kd), k_BSHK.dtype)),
-                self.variable("cache", "cached_segment", zeros((b, s), jnp.int32)),
-                self.variable("cache", "cached_position", zeros((b, s), jnp.int32)),
-                self.variable("cache", "index", zeros((), jnp.int32)))
+        return (
+            self.variable("cache", "cached_key", zeros((b * h, kd, s), k_BSHK.dtype)),
+            self.variable("cache", "cached_value", zeros((b * h, s, kd), k_BSHK.dtype)),
+            self.variable("cache", "cached_segment", zeros((b, s), jnp.int32)),
+            self.variable("cache", "cached_position", zeros((b, s), jnp.int32)),
+            self.variable("cache", "index", zeros((), jnp.int32)),
+        )
 
     def _attend_cached(self, q_BTNK, k_BTHK, v_BTHK, segment_ids_BT, positions_BT):
         """Writes this step's T keys/values at the cache index, then attends over the whole buffer:
@@ -92,9 +114,11 @@ class Attention(nn.Module):
         i, (b, t, h, kd) = index.value, k_BTHK.shape
         g = q_BTNK.shape[2] // h
         ck.value = jax.lax.dynamic_update_slice(
-            ck.value, jnp.transpose(k_BTHK, (0, 2, 3, 1)).reshape(b * h, kd, t).astype(ck.value.dtype), (0, 0, i))
+            ck.value, jnp.transpose(k_BTHK, (0, 2, 3, 1)).reshape(b * h, kd, t).astype(ck.value.dtype), (0, 0, i)
+        )
         cv.value = jax.lax.dynamic_update_slice(
-            cv.value, jnp.transpose(v_BTHK, (0, 2, 1, 3)).reshape(b * h, t, kd).astype(cv.value.dtype), (0, i, 0))
+            cv.value, jnp.transpose(v_BTHK, (0, 2, 1, 3)).reshape(b * h, t, kd).astype(cv.value.dtype), (0, i, 0)
+        )
         cseg.value = jax.lax.dynamic_update_slice(cseg.value, segment_ids_BT.astype(jnp.int32), (0, i))
         cpos.value = jax.lax.dynamic_update_slice(cpos.value, positions_BT.astype(jnp.int32), (0, i))
         index.value = i + t

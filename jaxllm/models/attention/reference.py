@@ -15,6 +15,7 @@ NEG_INF = -1e9
 def alibi_slopes(num_heads: int) -> np.ndarray:
     """ALiBi head slopes 2^(-8i/n) (Press et al.); for a non-power-of-2 count n, the slopes of the
     closest power of 2 below it, then every other slope of the next power of 2 (as BLOOM builds them)."""
+
     def powers(n):
         return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
 
@@ -43,8 +44,7 @@ def attention_mask(q_segment_BT, kv_segment_BS, q_positions_BT=None, kv_position
     return (causal_BTS & same_BTS)[:, None]
 
 
-def reference_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, bias_BNTS=None, *, dropout_rate=0.0,
-                        dropout_rng=None):
+def reference_attention(q_BTNK, k_BSHK, v_BSHK, mask_B1TS, bias_BNTS=None, *, dropout_rate=0.0, dropout_rng=None):
     """Plain-XLA attention in float32 (the reference the fused paths are tested against; has dropout).
     Query head n reads kv head n // (N / H), as Llama's repeat_kv and Falcon's grouped layout do."""
     b, t, n, kd = q_BTNK.shape
