@@ -127,3 +127,48 @@ def test_adapters_for_another_base_are_refused(tmp_path):
         hf.load_adapter(str(tmp_path / "adapter"), hf.load_pretrained(str(tmp_path / "falcon"))[0].cfg)
     with pytest.raises(JaxllmError, match="adapter_config.json not found"):
         hf.load_adapter(str(tmp_path / "nothing"), model.cfg)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(),
+        dict(tie_embeddings=True),
+        dict(num_labels=1),
+        dict(use_bias=True),
+        dict(norm="layer", mlp="gelu", parallel_block=True, num_kv_heads=1, num_block_norms=1),
+        dict(norm="layer", mlp="gelu", parallel_block=True, num_kv_heads=2, num_block_norms=2, num_labels=2),
+        dict(norm="layer", mlp="gelu", parallel_block=False, num_kv_heads=4),
+        dict(
+            norm="layer",
+            position="alibi",
+            mlp="gelu_tanh",
+            use_bias=True,
+            embed_norm=True,
+            num_kv_heads=4,
+            mlp_dim=128,
+            tie_embeddings=True,
+        ),
+    ],
+    ids=["llama", "llama_tied", "llama_score", "llama_bias", "falcon_mq", "falcon_new_score", "falcon_seq", "bloom"],
+)
+def test_lora_module_names_are_the_layouts(changes):
+    """models/families.hf_module_params (what `modules_to_save` and targets resolve against) names the
+    same modules and params as hf/layout's tensor groups (what the weights load and save by)."""
+    from jaxllm.hf import layout
+    from jaxllm.models import families
+    from jaxllm.models.config import ModelConfig
+
+    cfg = ModelConfig(
+        **{
+            **dict(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=64),
+            **changes,
+        }
+    )
+    outer, layer = families.hf_module_params(cfg)
+    for groups, modules in ((layout.global_groups(cfg), outer), (layout.layer_groups(cfg), layer)):
+        from_layout: dict[str, set] = {}
+        for g in groups:  # a group: tensors of one module (a fused query_key_value holds three params)
+            for name in g.hf_names:
+                from_layout.setdefault(name.rpartition(".")[0], set()).update(g.paths)
+        assert {m: set(p) for m, p in modules.items()} == from_layout
