@@ -18,13 +18,18 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import lm_eval  # noqa: E402 (jaxllm.train.tasks has said how to install it when it is missing)
-from lm_eval.api.registry import get_model, register_model  # noqa: E402
-
 from jaxllm import JaxllmError, atomic
 from jaxllm.config import check_number
 from jaxllm.load import load_model
-from jaxllm.train.tasks import HarnessLM, lm_utils, resolve_tasks, task_manager
+from jaxllm.train.tasks import (  # lm_eval from there: without it, the one line saying how to install it
+    HarnessLM,
+    get_model,
+    lm_eval,
+    lm_utils,
+    register_model,
+    resolve_tasks,
+    task_manager,
+)
 
 
 class JaxllmLM(HarnessLM):

@@ -36,10 +36,13 @@ from jaxllm.models.decoder import Decoder
 from jaxllm.models.generation import GenerateConfig, generate
 
 try:  # the optional `eval` extra. jaxllm never imports torch; simple_evaluate does when it is installed (its
-    # environment report and torch seed), which `jaxllm eval` accepts and run_tasks avoids
+    # environment report and torch seed), which `jaxllm eval` accepts and run_tasks avoids. jaxllm.evaluate
+    # takes lm_eval and its registry from here, so a missing harness is this one line there too
+    import lm_eval  # noqa: F401
     from lm_eval import evaluator
     from lm_eval import utils as lm_utils
     from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import get_model, register_model  # noqa: F401
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
     from lm_eval.tasks import TaskManager
 except ImportError as e:
