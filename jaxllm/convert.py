@@ -1,5 +1,6 @@
 """`jaxllm convert`: a Hugging Face folder into a jaxllm checkpoint (Orbax params + model.json) or into a
-safetensors Hugging Face folder (from .bin weights), and a training workdir into a Hugging Face folder."""
+safetensors Hugging Face folder (from .bin weights), a training workdir into a Hugging Face folder, and a
+fine-tuning run into its export (a PEFT adapter, a merged or a whole model: `export`)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,38 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from jaxllm import JaxllmError, atomic, hf
+from jaxllm import JaxllmError, atomic, hf, tree
+from jaxllm.hf import hub
 from jaxllm.hf.weights import TensorFiles, read_config, save_tensors
 from jaxllm.load import load_trained
 from jaxllm.models import lora
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import Decoder
 from jaxllm.train.checkpoint import checkpoint_dir
+from jaxllm.train.start import load_run
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
+
+
+def tokenizer_files(folder: str) -> tuple[str, ...]:
+    """The paths of the TOKENIZER_FILES that a local folder holds (none for a Hub id or '')."""
+    if not folder or not os.path.isdir(folder):
+        return ()
+    return tuple(os.path.join(folder, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f)))
+
+
+def copy_tokenizer(source: str, dest: str) -> None:
+    for path in tokenizer_files(source):
+        atomic.copy(path, os.path.join(dest, os.path.basename(path)))
 
 
 def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: Any = "float32") -> ModelConfig:
@@ -31,24 +57,10 @@ def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: Any = "float32") -> Mo
         os.path.join(out_dir, "params"), params
     )  # Orbax finalises atomically (a rename, or a commit marker on gs://)
     checkpointer.wait_until_finished()
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.isfile(os.path.join(hf_dir, name)):
-            atomic.copy(os.path.join(hf_dir, name), os.path.join(out_dir, name))
+    copy_tokenizer(hf_dir, out_dir)
     # model.json last: `jaxllm.train.start.kind` recognises the output by it
     atomic.write(os.path.join(out_dir, "model.json"), json.dumps(dataclasses.asdict(model.cfg), indent=2))
     return model.cfg
-
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-)
 
 
 def hf_to_safetensors(hf_dir: str, out_dir: str, *, max_shard_size: int | str = "5GB") -> int:
@@ -61,8 +73,7 @@ def hf_to_safetensors(hf_dir: str, out_dir: str, *, max_shard_size: int | str = 
     files = TensorFiles(hf_dir)
     names = [n for n in files.names() if not n.endswith(".inv_freq")]
     tensors = ((name, files.read(name, None)) for name in names)
-    copies = tuple(os.path.join(hf_dir, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, f)))
-    save_tensors(tensors, out_dir, config, max_shard_size=max_shard_size, files=copies)
+    save_tensors(tensors, out_dir, config, max_shard_size=max_shard_size, files=tokenizer_files(hf_dir))
     return len(names)
 
 
@@ -76,3 +87,53 @@ def workdir_to_hf(workdir: str, out_dir: str, *, dtype: Any = "float32") -> None
     hf.save_pretrained(model, params, out_dir, dtype=dtype)
     if getattr(tokenizer, "path", "").endswith(".model"):
         atomic.copy(tokenizer.path, os.path.join(out_dir, "tokenizer.model"))
+
+
+def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: Any = "float32") -> dict[str, str]:
+    """Writes the run's result: `adapter/` (PEFT) or, for full fine-tuning, `model/`; `merged/` if asked."""
+    run, trainable, frozen = load_run(workdir, with_frozen=merge)
+    written: dict[str, str] = {}
+    source = run.checkpoint.init_from
+    extra = _special_ids(source)
+    if run.lora.r:
+        path = os.path.join(save_dir, "adapter")
+        hf.save_adapter(trainable, run.model, run.lora, path, base_model=_base_model_name(workdir, source))
+        copy_tokenizer(source, path)
+        written["adapter"] = path
+        if merge:
+            base_cfg, merged = lora.merge_adapters(tree.union(trainable, frozen), run.model)
+            path = os.path.join(save_dir, "merged")
+            hf.save_pretrained(Decoder(base_cfg), merged, path, dtype=dtype, overwrite=True, config_updates=extra)
+            copy_tokenizer(source, path)
+            written["merged"] = path
+    else:
+        path = os.path.join(save_dir, "model")
+        hf.save_pretrained(
+            Decoder(run.model), tree.union(trainable, frozen), path, dtype=dtype, overwrite=True, config_updates=extra
+        )
+        copy_tokenizer(source, path)
+        written["model"] = path
+    return written
+
+
+def _base_model_name(workdir: str, source: str) -> str:
+    """The adapter's base_model_name_or_path: the Hub id the run started from (as PEFT writes it), else
+    the absolute path of the local folder."""
+    try:
+        recorded = json.loads(atomic.as_path(os.path.join(workdir, "config.json")).read_text())["checkpoint"][
+            "init_from"
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = ""
+    if isinstance(recorded, str) and hub.is_hub_id(recorded):
+        return hub.split_id(recorded)[0]
+    return os.path.abspath(source) if source else ""
+
+
+def _special_ids(source: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(source, "config.json")) as f:
+            c = json.load(f)
+    except (OSError, TypeError, json.JSONDecodeError):
+        return {}
+    return {k: c[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in c}

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_hf import _assert_close, _hf_logits, _jax_logits, _padded_batch  # noqa: E402
 
 from jaxllm import JaxllmError, cli  # noqa: E402
-from jaxllm.finetune import add_arguments, flags_to_config  # noqa: E402
+from jaxllm.autotrain import add_arguments, flags_to_config  # noqa: E402
 from jaxllm.load import load_trained  # noqa: E402
 from jaxllm.train.start import load_run  # noqa: E402
 
@@ -543,7 +543,7 @@ def test_bad_finetune_input(llama, tmp_path):
 
 def test_runs_without_project_name_keep_apart(llama, falcon, tmp_path, monkeypatch):
     """Each job's workdir is its --save_dir; a workdir holding another model's run is refused up front."""
-    from jaxllm import finetune
+    from jaxllm import autotrain
     from jaxllm.config import load_config, to_json
     from jaxllm.train import loop
 
@@ -571,7 +571,7 @@ def test_runs_without_project_name_keep_apart(llama, falcon, tmp_path, monkeypat
     def no_work(*args, **kwargs):
         raise AssertionError("work started")
 
-    for module, name in ((loop, "build_program"), (finetune, "epochs_to_steps"), (finetune, "_devices")):
+    for module, name in ((loop, "build_program"), (autotrain, "epochs_to_steps"), (autotrain, "_devices")):
         monkeypatch.setattr(module, name, no_work)
     with pytest.raises(
         JaxllmError,

@@ -16,11 +16,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 from hubcache import offline, put_repo  # noqa: E402
 
 from jaxllm import JaxllmError  # noqa: E402
+from jaxllm.autotrain import add_arguments, flags_to_config  # noqa: E402
 from jaxllm.config import build  # noqa: E402
 from jaxllm.data import splits  # noqa: E402
 from jaxllm.data.config import DataConfig, make_source  # noqa: E402
 from jaxllm.data.pipeline import split_documents  # noqa: E402
-from jaxllm.finetune import add_arguments, flags_to_config  # noqa: E402
 from jaxllm.prep import synthetic  # noqa: E402
 
 GUANACO = "timdettmers/openassistant-guanaco"

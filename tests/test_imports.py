@@ -76,7 +76,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 # The layers, lowest first (a module belongs to the layer of its longest prefix here); every module not
-# named is a command (load, plan, convert, evaluate, finetune, push, prep/, cli), above them all. A module
+# named is a command (load, plan, convert, evaluate, autotrain, push, prep/, cli), above them all. A module
 # may import its own layer and those below, never one above.
 LAYERS = (
     ("jaxllm", "jaxllm.config", "jaxllm.sharding", "jaxllm.tree", "jaxllm.atomic", "jaxllm.distributed"),

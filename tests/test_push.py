@@ -312,7 +312,7 @@ def test_finetune_whose_upload_fails_exits_1_and_keeps_its_outputs(trained, tmp_
 def test_push_settings_are_checked_before_training(trained, tmp_path, monkeypatch, capsys):
     from test_finetune import _args
 
-    from jaxllm.finetune import flags_to_config
+    from jaxllm.autotrain import flags_to_config
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("HF_TOKEN", raising=False)

@@ -290,7 +290,7 @@ def test_an_uninstalled_tracker_is_a_one_line_note_with_the_pip_command(tmp_path
 def test_unknown_tracker_names_are_refused_in_one_line():
     import argparse
 
-    from jaxllm.finetune import add_arguments, flags_to_config
+    from jaxllm.autotrain import add_arguments, flags_to_config
     from jaxllm.train.start import parse
 
     cfg = load_config(os.path.join(ROOT, "configs/tiny.py"), ["train.trackers=('tensorboard','wandbb')"])

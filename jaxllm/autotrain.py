@@ -1,18 +1,18 @@
-"""`jaxllm finetune`: supervised fine-tuning (LoRA / QLoRA / full) of a Hugging Face model folder.
+"""The autotrain flag layer of `jaxllm finetune`: supervised fine-tuning (LoRA / QLoRA / full) of a Hugging
+Face model folder.
 
 Takes the flags of the one-line `autotrain llm --train ...` command (autotrain's spellings and aliases;
 a flag that does not apply here is accepted with a one-line note saying why), maps them onto the
-ml-collections config of `configs/finetune.py` (or `--config`), runs the one training loop, and exports to
-`--save_dir`: `adapter/` in PEFT's format (or, for full fine-tuning, a Hugging Face model folder) and,
-with `--merge_adapter`, `merged/`, the base with the adapter merged in. `--push_to_hub` then uploads that
-export with a model card (`jaxllm.push`).
+ml-collections config of `configs/finetune.py` (or `--config`), runs the one training loop, and exports
+(`jaxllm.convert.export`) to `--save_dir`: `adapter/` in PEFT's format (or, for full fine-tuning, a Hugging
+Face model folder) and, with `--merge_adapter`, `merged/`, the base with the adapter merged in.
+`--push_to_hub` then uploads that export with a model card (`jaxllm.push`).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import math
 import os
 import sys
@@ -20,11 +20,10 @@ from typing import Any
 
 import ml_collections
 
-from jaxllm import JaxllmError, atomic, tree
+from jaxllm import JaxllmError, atomic, convert
 from jaxllm.train import trackers
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "finetune.py")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -685,71 +684,6 @@ def epochs_to_steps(cfg: ml_collections.ConfigDict, epochs: float, sample: int =
     return max(1, math.ceil(epochs * rows / data.batch_size))
 
 
-def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: Any = "float32") -> dict[str, str]:
-    """Writes the run's result: `adapter/` (PEFT) or, for full fine-tuning, `model/`; `merged/` if asked."""
-    from jaxllm import hf
-    from jaxllm.models import lora
-    from jaxllm.models.decoder import Decoder
-    from jaxllm.train.start import load_run
-
-    run, trainable, frozen = load_run(workdir, with_frozen=merge)
-    written: dict[str, str] = {}
-    source = run.checkpoint.init_from
-    extra = {k: v for k, v in _special_ids(source).items()}
-    if run.lora.r:
-        path = os.path.join(save_dir, "adapter")
-        hf.save_adapter(trainable, run.model, run.lora, path, base_model=_base_model_name(workdir, source))
-        _copy_tokenizer(source, path)
-        written["adapter"] = path
-        if merge:
-            base_cfg, merged = lora.merge_adapters(tree.union(trainable, frozen), run.model)
-            path = os.path.join(save_dir, "merged")
-            hf.save_pretrained(Decoder(base_cfg), merged, path, dtype=dtype, overwrite=True, config_updates=extra)
-            _copy_tokenizer(source, path)
-            written["merged"] = path
-    else:
-        path = os.path.join(save_dir, "model")
-        hf.save_pretrained(
-            Decoder(run.model), tree.union(trainable, frozen), path, dtype=dtype, overwrite=True, config_updates=extra
-        )
-        _copy_tokenizer(source, path)
-        written["model"] = path
-    return written
-
-
-def _base_model_name(workdir: str, source: str) -> str:
-    """The adapter's base_model_name_or_path: the Hub id the run started from (as PEFT writes it), else
-    the absolute path of the local folder."""
-    from jaxllm.hf import hub
-
-    try:
-        recorded = json.loads(atomic.as_path(os.path.join(workdir, "config.json")).read_text())["checkpoint"][
-            "init_from"
-        ]
-    except (OSError, ValueError, KeyError, TypeError):
-        recorded = ""
-    if isinstance(recorded, str) and hub.is_hub_id(recorded):
-        return hub.split_id(recorded)[0]
-    return os.path.abspath(source) if source else ""
-
-
-def _special_ids(source: str) -> dict[str, Any]:
-    try:
-        with open(os.path.join(source, "config.json")) as f:
-            c = json.load(f)
-    except (OSError, TypeError, json.JSONDecodeError):
-        return {}
-    return {k: c[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in c}
-
-
-def _copy_tokenizer(source: str, dest: str) -> None:
-    if not source or not os.path.isdir(source):
-        return
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            atomic.copy(os.path.join(source, name), os.path.join(dest, name))
-
-
 def finetune(args: argparse.Namespace, overrides: list[str], command: list[str] | None = None) -> dict[str, Any]:
     """Trains (or resumes), exports and, with --push_to_hub, uploads; returns the final metrics, the written
     folders and `pushed` (or `push_error`: the one-line failure, the outputs kept). `command` is the command
@@ -776,7 +710,7 @@ def _finetune(args: argparse.Namespace, overrides: list[str], command: list[str]
     result = train(cfg, workdir)
     if result.get("preempted"):
         return result
-    result["written"] = export(workdir, save_dir, merge=args.merge_adapter)
+    result["written"] = convert.export(workdir, save_dir, merge=args.merge_adapter)
     trackers.log_artifacts(
         workdir, cfg.train.trackers, result["written"], mlflow_tracking_uri=cfg.train.mlflow_tracking_uri
     )
