@@ -165,6 +165,11 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_compiles", type=int, default=8, help="with --search: compile at most this many settings")
     p.add_argument("--hbm_gib", type=float, default=0.0, help="memory per device to plan for (default: what it has)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    p.add_argument(
+        "--no_cost",
+        action="store_true",
+        help="memory only: skip the step's cost (for scanned layers two more compiles, of 1 and 2 unrolled layers)",
+    )
 
 
 def _plan(args: argparse.Namespace, overrides: list[str], command: list[str]) -> int:
@@ -187,7 +192,7 @@ def _plan(args: argparse.Namespace, overrides: list[str], command: list[str]) ->
             print(plan.table(found["best"]))
             print("fastest setting that fits: " + " ".join(f"--config.{o}" for o in found["overrides"]))
         return 0 if found["best"] is not None else 1
-    result = plan.plan(cfg, args.topology, args.num_slices, hbm)
+    result = plan.plan(cfg, args.topology, args.num_slices, hbm, read_cost=not args.no_cost)
     print(json_line(result) if args.json else plan.table(result))
     return 0 if result["fits"] else 1
 

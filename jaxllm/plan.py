@@ -1,7 +1,8 @@
 """`jaxllm plan`: compile a run's exact train step ahead of time for a Cloud TPU slice (XLA's TPU compiler
 through libtpu, on any machine, no TPU needed) or for the local devices, and report whether it fits,
-the memory per chip and where it goes. `search` tries meshes, remat policies and micro-batching and
-returns the fastest setting that fits by an analytic step-time estimate (see `estimate`).
+the memory per chip and where it goes, and what the step costs as the compiler sees it (`jaxllm.cost`).
+`search` tries meshes, remat policies and micro-batching, compiles them in the order of an analytic
+step-time estimate (see `estimate`) and returns the setting that fits with the lowest compiled cost.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxllm import JaxllmError
+from jaxllm import JaxllmError, cost
 from jaxllm import sharding as shd
 from jaxllm.config import apply_override
 from jaxllm.train.metrics import peak_tflops
@@ -184,17 +185,10 @@ def estimate(run, mesh_shape: dict[str, int], chips: int, devices: Sequence[jax.
     seq, batch = run.data.block_size, run.data.batch_size
     tokens_per_chip = batch * seq / chips
     mlp_mats = 3 if m.mlp == "swiglu" else 2
-    fwd = {
-        "qkv": 2 * d * (n + 2 * h) * k,
-        "o": 2 * n * k * d,
-        "mlpwi": 2 * (mlp_mats - 1) * d * f,
-        "mlpwo": 2 * f * d,
-        "core": 4 * n * k * seq / 2,
-    }  # per token per layer; causal halves attention
+    fwd, _ = cost.forward_flops(m, seq)
     saved, offloaded = REMAT_KEEPS[m.remat]
     recomputed = [x for x in fwd if x not in saved + offloaded]
-    head = 2 * d * m.vocab_size
-    useful = tokens_per_chip * (3 * (lyr * sum(fwd.values()) + head))
+    useful = cost.model_flops_per_chip(run, chips)
     flops = useful + tokens_per_chip * lyr * sum(fwd[x] for x in recomputed)
     act_bytes = {
         "q": 2 * n * k,
@@ -203,7 +197,7 @@ def estimate(run, mesh_shape: dict[str, int], chips: int, devices: Sequence[jax.
         "mlpwi": 2 * (mlp_mats - 1) * f,
         "mlpwo": 2 * d,
     }
-    host_s = 2 * lyr * tokens_per_chip * sum(act_bytes[x] for x in offloaded) / HOST_BYTES_S  # out and back in
+    host_s = 2 * lyr * tokens_per_chip * sum(act_bytes[x] for x in offloaded) / cost.HOST_BYTES_S  # out and back in
     peak = (peak_tflops(devices[0]) or 100.0) * 1e12
     compute_s = flops / peak
 
@@ -256,7 +250,6 @@ REMAT_KEEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "save_dot_except_mlpwi_q_offloaded": (("qkv", "o", "mlpwo"), ("q",)),
     "full": ((), ()),
 }
-HOST_BYTES_S = 1e10  # device <-> host memory per chip, a rough figure for offloaded activations
 
 
 def _chip_of(device) -> Chip | None:
@@ -268,10 +261,25 @@ def _chip_of(device) -> Chip | None:
 
 
 def plan(
-    cfg: ml_collections.ConfigDict, topology: str = "local", num_slices: int = 1, hbm_gib: float | None = None
+    cfg: ml_collections.ConfigDict,
+    topology: str = "local",
+    num_slices: int = 1,
+    hbm_gib: float | None = None,
+    read_cost: bool = True,
 ) -> dict[str, Any]:
-    """Compiles the step `cfg` would run on the slice and reports its memory per chip; never raises for
-    memory (a refused step answers `fits: False` with the amount needed)."""
+    """Compiles the step `cfg` would run on the slice and reports its memory per chip and (`read_cost`)
+    its `cost` as the compiler sees it (see `cost.step_cost`); never raises for memory (a refused step answers
+    `fits: False` with the amount needed, and no cost)."""
+    out, run, mesh, compiled = _compile(cfg, topology, num_slices, hbm_gib)
+    if read_cost and compiled is not None:
+        out["cost"] = cost.step_cost(run, mesh, compiled, out["estimate"]["step_s"])
+    return out
+
+
+def _compile(
+    cfg: ml_collections.ConfigDict, topology: str, num_slices: int, hbm_gib: float | None
+) -> tuple[dict[str, Any], Any, Any, Any]:
+    """(the plan's memory report, the run, its mesh, the compiled step or None where it was refused)."""
     from jaxllm.train.start import parse
 
     run = parse(cfg)
@@ -328,7 +336,7 @@ def plan(
         if e.capacity:
             out["hbm_capacity_gib"] = e.capacity / GiB
         out["estimate"] = estimate(run, mesh_shape, len(devices), devices)
-        return out
+        return out, run, mesh, None
     out["compile_s"] = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
@@ -345,7 +353,7 @@ def plan(
         breakdown=breakdown,
         estimate=estimate(run, mesh_shape, len(devices), devices),
     )
-    return out
+    return out, run, mesh, compiled
 
 
 # ----------------------------------------------------------------------------------------------- search
@@ -412,9 +420,13 @@ def search(
     max_compiles: int = 8,
     log=print,
 ) -> dict[str, Any]:
-    """The fastest setting (by `estimate`) whose step compiles and fits, trying candidates fastest first
-    and skipping those that cannot fit because a setting keeping no more in memory already did not
-    (same mesh, a remat policy saving at least as much, no more micro-batches)."""
+    """The fastest setting that fits among up to `max_compiles` compiled: candidates are compiled in the
+    order of the analytic `estimate`, and each that fits is timed by its compiled cost (`cost.step_cost`'s
+    `estimated_step_s`: the TPU compiler's `optimal_seconds` plus host transfers it cannot hide). Skipped
+    without compiling: settings that cannot fit because one keeping no more in memory did not (same
+    mesh, a remat policy saving at least as much, no more micro-batches), and settings that save more
+    memory than one that fits (they recompute or re-gather more, so they are not faster). Where the
+    compiler gives no time (CPU devices) the analytic order decides: the first setting that fits."""
     from jaxllm.train.start import parse
 
     run = parse(cfg)
@@ -425,37 +437,53 @@ def search(
         ranked.append((estimate(trial, c["mesh"], len(devices), devices)["step_s"], c))
     ranked.sort(key=lambda x: x[0])
     failed: list[dict[str, Any]] = []
-    tried = []
-    for step_s, c in ranked:
+    fitted: list[dict[str, Any]] = []
+    tried: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, Any], list[str]] | None = None
+    for analytic_s, c in ranked:
         if len(tried) >= max_compiles:
             break
-        if any(_dominated(c, f) for f in failed):
+        if any(_dominated(c, f) for f in failed) or any(_dominated(f, c) for f in fitted):
             continue
-        result = plan(_with(cfg, overrides(c)), topology, num_slices, hbm_gib)
+        result, trial, mesh, compiled = _compile(_with(cfg, overrides(c)), topology, num_slices, hbm_gib)
+        step_s = None
+        if result["fits"]:
+            result["cost"] = cost.step_cost(trial, mesh, compiled, result["estimate"]["step_s"])
+            step_s = result["cost"]["estimated_step_s"]
+        del compiled
         tried.append(
             {
                 "overrides": overrides(c),
                 "fits": result["fits"],
                 "hbm_per_chip_gib": result["hbm_per_chip_gib"],
+                "analytic_step_s": analytic_s,
                 "estimated_step_s": step_s,
             }
         )
         log(
             f"  {' '.join(overrides(c))}: {_gib(result['hbm_per_chip_gib'])} per chip, "
-            f"{'fits' if result['fits'] else 'does not fit'} (estimated {step_s:.2f} s/step)"
+            + (f"fits, compiled estimate {step_s:.3g} s/step" if result["fits"] else "does not fit")
+            + f" (analytic {analytic_s:.3g} s/step)"
         )
-        if result["fits"]:
-            return {"best": result, "overrides": overrides(c), "tried": tried}
-        failed.append(c)
-    return {"best": None, "overrides": None, "tried": tried}
+        if not result["fits"]:
+            failed.append(c)
+            continue
+        fitted.append(c)
+        if best is None or step_s < best[0]:
+            best = (step_s, result, overrides(c))
+        if result["cost"]["optimal_seconds"] is None:  # no compiled time: the analytic order already ranks
+            break
+    if best is None:
+        return {"best": None, "overrides": None, "tried": tried}
+    return {"best": best[1], "overrides": best[2], "tried": tried}
 
 
-def _dominated(c: dict[str, Any], failed: dict[str, Any]) -> bool:
-    """`c` keeps at least as much in memory as a setting that did not fit."""
+def _dominated(c: dict[str, Any], other: dict[str, Any]) -> bool:
+    """`c` keeps at least as much in memory as `other` (and recomputes no more)."""
     return (
-        c["mesh"] == failed["mesh"]
-        and c["grad_accum_steps"] <= failed["grad_accum_steps"]
-        and REMAT_BY_MEMORY.index(c["remat"]) <= REMAT_BY_MEMORY.index(failed["remat"])
+        c["mesh"] == other["mesh"]
+        and c["grad_accum_steps"] <= other["grad_accum_steps"]
+        and REMAT_BY_MEMORY.index(c["remat"]) <= REMAT_BY_MEMORY.index(other["remat"])
     )
 
 
@@ -504,6 +532,7 @@ def table(result: dict[str, Any]) -> str:
                 "FLOPs at peak plus exposed collectives)",
             )
         )
+    rows += cost.table_rows(result.get("cost"))
     if not result["fits"] and "compiler" in result:
         rows.append(("compiler", result["compiler"][:300]))
     width = max(len(k) for k, _ in rows)
