@@ -41,6 +41,14 @@ BATCH_AXES = ("data", "fsdp")
 _rules = LOGICAL_RULES  # in force: LOGICAL_RULES with the run's `mesh.rules` on top (`make_mesh` sets them)
 
 
+def target_platform() -> str:
+    """The platform the code being traced will run on: that of the current mesh's devices, else
+    JAX's default backend. An AOT compile for a TPU topology from a CPU host (`jax.set_mesh` on a
+    mesh of topology devices, as the train step and `jaxllm plan` run) thus counts as TPU."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def rules() -> tuple[tuple[str, Any], ...]:
     return _rules
 

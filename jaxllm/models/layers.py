@@ -77,12 +77,13 @@ def rotary(x_BLHK, positions_BL, theta: float):
     inv_freq_K2 = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
     angles_BLK2 = positions_BL.astype(jnp.float32)[..., None] * inv_freq_K2
     # cos/sin in float32, then applied in the activations' dtype, as Hugging Face does (bf16 copies of
-    # q and k in the backward pass instead of float32 ones)
-    cos_BL1K = jnp.cos(jnp.concatenate([angles_BLK2] * 2, -1))[:, :, None, :].astype(x_BLHK.dtype)
-    sin_BL1K = jnp.sin(jnp.concatenate([angles_BLK2] * 2, -1))[:, :, None, :].astype(x_BLHK.dtype)
+    # q and k in the backward pass instead of float32 ones). Written per half, x1 cos - x2 sin and
+    # x2 cos + x1 sin: the same products and sums as x cos + rotate_half(x) sin, without materialising
+    # rotate_half (one elementwise pass that fuses with what reads it)
+    cos_BL1K = jnp.cos(angles_BLK2)[:, :, None, :].astype(x_BLHK.dtype)
+    sin_BL1K = jnp.sin(angles_BLK2)[:, :, None, :].astype(x_BLHK.dtype)
     x1, x2 = jnp.split(x_BLHK, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x_BLHK * cos_BL1K + rotated * sin_BL1K
+    return jnp.concatenate([x1 * cos_BL1K - x2 * sin_BL1K, x2 * cos_BL1K + x1 * sin_BL1K], axis=-1)
 
 
 class Linear(nn.Module):

@@ -21,17 +21,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import JaxllmError
 from jaxllm.models.attention.flash_alibi import alibi_flash_attention
+from jaxllm.sharding import target_platform
 
 MIN_BLOCK = 128  # the TPU lane width: both block sizes and the sequence must be multiples of it
 BLOCK_SIZES = (512, 256, 128)  # the largest that divides the sequence is used
-
-
-def target_platform() -> str:
-    """The platform the code being traced will run on: that of the current mesh's devices, else
-    JAX's default backend. An AOT compile for a TPU topology from a CPU host (`jax.set_mesh` on a
-    mesh of topology devices, as the train step and `jaxllm plan` run) thus counts as TPU."""
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
 
 
 def use_flash(implementation: str, seq_len: int) -> bool:
@@ -89,21 +82,29 @@ def flash_attention(
         interpret = target_platform() != "tpu"
     slopes_N = None if alibi_slopes_N is None else jnp.asarray(alibi_slopes_N, jnp.float32)
     local = functools.partial(_local_attention, block=block_size, interpret=interpret)
+    # The kernels tile the head-major layout [B, N, T, K]. Transposed (and q scaled) out here, before
+    # shard_map, these fuse into the producers (rotary, the projections) instead of each being a copy
+    # of q, k and v per layer and pass.
+    if slopes_N is None:  # Splash does not scale the logits: q is scaled first, in float32
+        q_BTNK = (q_BTNK.astype(jnp.float32) * kd**-0.5).astype(q_BTNK.dtype)
+    q_BNTK, k_BHSK, v_BHSK = (x.transpose(0, 2, 1, 3) for x in (q_BTNK, k_BSHK, v_BSHK))
+    segment_ids_BT = segment_ids_BT.astype(jnp.int32)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return local(q_BTNK, k_BSHK, v_BSHK, segment_ids_BT, slopes_N)
+        return local(q_BNTK, k_BHSK, v_BHSK, segment_ids_BT, slopes_N).transpose(0, 2, 1, 3)
     batch_axes, head_axes = _mesh_axes(mesh, b, n)
     head_shards = math.prod(mesh.shape[a] for a in head_axes)
     if h % head_shards:  # e.g. 8 kv heads on tensor=16: repeat each until the count divides
         repeat = math.lcm(h, head_shards) // h
-        k_BSHK, v_BSHK = jnp.repeat(k_BSHK, repeat, axis=2), jnp.repeat(v_BSHK, repeat, axis=2)
+        k_BHSK, v_BHSK = jnp.repeat(k_BHSK, repeat, axis=1), jnp.repeat(v_BHSK, repeat, axis=1)
     batch, heads = batch_axes or None, head_axes or None
-    qkv_spec = P(batch, None, heads, None)
-    args, in_specs = (q_BTNK, k_BSHK, v_BSHK, segment_ids_BT), (qkv_spec, qkv_spec, qkv_spec, P(batch, None))
+    qkv_spec = P(batch, heads, None, None)
+    args, in_specs = (q_BNTK, k_BHSK, v_BHSK, segment_ids_BT), (qkv_spec, qkv_spec, qkv_spec, P(batch, None))
     if slopes_N is not None:
         args, in_specs = (*args, slopes_N), (*in_specs, P(heads))
-    return jax.shard_map(local, in_specs=in_specs, out_specs=qkv_spec, check_vma=False)(*args)
+    out_BNTK = jax.shard_map(local, in_specs=in_specs, out_specs=qkv_spec, check_vma=False)(*args)
+    return out_BNTK.transpose(0, 2, 1, 3)
 
 
 def _mesh_axes(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -119,23 +120,17 @@ def _mesh_axes(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], tuple[str
     return fit(spec[0], batch), fit(spec[1], heads)
 
 
-def _local_attention(q_BTNK, k_BSHK, v_BSHK, segment_ids_BT, slopes_N=None, *, block: int, interpret: bool):
-    """One device's attention: its rows and heads, kernels in the head-major layout they tile."""
-    q_BNTK, k_BHSK, v_BHSK = (x.transpose(0, 2, 1, 3) for x in (q_BTNK, k_BSHK, v_BSHK))
-    segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+def _local_attention(q_BNTK, k_BHSK, v_BHSK, segment_ids_BT, slopes_N=None, *, block: int, interpret: bool):
+    """One device's attention over its rows and heads, in the head-major layout the kernels tile."""
     if slopes_N is None:
-        out_BNTK = _splash(q_BNTK, k_BHSK, v_BHSK, segment_ids_BT, block, interpret)
-    else:
-        out_BNTK = alibi_flash_attention(
-            q_BNTK, k_BHSK, v_BHSK, segment_ids_BT[:, None, :], slopes_N, block, block, interpret
-        )
-    return out_BNTK.transpose(0, 2, 1, 3)
+        return _splash(q_BNTK, k_BHSK, v_BHSK, segment_ids_BT, block, interpret)
+    return alibi_flash_attention(q_BNTK, k_BHSK, v_BHSK, segment_ids_BT[:, None, :], slopes_N, block, block, interpret)
 
 
 def _splash(q_BNTK, k_BHSK, v_BHSK, segment_ids_BT, block: int, interpret: bool):
-    """Splash attention (causal mask, segment ids, grouped kv heads natively), vmapped over the batch.
-    Splash does not scale the logits: q is scaled first, in float32."""
-    n, t, kd = q_BNTK.shape[1:]
+    """Splash attention (causal mask, segment ids, grouped kv heads natively), vmapped over the batch;
+    q comes scaled."""
+    n, t = q_BNTK.shape[1:3]
     mask = splash.MultiHeadMask([splash.CausalMask((t, t))] * n)
     sizes = splash.BlockSizes(
         block_q=block,
@@ -148,5 +143,4 @@ def _splash(q_BNTK, k_BHSK, v_BHSK, segment_ids_BT, block: int, interpret: bool)
         block_kv_dq=block,
     )
     kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
-    q_BNTK = (q_BNTK.astype(jnp.float32) * kd**-0.5).astype(q_BNTK.dtype)
     return jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(s, s)))(q_BNTK, k_BHSK, v_BHSK, segment_ids_BT)
