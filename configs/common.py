@@ -40,6 +40,7 @@ MODEL_RUN_SWITCHES = (
     "scan_layers",
     "remat",
     "sequence_parallel",
+    "gather_head",
     "param_dtype",
     "dtype",
     "attention",

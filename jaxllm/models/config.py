@@ -88,6 +88,8 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype of matmuls and activations: bfloat16 on TPU/GPU; float32 is faster on CPU
     sequence_parallel: bool = True  # split the residual stream's length over the tensor mesh axis between
     #                                 blocks (Megatron sequence parallelism); no effect without tensor parallelism
+    gather_head: bool = True  # chunked losses gather the output head whole once per step, not once per chunk and
+    #                           pass (HBM for the head and its gradient in the compute dtype); False saves those
     attention: str = "auto"  # auto (cuDNN on GPU, Pallas flash on TPU, else XLA) | xla | cudnn | flash | reference
     init_std: float = 0.02  # standard deviation of the normal initial embeddings and kernels
     num_labels: int = 0  # > 0: a sequence-score head `score` [D, num_labels] in place of lm_head (Hugging Face

@@ -162,14 +162,17 @@ class Decoder(nn.Module):
 
 
 def head_DV(params: dict, cfg: ModelConfig) -> jax.Array:
-    """The output projection [D, V] in the compute dtype (the tied embedding, transposed, or lm_head)."""
+    """The output projection [D, V] in the compute dtype (the tied embedding, transposed, or lm_head).
+    The chunked losses scan over it: with `cfg.gather_head` it is gathered whole along D here, once per
+    step (its gradient reduce-scattered once), not once per chunk and pass."""
     if cfg.num_labels:
         raise JaxllmError(
             f"model.num_labels={cfg.num_labels}: a score model has no language-model head; "
             "use score_DS (train.objective='reward'), or set model.num_labels=0"
         )
     w = params["embed_tokens"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
-    return w.astype(cfg.jnp_dtype)
+    w = w.astype(cfg.jnp_dtype)
+    return constrain(w, (None, "vocab")) if cfg.gather_head else w
 
 
 def score_DS(params: dict, cfg: ModelConfig) -> jax.Array:

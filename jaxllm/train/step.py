@@ -158,10 +158,6 @@ class StepConfig:
     reference: pref.Reference | None = None  # dpo: where the reference log-probs come from
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def _counts(cfg: StepConfig, batch: Batch) -> dict[str, jax.Array]:
     """What a batch's sums are divided by; a function of the data alone (so known before any micro-batch)."""
     if cfg.objective == "lm":
@@ -240,7 +236,8 @@ def make_train_step(
         metrics = _finish(cfg, sums, n)
         loss = metrics["loss"]
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(grads)
+        # a NaN or inf anywhere in the gradients makes their norm NaN or inf: no second pass over them
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         opt_state = state.opt_state
         if cfg.host_offload:  # the state comes to the device only now, for the update, and goes back through
             # the step's output sharding; the barrier ties the transfer to the gradients (not hoisted earlier)
