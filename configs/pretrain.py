@@ -8,9 +8,9 @@ the published peak learning rate, and the Cloud TPU slice the run is sized for w
 policy that fit it at a global batch of 1024 sequences of the published context length:
 
     model        slice      sequences per chip   mesh                 remat
-    llama2_7b    v5p-512    4 x 4096             fsdp=256             save_dot_except_mlpwi
-    llama2_13b   v5p-512    4 x 4096             fsdp=256             save_dot_except_mlpwi
-    llama2_70b   v5p-512    4 x 4096             fsdp=256             save_dot_except_mlpwi_q_offloaded
+    llama2_7b    v5p-512    4 x 4096             fsdp=256             minimal (layers unrolled)
+    llama2_13b   v5p-512    4 x 4096             fsdp=256             minimal
+    llama2_70b   v5p-512    4 x 4096             fsdp=256             save_dot_except_mlpwi
     falcon_7b    v5p-512    4 x 2048             data=4 fsdp=64       save_dot_except_mlpwi
     falcon_40b   v5p-512    4 x 2048             fsdp=256             save_dot_except_mlpwi
     falcon_180b  v5p-1024   2 x 2048             fsdp=512             save_dot_except_mlpwi
@@ -31,9 +31,9 @@ from jaxllm.models.config import preset
 # name -> (slice, mesh, remat policy, peak learning rate). FSDP over the whole slice (Falcon-7B's width,
 # 64 x 71, splits at most 64 ways: data parallel across the rest).
 MODELS = {
-    "llama2_7b": ("v5p-512", dict(data=1, fsdp=-1, tensor=1), "save_dot_except_mlpwi", 3e-4),
-    "llama2_13b": ("v5p-512", dict(data=1, fsdp=-1, tensor=1), "save_dot_except_mlpwi", 3e-4),
-    "llama2_70b": ("v5p-512", dict(data=1, fsdp=-1, tensor=1), "save_dot_except_mlpwi_q_offloaded", 1.5e-4),
+    "llama2_7b": ("v5p-512", dict(data=1, fsdp=-1, tensor=1), "minimal", 3e-4),
+    "llama2_13b": ("v5p-512", dict(data=1, fsdp=-1, tensor=1), "minimal", 3e-4),
+    "llama2_70b": ("v5p-512", dict(data=1, fsdp=-1, tensor=1), "save_dot_except_mlpwi", 1.5e-4),
     "falcon_7b": ("v5p-512", dict(data=-1, fsdp=64, tensor=1), "save_dot_except_mlpwi", 6e-4),
     "falcon_40b": ("v5p-512", dict(data=1, fsdp=-1, tensor=1), "save_dot_except_mlpwi", 1.5e-4),
     "falcon_180b": ("v5p-1024", dict(data=1, fsdp=-1, tensor=1), "save_dot_except_mlpwi", 1.25e-4),
@@ -41,6 +41,15 @@ MODELS = {
     "bloom_7b1": ("v5p-512", dict(data=1, fsdp=-1, tensor=1), "save_dot_except_mlpwi", 1.2e-4),
     "bloom_176b": ("v5p-1024", dict(data=1, fsdp=-1, tensor=1), "save_dot_except_mlpwi", 6e-5),
 }
+
+
+# Layers unrolled (one program per layer, which XLA schedules and lays out each on its own): Llama-2-7B
+# with remat=minimal then needs 43.6 GiB per chip against 45.0 scanned (benchmarks/RESULTS.md). The
+# others scan: less memory (13B: 69.5 GiB scanned, 72.6 unrolled) and faster compiles.
+UNROLLED = ("llama2_7b",)
+# The output head kept sharded in the chunked loss (model.gather_head=False): heads of 1.8-6.7 GiB in bf16
+# (BLOOM's 250k vocabulary, Falcon-180B), and Llama-2-70B, whose step then fits within MaxText's memory.
+HEAD_SHARDED = ("llama2_70b", "falcon_180b", "bloom_7b1", "bloom_176b")
 
 
 def get_config(name: str = "llama2_7b"):
@@ -52,7 +61,8 @@ def get_config(name: str = "llama2_7b"):
         c.model.update(
             preset(
                 name,
-                scan_layers=True,
+                scan_layers=name not in UNROLLED,
+                gather_head=name not in HEAD_SHARDED,
                 remat=remat,
                 dtype="bfloat16",
                 param_dtype="float32",
