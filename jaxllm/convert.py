@@ -21,16 +21,8 @@ from jaxllm.models.decoder import Decoder
 from jaxllm.train.checkpoint import checkpoint_dir
 from jaxllm.train.start import load_run
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-)
+# the Hub fetch's tokenizer files, plus a BPE tokenizer's parts and the generation defaults
+TOKENIZER_FILES = hub.TOKENIZER_FILES + ("vocab.json", "merges.txt", "generation_config.json")
 
 
 def tokenizer_files(folder: str) -> tuple[str, ...]:
