@@ -12,9 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxllm.hf.config import falcon_layout
+from jaxllm.models import families
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.families import family
 
 Path = tuple[str, ...]
 SCORE = "score.weight"  # a score model's head (HF *ForSequenceClassification)
@@ -86,87 +85,39 @@ def _fused_qkv(name: str, paths: tuple[Path, Path, Path], cfg: ModelConfig, is_b
     return Group((name,), (hf_shape,), paths, to_jax, to_hf)
 
 
-def _norm(cfg: ModelConfig, hf: str, path: Path) -> list[Group]:
-    d = cfg.embed_dim
-    groups = [_plain(f"{hf}.weight", (*path, "scale"), (d,), (d,))]
-    if cfg.norm == "layer":
-        groups.append(_plain(f"{hf}.bias", (*path, "bias"), (d,), (d,)))
+def _groups(cfg: ModelConfig, modules: dict[str, families.Params]) -> list[Group]:
+    """The groups of the family's modules (`families.hf_module_params`), in their order: a kernel is a
+    linear layer of its projection's (or head's) shapes, a fused query_key_value one group for its three
+    kernels and one for their biases; embeddings, norms and biases keep their values."""
+    d, v = cfg.embed_dim, cfg.vocab_size
+    shapes = {**families.projection_shapes(cfg), "lm_head": ((d,), (v,)), "score": ((d,), (cfg.num_labels,))}
+    groups: list[Group] = []
+    for module, paths in modules.items():
+        if module.endswith("query_key_value"):
+            for leaf, hf in (("kernel", "weight"), ("bias", "bias")):
+                fused = tuple(p for p in paths if p[-1] == leaf)
+                if fused:
+                    groups.append(_fused_qkv(f"{module}.{hf}", fused, cfg, is_bias=leaf == "bias"))
+            continue
+        for path in paths:
+            name = f"{module}.{'bias' if path[-1] == 'bias' else 'weight'}"
+            if path[-1] == "kernel":
+                groups.append(_linear(name, path, *shapes[path[-2]]))
+            elif path[-2] in shapes:  # a projection's bias
+                out = shapes[path[-2]][1]
+                groups.append(_plain(name, path, (int(np.prod(out)),), out))
+            else:  # the embedding [V, D]; a norm's scale or bias [D]
+                shape = (v, d) if path[-1] == "embedding" else (d,)
+                groups.append(_plain(name, path, shape, shape))
     return groups
-
-
-def _biased(cfg: ModelConfig, hf: str, path: Path, out_shape, kernel: Group) -> list[Group]:
-    if not cfg.use_bias:
-        return [kernel]
-    return [kernel, _plain(f"{hf}.bias", (*path, "bias"), (int(np.prod(out_shape)),), out_shape)]
 
 
 def layer_groups(cfg: ModelConfig) -> list[Group]:
     """Groups of one decoder layer ("{i}" in HF names; leaf paths relative to the layer)."""
-    n, h, k, d, f = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.embed_dim, cfg.mlp_dim
-    kind = family(cfg)
-    attn, mlp = ("self_attn",), ("mlp",)
-    groups: list[Group] = []
-    if kind == "llama":
-        pre = "model.layers.{i}"
-        for proj, heads in (("q_proj", n), ("k_proj", h), ("v_proj", h)):
-            name, path = f"{pre}.self_attn.{proj}", (*attn, proj)
-            kernel = _linear(f"{name}.weight", (*path, "kernel"), (d,), (heads, k))
-            groups += _biased(cfg, name, path, (heads, k), kernel)
-        o_name, o_path = f"{pre}.self_attn.o_proj", (*attn, "o_proj")
-        groups += _biased(cfg, o_name, o_path, (d,), _linear(f"{o_name}.weight", (*o_path, "kernel"), (n, k), (d,)))
-        for proj, fan_in, fan_out in (("gate_proj", d, f), ("up_proj", d, f), ("down_proj", f, d)):
-            name, path = f"{pre}.mlp.{proj}", (*mlp, proj)
-            groups += _biased(
-                cfg, name, path, (fan_out,), _linear(f"{name}.weight", (*path, "kernel"), (fan_in,), (fan_out,))
-            )
-        return (
-            groups
-            + _norm(cfg, f"{pre}.input_layernorm", ("input_layernorm",))
-            + _norm(cfg, f"{pre}.post_attention_layernorm", ("post_attention_layernorm",))
-        )
-
-    pre = "transformer.h.{i}"
-    qkv = tuple((*attn, p) for p in ("q_proj", "k_proj", "v_proj"))
-    groups.append(
-        _fused_qkv(
-            f"{pre}.self_attention.query_key_value.weight", tuple((*p, "kernel") for p in qkv), cfg, is_bias=False
-        )
-    )
-    if cfg.use_bias:
-        groups.append(
-            _fused_qkv(
-                f"{pre}.self_attention.query_key_value.bias", tuple((*p, "bias") for p in qkv), cfg, is_bias=True
-            )
-        )
-    name = f"{pre}.self_attention.dense"
-    groups += _biased(
-        cfg, name, (*attn, "o_proj"), (d,), _linear(f"{name}.weight", (*attn, "o_proj", "kernel"), (n, k), (d,))
-    )
-    for hf, proj, fan_in, fan_out in (("dense_h_to_4h", "up_proj", d, f), ("dense_4h_to_h", "down_proj", f, d)):
-        name, path = f"{pre}.mlp.{hf}", (*mlp, proj)
-        kernel = _linear(f"{name}.weight", (*path, "kernel"), (fan_in,), (fan_out,))
-        groups += _biased(cfg, name, path, (fan_out,), kernel)
-    norm_names = ["input_layernorm", "post_attention_layernorm"]
-    if kind == "falcon" and cfg.parallel_block:
-        layout = falcon_layout(cfg)
-        norm_names = ["ln_attn", "ln_mlp"] if layout["num_ln_in_parallel_attn"] == 2 else ["input_layernorm"]
-    for hf, ours in zip(norm_names, ("input_layernorm", "post_attention_layernorm")):
-        groups += _norm(cfg, f"{pre}.{hf}", (ours,))
-    return groups
+    return _groups(cfg, families.hf_module_params(cfg)[1])
 
 
 def global_groups(cfg: ModelConfig) -> list[Group]:
     """Groups outside the layers: embedding (and its norm), final norm, untied output head or the score
     head (`score.weight` [num_labels, D] beside the base model, as *ForSequenceClassification keeps it)."""
-    v, d = cfg.vocab_size, cfg.embed_dim
-    llama = family(cfg) == "llama"
-    embed = "model.embed_tokens.weight" if llama else "transformer.word_embeddings.weight"
-    groups = [_plain(embed, ("embed_tokens", "embedding"), (v, d), (v, d))]
-    if cfg.embed_norm:
-        groups += _norm(cfg, "transformer.word_embeddings_layernorm", ("embed_norm",))
-    groups += _norm(cfg, "model.norm" if llama else "transformer.ln_f", ("norm",))
-    if cfg.num_labels:
-        groups.append(_linear(SCORE, ("score", "kernel"), (d,), (cfg.num_labels,)))
-    elif not cfg.tie_embeddings:
-        groups.append(_linear("lm_head.weight", ("lm_head", "kernel"), (d,), (v,)))
-    return groups
+    return _groups(cfg, families.hf_module_params(cfg)[0])

@@ -88,9 +88,9 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tupl
 
 
 def hf_module_params(cfg: ModelConfig) -> tuple[dict[str, Params], dict[str, Params]]:
-    """The family's modules -> the params they hold, (outside the layers, in a layer: "{i}" in module paths,
-    params relative to the layer), in the order of `jaxllm.hf.layout`'s tensor groups (which also give
-    the tensors' shapes and conversions)."""
+    """The family's modules -> the params they hold (outside the layers, in a layer: "{i}" in module paths,
+    params relative to the layer), in HF's order. `jaxllm.hf.layout` builds its tensor groups (shapes and
+    conversions) from them."""
 
     def norm(name):
         return ((name, "scale"), (name, "bias")) if cfg.norm == "layer" else ((name, "scale"),)
