@@ -42,11 +42,7 @@ class JaxllmLM(HarnessLM):
         adapter: str = "",
         revision: str | None = None,
         dtype: str = "float32",
-        batch_size: int | str = 8,
-        max_length: int = 0,
-        max_gen_toks: int = 256,
-        seed: int = 0,
-        *,
+        *args: Any,  # batch_size, max_length, ...: as HarnessLM takes them
         add_bos: bool | None = None,
         **objects: Any,
     ):
@@ -62,9 +58,7 @@ class JaxllmLM(HarnessLM):
             raise JaxllmError(
                 "JaxllmLM needs pretrained=PATH (a model folder, Hub id or workdir) or model, params and tokenizer"
             )
-        super().__init__(
-            pretrained, adapter, revision, dtype, batch_size, max_length, max_gen_toks, seed, add_bos=add_bos, **objects
-        )
+        super().__init__(pretrained, adapter, revision, dtype, *args, add_bos=add_bos, **objects)
 
 
 try:  # lm_eval --model jaxllm, simple_evaluate(model="jaxllm", ...) once this module is imported
