@@ -7,6 +7,7 @@ calls it first. Importing this module changes no JAX state.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import signal
 import socket
@@ -14,10 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxllm import JaxllmError
 
@@ -262,6 +265,21 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
     if jax.distributed.is_initialized():
         _agreements[0] += 1
         _state().client.wait_at_barrier(f"jaxllm/{name}/{_agreements[0]}", timeout_s * 1000)
+
+
+def until_all_done(batches: Iterable[dict]) -> Iterator[dict]:
+    """`batches`, then, while another process still has some, batches of the last one's shapes that count
+    nothing (zeros: segment 0, weight 0), so every process takes part in every step of a pass."""
+    last = None
+    for batch in itertools.chain(batches, itertools.repeat(None)):
+        if jax.process_count() > 1:  # hosts may run out at different batches: go on while any has rows
+            if not bool(np.any(multihost_utils.process_allgather(np.array([batch is not None])))):
+                return
+            batch = {k: np.zeros_like(v) for k, v in last.items()} if batch is None else batch
+        elif batch is None:
+            return
+        last = batch
+        yield batch
 
 
 def free_port(host: str = "127.0.0.1") -> int:

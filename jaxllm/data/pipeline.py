@@ -156,7 +156,7 @@ def make_eval_iterator(
     rest of its last row) are padding (segment 0, loss weight 0), which counts nothing: the split is
     evaluated whole whatever the batch and block size. A process runs out when its lanes do (at least
     one batch, all padding if it has no documents); the global pass lasts as long as the longest lane,
-    so a process that ran out feeds padding until every process has (`padding_like`).
+    so a process that ran out feeds padding until every process has (`jaxllm.distributed.until_all_done`).
     Runs in the main process: evaluation reads a few batches, and worker start-up would cost more.
     `ref_logps` (preference): as `make_train_iterator`'s, float [validation documents, 2].
     """
@@ -246,11 +246,6 @@ def _eval_batches(per_lane: list[Iterator], block_size: int, fields: Sequence[st
         first = False
         shifted = [pad if row is None else _shift(row) for row in got]
         yield {k: np.stack([row[k] for row in shifted]) for k in pad}
-
-
-def padding_like(batch: Batch) -> Batch:
-    """A batch of `batch`'s shapes that counts nothing (a process out of evaluation rows feeds these)."""
-    return {k: np.zeros_like(v) for k, v in batch.items()}
 
 
 def check_splits(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import signal
@@ -25,11 +26,10 @@ from jaxllm.data.pipeline import (
     check_splits,
     make_eval_iterator,
     make_train_iterator,
-    padding_like,
     tokenizer_for,
 )
 from jaxllm.data.tokenizer import Tokenizer
-from jaxllm.distributed import DistributedConfig, initialize
+from jaxllm.distributed import DistributedConfig, initialize, until_all_done
 from jaxllm.hf.peft import load_adapter
 from jaxllm.models import lora
 from jaxllm.models.decoder import abstract_params
@@ -394,17 +394,10 @@ def _exit_now(message: str, code: int) -> None:
 def evaluate(eval_fn, params, eval_iter_fn, mesh, num_batches: int) -> dict[str, float]:
     """Validation metrics over the first `num_batches` global batches (a process out of rows feeds padding):
     the loss (and perplexity) of a language model, or a preference objective's loss and reward metrics."""
-    parts, batches, last = [], iter(eval_iter_fn()), None
-    for _ in range(num_batches):
-        batch = next(batches, None)
-        if jax.process_count() > 1:  # hosts may run out at different batches: go on while any has rows
-            if not bool(np.any(multihost_utils.process_allgather(np.array([batch is not None])))):
-                break
-            batch = padding_like(last) if batch is None else batch
-        elif batch is None:
-            break
-        last = batch
-        parts.append({k: float(v) for k, v in jax.device_get(eval_fn(params, shd.global_batch(batch, mesh))).items()})
+    parts = [
+        {k: float(v) for k, v in jax.device_get(eval_fn(params, shd.global_batch(batch, mesh))).items()}
+        for batch in itertools.islice(until_all_done(eval_iter_fn()), num_batches)
+    ]
     out = st.combine_eval(parts) if parts else {"loss": 0.0, "tokens": 0.0}
     out.pop("z_loss", None)
     if "tokens" in out:

@@ -25,6 +25,7 @@ from jaxllm import atomic
 from jaxllm import sharding as shd
 from jaxllm.data.pipeline import make_reference_iterator, preference_documents
 from jaxllm.data.tokenizer import Tokenizer
+from jaxllm.distributed import until_all_done
 from jaxllm.train import preference as pref
 
 FILE = "reference_logps.npz"
@@ -92,7 +93,8 @@ def compute(
     for split, docs in zip(("train", "val"), preference_documents(run.data)):
         values = np.full((len(docs), 2), np.nan, np.float32)
         it = make_reference_iterator(run.data, tokenizer, split, rows=rows)
-        for batch in _all_processes(it):
+        for batch in until_all_done(it):
+            batch = dict(batch)
             doc = batch.pop("doc_index")
             with shd.activate(mesh):
                 seq = np.asarray(jax.device_get(fn(ref, frozen, shd.global_batch(batch, mesh))))
@@ -104,22 +106,3 @@ def compute(
             values = np.fmax.reduce(multihost_utils.process_allgather(values), axis=0)
         out[split] = values
     return out
-
-
-def _all_processes(it):
-    """The batches of `it`, padded with empty batches until every process has run out."""
-    from jaxllm.data.pipeline import padding_like
-
-    last = None
-    while True:
-        batch = next(it, None)
-        if jax.process_count() > 1:
-            if not bool(np.any(multihost_utils.process_allgather(np.array([batch is not None])))):
-                return
-            if batch is None:
-                batch = padding_like(last)
-                batch["doc_index"] = np.full_like(batch["doc_index"], -1)
-        elif batch is None:
-            return
-        last = batch
-        yield dict(batch)
