@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -173,6 +176,25 @@ def head_DV(params: dict, cfg: ModelConfig) -> jax.Array:
     w = params["embed_tokens"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
     w = w.astype(cfg.jnp_dtype)
     return constrain(w, (None, "vocab")) if cfg.gather_head else w
+
+
+def over_head_chunks(fn: Callable, carry: Any, x_BLD: jax.Array, head_DV: jax.Array, *xs_BL: jax.Array, chunk: int):
+    """Scans `fn(carry, logits_BCV, *xs_BC) -> (carry, out_BC or None)` over `chunk` positions at a time:
+    each chunk's logits x @ head are made, used and dropped (and remade in the backward pass), so
+    [B, L, V] never exists. Returns (carry, out [B, L] or None)."""
+    b, l, _ = x_BLD.shape
+    chunk = min(chunk, l)
+    if l % chunk:
+        raise JaxllmError(f"train.loss_chunk={chunk} does not divide the sequence length {l}; pick a divisor of it")
+
+    @jax.checkpoint
+    def one(carry, xs):
+        x_BCD, *rest = xs
+        return fn(carry, constrain(jnp.einsum("bcd,dv->bcv", x_BCD, head_DV), ("batch", "length", "vocab")), *rest)
+
+    by_chunk = lambda x: x.reshape(b, l // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    carry, out = jax.lax.scan(one, carry, tuple(by_chunk(x) for x in (x_BLD, *xs_BL)))
+    return carry, None if out is None else out.swapaxes(0, 1).reshape(b, l)
 
 
 def score_DS(params: dict, cfg: ModelConfig) -> jax.Array:

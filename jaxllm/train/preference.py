@@ -21,8 +21,7 @@ from flax import linen as nn
 
 from jaxllm import JaxllmError
 from jaxllm.config import check_number
-from jaxllm.models.decoder import head_DV, score_DS
-from jaxllm.models.layers import constrain
+from jaxllm.models.decoder import head_DV, over_head_chunks, score_DS
 from jaxllm.tree import union
 
 OBJECTIVES = ("lm", "dpo", "orpo", "reward")
@@ -119,19 +118,8 @@ def target_logps(
     if not loss_chunk:
         return logps(model.apply({"params": params}, *args, **kwargs), targets_BL)
     x_BLD = model.apply({"params": params}, *args, hidden=True, **kwargs)
-    head = head_DV(params, model.cfg)
-    b, l, _ = x_BLD.shape
-    chunk = min(loss_chunk, l)
-
-    @jax.checkpoint
-    def one(_, xs):
-        x_BCD, targets_BC = xs
-        logits_BCV = constrain(jnp.einsum("bcd,dv->bcv", x_BCD, head), ("batch", "length", "vocab"))
-        return None, logps(logits_BCV, targets_BC)
-
-    by_chunk = lambda x: x.reshape(b, l // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
-    _, out = jax.lax.scan(one, None, (by_chunk(x_BLD), by_chunk(targets_BL)))
-    return out.swapaxes(0, 1).reshape(b, l)
+    one = lambda _, logits_BCV, targets_BC: (None, logps(logits_BCV, targets_BC))  # noqa: E731
+    return over_head_chunks(one, None, x_BLD, head_DV(params, model.cfg), targets_BL, chunk=loss_chunk)[1]
 
 
 def answer_logps(logps_BL: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:

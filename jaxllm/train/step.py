@@ -13,10 +13,8 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from jaxllm import JaxllmError
 from jaxllm import sharding as shd
-from jaxllm.models.decoder import head_DV
-from jaxllm.models.layers import constrain
+from jaxllm.models.decoder import head_DV, over_head_chunks
 from jaxllm.train import preference as pref
 from jaxllm.tree import partition, union
 
@@ -102,24 +100,14 @@ def cross_entropy(
 def chunked_cross_entropy(
     x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array, z_loss: float, chunk: int
 ) -> tuple[jax.Array, jax.Array]:
-    """`cross_entropy` of the logits x @ head, computed `chunk` positions at a time: each chunk's logits
-    are made, reduced and dropped (and remade in the backward pass), so float32 [B, L, V] never exists."""
-    b, l, d = x_BLD.shape
-    chunk = min(chunk, l)
-    if l % chunk:
-        raise JaxllmError(f"train.loss_chunk={chunk} does not divide the sequence length {l}; pick a divisor of it")
+    """`cross_entropy` of the logits x @ head, computed `chunk` positions at a time (`over_head_chunks`)."""
 
-    @jax.checkpoint
-    def one(sums, xs):
-        x_BCD, targets_BC, weights_BC = xs
-        logits_BCV = constrain(jnp.einsum("bcd,dv->bcv", x_BCD, head_DV), ("batch", "length", "vocab"))
+    def one(sums, logits_BCV, targets_BC, weights_BC):
         ce, z = cross_entropy(logits_BCV, targets_BC, weights_BC, z_loss)
         return (sums[0] + ce, sums[1] + z), None
 
-    by_chunk = lambda x: x.reshape(b, l // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
     zero = jnp.zeros((), jnp.float32)
-    (ce, z), _ = jax.lax.scan(one, (zero, zero), (by_chunk(x_BLD), by_chunk(targets_BL), by_chunk(weights_BL)))
-    return ce, z
+    return over_head_chunks(one, (zero, zero), x_BLD, head_DV, targets_BL, weights_BL, chunk=chunk)[0]
 
 
 def token_loss(
