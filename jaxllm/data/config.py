@@ -199,28 +199,19 @@ def make_source(cfg: DataConfig) -> Sequence[str] | Sequence[dict[str, Any]]:
     """The rows of `cfg.source`: `str` documents for `cfg.format == "text"`, else dicts holding the
     format's fields (cached: a JSONL scan runs once, not every eval). Preference rows without the prompt
     column are read without it: their prompt is the leading part chosen and rejected share (as TRL)."""
-    args = (
-        cfg.source,
-        cfg.paths,
-        row_fields(cfg),
-        cfg.format != "text",
-        cfg.text_split,
-        cfg.tfds_name,
-        cfg.tfds_split,
-        cfg.tfds_data_dir,
-    )
     try:
-        return _make_source(*args)
+        return source_rows(cfg, row_fields(cfg), cfg.format != "text")
     except JaxllmError as e:
         if cfg.format != "preference" or f"no field {cfg.prompt_field!r}" not in str(e):
             raise
-    return _make_source(cfg.source, cfg.paths, preference_answers(cfg), *args[3:])
+    return source_rows(cfg, preference_answers(cfg))
 
 
-def source_rows(cfg: DataConfig, fields: Fields) -> RowSource:
-    """Whole rows (dicts) of `cfg.source`, each checked to hold `fields`: for keys besides the text."""
+def source_rows(cfg: DataConfig, fields: Fields, whole_row: bool = True) -> RowSource:
+    """Whole rows (dicts) of `cfg.source`, each checked to hold `fields`: for keys besides the text
+    (`whole_row=False`: the text of the first field)."""
     return _make_source(
-        cfg.source, cfg.paths, fields, True, cfg.text_split, cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir
+        cfg.source, cfg.paths, fields, whole_row, cfg.text_split, cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir
     )
 
 

@@ -73,13 +73,7 @@ def _documents() -> tuple[str, ...]:
     for name in DOCSTRING_MODULES:
         docs.extend(_module_docstrings(name))
     docs.extend(_module_sources())
-    seen: set[str] = set()
-    unique = []
-    for doc in docs:
-        if doc and doc not in seen:
-            seen.add(doc)
-            unique.append(doc)
-    return tuple(unique)
+    return tuple(dict.fromkeys(doc for doc in docs if doc))  # exact duplicates dropped, first one kept
 
 
 def _module_docstrings(name: str) -> list[str]:

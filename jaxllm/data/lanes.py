@@ -134,16 +134,19 @@ class _Lane:
     `pos` = [tokens drawn, stream of the document in progress (-1: none), tokens of it consumed,
     documents drawn from stream 0, from stream 1, ...]."""
 
-    def __init__(self, plan: Plan, reader: _Reader, r: int):
+    def __init__(self, plan: Plan, reader: _Reader, r: int, pos: Sequence[int]):
         self.plan, self.reader, self.r = plan, reader, r
-        self.pos = [0, -1, 0] + [0] * len(plan.streams)
-        self._example: Example | None = None
         self._draw_seed = _lane_seed(plan.draw_seed, r)
+        self.seek(pos)
 
-    def set_pos(self, pos: Sequence[int]) -> None:
-        self.pos, self._example = [int(x) for x in pos], None
+    def seek(self, pos: Sequence[int]) -> None:
+        """Continues from `pos`, reading the next documents of every stream ahead."""
+        self.pos, self._example = [int(x) for x in pos], None  # _example: the document in progress, once read
+        for s, count in enumerate(self.pos[3:]):
+            for k in range(count, count + _AHEAD):
+                self.reader.prefetch(s, self._position(k))
 
-    def _position(self, stream: int, k: int) -> int:
+    def _position(self, k: int) -> int:
         return self.r + k * self.plan.batch_size
 
     def current(self) -> tuple[Example, int]:
@@ -151,26 +154,20 @@ class _Lane:
         tokens, doc, offset, *counts = self.pos
         if doc < 0:
             doc = self._draw(tokens, sum(counts))
-            example = self.reader.get(doc, self._position(doc, counts[doc]))
+            example = self.reader.get(doc, self._position(counts[doc]))
             counts[doc] += 1
             self.pos = [tokens + len(example["tokens"]), doc, 0, *counts]
             self._example, offset = example, 0
             for k in range(counts[doc], counts[doc] + _AHEAD):
-                self.reader.prefetch(doc, self._position(doc, k))
+                self.reader.prefetch(doc, self._position(k))
         elif self._example is None:  # restored: read the document in progress again
-            self._example = self.reader.get(doc, self._position(doc, counts[doc] - 1))
+            self._example = self.reader.get(doc, self._position(counts[doc] - 1))
         return self._example, offset
 
     def consume(self, n: int) -> None:
         self.pos[2] += n
         if self.pos[2] >= len(self._example["tokens"]):
             self.pos[1], self.pos[2], self._example = -1, 0, None
-
-    def warm(self) -> None:
-        counts = self.pos[3:]
-        for s in range(len(counts)):
-            for k in range(counts[s], counts[s] + _AHEAD):
-                self.reader.prefetch(s, self._position(s, k))
 
     def _draw(self, tokens: int, draws: int) -> int:
         if self.plan.weights is None:
@@ -208,12 +205,12 @@ def text_rows(cursor, length: int, count: int | None, pad_last: bool) -> list[di
     return rows
 
 
-def sft_rows(cursor, length: int, window: int, bins: int, packing: bool) -> list[dict[str, np.ndarray]]:
-    """One window of rows of whole examples, first-fit packed into `bins` open rows (one example per row
-    without packing); when the window's rows are all open and an example fits none, they are flushed
+def sft_rows(cursor, length: int, window: int, packing: bool) -> list[dict[str, np.ndarray]]:
+    """One window of rows of whole examples, first-fit packed into `SFT_BINS` open rows (one example per
+    row without packing); when the window's rows are all open and an example fits none, they are flushed
     and that example waits for the next window. Fewer rows only where the cursor ends. A preference pair
     fits in the first `length - 1` slots, so each sequence's last token is an input, not only a target."""
-    done, open_rows = [], []  # open: [examples, fill]
+    done, open_rows, bins = [], [], SFT_BINS if packing else 1  # open: [examples, fill]
     while True:
         got = cursor.current()
         if got is None:
@@ -317,10 +314,7 @@ class _GlobalOrderIterator(grain.DatasetIterator):
     def _open(self) -> None:
         if self._reader is None:
             self._reader = _Reader(self._plan, self._ds.num_threads, self._ds.num_workers)
-            self._lanes = {r: _Lane(self._plan, self._reader, r) for r in self._ds.rows}
-            for r, lane in self._lanes.items():
-                lane.set_pos(self._starts[r])
-                lane.warm()
+            self._lanes = {r: _Lane(self._plan, self._reader, r, self._starts[r]) for r in self._ds.rows}
 
     def __next__(self) -> dict[str, np.ndarray]:
         self._open()
@@ -339,7 +333,7 @@ class _GlobalOrderIterator(grain.DatasetIterator):
     def _fill(self, lane: _Lane, window: int) -> list[Row]:
         plan = self._plan
         if plan.sft:
-            rows = sft_rows(lane, plan.row_length(), plan.window, SFT_BINS if plan.packing else 1, plan.packing)
+            rows = sft_rows(lane, plan.row_length(), plan.window, plan.packing)
         else:
             rows = text_rows(lane, plan.row_length(), plan.window, pad_last=False)
             if plan.shuffle_seed is not None and plan.window > 1:
@@ -365,8 +359,7 @@ class _GlobalOrderIterator(grain.DatasetIterator):
         if self._reader is not None:
             self._reader.clear()
             for r, lane in self._lanes.items():
-                lane.set_pos(self._starts[r])
-                lane.warm()
+                lane.seek(self._starts[r])
 
     def close(self) -> None:
         if self._reader is not None:
@@ -432,13 +425,14 @@ class ListCursor:
             self._current = None
 
 
-def lane_rows(plan_like: dict, examples, pad_last: bool = True):
-    """All rows a finite lane of `examples` packs into (evaluation): text or SFT as `plan_like` says."""
-    cursor, length = ListCursor(examples), plan_like["block_size"] + 1
-    if not plan_like["sft"]:
-        yield from text_rows(cursor, length, None, pad_last)
+def lane_rows(examples, length: int, sft: bool, packing: bool):
+    """All rows of `length` tokens a finite lane of `examples` packs into (evaluation): SFT examples whole
+    (`packing`: several per row), else text concatenated, its last row padded."""
+    cursor = ListCursor(examples)
+    if not sft:
+        yield from text_rows(cursor, length, None, pad_last=True)
         return
-    while rows := sft_rows(cursor, length, _SFT_WINDOW, SFT_BINS if plan_like["packing"] else 1, plan_like["packing"]):
+    while rows := sft_rows(cursor, length, _SFT_WINDOW, packing):
         yield from rows
 
 

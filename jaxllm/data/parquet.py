@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import collections
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,12 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from jaxllm import JaxllmError
-from jaxllm.data.sources import Fields, FileRows, RowSource, check_fields, expand_globs
+from jaxllm.data.sources import CachedFileRows, Fields, RowSource, check_fields, expand_globs
 
 _CACHE_BYTES = 256 << 20  # decoded row groups kept per process: random access reads whole groups
 
 
-class ParquetSource(FileRows):
+class ParquetSource(CachedFileRows):
     """Parquet files, as Hugging Face `datasets` exports them (`data/train-00000-of-00001.parquet`).
 
     Random access by row reads one row group (only the columns the format needs) and keeps recently
@@ -64,11 +62,3 @@ class ParquetSource(FileRows):
             while len(self._cache) > 1 and sum(t.nbytes for t in self._cache.values()) > _CACHE_BYTES:
                 self._cache.popitem(last=False)
         return table
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._cache: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()

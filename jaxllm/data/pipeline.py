@@ -40,6 +40,10 @@ Batch = dict[str, np.ndarray]
 _SPLIT_SALT = 0x6A61786C6C6D  # fixes the train/val split: independent of cfg.seed, so runs compare
 _READ_THREADS = 2  # threads reading and tokenizing documents ahead (with data.num_workers=0)
 _PREFETCH_BATCHES = 4
+_REF_LOGPS_WITH_MIXTURE = (
+    "precomputed reference log-probs (preference.precompute_ref_logps) do not combine with "
+    "data.mixture or data.curriculum_field; drop one"
+)
 
 
 def make_train_iterator(
@@ -97,10 +101,7 @@ def _streams(
         train_docs, _ = split_documents(cfg)
         return [_stream(cfg, _attach(cfg, train_docs, ref_logps, "training"))], None
     if ref_logps is not None:
-        raise JaxllmError(
-            "precomputed reference log-probs (preference.precompute_ref_logps) do not combine with "
-            "data.mixture or data.curriculum_field; drop one"
-        )
+        raise JaxllmError(_REF_LOGPS_WITH_MIXTURE)
     stages = cfg.curriculum_schedule or None
     num_stages = len(stages[0][1]) if stages else 1
     streams, leaves, names, schedules = [], [], [], []
@@ -167,13 +168,8 @@ def make_eval_iterator(
             "at least one document: raise data.val_fraction or add data"
         )
     docs = _attach(cfg, val_docs, ref_logps, "validation")
-    return _pass(
-        cfg,
-        tokenizer,
-        docs,
-        _rows(cfg, process_index, process_count, rows),
-        () if ref_logps is None else ("ref_logps",),
-    )
+    fields = () if ref_logps is None else ("ref_logps",)
+    return _pass(cfg, tokenizer, docs, _rows(cfg, process_index, process_count, rows), fields)
 
 
 def make_reference_iterator(
@@ -194,14 +190,8 @@ def make_reference_iterator(
         raise JaxllmError(f"reference log-probs are computed for preference pairs, not data.format={cfg.format!r}")
     if split not in ("train", "val"):
         raise JaxllmError(f"split={split!r}: use 'train' or 'val'")
-    docs = preference_documents(cfg)[split == "val"]
-    return _pass(
-        cfg,
-        tokenizer,
-        preference.Attached(docs, index=True),
-        _rows(cfg, process_index, process_count, rows),
-        ("doc_index",),
-    )
+    docs = preference.Attached(preference_documents(cfg)[split == "val"], index=True)
+    return _pass(cfg, tokenizer, docs, _rows(cfg, process_index, process_count, rows), ("doc_index",))
 
 
 def check_pairs(cfg: DataConfig) -> None:
@@ -220,10 +210,7 @@ def preference_documents(cfg: DataConfig) -> tuple[Sequence[preference.Pair], Se
     if cfg.format != "preference":
         raise JaxllmError(f"preference_documents reads data.format='preference', not {cfg.format!r}")
     if cfg.mixture or cfg.curriculum_field:
-        raise JaxllmError(
-            "precomputed reference log-probs (preference.precompute_ref_logps) do not combine with "
-            "data.mixture or data.curriculum_field; drop one"
-        )
+        raise JaxllmError(_REF_LOGPS_WITH_MIXTURE)
     return split_documents(cfg)
 
 
@@ -231,8 +218,8 @@ def _pass(
     cfg: DataConfig, tokenizer: Tokenizer, docs: Sequence, rows: list[int], fields: Sequence[str]
 ) -> Iterator[Batch]:
     """Lane r packs `docs` r, r + B, r + 2B, ...: one deterministic pass, the same on any process count."""
-    tokenize, n, like = tokenize_fn(cfg, tokenizer), len(docs), _packing_of(cfg)
-    per_lane = [lanes.lane_rows(like, (tokenize(docs[g]) for g in range(r, n, cfg.batch_size))) for r in rows]
+    tokenize, n = tokenize_fn(cfg, tokenizer), len(docs)
+    per_lane = [_lane_rows(cfg, (tokenize(docs[g]) for g in range(r, n, cfg.batch_size))) for r in rows]
     return _eval_batches(per_lane, cfg.block_size, fields)
 
 
@@ -267,7 +254,7 @@ def check_splits(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 
         total += len(examples[-1]["tokens"])
         if total >= cfg.batch_size * length:
             return
-    rows = sum(1 for _ in lanes.lane_rows(_packing_of(cfg), examples))
+    rows = sum(1 for _ in _lane_rows(cfg, examples))
     if rows < cfg.batch_size:
         raise JaxllmError(
             f"the training split is too small for one batch: {len(train_docs)} documents ({total:,} tokens) fill "
@@ -276,8 +263,8 @@ def check_splits(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 
         )
 
 
-def _packing_of(cfg: DataConfig) -> dict[str, Any]:
-    return {"block_size": cfg.block_size, "sft": cfg.format != "text", "packing": cfg.packing}
+def _lane_rows(cfg: DataConfig, examples) -> Iterator[dict[str, np.ndarray]]:
+    return lanes.lane_rows(examples, cfg.block_size + 1, cfg.format != "text", cfg.packing)
 
 
 def split_documents(cfg: DataConfig) -> tuple[grain.MapDataset, grain.MapDataset]:
@@ -288,9 +275,8 @@ def split_documents(cfg: DataConfig) -> tuple[grain.MapDataset, grain.MapDataset
     for name, comp in components(cfg):
         source = _documents(comp)
         if comp.valid_paths:
-            valid = _documents(dataclasses.replace(comp, paths=comp.valid_paths, valid_paths=()))
             train.append(source)
-            val.append(valid)
+            val.append(_documents(dataclasses.replace(comp, paths=comp.valid_paths, valid_paths=())))
             continue
         train_idx, val_idx = split_indices(len(source), cfg.val_fraction)
         if len(train_idx) == 0:
@@ -340,14 +326,7 @@ def tokenize_fn(cfg: DataConfig, tokenizer: Tokenizer) -> Callable[[Any], dict[s
     if cfg.format == "text":
         return _Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)
     if cfg.format == "preference":
-        return preference.Tokenize(
-            tokenizer,
-            add_bos=cfg.add_bos,
-            add_eos=cfg.add_eos,
-            max_prompt_length=cfg.max_prompt_length,
-            max_completion_length=cfg.max_completion_length,
-            block_size=cfg.block_size,
-        )
+        return preference.Tokenize(tokenizer, cfg)
     return sft.Tokenize(
         tokenizer,
         add_bos=cfg.add_bos,
@@ -386,8 +365,7 @@ class _Take:
     """The documents of `source` at `indices`: a random-access source, so Grain slices it lazily."""
 
     def __init__(self, source: Sequence[str], indices: np.ndarray):
-        self._source = source
-        self._indices = indices
+        self._source, self._indices = source, indices
 
     def __len__(self) -> int:
         return len(self._indices)

@@ -106,27 +106,15 @@ def _segments(pieces: Sequence[sft.Piece]) -> Text:
 class Pairs(sft.Examples):
     """The `Pair` of every row of a source (random access for Grain); a bad row fails with its file:row."""
 
-    def __getitem__(self, index: int) -> Pair:
-        where = self._rows.where(index)
-        try:
-            return render_pair(self._rows[index], self._cfg, where)
-        except JaxllmError as e:
-            if str(e).startswith(where):
-                raise
-            raise JaxllmError(f"{where}: {e}") from None
+    def _render(self, index: int) -> Pair:
+        return render_pair(self._rows[index], self._cfg, self._rows.where(index))
 
 
-class Texts:
+class Texts(sft.Texts):
     """The text of every pair (prompt, both answers): what a tokenizer for the corpus trains on."""
 
-    def __init__(self, pairs: Sequence[Pair]):
-        self._pairs = pairs
-
-    def __len__(self) -> int:
-        return len(self._pairs)
-
     def __getitem__(self, index: int) -> str:
-        chosen, rejected = ("\n".join(text) for text in self._pairs[index][1:3])
+        chosen, rejected = ("\n".join(text) for text in self._examples[index][1:3])
         return f"{chosen}\n{rejected[len(os.path.commonprefix([chosen, rejected])) :]}"
 
 
@@ -168,22 +156,14 @@ class Tokenize:
     prompt is p[:k] with k = min(common prefix(p, pc), common prefix(p, pr)); each answer is the rest of its
     sequence, + EOS unless it already ends with one. Truncation: the prompt keeps its last
     `max_prompt_length` tokens, an answer its first `max_completion_length`; a pair still longer than
-    `block_size` keeps the first block_size // 2 tokens of each sequence.
+    `block_size` keeps the first block_size // 2 tokens of each sequence. (BOS, EOS, limits: `cfg`'s.)
     """
 
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        *,
-        add_bos: bool,
-        add_eos: bool,
-        max_prompt_length: int,
-        max_completion_length: int,
-        block_size: int,
-    ):
+    def __init__(self, tokenizer: Tokenizer, cfg: DataConfig):
         self._tokenizer = tokenizer
-        self._prefix, self._suffix = sft.special_ids(tokenizer, add_bos, add_eos)
-        self._max_prompt, self._max_answer, self._block_size = max_prompt_length, max_completion_length, block_size
+        self._prefix, self._suffix = sft.special_ids(tokenizer, cfg.add_bos, cfg.add_eos)
+        self._max_prompt, self._max_answer = cfg.max_prompt_length, cfg.max_completion_length
+        self._block_size = cfg.block_size
 
     def _ids(self, text: Text) -> list[int]:
         tok, ids = self._tokenizer, list(self._prefix)

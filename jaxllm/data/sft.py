@@ -116,11 +116,14 @@ class Examples:
 
     def __getitem__(self, index: int) -> list[Piece]:
         try:
-            return render_row(self._rows[index], self._cfg)
+            return self._render(index)
         except JaxllmError as e:
             if str(e).startswith(self._rows.where(index)):
                 raise
             raise JaxllmError(f"{self._rows.where(index)}: {e}") from None
+
+    def _render(self, index: int) -> list[Piece]:
+        return render_row(self._rows[index], self._cfg)
 
     def __repr__(self) -> str:
         return f"Examples({self._rows!r}, format={self._cfg.format!r})"

@@ -11,10 +11,12 @@ Sources are picklable: Grain ships them to its worker processes.
 from __future__ import annotations
 
 import bisect
+import collections
 import glob
 import json
 import os
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,6 +95,19 @@ class FileRows(RowSource):
         return f"{type(self).__name__}({len(self._files)} files, {len(self)} rows)"
 
 
+class CachedFileRows(FileRows):
+    """File rows that keep decoded data in each process that reads them (`_cache`, guarded by `_lock`):
+    neither is pickled; `__setstate__` sets both up empty."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+
 class EmbeddedSource(RowSource):
     """The corpus shipped with Python (see `jaxllm.data.corpus`)."""
 
@@ -122,17 +137,13 @@ class EmbeddedSftSource(EmbeddedSource):
 
     def __init__(self, fields: Fields = RowSource._fields, whole_row: bool = False):
         super().__init__(fields, whole_row)
-        self[0]  # fail now if the format's fields are not the records' (text, messages, prompt, completion)
+        self[0]  # fail now if the format's fields are not the records'
 
 
-class EmbeddedPreferenceSource(EmbeddedSource):
+class EmbeddedPreferenceSource(EmbeddedSftSource):
     """The embedded_sft questions, each with its own answer (chosen) and another's (rejected)."""
 
     _load, _noun, _plural = staticmethod(embedded_preference_records), "embedded_preference record", "records"
-
-    def __init__(self, fields: Fields = RowSource._fields, whole_row: bool = False):
-        super().__init__(fields, whole_row)
-        self[0]  # fail now if the format's fields are not the records'
 
 
 class TextSource(RowSource):

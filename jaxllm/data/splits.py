@@ -272,20 +272,16 @@ def _resolve(pattern: str, files: list[str]) -> list[str]:
     pattern = pattern[2:] if pattern.startswith("./") else pattern
     regex = re.compile(glob_translate(pattern))
     parts = pattern.split("/")
+    ignored, marks = set(_IGNORED) - {parts[-1]}, _marks(parts)
+    return [
+        f for f in files if f.split("/")[-1] not in ignored and regex.fullmatch(f) and _marks(f.split("/")) == marks
+    ]
+
+
+def _marks(parts: list[str]) -> tuple[int, int]:
+    """(hidden parts, `__special__` folders) of a '/'-split path: a file needs as many as its pattern names."""
     hidden = sum(1 for p in parts if p.startswith(".") and set(p) != {"."})
-    special = sum(1 for p in parts[:-1] if p.startswith("__"))
-    ignored = set(_IGNORED) - {parts[-1]}
-    out = []
-    for f in files:
-        fparts = f.split("/")
-        if fparts[-1] in ignored or not regex.fullmatch(f):
-            continue
-        if sum(1 for p in fparts if p.startswith(".") and set(p) != {"."}) != hidden:
-            continue
-        if sum(1 for p in fparts[:-1] if p.startswith("__")) != special:
-            continue
-        out.append(f)
-    return out
+    return hidden, sum(1 for p in parts[:-1] if p.startswith("__"))
 
 
 def _patterns(files: list[str]) -> dict[str, list[str]]:

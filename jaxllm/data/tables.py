@@ -10,7 +10,6 @@ row; a CSV or JSON array is read whole once per process, Arrow files are memory-
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,10 +18,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from jaxllm import JaxllmError
-from jaxllm.data.sources import Fields, FileRows, JsonlSource, RowSource, check_fields, expand_globs
+from jaxllm.data.sources import CachedFileRows, Fields, FileRows, JsonlSource, RowSource, check_fields, expand_globs
 
 
-class _TableSource(FileRows):
+class _TableSource(CachedFileRows):
     """Rows of whole-file Arrow tables (one per file), read lazily in each process that reads them."""
 
     _kind = ""
@@ -46,22 +45,14 @@ class _TableSource(FileRows):
 
     def _table(self, file_id: int) -> pa.Table:
         with self._lock:
-            if file_id not in self._tables:
-                self._tables[file_id] = self._read(self._files[file_id])
-            return self._tables[file_id]
+            if file_id not in self._cache:
+                self._cache[file_id] = self._read(self._files[file_id])
+            return self._cache[file_id]
 
     def _row(self, index: int) -> dict[str, Any]:
         file_id, row = self._locate(index)
         table = self._table(file_id)
         return {name: table.column(name)[row].as_py() for _, name in self._fields}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tables", "_lock")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._tables: dict[int, pa.Table] = {}
-        self._lock = threading.Lock()
 
 
 class CsvSource(_TableSource):

@@ -245,10 +245,8 @@ def load_tokenizer_from_folder(path: str, vocab_size: int | None = None) -> HFTo
         special = _special_tokens(path)
         try:
             tokenizer: HFTokenizer | Tokenizer = HFTokenizer(text, json_file, special)
-        except Exception as e:  # tokenizers raises plain Exception on malformed files
-            raise JaxllmError(f"{json_file} is not a tokenizers file ({_first_line(e)}); restore the file") from None
-        except BaseException as e:  # a Rust panic inside tokenizers (pyo3's PanicException) on some inputs
-            if type(e).__name__ != "PanicException":
+        except BaseException as e:  # tokenizers: an Exception, or on some inputs a Rust panic (PanicException)
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
                 raise
             raise JaxllmError(f"{json_file} is not a tokenizers file ({_first_line(e)}); restore the file") from None
     elif os.path.isfile(sp_file):
