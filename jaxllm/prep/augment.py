@@ -85,7 +85,7 @@ def eda(text: str, ops: Sequence[str], rate: float, rng: random.Random) -> str:
 
 
 def _bare(word: str) -> str:
-    return word.strip(".,;:!?\"'()[]").lower()
+    return _bare_case(word).lower()
 
 
 def _bare_case(word: str) -> str:
@@ -94,7 +94,7 @@ def _bare_case(word: str) -> str:
 
 def _like(original: str, synonym: str) -> str:
     """`synonym` in the place of `original`: its capitalization and surrounding punctuation kept."""
-    core = original.strip(".,;:!?\"'()[]")
+    core = _bare_case(original)
     start = original.find(core)
     if core[:1].isupper():
         synonym = synonym[:1].upper() + synonym[1:]

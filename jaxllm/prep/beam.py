@@ -51,7 +51,7 @@ except ImportError:
 from jaxllm.prep import core, curriculum
 from jaxllm.prep.config import PrepConfig
 from jaxllm.prep.dedup import NearDuplicateIndex, near_match
-from jaxllm.prep.output import OUR_FILES, SHARD_PATTERN, WRITER_OPTIONS, render_report
+from jaxllm.prep.output import OUR_FILES, SHARD_PATTERN, WRITER_OPTIONS
 from jaxllm.prep.readers import KINDS, Reader, file_kind, resolve_inputs
 
 _PARTIAL = "stats.partial.json"
@@ -94,12 +94,9 @@ def prepare_beam(
         core.check_not_empty(stats["stages"], stats["output"]["records"])
         stats["seconds"] = round(time.time() - start, 3)
         stats["pass_seconds"] = {"beam_pipeline": stats["seconds"]}
-        out.write("report.md", render_report(stats).encode())
-        out.write("stats.json", (json.dumps(stats, indent=2, default=str) + "\n").encode())
         files = [s["file"] for s in stats["output"]["shards"]]
-        out.commit(
-            files + (["tokenizer.model"] if stats.pop("_tokenizer_file", "") else []) + ["report.md", "stats.json"]
-        )
+        core.write_outputs(out, stats, files, bool(stats["_tokenizer_file"]))
+        del stats["_tokenizer_file"]  # after stats.json was written with it
         return stats
     except BaseException:
         out.discard()
@@ -114,7 +111,7 @@ def _build(p, resolved: list[tuple[str, str]], inputs: list[str], cfg: PrepConfi
     read = (
         p
         | "inputs" >> beam.Create(list(enumerate(resolved)))
-        | "read" >> beam.ParDo(_Read(cfg)).with_outputs("counts", main="docs")
+        | "read" >> beam.FlatMap(_read, cfg).with_outputs("counts", main="docs")
     )
     processed = (
         read.docs
@@ -252,18 +249,13 @@ def _build(p, resolved: list[tuple[str, str]], inputs: list[str], cfg: PrepConfi
     )
 
 
-class _Read(beam.DoFn):
+def _read(item, cfg: PrepConfig):
     """An input file -> ((input number, document number, 0), Doc)s, and its problem counts."""
-
-    def __init__(self, cfg: PrepConfig):
-        self.cfg = cfg
-
-    def process(self, item):
-        number, (kind, where) = item
-        reader = Reader(self.cfg.input, self.cfg.curriculum.field, opener=_open)
-        for i, doc in enumerate(reader.read([(kind, where)])):
-            yield (number, i, 0), doc
-        yield pvalue.TaggedOutput("counts", (number, dict(reader.counts), reader.unreadable))
+    number, (kind, where) = item
+    reader = Reader(cfg.input, cfg.curriculum.field, opener=_open)
+    for i, doc in enumerate(reader.read([(kind, where)])):
+        yield (number, i, 0), doc
+    yield pvalue.TaggedOutput("counts", (number, dict(reader.counts), reader.unreadable))
 
 
 class _ModelLoss(beam.DoFn):
@@ -337,9 +329,8 @@ class _StageCounts(beam.CombineFn):
         return acc
 
     def merge_accumulators(self, accumulators):
-        accumulators = list(accumulators)
-        total = accumulators[0]
-        for acc in accumulators[1:]:
+        total, *rest = accumulators
+        for acc in rest:
             for name, stage in acc.items():
                 for key, value in stage.items():
                     if isinstance(value, collections.Counter):
@@ -397,16 +388,17 @@ def _order(scores: list, cfg: PrepConfig, tokenize: bool, index: dict, model: tu
     n = len(index["positions"])
     tokenized = tokenize and n > 0 and model[0] != ""
     by_position = {position: joined for position, joined in scores}
-    if tokenized:
-        length = np.asarray([by_position[pos]["length"][0] for pos in index["positions"]], np.float64)
-    else:
-        length = np.asarray(index["chars"], np.float64)
+
+    def joined(key: str) -> list:  # the `key` score of every record, in the local order
+        return [by_position[pos][key][0] for pos in index["positions"]]
+
+    length = np.asarray(joined("length") if tokenized else index["chars"], np.float64)
     rarity = None
     if tokenized and cfg.curriculum.enabled and cfg.curriculum.rarity_weight:
-        rarity = np.asarray([by_position[pos]["rarity"][0] for pos in index["positions"]])
+        rarity = np.asarray(joined("rarity"))
     model_loss = None
     if n and cfg.curriculum.enabled and cfg.curriculum.model_weight:
-        model_loss = np.asarray([by_position[pos]["loss"][0] for pos in index["positions"]])
+        model_loss = np.asarray(joined("loss"))
     score, bucket, order = core.curriculum_order(
         cfg, length, rarity, np.asarray(index["values"], np.float64), model_loss
     )
@@ -425,13 +417,7 @@ def _to_shard(item, cfg: PrepConfig):
     _, joined = item
     row, (rank, score, bucket) = joined["record"][0], joined["rank"][0]
     ids = joined["tokens"][0] if joined["tokens"] else None
-    record = core.output_record(cfg, row, score, bucket, ids)
-    return rank // cfg.output.records_per_shard, (
-        rank,
-        record,
-        0 if ids is None else len(ids),
-        core.nbytes(row["text"]),
-    )
+    return rank // cfg.output.records_per_shard, (rank, *core.output_record(cfg, row, score, bucket, ids))
 
 
 def _write_shard(item, tmp: str, index: dict, cfg: PrepConfig) -> dict[str, Any]:
@@ -448,7 +434,7 @@ def _write_shard(item, tmp: str, index: dict, cfg: PrepConfig) -> dict[str, Any]
         for _, record, _, _ in records:
             writer.write(record)
         writer.close()
-        _copy_to(path, _join(tmp, name))
+        _copy_to(path, FileSystems.join(tmp, name))
     return {
         "index": shard,
         "records": len(records),
@@ -497,8 +483,8 @@ def _finish(
     stats["runner"] = "beam"
     stats["_tokenizer_file"] = "tokenizer.model" if copy else ""
     if copy:
-        _write_bytes(_join(tmp, "tokenizer.model"), tokenizer.proto)
-    _write_bytes(_join(tmp, _PARTIAL), json.dumps(stats, default=str).encode())
+        _write_bytes(FileSystems.join(tmp, "tokenizer.model"), tokenizer.proto)
+    _write_bytes(FileSystems.join(tmp, _PARTIAL), json.dumps(stats, default=str).encode())
 
 
 # ------------------------------------------------------------------ files through Beam's FileSystems
@@ -506,10 +492,6 @@ def _finish(
 
 def _is_remote(path: str) -> bool:
     return "://" in path
-
-
-def _join(folder: str, name: str) -> str:
-    return FileSystems.join(folder, name)
 
 
 def _open(path: str):
@@ -548,14 +530,13 @@ class _Output:
     """The output folder through Beam's FileSystems: temp files, then renamed in (`OutputDir`'s contract)."""
 
     def __init__(self, path: str, overwrite: bool):
-        self.fs = FileSystems
         self.path = path if _is_remote(path) else os.path.abspath(os.path.expanduser(path))
         if not _is_remote(path) and os.path.exists(self.path) and not os.path.isdir(self.path):
             raise JaxllmError(f"--output {path!r} is a file; give a folder")
         self._old = [
             m.path
             for pattern in OUR_FILES
-            for result in FileSystems.match([_join(self.path, pattern)])
+            for result in FileSystems.match([FileSystems.join(self.path, pattern)])
             for m in result.metadata_list
         ]
         if self._old and not overwrite:
@@ -563,7 +544,7 @@ class _Output:
                 f"--output {path!r} already holds prep output; pick another folder or pass "
                 "--config.output.overwrite=true"
             )
-        self.tmp = _join(self.path, f".prep-tmp-{uuid.uuid4().hex[:12]}")
+        self.tmp = FileSystems.join(self.path, f".prep-tmp-{uuid.uuid4().hex[:12]}")
         try:
             if not _is_remote(self.path):
                 os.makedirs(self.path, exist_ok=True)
@@ -572,10 +553,10 @@ class _Output:
             raise JaxllmError(f"cannot write to --output {path!r} ({e})") from None
 
     def temp(self, name: str) -> str:
-        return _join(self.tmp, name)
+        return FileSystems.join(self.tmp, name)
 
     def read(self, name: str) -> bytes:
-        with self.fs.open(self.temp(name)) as f:
+        with FileSystems.open(self.temp(name)) as f:
             return f.read()
 
     def write(self, name: str, data: bytes) -> None:
@@ -584,14 +565,14 @@ class _Output:
     def commit(self, names: Iterable[str]) -> None:
         """Removes an earlier run's files, then renames the temp files in (the order given: stats.json last)."""
         if self._old:
-            self.fs.delete(self._old)
+            FileSystems.delete(self._old)
         for name in names:
-            self.fs.rename([self.temp(name)], [_join(self.path, name)])
+            FileSystems.rename([self.temp(name)], [FileSystems.join(self.path, name)])
         self.discard()
 
     def discard(self) -> None:
         try:
-            self.fs.delete([self.tmp])
+            FileSystems.delete([self.tmp])
         except Exception:  # nothing to remove, or already removed
             pass
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import collections
+import functools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from jaxllm.prep import augment, curriculum
 from jaxllm.prep.clean import clean, quality
 from jaxllm.prep.config import PrepConfig
 from jaxllm.prep.dedup import Deduplicator, MinHasher, exact_key
-from jaxllm.prep.output import OutputDir, ShardWriter, Spool, SpoolTexts, length_histogram, render_report, write_json
+from jaxllm.prep.output import OutputDir, ShardWriter, Spool, SpoolTexts, length_histogram, render_report
 from jaxllm.prep.parallel import batched, parallel_map
 from jaxllm.prep.readers import Doc, Reader, resolve_inputs
 
@@ -97,30 +98,13 @@ class DocStage:
             cleaned = kept
         key = exact_key(cleaned) if cfg.dedup.exact else None
         sig = self.hasher.signature(cleaned) if self.hasher is not None else None
-        return Processed(
-            cleaned,
-            source,
-            value,
-            size,
-            clean_size,
-            "",
-            "",
-            changed,
-            lines_removed,
-            key,
-            sig,
-            augment.variants(cleaned, cfg.augment),
-        )
+        variants = augment.variants(cleaned, cfg.augment)
+        return Processed(cleaned, source, value, size, clean_size, "", "", changed, lines_removed, key, sig, variants)
 
 
-class TokenizeStage:
+def _tokenize_batch(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
     """Texts -> int32 token ids (runs in workers; the tokenizer is pickled to each worker once)."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-
-    def __call__(self, texts: list[str]) -> list[np.ndarray]:
-        return [token_ids(self.tokenizer, t) for t in texts]
+    return [token_ids(tokenizer, t) for t in texts]
 
 
 def token_ids(tokenizer: Any, text: str) -> np.ndarray:
@@ -145,23 +129,11 @@ def _prepare(
     shards, files = _write_shards(cfg, out, kept.spool, tokens, score, bucket, order)
     seconds["score_and_write"] = time.time() - start - sum(seconds.values())
     kept.spool.close()
+    name, copied, total = "", False, None
     if tokens is not None:
         tokens.spool.close()
-    name, copied = (tokens.name, tokens.copied) if tokens is not None else ("", False)
-    stats = summarize(
-        inputs,
-        stages,
-        cfg,
-        out.path,
-        name,
-        copied,
-        shards,
-        None if tokens is None else int(sum(tokens.counts)),
-        length,
-        score,
-        bucket,
-        start,
-    )
+        name, copied, total = tokens.name, tokens.copied, int(sum(tokens.counts))
+    stats = summarize(inputs, stages, cfg, out.path, name, copied, shards, total, length, score, bucket, start)
     stats["pass_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     write_outputs(out, stats, files, copied)
     return stats
@@ -234,7 +206,7 @@ def _tokenize(cfg: PrepConfig, spool: Spool, out: OutputDir, workers: int) -> _T
         shutil.copyfile(tokenizer.path, out.temp("tokenizer.model"))
     tokens_spool, counts, id_counts = Spool(out.temp("tokens.spool")), array.array("q"), np.zeros(0, np.int64)
     bar = tqdm(total=len(spool), desc="prep: tokenize", unit=" doc", disable=not cfg.progress)
-    for ids_list in parallel_map(TokenizeStage(tokenizer), _spool_texts(spool), workers):
+    for ids_list in parallel_map(functools.partial(_tokenize_batch, tokenizer), _spool_texts(spool), workers):
         bar.update(len(ids_list))
         for ids in ids_list:
             tokens_spool.append(ids.tobytes())
@@ -282,21 +254,16 @@ def _write_shards(
     score: np.ndarray,
     bucket: np.ndarray,
     order: np.ndarray,
-) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Pass 3's output: the records in `order` into temp shards; (shard stats, (temp, final) file names)."""
+) -> tuple[list[dict], list[str]]:
+    """Pass 3's output: the records in `order` into temp shards; (shard stats, file names)."""
     writer = ShardWriter(out, cfg.output.records_per_shard)
     bar = tqdm(total=len(spool), desc="prep: write shards", unit=" doc", disable=not cfg.progress)
     for chunk in _chunks(len(spool), order):
         docs = spool.read(chunk)
         token_bytes = tokens.spool.read(chunk) if tokens is not None else [None] * len(chunk)
         for i, doc, tb in zip(chunk, docs, token_bytes):
-            row = json.loads(doc)
             ids = np.frombuffer(tb, np.int32) if tb is not None else None
-            writer.write(
-                output_record(cfg, row, score[i], bucket[i], ids),
-                tokens=0 if ids is None else len(ids),
-                text_bytes=nbytes(row["text"]),
-            )
+            writer.write(*output_record(cfg, json.loads(doc), score[i], bucket[i], ids))
         bar.update(len(chunk))
     bar.close()
     files = writer.finish()
@@ -323,12 +290,15 @@ def kept_rows(r: Processed) -> list[dict[str, Any]]:
     return rows + [{"text": v, "source": f"eda:{r.source}", "value": r.value} for v in r.variants]
 
 
-def output_record(cfg: PrepConfig, row: dict, score: float, bucket: int, ids: np.ndarray | None) -> bytes:
-    """One output record: JSON of text, score, bucket, source (and tokens)."""
+def output_record(
+    cfg: PrepConfig, row: dict, score: float, bucket: int, ids: np.ndarray | None
+) -> tuple[bytes, int, int]:
+    """One output record (JSON of text, score, bucket, source and tokens), its tokens and its text's bytes
+    (both runners write these)."""
     record = {"text": row["text"], "score": round(float(score), 6), "bucket": int(bucket), "source": row["source"]}
     if ids is not None and cfg.tokenize.write_tokens:
         record["tokens"] = ids.tolist()
-    return json.dumps(record, ensure_ascii=False).encode()
+    return json.dumps(record, ensure_ascii=False).encode(), 0 if ids is None else len(ids), nbytes(row["text"])
 
 
 def summarize(
@@ -376,16 +346,12 @@ def summarize(
     }
 
 
-def write_outputs(out: OutputDir, stats: dict, files: list[tuple[str, str]], tokenizer_copied: bool) -> None:
-    """report.md and stats.json beside the temp shards, then everything renamed in (stats.json last)."""
-    with open(out.temp("report.md"), "w") as f:
-        f.write(render_report(stats))
-    write_json(out.temp("stats.json"), stats)
-    out.commit(
-        files
-        + ([("tokenizer.model", "tokenizer.model")] if tokenizer_copied else [])
-        + [("report.md", "report.md"), ("stats.json", "stats.json")]
-    )
+def write_outputs(out: OutputDir, stats: dict, files: list[str], tokenizer_copied: bool) -> None:
+    """report.md and stats.json beside the temp shards, then everything renamed in (stats.json last); `out`
+    is an `OutputDir` or the Beam runner's output."""
+    out.write("report.md", render_report(stats).encode())
+    out.write("stats.json", (json.dumps(stats, indent=2, default=str) + "\n").encode())
+    out.commit(files + (["tokenizer.model"] if tokenizer_copied else []) + ["report.md", "stats.json"])
 
 
 def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
@@ -409,11 +375,8 @@ def load_prep_tokenizer(cfg: PrepConfig, documents: Sequence[str]):
             f"{tokenizer.vocab_size} (set tokenize.vocab_size to choose)",
             file=sys.stderr,
         )
-        return (
-            (f"trained, {tokenizer.vocab_size} pieces (capped: the corpus supports fewer than {DEFAULT_VOCAB_SIZE})"),
-            tokenizer,
-            True,
-        )
+        name = f"trained, {tokenizer.vocab_size} pieces (capped: the corpus supports fewer than {DEFAULT_VOCAB_SIZE})"
+        return name, tokenizer, True
     return (given or "trained"), tokenizer, True
 
 
@@ -463,12 +426,8 @@ def _count_out(stage: dict, size: int) -> None:
 
 
 def count_all(stage: dict, previous: dict) -> None:
-    stage.update(
-        docs_in=previous["docs_out"],
-        docs_out=previous["docs_out"],
-        bytes_in=previous["bytes_out"],
-        bytes_out=previous["bytes_out"],
-    )
+    docs, size = previous["docs_out"], previous["bytes_out"]
+    stage.update(docs_in=docs, docs_out=docs, bytes_in=size, bytes_out=size)
 
 
 def count_doc(stages: dict, r: Processed, reason: str) -> bool:
@@ -513,12 +472,8 @@ def finish_input(stage: dict, reader: Reader) -> None:
     removed = {k: v for k, v in reader.problems().items() if k not in repaired and k != "undecodable_dropped"}
     if counts["undecodable_dropped"]:
         removed["undecodable"] = counts["undecodable_dropped"]
-    stage.update(
-        docs_out=counts["docs"],
-        bytes_out=counts["bytes"],
-        bytes_in=counts["bytes"],
-        docs_in=counts["docs"] + sum(removed.values()),
-    )
+    docs, size = counts["docs"], counts["bytes"]
+    stage.update(docs_in=docs + sum(removed.values()), docs_out=docs, bytes_in=size, bytes_out=size)
     stage["removed"].update(removed)
     stage["notes"].update({k: counts[k] for k in repaired if counts[k]})
     stage["notes"]["inputs"] = counts["inputs"]

@@ -122,9 +122,6 @@ class NearDuplicateIndex:
     def _sig(self, index: int) -> np.ndarray:
         return self._blocks[index // _SIG_BLOCK][index % _SIG_BLOCK]
 
-    def __len__(self) -> int:
-        return self._count
-
 
 class FirstIndex:
     """uint64 key -> the first int value set for it, in 12 bytes an entry: sorted arrays plus a dict of
@@ -175,7 +172,6 @@ class Deduplicator:
     """Main-process state of both dedup stages: `check(key, sig)` says why a document is a duplicate."""
 
     def __init__(self, cfg: DedupConfig):
-        self.cfg = cfg
         self._seen: set[int] = set()
         self.near = NearDuplicateIndex(cfg) if cfg.near else None
 

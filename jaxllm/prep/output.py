@@ -10,6 +10,7 @@ uploaded through `jaxllm.atomic`, each object whole, stats.json last.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -53,15 +54,19 @@ class OutputDir:
         """A local path in the temp folder."""
         return os.path.join(self.tmp, name)
 
-    def commit(self, files: list[tuple[str, str]]) -> None:
-        """Moves (temp name, final name) pairs into the folder, in order, after removing an earlier run's files."""
+    def write(self, name: str, data: bytes) -> None:
+        with open(self.temp(name), "wb") as f:
+            f.write(data)
+
+    def commit(self, names: list[str]) -> None:
+        """Moves the named temp files into the folder, in order, after removing an earlier run's files."""
         for old in self._old:
             atomic.as_path(old).unlink(missing_ok=True)
-        for tmp_name, final in files:
+        for name in names:
             if self.remote:
-                atomic.copy(self.temp(tmp_name), os.path.join(self.path, final))
+                atomic.copy(self.temp(name), os.path.join(self.path, name))
             else:
-                os.replace(self.temp(tmp_name), os.path.join(self.path, final))
+                os.replace(self.temp(name), os.path.join(self.path, name))
         self.discard()
 
     def discard(self) -> None:
@@ -69,7 +74,7 @@ class OutputDir:
 
 
 class ShardWriter:
-    """Records (bytes) into temp shards of at most `per_shard` records; `finish` names them i-of-n."""
+    """Records (bytes) into temp shards of at most `per_shard` records; `finish` renames them i-of-n."""
 
     def __init__(self, out: OutputDir, per_shard: int):
         from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
@@ -78,7 +83,7 @@ class ShardWriter:
         self._writer = None
         self.shards: list[dict[str, Any]] = []
 
-    def write(self, record: bytes, *, tokens: int, text_bytes: int) -> None:
+    def write(self, record: bytes, tokens: int, text_bytes: int) -> None:
         if self._writer is None or self.shards[-1]["records"] == self._per_shard:
             self._close()
             name = f"shard-{len(self.shards):05d}.tmp"
@@ -95,14 +100,13 @@ class ShardWriter:
             self._writer.close()
             self._writer = None
 
-    def finish(self) -> list[tuple[str, str]]:
-        """(temp, final) names of the shards; each shard's stats get its final `file` name."""
+    def finish(self) -> list[str]:
+        """The shards' final names, which their temp files (and each shard's `file` stat) now have."""
         self._close()
-        pairs = []
         for i, shard in enumerate(self.shards):
             shard["file"] = SHARD_PATTERN.format(index=i, count=len(self.shards))
-            pairs.append((shard.pop("tmp"), shard["file"]))
-        return pairs
+            os.replace(self._out.temp(shard.pop("tmp")), self._out.temp(shard["file"]))
+        return [shard["file"] for shard in self.shards]
 
 
 class Spool:
@@ -153,17 +157,8 @@ class SpoolTexts:
 
 def length_histogram(lengths: list[int] | Any) -> list[dict[str, int]]:
     """Counts of lengths in power-of-two bins [lo, hi)."""
-    counts: dict[int, int] = {}
-    for n in lengths:
-        b = 0 if n <= 0 else int(math.log2(n)) + 1
-        counts[b] = counts.get(b, 0) + 1
+    counts = collections.Counter(0 if n <= 0 else int(math.log2(n)) + 1 for n in lengths)
     return [{"lo": 0 if b == 0 else 2 ** (b - 1), "hi": 2**b if b else 1, "count": counts[b]} for b in sorted(counts)]
-
-
-def write_json(path: str, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
 
 
 def render_report(stats: dict) -> str:

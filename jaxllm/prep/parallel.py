@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -36,11 +37,6 @@ def parallel_map(fn: Callable, items: Iterable, workers: int, inflight_per_worke
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
         yield batch

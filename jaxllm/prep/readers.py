@@ -114,19 +114,17 @@ class Reader:
                 yield from self._emit(data, where, empty="empty_file")
             return
         block: list[bytes] = []
-        size = 0
         blocks = 0
         for line, whole in _lines(f, self.cfg.max_doc_bytes):
             if whole and not line.strip():
                 if block:
                     blocks += 1
                     yield from self._paragraph(block, where)
-                block, size = [], 0
+                block = []
                 continue
             if not whole:
                 self.counts["too_long_line"] += 1
             block.append(line)
-            size += len(line)
         if block:
             blocks += 1
             yield from self._paragraph(block, where)
@@ -179,9 +177,7 @@ class Reader:
             self.counts["missing_field"] += pfile.metadata.num_rows
             return
         columns = [self.cfg.text_field] + ([self.value_field] if self.value_field in names else [])
-        for batch in pfile.iter_batches(batch_size=1024, columns=columns):
-            for row in batch.to_pylist():
-                yield from self._row(row, where)
+        yield from self._batches(pfile.iter_batches(batch_size=1024, columns=columns), where)
 
     def _csv(self, f: BinaryIO, where: str) -> Iterator[Doc]:
         import pyarrow as pa  # pylint: disable=g-import-not-at-top
@@ -212,7 +208,7 @@ class Reader:
             self.counts["unreadable_file"] += 1
 
     def _batches(self, batches: Iterator[Any], where: str) -> Iterator[Doc]:
-        """The rows of Arrow record batches (CSV and Arrow inputs)."""
+        """The rows of Arrow record batches (CSV, Arrow and Parquet inputs)."""
         empty = True
         for batch in batches:
             names = set(batch.schema.names)

@@ -34,17 +34,6 @@ def document(seed: int, min_words: int = 80, max_words: int = 400) -> str:
     return "\n".join(lines).strip("\n")  # blank lines never follow each other (paragraph breaks)
 
 
-def corpus(num_bytes: int, seed: int = 0) -> list[str]:
-    """Documents until `num_bytes` of UTF-8 text."""
-    docs, total = [], 0
-    for i in itertools.count():
-        docs.append(document(seed * 1_000_003 + i))
-        total += len(docs[-1])
-        if total >= num_bytes:
-            return docs
-    raise AssertionError
-
-
 def shingles(text: str, k: int = 5) -> set[tuple[str, ...]]:
     """The word k-shingles prep's MinHash signs (lowercased `\\w+` words)."""
     words = re.findall(r"\w+", text.lower())
