@@ -16,20 +16,41 @@ import glob
 import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 
-from jaxllm import JaxllmError, atomic, convert
+from jaxllm import JaxllmError, atomic, convert, push
+from jaxllm.config import apply_override, build, load_config
+from jaxllm.data import splits
+from jaxllm.data.config import DataConfig
+from jaxllm.data.pipeline import split_documents, tokenize_fn, tokenizer_for
+from jaxllm.distributed import DistributedConfig, initialize
+from jaxllm.hf import hub, peft
+from jaxllm.sharding import MeshConfig
 from jaxllm.train import trackers
+from jaxllm.train.loop import train
+from jaxllm.train.run import check_complete, check_workdir
+from jaxllm.train.start import resolve, source_model_config
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "finetune.py")
 
 
+def _flags(group: Any) -> Callable[..., None]:
+    """`group.add_argument` that takes each --a_b flag also as --a-b (autotrain takes both), listed right after it."""
+
+    def add(*names: str, **kwargs: Any) -> None:
+        group.add_argument(*(s for n in names for s in dict.fromkeys((n, n.replace("_", "-")))), **kwargs)
+
+    return add
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """autotrain's `llm` flags (its spellings: underscores, dashes, aliases), grouped as its --help groups them."""
-    basic = p.add_argument_group("Basic")
-    a = basic.add_argument
+    a = _flags(p.add_argument_group("Basic"))
     a("--llm", action="store_true", help="accepted for copy-paste (`autotrain train --llm`): this command is that")
     a("--train", action="store_true", help="accepted for copy-paste: training is what this does")
     a(
@@ -52,15 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a(
         "--project_name",
-        "--project-name",
         "--project",
-        dest="project_name",
         default="",
         help="run folder: checkpoints, logs (default: --save_dir); also the default --save_dir",
     )
     a(
         "--data_path",
-        "--data-path",
         default="",
         help="a data set: Hugging Face Hub id (org/name[@revision]; its data "
         "files fetched into the Hugging Face cache) or local folder; or a JSONL / JSON / Parquet / CSV / Arrow file or "
@@ -68,38 +86,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a(
         "--train_split",
-        "--train-split",
         default=None,
         help="the data set's split to train on, or config:split (default train); splits are found as the datasets "
         "library finds them (e.g. a file named *eval* is the test split)",
     )
     a(
         "--valid_split",
-        "--valid-split",
         default=None,
         help="the data set's split to evaluate on, or config:split (e.g. test); default: hold out data.val_fraction of "
         "the training rows",
     )
     a("--config", default="", help="base experiment config (default configs/finetune.py); --config.a.b=v sets any key")
-    a = p.add_argument_group("Data Processing").add_argument
+    a = _flags(p.add_argument_group("Data Processing"))
     a(
         "--text_column",
-        "--text-column",
         default=None,
         help="the column holding each conversation (Guanaco '### Human: ...'; chat messages with --chat_template)",
     )
-    a("--add_eos_token", "--add-eos-token", action="store_true", help="end every example with EOS (data.add_eos)")
+    a("--add_eos_token", action="store_true", help="end every example with EOS (data.add_eos)")
     a(
         "--model_max_length",
-        "--model-max-length",
         "--max-len",
         "--max-length",
-        dest="model_max_length",
         type=int,
         default=None,
         help="truncate examples to this many tokens",
     )
-    a("--block_size", "--block-size", type=int, default=None, help="packed row length (-1 = model_max_length)")
+    a("--block_size", type=int, default=None, help="packed row length (-1 = model_max_length)")
     a(
         "--padding",
         choices=("left", "right"),
@@ -108,38 +121,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a(
         "--chat_template",
-        "--chat-template",
         default=None,
         choices=("none", "chatml", "llama2", "guanaco", "zephyr", "tokenizer"),
         help="render a column of chat messages with this template (data.format=messages)",
     )
-    a(
-        "--prompt_text_column",
-        "--prompt-text-column",
-        default=None,
-        help="dpo/orpo/reward: the prompt column (data.prompt_field)",
-    )
+    a("--prompt_text_column", default=None, help="dpo/orpo/reward: the prompt column (data.prompt_field)")
     a(
         "--rejected_text_column",
-        "--rejected-text-column",
         default=None,
         help="dpo/orpo/reward: the rejected answer column (data.rejected_field); --text_column is the chosen one",
     )
     a(
         "--max_prompt_length",
-        "--max-prompt-length",
         type=int,
         default=None,
         help="dpo/orpo/reward: a prompt keeps its last this many tokens (data.max_prompt_length)",
     )
     a(
         "--max_completion_length",
-        "--max-completion-length",
         type=int,
         default=None,
         help="dpo/orpo/reward: an answer keeps its first this many tokens (data.max_completion_length)",
     )
-    a = p.add_argument_group("Training Configuration").add_argument
+    a = _flags(p.add_argument_group("Training Configuration"))
     a(
         "--trainer",
         default="sft",
@@ -149,22 +153,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a(
         "--use_apex",
-        "--use-apex",
         action="store_true",
         help="mixed precision: bf16 compute on TPU/GPU (as --mixed_precision=bf16); float32 on CPU (note printed)",
     )
-    a(
-        "--mixed_precision",
-        "--mixed-precision",
-        "--mp",
-        dest="mixed_precision",
-        default=None,
-        choices=("bf16", "fp16", "no", "none"),
-    )
+    a("--mixed_precision", "--mp", default=None, choices=("bf16", "fp16", "no", "none"))
     a("--fp16", action="store_true", help="same as --mixed_precision=fp16")
     a(
         "--use_flash_attention_2",
-        "--use-flash-attention-2",
         "--use-fa2",
         dest="flash_attention",
         action="store_true",
@@ -172,57 +167,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a(
         "--disable_gradient_checkpointing",
-        "--disable-gradient-checkpointing",
         "--disable-gc",
         dest="no_remat",
         action="store_true",
         help="model.remat=none (keep activations: faster, more memory)",
     )
-    a("--logging_steps", "--logging-steps", type=int, default=None, help="steps between metric lines (-1 = config)")
+    a("--logging_steps", type=int, default=None, help="steps between metric lines (-1 = config)")
     a(
         "--eval_strategy",
-        "--eval-strategy",
         "--evaluation_strategy",
-        "--evaluation-strategy",
-        dest="eval_strategy",
         default=None,
         choices=("epoch", "steps", "no"),
         help="evaluate every epoch, every --logging_steps, or at the end",
     )
     a(
         "--save_strategy",
-        "--save-strategy",
         default=None,
         choices=("epoch", "steps", "no"),
         help="checkpoint every epoch (epoch), every checkpoint.every steps (steps), or at evaluations and the end",
     )
-    a("--save_total_limit", "--save-total-limit", type=int, default=None, help="checkpoints kept (checkpoint.keep)")
-    a("--auto_find_batch_size", "--auto-find-batch-size", action="store_true", help="accepted (note printed)")
+    a("--save_total_limit", type=int, default=None, help="checkpoints kept (checkpoint.keep)")
+    a("--auto_find_batch_size", action="store_true", help="accepted (note printed)")
     a(
         "--log",
         default=None,
         help="experiment tracker: none, tensorboard, wandb or mlflow (train.trackers); metrics.jsonl is always written",
     )
-    a("--distributed_backend", "--distributed-backend", default=None, help="accepted: jaxllm shards over its mesh")
+    a("--distributed_backend", default=None, help="accepted: jaxllm shards over its mesh")
     a("--backend", default=None, help="accepted: jaxllm runs on this machine's (or pod's) devices")
     a("--unsloth", action="store_true", help="accepted (note printed)")
-    a = p.add_argument_group("Training Hyperparameters").add_argument
-    a("--learning_rate", "--learning-rate", "--lr", dest="learning_rate", type=float, default=None)
-    a("--num_train_epochs", "--num-train-epochs", "--epochs", dest="epochs", type=float, default=None)
+    hyperparameters = p.add_argument_group("Training Hyperparameters")
+    a = _flags(hyperparameters)
+    a("--learning_rate", "--lr", type=float, default=None)
+    a("--num_train_epochs", "--epochs", dest="epochs", type=float, default=None)
     a(
         "--train_batch_size",
-        "--train-batch-size",
         "--batch_size",
-        "--batch-size",
         dest="batch_size",
         type=int,
         default=None,
         help="sequences per device (per data/fsdp mesh shard, as autotrain's per-device batch); the "
         "global batch is this x those devices x --gradient_accumulation",
     )
-    a("--max_steps", "--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    a("--warmup_ratio", "--warmup-ratio", type=float, default=None)
-    a(
+    a("--max_steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    a("--warmup_ratio", type=float, default=None)
+    hyperparameters.add_argument(  # autotrain's order: both underscore spellings first
         "--gradient_accumulation",
         "--gradient_accumulation_steps",
         "--gradient-accumulation",
@@ -237,67 +226,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         choices=("linear", "cosine", "constant", "constant_with_warmup", "rsqrt", "inverse_sqrt"),
     )
-    a("--weight_decay", "--weight-decay", type=float, default=None)
-    a("--max_grad_norm", "--max-grad-norm", type=float, default=None)
+    a("--weight_decay", type=float, default=None)
+    a("--max_grad_norm", type=float, default=None)
     a("--seed", type=int, default=None)
     a(
         "--dpo_beta",
-        "--dpo-beta",
         "--orpo_lambda",
-        "--orpo-lambda",
-        dest="dpo_beta",
         type=float,
         default=None,
         help="dpo: the KL weight beta (default 0.1); orpo: the odds-ratio weight lambda (preference.beta)",
     )
     a(
         "--model_ref",
-        "--model-ref",
         default=None,
         help="dpo: the reference model (Hub id, folder or workdir); default: the model as training starts",
     )
     a(
         "--precompute_ref_log_probs",
-        "--precompute-ref-log-probs",
         dest="precompute_ref",
         action="store_true",
         help="dpo: compute the reference log-probs once before training and keep them with the data "
         "(no reference weights in memory while training)",
     )
-    a = p.add_argument_group("PEFT/LoRA").add_argument
+    a = _flags(p.add_argument_group("PEFT/LoRA"))
     a(
         "--use_peft",
-        "--use-peft",
         "--peft",
         dest="peft",
         action="store_true",
         help="train LoRA adapters (the default here; --lora_r 0 trains the whole model)",
     )
-    a("--use_int4", "--use-int4", dest="int4", action="store_true", help="QLoRA: NF4 base (--quantization int4)")
-    a("--use_int8", "--use-int8", dest="int8", action="store_true", help="int8 base (--quantization int8)")
+    a("--use_int4", dest="int4", action="store_true", help="QLoRA: NF4 base (--quantization int4)")
+    a("--use_int8", dest="int8", action="store_true", help="int8 base (--quantization int8)")
     a("--quantization", default=None, choices=("int4", "nf4", "int8", "none"))
-    a("--lora_r", "--lora-r", type=int, default=None, help="adapter rank (default 16); 0 = full fine-tuning")
-    a("--lora_alpha", "--lora-alpha", type=float, default=None)
-    a("--lora_dropout", "--lora-dropout", type=float, default=None)
-    a("--target_modules", "--target-modules", default=None, help="comma-separated module names, all-linear, or a regex")
-    a(
-        "--merge_adapter",
-        "--merge-adapter",
-        action="store_true",
-        help="also write merged/: the base with the adapter merged in",
-    )
-    a = p.add_argument_group("Output").add_argument
-    a("--save_dir", "--save-dir", default="", help="where adapter/ (and merged/) are written; default --project_name")
-    a = p.add_argument_group("Hub Integration").add_argument
+    a("--lora_r", type=int, default=None, help="adapter rank (default 16); 0 = full fine-tuning")
+    a("--lora_alpha", type=float, default=None)
+    a("--lora_dropout", type=float, default=None)
+    a("--target_modules", default=None, help="comma-separated module names, all-linear, or a regex")
+    a("--merge_adapter", action="store_true", help="also write merged/: the base with the adapter merged in")
+    a = _flags(p.add_argument_group("Output"))
+    a("--save_dir", default="", help="where adapter/ (and merged/) are written; default --project_name")
+    a = _flags(p.add_argument_group("Hub Integration"))
     a(
         "--push_to_hub",
-        "--push-to-hub",
         action="store_true",
         help="after the export, upload it (merged/, else adapter/, else model/) with a model card to a private Hub "
         "model repository; a failed upload keeps the outputs, prints the `jaxllm push` command that retries it "
         "and exits with status 1",
     )
-    a("--repo_id", "--repo-id", default=None, help="with --push_to_hub: the repository, ORG/NAME")
+    a("--repo_id", default=None, help="with --push_to_hub: the repository, ORG/NAME")
     a("--username", default=None, help="with --push_to_hub and no --repo_id: push to USERNAME/<project name>")
     a(
         "--token",
@@ -312,9 +289,6 @@ def _data_source(path: str, split: str | None = None, valid_split: str | None = 
     data set, a local folder or a Hub id (org/name[@rev]), whose --train_split (default train) and --valid_split
     files `jaxllm.data.splits` picks as the `datasets` library does (`config:split` names a README config or a
     sub-folder)."""
-    from jaxllm.data import splits
-    from jaxllm.hf import hub
-
     if path in ("embedded", "embedded_sft"):
         return dict(source="embedded_sft", paths=())
     expanded = os.path.expanduser(path)
@@ -370,24 +344,10 @@ NOTES = {  # flag -> why it does not apply here
 
 
 def _devices(cfg: ml_collections.ConfigDict) -> tuple[str, int]:
-    """(the JAX platform, devices a batch is split over: data x fsdp), after joining the distributed
-    runtime (which must come before any backend use; the loop's own call is then a no-op)."""
-    import jax
-
-    from jaxllm.config import build
-    from jaxllm.sharding import MeshConfig
-
-    _join_processes(cfg)
+    """(the JAX platform, devices a batch is split over: data x fsdp); flags_to_config has joined the
+    distributed runtime already (which must come before any backend use; the loop's own call is then a no-op)."""
     data, fsdp, _ = build(MeshConfig, cfg.mesh, "mesh").shape(jax.device_count())
     return jax.default_backend(), data * fsdp
-
-
-def _join_processes(cfg: ml_collections.ConfigDict) -> None:
-    """Joins the distributed runtime (a no-op on one process or when joined already)."""
-    from jaxllm.config import build
-    from jaxllm.distributed import DistributedConfig, initialize
-
-    initialize(build(DistributedConfig, cfg.distributed, "distributed"))
 
 
 PREFERENCE_TRAINERS = ("dpo", "orpo", "reward")
@@ -417,13 +377,11 @@ def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_
     """(the run's config, workdir) from the autotrain flags on top of the base config file; flags that do
     not apply here are accepted with a one-line note. The workdir is --project_name, else --save_dir
     ('' when neither names one): two jobs never share one by default."""
-    from jaxllm.config import apply_override, load_config
-    from jaxllm.train.run import check_complete
-
     cfg = load_config(args.config or DEFAULT_CONFIG, [o for o in overrides if o.startswith("distributed.")])
     check_complete(cfg, (args.config or DEFAULT_CONFIG).partition(":")[0])
     _refuse_and_note(args)
-    _join_processes(cfg)  # before any Hub fetch: process 0 picks the commit every process then reads
+    # the distributed runtime joined before any Hub fetch: process 0 picks the commit every process then reads
+    initialize(build(DistributedConfig, cfg.distributed, "distributed"))
     sets = {key: getattr(args, flag) for flag, key in DIRECT.items() if getattr(args, flag) is not None}
     sets.update(_model_and_data(args, cfg))
     sets.update(_optimization(args, cfg))
@@ -432,8 +390,6 @@ def flags_to_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ml_
         apply_override(cfg, item)
     workdir = args.project_name or args.save_dir
     if workdir:
-        from jaxllm.train.run import check_workdir
-
         check_workdir(workdir, cfg)  # before the devices or the data are touched
     if args.batch_size or args.use_apex or args.flash_attention:
         _device_dependent(args, cfg, overrides)
@@ -471,11 +427,8 @@ def _refuse_and_note(args: argparse.Namespace) -> None:
     if args.optimizer and args.optimizer not in ADAMW and args.optimizer not in ADAMW_8BIT:
         raise JaxllmError(f"--optimizer {args.optimizer} is not available; jaxllm trains with AdamW (adamw_torch)")
     for flag, why in NOTES.items():
-        if getattr(args, flag):
-            note(
-                f"--{flag} {'' if getattr(args, flag) is True else getattr(args, flag) + ' '}is accepted but does "
-                f"not apply: {why}"
-            )
+        if value := getattr(args, flag):
+            note(f"--{flag} {'' if value is True else value + ' '}is accepted but does not apply: {why}")
     if args.log is not None and args.log != "none" and args.log not in trackers.KNOWN:
         raise JaxllmError(f"--log {args.log} is not a tracker; use none, {', '.join(trackers.KNOWN)}")
     if args.optimizer in ADAMW_8BIT:
@@ -490,9 +443,6 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
     sets: dict[str, Any] = {}
     max_len = 0
     if args.model:
-        from jaxllm.hf import hub
-        from jaxllm.train.start import source_model_config
-
         model = args.model
         if hub.is_hub_id(model):  # the id (pinned to --revision) is what the run records; the cache holds the files
             repo_id, revision = hub.split_id(model, args.revision)
@@ -517,8 +467,6 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
         sets.update(
             {f"data.{k}": v for k, v in _data_source(args.data_path, args.train_split, args.valid_split).items()}
         )
-        from jaxllm.hf import hub
-
         if not (os.path.isdir(os.path.expanduser(args.data_path)) or hub.is_hub_id(args.data_path)):
             for flag, why in (
                 ("train_split", "read whole"),
@@ -574,8 +522,6 @@ def _model_and_data(args: argparse.Namespace, cfg: ml_collections.ConfigDict) ->
 
 def _adapter_settings(adapter: str) -> dict[str, Any]:
     """lora.init_adapter and the rank, scale and targets the adapter was trained with (PEFT's own file)."""
-    from jaxllm.hf import hub, peft
-
     lcfg = peft.read_adapter_config(hub.local(adapter, what="adapter"))
     return {
         "lora.init_adapter": adapter,
@@ -621,8 +567,6 @@ def _adapters(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> dict[
 
 def _device_dependent(args: argparse.Namespace, cfg: ml_collections.ConfigDict, overrides: list[str]) -> None:
     """Flags whose meaning depends on the devices: per-device batch size, mixed precision, flash attention."""
-    from jaxllm.config import apply_override
-
     platform, shards = _devices(cfg)
     if args.batch_size:
         apply_override(cfg, f"data.batch_size={args.batch_size * shards * cfg.optim.grad_accum_steps}")
@@ -640,8 +584,6 @@ def _device_dependent(args: argparse.Namespace, cfg: ml_collections.ConfigDict, 
 
 def _schedule(args: argparse.Namespace, cfg: ml_collections.ConfigDict) -> None:
     """Steps, evaluations, checkpoints and warmup from epochs and strategies (after the batch is known)."""
-    from jaxllm.config import apply_override
-
     if args.max_steps or args.epochs:
         apply_override(cfg, f"train.steps={args.max_steps or epochs_to_steps(cfg, args.epochs)}")
     per_epoch = epochs_to_steps(cfg, 1.0) if "epoch" in (args.eval_strategy, args.save_strategy) else 0
@@ -665,13 +607,6 @@ def epochs_to_steps(cfg: ml_collections.ConfigDict, epochs: float, sample: int =
     """Optimizer steps for `epochs` passes over the training examples. Packed rows per epoch are
     estimated from the token lengths of up to `sample` evenly spaced examples (tokenizing everything
     would cost a pass over the data); unpacked, it is one row per example."""
-    import numpy as np
-
-    from jaxllm.config import build
-    from jaxllm.data.config import DataConfig
-    from jaxllm.data.pipeline import split_documents, tokenize_fn, tokenizer_for
-    from jaxllm.train.start import resolve
-
     data = build(DataConfig, resolve(cfg).data, "data")
     train_docs, _ = split_documents(data)
     n = len(train_docs)
@@ -691,34 +626,25 @@ def finetune(args: argparse.Namespace, overrides: list[str], command: list[str] 
     if not (args.project_name or args.save_dir):
         raise JaxllmError("name the run's folder: --project_name DIR (checkpoints, logs, output) or --save_dir DIR")
     with atomic.no_leftovers(args.project_name, args.save_dir):  # a refused run leaves no folder it made
-        return _finetune(args, overrides, command)
-
-
-def _finetune(args: argparse.Namespace, overrides: list[str], command: list[str] | None) -> dict[str, Any]:
-    import jax
-
-    from jaxllm import push
-    from jaxllm.train.loop import train
-
-    cfg, workdir = flags_to_config(args, overrides)
-    save_dir = args.save_dir or workdir
-    atomic.check_writable(save_dir, "--save_dir")  # before training, not after it
-    repo_id = None
-    if args.push_to_hub:  # before training: where to and with what token
-        repo_id = push.resolve_repo_id(args.repo_id, args.username, args.project_name or save_dir)
-        push.check_token(args.token)
-    result = train(cfg, workdir)
-    if result.get("preempted"):
+        cfg, workdir = flags_to_config(args, overrides)
+        save_dir = args.save_dir or workdir
+        atomic.check_writable(save_dir, "--save_dir")  # before training, not after it
+        repo_id = None
+        if args.push_to_hub:  # before training: where to and with what token
+            repo_id = push.resolve_repo_id(args.repo_id, args.username, args.project_name or save_dir)
+            push.check_token(args.token)
+        result = train(cfg, workdir)
+        if result.get("preempted"):
+            return result
+        result["written"] = convert.export(workdir, save_dir, merge=args.merge_adapter)
+        trackers.log_artifacts(
+            workdir, cfg.train.trackers, result["written"], mlflow_tracking_uri=cfg.train.mlflow_tracking_uri
+        )
+        if jax.process_index() == 0:
+            push.record_export(workdir, result["written"], command or sys.argv, args.token)
+            if repo_id:
+                try:
+                    result["pushed"] = push.push(workdir, repo_id, token=args.token)
+                except push.UploadError as e:
+                    result["push_error"] = str(e)
         return result
-    result["written"] = convert.export(workdir, save_dir, merge=args.merge_adapter)
-    trackers.log_artifacts(
-        workdir, cfg.train.trackers, result["written"], mlflow_tracking_uri=cfg.train.mlflow_tracking_uri
-    )
-    if jax.process_index() == 0:
-        push.record_export(workdir, result["written"], command or sys.argv, args.token)
-        if repo_id:
-            try:
-                result["pushed"] = push.push(workdir, repo_id, token=args.token)
-            except push.UploadError as e:
-                result["push_error"] = str(e)
-    return result

@@ -180,18 +180,15 @@ def _plan(args: argparse.Namespace, overrides: list[str], command: list[str]) ->
         found = plan.search(
             cfg, args.topology, args.num_slices, hbm, args.max_compiles, log=(lambda line: None) if args.json else print
         )
+        best = found["best"]
         if args.json:
-            print(
-                json_line(
-                    {**(found["best"] or {"fits": False}), "overrides": found["overrides"], "tried": found["tried"]}
-                )
-            )
-        elif found["best"] is None:
+            print(json_line({**(best or {"fits": False}), "overrides": found["overrides"], "tried": found["tried"]}))
+        elif best is None:
             print(f"no setting among the {len(found['tried'])} compiled fits; raise --max_compiles or use more chips")
         else:
-            print(plan.table(found["best"]))
+            print(plan.table(best))
             print("fastest setting that fits: " + " ".join(f"--config.{o}" for o in found["overrides"]))
-        return 0 if found["best"] is not None else 1
+        return 0 if best is not None else 1
     result = plan.plan(cfg, args.topology, args.num_slices, hbm, read_cost=not args.no_cost)
     print(json_line(result) if args.json else plan.table(result))
     return 0 if result["fits"] else 1
@@ -295,9 +292,7 @@ def _generate(args: argparse.Namespace, overrides: list[str], command: list[str]
     check_number("--max_new_tokens", args.max_new_tokens, low=1, integer=True)
     check_number("--batch_size", args.batch_size, low=1, integer=True)
     check_number("--width", args.width, low=0, integer=True)  # 0 = no wrap
-    prompts = list(args.prompt)
-    if args.prompt_file:
-        prompts += read_prompt_file(args.prompt_file)
+    prompts = args.prompt + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     if not prompts:
         raise JaxllmError("give a prompt: --prompt=TEXT (repeatable) or --prompt_file=FILE")
     gen = GenerateConfig(

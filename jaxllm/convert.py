@@ -45,9 +45,8 @@ def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: Any = "float32") -> Mo
     model, params = hf.load_pretrained(hf_dir, dtype=dtype)
     atomic.as_path(out_dir).mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(
-        os.path.join(out_dir, "params"), params
-    )  # Orbax finalises atomically (a rename, or a commit marker on gs://)
+    # Orbax finalises atomically (a rename, or a commit marker on gs://)
+    checkpointer.save(os.path.join(out_dir, "params"), params)
     checkpointer.wait_until_finished()
     copy_tokenizer(hf_dir, out_dir)
     # model.json last: `jaxllm.train.start.kind` recognises the output by it
@@ -87,24 +86,22 @@ def export(workdir: str, save_dir: str, *, merge: bool = False, dtype: Any = "fl
     written: dict[str, str] = {}
     source = run.checkpoint.init_from
     extra = _special_ids(source)
-    if run.lora.r:
-        path = os.path.join(save_dir, "adapter")
-        hf.save_adapter(trainable, run.model, run.lora, path, base_model=_base_model_name(workdir, source))
+
+    def save_model(kind: str, cfg: ModelConfig, params: Any) -> None:  # a Hugging Face model folder
+        path = os.path.join(save_dir, kind)
+        hf.save_pretrained(Decoder(cfg), params, path, dtype=dtype, overwrite=True, config_updates=extra)
         copy_tokenizer(source, path)
-        written["adapter"] = path
-        if merge:
-            base_cfg, merged = lora.merge_adapters(tree.union(trainable, frozen), run.model)
-            path = os.path.join(save_dir, "merged")
-            hf.save_pretrained(Decoder(base_cfg), merged, path, dtype=dtype, overwrite=True, config_updates=extra)
-            copy_tokenizer(source, path)
-            written["merged"] = path
-    else:
-        path = os.path.join(save_dir, "model")
-        hf.save_pretrained(
-            Decoder(run.model), tree.union(trainable, frozen), path, dtype=dtype, overwrite=True, config_updates=extra
-        )
-        copy_tokenizer(source, path)
-        written["model"] = path
+        written[kind] = path
+
+    if not run.lora.r:
+        save_model("model", run.model, tree.union(trainable, frozen))
+        return written
+    path = os.path.join(save_dir, "adapter")
+    hf.save_adapter(trainable, run.model, run.lora, path, base_model=_base_model_name(workdir, source))
+    copy_tokenizer(source, path)
+    written["adapter"] = path
+    if merge:
+        save_model("merged", *lora.merge_adapters(tree.union(trainable, frozen), run.model))
     return written
 
 

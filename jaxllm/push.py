@@ -56,17 +56,19 @@ def resolve_repo_id(repo_id: str | None, username: str | None, project: str) -> 
     return repo_id
 
 
-def check_token(token: str | None) -> None:
-    """A token is at hand: --token, else HF_TOKEN, else the stored login (`hf auth login`)."""
-    if token:
-        return
+def _stored_token() -> str | None:
+    """The token huggingface_hub finds (HF_TOKEN, else the stored login), None when that fails."""
     from huggingface_hub import get_token
 
     try:
-        found = get_token()
+        return get_token()
     except Exception:  # e.g. an OIDC exchange configured but failing
-        found = None
-    if not found:
+        return None
+
+
+def check_token(token: str | None) -> None:
+    """A token is at hand: --token, else HF_TOKEN, else the stored login (`hf auth login`)."""
+    if not (token or _stored_token()):
         raise JaxllmError(
             "pushing to the Hub needs a token with write access: --token TOKEN, the HF_TOKEN "
             "environment variable, or `hf auth login`"
@@ -77,16 +79,14 @@ def redact(argv: Sequence[str], token: str | None = None) -> list[str]:
     """`argv` without any --token flag and its value (also abbreviated, as argparse takes them), and with
     `token` masked wherever else it appears."""
     out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
+    args = iter(argv)
+    for arg in args:
         name = arg.split("=", 1)[0]
         if len(name) >= 5 and "--token".startswith(name):
-            skip = "=" not in arg
-            continue
-        out.append(arg.replace(token, "***") if token else arg)
+            if "=" not in arg:
+                next(args, None)  # its value
+        else:
+            out.append(arg.replace(token, "***") if token else arg)
     return out
 
 
@@ -216,14 +216,8 @@ def model_card(folder: str, repo_id: str, *, run: str | None = None, command: Se
     if run:
         records = read_metrics(run)
         steps = max((r.get("step", 0) for r in records), default=0)
-        lines.append(
-            f"- Steps: {steps}"
-            + (
-                f" of {cfg['train']['steps']}"
-                if cfg.get("train", {}).get("steps") and cfg["train"]["steps"] != steps
-                else ""
-            )
-        )
+        total = cfg.get("train", {}).get("steps")
+        lines.append(f"- Steps: {steps}" + (f" of {total}" if total and total != steps else ""))
         for split, name in (("train", "Final train loss"), ("val", "Final validation loss")):
             if (found := _loss(records, split)) is not None:
                 lines.append(f"- {name}: {_fmt(found[1])} (step {found[0]})")
@@ -314,15 +308,13 @@ def push(
     run = run or found_run
     names = _files(folder)
     own_card = "README.md" in names and not run
-    card = (
-        None if own_card else model_card(folder, repo_id, run=run, command=redact(command, token) if command else None)
-    )
     ops = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=_source(folder, name))
         for name in names
         if own_card or name != "README.md"
     ]
-    if card is not None:
+    if not own_card:
+        card = model_card(folder, repo_id, run=run, command=redact(command, token) if command else None)
         ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     # HF_ENDPOINT read now, not at huggingface_hub's import: a private Hub or a mirror set after it loaded
     api = HfApi(
@@ -347,12 +339,7 @@ def _source(folder: str, name: str) -> Any:
 
 def _failure(e: BaseException, repo_id: str, retry: str, token: str | None, folder: str) -> str:
     """One line: what failed (the first line of the error, the token masked), that the files stay, the retry."""
-    try:
-        from huggingface_hub import get_token
-
-        secrets = [s for s in (token, get_token()) if s]
-    except Exception:  # pylint: disable=broad-except
-        secrets = [token] if token else []
+    secrets = [s for s in (token, _stored_token()) if s]
     reason = " ".join(str(e).split("\n")[0].split()) or type(e).__name__
     if isinstance(e, KeyboardInterrupt):
         reason = "interrupted"
