@@ -277,9 +277,8 @@ def remove_if_empty(path: str | os.PathLike) -> bool:
     """Removes local folder `path` if it holds no file (only empty folders); True if it did. Folders that
     gained a file meanwhile stay (an rmdir removes only an empty folder)."""
     root = os.fspath(as_path(path))
-    for folder, _, files in os.walk(root):
-        if files:
-            return False
+    if any(files for _, _, files in os.walk(root)):
+        return False
     for folder, _, _ in sorted(os.walk(root), key=lambda entry: -entry[0].count(os.sep)):
         try:
             os.rmdir(folder)

@@ -102,12 +102,10 @@ def trip_count(loop: Instr, comp: dict[str, Instr], comps: dict[str, dict[str, I
     if m:
         return int(m.group(1))
     cond = comps.get((loop.called("condition") or [""])[0], {})
-    root = _root(cond)
+    root = compare = _root(cond)
     if root is not None and root.opcode == "fusion":  # the CPU compiler wraps the compare in a fusion
-        inner = _root(comps.get((root.called("calls") or [""])[0], {}))
-        direction = re.search(r"direction=(\w+)", inner.attrs) if inner is not None else None
-    else:
-        direction = re.search(r"direction=(\w+)", root.attrs) if root is not None else None
+        compare = _root(comps.get((root.called("calls") or [""])[0], {}))
+    direction = re.search(r"direction=(\w+)", compare.attrs) if compare is not None else None
     if direction is None or len(root.operands) != 2:
         return None
     a, b = (cond.get(x) for x in root.operands)

@@ -142,9 +142,19 @@ def _on_multihost_tpu() -> bool:
     return "," in hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")) or bool(os.environ.get(ENV_TPU_POD))
 
 
-def _join(**kwargs) -> None:
+def _join(cfg: DistributedConfig, **kwargs) -> None:
+    """`jax.distributed.initialize(**kwargs)` with `cfg`'s CPU collectives (only the CPU client reads the
+    flag; gloo is JAX 0.10's default, but it is set so "mpi" takes effect and the choice is visible here) and
+    timeouts: how long to wait for processes to join, to hear a heartbeat (a process silent longer is lost:
+    the coordination service fails every other's pending barrier and stops it) and for the others at exit."""
+    jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
     try:
-        jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(
+            initialization_timeout=cfg.initialization_timeout,
+            heartbeat_timeout_seconds=cfg.heartbeat_timeout,
+            shutdown_timeout_seconds=cfg.shutdown_timeout,
+            **kwargs,
+        )
     except RuntimeError as e:
         if "must be called before" in str(e):
             raise JaxllmError(
@@ -160,34 +170,19 @@ def initialize(cfg: DistributedConfig) -> None:
     if cfg.mode == "auto":
         explicit = config_from_env(cfg)
         if explicit is None:
-            if _under_multitask_slurm() or _on_multihost_tpu():
-                # JAX reads SLURM_* / TPU metadata itself; the CPU backend still uses our collectives choice.
-                jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
-                ids = _slurm_local_device_ids(cfg) if _under_multitask_slurm() else None
-                _join(local_device_ids=ids, **_timeouts(cfg))
+            if _under_multitask_slurm() or _on_multihost_tpu():  # JAX reads SLURM_* / TPU metadata itself
+                _join(cfg, local_device_ids=_slurm_local_device_ids(cfg) if _under_multitask_slurm() else None)
             return
         cfg = explicit
-    # (explicit fields were validated when the config was built.) Only the CPU client reads this flag;
-    # gloo is JAX 0.10's default, but set it so "mpi" takes effect and the choice is visible here.
-    jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
-    # "deactivate": explicit means explicit; SLURM/OMPI env vars must not silently rewrite our settings.
+    # (explicit fields were validated when the config was built.) "deactivate": explicit means explicit;
+    # SLURM/OMPI env vars must not silently rewrite our settings.
     _join(
+        cfg,
         coordinator_address=cfg.coordinator_address,
         num_processes=cfg.num_processes,
         process_id=cfg.process_id,
         local_device_ids=list(cfg.local_device_ids) or None,
         cluster_detection_method="deactivate",
-        **_timeouts(cfg),
-    )
-
-
-def _timeouts(cfg: DistributedConfig) -> dict[str, int]:
-    """How long to wait for processes to join, to hear a heartbeat (a process silent longer is lost: the
-    coordination service fails every other's pending barrier and stops it) and for the others at exit."""
-    return dict(
-        initialization_timeout=cfg.initialization_timeout,
-        heartbeat_timeout_seconds=cfg.heartbeat_timeout,
-        shutdown_timeout_seconds=cfg.shutdown_timeout,
     )
 
 

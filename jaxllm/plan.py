@@ -473,9 +473,7 @@ def search(
             best = (step_s, result, overrides(c))
         if result["cost"]["optimal_seconds"] is None:  # no compiled time: the analytic order already ranks
             break
-    if best is None:
-        return {"best": None, "overrides": None, "tried": tried}
-    return {"best": best[1], "overrides": best[2], "tried": tried}
+    return {"best": best[1] if best else None, "overrides": best[2] if best else None, "tried": tried}
 
 
 def _dominated(c: dict[str, Any], other: dict[str, Any]) -> bool:

@@ -49,10 +49,6 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def rules() -> tuple[tuple[str, Any], ...]:
-    return _rules
-
-
 def set_rules(overrides: Sequence[Sequence[Any]] = ()) -> None:
     """Puts LOGICAL_RULES with `overrides` ((logical axis, mesh axis | [mesh axes] | None), ...) in force."""
     global _rules
@@ -216,10 +212,7 @@ def process_rows(mesh: Mesh, batch_size: int) -> list[int]:
     """The rows of a global batch of `batch_size` that this process's devices hold, in the order
     `global_batch` takes its local rows (the data pipeline reads exactly these)."""
     indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
-    rows = set()
-    for index in indices.values():
-        rows.update(range(batch_size)[index[0]])
-    return sorted(rows)
+    return sorted({row for index in indices.values() for row in range(batch_size)[index[0]]})
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

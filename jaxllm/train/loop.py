@@ -70,7 +70,10 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh = shd.make_mesh(run.mesh)
     shd.check_batch(run.data.batch_size, mesh, run.optim.grad_accum_steps)
     program = build_program(run, mesh)
-    train_step = _compile_or_explain(program, run)  # before any data or weights are read
+    try:  # compiled before any data or weights are read: a step that does not fit stops the run here
+        train_step = program.compile_train_step()
+    except OutOfMemory as e:  # with the amounts and the way to find a setting that fits
+        raise JaxllmError(e.refusal(program, run)) from None
     tokenizer = _tokenizer(run)
     rows = shd.process_rows(mesh, run.data.batch_size)  # this process's rows of the global batch
     frozen, saved = load_frozen(run, mesh, program.trainable) if program.trainable is not None else ({}, {})
@@ -162,8 +165,7 @@ def _initial_state(
     base); a DPO reference that is the starting policy is rebuilt as it started (on resume too)."""
     kind = program.reference.kind if program.reference is not None else None
     ref = load_reference(run, program.mesh, program.ref_shardings) if kind == "model" else {}
-    resume = run.checkpoint.resume and ckpt.latest_step() is not None
-    if resume:
+    if run.checkpoint.resume and ckpt.latest_step() is not None:
         state = ckpt.restore(program.abstract_state(), train_iter, set_aside=True)
         if kind == "start":
             ref = _start_params(run, program, saved)
@@ -216,14 +218,12 @@ def _reference_values(
 def _start_params(run: Run, program: Program, saved: dict) -> Any:
     """The trainable params a fresh run starts from: adapters (and `modules_to_save`), or the whole model
     from `init_from` or a random init."""
-    if program.trainable is not None:
-        return fresh_adapter_params(run, program, saved)
-    if run.checkpoint.init_from:
+    if program.trainable is None and run.checkpoint.init_from:
         return load_init_params(run.checkpoint.init_from, run.model, program.mesh)
     state, _ = st.init_state(
-        program.model, program.tx, program.mesh, jax.random.key(run.seed), shardings=program.shardings
+        program.model, program.tx, program.mesh, jax.random.key(run.seed), program.trainable, program.shardings
     )
-    return state.params
+    return state.params if program.trainable is None else fresh_adapter_params(run, state.params, saved)
 
 
 def _steps(
@@ -304,18 +304,10 @@ def _steps(
     return state, final
 
 
-def fresh_adapter_params(run: Run, program: Program, saved: dict) -> Any:
-    """Trainable params of a new adapter run: PEFT-initialised adapters (or `lora.init_adapter`'s),
-    and the base's own values for `modules_to_save`."""
-    state, _ = st.init_state(
-        program.model,
-        program.tx,
-        program.mesh,
-        jax.random.key(run.seed),
-        program.trainable,
-        shardings=program.shardings,
-    )
-    adapters, _ = tree.partition(state.params, lambda path: path[-1] in lora.ADAPTER_LEAVES)
+def fresh_adapter_params(run: Run, params: Any, saved: dict) -> Any:
+    """Trainable params of a new adapter run (`params`: freshly initialised ones): PEFT-initialised adapters
+    (or `lora.init_adapter`'s), and the base's own values for `modules_to_save`."""
+    adapters, _ = tree.partition(params, lambda path: path[-1] in lora.ADAPTER_LEAVES)
     if run.lora.init_adapter:
         loaded, file_cfg = load_adapter(run.lora.init_adapter, run.model)
         theirs = lora.apply(file_cfg, lora.base_config(run.model))
@@ -325,16 +317,12 @@ def fresh_adapter_params(run: Run, program: Program, saved: dict) -> Any:
                 f"{list(theirs.lora_targets)}; set lora.r and lora.target_modules to match"
             )
         loaded_adapters, loaded_saved = tree.partition(loaded, lambda path: path[-1] in lora.ADAPTER_LEAVES)
-        adapters = jax.tree.map(
-            lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), loaded_adapters, adapters
-        )
+        like = lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding)  # noqa: E731
+        adapters = jax.tree.map(like, loaded_adapters, adapters)
         # the file's saved modules replace the base's; a causal-LM adapter on a score model has no `score`
         # (its fresh head stays)
         replaced, kept = tree.partition(saved, lambda path: tree.has(loaded_saved, path))
-        saved = tree.union(
-            kept,
-            jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), loaded_saved, replaced),
-        )
+        saved = tree.union(kept, jax.tree.map(like, loaded_saved, replaced))
     return tree.union(adapters, saved)
 
 
@@ -405,22 +393,12 @@ def evaluate(eval_fn, params, eval_iter_fn, mesh, num_batches: int) -> dict[str,
     return out
 
 
-def _compile_or_explain(program: Program, run: Run):
-    """The compiled train step; a step that does not fit the devices' memory stops the run here, with
-    the amounts and the way to find a setting that fits."""
-    try:
-        return program.compile_train_step()
-    except OutOfMemory as e:
-        raise JaxllmError(e.refusal(program, run)) from None
-
-
 def _window_mean(window: list[dict]) -> dict[str, float]:
     """Every step metric averaged over the logging window (lr and skipped as of its last step)."""
-    last = {k: float(v) for k, v in window[-1].items()}
-    for key in last:
-        if key not in ("lr", "skipped"):
-            last[key] = float(np.mean([float(m[key]) for m in window]))
-    return last
+    return {
+        k: float(v) if k in ("lr", "skipped") else float(np.mean([float(m[k]) for m in window]))
+        for k, v in window[-1].items()
+    }
 
 
 def sample(model, params, tokenizer: Tokenizer, gen: GenerateConfig, add_bos: bool = True) -> str:

@@ -165,10 +165,10 @@ class MetricsWriter:
             atomic.write(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._jsonl = atomic.Appender(path)
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter, record_writer
 
-            if atomic.is_url(workdir):
-                _route_tensorboard(workdir.split("://", 1)[0])
+            if atomic.is_url(workdir):  # the scheme's event files through `atomic.Appender`
+                record_writer.register_writer_factory(workdir.split("://", 1)[0], _EventFiles())
 
             self._tb = SummaryWriter(
                 logdir=os.path.join(workdir, "tensorboard"), flush_secs=30, purge_step=initial_step + 1
@@ -206,8 +206,7 @@ class MetricsWriter:
             if "tokens_per_s" in values:
                 postfix["tok/s"] = f"{float(values['tokens_per_s']):,.0f}"
             self._bar.set_postfix(postfix, refresh=False)
-            if step > self._bar.n:
-                self._bar.update(step - self._bar.n)
+            self.advance(step)
 
     def advance(self, step: int) -> None:
         """Moves the progress bar to `step` between metric lines (cheap: tqdm redraws at most once a second)."""
@@ -239,14 +238,9 @@ class MetricsWriter:
 
     def close(self) -> None:
         """Flushes and closes everything; safe to call twice."""
-        if self._bar is not None:
-            self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._trackers is not None:
-            self._trackers.close()
+        for part in (self._bar, self._tb, self._jsonl, self._trackers):
+            if part is not None:
+                part.close()
         self._jsonl = self._tb = self._bar = self._trackers = None
 
     def __enter__(self) -> MetricsWriter:
@@ -264,9 +258,3 @@ class _EventFiles:
 
     def directory_check(self, path: str) -> None:
         atomic.as_path(path).mkdir(parents=True, exist_ok=True)
-
-
-def _route_tensorboard(scheme: str) -> None:
-    from tensorboardX import record_writer
-
-    record_writer.register_writer_factory(scheme, _EventFiles())

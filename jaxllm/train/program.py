@@ -105,15 +105,11 @@ class OutOfMemory(JaxllmError):
         if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
             return None
         first = text.strip().splitlines()[0]
-        needed = capacity = None
-        m = re.search(r"required for [^(]*\(" + cls._SIZE + r"\) exceeds available \w+ \(" + cls._SIZE + r"\)", text)
-        if m:
-            needed, capacity = _bytes(m.group(1), m.group(2)), _bytes(m.group(3), m.group(4))
-        else:
-            m = re.search(r"Used " + cls._SIZE + r" of " + cls._SIZE, text)
-            if m:
-                needed, capacity = _bytes(m.group(1), m.group(2)), _bytes(m.group(3), m.group(4))
-        return cls(first, needed, capacity)
+        exceeds = r"required for [^(]*\(" + cls._SIZE + r"\) exceeds available \w+ \(" + cls._SIZE + r"\)"
+        m = re.search(exceeds, text) or re.search(r"Used " + cls._SIZE + r" of " + cls._SIZE, text)
+        if m is None:
+            return cls(first, None, None)
+        return cls(first, _bytes(m.group(1), m.group(2)), _bytes(m.group(3), m.group(4)))
 
     def refusal(self, program: Program, run) -> str:
         """The one-line refusal `jaxllm train` gives for a step that does not fit."""
@@ -163,9 +159,7 @@ def build(run, mesh: Mesh) -> Program:
     train_step = st.jit_train_step(
         st.make_train_step(model, tx, schedule, step_cfg), shardings, mesh, frozen_sh, ref_sh
     )
-    eval_step = st.make_eval_step(
-        model, mesh, shardings.params, frozen_sh, loss_chunk=run.train.loss_chunk, cfg=step_cfg, ref_shardings=ref_sh
-    )
+    eval_step = st.make_eval_step(model, mesh, shardings.params, frozen_sh, cfg=step_cfg, ref_shardings=ref_sh)
     fields = tuple(k for k in BATCH_FIELDS if k != "ref_logps" or (reference and reference.kind == "batch"))
     return Program(
         model=model,

@@ -239,11 +239,10 @@ def load_reference(run: Run, mesh: Mesh, shardings: Any) -> Any:
         params = load_init_params(source, run.ref_model, mesh)
     cfg = run.ref_model
     dtypes = jax.tree.map(lambda s: s.dtype, shd.unbox(abstract_params(cfg)))
-    placed = lambda p: jax.tree.map(
-        lambda x, d: x.astype(d),
-        layer_layout(p, cfg.num_layers, cfg.scan_layers),  # noqa: E731
-        dtypes,
-    )
+
+    def placed(p):
+        return jax.tree.map(lambda x, d: x.astype(d), layer_layout(p, cfg.num_layers, cfg.scan_layers), dtypes)
+
     return jax.jit(placed, out_shardings=shardings)(params)
 
 

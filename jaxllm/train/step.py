@@ -249,22 +249,19 @@ def make_train_step(
 def jit_train_step(step_fn, shardings: Any, mesh: Mesh, frozen_shardings: Any = None, ref_shardings: Any = None):
     """Jits with explicit in/out shardings; the old state is donated (updated in place).
     `run(state, batch, frozen={}, ref={})`."""
-    batch_sh = shd.batch_sharding(mesh)
-    jitted = jax.jit(
-        step_fn,
-        in_shardings=(shardings, batch_sh, _or_empty(frozen_shardings), _or_empty(ref_shardings)),
-        out_shardings=(shardings, shd.replicated(mesh)),
-        donate_argnums=0,
-    )
-    return _under_mesh(jitted, mesh)
+    out_shardings = (shardings, shd.replicated(mesh))
+    return _jit(step_fn, mesh, shardings, frozen_shardings, ref_shardings, out_shardings, donate_argnums=0)
 
 
 def _or_empty(shardings: Any) -> Any:
     return {} if shardings is None else shardings
 
 
-def _under_mesh(jitted, mesh: Mesh):
-    """`run(x, batch, frozen={}, ref={})`: `jitted` called (or, by `run.lower`, lowered) under the mesh's rules."""
+def _jit(fn, mesh: Mesh, x_shardings: Any, frozen_shardings: Any, ref_shardings: Any, out_shardings: Any, **options):
+    """`run(x, batch, frozen={}, ref={})`: `fn` jitted with these shardings (the batch's: `batch_sharding`),
+    called (or, by `run.lower`, lowered) under the mesh's rules."""
+    in_shardings = (x_shardings, shd.batch_sharding(mesh), _or_empty(frozen_shardings), _or_empty(ref_shardings))
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **options)
 
     def run(x, batch, frozen=None, ref=None, method=jitted):
         with shd.activate(mesh):
@@ -279,27 +276,20 @@ def make_eval_step(
     mesh: Mesh,
     param_shardings: Any,
     frozen_shardings: Any = None,
-    loss_chunk: int = 0,
-    cfg: StepConfig | None = None,
+    cfg: StepConfig = StepConfig(),
     ref_shardings: Any = None,
 ):
     """`eval_step(params, batch, frozen={}, ref={}) -> metrics` of one batch, deterministic (no dropout),
     with the counts they are averages over ("tokens" for lm, "pairs" for preference objectives), so
     batches combine (`combine_eval`)."""
-    cfg = cfg or StepConfig(loss_chunk=loss_chunk)
-    loss = make_loss(model, dataclasses.replace(cfg, loss_chunk=loss_chunk or cfg.loss_chunk))
+    loss = make_loss(model, cfg)
 
     def eval_step(params, batch, frozen, ref):
         n = _counts(cfg, batch)
         _, sums = loss(params, frozen, ref, batch, n, None)
         return _finish(cfg, sums, n)
 
-    jitted = jax.jit(
-        eval_step,
-        in_shardings=(param_shardings, shd.batch_sharding(mesh), _or_empty(frozen_shardings), _or_empty(ref_shardings)),
-        out_shardings=shd.replicated(mesh),
-    )
-    return _under_mesh(jitted, mesh)
+    return _jit(eval_step, mesh, param_shardings, frozen_shardings, ref_shardings, shd.replicated(mesh))
 
 
 def combine_eval(parts: list[dict[str, float]]) -> dict[str, float]:
@@ -311,21 +301,3 @@ def combine_eval(parts: list[dict[str, float]]) -> dict[str, float]:
     out = {k: sum(p[k] * p[count] for p in parts) / max(total, 1.0) for k in parts[0] if k != count}
     out[count] = total
     return out
-
-
-__all__ = [
-    "TrainState",
-    "StepConfig",
-    "new_state",
-    "abstract_state",
-    "init_state",
-    "state_from_params",
-    "cross_entropy",
-    "chunked_cross_entropy",
-    "token_loss",
-    "make_train_step",
-    "jit_train_step",
-    "make_eval_step",
-    "combine_eval",
-    "make_loss",
-]

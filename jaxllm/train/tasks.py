@@ -164,12 +164,7 @@ class HarnessLM(TemplateLM):
             windows.append((list(context) + list(continuation))[-(self.max_length + 1) :])
         order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))  # similar lengths share a batch
         out: list[Any] = [None] * len(windows)
-        for start in tqdm(
-            range(0, len(order), self.rows),
-            desc="loglikelihood batches",
-            disable=disable_tqdm or jax.process_index() != 0,
-        ):
-            chunk = order[start : start + self.rows]
+        for chunk in self._batches(order, "loglikelihood batches", disable_tqdm):
             width = bucket(max(len(windows[i]) - 1 for i in chunk), self.max_length)
             inputs = np.full((self.rows, width), self.pad_id, np.int32)
             targets = np.zeros((self.rows, width), np.int32)
@@ -184,6 +179,11 @@ class HarnessLM(TemplateLM):
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
         return out
+
+    def _batches(self, items: list[int], desc: str, disable: bool):
+        """`items` in batches of `self.rows`, with a progress bar (on process 0)."""
+        bar = tqdm(range(0, len(items), self.rows), desc=desc, disable=disable or jax.process_index() != 0)
+        return (items[start : start + self.rows] for start in bar)
 
     def _score(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sharding = shd.batch_sharding(self.mesh)
@@ -243,12 +243,7 @@ class HarnessLM(TemplateLM):
                 for i in indices
             }
             indices = sorted(indices, key=lambda i: -len(prompts[i]))
-            for start in tqdm(
-                range(0, len(indices), self.rows),
-                desc="generate_until batches",
-                disable=disable_tqdm or jax.process_index() != 0,
-            ):
-                chunk = indices[start : start + self.rows]
+            for chunk in self._batches(indices, "generate_until batches", disable_tqdm):
                 rows = [prompts[i] for i in chunk] + [prompts[chunk[-1]]] * (self.rows - len(chunk))
                 new = generate(
                     self.model,
