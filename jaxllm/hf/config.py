@@ -195,17 +195,9 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     (num_labels > 0) is the family's *ForSequenceClassification (its pad_token_id is the caller's to add:
     `score_pad_token_id`)."""
     kind = family(cfg)
-    architecture = _ARCHITECTURES[kind]
-    if cfg.num_labels:
-        if kind not in SCORE_ARCHITECTURES:
-            raise JaxllmError(
-                f"{kind} has no sequence-classification head in transformers; a score model "
-                f"(model.num_labels={cfg.num_labels}) of this family cannot be exported"
-            )
-        architecture = SCORE_ARCHITECTURES[kind]
     out: dict[str, Any] = dict(
         model_type=kind,
-        architectures=[architecture],
+        architectures=[_ARCHITECTURES[kind]],
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.embed_dim,
         tie_word_embeddings=cfg.tie_embeddings,
@@ -214,7 +206,13 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
         use_cache=True,
     )
     if cfg.num_labels:
+        if kind not in SCORE_ARCHITECTURES:
+            raise JaxllmError(
+                f"{kind} has no sequence-classification head in transformers; a score model "
+                f"(model.num_labels={cfg.num_labels}) of this family cannot be exported"
+            )
         out.update(
+            architectures=[SCORE_ARCHITECTURES[kind]],
             num_labels=cfg.num_labels,
             id2label={str(i): f"LABEL_{i}" for i in range(cfg.num_labels)},
             label2id={f"LABEL_{i}": i for i in range(cfg.num_labels)},

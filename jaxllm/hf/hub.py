@@ -12,6 +12,7 @@ commit, so no run mixes two versions of a repository. Every failure is one `Jaxl
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import os
@@ -31,8 +32,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
-ADAPTER_FILES = ("adapter_config.json",)
-ADAPTER_WEIGHTS = (("adapter_model.safetensors",), ("adapter_model.bin",))
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # the first one there is fetched
 DATA_FILES = (
     "*.jsonl",
     "*.json",
@@ -100,7 +100,7 @@ def local(ref: str, *, what: str = "model", revision: str | None = None, only: t
     if not is_hub_id(ref):
         return ref
     repo_id, rev = split_id(ref, revision)
-    return _fetch(repo_id, rev, what, tuple(only))
+    return _fetch_into(repo_id, rev, what, tuple(only), _cache_dir(), _offline())
 
 
 def files(ref: str, *, what: str = "dataset", revision: str | None = None) -> list[str]:
@@ -118,10 +118,6 @@ def commit(ref: str, *, what: str = "model", revision: str | None = None) -> str
 
 def _repo_type(what: str) -> str:
     return "dataset" if what.startswith("dataset") else "model"
-
-
-def _fetch(repo_id: str, revision: str | None, what: str, only: tuple[str, ...] = ()) -> str:
-    return _fetch_into(repo_id, revision, what, only, _cache_dir(), _offline())
 
 
 @functools.cache
@@ -172,8 +168,8 @@ def _patterns(what: str, files: list[str], repo_id: str) -> list[str]:
     if what == "adapter":
         if not has("adapter_config.json"):
             raise JaxllmError(f"{repo_id} is not a PEFT adapter repository (no adapter_config.json)")
-        weights = next((w for w in ADAPTER_WEIGHTS if has(w[0])), ())
-        return [*ADAPTER_FILES, *weights, *(p for p in TOKENIZER_FILES if has(p))]
+        weights = [w for w in ADAPTER_WEIGHTS if has(w)][:1]
+        return ["adapter_config.json", *weights, *(p for p in TOKENIZER_FILES if has(p))]
     if not has("config.json"):
         if has("adapter_config.json"):
             raise JaxllmError(f"{repo_id} is a PEFT adapter, not a model: pass it as --adapter (with --model its base)")
@@ -277,29 +273,25 @@ def _cli_flags(repo_type: str) -> str:
 _HTTP_CLIENTS = ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
 
 
-class _errors:
+@contextlib.contextmanager
+def _errors(repo_id: str, repo_type: str, revision: str | None):
     """Turns huggingface_hub's exceptions into one line that says what is wrong and what to do."""
-
-    def __init__(self, repo_id: str, repo_type: str, revision: str | None):
-        self.repo_id, self.repo_type, self.revision = repo_id, repo_type, revision
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, error, tb) -> bool:
-        if error is None or isinstance(error, JaxllmError):
-            return False
+    try:
+        yield
+    except JaxllmError:
+        raise
+    except Exception as error:
         from huggingface_hub import errors
 
-        what, repo = ("data set" if self.repo_type == "dataset" else "model"), self.repo_id
-        page = f"https://huggingface.co/{'datasets/' if self.repo_type == 'dataset' else ''}{repo}"
+        what, repo = ("data set" if repo_type == "dataset" else "model"), repo_id
+        page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo}"
         if isinstance(error, errors.GatedRepoError):
             message = (
                 f"{repo} is gated: accept its licence on {page} (logged in), then set HF_TOKEN to a token of "
                 "that account (huggingface.co/settings/tokens)"
             )
         elif isinstance(error, errors.RevisionNotFoundError):
-            message = f"{repo} has no revision {self.revision!r}; give a branch, tag or commit id that exists"
+            message = f"{repo} has no revision {revision!r}; give a branch, tag or commit id that exists"
         elif isinstance(error, errors.RepositoryNotFoundError):
             message = (
                 f"{repo} is neither a local path nor a {what} repository on the Hugging Face Hub (if it is "
@@ -308,15 +300,15 @@ class _errors:
         elif isinstance(error, errors.IncompleteSnapshotError):
             message = (
                 f"the cached copy of {repo} is incomplete ({str(error).split(': ', 1)[-1].split('. ')[0]}); "
-                f"fetch it again with network (hf download {_cli_flags(self.repo_type)}{repo})"
+                f"fetch it again with network (hf download {_cli_flags(repo_type)}{repo})"
             )
         elif isinstance(error, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)) and _offline():
-            rev = f" at revision {self.revision!r}" if self.revision else ""
+            rev = f" at revision {revision!r}" if revision else ""
             message = (
                 f"{repo} is not a local path, and {what} {repo}{rev} is not in the Hugging Face cache "
                 f"({_cache_dir()}) while HF_HUB_OFFLINE=1 "
                 f"forbids downloading it; unset HF_HUB_OFFLINE, or fetch it where there is network "
-                f"(hf download {_cli_flags(self.repo_type)}{repo}) and copy the cache here"
+                f"(hf download {_cli_flags(repo_type)}{repo}) and copy the cache here"
             )
         elif isinstance(error, errors.HfHubHTTPError):
             status = getattr(getattr(error, "response", None), "status_code", "?")
@@ -331,7 +323,7 @@ class _errors:
                 "HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use a cache that holds it"
             )
         else:
-            return False
+            raise
         raise JaxllmError(message) from None
 
 

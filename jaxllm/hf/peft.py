@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from typing import Any
 
 import jax
@@ -144,7 +143,6 @@ def read_adapter_config(path: str) -> lora.LoraConfig:
             raise JaxllmError(f"{file}: {key} is set; jaxllm reads plain LoRA adapters on every layer")
     if c.get("rank_pattern") or c.get("alpha_pattern"):
         raise JaxllmError(f"{file}: rank_pattern/alpha_pattern are not supported (one r and alpha for all modules)")
-    targets = c.get("target_modules") or []
     saved = c.get("modules_to_save") or ()
     saved = (saved,) if isinstance(saved, str) else tuple(saved)
     if c.get("task_type") == SEQ_CLS:
@@ -153,7 +151,7 @@ def read_adapter_config(path: str) -> lora.LoraConfig:
         r=int(c["r"]),
         alpha=float(c.get("lora_alpha", 8)),
         dropout=float(c.get("lora_dropout") or 0),
-        target_modules=(targets,) if isinstance(targets, str) else tuple(targets),
+        target_modules=c.get("target_modules") or (),
         modules_to_save=saved,
         rslora=bool(c.get("use_rslora")),
     )
@@ -181,8 +179,8 @@ def load_adapter(path: str, cfg: ModelConfig) -> tuple[dict, lora.LoraConfig]:
     """(trainable params in jaxllm's layout, the adapter's LoraConfig) for base model `cfg` (host
     arrays). An adapter made for another base (names or shapes) is a one-line error naming the tensor."""
     path = os.path.expanduser(path)
-    lcfg = read_adapter_config(path)
-    if _adapter_json(path).get("task_type") == SEQ_CLS and not cfg.num_labels:
+    lcfg, seq_cls = read_adapter_config(path), _adapter_json(path).get("task_type") == SEQ_CLS
+    if seq_cls and not cfg.num_labels:
         raise JaxllmError(
             f"{os.path.join(path, CONFIG)}: a sequence-classification (SEQ_CLS) adapter; load it onto a "
             "score model (model.num_labels > 0, a *ForSequenceClassification base)"
@@ -210,14 +208,12 @@ def load_adapter(path: str, cfg: ModelConfig) -> tuple[dict, lora.LoraConfig]:
         used.add(name)
         return tensors.read(stored[name]).astype(np.float32)
 
-    layers = [_read_layer(read, cfg, i) for i in range(cfg.num_layers)]
-    params = (
-        {"layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
-        if cfg.scan_layers
-        else {f"layers_{i}": layer for i, layer in enumerate(layers)}
-    )
+    params = {f"layers_{i}": _read_layer(read, cfg, i) for i in range(cfg.num_layers)}
     # a causal-LM adapter continued by a score model has no `score`: the run's fresh head stays
-    params = tree.union(params, _read_saved(read, cfg, lcfg, score=_adapter_json(path).get("task_type") == SEQ_CLS))
+    params = tree.union(params, _read_saved(read, cfg, lcfg, score=seq_cls))
+    if cfg.scan_layers:
+        layers = [params.pop(f"layers_{i}") for i in range(cfg.num_layers)]
+        params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
     extra = sorted(set(stored) - used)
     if extra:
         raise JaxllmError(
@@ -232,23 +228,16 @@ def _layer_targets(targets: tuple[str, ...], cfg: ModelConfig, path: str) -> tup
     model.layers.0.self_attn.q_proj) as the short names they come to when every layer has the same
     ones; other targets as they are. PEFT matches a listed name to a module path equal to it or ending in
     "." + it."""
-    if len(targets) == 1 and re.search(r"[\\^$*+?()\[\]|]", targets[0]) or not any("." in t for t in targets):
+    if lora.is_regex(targets) or not any("." in t for t in targets):
         return targets
-    modules = families.hf_modules(cfg)
-    per_layer = [
-        tuple(
-            ours
-            for ours, module in modules.items()
-            if any(module.format(i=i) == t or module.format(i=i).endswith("." + t) for t in targets)
-        )
-        for i in range(cfg.num_layers)
-    ]
+    per_layer = lora.modules_per_layer(cfg, lambda path: any(path == t or path.endswith("." + t) for t in targets))
     if len(set(per_layer)) > 1 or not per_layer[0]:
         raise JaxllmError(
             f"{os.path.join(path, CONFIG)}: target_modules {sorted(targets)[:3]}... "
             f"{'match no module' if not per_layer[0] else 'differ between layers'}; jaxllm reads "
             "adapters with the same modules in every layer"
         )
+    modules = families.hf_modules(cfg)
     return tuple(modules[ours].rsplit(".", 1)[1] for ours in per_layer[0])
 
 
@@ -278,19 +267,12 @@ def _read_layer(read, cfg: ModelConfig, i: int) -> dict:
 
 
 def _read_saved(read, cfg: ModelConfig, lcfg: lora.LoraConfig, score: bool = True) -> dict:
-    """The `modules_to_save` params stored in full (PEFT writes them under their plain names)."""
+    """The `modules_to_save` params stored in full (PEFT writes them under their plain names), in the
+    unrolled layout (`layers_{i}`)."""
     out: dict = {}
-    for group, is_layer in _saved_groups(cfg, lcfg, score):
-        per_layer = []
-        for i in range(cfg.num_layers) if is_layer else [None]:
+    for group, layered in _saved_groups(cfg, lcfg, score):
+        for i in range(cfg.num_layers) if layered else [None]:
             arrays = [read(PREFIX + n.format(i=i), s) for n, s in zip(group.hf_names, group.hf_shapes)]
-            per_layer.append(group.to_jax(*arrays))
-        for j, p in enumerate(group.paths):
-            if not is_layer:
-                tree.put(out, p, per_layer[0][j])
-            elif cfg.scan_layers:
-                tree.put(out, ("layers", *p), np.stack([x[j] for x in per_layer]))
-            else:
-                for i, x in enumerate(per_layer):
-                    tree.put(out, (f"layers_{i}", *p), x[j])
+            for path, array in zip(group.paths, group.to_jax(*arrays)):
+                tree.put(out, (f"layers_{i}", *path) if layered else path, array)
     return out

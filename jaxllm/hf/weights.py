@@ -152,9 +152,7 @@ def load_params(
     as the decoder initialises it, and the checkpoint's lm_head is not read."""
     boxed = abstract_params(cfg)
     shardings, abstract = shd.shardings_for(boxed, mesh), shd.unbox(boxed)
-    q_shardings = None
-    if quantized is not None:
-        q_shardings = shd.shardings_for(abstract_params(quantized), mesh)
+    q_shardings = None if quantized is None else shd.shardings_for(abstract_params(quantized), mesh)
     dtype = cfg.jnp_param_dtype
     params: dict = {}
 
@@ -166,12 +164,10 @@ def load_params(
             buffer = _aligned_empty(host.shape, dtype)
             buffer[...] = host
             host = buffer
-        leaf = _place(host, tree.get(shardings, path))
+        tree.put(params, path, _place(host, tree.get(shardings, path)))
         if q_shardings is not None and lora.is_quantized_kernel(path, quantized):
-            module = tree.get(params, path[:-1]) if _has(params, path[:-1]) else {}
-            tree.put(params, path[:-1], {**module, **lora.quantize_kernel(path, leaf, quantized, q_shardings)})
-            return
-        tree.put(params, path, leaf)
+            module = tree.get(params, path[:-1])
+            module.update(lora.quantize_kernel(path, module.pop("kernel"), quantized, q_shardings))
 
     for group in global_groups(cfg):
         if score_key is not None and group.hf_names == (SCORE,):
@@ -200,19 +196,11 @@ def load_params(
     missing = [
         jax.tree_util.keystr(p)
         for p, _ in jax.tree_util.tree_leaves_with_path(abstract)
-        if not _has(params, tuple(k.key for k in p))
+        if not tree.has(params, tuple(k.key for k in p))
     ]
     if missing:
         raise AssertionError(f"no Hugging Face tensor maps to {missing}")
     return params
-
-
-def _has(params: dict, path: tuple[str, ...]) -> bool:
-    try:
-        tree.get(params, path)
-        return True
-    except KeyError:
-        return False
 
 
 def read_config(folder: str) -> dict[str, Any]:
@@ -315,12 +303,12 @@ def save_pretrained(
     limit = parse_size(max_shard_size)
     if atomic.as_path(path).exists() and list(atomic.as_path(path).iterdir()) and not overwrite:
         raise JaxllmError(f"{path} exists and is not empty; choose a new folder or pass overwrite=True")
+    tensors = hf_tensors(cfg, params, DTYPES[dtype])
     if jax.process_index() != 0:  # every process joins the gathers in hf_tensors; one writes
-        for _ in hf_tensors(cfg, params, DTYPES[dtype]):
+        for _ in tensors:
             pass
-        return
-    with atomic.folder(path, last=["config.json"]) as tmp:
-        _finish(tmp, _write_shards(tmp, hf_tensors(cfg, params, DTYPES[dtype]), limit), config)
+    else:
+        save_tensors(tensors, path, config, max_shard_size=limit, overwrite=True)
 
 
 def save_tensors(
@@ -333,9 +321,9 @@ def save_tensors(
     files: tuple[str, ...] = (),
 ) -> None:
     """Writes (name, array) pairs as they come into safetensors shards (an index past `max_shard_size`),
-    `config` as config.json and copies of `files`, atomically as `save_pretrained` does."""
+    `config` as config.json and copies of `files`, atomically (`atomic.folder`, config.json last)."""
     path, limit = atomic.location(path), parse_size(max_shard_size)
-    if atomic.as_path(path).exists() and list(atomic.as_path(path).iterdir()) and not overwrite:
+    if not overwrite and atomic.as_path(path).exists() and list(atomic.as_path(path).iterdir()):
         raise JaxllmError(f"{path} exists and is not empty; choose a new folder")
     with atomic.folder(path, last=["config.json"]) as tmp:
         for file in files:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -12,21 +13,38 @@ from jaxllm import JaxllmError
 from jaxllm.config import check_number
 from jaxllm.models.families import ADAPTER_TARGETS
 
-REMAT_POLICIES = (
-    "none",
-    "full",
-    "save_dots",
-    "save_dots_no_batch",
-    "minimal",
-    "save_qkv_proj",
-    "save_out_proj",
-    "save_dot_except_mlp",
-    "save_dot_except_mlpwi",
-    "save_dot_with_context_except_mlp",
-    "qkv_proj_offloaded",
-    "minimal_offloaded",
-    "save_dot_except_mlpwi_q_offloaded",
-)
+_cp = jax.checkpoint_policies
+_QKV = ("query_proj", "key_proj", "value_proj")
+# What the backward pass keeps of a layer's forward (the rest is recomputed), by MaxText's names for the
+# same trade-offs. Names are the tags `constrain(..., name)` puts on activations in layers.py and
+# attention/module.py; the "_offloaded" policies keep their activations in host memory (pinned_host)
+# between the passes.
+REMAT_POLICIES = {
+    "none": None,  # no remat: the decoder does not wrap its layers, and keeps every activation
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "save_dots": _cp.checkpoint_dots,
+    "save_dots_no_batch": _cp.checkpoint_dots_with_no_batch_dims,
+    "minimal": _cp.checkpoint_dots_with_no_batch_dims,  # every projection output (MaxText's "minimal")
+    "save_qkv_proj": _cp.save_only_these_names(*_QKV),
+    "save_out_proj": _cp.save_only_these_names("out_proj"),
+    "save_dot_except_mlp": _cp.save_only_these_names(*_QKV, "out_proj"),
+    "save_dot_except_mlpwi": _cp.save_only_these_names(*_QKV, "out_proj", "mlpwo"),
+    "save_dot_with_context_except_mlp": _cp.save_only_these_names(*_QKV, "context", "out_proj"),
+    "qkv_proj_offloaded": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=list(_QKV),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
+    "minimal_offloaded": _cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host"),
+    # save_dot_except_mlpwi with the queries (the largest of its tensors) in host memory: no recompute
+    "save_dot_except_mlpwi_q_offloaded": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=["key_proj", "value_proj", "out_proj", "mlpwo"],
+        names_which_can_be_offloaded=["query_proj"],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
+}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "flash", "reference")
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "alibi")
@@ -83,7 +101,7 @@ class ModelConfig:
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
     scan_layers: bool = True  # nn.scan over layers: one layer compiled, L times faster compiles
-    remat: str = "none"  # none | full | minimal | save_dot_except_mlpwi | ... (REMAT_POLICIES; decoder.py)
+    remat: str = "none"  # none | full | minimal | save_dot_except_mlpwi | ... (REMAT_POLICIES)
     param_dtype: str = "float32"  # float32 | bfloat16 | float16 (a numpy/jnp dtype is taken by its name)
     dtype: str = "bfloat16"  # compute dtype of matmuls and activations: bfloat16 on TPU/GPU; float32 is faster on CPU
     sequence_parallel: bool = True  # split the residual stream's length over the tensor mesh axis between
@@ -209,76 +227,34 @@ class ModelConfig:
         return 6.0 * n + 12 * self.num_layers * self.num_heads * self.head_size * seq_len
 
 
-_FALCON = dict(norm="layer", mlp="gelu", parallel_block=True, tie_embeddings=True, norm_eps=1e-5)
+_LLAMA2 = dict(vocab_size=32000, max_seq_len=4096, norm_eps=1e-5)
+_FALCON = dict(
+    vocab_size=65024,
+    max_seq_len=2048,
+    norm="layer",
+    mlp="gelu",
+    parallel_block=True,
+    tie_embeddings=True,
+    norm_eps=1e-5,
+)
 _BLOOM = dict(
     norm="layer", position="alibi", mlp="gelu_tanh", use_bias=True, embed_norm=True, tie_embeddings=True, norm_eps=1e-5
 )
 
 # Published shapes (Touvron et al. 2023; Hugging Face config.json of meta-llama/Llama-2-*-hf).
 PRESETS: dict[str, dict[str, Any]] = {
-    "llama2_7b": dict(
-        vocab_size=32000,
-        num_layers=32,
-        embed_dim=4096,
-        num_heads=32,
-        num_kv_heads=32,
-        mlp_dim=11008,
-        max_seq_len=4096,
-        norm_eps=1e-5,
-    ),
-    "llama2_13b": dict(
-        vocab_size=32000,
-        num_layers=40,
-        embed_dim=5120,
-        num_heads=40,
-        num_kv_heads=40,
-        mlp_dim=13824,
-        max_seq_len=4096,
-        norm_eps=1e-5,
-    ),
-    "llama2_70b": dict(
-        vocab_size=32000,
-        num_layers=80,
-        embed_dim=8192,
-        num_heads=64,
-        num_kv_heads=8,
-        mlp_dim=28672,
-        max_seq_len=4096,
-        norm_eps=1e-5,
-    ),
+    "llama2_7b": dict(num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=32, mlp_dim=11008, **_LLAMA2),
+    "llama2_13b": dict(num_layers=40, embed_dim=5120, num_heads=40, num_kv_heads=40, mlp_dim=13824, **_LLAMA2),
+    "llama2_70b": dict(num_layers=80, embed_dim=8192, num_heads=64, num_kv_heads=8, mlp_dim=28672, **_LLAMA2),
     # tiiuae/falcon-{7b,40b,180B} config.json: LayerNorm, exact GELU, parallel attn+MLP, tied head.
     "falcon_7b": dict(
-        vocab_size=65024,
-        num_layers=32,
-        embed_dim=4544,
-        num_heads=71,
-        num_kv_heads=1,
-        mlp_dim=18176,
-        max_seq_len=2048,
-        **_FALCON,
-        num_block_norms=1,
+        num_layers=32, embed_dim=4544, num_heads=71, num_kv_heads=1, mlp_dim=18176, **_FALCON, num_block_norms=1
     ),
     "falcon_40b": dict(
-        vocab_size=65024,
-        num_layers=60,
-        embed_dim=8192,
-        num_heads=128,
-        num_kv_heads=8,
-        mlp_dim=32768,
-        max_seq_len=2048,
-        **_FALCON,
-        num_block_norms=2,
+        num_layers=60, embed_dim=8192, num_heads=128, num_kv_heads=8, mlp_dim=32768, **_FALCON, num_block_norms=2
     ),
     "falcon_180b": dict(
-        vocab_size=65024,
-        num_layers=80,
-        embed_dim=14848,
-        num_heads=232,
-        num_kv_heads=8,
-        mlp_dim=59392,
-        max_seq_len=2048,
-        **_FALCON,
-        num_block_norms=2,
+        num_layers=80, embed_dim=14848, num_heads=232, num_kv_heads=8, mlp_dim=59392, **_FALCON, num_block_norms=2
     ),
     # bigscience/bloom-{560m,7b1}, bigscience/bloom config.json: ALiBi, biases, embedding LayerNorm.
     "bloom_560m": dict(

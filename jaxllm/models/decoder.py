@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -11,40 +12,8 @@ from flax import linen as nn
 
 from jaxllm import JaxllmError
 from jaxllm.models.attention.module import Attention
-from jaxllm.models.config import ModelConfig
-from jaxllm.models.layers import MLP, constrain, norm, residual_axes
-
-_cp = jax.checkpoint_policies
-_QKV = ("query_proj", "key_proj", "value_proj")
-# What the backward pass keeps of a layer's forward (the rest is recomputed), by MaxText's names for the
-# same trade-offs. Names are the tags `constrain(..., name)` puts on activations in layers.py and
-# attention/module.py; the "_offloaded" policies keep their activations in host memory (pinned_host)
-# between the passes.
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "save_dots": _cp.checkpoint_dots,
-    "save_dots_no_batch": _cp.checkpoint_dots_with_no_batch_dims,
-    "minimal": _cp.checkpoint_dots_with_no_batch_dims,  # every projection output (MaxText's "minimal")
-    "save_qkv_proj": _cp.save_only_these_names(*_QKV),
-    "save_out_proj": _cp.save_only_these_names("out_proj"),
-    "save_dot_except_mlp": _cp.save_only_these_names(*_QKV, "out_proj"),
-    "save_dot_except_mlpwi": _cp.save_only_these_names(*_QKV, "out_proj", "mlpwo"),
-    "save_dot_with_context_except_mlp": _cp.save_only_these_names(*_QKV, "context", "out_proj"),
-    "qkv_proj_offloaded": _cp.save_and_offload_only_these_names(
-        names_which_can_be_saved=[],
-        names_which_can_be_offloaded=list(_QKV),
-        offload_src="device",
-        offload_dst="pinned_host",
-    ),
-    "minimal_offloaded": _cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host"),
-    # save_dot_except_mlpwi with the queries (the largest of its tensors) in host memory: no recompute
-    "save_dot_except_mlpwi_q_offloaded": _cp.save_and_offload_only_these_names(
-        names_which_can_be_saved=["key_proj", "value_proj", "out_proj", "mlpwo"],
-        names_which_can_be_offloaded=["query_proj"],
-        offload_src="device",
-        offload_dst="pinned_host",
-    ),
-}
+from jaxllm.models.config import REMAT_POLICIES, ModelConfig
+from jaxllm.models.layers import MLP, constrain, norm, normal_init, residual_axes
 
 
 class DecoderLayer(nn.Module):
@@ -107,7 +76,7 @@ class Decoder(nn.Module):
             cfg.embed_dim,
             dtype=cfg.jnp_dtype,
             param_dtype=cfg.jnp_param_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            embedding_init=normal_init(cfg, ("vocab", "embed")),
             name="embed_tokens",
         )
         x_BLD = embed(inputs_BL).astype(cfg.jnp_dtype)
@@ -138,28 +107,15 @@ class Decoder(nn.Module):
             return constrain(x_BLD, ("batch", "length", "embed"))
         # the head as one 2-D matmul [B*L, D] @ [D, V] (see quant.contract: no transposed activation copies)
         x_MD = x_BLD.reshape(-1, cfg.embed_dim)
+        dense = functools.partial(nn.Dense, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype)
         if cfg.num_labels:  # HF's `score`: Linear(D, num_labels, bias=False), initializer_range normal
-            scores_MS = nn.Dense(
-                cfg.num_labels,
-                use_bias=False,
-                dtype=cfg.jnp_dtype,
-                param_dtype=cfg.jnp_param_dtype,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", None)),
-                name="score",
-            )(x_MD)
+            scores_MS = dense(cfg.num_labels, kernel_init=normal_init(cfg, ("embed", None)), name="score")(x_MD)
             scores_BLS = scores_MS.reshape(*x_BLD.shape[:2], cfg.num_labels)
             return constrain(scores_BLS.astype(jnp.float32), ("batch", "length", None))
         if cfg.tie_embeddings:
             logits_MV = embed.attend(x_MD)
         else:
-            logits_MV = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=cfg.jnp_dtype,
-                param_dtype=cfg.jnp_param_dtype,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
-                name="lm_head",
-            )(x_MD)
+            logits_MV = dense(cfg.vocab_size, kernel_init=normal_init(cfg, ("embed", "vocab")), name="lm_head")(x_MD)
         logits_BLV = logits_MV.reshape(*x_BLD.shape[:2], cfg.vocab_size)
         return constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
 

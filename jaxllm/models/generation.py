@@ -112,10 +112,7 @@ def generate(
         out = decode(
             params, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions), jax.random.key(cfg.seed)
         )
-    result = []
-    for row in np.asarray(jax.device_get(out)).tolist():
-        result.append(row[: row.index(eos_id)] if eos_id in row else row)
-    return result
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in np.asarray(jax.device_get(out)).tolist()]
 
 
 @functools.lru_cache(maxsize=16)
@@ -163,8 +160,7 @@ def _decode_fn(model_cfg: ModelConfig, shape: tuple[int, int], cfg: GenerateConf
             return out_BN, mutated["cache"], pos_B + 1, done_B, rng
 
         init = (out_BN, mutated["cache"], positions_BP[:, -1] + 1, jnp.zeros((b,), bool), rng)
-        out_BN = jax.lax.fori_loop(1, cfg.max_new_tokens, body, init)[0]
-        return out_BN
+        return jax.lax.fori_loop(1, cfg.max_new_tokens, body, init)[0]
 
     return run
 

@@ -16,7 +16,8 @@ from jaxllm.models.config import ModelConfig
 from jaxllm.models.lora import lora_a_param, lora_down
 
 
-def _init(cfg: ModelConfig, axes: tuple[str, ...]):
+def normal_init(cfg: ModelConfig, axes: tuple[str, ...]):
+    """normal(init_std), the initializer of the embedding and every float kernel, on logical `axes`."""
     return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
 
 
@@ -28,7 +29,7 @@ def residual_axes(cfg: ModelConfig) -> tuple[str, ...]:
 
 def constrain(x, axes: tuple[str, ...], name: str | None = None):
     """Pins `x` to its logical axes; `name` tags it for the remat policies that save or offload
-    activations by name (see `jaxllm.models.decoder.REMAT_POLICIES`)."""
+    activations by name (see `jaxllm.models.config.REMAT_POLICIES`)."""
     x = shd.constrain(x, axes)
     return checkpoint_name(x, name) if name else x
 
@@ -108,7 +109,7 @@ class Linear(nn.Module):
         in_axes, out_axes = self.axes[:num_in], self.axes[num_in:]
         kind = cfg.quantization if self.quantize else "none"
         if kind == "none":
-            kernel = self.param("kernel", _init(cfg, self.axes), (*in_shape, *features), cfg.jnp_param_dtype)
+            kernel = self.param("kernel", normal_init(cfg, self.axes), (*in_shape, *features), cfg.jnp_param_dtype)
             # pinned to its sharding in the compute dtype: the FSDP all-gather moves bf16, and (the
             # constraint's transpose) the gradient is reduce-scattered in bf16, never all-reduced whole
             kernel = constrain(kernel.astype(cfg.jnp_dtype), self.axes)

@@ -68,11 +68,8 @@ def resolve_targets(lcfg: LoraConfig, cfg: ModelConfig) -> tuple[str, ...]:
     targets = lcfg.target_modules
     if targets == ("all-linear",):
         return tuple(modules)
-    if len(targets) == 1 and re.search(r"[\\^$*+?()\[\]|]", targets[0]):
-        pattern = re.compile(targets[0])
-        per_layer = [
-            tuple(o for o, p in modules.items() if pattern.fullmatch(p.format(i=i))) for i in range(cfg.num_layers)
-        ]
+    if is_regex(targets):
+        per_layer = modules_per_layer(cfg, re.compile(targets[0]).fullmatch)
         if len(set(per_layer)) > 1:
             raise JaxllmError(
                 f"lora.target_modules regex {targets[0]!r} picks different modules in different "
@@ -98,6 +95,17 @@ def resolve_targets(lcfg: LoraConfig, cfg: ModelConfig) -> tuple[str, ...]:
             )
         out.append(by_short[name])
     return tuple(o for o in modules if o in out)  # canonical order, whatever order they were listed in
+
+
+def is_regex(targets: tuple[str, ...]) -> bool:
+    """Whether `target_modules` is one regex (PEFT's string form) rather than module names."""
+    return len(targets) == 1 and re.search(r"[\\^$*+?()\[\]|]", targets[0]) is not None
+
+
+def modules_per_layer(cfg: ModelConfig, matches: Callable[[str], Any]) -> list[tuple[str, ...]]:
+    """Per layer, our projections (in canonical order) whose module path in that layer `matches`."""
+    modules = families.hf_modules(cfg)
+    return [tuple(o for o, p in modules.items() if matches(p.format(i=i))) for i in range(cfg.num_layers)]
 
 
 def apply(lcfg: LoraConfig, cfg: ModelConfig) -> ModelConfig:
@@ -183,18 +191,14 @@ def trainable_fn(lcfg: LoraConfig, cfg: ModelConfig) -> Callable[[tuple[str, ...
     return trainable
 
 
-def _projections(params: dict):
-    """(path, module dict, our projection name) of every attention/MLP projection."""
-
-    def walk(node, path):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                if key in families.PROJECTIONS and ("kernel" in value or any(k.startswith("kernel_") for k in value)):
-                    yield (*path, key), value, key
-                else:
-                    yield from walk(value, (*path, key))
-
-    yield from walk(params, ())
+def _projections(node: dict, path: Path = ()):
+    """(path, module dict, our projection name) of every attention/MLP projection under `node` (at `path`)."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            if key in families.PROJECTIONS and ("kernel" in value or any(k.startswith("kernel_") for k in value)):
+                yield (*path, key), value, key
+            else:
+                yield from _projections(value, (*path, key))
 
 
 def _lead(path: Path) -> int:
@@ -266,9 +270,8 @@ def dequantize_params(params: dict, cfg: ModelConfig, dtype: Any = jnp.float32) 
     return out
 
 
-def lora_delta(attn_or_module: dict, name: str, cfg: ModelConfig, parent: dict | None = None) -> jax.Array | None:
+def lora_delta(module: dict, name: str, cfg: ModelConfig, parent: dict | None = None) -> jax.Array | None:
     """scale * A @ B as a kernel-shaped float32 update for one projection (None without an adapter)."""
-    module = attn_or_module
     if "lora_b" not in module:
         return None
     b = module["lora_b"].astype(jnp.float32)
@@ -290,8 +293,7 @@ def merge_adapters(params: dict, cfg: ModelConfig, sign: float = 1.0) -> tuple[M
     params = dequantize_params(params, cfg)
     out = jax.tree.map(lambda x: x, params)
     for path, module, name in list(_projections(out)):
-        parent = tree.get(out, path[:-1])
-        delta = lora_delta(module, name, cfg, parent)
+        delta = lora_delta(module, name, cfg, tree.get(out, path[:-1]))
         if delta is not None:
             module["kernel"] = (module["kernel"].astype(jnp.float32) + sign * delta).astype(module["kernel"].dtype)
         module.pop("lora_a", None)
