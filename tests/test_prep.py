@@ -693,6 +693,8 @@ def _same_output(local, beam, a: dict, b: dict) -> None:
     assert a["stages"] == b["stages"] and a["output"] == b["output"]
     assert _records(local) == _records(beam)
     assert sorted(os.listdir(local)) == sorted(os.listdir(beam))
+    saved = [json.loads((folder / "stats.json").read_text()) for folder in (local, beam)]
+    assert set(saved[1]) == set(b) == set(saved[0]) | {"runner"}  # what the Beam run returns; nothing internal
     if os.path.exists(local / "tokenizer.model"):
         assert (local / "tokenizer.model").read_bytes() == (beam / "tokenizer.model").read_bytes()
 

@@ -95,8 +95,7 @@ def prepare_beam(
         stats["seconds"] = round(time.time() - start, 3)
         stats["pass_seconds"] = {"beam_pipeline": stats["seconds"]}
         files = [s["file"] for s in stats["output"]["shards"]]
-        core.write_outputs(out, stats, files, bool(stats["_tokenizer_file"]))
-        del stats["_tokenizer_file"]  # after stats.json was written with it
+        core.write_outputs(out, stats, files, bool(stats.pop("_tokenizer_file")))  # stats.json as the local runner's
         return stats
     except BaseException:
         out.discard()
